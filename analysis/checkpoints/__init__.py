@@ -1,0 +1,51 @@
+"""Checkpoint readers, one layout per module, behind one lazy interface.
+
+``CHECKPOINT_READERS`` is ordered: folder layouts come before file layouts so that a
+folder that is one checkpoint (e.g. a sharded HF model) is claimed whole before its
+files are looked at.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import CheckpointReadError
+from .base import CheckpointHandle, CheckpointReader, TensorInfo, dtype_name
+from .safetensors_file import SafetensorsFileReader
+
+CHECKPOINT_READERS: dict[str, CheckpointReader] = {r.name: r for r in (SafetensorsFileReader(),)}
+
+
+def detect_layout(path: Path) -> str | None:
+    """The name of the reader that claims ``path``, or None."""
+    for name, reader in CHECKPOINT_READERS.items():
+        if reader.matches(path):
+            return name
+    return None
+
+
+def open_checkpoint(path: str | Path, layout: str | None = None) -> CheckpointHandle:
+    """Open a checkpoint lazily.
+
+    Raises:
+        CheckpointReadError: missing path, unknown layout, or an unreadable file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointReadError(path, "no such file or folder")
+    name = layout or detect_layout(path)
+    if name is None:
+        known = ", ".join(CHECKPOINT_READERS)
+        raise CheckpointReadError(path, f"not a checkpoint layout CkptSelect knows (known: {known})")
+    return CHECKPOINT_READERS[name].open(path)
+
+
+__all__ = [
+    "CHECKPOINT_READERS",
+    "CheckpointHandle",
+    "CheckpointReader",
+    "TensorInfo",
+    "detect_layout",
+    "dtype_name",
+    "open_checkpoint",
+]

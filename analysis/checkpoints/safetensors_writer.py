@@ -1,0 +1,88 @@
+"""A streaming safetensors writer: the header first, then each tensor as it is ready.
+
+``safetensors.torch.save_file`` needs the whole state dict in memory; a merge must
+hold one tensor at a time. Every tensor's shape and dtype is known from the input
+headers before any data is read, so the header (with all offsets) can be written
+first and the data appended in order. The output is a standard safetensors file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from ..errors import MergeError
+from .base import DTYPE_BYTES, TensorInfo
+from .safetensors_file import TORCH_TO_SAFETENSORS
+
+
+class SafetensorsWriter:
+    """Write tensors in the order declared by ``layout``; ``close`` checks completeness."""
+
+    def __init__(self, path: Path, layout: list[TensorInfo], metadata: dict[str, str] | None = None) -> None:
+        self.path = path
+        self._layout = layout
+        self._next = 0
+        header: dict[str, object] = {"__metadata__": dict(metadata or {})} if metadata else {}
+        offset = 0
+        for info in layout:
+            size = info.numel * DTYPE_BYTES[info.dtype]
+            header[info.name] = {
+                "dtype": TORCH_TO_SAFETENSORS[info.dtype],
+                "shape": list(info.shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        self.data_bytes = offset
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        self.header_bytes = 8 + len(raw)
+        self._handle: BinaryIO | None = path.open("wb")
+        self._handle.write(struct.pack("<Q", len(raw)))
+        self._handle.write(raw)
+
+    @property
+    def total_bytes(self) -> int:
+        """Size of the finished file."""
+        return self.header_bytes + self.data_bytes
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor; it must match the declared name, shape and dtype."""
+        info = self._layout[self._next]
+        got = str(tensor.dtype).removeprefix("torch.")
+        if name != info.name or tuple(tensor.shape) != info.shape or got != info.dtype:
+            raise MergeError(
+                f"{self.path}: expected tensor {info.name!r} {info.shape} {info.dtype}, "
+                f"got {name!r} {tuple(tensor.shape)} {got}"
+            )
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        assert self._handle is not None, "write after close"
+        self._handle.write(memoryview(data))
+        self._next += 1
+
+    def close(self) -> None:
+        """Flush to disk; raise if some declared tensors were never written."""
+        if self._handle is None:
+            return
+        handle, self._handle = self._handle, None
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+        if self._next != len(self._layout):
+            missing = [info.name for info in self._layout[self._next:]][:5]
+            raise MergeError(f"{self.path}: {len(self._layout) - self._next} tensors never written (first: {missing})")
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._handle is not None:
+            self._handle.close()
+            self._handle = None

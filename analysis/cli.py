@@ -1,0 +1,284 @@
+"""Command line: parse, call the core, print. ``python -m analysis --help``.
+
+Exit codes: 0 success, 2 bad input (one line naming the file and the problem),
+1 internal error (a bug: the traceback is printed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import click
+from tqdm import tqdm
+
+from . import __version__
+from .errors import AnalysisError, InvalidArgument
+from .evaluate import load_evaluator
+from .logs import LOG_READERS, read_log
+from .merge import merge_checkpoints, merge_recipe
+from .recipe import build_recipe, load_recipe, to_mergekit, write_recipe
+from .recommend import METHODS, RecommendConfig, recommend
+from .report import analysis_report, log_report, recommendation_report, storage_report
+from .run import checkpoint_ref, open_run
+from .signals import assess_run
+from .storage import estimate_storage
+
+APP_SCRIPT = Path(__file__).resolve().parent.parent / "app" / "streamlit_app.py"
+
+
+def _progress_bar(desc: str) -> tuple[Callable[[float, str], None], Callable[[], None]]:
+    """A tqdm bar on stderr driven by the core's ``progress(fraction, message)`` callbacks."""
+    bar = tqdm(total=1000, desc=desc, file=sys.stderr, leave=False, disable=None,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+
+    def update(fraction: float, message: str) -> None:
+        bar.n = int(min(max(fraction, 0.0), 1.0) * 1000)
+        bar.set_postfix_str(message[-40:], refresh=True)
+
+    return update, bar.close
+
+
+def _emit(doc: dict) -> None:
+    click.echo(json.dumps(doc, indent=2, allow_nan=False))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ckpt-select")
+def cli() -> None:
+    """CkptSelect: which checkpoints of a training run to average, why, and the merge."""
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def analyze(run_path: Path, as_json: bool) -> None:
+    """Discover a run's logs and checkpoints and judge every checkpoint."""
+    run = open_run(run_path)
+    update, close = _progress_bar("checking checkpoints")
+    try:
+        signals = assess_run(run, progress=update)
+    finally:
+        close()
+    doc = analysis_report(run, signals)
+    if as_json:
+        _emit(doc)
+        return
+    click.echo(f"{run.name}: {len(run.checkpoints)} checkpoints, {len(run.logs)} logs, {len(signals.spikes)} spikes")
+    for log in doc["logs"]:
+        click.echo(f"  log {log['path']} ({log['format']}, {log['rows']} rows, {log['skipped_lines']} skipped)")
+    for spike in signals.spikes:
+        click.echo(f"  spike: {spike.describe()}")
+    for c in doc["checkpoints"]:
+        flags = [f for f, on in (("NaN/Inf", not c["finite"]), ("spike", c["spike_contaminated"]),
+                                 ("mismatch", c["mismatch"])) if on]
+        val = f"{c['val_loss']:.4f}" if c["val_loss"] is not None else "   -  "
+        click.echo(f"  step {c['step']:>8}  val {val}  {c['bytes'] / 1e6:8.2f} MB  {' '.join(flags)}")
+
+
+@cli.command("recommend")
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--eval", "eval_spec", metavar="FILE.py:FUNC", help="Evaluator: func(state_dict) -> loss.")
+@click.option("--eval-higher-is-better", is_flag=True, help="The evaluator returns a score to maximise.")
+@click.option("--method", type=click.Choice(METHODS), default="auto", show_default=True)
+@click.option("--window", type=int, help="Average the newest N eligible checkpoints instead of choosing.")
+@click.option("--ema-alpha", type=float, default=0.3, show_default=True, help="Weight of the newest under EMA.")
+@click.option("--max-evals", type=int, help="Evaluator calls allowed (default 2 x checkpoints).")
+@click.option("--include-contaminated", is_flag=True, help="Also average checkpoints saved inside a spike.")
+@click.option("--dtype", "output_dtype", type=click.Choice(["same", "float32", "bfloat16", "float16"]),
+              default="same", show_default=True, help="Dtype of the merged model.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the recipe YAML here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: bool, method: str,
+                  window: int | None, ema_alpha: float, max_evals: int | None, include_contaminated: bool,
+                  output_dtype: str, output: Path | None, as_json: bool) -> None:
+    """Recommend which checkpoints to average, with a reason for each."""
+    run = open_run(run_path)
+    evaluator = load_evaluator(eval_spec, eval_higher_is_better) if eval_spec else None
+    config = RecommendConfig(method=method, window=window, ema_alpha=ema_alpha, max_evals=max_evals,
+                             output_dtype=output_dtype, include_contaminated=include_contaminated)
+    update, close = _progress_bar("recommending")
+    try:
+        signals = assess_run(run, progress=update)
+        rec = recommend(signals, config, evaluator, update)
+    finally:
+        close()
+    recipe = build_recipe(rec.method, list(rec.checkpoints), rec.weights, output_dtype, rec.reasons, run.path)
+    recipe_path = write_recipe(recipe, output) if output else None
+    if as_json:
+        doc = recommendation_report(rec, recipe)
+        doc["recipe_path"] = str(recipe_path) if recipe_path else None
+        _emit(doc)
+        return
+    click.echo(rec.summary)
+    for d in rec.decisions:
+        click.echo(f"  {'+' if d.taken else '-'} step {d.step:>8}  {d.reason}")
+    if recipe_path:
+        click.echo(f"Recipe written to {recipe_path}. Merge with: python -m analysis merge {recipe_path} -o OUT_DIR")
+
+
+@cli.command()
+@click.argument("recipe_path", metavar="RECIPE.yaml", required=False, type=click.Path(path_type=Path))
+@click.option("--checkpoints", "checkpoint_paths", multiple=True, type=click.Path(path_type=Path),
+              help="Checkpoints to average, oldest first (instead of a recipe). Repeat or list several.")
+@click.option("--weights", multiple=True, type=float, help="One weight per checkpoint (default uniform).")
+@click.option("--dtype", "output_dtype", type=click.Choice(["same", "float32", "bfloat16", "float16"]),
+              default=None, help="Dtype of the merged model (default: the recipe's, else same).")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="New output folder.")
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Check inputs' sha256 against the recipe.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def merge(recipe_path: Path | None, checkpoint_paths: tuple[Path, ...], weights: tuple[float, ...],
+          output_dtype: str | None, out_dir: Path, verify: bool, as_json: bool) -> None:
+    """Average checkpoints (from a recipe, or --checkpoints) into a new folder."""
+    update, close = _progress_bar("merging")
+    try:
+        if recipe_path is not None:
+            if checkpoint_paths:
+                raise InvalidArgument("give a recipe or --checkpoints, not both")
+            recipe = load_recipe(recipe_path)
+            if output_dtype:
+                recipe = type(recipe)(recipe.method, recipe.checkpoints, output_dtype, recipe.reasons,
+                                      recipe.created_by, recipe.source_run)
+            result = merge_recipe(recipe, out_dir, verify=verify, progress=update)
+        else:
+            result = _merge_paths(list(checkpoint_paths), list(weights), out_dir, output_dtype or "same", update)
+    finally:
+        close()
+    doc = {"out_dir": str(result.out_dir), "model_file": str(result.model_file),
+           "recipe_file": str(result.recipe_file), "bytes": result.size_bytes, "tensors": result.n_tensors,
+           "steps": list(result.steps), "weights": list(result.weights)}
+    if as_json:
+        _emit(doc)
+    else:
+        click.echo(f"Merged {len(result.steps)} checkpoints into {result.model_file} ({result.size_bytes / 1e6:.2f} MB)")
+
+
+def _merge_paths(paths: list[Path], weights: list[float], out_dir: Path, output_dtype: str,
+                 progress: Callable[[float, str], None]):
+    """Merge checkpoints named on the command line, writing a recipe for them too."""
+    if not paths:
+        raise InvalidArgument("nothing to merge: give RECIPE.yaml or --checkpoints A B ...")
+    refs = [checkpoint_ref(p) for p in paths]
+    weights = weights or [1.0 / len(refs)] * len(refs)
+    if len(weights) != len(refs):
+        raise InvalidArgument(f"got {len(weights)} --weights for {len(refs)} checkpoints")
+    total = sum(weights)
+    recipe = build_recipe("manual", refs, tuple(w / total for w in weights), output_dtype,
+                          {str(r.step): "given on the command line" for r in refs})
+    return merge_checkpoints(refs, recipe.weights, out_dir, output_dtype, recipe, progress)
+
+
+@cli.command()
+@click.argument("recipe_path", metavar="RECIPE.yaml", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["mergekit", "ckpt-select"]), default="mergekit", show_default=True)
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here instead of stdout.")
+def export(recipe_path: Path, fmt: str, output: Path | None) -> None:
+    """Export a recipe (e.g. as a mergekit linear config)."""
+    import yaml
+
+    recipe = load_recipe(recipe_path)
+    base = (output.expanduser().resolve().parent if output else Path.cwd())
+    if fmt == "mergekit":
+        text = yaml.safe_dump(to_mergekit(recipe, base), sort_keys=False)
+    else:
+        from .recipe import dump_recipe
+
+        text = dump_recipe(recipe, base)
+    if output:
+        output.write_text(text)
+        click.echo(f"Wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+@cli.command()
+@click.option("--params", type=float, required=True, help="Parameter count, e.g. 7e9.")
+@click.option("--dtype", default="bf16", show_default=True, help="Weights dtype: fp32, bf16, fp16, fp8, int8, int4.")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd", "none"]), default="adamw", show_default=True)
+@click.option("--keep", type=int, default=20, show_default=True, help="Checkpoints kept.")
+@click.option("--ema/--no-ema", default=False, show_default=True, help="An fp32 EMA copy in each checkpoint.")
+@click.option("--bandwidth-gbps", type=float, default=2.0, show_default=True, help="Write bandwidth, GB/s.")
+@click.option("--step-time-s", type=float, help="Training step time, seconds.")
+@click.option("--every", type=int, help="Steps between checkpoints.")
+@click.option("--price-per-tb-month", type=float, default=23.0, show_default=True, help="USD per TB-month.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def storage(params: float, dtype: str, optimizer: str, keep: int, ema: bool, bandwidth_gbps: float,
+            step_time_s: float | None, every: int | None, price_per_tb_month: float, as_json: bool) -> None:
+    """What keeping checkpoints costs in bytes, money and training time."""
+    est = estimate_storage(params, dtype, optimizer, keep, bandwidth_gbps, step_time_s, every, ema, price_per_tb_month)
+    doc = storage_report(est)
+    if as_json:
+        _emit(doc)
+        return
+    per = doc["per_checkpoint_bytes"]
+    click.echo(f"{params:.3g} parameters, {dtype} weights, {optimizer} optimizer state")
+    click.echo(f"  per checkpoint: weights {per['weights'] / 1e9:.2f} GB + optimizer {per['optimizer'] / 1e9:.2f} GB "
+               f"+ EMA {per['ema'] / 1e9:.2f} GB = {per['total'] / 1e9:.2f} GB")
+    click.echo(f"  keeping {keep}: {doc['total_bytes'] / 1e12:.3f} TB, ${doc['monthly_cost']:.2f}/month "
+               f"at ${price_per_tb_month:g}/TB-month")
+    click.echo(f"  one save at {bandwidth_gbps:g} GB/s: {doc['write_seconds']:.1f} s")
+    if doc["overhead_fraction"] is not None:
+        click.echo(f"  synchronous saves every {every} steps of {step_time_s:g} s: "
+                   f"{100 * doc['overhead_fraction']:.2f}% of wall time")
+
+
+@cli.command()
+@click.argument("paths", metavar="FILE_OR_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(sorted(LOG_READERS)), help="Skip sniffing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def logs(paths: tuple[Path, ...], fmt: str | None, as_json: bool) -> None:
+    """Read training logs and summarise every metric."""
+    tables = []
+    for path in paths:
+        if path.is_dir():
+            tables.extend(open_run(path).logs)
+        else:
+            tables.append(read_log(path, fmt))
+    docs = [log_report(t) for t in tables]
+    if as_json:
+        _emit({"logs": docs})
+        return
+    for doc in docs:
+        click.echo(f"{doc['path']}: {doc['format']}, {doc['rows']} rows, {doc['skipped_lines']} skipped, "
+                   f"{doc['restarts']} restarts")
+        for name, m in doc["metrics"].items():
+            click.echo(f"  {name:<24} {m['count']:>8} points  steps {m['first_step']}-{m['last_step']}  last {m['last']}")
+
+
+@cli.command()
+@click.argument("run_path", metavar="RUN", required=False, type=click.Path(path_type=Path))
+@click.option("--root", type=click.Path(path_type=Path), help="Only paths below this folder may be opened.")
+@click.option("--port", type=int, default=8501, show_default=True)
+def ui(run_path: Path | None, root: Path | None, port: int) -> None:
+    """Serve the web app (Streamlit) on RUN."""
+    env = dict(os.environ)
+    if run_path is not None:
+        env["CKPT_SELECT_RUN"] = str(run_path.expanduser().resolve())
+    if root is not None:
+        env["CKPT_SELECT_ROOT"] = str(root.expanduser().resolve())
+    command = [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT), "--server.port", str(port),
+               "--browser.gatherUsageStats", "false"]
+    click.echo(f"Serving CkptSelect at http://localhost:{port}", err=True)
+    raise SystemExit(subprocess.call(command, env=env))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: map AnalysisError to exit 2 with a one-line message."""
+    try:
+        cli.main(args=argv, prog_name="ckpt-select", standalone_mode=False)
+    except AnalysisError as e:
+        click.echo(f"ckpt-select: error: {e}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        return 1
+    except click.ClickException as e:
+        e.show()
+        return 2
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0

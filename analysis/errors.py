@@ -1,0 +1,77 @@
+"""Typed errors. ``str(e)`` is shown to the user as-is: what failed, where, what to do.
+
+The CLI maps every :class:`AnalysisError` to exit code 2 with a one-line message;
+anything else is a bug and exits 1 with a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class AnalysisError(Exception):
+    """Base of every error caused by the user's input rather than by a bug."""
+
+
+class RunNotFound(AnalysisError):
+    """The run path does not exist or holds nothing CkptSelect can read."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+
+
+class LogParseError(AnalysisError):
+    """A log file could not be read at all (a bad line is skipped, not raised)."""
+
+    def __init__(self, path: Path, line_no: int | None, reason: str) -> None:
+        where = f"{path}, line {line_no}" if line_no else str(path)
+        super().__init__(f"Could not read {where}: {reason}")
+        self.path, self.line_no = path, line_no
+
+
+class UnknownLogFormat(AnalysisError):
+    """No registered log reader recognised the file."""
+
+    def __init__(self, path: Path, tried: list[str]) -> None:
+        super().__init__(
+            f"{path}: not a log format CkptSelect knows (tried: {', '.join(tried)}). "
+            "Hint: pass --format NAME, or add the file to ckpt-select.yaml."
+        )
+        self.path, self.tried = path, tried
+
+
+class CheckpointReadError(AnalysisError):
+    """A checkpoint file is unreadable, truncated, unsafe or of an unknown layout."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"Could not read checkpoint {path}: {reason}")
+        self.path = path
+
+
+class CheckpointMismatch(AnalysisError):
+    """Checkpoints that should share keys and shapes do not (names every difference)."""
+
+
+class NotEnoughCheckpoints(AnalysisError):
+    """An operation needs more checkpoints than the run or selection holds."""
+
+
+class MergeError(AnalysisError):
+    """A merge cannot start or complete (target exists, disk full, bad weights)."""
+
+
+class RecipeError(AnalysisError):
+    """A recipe file is malformed or does not match the checkpoints it names."""
+
+    def __init__(self, path: Path | None, reason: str) -> None:
+        super().__init__(f"{path}: {reason}" if path else reason)
+        self.path = path
+
+
+class EvaluatorError(AnalysisError):
+    """The user's evaluator could not be loaded or did not return a finite number."""
+
+
+class InvalidArgument(AnalysisError):
+    """A parameter given on the command line or in the UI is out of range."""

@@ -1,0 +1,86 @@
+"""What every log reader returns (:class:`LogTable`) and the protocol it follows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+
+# Columns of every tidy metrics frame, in this order.
+TIDY_COLUMNS = ("step", "metric", "value", "wall_time")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class LogTable:
+    """One log file read into a tidy frame.
+
+    ``frame`` has one row per (step, metric) with columns ``step`` (int64), ``metric``
+    (canonical name such as ``train_loss``), ``value`` (float64, NaN/inf kept) and
+    ``wall_time`` (unix seconds, NaN where the log has none).
+    """
+
+    path: Path
+    format: str
+    frame: pd.DataFrame
+    rows: int            # records that carried at least one metric
+    skipped_lines: int   # malformed lines skipped, never fatal
+    restarts: int = 0    # times the step counter went back (resumes, appended runs)
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def metric_names(self) -> list[str]:
+        """Names of the metrics present, sorted."""
+        return sorted(self.frame["metric"].unique().tolist())
+
+    def series(self, metric: str) -> pd.DataFrame:
+        """The ``step``/``value``/``wall_time`` rows of one metric, sorted by step."""
+        sub = self.frame[self.frame["metric"] == metric]
+        return sub[["step", "value", "wall_time"]].sort_values("step", kind="stable").reset_index(drop=True)
+
+
+class LogReader(Protocol):
+    """One log format. ``name`` is the stable id used in the README, the UI and golden files."""
+
+    name: str
+    description: str
+
+    def sniff(self, path: Path, head: str) -> bool:
+        """True if ``head`` (the first ~4 KB of the file, decoded leniently) is this format."""
+        ...
+
+    def read(self, path: Path) -> LogTable:
+        """Read the whole file; skip and count malformed lines; raise LogParseError if unusable."""
+        ...
+
+
+def empty_frame() -> pd.DataFrame:
+    """A tidy frame with no rows but the right dtypes."""
+    return pd.DataFrame(
+        {
+            "step": pd.Series([], dtype="int64"),
+            "metric": pd.Series([], dtype="object"),
+            "value": pd.Series([], dtype="float64"),
+            "wall_time": pd.Series([], dtype="float64"),
+        }
+    )
+
+
+def to_float(value: object) -> float | None:
+    """A metric value as float, or None if it is not a number.
+
+    Accepts numbers, numeric strings (some trainers quote them) and the strings
+    ``nan``/``inf`` so that non-finite values are kept and flagged, never dropped.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().replace(",", "")
+        try:
+            return float(text)
+        except ValueError:
+            return None
+    return None

@@ -1,0 +1,158 @@
+"""Generic metric logs: JSON Lines (one object per line) and CSV (a header row).
+
+These are what most hand-written training loops emit. Column names are mapped to
+canonical metrics by :mod:`analysis.logs.names`; nested objects are flattened with
+``/`` (``{"extras": {"mfu": 0.4}}`` -> ``extras/mfu``); non-numeric values are ignored.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+from ..errors import LogParseError
+from .base import LogTable, to_float
+from .builder import TableBuilder
+from .names import find_step_key, find_wall_time_key
+
+
+def _flatten(obj: dict, prefix: str = "") -> dict[str, object]:
+    """Nested dicts flattened to ``a/b`` keys."""
+    flat: dict[str, object] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "/"))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _split_record(
+    record: dict[str, object], step_key: str | None, wall_key: str | None
+) -> tuple[int | None, dict[str, float], float | None]:
+    """(step, numeric metrics, wall time) of one flat record; step None if unusable."""
+    step_value = to_float(record.get(step_key)) if step_key else None
+    if step_key and (step_value is None or step_value != step_value):
+        return None, {}, None
+    wall = to_float(record.get(wall_key)) if wall_key else None
+    metrics: dict[str, float] = {}
+    for key, value in record.items():
+        if key in (step_key, wall_key):
+            continue
+        number = to_float(value)
+        if number is not None:
+            metrics[key] = number
+    return (int(step_value) if step_value is not None else None), metrics, wall
+
+
+class JsonlReader:
+    """One JSON object per line, with a step key (``step``, ``global_step``, ``iter``...)."""
+
+    name = "jsonl"
+    description = "JSON Lines metric log: one object per line with a step key"
+
+    def sniff(self, path: Path, head: str) -> bool:
+        for line in head.splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            if not line.startswith("{"):
+                return False
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                return False
+            return isinstance(obj, dict) and find_step_key(list(_flatten(obj))) is not None
+        return False
+
+    def read(self, path: Path) -> LogTable:
+        builder = TableBuilder(path, self.name)
+        try:
+            handle = path.open("r", encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise LogParseError(path, None, e.strerror or str(e)) from e
+        with handle:
+            for line in handle:
+                self._read_line(line, builder)
+        return builder.build()
+
+    @staticmethod
+    def _read_line(line: str, builder: TableBuilder) -> None:
+        line = line.strip()
+        if not line:
+            return
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            builder.skip()
+            return
+        if not isinstance(obj, dict):
+            builder.skip()
+            return
+        flat = _flatten(obj)
+        keys = list(flat)
+        step, metrics, wall = _split_record(flat, find_step_key(keys), find_wall_time_key(keys))
+        if step is None:
+            builder.skip()
+            return
+        builder.add(step, metrics, wall)
+
+
+class CsvReader:
+    """A CSV with a header row; a step column if there is one, else the row number is the step."""
+
+    name = "csv"
+    description = "CSV metric log with a header row (step column optional)"
+
+    def sniff(self, path: Path, head: str) -> bool:
+        lines = [ln for ln in head.splitlines() if ln.strip()]
+        if len(lines) < 2 or lines[0].lstrip().startswith("{"):
+            return False
+        try:
+            header = next(csv.reader([lines[0]]))
+            first = next(csv.reader([lines[1]]))
+        except (csv.Error, StopIteration):
+            return False
+        if len(header) != len(first):
+            return False
+        return any(to_float(cell) is not None for cell in first)
+
+    def read(self, path: Path) -> LogTable:
+        builder = TableBuilder(path, self.name)
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise LogParseError(path, None, e.strerror or str(e)) from e
+        reader = csv.reader(io.StringIO(text))
+        try:
+            header = [h.strip() for h in next(reader)]
+        except (StopIteration, csv.Error) as e:
+            raise LogParseError(path, 1, "no header row") from e
+        step_key, wall_key = find_step_key(header), find_wall_time_key(header)
+        for row_no, row in enumerate(_safe_rows(reader, builder)):
+            if len(row) != len(header):
+                builder.skip()
+                continue
+            record = {key: cell for key, cell in zip(header, row) if cell.strip() != ""}
+            if step_key is None:
+                record["step"] = str(row_no)
+            step, metrics, wall = _split_record(record, step_key or "step", wall_key)
+            if step is None:
+                builder.skip()
+                continue
+            builder.add(step, metrics, wall)
+        return builder.build()
+
+
+def _safe_rows(reader, builder: TableBuilder):
+    """Rows of a csv.reader, skipping (and counting) rows the csv module rejects."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error:
+            builder.skip()

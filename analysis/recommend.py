@@ -1,0 +1,276 @@
+"""Which checkpoints to average, with what weights, and why — for every checkpoint.
+
+Without an evaluator the averaging window comes from the logged validation losses:
+the newest eligible checkpoints whose val loss lies within noise of the newest level
+form the plateau worth averaging; older, clearly worse ones would pull the average
+back. With an evaluator, candidate averages are scored and the best is kept — and the
+last checkpoint alone wins whenever no average beats it, so averaging never makes the
+user's model worse than what they have.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .errors import InvalidArgument, NotEnoughCheckpoints
+from .evaluate import Evaluator
+from .run import CheckpointRef
+from .signals import CheckpointSignals, RunSignals
+
+METHODS = ("auto", "sma", "ema", "wma", "soup")
+# median(|dx|) of i.i.d. normal noise is 0.954 sigma.
+_DIFF_MAD_TO_SIGMA = 1.0 / 0.9539
+# Window sizes an evaluator search tries first (then the val-chosen one), newest-first suffixes.
+_SEARCH_WINDOWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+@dataclass(frozen=True, slots=True)
+class RecommendConfig:
+    """Parameters of a recommendation (no logic here)."""
+
+    method: str = "auto"          # auto | sma | ema | wma | soup
+    window: int | None = None     # average the newest N eligible checkpoints instead of choosing
+    ema_alpha: float = 0.3        # weight of the newest checkpoint under EMA
+    band_sigmas: float = 2.0      # val-loss noise units that still count as "on the plateau"
+    max_evals: int | None = None  # evaluator calls allowed (default 2 x checkpoints)
+    output_dtype: str = "same"
+    include_contaminated: bool = False  # average spike-contaminated checkpoints too (forced)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The verdict on one checkpoint."""
+
+    step: int
+    path: str
+    taken: bool
+    weight: float
+    reason: str   # a plain sentence, shown verbatim in the UI
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendation:
+    """Checkpoints to average with their weights, and a reason for every checkpoint."""
+
+    method: str
+    checkpoints: tuple[CheckpointRef, ...]
+    weights: tuple[float, ...]               # sum to 1.0, oldest first
+    decisions: tuple[Decision, ...]          # one per checkpoint of the run, in step order
+    evaluations: int                         # evaluator calls made
+    score: float | None                      # evaluator score of the recommendation (lower is better)
+    last_score: float | None                 # evaluator score of the last eligible checkpoint alone
+    summary: str
+
+    @property
+    def reasons(self) -> dict[str, str]:
+        """str(step) -> reason, as stored in a recipe."""
+        return {str(d.step): d.reason for d in self.decisions}
+
+
+def policy_weights(method: str, count: int, alpha: float = 0.3) -> tuple[float, ...]:
+    """Weights for ``count`` checkpoints ordered oldest to newest.
+
+    ``sma``: uniform. ``wma``: 1, 2, ..., count. ``ema``: the newest gets alpha, the one
+    before alpha(1-alpha), and so on, then normalised over the window — the EMA of a
+    finite window, with no phantom zero-initialised accumulator.
+    """
+    if count < 1:
+        raise NotEnoughCheckpoints("no checkpoint to weight")
+    if method == "sma" or count == 1:
+        raw = [1.0] * count
+    elif method == "wma":
+        raw = [float(i) for i in range(1, count + 1)]
+    elif method == "ema":
+        if not 0.0 < alpha <= 1.0:
+            raise InvalidArgument(f"EMA alpha must be in (0, 1], got {alpha}")
+        raw = [alpha * (1.0 - alpha) ** (count - 1 - i) for i in range(count)]
+    else:
+        raise InvalidArgument(f"no weights for method {method!r}; use sma, ema or wma")
+    total = math.fsum(raw)
+    return tuple(w / total for w in raw)
+
+
+@dataclass(frozen=True, slots=True)
+class _Window:
+    """The val-chosen window: how many newest eligible checkpoints, and the evidence."""
+
+    size: int
+    level: float | None      # val loss level of the newest checkpoints
+    sigma: float | None      # val-loss noise
+    why_stop: str | None     # why the next older one was left out
+    stop_step: int | None = None  # the checkpoint where the window stopped
+
+
+def recommend(signals: RunSignals, config: RecommendConfig = RecommendConfig(), evaluator: Evaluator | None = None,
+              progress: Callable[[float, str], None] | None = None) -> Recommendation:
+    """Recommend checkpoints to average.
+
+    Raises:
+        NotEnoughCheckpoints: no checkpoint may be averaged.
+        InvalidArgument: unknown method, or soup without an evaluator.
+    """
+    if config.method not in METHODS:
+        raise InvalidArgument(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
+    if config.method == "soup" and evaluator is None:
+        raise InvalidArgument("the soup method adds checkpoints only when an evaluator says it helps: pass --eval")
+    eligible = [s for s in signals.checkpoints if _eligible(s, config)]
+    if not eligible:
+        raise NotEnoughCheckpoints(_why_none_eligible(signals))
+    window = _choose_window(eligible, config)
+    if evaluator is None:
+        method = "sma" if config.method == "auto" else config.method
+        chosen = eligible[len(eligible) - window.size:]
+        weights = policy_weights(method, len(chosen), config.ema_alpha)
+        return _finish(signals, config, method, chosen, weights, window, None, None, 0, None)
+    return _recommend_with_evaluator(signals, eligible, window, config, evaluator, progress)
+
+
+def _eligible(item: CheckpointSignals, config: RecommendConfig) -> bool:
+    if not item.health.finite or item.mismatch is not None:
+        return False
+    return item.spike is None or config.include_contaminated
+
+
+def _why_none_eligible(signals: RunSignals) -> str:
+    if not signals.checkpoints:
+        return "the run has no checkpoints to average"
+    return ("no checkpoint may be averaged: every one is non-finite, spike-contaminated or mismatched "
+            "(see `analyze`); pass --include-contaminated to force contaminated ones")
+
+
+def _choose_window(eligible: list[CheckpointSignals], config: RecommendConfig) -> _Window:
+    """How many of the newest eligible checkpoints to average, from logged val losses."""
+    if config.window is not None:
+        if config.window < 1:
+            raise InvalidArgument(f"window must be at least 1, got {config.window}")
+        return _Window(min(config.window, len(eligible)), None, None, None)
+    vals = [s.val.value if s.val is not None else math.nan for s in eligible]
+    known = np.array([v for v in vals if math.isfinite(v)])
+    if len(known) < 3:
+        return _Window(min(len(eligible), 3), None, None, "too few logged val losses to see a plateau")
+    sigma = _noise(known)
+    level = float(np.min(known[-3:]))
+    ceiling = level + config.band_sigmas * sigma
+    size = 0
+    for value, stop_step in zip(reversed(vals), reversed([s.ref.step for s in eligible])):
+        if math.isfinite(value) and value > ceiling:
+            return _Window(max(size, 1), level, sigma,
+                           f"val loss {value:.4f} is {value - level:.4f} above the newest level {level:.4f}, "
+                           f"more than {config.band_sigmas:g} x noise ({sigma:.4f})", stop_step)
+        size += 1
+    return _Window(size, level, sigma, None)
+
+
+def _noise(values: np.ndarray) -> float:
+    """Robust noise of a val-loss sequence from its first differences (trend-insensitive)."""
+    diffs = np.abs(np.diff(values[-min(len(values), 16):]))
+    sigma = float(np.median(diffs)) * _DIFF_MAD_TO_SIGMA if len(diffs) else 0.0
+    return max(sigma, 1e-4 * float(np.median(np.abs(values))))
+
+
+def _recommend_with_evaluator(signals: RunSignals, eligible: list[CheckpointSignals], window: _Window,
+                              config: RecommendConfig, evaluator: Evaluator,
+                              progress: Callable[[float, str], None] | None) -> Recommendation:
+    """Score candidates within the evaluation budget and keep the best (or the last alone)."""
+    budget = config.max_evals if config.max_evals is not None else 2 * len(signals.checkpoints)
+    refs = [s.ref for s in eligible]
+    start_calls = evaluator.calls
+    last_score = evaluator.score(refs[-1:], (1.0,), config.output_dtype)
+    best: tuple[float, str, list[CheckpointSignals], tuple[float, ...]] = (last_score, "sma", eligible[-1:], (1.0,))
+    if config.method == "soup":
+        candidates = []
+    elif config.method == "auto":
+        sizes = sorted({k for k in _SEARCH_WINDOWS if k <= len(eligible)} | {window.size})
+        candidates = [("sma", k) for k in sizes if k > 1]
+    else:
+        candidates = [(config.method, window.size)] if window.size > 1 else []
+    for index, (method, k) in enumerate(candidates):
+        if evaluator.calls - start_calls >= budget:
+            break
+        weights = policy_weights(method, k, config.ema_alpha)
+        score = evaluator.score(refs[-k:], weights, config.output_dtype)
+        if progress is not None:
+            progress((index + 1) / max(len(candidates), 1), f"{method} of the newest {k}: {score:.4f}")
+        if score < best[0]:
+            best = (score, method, eligible[-k:], weights)
+    if config.method == "soup":
+        best = _greedy_soup(eligible, evaluator, last_score, budget, start_calls, config.output_dtype)
+    score, method, chosen, weights = best
+    calls = evaluator.calls - start_calls
+    return _finish(signals, config, method, chosen, weights, window, score, last_score, calls, evaluator)
+
+
+def _greedy_soup(eligible: list[CheckpointSignals], evaluator: Evaluator, last_score: float, budget: int,
+                 start_calls: int, dtype: str) -> tuple[float, str, list[CheckpointSignals], tuple[float, ...]]:
+    """Newest first, add each older checkpoint only if the uniform average improves."""
+    members = [eligible[-1]]
+    best = last_score
+    for candidate in reversed(eligible[:-1]):
+        if evaluator.calls - start_calls >= budget:
+            break
+        trial = [candidate] + members
+        score = evaluator.score([s.ref for s in trial], policy_weights("sma", len(trial)), dtype)
+        if score < best:
+            members, best = trial, score
+    return best, "soup", members, policy_weights("sma", len(members))
+
+
+def _finish(signals: RunSignals, config: RecommendConfig, method: str, chosen: list[CheckpointSignals],
+            weights: tuple[float, ...], window: _Window, score: float | None, last_score: float | None,
+            calls: int, evaluator: Evaluator | None) -> Recommendation:
+    """Assemble the recommendation and a reason for every checkpoint."""
+    weight_of = {s.ref.step: w for s, w in zip(chosen, weights)}
+    oldest_taken = chosen[0].ref.step
+    decisions = tuple(
+        Decision(s.ref.step, str(s.ref.path), s.ref.step in weight_of, weight_of.get(s.ref.step, 0.0),
+                 _reason(s, weight_of, oldest_taken, window, config, evaluator is not None))
+        for s in signals.checkpoints
+    )
+    summary = _summary(method, chosen, score, last_score, window, evaluator)
+    return Recommendation(method, tuple(s.ref for s in chosen), tuple(weights), decisions, calls, score,
+                          last_score, summary)
+
+
+def _reason(item: CheckpointSignals, weight_of: dict[int, float], oldest_taken: int, window: _Window,
+            config: RecommendConfig, evaluated: bool) -> str:
+    """Why this checkpoint was taken or left out, in one or two plain sentences."""
+    val = f" ({item.val.describe()})" if item.val is not None else ""
+    if not item.health.finite:
+        names = ", ".join(item.health.nonfinite_tensors[:3])
+        return f"Left out: NaN/Inf in {len(item.health.nonfinite_tensors)} tensors ({names}); it would poison the average."
+    if item.mismatch is not None:
+        return f"Left out: its tensors differ from the newest checkpoint's: {item.mismatch}."
+    if item.spike is not None and not config.include_contaminated:
+        return f"Left out: saved inside a {item.spike.describe()}; its weights carry the spike."
+    if item.ref.step in weight_of:
+        weight = weight_of[item.ref.step]
+        forced = " Forced in despite a spike." if item.spike is not None else ""
+        return f"Taken with weight {weight:.3f}{val}.{forced}"
+    if item.ref.step > oldest_taken:
+        return f"Left out: the evaluator found averages without it score better{val}."
+    if evaluated:
+        return f"Left out: older than the best-scoring window found by the evaluator{val}."
+    if window.stop_step == item.ref.step:
+        return f"Left out: the averaging window stops here: {window.why_stop}; older checkpoints would pull the average back."
+    if window.stop_step is not None:
+        return f"Left out: older than the averaging window, which stops at step {window.stop_step}{val}."
+    return f"Left out: older than the averaging window of the newest {window.size}{val}."
+
+
+def _summary(method: str, chosen: list[CheckpointSignals], score: float | None, last_score: float | None,
+             window: _Window, evaluator: Evaluator | None) -> str:
+    steps = f"{chosen[0].ref.step}-{chosen[-1].ref.step}" if len(chosen) > 1 else f"{chosen[0].ref.step}"
+    if len(chosen) == 1 and evaluator is not None:
+        return (f"Keep the last checkpoint (step {steps}) alone: no average scored better than its "
+                f"{last_score:.4f} with {evaluator.name}.")
+    head = f"{method.upper()} of {len(chosen)} checkpoints (steps {steps})"
+    if score is not None and last_score is not None:
+        return f"{head}: {evaluator.name} scores {score:.4f} vs {last_score:.4f} for the last checkpoint alone."
+    if window.level is not None:
+        return (f"{head}: their logged val losses lie within noise ({window.sigma:.4f}) of the newest "
+                f"level {window.level:.4f}.")
+    return f"{head}: {window.why_stop or 'window given by the user'}."

@@ -1,0 +1,107 @@
+"""JSON-ready dictionaries of results: the one shape the CLI prints and tests parse.
+
+Every path is absolute; every number carries its unit in its key or the contract.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .logs import LogTable
+from .recipe import Recipe, recipe_to_dict
+from .recommend import Recommendation
+from .run import Run
+from .signals import LossSpike, RunSignals
+from .storage import StorageEstimate
+
+
+def _num(value: float | None) -> float | None:
+    """JSON has no NaN/inf: map them to null."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def log_report(table: LogTable) -> dict:
+    """The `logs --json` record of one log."""
+    metrics = {}
+    for name in table.metric_names():
+        series = table.series(name)
+        values = series["value"].to_numpy()
+        bad = series["step"][~(values == values) | (abs(values) == math.inf)]
+        metrics[name] = {
+            "count": int(len(series)),
+            "first_step": int(series["step"].iloc[0]),
+            "last_step": int(series["step"].iloc[-1]),
+            "last": _num(float(values[-1])),
+            "first_nonfinite_step": int(bad.iloc[0]) if len(bad) else None,
+        }
+    return {"path": str(table.path), "format": table.format, "rows": table.rows,
+            "skipped_lines": table.skipped_lines, "restarts": table.restarts, "metrics": metrics}
+
+
+def spike_report(spike: LossSpike, run: Run) -> dict:
+    """One spike event; ``peak_loss`` is the train loss peak inside the event's window."""
+    loss = run.metric("train_loss")
+    inside = loss[(loss["step"] >= spike.start_step) & (loss["step"] <= spike.end_step)]["value"]
+    return {
+        "metric": spike.metric, "start_step": spike.start_step, "peak_step": spike.peak_step,
+        "end_step": spike.end_step, "peak_loss": _num(float(inside.max())) if len(inside) else None,
+        "peak_value": _num(spike.peak_value), "baseline": _num(spike.baseline), "ratio": _num(spike.ratio),
+        "recovered": spike.recovered, "onset_after_step": spike.onset_after_step,
+    }
+
+
+def analysis_report(run: Run, signals: RunSignals) -> dict:
+    """The `analyze --json` document."""
+    checkpoints = []
+    for item in signals.checkpoints:
+        ref, health = item.ref, item.health
+        checkpoints.append({
+            "step": ref.step, "path": str(ref.path), "format": ref.layout, "bytes": ref.size_bytes,
+            "step_source": ref.step_source, "n_params": health.n_params, "finite": health.finite,
+            "nonfinite_tensors": list(health.nonfinite_tensors), "weight_norm": _num(health.norm),
+            "max_abs": _num(health.max_abs),
+            "spike_contaminated": item.spike is not None,
+            "spike": spike_report(item.spike, run) if item.spike is not None else None,
+            "mismatch": item.mismatch,
+            "val_loss": _num(item.val.value) if item.val else None,
+            "val_loss_source": item.val.source if item.val else None,
+            "val_loss_step": item.val.source_step if item.val else None,
+        })
+    return {
+        "run": str(run.path), "name": run.name, "fingerprint": run.fingerprint,
+        "checkpoints": checkpoints,
+        "logs": [log_report(t) for t in run.logs],
+        "spikes": [spike_report(s, run) for s in signals.spikes],
+        "merged_outputs": [str(p) for p in run.merged_outputs],
+        "evaluator_hint": run.evaluator_hint,
+        "notes": list(run.notes),
+    }
+
+
+def recommendation_report(rec: Recommendation, recipe: Recipe | None) -> dict:
+    """The `recommend --json` document."""
+    return {
+        "method": rec.method,
+        "summary": rec.summary,
+        "checkpoints": [{"step": r.step, "path": str(r.path), "weight": w} for r, w in zip(rec.checkpoints, rec.weights)],
+        "excluded": [{"step": d.step, "path": d.path, "reason": d.reason} for d in rec.decisions if not d.taken],
+        "decisions": [{"step": d.step, "path": d.path, "taken": d.taken, "weight": d.weight, "reason": d.reason}
+                      for d in rec.decisions],
+        "evaluations": rec.evaluations,
+        "score": _num(rec.score),
+        "last_score": _num(rec.last_score),
+        "recipe": recipe_to_dict(recipe) if recipe is not None else None,
+    }
+
+
+def storage_report(est: StorageEstimate) -> dict:
+    """The `storage --json` document (bytes, USD per month, seconds)."""
+    return {
+        "params": est.params, "dtype": est.dtype, "optimizer": est.optimizer,
+        "per_checkpoint_bytes": {"weights": est.weights_bytes, "optimizer": est.optimizer_bytes,
+                                 "ema": est.ema_bytes, "total": est.per_checkpoint_bytes},
+        "kept": est.kept, "total_bytes": est.total_bytes,
+        "monthly_cost": est.monthly_cost, "price_per_tb_month": est.price_per_tb_month,
+        "write_seconds": est.write_seconds, "bandwidth_gbps": est.bandwidth_gbps,
+        "overhead_fraction": _num(est.overhead_fraction), "chinchilla_tokens": est.chinchilla_tokens,
+    }

@@ -1,0 +1,276 @@
+"""A training run: its logs and checkpoints, discovered without configuration.
+
+``open_run(path)`` walks the run folder once, lets each checkpoint reader claim the
+folders and files of its layout, sniffs the remaining text files for known log formats,
+and returns a :class:`Run` with tidy metrics and checkpoint references sorted by step.
+An optional ``ckpt-select.yaml`` in the run folder overrides what discovery guessed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from .checkpoints import CHECKPOINT_READERS, detect_layout, open_checkpoint
+from .errors import AnalysisError, CheckpointReadError, RunNotFound
+from .logs import LOG_READERS, LogTable, read_log, sniff_format
+from .logs.base import empty_frame
+
+CONFIG_FILE = "ckpt-select.yaml"
+# Metadata keys that give a checkpoint's step, most trusted first.
+STEP_METADATA_KEYS = ("step", "global_step", "iteration", "iter_num")
+# A merged output written by CkptSelect carries this key; it is never taken for a checkpoint.
+MERGE_MARKER_KEY = "ckpt_select_recipe_sha256"
+LOG_SUFFIXES = {".jsonl", ".json", ".csv", ".log", ".txt", ".out", ".tsv"}
+SKIP_DIRS = {"__pycache__", "node_modules", "wandb"}
+MAX_DEPTH = 4
+_NUMBER = re.compile(r"(\d+)")
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRef:
+    """One checkpoint of a run: where it is, which step, which layout, how big."""
+
+    step: int
+    path: Path                  # absolute; a file or a folder depending on the layout
+    layout: str                 # key of CHECKPOINT_READERS ("format" in JSON output)
+    files: tuple[Path, ...]     # the files that make it up
+    size_bytes: int
+    step_source: str = "name"   # "metadata" | "name" | "order" | "given"
+
+    @property
+    def name(self) -> str:
+        """A short display name: the path relative to nothing but its parent."""
+        return self.path.name
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Run:
+    """Everything discovery found in a run folder."""
+
+    path: Path
+    name: str
+    checkpoints: tuple[CheckpointRef, ...]   # sorted by step
+    logs: tuple[LogTable, ...]
+    metrics: pd.DataFrame                    # tidy: step, metric, value, wall_time
+    fingerprint: str                         # changes when any file read changes (cache key)
+    merged_outputs: tuple[Path, ...] = ()    # CkptSelect merges found inside the run
+    evaluator_hint: str | None = None        # an evaluate.py shipped with the run (never run unasked)
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def metric(self, name: str) -> pd.DataFrame:
+        """Rows of one canonical metric (``step``, ``value``, ``wall_time``), sorted by step."""
+        sub = self.metrics[self.metrics["metric"] == name]
+        return sub[["step", "value", "wall_time"]].sort_values("step", kind="stable").reset_index(drop=True)
+
+    def checkpoint_at(self, step: int) -> CheckpointRef:
+        """The checkpoint saved at ``step``."""
+        for ref in self.checkpoints:
+            if ref.step == step:
+                return ref
+        raise AnalysisError(f"{self.path}: no checkpoint at step {step} (have {[c.step for c in self.checkpoints]})")
+
+
+def open_run(path: str | Path) -> Run:
+    """Discover the logs and checkpoints of a run folder.
+
+    Args:
+        path: the run folder (or a single log file, for a log-only view).
+
+    Raises:
+        RunNotFound: the path does not exist, or holds neither logs nor checkpoints.
+        AnalysisError: a checkpoint or log the run needs cannot be read.
+    """
+    root = Path(path).expanduser().resolve()
+    if not root.exists():
+        raise RunNotFound(root, "no such folder")
+    if root.is_file():
+        return _run_from_files(root.parent, [], [root], root.stem, notes=[])
+    config = _read_config(root)
+    ckpt_paths, log_candidates, notes = _walk(root, config)
+    name = str(config.get("name") or root.name)
+    run = _run_from_files(root, ckpt_paths, log_candidates, name, notes)
+    if not run.checkpoints and not run.logs:
+        raise RunNotFound(root, "found no checkpoints and no training logs here. "
+                                f"Hint: CkptSelect reads logs ({', '.join(LOG_READERS)}) and checkpoints "
+                                f"({', '.join(CHECKPOINT_READERS)}); list yours in {CONFIG_FILE}.")
+    return run
+
+
+def checkpoint_ref(path: str | Path, step: int | None = None) -> CheckpointRef:
+    """A :class:`CheckpointRef` for one checkpoint path given by the user.
+
+    The step is ``step`` if given, else read from the checkpoint's metadata or name (0 if neither has one).
+
+    Raises:
+        CheckpointReadError: the path is missing or not a known checkpoint layout.
+    """
+    path = Path(path).expanduser().resolve()
+    layout = detect_layout(path)
+    if layout is None:
+        reason = "not a checkpoint layout CkptSelect knows" if path.exists() else "no such file or folder"
+        raise CheckpointReadError(path, reason)
+    files = tuple(CHECKPOINT_READERS[layout].files(path))
+    source = "given"
+    if step is None:
+        with open_checkpoint(path, layout) as handle:
+            step, source = _step_of(path, handle.metadata())
+        step = 0 if step is None else step
+    return CheckpointRef(step, path, layout, files, sum(f.stat().st_size for f in files), source)
+
+
+def _read_config(root: Path) -> dict:
+    """The run's ``ckpt-select.yaml`` overrides, or {}."""
+    config_path = root / CONFIG_FILE
+    if not config_path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(config_path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise AnalysisError(f"{config_path}: not valid YAML ({e})") from None
+    if not isinstance(config, dict):
+        raise AnalysisError(f"{config_path}: expected a mapping with keys name, logs, checkpoints, exclude")
+    return config
+
+
+def _walk(root: Path, config: dict) -> tuple[list[Path], list[Path], list[str]]:
+    """(checkpoint paths, log candidates, notes) under ``root``, honouring the config globs."""
+    excludes = [str(p) for p in config.get("exclude", [])]
+    ckpt_globs = [str(p) for p in config.get("checkpoints", [])]
+    log_globs = [str(p) for p in config.get("logs", [])]
+    ckpts: list[Path] = []
+    logs: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        current = Path(dirpath)
+        depth = len(current.relative_to(root).parts)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS and depth < MAX_DEPTH)
+        for d in list(dirnames):
+            if detect_layout(current / d) is not None and not _excluded(root, current / d, excludes):
+                ckpts.append(current / d)
+                dirnames.remove(d)
+        for f in sorted(filenames):
+            file_path = current / f
+            if _excluded(root, file_path, excludes):
+                continue
+            if ckpt_globs and _matches(root, file_path, ckpt_globs):
+                ckpts.append(file_path)
+            elif log_globs and _matches(root, file_path, log_globs):
+                logs.append(file_path)
+            elif detect_layout(file_path) is not None and not ckpt_globs:
+                ckpts.append(file_path)
+            elif _log_candidate(file_path) and not log_globs:
+                logs.append(file_path)
+    return ckpts, logs, []
+
+
+def _excluded(root: Path, path: Path, patterns: list[str]) -> bool:
+    return bool(patterns) and _matches(root, path, patterns)
+
+
+def _matches(root: Path, path: Path, patterns: list[str]) -> bool:
+    rel = path.relative_to(root).as_posix()
+    return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(path.name, p) for p in patterns)
+
+
+def _log_candidate(path: Path) -> bool:
+    return path.suffix.lower() in LOG_SUFFIXES or path.name.startswith("events.out.tfevents")
+
+
+def _run_from_files(root: Path, ckpt_paths: list[Path], log_paths: list[Path], name: str,
+                    notes: list[str]) -> Run:
+    """Read the logs, describe the checkpoints, and assemble the :class:`Run`."""
+    notes = list(notes)
+    logs = _read_logs(log_paths, notes)
+    refs, merged = _describe_checkpoints(ckpt_paths, notes)
+    metrics = _merge_metrics(logs)
+    used = [p for ref in refs for p in ref.files] + [t.path for t in logs]
+    if (root / CONFIG_FILE).is_file():
+        used.append(root / CONFIG_FILE)
+    hint = root / "evaluate.py"
+    return Run(
+        path=root, name=name, checkpoints=tuple(refs), logs=tuple(logs), metrics=metrics,
+        fingerprint=_fingerprint(root, used), merged_outputs=tuple(merged),
+        evaluator_hint=f"{hint}:evaluate" if hint.is_file() else None, notes=tuple(notes),
+    )
+
+
+def _read_logs(paths: list[Path], notes: list[str]) -> list[LogTable]:
+    """Every path a log reader recognises, read; others are passed over with a note."""
+    tables = []
+    for path in paths:
+        fmt = sniff_format(path)
+        if fmt is None:
+            continue
+        table = read_log(path, fmt)
+        if table.rows == 0:
+            notes.append(f"{path.name}: recognised as {fmt} but holds no metric rows")
+            continue
+        tables.append(table)
+    return tables
+
+
+def _describe_checkpoints(paths: list[Path], notes: list[str]) -> tuple[list[CheckpointRef], list[Path]]:
+    """A :class:`CheckpointRef` per checkpoint (headers only), sorted by step; merges set aside."""
+    refs: list[CheckpointRef] = []
+    merged: list[Path] = []
+    unnumbered: list[tuple[Path, str, tuple[Path, ...], int]] = []
+    for path in paths:
+        layout = detect_layout(path)
+        assert layout is not None, "discovery only passes claimed paths"
+        files = tuple(CHECKPOINT_READERS[layout].files(path))
+        size = sum(f.stat().st_size for f in files)
+        with open_checkpoint(path, layout) as handle:
+            meta = handle.metadata()
+        if MERGE_MARKER_KEY in meta:
+            merged.append(path)
+            continue
+        step, source = _step_of(path, meta)
+        if step is None:
+            unnumbered.append((path, layout, files, size))
+        else:
+            refs.append(CheckpointRef(step, path, layout, files, size, source))
+    start = max((r.step for r in refs), default=-1) + 1
+    for offset, (path, layout, files, size) in enumerate(unnumbered):
+        notes.append(f"{path.name}: no step in its metadata or name; placed after the numbered ones")
+        refs.append(CheckpointRef(start + offset, path, layout, files, size, "order"))
+    refs.sort(key=lambda r: (r.step, r.path.as_posix()))
+    return refs, merged
+
+
+def _step_of(path: Path, meta: dict[str, str]) -> tuple[int | None, str]:
+    """A checkpoint's step from its metadata, else the last number in its name or folder name."""
+    for key in STEP_METADATA_KEYS:
+        value = meta.get(key)
+        if value is not None and str(value).strip().lstrip("-").isdigit():
+            return int(value), "metadata"
+    for candidate in (path.stem if path.is_file() else path.name, path.parent.name):
+        numbers = _NUMBER.findall(candidate)
+        if numbers:
+            return int(numbers[-1]), "name"
+    return None, "order"
+
+
+def _merge_metrics(logs: list[LogTable]) -> pd.DataFrame:
+    """One tidy frame from all logs; where two logs give the same (step, metric) the first wins."""
+    frames = [t.frame for t in logs if len(t.frame)]
+    if not frames:
+        return empty_frame()
+    merged = pd.concat(frames, ignore_index=True)
+    merged = merged.drop_duplicates(subset=["step", "metric"], keep="first")
+    return merged.sort_values(["metric", "step"], kind="stable").reset_index(drop=True)
+
+
+def _fingerprint(root: Path, files: list[Path]) -> str:
+    """A short hash of (path, size, mtime) of every file read: the cache key of the run."""
+    digest = hashlib.sha1()
+    for f in sorted(set(files)):
+        stat = f.stat()
+        digest.update(f"{f.relative_to(root) if f.is_relative_to(root) else f}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]

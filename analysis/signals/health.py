@@ -1,0 +1,59 @@
+"""Numeric health of a checkpoint, computed one tensor at a time.
+
+A checkpoint with a NaN or Inf anywhere poisons any average it joins, so it is
+checked before anything else; norms and the largest magnitude come along for free.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..checkpoints import open_checkpoint
+from ..run import CheckpointRef
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointHealth:
+    """Health of one checkpoint's floating-point tensors."""
+
+    finite: bool
+    nonfinite_tensors: tuple[str, ...]   # names of tensors holding NaN or Inf
+    n_params: int                        # elements of floating-point tensors
+    n_tensors: int
+    norm: float                          # global L2 norm over finite floating-point tensors
+    max_abs: float
+    bytes_by_dtype: tuple[tuple[str, int], ...]
+
+
+def check_health(ref: CheckpointRef, progress: Callable[[float, str], None] | None = None) -> CheckpointHealth:
+    """Stream every tensor of ``ref`` once and summarise its numeric health."""
+    bad: list[str] = []
+    n_params = 0
+    square_sum = 0.0
+    max_abs = 0.0
+    by_dtype: dict[str, int] = {}
+    with open_checkpoint(ref.path, ref.layout) as handle:
+        infos = handle.tensors()
+        for index, info in enumerate(infos):
+            by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.size_bytes
+            if not info.is_floating:
+                continue
+            tensor = handle.read(info.name).to(torch.float32)
+            n_params += info.numel
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                bad.append(info.name)
+                tensor = torch.where(finite, tensor, torch.zeros((), dtype=tensor.dtype))
+            square_sum += float(torch.dot(tensor.reshape(-1), tensor.reshape(-1)))
+            if tensor.numel():
+                max_abs = max(max_abs, float(tensor.abs().max()))
+            if progress is not None:
+                progress((index + 1) / len(infos), f"{ref.name}: {info.name}")
+    return CheckpointHealth(
+        finite=not bad, nonfinite_tensors=tuple(bad), n_params=n_params, n_tensors=len(infos),
+        norm=math.sqrt(square_sum), max_abs=max_abs, bytes_by_dtype=tuple(sorted(by_dtype.items())),
+    )
