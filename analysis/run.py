@@ -32,6 +32,7 @@ LOG_SUFFIXES = {".jsonl", ".json", ".csv", ".log", ".txt", ".out", ".tsv"}
 SKIP_DIRS = {"__pycache__", "node_modules", "wandb"}
 MAX_DEPTH = 4
 _NUMBER = re.compile(r"(\d+)")
+_STEP_FOLDER = re.compile(r"(?:checkpoint|ckpt|step|iter|global_step|epoch)[-_]?(\d+)", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +125,23 @@ def checkpoint_ref(path: str | Path, step: int | None = None) -> CheckpointRef:
             step, source = _step_of(path, handle.metadata())
         step = 0 if step is None else step
     return CheckpointRef(step, path, layout, files, sum(f.stat().st_size for f in files), source)
+
+
+def folder_stamp(path: str | Path) -> str:
+    """A cheap hash of (path, size, mtime) of every file under a run folder, without parsing.
+
+    Caches key on it so that a run still being written (new checkpoints, longer logs)
+    is re-read, while an unchanged one is not.
+    """
+    root = Path(path).expanduser().resolve()
+    if root.is_file():
+        return _fingerprint(root.parent, [root])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        depth = len(Path(dirpath).relative_to(root).parts)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS and depth < MAX_DEPTH)
+        files.extend(Path(dirpath) / f for f in filenames)
+    return _fingerprint(root, files)
 
 
 def _read_config(root: Path) -> dict:
@@ -250,10 +268,14 @@ def _step_of(path: Path, meta: dict[str, str]) -> tuple[int | None, str]:
         value = meta.get(key)
         if value is not None and str(value).strip().lstrip("-").isdigit():
             return int(value), "metadata"
-    for candidate in (path.stem if path.is_file() else path.name, path.parent.name):
-        numbers = _NUMBER.findall(candidate)
-        if numbers:
-            return int(numbers[-1]), "name"
+    own = path.stem if path.is_file() else path.name
+    numbers = _NUMBER.findall(own)
+    if numbers:
+        return int(numbers[-1]), "name"
+    # A generic file name (model.safetensors) inside a step folder (checkpoint-1200/).
+    folder = _STEP_FOLDER.fullmatch(path.parent.name)
+    if folder:
+        return int(folder.group(1)), "name"
     return None, "order"
 
 

@@ -2,6 +2,7 @@
 
 from .assessment import CheckpointSignals, RunSignals, assess_run, find_spikes
 from .health import CheckpointHealth, check_health
+from .smoothing import debiased_ema
 from .spikes import LossSpike, SpikeConfig, detect_spikes
 from .validation import ValScore, logged_val_scores
 
@@ -14,6 +15,7 @@ __all__ = [
     "ValScore",
     "assess_run",
     "check_health",
+    "debiased_ema",
     "detect_spikes",
     "find_spikes",
     "logged_val_scores",

@@ -1,0 +1,28 @@
+"""Path policy: with a root folder set, nothing outside it is read or written.
+
+The web app may be served to colleagues with ``--root DIR``; every path typed into
+it goes through :func:`resolve_within`, which resolves ``..`` and symlinks before
+checking, so neither can escape the root.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import InvalidArgument
+
+
+def resolve_within(path: str | Path, root: str | Path | None) -> Path:
+    """``path`` made absolute (relative paths are taken from ``root``), checked to lie under ``root``.
+
+    Raises:
+        InvalidArgument: the resolved path is outside ``root``.
+    """
+    candidate = Path(path).expanduser()
+    if root is None:
+        return candidate.resolve()
+    root_path = Path(root).expanduser().resolve()
+    resolved = (candidate if candidate.is_absolute() else root_path / candidate).resolve()
+    if resolved != root_path and not resolved.is_relative_to(root_path):
+        raise InvalidArgument(f"{path}: outside the allowed folder {root_path} (the app was started with --root)")
+    return resolved

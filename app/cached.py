@@ -1,0 +1,90 @@
+"""The only place with Streamlit caches. Keys include the run's folder stamp so edits reload."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import streamlit as st
+
+from analysis.merge import MergeResult, merge_checkpoints
+from analysis.recipe import build_recipe, dump_recipe, to_mergekit
+from analysis.recommend import Recommendation, RecommendConfig, recommend
+from analysis.run import CheckpointRef, Run, open_run
+from analysis.signals import RunSignals, assess_run
+
+
+@st.cache_data(max_entries=8, show_spinner="Reading the run's logs and checkpoints...")
+def run(path: str, stamp: str) -> Run:
+    """The run at ``path`` (``stamp`` from ``folder_stamp`` keys the cache)."""
+    return open_run(path)
+
+
+@st.cache_data(max_entries=8, show_spinner="Checking every checkpoint (health, spikes, validation)...")
+def signals(path: str, stamp: str) -> RunSignals:
+    return assess_run(run(path, stamp))
+
+
+@st.cache_data(max_entries=32, show_spinner="Choosing checkpoints to average...")
+def recommendation(path: str, stamp: str, config: RecommendConfig) -> Recommendation:
+    return recommend(signals(path, stamp), config)
+
+
+@st.cache_data(max_entries=32, show_spinner="Hashing the selected checkpoints for the recipe...")
+def recipe_texts(path: str, stamp: str, steps: tuple[int, ...], weights: tuple[float, ...], method: str,
+                 reasons: tuple[tuple[str, str], ...]) -> tuple[str, str]:
+    """(our recipe YAML, mergekit YAML) for the selection; paths absolute so they work anywhere."""
+    import yaml
+
+    the_run = run(path, stamp)
+    refs = [the_run.checkpoint_at(s) for s in steps]
+    recipe = build_recipe(method, refs, weights, "same", dict(reasons), the_run.path)
+    return dump_recipe(recipe), yaml.safe_dump(to_mergekit(recipe), sort_keys=False)
+
+
+@dataclass
+class MergeJob:
+    """A merge running in a background thread; the page polls it. No st.* calls in the thread."""
+
+    out_dir: Path
+    total_steps: int
+    fraction: float = 0.0
+    message: str = "starting"
+    result: MergeResult | None = None
+    error: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@st.cache_resource
+def jobs() -> dict[str, MergeJob]:
+    """Process-wide registry of merge jobs: survives reruns and page switches."""
+    return {}
+
+
+def start_merge(refs: list[CheckpointRef], weights: tuple[float, ...], out_dir: Path, method: str,
+                reasons: dict[str, str]) -> str:
+    """Start a merge in a thread; return its job id."""
+    job = MergeJob(out_dir, len(refs))
+    job_id = uuid.uuid4().hex
+    jobs()[job_id] = job
+
+    def progress(fraction: float, message: str) -> None:
+        job.fraction, job.message = fraction, message
+
+    def work() -> None:
+        from analysis.errors import AnalysisError
+
+        try:
+            recipe = build_recipe(method, refs, weights, "same", reasons, refs[-1].path.parent)
+            job.result = merge_checkpoints(refs, weights, out_dir, "same", recipe, progress)
+        except AnalysisError as e:
+            job.error = str(e)
+        except Exception as e:  # a bug: shown to the user with its type rather than lost in a thread
+            job.error = f"internal error: {type(e).__name__}: {e}"
+        finally:
+            job.done.set()
+
+    threading.Thread(target=work, name=f"merge-{job_id[:8]}", daemon=True).start()
+    return job_id

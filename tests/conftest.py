@@ -1,0 +1,69 @@
+"""Shared fixtures. Markers: ``browser`` (real Chromium), ``slow`` (more than a few seconds).
+
+Fixtures build tiny but real artifacts in code (safetensors files written by the
+safetensors library, JSONL logs), so tests never depend on mocks of the libraries.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_RUN = REPO / "sample_runs" / "stdlib-gpt"
+# The app's modules import each other as top-level modules (Streamlit puts app/ on the path).
+sys.path.insert(0, str(REPO / "app"))
+
+
+def tiny_state(seed: int, step: int) -> dict[str, torch.Tensor]:
+    """A small 'model': float tensors drifting with the step, plus an integer buffer."""
+    gen = torch.Generator().manual_seed(seed)
+    base = {"layer.weight": torch.randn(8, 4, generator=gen), "layer.bias": torch.randn(4, generator=gen)}
+    drift = {k: v + 0.01 * step + 0.001 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+    drift["num_batches"] = torch.tensor(step, dtype=torch.int64)
+    return drift
+
+
+def write_tiny_run(root: Path, steps: list[int], *, spike_steps: tuple[int, ...] = (), nan_step: int | None = None,
+                   dtype: torch.dtype = torch.float32, val_every: int | None = None) -> Path:
+    """A flat run folder: ``ckpt/step_N.safetensors`` and a ``metrics.jsonl`` with a loss curve.
+
+    The train loss decays exponentially with small deterministic noise; steps in
+    ``spike_steps`` get +2.0 for five steps; val loss is logged at every checkpoint.
+    """
+    (root / "ckpt").mkdir(parents=True, exist_ok=True)
+    rows = []
+    last = max(steps)
+    for step in range(1, last + 1):
+        loss = 3.0 * math.exp(-step / (last / 4)) + 1.0 + 0.01 * math.sin(step * 1.7)
+        if any(s <= step < s + 5 for s in spike_steps):
+            loss += 2.0
+        rows.append({"step": step, "train_loss": loss, "lr": 1e-3, "grad_norm": 1.0 + 0.05 * math.cos(step)})
+        if step in steps or (val_every and step % val_every == 0):
+            rows.append({"step": step, "val_loss": loss + 0.05})
+    (root / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for index, step in enumerate(steps):
+        state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tiny_state(index, step).items()}
+        if step == nan_step:
+            state["layer.bias"][0] = float("nan")
+        save_file(state, str(root / "ckpt" / f"step_{step:06d}.safetensors"), metadata={"step": str(step)})
+    return root
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path) -> Path:
+    """12 checkpoints every 50 steps, a spike at step 300 (checkpoint 300 is inside it)."""
+    return write_tiny_run(tmp_path / "run", list(range(50, 650, 50)), spike_steps=(298,))
+
+
+@pytest.fixture
+def sample_run() -> Path:
+    """The real sample run shipped in the repository."""
+    assert SAMPLE_RUN.is_dir(), f"{SAMPLE_RUN} is missing: regenerate it with `make sample-run`"
+    return SAMPLE_RUN

@@ -1,0 +1,89 @@
+"""Spikes on synthetic curves with known answers, health, validation lookup, smoothing."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from analysis.run import open_run
+from analysis.signals import assess_run, debiased_ema, detect_spikes, logged_val_scores
+from conftest import write_tiny_run
+
+
+def _noisy_decay(n: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    steps = np.arange(1, n + 1)
+    return steps, 3.0 * np.exp(-steps / 150) + 1.5 + rng.normal(0, 0.02, n)
+
+
+def test_clean_curve_has_no_spikes() -> None:
+    steps, loss = _noisy_decay()
+    assert detect_spikes(steps, loss) == ()
+
+
+def test_spike_start_peak_and_recovery() -> None:
+    steps, loss = _noisy_decay()
+    loss[399:404] += np.array([0.8, 1.5, 1.0, 0.5, 0.2])  # steps 400..404
+    (spike,) = detect_spikes(steps, loss)
+    assert (spike.start_step, spike.peak_step) == (400, 401)
+    assert spike.onset_after_step == 399
+    assert 403 <= spike.end_step <= 410 and spike.recovered
+    assert spike.ratio == pytest.approx(loss[400] / spike.baseline)
+    assert spike.contains(402) and not spike.contains(399)
+
+
+def test_unrecovered_spike_runs_to_the_end() -> None:
+    steps, loss = _noisy_decay()
+    loss[550:] += 3.0
+    (spike,) = detect_spikes(steps, loss)
+    assert spike.start_step == 551 and spike.end_step == 600 and not spike.recovered
+
+
+def test_nan_loss_is_a_spike() -> None:
+    steps, loss = _noisy_decay()
+    loss[300] = math.nan
+    (spike,) = detect_spikes(steps, loss)
+    assert spike.start_step == 301
+
+
+@settings(max_examples=30, deadline=None)
+@given(scale=st.floats(min_value=1e-3, max_value=1e3))
+def test_spike_flags_do_not_change_when_loss_is_scaled(scale: float) -> None:
+    steps, loss = _noisy_decay(seed=3)
+    loss[250:253] += 1.0
+    base = [(s.start_step, s.end_step) for s in detect_spikes(steps, loss)]
+    scaled = [(s.start_step, s.end_step) for s in detect_spikes(steps, loss * scale)]
+    assert scaled == base
+
+
+def test_assess_run_marks_contaminated_and_nonfinite(tmp_path: Path) -> None:
+    run = open_run(write_tiny_run(tmp_path / "r", list(range(50, 650, 50)), spike_steps=(298,), nan_step=500))
+    signals = assess_run(run)
+    by_step = {s.ref.step: s for s in signals.checkpoints}
+    assert by_step[300].spike is not None and by_step[300].spike.start_step == 298
+    assert not by_step[500].health.finite and by_step[500].health.nonfinite_tensors == ("layer.bias",)
+    assert [s.ref.step for s in signals.checkpoints if s.eligible] == [50, 100, 150, 200, 250, 350, 400, 450, 550, 600]
+    assert by_step[100].health.n_params == 36 and by_step[100].val.source == "logged"
+
+
+def test_val_scores_use_nearest_eval_within_half_spacing() -> None:
+    val = pd.DataFrame({"step": [95, 210, 500], "value": [2.0, 1.5, 1.0]})
+    scores = logged_val_scores(val, [100, 200, 300, 400])
+    assert [(s.value, s.source_step, s.source) if s else None for s in scores] == [
+        (2.0, 95, "logged-nearest"), (1.5, 210, "logged-nearest"), None, None]
+
+
+def test_debiased_ema_matches_tensorboard() -> None:
+    out = debiased_ema(np.array([1.0, 2.0, np.nan, 3.0]), 0.5)
+    # last: 0.5 -> 1.25 -> (nan passes) -> 2.125; debias 1-0.5^n
+    assert out[0] == pytest.approx(1.0)
+    assert out[1] == pytest.approx(1.25 / 0.75)
+    assert math.isnan(out[2])
+    assert out[3] == pytest.approx(2.125 / 0.875)
+    assert np.array_equal(debiased_ema(np.array([2.0, 2.0]), 0.9), [2.0, 2.0])
