@@ -27,7 +27,7 @@ from .model_size import count_parameters
 from .report import analysis_report, log_report, recommendation_report, stop_report, storage_report
 from .run import checkpoint_ref, open_run
 from .signals import assess_run
-from .scaling import StopConfig, run_stop_signal
+from .scaling import DEFAULT_GAIN_TARGET, DEFAULT_PLATEAU_GAIN, StopConfig, run_stop_signal
 from .storage import (DEFAULT_PRICE_PER_TB_MONTH, DEFAULT_SNAPSHOT_GBPS, OPTIMIZERS, POLICIES, KeepPolicy,
                       estimate_storage, measure_checkpoint_overhead)
 
@@ -267,9 +267,9 @@ def storage(params: float | None, config_path: Path | None, dtype: str, optimize
 @click.option("--params", type=float, help="Parameter count, for the Chinchilla reference.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="A model's config.json (instead of --params).")
 @click.option("--tokens-per-step", type=float, help="Tokens per step, when the run logs no token count.")
-@click.option("--plateau-gain", type=float, default=StopConfig.plateau_gain, show_default=True,
+@click.option("--plateau-gain", type=float, default=DEFAULT_PLATEAU_GAIN, show_default=True,
               help="Loss the next horizon must gain, else: plateau.")
-@click.option("--gain-target", type=float, default=StopConfig.gain_target, show_default=True,
+@click.option("--gain-target", type=float, default=DEFAULT_GAIN_TARGET, show_default=True,
               help="Report the tokens/steps needed to gain this much more.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")

@@ -34,6 +34,9 @@ CHINCHILLA_BETA = 0.28
 TOKENS_PER_PARAM = 20.0
 # Training FLOPs per parameter per token (forward + backward), C ~= 6 N D (Kaplan et al. 2020).
 FLOPS_PER_PARAM_TOKEN = 6.0
+# Default plateau threshold: less than this loss (nats) gained over the next horizon.
+DEFAULT_PLATEAU_GAIN = 0.005
+DEFAULT_GAIN_TARGET = 0.01
 
 
 class FitError(AnalysisError):
@@ -57,8 +60,8 @@ class ComputeOptimal:
 class StopConfig:
     """Parameters of the stopping signal (no logic here)."""
 
-    plateau_gain: float = 0.005        # loss (nats) the next horizon must buy, else: plateau
-    gain_target: float = 0.01          # report the tokens/steps needed to gain this much more
+    plateau_gain: float = DEFAULT_PLATEAU_GAIN     # loss (nats) the next horizon must buy, else: plateau
+    gain_target: float = DEFAULT_GAIN_TARGET     # report the tokens/steps needed to gain this much more
     horizon_tokens: float = 1e11       # horizon of a run that has seen at least this many tokens
     horizon_fraction: float = 0.1      # otherwise: this share more tokens/steps
     skip_fraction: float = 0.1         # points before this share of the x range (warmup) are left out

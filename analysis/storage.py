@@ -334,7 +334,7 @@ def estimate_storage(params: float, dtype: str = "bf16", optimizer: str = "adamw
 
 def _with_arithmetic(est: StorageEstimate, opt_per_param: float, master: float) -> StorageEstimate:
     """The estimate with its arithmetic written out, one line per term (shown in CLI and UI)."""
-    p, gb = est.params, lambda b: f"{b / GB:,.2f} GB"
+    p, gb = est.params, human_bytes
     lines = [f"weights: {p:.4g} params x {DTYPE_BYTES_PER_PARAM[est.dtype]:g} B ({est.dtype}) = {gb(est.weights_bytes)}"]
     if est.optimizer != "none":
         lines.append(f"optimizer ({est.optimizer}): {p:.4g} x {opt_per_param:.4g} B "
@@ -342,7 +342,7 @@ def _with_arithmetic(est: StorageEstimate, opt_per_param: float, master: float) 
     if est.ema_bytes:
         lines.append(f"EMA copy: {p:.4g} x 4 B (fp32) = {gb(est.ema_bytes)}")
     lines.append(f"per checkpoint: full state {gb(est.per_checkpoint_bytes)}, weights only {gb(est.weights_only_bytes)}")
-    lines.append(f"kept ({est.policy}): {est.kept} = {est.policy_note}; total {est.total_bytes / 1e12:,.3f} TB "
+    lines.append(f"kept ({est.policy}): {est.kept} = {est.policy_note}; total {human_bytes(est.total_bytes)} "
                  f"x ${est.price_per_tb_month:g}/TB-month = ${est.monthly_cost:,.2f}/month")
     lines.append(f"one save: {gb(est.per_checkpoint_bytes)} / {est.bandwidth_gbps:g} GB/s = {est.write_seconds:,.1f} s; "
                  f"training stalls {est.stall_seconds:,.1f} s ({'async' if est.asynchronous else 'sync'})")
@@ -350,6 +350,14 @@ def _with_arithmetic(est: StorageEstimate, opt_per_param: float, master: float) 
         lines.append(f"overhead: {est.stall_seconds:,.1f} s / ({est.every_steps} steps x {est.step_time_s:g} s "
                      f"+ {est.stall_seconds:,.1f} s) = {100 * est.overhead_fraction:.2f}% of wall time")
     return replace(est, arithmetic=tuple(lines))
+
+
+def human_bytes(size: float) -> str:
+    """Decimal units (1 GB = 1e9 bytes), as disks and cloud bills count."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(size) >= scale:
+            return f"{size / scale:,.2f} {unit}"
+    return f"{size:,.0f} B"
 
 
 def measure_checkpoint_overhead(run: Run) -> MeasuredOverhead | None:
