@@ -159,7 +159,7 @@ class StorageEstimate:
 class MeasuredOverhead:
     """Checkpoint stalls seen in a run's own step times."""
 
-    saves_seen: int               # checkpoints with step timings around them
+    saves_seen: int               # checkpoints with a logged step at and after them
     median_step_seconds: float    # a typical step away from saves
     stall_seconds: float          # mean extra time of the steps around a save
     interval_steps: float         # median steps between saves
@@ -376,8 +376,9 @@ def measure_checkpoint_overhead(run: Run) -> MeasuredOverhead | None:
     near: list[tuple[int, int]] = []
     for s in steps:
         i = int(np.searchsorted(step_arr, s))
-        if i < len(step_arr) and step_arr[i] - s <= 1:
-            near.append((i, min(i + 1, len(step_arr) - 1)))
+        # A save with no logged step after it (the run's last) cannot show its stall: skipped.
+        if i + 1 < len(step_arr) and step_arr[i] - s <= 1:
+            near.append((i, i + 1))
     if not near:
         return None
     touched = np.zeros(len(secs), dtype=bool)
