@@ -108,8 +108,9 @@ def storage_report(est: StorageEstimate, measured: MeasuredOverhead | None = Non
     return {
         "params": est.params, "dtype": est.dtype, "optimizer": est.optimizer,
         "per_checkpoint_bytes": {"weights": est.weights_bytes, "optimizer": est.optimizer_bytes,
-                                 "ema": est.ema_bytes, "total": est.per_checkpoint_bytes,
-                                 "master_copy": est.master_bytes, "weights_only": est.weights_only_bytes},
+                                 "ema": est.ema_bytes, "total": est.per_checkpoint_bytes},
+        # Side by side with the full state: what a checkpoint weighs without optimizer state.
+        "weights_only_bytes": est.weights_only_bytes, "master_copy_bytes": est.master_bytes,
         "kept": est.kept, "kept_full_state": est.kept if est.kept_full is None else est.kept_full,
         "policy": est.policy, "policy_note": est.policy_note, "total_bytes": est.total_bytes,
         "monthly_cost": est.monthly_cost, "price_per_tb_month": est.price_per_tb_month,

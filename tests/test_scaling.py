@@ -82,7 +82,7 @@ def test_plateau_flag_and_user_threshold() -> None:
 
 def test_gain_beyond_the_floor_is_never() -> None:
     steps = np.arange(100, 10001, 100, dtype=float)
-    sig = stop_signal(steps, _curve(2.0, 0.5, 1.0, steps, 0.0005, 8), "steps", StopConfig(gain_target=0.5))
+    sig = stop_signal(steps, _curve(2.0, 0.5, 1.0, steps, 0.0005, 8), "steps", StopConfig(gain_target=0.5, bootstrap=40))
     assert sig.x_for_gain.value == float("inf")
 
 

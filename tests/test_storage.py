@@ -219,6 +219,7 @@ def test_storage_cli_from_config_with_policy(capsys: pytest.CaptureFixture) -> N
         assert key in doc
     assert doc["params"] == 6738415616 and doc["kept"] == 6 and doc["asynchronous"] is True
     assert doc["per_checkpoint_bytes"]["weights"] == 2 * 6738415616
+    assert doc["weights_only_bytes"] == 2 * 6738415616 and doc["master_copy_bytes"] == 4 * 6738415616
     assert doc["model"]["model_type"] == "llama" and doc["arithmetic"]
 
 
