@@ -250,8 +250,9 @@ def storage(params: float | None, config_path: Path | None, dtype: str, optimize
     if as_json:
         _emit(doc)
         return
+    moe = count is not None and count.active != count.total
     click.echo(f"{est.params:,.0f} parameters, {dtype} weights, {optimizer} optimizer state"
-               + (f" ({count.model_type}, {count.active:,} active per token)" if count and count.active != count.total else ""))
+               + (f" ({count.model_type}, {count.active:,} active per token)" if moe else ""))
     for line in est.arithmetic:
         click.echo(f"  {line}")
     if est.window is not None:
@@ -291,7 +292,8 @@ def stop_cmd(run_path: Path, params: float | None, config_path: Path | None, tok
     for f in doc["forecasts"]:
         click.echo(f"  at {f['factor']:g}x the {fit.x_unit} seen: {f['loss']:.4f} ({f['low']:.4f} to {f['high']:.4f})")
     more = doc["to_gain"]["more"]
-    click.echo(f"  another {gain_target:g} lower: " + (f"{more:,.4g} more {fit.x_unit}" if more is not None else "never, per the fit"))
+    needed = f"{more:,.4g} more {fit.x_unit}" if more is not None else "never, per the fit"
+    click.echo(f"  another {gain_target:g} lower: {needed}")
     click.echo(f"  {sig.verdict}")
     if sig.compute_optimal is not None and sig.compute_optimal.over_training_factor is not None:
         click.echo(f"  Chinchilla: {sig.compute_optimal.optimal_tokens:,.4g} tokens is compute-optimal; "
