@@ -50,6 +50,12 @@ class ParamCount:
 def load_config(path: str | Path) -> dict[str, Any]:
     """Read a ``config.json`` (or the folder holding one).
 
+    Args:
+        path: the file, or a model folder with a ``config.json``.
+
+    Returns:
+        The config as a dict.
+
     Raises:
         ModelConfigError: missing file or not a JSON object.
     """

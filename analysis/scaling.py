@@ -132,6 +132,9 @@ def compute_optimal(params: float, tokens: float | None = None) -> ComputeOptima
         params: parameter count N.
         tokens: tokens seen D, if known.
 
+    Returns:
+        A :class:`ComputeOptimal` (20 N tokens, 6 N D FLOPs, D / 20 N, the approach-3 losses).
+
     Raises:
         FitError: non-positive params or tokens.
     """
@@ -304,6 +307,15 @@ def run_stop_signal(run: Run, config: StopConfig = StopConfig(), params: float |
     Uses ``val_loss`` when the run logs at least 5 values, else ``train_loss``. Tokens come
     from the logged ``tokens`` metric (interpolated to the loss steps), else from
     ``tokens_per_step``, else the curve is fit against steps.
+
+    Args:
+        run: an open run.
+        config: thresholds, horizon, bootstrap.
+        params: parameter count, for the compute-optimal reference.
+        tokens_per_step: tokens per step, when the run logs no token count.
+
+    Returns:
+        A :class:`StopSignal`.
 
     Raises:
         FitError: no loss curve, or one that cannot be fit.

@@ -215,6 +215,9 @@ def count_kept(policy: KeepPolicy, every_steps: int | None, full_bytes: float,
         full_bytes: one checkpoint with optimizer state.
         weights_only_bytes: one checkpoint without it.
 
+    Returns:
+        :class:`KeptCheckpoints`: how many with and without optimizer state, and the arithmetic.
+
     Raises:
         InvalidArgument: the policy lacks a number it needs.
     """
@@ -365,7 +368,13 @@ def measure_checkpoint_overhead(run: Run) -> MeasuredOverhead | None:
 
     A save made after step s shows up in the time logged at s or at the next logged
     step (loggers differ), so the larger of the two, minus the median step time away from
-    saves, is that save's stall. Returns None without step timings or checkpoints.
+    saves, is that save's stall.
+
+    Args:
+        run: an open run with ``step_time_ms`` logged and checkpoints found.
+
+    Returns:
+        :class:`MeasuredOverhead`, or None without step timings around any checkpoint.
     """
     times = run.metric("step_time_ms")
     steps = [c.step for c in run.checkpoints]
