@@ -17,8 +17,7 @@ from typing import Any
 
 from .errors import AnalysisError
 
-# model_type -> layout family; llama-style covers the decoder families that share its weights.
-_LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "mixtral"}
+# model_type -> layout defaults; every type but gpt2 and gpt_neox is counted with llama's layout.
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # tie_word_embeddings defaults of each transformers config class (checked on 5.23).
     "llama": {"tie": False}, "mistral": {"tie": False}, "qwen2": {"tie": False, "qkv_bias": True},
@@ -91,23 +90,27 @@ def count_parameters(config: dict[str, Any] | str | Path, path: Path | None = No
         config = load_config(path)
     # Multimodal configs (e.g. Gemma 3, Llama 4) nest the language model under text_config.
     config = config.get("text_config", config) if "vocab_size" not in config else config
-    model_type = _model_type(config)
+    model_type = _model_type(config, path)
     fields = _Fields(config, path)
     tensors = _gpt2(fields) if model_type == "gpt2" else (
         _neox(fields) if model_type == "gpt_neox" else _llama_like(fields, model_type))
     return _summarise(model_type, tensors, fields)
 
 
-def _model_type(config: dict[str, Any]) -> str:
-    """The family: ``model_type``, else guessed from the field names (GPT-2 uses ``n_embd``)."""
+def _model_type(config: dict[str, Any], path: Path | None) -> str:
+    """The family: ``model_type``, else guessed from the field names (GPT-2 uses ``n_embd``).
+
+    A named type this module does not know is refused rather than counted as llama: other
+    layouts (shared experts, latent attention) would be miscounted without a word.
+    """
     model_type = str(config.get("model_type", "")).lower()
     if model_type in _FAMILY_DEFAULTS:
         return model_type
+    if model_type:
+        raise ModelConfigError(path, f"model_type {model_type!r} is not one CkptSelect can count "
+                                     f"(known: {', '.join(sorted(_FAMILY_DEFAULTS))}). Hint: pass --params N.")
     if "n_embd" in config:
         return "gpt2"
-    if model_type and model_type not in _LLAMA_LIKE:
-        # An unknown decoder with llama's field names is counted as llama; the result says so.
-        return "llama" if "intermediate_size" in config else model_type
     return "mixtral" if "num_local_experts" in config else "llama"
 
 

@@ -201,6 +201,9 @@ def test_config_missing_a_field_names_file_and_field(tmp_path: Path) -> None:
     with pytest.raises(ModelConfigError, match=r"config\.json: missing field 'intermediate_size'") as err:
         count_parameters(path)
     assert isinstance(err.value, AnalysisError)
+    path.write_text(json.dumps({**cfg, "model_type": "qwen2_moe"}))
+    with pytest.raises(ModelConfigError, match="'qwen2_moe' is not one CkptSelect can count"):
+        count_parameters(path)
     with pytest.raises(ModelConfigError, match="no such file"):
         count_parameters(tmp_path / "nope.json")
 
