@@ -23,10 +23,13 @@ from .logs import LOG_READERS, read_log
 from .merge import merge_checkpoints, merge_recipe
 from .recipe import build_recipe, load_recipe, to_mergekit, write_recipe
 from .recommend import METHODS, RecommendConfig, recommend
-from .report import analysis_report, log_report, recommendation_report, storage_report
+from .model_size import count_parameters
+from .report import analysis_report, log_report, recommendation_report, stop_report, storage_report
 from .run import checkpoint_ref, open_run
 from .signals import assess_run
-from .storage import estimate_storage
+from .scaling import DEFAULT_GAIN_TARGET, DEFAULT_PLATEAU_GAIN, StopConfig, run_stop_signal
+from .storage import (DEFAULT_PRICE_PER_TB_MONTH, DEFAULT_SNAPSHOT_GBPS, OPTIMIZERS, POLICIES, KeepPolicy,
+                      estimate_storage, measure_checkpoint_overhead)
 
 APP_SCRIPT = Path(__file__).resolve().parent.parent / "app" / "streamlit_app.py"
 
@@ -196,34 +199,105 @@ def export(recipe_path: Path, fmt: str, output: Path | None) -> None:
 
 
 @cli.command()
-@click.option("--params", type=float, required=True, help="Parameter count, e.g. 7e9.")
+@click.option("--params", type=float, help="Parameter count, e.g. 7e9 (or give --config).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="A model's config.json (or its folder).")
 @click.option("--dtype", default="bf16", show_default=True, help="Weights dtype: fp32, bf16, fp16, fp8, int8, int4.")
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd", "none"]), default="adamw", show_default=True)
-@click.option("--keep", type=int, default=20, show_default=True, help="Checkpoints kept.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True)
+@click.option("--keep", type=int, default=20, show_default=True, help="Newest checkpoints kept (policies last, every).")
+@click.option("--policy", type=click.Choice(POLICIES), default="last", show_default=True, help="Keep policy.")
+@click.option("--keep-every", type=int, help="Policy every: also keep each multiple of this many steps.")
+@click.option("--top-k", type=int, help="Policy topk: the k best by validation (+ the newest).")
+@click.option("--budget-tb", type=float, help="Policy budget: disk budget in TB; how many checkpoints fit.")
+@click.option("--total-steps", type=int, help="Run length in steps (counts the saves).")
+@click.option("--full-state-last", type=int, help="Keep optimizer state only in the newest N; the rest weights-only.")
 @click.option("--ema/--no-ema", default=False, show_default=True, help="An fp32 EMA copy in each checkpoint.")
 @click.option("--bandwidth-gbps", type=float, default=2.0, show_default=True, help="Write bandwidth, GB/s.")
+@click.option("--async/--sync", "asynchronous", default=False, show_default=True,
+              help="Asynchronous saves: stage to host memory, write in the background.")
+@click.option("--snapshot-gbps", type=float, default=DEFAULT_SNAPSHOT_GBPS, show_default=True,
+              help="Async: device-to-host copy bandwidth, GB/s.")
 @click.option("--step-time-s", type=float, help="Training step time, seconds.")
 @click.option("--every", type=int, help="Steps between checkpoints.")
-@click.option("--price-per-tb-month", type=float, default=23.0, show_default=True, help="USD per TB-month.")
+@click.option("--price-per-tb-month", type=float, default=DEFAULT_PRICE_PER_TB_MONTH, show_default=True,
+              help="USD per TB-month (S3 Standard list price).")
+@click.option("--window", type=int, help="Checkpoints the averaging window needs.")
+@click.option("--run", "run_path", type=click.Path(path_type=Path),
+              help="A run: window from its recommendation, checkpoint stalls measured from its step times.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def storage(params: float, dtype: str, optimizer: str, keep: int, ema: bool, bandwidth_gbps: float,
-            step_time_s: float | None, every: int | None, price_per_tb_month: float, as_json: bool) -> None:
+def storage(params: float | None, config_path: Path | None, dtype: str, optimizer: str, keep: int, policy: str,
+            keep_every: int | None, top_k: int | None, budget_tb: float | None, total_steps: int | None,
+            full_state_last: int | None, ema: bool, bandwidth_gbps: float, asynchronous: bool, snapshot_gbps: float,
+            step_time_s: float | None, every: int | None, price_per_tb_month: float, window: int | None,
+            run_path: Path | None, as_json: bool) -> None:
     """What keeping checkpoints costs in bytes, money and training time."""
-    est = estimate_storage(params, dtype, optimizer, keep, bandwidth_gbps, step_time_s, every, ema, price_per_tb_month)
-    doc = storage_report(est)
+    count = count_parameters(config_path) if config_path else None
+    if (params is None) == (count is None):
+        raise InvalidArgument("give --params N or --config config.json (one of them)")
+    measured = None
+    if run_path is not None:
+        run = open_run(run_path)
+        measured = measure_checkpoint_overhead(run)
+        if window is None and run.checkpoints:
+            window = len(recommend(assess_run(run)).checkpoints)
+    keep_policy = KeepPolicy(kind=policy, last=keep, keep_every_steps=keep_every, top_k=top_k,
+                             budget_bytes=budget_tb * 1e12 if budget_tb else None, total_steps=total_steps,
+                             full_state_last=full_state_last)
+    est = estimate_storage(params if count is None else count.total, dtype, optimizer, keep, bandwidth_gbps,
+                           step_time_s, every, ema, price_per_tb_month, policy=keep_policy,
+                           asynchronous=asynchronous, snapshot_gbps=snapshot_gbps, window=window,
+                           factored_elements=count.factored_elements if count else None)
+    doc = storage_report(est, measured, count)
     if as_json:
         _emit(doc)
         return
-    per = doc["per_checkpoint_bytes"]
-    click.echo(f"{params:.3g} parameters, {dtype} weights, {optimizer} optimizer state")
-    click.echo(f"  per checkpoint: weights {per['weights'] / 1e9:.2f} GB + optimizer {per['optimizer'] / 1e9:.2f} GB "
-               f"+ EMA {per['ema'] / 1e9:.2f} GB = {per['total'] / 1e9:.2f} GB")
-    click.echo(f"  keeping {keep}: {doc['total_bytes'] / 1e12:.3f} TB, ${doc['monthly_cost']:.2f}/month "
-               f"at ${price_per_tb_month:g}/TB-month")
-    click.echo(f"  one save at {bandwidth_gbps:g} GB/s: {doc['write_seconds']:.1f} s")
-    if doc["overhead_fraction"] is not None:
-        click.echo(f"  synchronous saves every {every} steps of {step_time_s:g} s: "
-                   f"{100 * doc['overhead_fraction']:.2f}% of wall time")
+    moe = count is not None and count.active != count.total
+    click.echo(f"{est.params:,.0f} parameters, {dtype} weights, {optimizer} optimizer state"
+               + (f" ({count.model_type}, {count.active:,} active per token)" if moe else ""))
+    for line in est.arithmetic:
+        click.echo(f"  {line}")
+    if est.window is not None:
+        click.echo(f"  averaging window: {est.window} checkpoints, {est.window_bytes / 1e9:,.2f} GB of weights; "
+                   f"{'kept' if doc['window_fits'] else 'NOT kept by this policy'}")
+    if measured is not None:
+        click.echo(f"  measured in the run: {measured.stall_seconds:.3g} s stall per save over {measured.saves_seen} saves, "
+                   f"{100 * measured.overhead_fraction:.2f}% of wall time")
+
+
+@cli.command("stop")
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--params", type=float, help="Parameter count, for the Chinchilla reference.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="A model's config.json (instead of --params).")
+@click.option("--tokens-per-step", type=float, help="Tokens per step, when the run logs no token count.")
+@click.option("--plateau-gain", type=float, default=DEFAULT_PLATEAU_GAIN, show_default=True,
+              help="Loss the next horizon must gain, else: plateau.")
+@click.option("--gain-target", type=float, default=DEFAULT_GAIN_TARGET, show_default=True,
+              help="Report the tokens/steps needed to gain this much more.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def stop_cmd(run_path: Path, params: float | None, config_path: Path | None, tokens_per_step: float | None,
+             plateau_gain: float, gain_target: float, seed: int, as_json: bool) -> None:
+    """Should I keep training? Fit the loss curve, forecast it, flag a plateau."""
+    run = open_run(run_path)
+    if config_path is not None:
+        params = float(count_parameters(config_path).total)
+    config = StopConfig(plateau_gain=plateau_gain, gain_target=gain_target, seed=seed)
+    sig = run_stop_signal(run, config, params, tokens_per_step)
+    doc = stop_report(sig, run)
+    if as_json:
+        _emit(doc)
+        return
+    fit = sig.fit
+    click.echo(f"{run.name}: {sig.metric} = {fit.e:.4f} + {fit.b:.4g} x {fit.x_unit}^-{fit.beta:.3f} "
+               f"(beta +/- {fit.beta_stderr or float('nan'):.3f}, {fit.points} points)")
+    for f in doc["forecasts"]:
+        click.echo(f"  at {f['factor']:g}x the {fit.x_unit} seen: {f['loss']:.4f} ({f['low']:.4f} to {f['high']:.4f})")
+    more = doc["to_gain"]["more"]
+    needed = f"{more:,.4g} more {fit.x_unit}" if more is not None else "never, per the fit"
+    click.echo(f"  another {gain_target:g} lower: {needed}")
+    click.echo(f"  {sig.verdict}")
+    if sig.compute_optimal is not None and sig.compute_optimal.over_training_factor is not None:
+        click.echo(f"  Chinchilla: {sig.compute_optimal.optimal_tokens:,.4g} tokens is compute-optimal; "
+                   f"this run is at {sig.compute_optimal.over_training_factor:.2f}x")
 
 
 @cli.command()

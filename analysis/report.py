@@ -12,7 +12,9 @@ from .recipe import Recipe, recipe_to_dict
 from .recommend import Recommendation
 from .run import Run
 from .signals import LossSpike, RunSignals
-from .storage import StorageEstimate
+from .model_size import ParamCount
+from .scaling import ComputeOptimal, Forecast, StopSignal
+from .storage import MeasuredOverhead, StorageEstimate
 
 
 def _num(value: float | None) -> float | None:
@@ -94,14 +96,72 @@ def recommendation_report(rec: Recommendation, recipe: Recipe | None) -> dict:
     }
 
 
-def storage_report(est: StorageEstimate) -> dict:
-    """The `storage --json` document (bytes, USD per month, seconds)."""
+def storage_report(est: StorageEstimate, measured: MeasuredOverhead | None = None,
+                   count: ParamCount | None = None) -> dict:
+    """The `storage --json` document (bytes, USD per month, seconds), with its arithmetic.
+
+    Args:
+        est: the estimate.
+        measured: checkpoint stalls measured in a run's logs, if a run was given.
+        count: the parameter count from a config.json, if one was given.
+    """
     return {
         "params": est.params, "dtype": est.dtype, "optimizer": est.optimizer,
         "per_checkpoint_bytes": {"weights": est.weights_bytes, "optimizer": est.optimizer_bytes,
                                  "ema": est.ema_bytes, "total": est.per_checkpoint_bytes},
-        "kept": est.kept, "total_bytes": est.total_bytes,
+        # Side by side with the full state: what a checkpoint weighs without optimizer state.
+        "weights_only_bytes": est.weights_only_bytes, "master_copy_bytes": est.master_bytes,
+        "kept": est.kept, "kept_full_state": est.kept if est.kept_full is None else est.kept_full,
+        "policy": est.policy, "policy_note": est.policy_note, "total_bytes": est.total_bytes,
         "monthly_cost": est.monthly_cost, "price_per_tb_month": est.price_per_tb_month,
         "write_seconds": est.write_seconds, "bandwidth_gbps": est.bandwidth_gbps,
+        "asynchronous": est.asynchronous, "stall_seconds": est.stall_seconds,
         "overhead_fraction": _num(est.overhead_fraction), "chinchilla_tokens": est.chinchilla_tokens,
+        "window": est.window, "window_bytes": est.window_bytes,
+        "window_fits": None if est.window is None else est.kept >= est.window,
+        "measured": None if measured is None else {
+            "saves_seen": measured.saves_seen, "median_step_seconds": measured.median_step_seconds,
+            "stall_seconds": measured.stall_seconds, "interval_steps": measured.interval_steps,
+            "overhead_fraction": _num(measured.overhead_fraction)},
+        "model": None if count is None else {
+            "model_type": count.model_type, "total_params": count.total, "active_params": count.active,
+            "embedding_params": count.embedding, "tied_embeddings": count.tied_embeddings},
+        "arithmetic": list(est.arithmetic),
+    }
+
+
+def _forecast(f: Forecast) -> dict:
+    return {"x": _num(f.x), "value": _num(f.value), "low": _num(f.low), "high": _num(f.high)}
+
+
+def _compute_optimal(c: ComputeOptimal | None) -> dict | None:
+    if c is None:
+        return None
+    return {"params": c.params, "tokens": _num(c.tokens), "optimal_tokens": c.optimal_tokens,
+            "compute_flops": _num(c.compute_flops), "over_training_factor": _num(c.over_training_factor),
+            "chinchilla_loss": _num(c.chinchilla_loss), "optimal_loss": _num(c.optimal_loss)}
+
+
+def stop_report(sig: StopSignal, run: Run | None = None) -> dict:
+    """The `stop --json` document: the fit, the forecasts and the plateau verdict.
+
+    ``x`` values are in ``fit.x_unit`` (tokens or steps); an unreachable gain is null.
+    """
+    fit = sig.fit
+    return {
+        "run": str(run.path) if run is not None else None, "metric": sig.metric, "x_unit": fit.x_unit,
+        "x_seen": fit.x_last,
+        "fit": {"formula": "L = E + B * x^-beta", "E": fit.e, "B": fit.b, "beta": fit.beta,
+                "E_stderr": fit.e_stderr, "B_stderr": fit.b_stderr, "beta_stderr": fit.beta_stderr,
+                "residual_std": fit.residual_std, "points": fit.points, "x_first": fit.x_first,
+                "x_last": fit.x_last, "loss_at_x_seen": fit.loss_at(fit.x_last)},
+        "forecasts": [{"factor": f.x / fit.x_last, "loss": _num(f.value), "low": _num(f.low),
+                       "high": _num(f.high), "x": f.x} for f in sig.forecasts],
+        "to_gain": {"delta": sig.gain_target, **_forecast(sig.x_for_gain),
+                    "more": _num(sig.x_for_gain.value - fit.x_last)},
+        "plateau": {"verdict": sig.plateau, "horizon": sig.horizon_label, "horizon_x": sig.horizon_x,
+                    "gain": _num(sig.horizon_gain.value), "gain_low": _num(sig.horizon_gain.low),
+                    "gain_high": _num(sig.horizon_gain.high), "threshold": sig.threshold},
+        "verdict": sig.verdict,
+        "compute_optimal": _compute_optimal(sig.compute_optimal),
     }
