@@ -14,6 +14,8 @@ from .recipe import Recipe, build_recipe, load_recipe, write_recipe  # noqa: E40
 from .recommend import Recommendation, RecommendConfig, recommend  # noqa: E402
 from .run import CheckpointRef, Run, checkpoint_ref, open_run  # noqa: E402
 from .signals import RunSignals, assess_run  # noqa: E402
+from .model_size import count_parameters  # noqa: E402
+from .scaling import run_stop_signal  # noqa: E402
 from .storage import StorageEstimate, estimate_storage  # noqa: E402
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "average_state_dict",
     "build_recipe",
     "checkpoint_ref",
+    "count_parameters",
     "estimate_storage",
     "load_evaluator",
     "load_recipe",
@@ -40,5 +43,6 @@ __all__ = [
     "open_run",
     "read_log",
     "recommend",
+    "run_stop_signal",
     "write_recipe",
 ]

@@ -75,3 +75,15 @@ class EvaluatorError(AnalysisError):
 
 class InvalidArgument(AnalysisError):
     """A parameter given on the command line or in the UI is out of range."""
+
+
+class ModelConfigError(AnalysisError):
+    """A config.json lacks a field the parameter count needs, or is not a config at all."""
+
+    def __init__(self, path: Path | None, reason: str) -> None:
+        super().__init__(f"{path}: {reason}" if path else reason)
+        self.path = path
+
+
+class FitError(AnalysisError):
+    """The loss curve has too few usable points, or the power law does not fit it."""

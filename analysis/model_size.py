@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import AnalysisError
+from .errors import ModelConfigError
 
 # model_type -> layout defaults; every type but gpt2 and gpt_neox is counted with llama's layout.
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -24,14 +24,6 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3": {"tie": False, "qk_norm": True}, "gemma": {"tie": True}, "gemma2": {"tie": True, "norms": 4},
     "mixtral": {"tie": False}, "gpt2": {"tie": True}, "gpt_neox": {"tie": False},
 }
-
-
-class ModelConfigError(AnalysisError):
-    """A config.json lacks a field the parameter count needs, or is not a config at all."""
-
-    def __init__(self, path: Path | None, reason: str) -> None:
-        super().__init__(f"{path}: {reason}" if path else reason)
-        self.path = path
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy.optimize import OptimizeWarning, curve_fit
 
-from .errors import AnalysisError
+from .errors import FitError
 
 if TYPE_CHECKING:
     from .run import Run
@@ -38,9 +38,6 @@ FLOPS_PER_PARAM_TOKEN = 6.0
 DEFAULT_PLATEAU_GAIN = 0.005
 DEFAULT_GAIN_TARGET = 0.01
 
-
-class FitError(AnalysisError):
-    """The loss curve has too few usable points, or the power law does not fit it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,8 @@ import pytest
 
 from analysis.cli import main
 from analysis.run import open_run
-from analysis.scaling import (CHINCHILLA_A, CHINCHILLA_B, CHINCHILLA_E, FitError, StopConfig, chinchilla_loss,
+from analysis.errors import FitError
+from analysis.scaling import (CHINCHILLA_A, CHINCHILLA_B, CHINCHILLA_E, StopConfig, chinchilla_loss,
                               compute_optimal, fit_loss_curve, run_stop_signal, stop_signal)
 
 CONFIGS = Path(__file__).parent / "data" / "configs"

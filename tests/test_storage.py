@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from analysis.cli import main
 from analysis.errors import AnalysisError, InvalidArgument
-from analysis.model_size import ModelConfigError, count_parameters
+from analysis.errors import ModelConfigError
+from analysis.model_size import count_parameters
 from analysis.run import open_run
 from analysis.storage import KeepPolicy, count_kept, estimate_storage, measure_checkpoint_overhead
 
