@@ -1,0 +1,75 @@
+"""End to end on the real sample run: recommend, merge from the recipe, check the tensors.
+
+The merged tensors are compared with a weighted average the test computes itself from
+the files (float64), so a bug shared by merge and recommend cannot hide.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "analysis", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=600)
+
+
+def test_sample_run_is_discovered_whole(sample_run: Path) -> None:
+    result = _cli("analyze", str(sample_run), "--json")
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert len(doc["checkpoints"]) >= 20
+    assert all(c["finite"] and c["format"] == "safetensors" for c in doc["checkpoints"])
+    assert all(c["val_loss"] is not None for c in doc["checkpoints"])
+    assert doc["logs"][0]["format"] == "jsonl" and doc["logs"][0]["skipped_lines"] == 0
+    # The run's LR excursion is a real spike, and a checkpoint saved inside it is flagged.
+    assert doc["spikes"] and any(c["spike_contaminated"] for c in doc["checkpoints"])
+    assert doc["evaluator_hint"].endswith("evaluate.py:evaluate")
+
+
+def test_recommend_then_merge_from_recipe(sample_run: Path, tmp_path: Path) -> None:
+    recipe_path = tmp_path / "recipe.yaml"
+    result = _cli("recommend", str(sample_run), "--json", "-o", str(recipe_path))
+    assert result.returncode == 0, result.stderr
+    rec = json.loads(result.stdout)
+    contaminated = {e["step"] for e in rec["excluded"] if "spike" in e["reason"]}
+    taken = [c["step"] for c in rec["checkpoints"]]
+    assert contaminated and not contaminated & set(taken) and len(taken) >= 2
+    recipe = yaml.safe_load(recipe_path.read_text())
+    assert [c["step"] for c in recipe["checkpoints"]] == taken
+
+    out = tmp_path / "merged"
+    result = _cli("merge", str(recipe_path), "-o", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    merged = load_file(str(out / "model.safetensors"))
+    inputs = [load_file(str(Path(c["path"]))) for c in rec["checkpoints"]]
+    weights = [c["weight"] for c in rec["checkpoints"]]
+    assert sum(weights) == pytest.approx(1.0)
+    for name, tensor in merged.items():
+        if not tensor.is_floating_point():
+            assert torch.equal(tensor, inputs[-1][name])
+            continue
+        expected = sum(w * state[name].double() for w, state in zip(weights, inputs))
+        torch.testing.assert_close(tensor.double(), expected.to(tensor.dtype).double(), rtol=1e-5, atol=1e-6)
+
+
+def test_evaluator_recommendation_beats_the_last_checkpoint(sample_run: Path) -> None:
+    result = _cli("recommend", str(sample_run), "--eval", f"{sample_run / 'evaluate.py'}:evaluate",
+                  "--max-evals", "8", "--json")
+    assert result.returncode == 0, result.stderr
+    rec = json.loads(result.stdout)
+    assert 1 <= rec["evaluations"] <= 8
+    assert rec["score"] <= rec["last_score"]
+    assert len(rec["checkpoints"]) > 1 and rec["score"] < rec["last_score"] - 0.005
