@@ -103,6 +103,7 @@ def hf_checkpoint(folder: Path, step: int, seed: int = 0, safe: bool = True, sha
     """A Trainer ``checkpoint-N/`` folder: weights, trainer_state.json, optimizer.pt, scheduler.pt."""
     model = hf_model(seed)
     model.save_pretrained(folder, safe_serialization=safe, max_shard_size="20KB" if shard else "5GB")
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     names = [n for n, _ in model.named_parameters()]
     decay = [p for n, p in model.named_parameters() if "norm" not in n and "bias" not in n]
     rest = [p for n, p in model.named_parameters() if "norm" in n or "bias" in n]
@@ -115,7 +116,7 @@ def hf_checkpoint(folder: Path, step: int, seed: int = 0, safe: bool = True, sha
         "global_step": step, "epoch": step / 100, "best_metric": 1.5, "num_input_tokens_seen": step * 512,
         "log_history": [{"step": step, "loss": 2.0, "epoch": step / 100}], "max_steps": 1000}))
     assert names
-    return model.state_dict()
+    return saved
 
 
 def dcp_checkpoint(folder: Path, seed: int = 0, step: int = 40) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from ..errors import CheckpointReadError
@@ -117,8 +118,9 @@ class DCPHandle:
                 dcp.load(target, storage_reader=_SafeReader(self.path), no_dist=True)
         except CheckpointReadError:
             raise
-        except Exception as e:  # DCP wraps every failure (truncated .distcp, bad offsets) in its own types
-            raise CheckpointReadError(self.path, f"tensor {key!r}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        except (Exception, CheckpointException) as e:  # DCP wraps failures (truncated .distcp) in a BaseException
+            raise CheckpointReadError(self.path, f"tensor {key!r} could not be read, a .distcp file is truncated "
+                                                 f"or corrupt ({_last_line(e)})") from None
         return target[key]
 
     def tensors(self) -> list[TensorInfo]:
@@ -156,6 +158,12 @@ class DCPHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _last_line(error: BaseException) -> str:
+    """The innermost cause of a DCP failure (its message embeds a remote-style traceback)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
 
 
 def _moment_name(key: str) -> str:

@@ -32,7 +32,9 @@ OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_states", "opti
 STEP_KEYS = ("step", "global_step", "iter_num", "iteration", "num_updates", "steps")
 TOKEN_KEYS = ("tokens", "tokens_seen", "num_input_tokens_seen", "consumed_tokens", "num_tokens")
 BEST_KEYS = ("best_val_loss", "best_metric", "best_model_score", "best_loss", "best_acc", "best_score", "metric")
-_GLOBAL = re.compile(r"GLOBAL ([\w.]+)|global[s]?:? ([\w.]+)|Unsupported class ([\w.]+)")
+# How torch's weights-only unpickler names the global it refused, most specific first.
+_GLOBAL_PATTERNS = (re.compile(r"GLOBAL ([\w.]+)"), re.compile(r"Unsupported class ([\w.]+)"),
+                    re.compile(r"global ([\w.]+)"))
 
 
 def safe_torch_load(path: Path) -> object:
@@ -59,8 +61,8 @@ def safe_torch_load(path: Path) -> object:
 
 def _refusal(message: str) -> str:
     """The user-facing reason a weights-only load was refused."""
-    match = _GLOBAL.search(message)
-    wanted = next((g for g in match.groups() if g), None) if match else None
+    matches = (p.search(message) for p in _GLOBAL_PATTERNS)
+    wanted = next((m.group(1) for m in matches if m), None)
     what = f"the global {wanted}" if wanted else "code beyond tensors and plain containers"
     return (f"refused to load: the pickle needs {what}, which weights-only loading forbids "
             "(a checkpoint can run code when unpickled; CkptSelect never does that). "
