@@ -25,7 +25,7 @@ from analysis.errors import CheckpointReadError, RunNotFound
 from analysis.merge import merge_checkpoints
 from analysis.run import checkpoint_ref, open_run
 from analysis.signals.health import check_health, layer_of
-from ckpt_factories import (dcp_checkpoint, fairseq_ckpt, hf_bin_sharded, hf_checkpoint, lightning_ckpt,
+from ckpt_factories import (dcp_checkpoint, fairseq_ckpt, hf_bin_sharded, hf_checkpoint, hf_model, lightning_ckpt,
                             nanogpt_ckpt, plain_state_dict, timm_ckpt, trained)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,6 +99,14 @@ def test_hf_single_file_folder_and_optimizer_moments(tmp_path: Path) -> None:
         n_params = sum(1 for i in handle.tensors() if i.is_floating)
         assert len([m for m in moments if m.name.endswith(".exp_avg")]) == n_params
         assert all(handle.read_optimizer(m.name).shape == m.shape for m in moments[:4])
+        # The Trainer's decay / no-decay groups are undone via the model class on the meta device.
+        assert "model.layers.1.mlp.down_proj.weight.exp_avg" in {m.name for m in moments}
+        assert "model.norm.weight.exp_avg_sq" in {m.name for m in moments}
+        names = [n for n, _ in hf_model().named_parameters()]
+        order = [n for n in names if "norm" not in n] + [n for n in names if "norm" in n]   # the factory's groups
+        saved = torch.load(folder / "optimizer.pt", weights_only=True)["state"]
+        for index in (0, 5, len(order) - 1):
+            assert torch.equal(handle.read_optimizer(f"{order[index]}.exp_avg"), saved[index]["exp_avg"])
 
 
 def test_hf_pytorch_model_bin_sharded_index(tmp_path: Path) -> None:

@@ -50,6 +50,34 @@ def trainer_metadata(folder: Path) -> dict[str, str]:
     return {ours: str(state[theirs]) for ours, theirs in pairs.items() if state.get(theirs) is not None}
 
 
+def parameter_order(folder: Path) -> list[TensorInfo] | None:
+    """The model's parameters in ``named_parameters()`` order, the order the optimizer indexes them.
+
+    Weight files list tensors alphabetically, so the order comes from the model class that
+    ``config.json`` names, built on the meta device (no memory, no weights). Only classes that
+    ship with transformers are used: a config asking for remote code (``auto_map``) gets None.
+    """
+    config_path = folder / "config.json"
+    try:
+        config_doc = json.loads(config_path.read_text())
+        if not isinstance(config_doc, dict) or "auto_map" in config_doc:
+            return None
+        import transformers   # imported late: a heavy import only optimizer access needs
+        config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        with torch.device("meta"):
+            for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+                try:
+                    model = auto.from_config(config, trust_remote_code=False)
+                    break
+                except ValueError:
+                    continue
+            else:
+                return None
+        return [TensorInfo(n, tuple(p.shape), str(p.dtype).removeprefix("torch."), 0) for n, p in model.named_parameters()]
+    except Exception:  # noqa: BLE001 - an unknown architecture only costs the names, never the read
+        return None
+
+
 class HFFolderHandle:
     """Weights via the single-file or sharded handle; metadata merged with trainer_state.json."""
 
@@ -96,7 +124,7 @@ class HFFolderHandle:
             moments: dict[str, torch.Tensor] = {}
             if path.is_file():
                 payload = safe_torch_load(path)
-                params = [i for i in self.tensors() if i.is_floating]
+                params = parameter_order(self.path) or [i for i in self.tensors() if i.is_floating]
                 moments = moments_by_name(payload, params) if isinstance(payload, dict) else {}
             self._optimizer = TensorTable(path, moments, normalize=False)
         return self._optimizer
