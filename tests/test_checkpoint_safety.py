@@ -141,3 +141,18 @@ def test_plain_state_dict_still_loads(tmp_path: Path) -> None:
     sd = plain_state_dict(tmp_path / "ok.pt")
     with open_checkpoint(tmp_path / "ok.pt") as handle:
         assert {i.name for i in handle.tensors()} == set(sd)
+
+
+def test_dcp_metadata_cannot_reach_os_through_an_allowed_module(tmp_path: Path) -> None:
+    """Protocol-4 dotted names ("os.system" looked up on DCP's filesystem module) are refused too."""
+    folder = tmp_path / "dcp"
+    dcp_checkpoint(folder)
+    marker = tmp_path / "pwned"
+    module, name = b"torch.distributed.checkpoint.filesystem", b"os.system"
+    command = f"touch {marker}".encode()
+    payload = (b"\x80\x04" + b"\x8c" + bytes([len(module)]) + module + b"\x8c" + bytes([len(name)]) + name
+               + b"\x93" + b"\x8c" + bytes([len(command)]) + command + b"\x85R.")
+    (folder / ".metadata").write_bytes(payload)
+    with pytest.raises(CheckpointReadError, match=r"refused.*os\.system"):
+        open_checkpoint(folder)
+    assert not marker.exists()

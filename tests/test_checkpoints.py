@@ -270,6 +270,8 @@ def test_lying_safetensors_header_exits_2(tmp_path: Path, header: dict, data: by
     path.write_bytes(_safetensors_bytes(header, data))
     with pytest.raises(CheckpointReadError, match=problem):
         open_checkpoint(path)
+    if problem != "truncated":
+        return   # one CLI round trip covers the exit code; the reader pins each message
     result = _cli("analyze", str(tmp_path))
     assert result.returncode == 2 and "step_1.safetensors" in result.stderr and problem in result.stderr
 

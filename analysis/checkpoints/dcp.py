@@ -13,15 +13,16 @@ import io
 import pickle
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from ..errors import CheckpointReadError
 from .base import DTYPE_BYTES, TensorInfo, dtype_name
 from .keys import KeyMap
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 METADATA_FILE = ".metadata"
 # Top-level keys under which trainers save optimizer state next to the model.
@@ -36,19 +37,27 @@ class _MetadataUnpickler(pickle.Unpickler):
     """Resolves only the globals a DCP ``.metadata`` legitimately needs."""
 
     def find_class(self, module: str, name: str) -> object:
-        if module in _ALLOWED_MODULES or (module, name) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format, torch.layout)):
-            return getattr(torch, name)
+        # No dotted names: protocol 4 resolves "os.system" through any allowed module's attributes.
+        if "." not in name:
+            if (module, name) in _ALLOWED_GLOBALS:
+                return super().find_class(module, name)
+            if module in _ALLOWED_MODULES:
+                found = super().find_class(module, name)
+                if isinstance(found, type) and found.__module__ == module:   # DCP's own dataclasses and enums
+                    return found
+            if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format, torch.layout)):
+                return getattr(torch, name)
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
 
 
-def read_metadata(folder: Path) -> Metadata:
+def read_metadata(folder: Path) -> "Metadata":
     """The folder's DCP metadata, unpickled safely.
 
     Raises:
         CheckpointReadError: missing, truncated, or asking for a forbidden global.
     """
+    from torch.distributed.checkpoint.metadata import Metadata   # late: torch.distributed costs ~0.8 s to import
+
     path = folder / METADATA_FILE
     try:
         metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
@@ -61,15 +70,20 @@ def read_metadata(folder: Path) -> Metadata:
     return metadata
 
 
-class _SafeReader(dcp.FileSystemReader):
-    """FileSystemReader whose metadata goes through the restricted unpickler (tensor data is
+def _safe_reader(folder: Path) -> object:
+    """A FileSystemReader whose metadata goes through the restricted unpickler (tensor data is
     already loaded by DCP with ``torch.load(weights_only=True)``)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import StorageMeta
 
-    def read_metadata(self, *args: object, **kwargs: object) -> Metadata:
-        metadata = read_metadata(Path(self.path))
-        metadata.storage_meta = metadata.storage_meta or dcp.metadata.StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
+    class SafeReader(dcp.FileSystemReader):
+        def read_metadata(self, *args: object, **kwargs: object) -> object:
+            metadata = read_metadata(Path(self.path))
+            metadata.storage_meta = metadata.storage_meta or StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(folder)
 
 
 class DCPHandle:
@@ -77,6 +91,8 @@ class DCPHandle:
 
     def __init__(self, folder: Path) -> None:
         self.path = folder
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
         entries = {k: v for k, v in read_metadata(folder).state_dict_metadata.items()
                    if isinstance(v, TensorStorageMetadata)}
         self._missing_files(folder)
@@ -110,12 +126,15 @@ class DCPHandle:
             meta["step"] = meta["global_step"]
         return meta
 
-    def _load(self, key: str, entry: TensorStorageMetadata) -> torch.Tensor:
+    def _load(self, key: str, entry: "TensorStorageMetadata") -> torch.Tensor:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+
         target = {key: torch.empty(tuple(entry.size), dtype=entry.properties.dtype)}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")   # "assuming the intent is to load in a single process"
-                dcp.load(target, storage_reader=_SafeReader(self.path), no_dist=True)
+                dcp.load(target, storage_reader=_safe_reader(self.path), no_dist=True)
         except CheckpointReadError:
             raise
         except (Exception, CheckpointException) as e:  # DCP wraps failures (truncated .distcp) in a BaseException
@@ -172,7 +191,7 @@ def _moment_name(key: str) -> str:
     return rest.removeprefix("state.") if rest.startswith("state.") else key
 
 
-def _info(name: str, entry: TensorStorageMetadata) -> TensorInfo:
+def _info(name: str, entry: "TensorStorageMetadata") -> TensorInfo:
     dtype = dtype_name(entry.properties.dtype)
     numel = 1
     for dim in entry.size:
