@@ -187,6 +187,8 @@ def test_dcp_folder_single_process(tmp_path: Path) -> None:
     model, opt = trained()
     with open_checkpoint(folder) as handle:
         assert handle.metadata()["step"] == "40"
+        assert handle.original_name("wte.weight") == "wte.weight"          # the model's key, not DCP's "model.wte.weight"
+        assert torch.equal(handle.read("model.wte.weight"), sd["wte.weight"])
         param = dict(model.named_parameters())["h.0.fc.weight"]
         assert torch.equal(handle.read_optimizer("h.0.fc.weight.exp_avg_sq"), opt.state[param]["exp_avg_sq"])
     assert not torch.distributed.is_initialized()

@@ -100,11 +100,14 @@ class DCPHandle:
         rest = {k: v for k, v in entries.items() if not k.startswith(OPTIMIZER_PREFIXES)}
         # Trainers save {"model": ..., "optimizer": ..., "train_state": ...}: when a "model" group
         # exists it is the weights, and the other groups are training state, not parameters.
-        model = {k: v for k, v in rest.items() if k.startswith("model.")} or rest
-        self.keys = KeyMap(model)
+        grouped = {k: v for k, v in rest.items() if k.startswith("model.")}
+        # The "model." group is DCP's flattening, not part of the model's own key names.
+        self._group = "model." if grouped else ""
+        model = grouped or rest
+        self.keys = KeyMap(k.removeprefix(self._group) for k in model)
         self._entries = entries
         self._model = model
-        self._infos = [_info(self.keys.normalize(k), v) for k, v in model.items()]
+        self._infos = [_info(self.keys.normalize(k.removeprefix(self._group)), v) for k, v in model.items()]
         self._optim_names = {_moment_name(k): k for k in optim}
         self._optim_infos = [_info(name, entries[k]) for name, k in self._optim_names.items()]
         self._metadata = self._scalar_metadata(rest)
@@ -146,7 +149,9 @@ class DCPHandle:
         return list(self._infos)
 
     def read(self, name: str) -> torch.Tensor:
-        key = self.keys.original(name)
+        key = self._group + self.keys.original(name)
+        if key not in self._model:
+            key = name   # the flattened DCP key itself
         if key not in self._model:
             raise CheckpointReadError(self.path, f"no tensor named {name!r}")
         return self._load(key, self._entries[key])
