@@ -322,6 +322,20 @@ def test_empty_folder_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2 and "empty" in result.stderr
 
 
+def test_data_only_globals_are_allowed_numpy_scalars_and_namespace(tmp_path: Path) -> None:
+    """nanoGPT forks store np.float64 losses and fairseq stores argparse args: plain data, read safely."""
+    import argparse
+
+    import numpy as np
+    sd = trained()[0].state_dict()
+    torch.save({"model": sd, "iter_num": np.int64(900), "best_val_loss": np.float64(1.25),
+                "args": argparse.Namespace(lr=3e-4, arch="tiny")}, tmp_path / "ckpt.pt")
+    with open_checkpoint(tmp_path / "ckpt.pt") as handle:
+        meta = handle.metadata()
+    assert (meta["step"], meta["best_metric"], meta["args.arch"]) == ("900", "1.25", "tiny")
+    assert not torch.serialization.get_safe_globals() or argparse.Namespace not in torch.serialization.get_safe_globals()
+
+
 def test_pickle_without_a_state_dict_is_refused(tmp_path: Path) -> None:
     torch.save({"hello": "world", "n": 3}, tmp_path / "notes.pt")
     with pytest.raises(CheckpointReadError, match="no state dict found"):

@@ -37,6 +37,19 @@ _GLOBAL_PATTERNS = (re.compile(r"GLOBAL ([\w.]+)"), re.compile(r"Unsupported cla
                     re.compile(r"global ([\w.]+)"))
 
 
+def _data_only_globals() -> list:
+    """Globals that build plain data and nothing else, which real checkpoints carry next to the
+    weights: numpy scalars (``best_val_loss = np.float64(...)``), fairseq's ``argparse.Namespace``
+    args. Allowed per call (never added to torch's process-wide allowlist)."""
+    import argparse
+
+    import numpy as np
+    from numpy._core.multiarray import scalar
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType") and n[0].isupper()
+              and any(k in n for k in ("Float", "Int", "Bool", "UInt"))]
+    return [argparse.Namespace, scalar, np.dtype, *dtypes]
+
+
 def safe_torch_load(path: Path) -> object:
     """``torch.load(weights_only=True)``, memory-mapped when the file's format allows.
 
@@ -45,13 +58,14 @@ def safe_torch_load(path: Path) -> object:
             that weights-only loading forbids (the message names it).
     """
     try:
-        try:
-            return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
-        except RuntimeError as e:
-            if "mmap can only be used" not in str(e):
-                raise
-            # Legacy (pre-1.6) files cannot be mapped; still weights-only.
-            return torch.load(path, weights_only=True, mmap=False, map_location="cpu")
+        with torch.serialization.safe_globals(_data_only_globals()):
+            try:
+                return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+            except RuntimeError as e:
+                if "mmap can only be used" not in str(e):
+                    raise
+                # Legacy (pre-1.6) files cannot be mapped; still weights-only.
+                return torch.load(path, weights_only=True, mmap=False, map_location="cpu")
     except pickle.UnpicklingError as e:
         raise CheckpointReadError(path, _refusal(str(e))) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, KeyError) as e:
@@ -126,8 +140,9 @@ def checkpoint_metadata(payload: dict) -> dict[str, str]:
         if _scalar(value) is not None:
             meta[str(key)] = _scalar(value)
     for group in ("model_args", "config", "hyper_parameters", "args"):
-        if isinstance(payload.get(group), dict):
-            for key, value in payload[group].items():
+        values = vars(payload[group]) if hasattr(payload.get(group), "__dict__") else payload.get(group)
+        if isinstance(values, dict):
+            for key, value in values.items():
                 if _scalar(value) is not None:
                     meta[f"{group}.{key}"] = _scalar(value)
     history = payload.get("optimizer_history")
@@ -165,6 +180,8 @@ def _scalar(value: object) -> str | None:
     """A plain scalar (or a one-element tensor) as a string; None for anything else."""
     if isinstance(value, bool) or isinstance(value, (int, float, str)) and not isinstance(value, bool):
         return str(value) if not isinstance(value, str) or len(value) < 200 else None
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+        return str(value.item())
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         item = value.item()
         return str(int(item)) if float(item).is_integer() and not value.is_floating_point() else str(item)
