@@ -16,9 +16,9 @@ import torch
 from ..errors import CheckpointReadError
 from .base import CheckpointHandle, TensorInfo
 from .safetensors_file import SafetensorsHandle
+from .optim import moments_by_name
 from .sharded import ShardedHandle, shard_files
 from .torch_pickle import TensorTable, TorchPickleHandle, safe_torch_load
-from .optim import moments_by_name
 
 # Weight files in the order transformers itself prefers them.
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")

@@ -178,8 +178,8 @@ def _canonical(meta: dict[str, str], key: str, aliases: tuple[str, ...]) -> None
 
 def _scalar(value: object) -> str | None:
     """A plain scalar (or a one-element tensor) as a string; None for anything else."""
-    if isinstance(value, bool) or isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        return str(value) if not isinstance(value, str) or len(value) < 200 else None
+    if isinstance(value, (bool, int, float, str)):
+        return str(value) if not isinstance(value, str) or len(value) < 200 else None   # long strings are not metadata
     if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
         return str(value.item())
     if isinstance(value, torch.Tensor) and value.numel() == 1:
@@ -259,7 +259,7 @@ class TorchPickleReader:
     def matches(self, path: Path) -> bool:
         if not path.is_file() or path.suffix not in PICKLE_SUFFIXES or path.name in NOT_A_MODEL:
             return False
-        if path.name.startswith("rng_state") or "-of-" in path.name and _sharded_sibling(path):
+        if path.name.startswith("rng_state") or ("-of-" in path.name and _sharded_sibling(path)):
             return False
         with path.open("rb") as handle:
             magic = handle.read(4)
