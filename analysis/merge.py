@@ -13,14 +13,14 @@ import os
 import shutil
 import uuid
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import yaml
 
 from .averaging import check_same_layout, iter_average, normalize_weights, output_layout
-from .checkpoints import open_checkpoint
+from .checkpoints import open_checkpoint, original_name
 from .checkpoints.safetensors_writer import SafetensorsWriter
 from .errors import MergeError
 from .recipe import Recipe, checkpoint_sha256, dump_recipe, to_mergekit
@@ -128,9 +128,13 @@ def _write_output(tmp: Path, handles, weights, layout, refs, recipe: Recipe, pro
         "merged_steps": ",".join(str(r.step) for r in refs),
         "merged_weights": ",".join(f"{w:.8g}" for w in weights),
     }
-    with SafetensorsWriter(tmp / MODEL_FILE, layout, metadata) as writer:
+    # Inputs are matched under normalised names (module./_orig_mod./model. stripped); the output
+    # keeps the newest input's own names so it loads where that checkpoint loaded.
+    newest = handles[-1]
+    stored = [replace(info, name=original_name(newest, info.name)) for info in layout]
+    with SafetensorsWriter(tmp / MODEL_FILE, stored, metadata) as writer:
         for name, tensor in iter_average(handles, weights, layout, progress):
-            writer.write(name, tensor)
+            writer.write(original_name(newest, name), tensor)
     if recipe_text:
         (tmp / RECIPE_FILE).write_text(recipe_text)
         (tmp / MERGEKIT_FILE).write_text(yaml.safe_dump(to_mergekit(recipe), sort_keys=False))

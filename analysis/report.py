@@ -62,6 +62,8 @@ def analysis_report(run: Run, signals: RunSignals) -> dict:
             "step_source": ref.step_source, "n_params": health.n_params, "finite": health.finite,
             "nonfinite_tensors": list(health.nonfinite_tensors), "weight_norm": _num(health.norm),
             "max_abs": _num(health.max_abs),
+            "layer_norms": {layer: _num(norm) for layer, norm in health.layer_norms},
+            "bytes_by_dtype": dict(health.bytes_by_dtype),
             "spike_contaminated": item.spike is not None,
             "spike": spike_report(item.spike, run) if item.spike is not None else None,
             "mismatch": item.mismatch,

@@ -169,10 +169,15 @@ def _walk(root: Path, config: dict) -> tuple[list[Path], list[Path], list[str]]:
         current = Path(dirpath)
         depth = len(current.relative_to(root).parts)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS and depth < MAX_DEPTH)
+        if current == root and detect_layout(root) == "dcp":
+            ckpts.append(root)   # a DCP folder opened as the run: its files mean nothing one by one
         for d in list(dirnames):
             if detect_layout(current / d) is not None and not _excluded(root, current / d, excludes):
                 ckpts.append(current / d)
                 dirnames.remove(d)
+                # A claimed folder can still hold a log (HF checkpoint-N/trainer_state.json).
+                logs.extend(f for f in sorted((current / d).iterdir())
+                            if f.is_file() and _log_candidate(f) and not log_globs)
         for f in sorted(filenames):
             file_path = current / f
             if _excluded(root, file_path, excludes):

@@ -10,10 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CheckpointReadError
-from .base import CheckpointHandle, CheckpointReader, TensorInfo, dtype_name
+from .base import (CheckpointHandle, CheckpointReader, TensorInfo, TrainingStateAccess, dtype_name, ema_tensors,
+                   optimizer_state)
+from .dcp import DCPReader
+from .hf_folder import HFFolderReader
+from .keys import original_name
 from .safetensors_file import SafetensorsFileReader
+from .sharded import ShardedIndexReader
+from .torch_pickle import TorchPickleReader
 
-CHECKPOINT_READERS: dict[str, CheckpointReader] = {r.name: r for r in (SafetensorsFileReader(),)}
+# Folder layouts first (a folder is claimed whole before its files are looked at), then files.
+CHECKPOINT_READERS: dict[str, CheckpointReader] = {r.name: r for r in (
+    HFFolderReader(), DCPReader(), ShardedIndexReader(), SafetensorsFileReader(), TorchPickleReader(),
+)}
 
 
 def detect_layout(path: Path) -> str | None:
@@ -45,7 +54,11 @@ __all__ = [
     "CheckpointHandle",
     "CheckpointReader",
     "TensorInfo",
+    "TrainingStateAccess",
     "detect_layout",
     "dtype_name",
+    "ema_tensors",
     "open_checkpoint",
+    "optimizer_state",
+    "original_name",
 ]

@@ -62,6 +62,31 @@ class CheckpointHandle(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+class TrainingStateAccess(Protocol):
+    """Optional extension of a handle: optimizer moments and EMA weights, just as lazy.
+
+    Optimizer tensors are named ``"{param}.{moment}"`` (``"h.0.attn.weight.exp_avg"``)
+    where the parameter a moment belongs to can be recovered, else ``"param_{i}.{moment}"``.
+    They are the gradient signal of the similarity analysis.
+    """
+
+    def optimizer_state(self) -> list[TensorInfo]:
+        """Headers of the saved optimizer moments (empty when none was saved)."""
+        ...
+
+    def read_optimizer(self, name: str) -> torch.Tensor:
+        """One optimizer tensor, by a name from :meth:`optimizer_state`."""
+        ...
+
+    def ema_tensors(self) -> list[TensorInfo]:
+        """Headers of the EMA copy of the weights (empty when none was saved)."""
+        ...
+
+    def read_ema(self, name: str) -> torch.Tensor:
+        """One EMA tensor, by a name from :meth:`ema_tensors`."""
+        ...
+
+
 class CheckpointReader(Protocol):
     """One checkpoint layout. ``name`` is the stable id used in the README and the UI."""
 
@@ -91,3 +116,20 @@ DTYPE_BYTES: dict[str, int] = {
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``."""
     return str(dtype).removeprefix("torch.")
+
+
+def tensor_info(name: str, tensor: torch.Tensor) -> TensorInfo:
+    """The header of an in-memory (or memory-mapped) tensor."""
+    return TensorInfo(name, tuple(tensor.shape), dtype_name(tensor.dtype), tensor.numel() * tensor.element_size())
+
+
+def optimizer_state(handle: object) -> list[TensorInfo]:
+    """``handle.optimizer_state()``, or [] for layouts that never hold one."""
+    method = getattr(handle, "optimizer_state", None)
+    return method() if callable(method) else []
+
+
+def ema_tensors(handle: object) -> list[TensorInfo]:
+    """``handle.ema_tensors()``, or [] for layouts that never hold one."""
+    method = getattr(handle, "ema_tensors", None)
+    return method() if callable(method) else []

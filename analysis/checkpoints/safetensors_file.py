@@ -11,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointReadError
 from .base import DTYPE_BYTES, TensorInfo
+from .keys import KeyMap
 
 # safetensors' dtype codes -> torch dtype names.
 SAFETENSORS_DTYPES: dict[str, str] = {
@@ -86,25 +87,29 @@ def _validate_entries(path: Path, entries: dict[str, dict], data_bytes: int) -> 
 class SafetensorsHandle:
     """An open ``.safetensors`` file; tensors are memory-mapped, read one at a time."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, normalize: bool = True) -> None:
         self.path = path
         entries, self._metadata, _ = read_header(path)
+        ordered = sorted(entries.items(), key=lambda item: item[1]["data_offsets"][0])
+        self.keys = KeyMap(name for name, _ in ordered) if normalize else KeyMap(())
         self._infos = [
-            TensorInfo(name, tuple(int(d) for d in e["shape"]), SAFETENSORS_DTYPES[e["dtype"]],
+            TensorInfo(self.keys.normalize(name), tuple(int(d) for d in e["shape"]), SAFETENSORS_DTYPES[e["dtype"]],
                        int(e["data_offsets"][1]) - int(e["data_offsets"][0]))
-            for name, e in sorted(entries.items(), key=lambda item: item[1]["data_offsets"][0])
+            for name, e in ordered
         ]
-        try:
-            self._file = safe_open(str(path), framework="pt", device="cpu")
-        except (SafetensorError, OSError) as e:
-            raise CheckpointReadError(path, str(e)) from e
+        self._file = None   # mapped on the first read: listing needs the header only
 
     def tensors(self) -> list[TensorInfo]:
         return list(self._infos)
 
+    def original_name(self, name: str) -> str:
+        return self.keys.original(name)
+
     def read(self, name: str) -> torch.Tensor:
         try:
-            return self._file.get_tensor(name)
+            if self._file is None:
+                self._file = safe_open(str(self.path), framework="pt", device="cpu")
+            return self._file.get_tensor(self.keys.original(name))
         except (SafetensorError, OSError) as e:
             raise CheckpointReadError(self.path, f"tensor {name!r}: {e}") from e
 
@@ -128,7 +133,10 @@ class SafetensorsFileReader:
     description = "single safetensors file (memory-mapped, one tensor at a time)"
 
     def matches(self, path: Path) -> bool:
-        return path.is_file() and path.suffix == ".safetensors"
+        # A shard listed by an index beside it belongs to the sharded checkpoint, not on its own.
+        if not (path.is_file() and path.suffix == ".safetensors"):
+            return False
+        return not ("-of-" in path.name and any(path.parent.glob("*.safetensors.index.json")))
 
     def files(self, path: Path) -> list[Path]:
         return [path]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..checkpoints import open_checkpoint
+from ..checkpoints import TensorInfo, open_checkpoint
+from ..checkpoints.compare import compare_layouts
 from ..run import CheckpointRef, Run
 from .health import CheckpointHealth, check_health
 from .spikes import LossSpike, SpikeConfig, detect_spikes
@@ -66,7 +67,7 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
     spikes = find_spikes(run, spike_config)
     contaminating = [s for s in spikes if s.metric in CONTAMINATING_METRICS]
     vals = logged_val_scores(run.metric("val_loss"), [c.step for c in run.checkpoints])
-    reference = _layout_of(run.checkpoints[-1]) if run.checkpoints else {}
+    reference = _layout_of(run.checkpoints[-1]) if run.checkpoints else []
     items = []
     total = max(len(run.checkpoints), 1)
     for index, (ref, val) in enumerate(zip(run.checkpoints, vals)):
@@ -80,23 +81,13 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
     return RunSignals(tuple(items), spikes)
 
 
-def _layout_of(ref: CheckpointRef) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, from headers only."""
+def _layout_of(ref: CheckpointRef) -> list[TensorInfo]:
+    """Tensor headers only."""
     with open_checkpoint(ref.path, ref.layout) as handle:
-        return {info.name: info.shape for info in handle.tensors()}
+        return handle.tensors()
 
 
-def _mismatch(reference: dict[str, tuple[int, ...]], layout: dict[str, tuple[int, ...]]) -> str | None:
+def _mismatch(reference: list[TensorInfo], layout: list[TensorInfo]) -> str | None:
     """A sentence naming missing, extra and reshaped tensors versus the reference, or None."""
-    missing = sorted(set(reference) - set(layout))
-    extra = sorted(set(layout) - set(reference))
-    reshaped = [f"{k} {layout[k]} vs {reference[k]}" for k in sorted(set(layout) & set(reference))
-                if layout[k] != reference[k]]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} tensors missing (first: {missing[0]})")
-    if extra:
-        parts.append(f"{len(extra)} extra tensors (first: {extra[0]})")
-    if reshaped:
-        parts.append(f"{len(reshaped)} with other shapes (first: {reshaped[0]})")
-    return "; ".join(parts) or None
+    diff = compare_layouts(reference, layout)
+    return None if diff.same else diff.describe()

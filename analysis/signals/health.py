@@ -27,6 +27,17 @@ class CheckpointHealth:
     norm: float                          # global L2 norm over finite floating-point tensors
     max_abs: float
     bytes_by_dtype: tuple[tuple[str, int], ...]
+    layer_norms: tuple[tuple[str, float], ...] = ()   # (layer, L2 norm over its finite values), in file order
+
+
+def layer_of(name: str) -> str:
+    """The layer a tensor belongs to: the name up to its first block index ("h.3", "model.layers.0"),
+    else the owning module ("transformer.wte" for "transformer.wte.weight")."""
+    parts = name.split(".")
+    for index, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:index + 1])
+    return ".".join(parts[:-1]) or name
 
 
 def check_health(ref: CheckpointRef, progress: Callable[[float, str], None] | None = None) -> CheckpointHealth:
@@ -36,6 +47,7 @@ def check_health(ref: CheckpointRef, progress: Callable[[float, str], None] | No
     square_sum = 0.0
     max_abs = 0.0
     by_dtype: dict[str, int] = {}
+    layer_squares: dict[str, float] = {}
     with open_checkpoint(ref.path, ref.layout) as handle:
         infos = handle.tensors()
         for index, info in enumerate(infos):
@@ -48,7 +60,10 @@ def check_health(ref: CheckpointRef, progress: Callable[[float, str], None] | No
             if not bool(finite.all()):
                 bad.append(info.name)
                 tensor = torch.where(finite, tensor, torch.zeros((), dtype=tensor.dtype))
-            square_sum += float(torch.dot(tensor.reshape(-1), tensor.reshape(-1)))
+            squares = float(torch.dot(tensor.reshape(-1), tensor.reshape(-1)))
+            square_sum += squares
+            layer = layer_of(info.name)
+            layer_squares[layer] = layer_squares.get(layer, 0.0) + squares
             if tensor.numel():
                 max_abs = max(max_abs, float(tensor.abs().max()))
             if progress is not None:
@@ -56,4 +71,5 @@ def check_health(ref: CheckpointRef, progress: Callable[[float, str], None] | No
     return CheckpointHealth(
         finite=not bad, nonfinite_tensors=tuple(bad), n_params=n_params, n_tensors=len(infos),
         norm=math.sqrt(square_sum), max_abs=max_abs, bytes_by_dtype=tuple(sorted(by_dtype.items())),
+        layer_norms=tuple((layer, math.sqrt(sq)) for layer, sq in layer_squares.items()),
     )

@@ -1,0 +1,87 @@
+"""Optimizer moments (Adam ``exp_avg``/``exp_avg_sq``...) keyed by parameter name.
+
+A torch optimizer state dict keys its state by parameter *index*; the names are
+not saved unless the optimizer was built from ``named_parameters()`` (torch >= 2.6
+then stores ``param_names`` in each group). Otherwise the mapping is rebuilt from
+the orders trainers actually use, and accepted only if every moment's shape equals
+its parameter's shape; when no order fits, names stay ``param_{i}``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from .base import TensorInfo
+
+_NO_DECAY_WORDS = ("bias", "norm", "ln_", "ln.", "layernorm", "embed_positions")
+
+
+def _split_orders(params: Sequence[TensorInfo]) -> list[list[TensorInfo]]:
+    """Candidate parameter orders: as saved, then "decayed group first" splits (nanoGPT, HF Trainer)."""
+    def split(pred: Callable[[TensorInfo], bool]) -> list[TensorInfo]:
+        return [p for p in params if pred(p)] + [p for p in params if not pred(p)]
+
+    return [
+        list(params),
+        split(lambda p: len(p.shape) >= 2),                                    # nanoGPT configure_optimizers
+        split(lambda p: not any(w in p.name.lower() for w in _NO_DECAY_WORDS)),  # HF get_decay_parameter_names
+    ]
+
+
+def _group_names(groups: list[dict]) -> list[str] | None:
+    """Names saved by an optimizer built from ``named_parameters()``, in index order."""
+    names: list[str] = []
+    for group in groups:
+        group_names = group.get("param_names")
+        if not isinstance(group_names, (list, tuple)) or len(group_names) != len(group.get("params", [])):
+            return None
+        names.extend(str(n) for n in group_names)
+    return names
+
+
+def moments_by_name(optimizer: dict, params: Sequence[TensorInfo]) -> dict[str, torch.Tensor]:
+    """Flatten an optimizer state dict into ``{"{param}.{moment}": tensor}``.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer.state_dict()`` (``state`` + ``param_groups``).
+        params: the model's floating-point tensors in saved order (candidates for the mapping).
+
+    Returns:
+        Every tensor-valued, non-scalar entry of the per-parameter state (scalar ``step`` counters are left out).
+    """
+    state = optimizer.get("state") if isinstance(optimizer, dict) else None
+    groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
+    if not isinstance(state, dict) or not isinstance(groups, list):
+        return {}
+    indices = [i for g in groups if isinstance(g, dict) for i in g.get("params", [])]
+    names = _group_names(groups) or _recover_names(state, indices, params)
+    label = dict(zip(indices, names)) if names else {}
+    out: dict[str, torch.Tensor] = {}
+    for index, entry in state.items():
+        if not isinstance(entry, dict):
+            continue
+        base = label.get(index, index if isinstance(index, str) else f"param_{index}")
+        for moment, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                out[f"{base}.{moment}"] = value
+    return out
+
+
+def _recover_names(state: dict, indices: list, params: Sequence[TensorInfo]) -> list[str] | None:
+    """The first candidate order whose shapes agree with every saved moment, or None."""
+    if len(indices) != len(params):
+        return None
+    for order in _split_orders(params):
+        if all(_shape_fits(state.get(index), info) for index, info in zip(indices, order)):
+            return [info.name for info in order]
+    return None
+
+
+def _shape_fits(entry: object, info: TensorInfo) -> bool:
+    """A parameter without state (never stepped) fits anything; otherwise moments must match its shape."""
+    if not isinstance(entry, dict):
+        return True
+    shapes = [tuple(v.shape) for v in entry.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return all(shape == info.shape for shape in shapes)

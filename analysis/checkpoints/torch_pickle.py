@@ -1,0 +1,278 @@
+"""torch.save checkpoints: plain state dicts, nanoGPT ``ckpt.pt``, Lightning ``.ckpt``, timm/fairseq.
+
+Every layout here is "a pickle whose state dict lives under some key", so one reader
+serves them all. Safety first: files are opened only with
+``torch.load(weights_only=True)``, memory-mapped where the zip format allows, so
+listing tensors reads the pickle's structure, not its data. A file that needs any
+global beyond tensors and plain containers is refused, naming the global; it is
+never retried unsafely.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointReadError
+from .base import TensorInfo, tensor_info
+from .keys import KeyMap
+from .optim import moments_by_name
+
+PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".tar"}
+# Files that sit beside weights but are not a model (HF Trainer, Lightning).
+NOT_A_MODEL = {"optimizer.pt", "scheduler.pt", "training_args.bin", "rng_state.pth", "scaler.pt"}
+# Where the model weights live in a checkpoint dict, most specific first.
+WEIGHT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "params")
+EMA_KEYS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema", "ema_model")
+OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_states", "optim")
+STEP_KEYS = ("step", "global_step", "iter_num", "iteration", "num_updates", "steps")
+TOKEN_KEYS = ("tokens", "tokens_seen", "num_input_tokens_seen", "consumed_tokens", "num_tokens")
+BEST_KEYS = ("best_val_loss", "best_metric", "best_model_score", "best_loss", "best_acc", "best_score", "metric")
+# How torch's weights-only unpickler names the global it refused, most specific first.
+_GLOBAL_PATTERNS = (re.compile(r"GLOBAL ([\w.]+)"), re.compile(r"Unsupported class ([\w.]+)"),
+                    re.compile(r"global ([\w.]+)"))
+
+
+def _data_only_globals() -> list:
+    """Globals that build plain data and nothing else, which real checkpoints carry next to the
+    weights: numpy scalars (``best_val_loss = np.float64(...)``), fairseq's ``argparse.Namespace``
+    args. Allowed per call (never added to torch's process-wide allowlist)."""
+    import argparse
+
+    import numpy as np
+    from numpy._core.multiarray import scalar
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType") and n[0].isupper()
+              and any(k in n for k in ("Float", "Int", "Bool", "UInt"))]
+    return [argparse.Namespace, scalar, np.dtype, *dtypes]
+
+
+def safe_torch_load(path: Path) -> object:
+    """``torch.load(weights_only=True)``, memory-mapped when the file's format allows.
+
+    Raises:
+        CheckpointReadError: the file is truncated, not a torch file, or needs a global
+            that weights-only loading forbids (the message names it).
+    """
+    try:
+        with torch.serialization.safe_globals(_data_only_globals()):
+            try:
+                return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+            except RuntimeError as e:
+                if "mmap can only be used" not in str(e):
+                    raise
+                # Legacy (pre-1.6) files cannot be mapped; still weights-only.
+                return torch.load(path, weights_only=True, mmap=False, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        raise CheckpointReadError(path, _refusal(str(e))) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointReadError(path, f"not a readable torch file, truncated or corrupt ({first})") from None
+
+
+def _refusal(message: str) -> str:
+    """The user-facing reason a weights-only load was refused."""
+    matches = (p.search(message) for p in _GLOBAL_PATTERNS)
+    wanted = next((m.group(1) for m in matches if m), None)
+    what = f"the global {wanted}" if wanted else "code beyond tensors and plain containers"
+    return (f"refused to load: the pickle needs {what}, which weights-only loading forbids "
+            "(a checkpoint can run code when unpickled; CkptSelect never does that). "
+            "Hint: re-save the weights with safetensors or a plain state_dict.")
+
+
+def flatten_tensors(tree: object, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Tensors of a nested dict, with dotted names (nested state dicts, e.g. fairseq ``model``)."""
+    out: dict[str, torch.Tensor] = {}
+    if isinstance(tree, torch.Tensor):
+        out[prefix.rstrip(".")] = tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            if isinstance(value, (torch.Tensor, dict)):
+                out.update(flatten_tensors(value, f"{prefix}{key}."))
+    return out
+
+
+def _is_state_dict(value: object) -> bool:
+    """A non-empty mapping whose values are all tensors (possibly nested)."""
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(v, torch.Tensor) or _is_state_dict(v) for v in value.values())
+
+
+def split_payload(payload: object, path: Path) -> tuple[dict, dict, object, dict[str, str]]:
+    """(weights, EMA weights, optimizer state or None, metadata) of a loaded checkpoint."""
+    if _is_state_dict(payload):
+        return flatten_tensors(payload), {}, None, {}
+    if not isinstance(payload, dict):
+        raise CheckpointReadError(path, f"holds a {type(payload).__name__}, not a state dict or a checkpoint dict")
+    weights_key = next((k for k in WEIGHT_KEYS if _is_state_dict(payload.get(k))), None)
+    if weights_key is None:
+        keys = ", ".join(sorted(map(str, payload))[:12])
+        raise CheckpointReadError(path, f"no state dict found (looked under {', '.join(WEIGHT_KEYS)}; keys: {keys})")
+    ema_key = next((k for k in EMA_KEYS if _is_state_dict(payload.get(k))), None)
+    ema = flatten_tensors(payload[ema_key]) if ema_key else _callback_ema(payload.get("callbacks"))
+    optimizer = next((payload[k] for k in OPTIMIZER_KEYS if payload.get(k) is not None), None)
+    if isinstance(optimizer, list):   # Lightning: one state dict per optimizer
+        optimizer = optimizer[0] if optimizer else None
+    return flatten_tensors(payload[weights_key]), ema, optimizer, checkpoint_metadata(payload)
+
+
+def _callback_ema(callbacks: object) -> dict[str, torch.Tensor]:
+    """EMA weights kept by a Lightning callback (its state dict holds a tensor mapping under an *ema* key)."""
+    if not isinstance(callbacks, dict):
+        return {}
+    for name, state in callbacks.items():
+        if not isinstance(state, dict):
+            continue
+        for key, value in state.items():
+            if ("ema" in str(key).lower() or "ema" in str(name).lower()) and _is_state_dict(value):
+                return flatten_tensors(value)
+    return {}
+
+
+def checkpoint_metadata(payload: dict) -> dict[str, str]:
+    """Training metadata as strings: every scalar at the top level and in ``model_args``/``config``,
+    plus the canonical ``step``, ``epoch``, ``tokens``, ``best_metric`` (and ``best_metric_name``)."""
+    meta: dict[str, str] = {}
+    for key, value in payload.items():
+        if _scalar(value) is not None:
+            meta[str(key)] = _scalar(value)
+    for group in ("model_args", "config", "hyper_parameters", "args"):
+        values = vars(payload[group]) if hasattr(payload.get(group), "__dict__") else payload.get(group)
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if _scalar(value) is not None:
+                    meta[f"{group}.{key}"] = _scalar(value)
+    history = payload.get("optimizer_history")
+    if isinstance(history, list) and history and isinstance(history[-1], dict):   # fairseq
+        if _scalar(history[-1].get("num_updates")) is not None:
+            meta.setdefault("num_updates", _scalar(history[-1]["num_updates"]))
+    _canonical(meta, "step", STEP_KEYS)
+    _canonical(meta, "epoch", ("epoch", "epochs"))
+    _canonical(meta, "tokens", TOKEN_KEYS)
+    best = next((k for k in BEST_KEYS if k in meta), None) or _checkpoint_callback_best(payload, meta)
+    if best is not None and "best_metric" not in meta:
+        meta["best_metric"], meta["best_metric_name"] = meta[best], best
+    return meta
+
+
+def _checkpoint_callback_best(payload: dict, meta: dict[str, str]) -> str | None:
+    """Lightning's ModelCheckpoint keeps ``best_model_score`` (and ``monitor``) in its callback state."""
+    for name, state in (payload.get("callbacks") or {}).items() if isinstance(payload.get("callbacks"), dict) else ():
+        if isinstance(state, dict) and _scalar(state.get("best_model_score")) is not None:
+            meta["best_model_score"] = _scalar(state["best_model_score"])
+            if isinstance(state.get("monitor"), str):
+                meta["monitor"] = state["monitor"]
+            return "best_model_score"
+    return None
+
+
+def _canonical(meta: dict[str, str], key: str, aliases: tuple[str, ...]) -> None:
+    if key not in meta:
+        found = next((a for a in aliases if a in meta), None)
+        if found is not None:
+            meta[key] = meta[found]
+
+
+def _scalar(value: object) -> str | None:
+    """A plain scalar (or a one-element tensor) as a string; None for anything else."""
+    if isinstance(value, (bool, int, float, str)):
+        return str(value) if not isinstance(value, str) or len(value) < 200 else None   # long strings are not metadata
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+        return str(value.item())
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        item = value.item()
+        return str(int(item)) if float(item).is_integer() and not value.is_floating_point() else str(item)
+    return None
+
+
+class TensorTable:
+    """Named tensors already mapped into memory, shown under normalised names."""
+
+    def __init__(self, path: Path, tensors: dict[str, torch.Tensor], normalize: bool = True) -> None:
+        self.path = path
+        self._tensors = tensors
+        self.keys = KeyMap(tensors if normalize else ())
+        self.infos = [tensor_info(self.keys.normalize(n), t) for n, t in tensors.items()]
+
+    def read(self, name: str) -> torch.Tensor:
+        try:
+            return self._tensors[self.keys.original(name)]
+        except KeyError:
+            raise CheckpointReadError(self.path, f"no tensor named {name!r}") from None
+
+
+class TorchPickleHandle:
+    """A loaded (memory-mapped) torch checkpoint: weights, EMA weights, optimizer moments."""
+
+    def __init__(self, path: Path, normalize: bool = True) -> None:
+        self.path = path
+        weights, ema, optimizer, self._metadata = split_payload(safe_torch_load(path), path)
+        self._weights = TensorTable(path, weights, normalize)
+        self._ema = TensorTable(path, ema)
+        params = [i for i in self._weights.infos if i.is_floating]
+        self._optimizer = TensorTable(path, moments_by_name(optimizer, params) if optimizer else {}, normalize=False)
+
+    def tensors(self) -> list[TensorInfo]:
+        return list(self._weights.infos)
+
+    def read(self, name: str) -> torch.Tensor:
+        return self._weights.read(name)
+
+    def original_name(self, name: str) -> str:
+        return self._weights.keys.original(name)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
+
+    def optimizer_state(self) -> list[TensorInfo]:
+        return list(self._optimizer.infos)
+
+    def read_optimizer(self, name: str) -> torch.Tensor:
+        return self._optimizer.read(name)
+
+    def ema_tensors(self) -> list[TensorInfo]:
+        return list(self._ema.infos)
+
+    def read_ema(self, name: str) -> torch.Tensor:
+        return self._ema.read(name)
+
+    def close(self) -> None:
+        self._weights = self._ema = self._optimizer = TensorTable(self.path, {})
+
+    def __enter__(self) -> "TorchPickleHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class TorchPickleReader:
+    """``torch.save`` files: .pt/.pth/.bin state dicts, nanoGPT, Lightning, timm, fairseq."""
+
+    name = "torch_pickle"
+    description = ("torch.save checkpoint (.pt/.pth/.bin/.ckpt): plain state dict, nanoGPT ckpt.pt, "
+                   "Lightning .ckpt, timm/fairseq; weights_only=True, memory-mapped")
+
+    def matches(self, path: Path) -> bool:
+        if not path.is_file() or path.suffix not in PICKLE_SUFFIXES or path.name in NOT_A_MODEL:
+            return False
+        if path.name.startswith("rng_state") or ("-of-" in path.name and _sharded_sibling(path)):
+            return False
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+        # A zip (torch >= 1.6) or a raw pickle stream (legacy): anything else is not ours.
+        return magic.startswith(b"PK") or magic[:1] == b"\x80"
+
+    def files(self, path: Path) -> list[Path]:
+        return [path]
+
+    def open(self, path: Path) -> TorchPickleHandle:
+        return TorchPickleHandle(path)
+
+
+def _sharded_sibling(path: Path) -> bool:
+    """True if ``path`` is a shard listed by an index beside it (the index is the checkpoint)."""
+    return any(path.parent.glob("*.index.json"))
