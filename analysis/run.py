@@ -144,6 +144,27 @@ def folder_stamp(path: str | Path) -> str:
     return _fingerprint(root, files)
 
 
+def find_run_folders(root: str | Path, max_depth: int = 3, limit: int = 200) -> list[Path]:
+    """Folders under ``root`` that look like runs: they hold a checkpoint or a log file directly.
+
+    Cheap (names only, nothing is parsed): it feeds the app's run picker.
+    """
+    base = Path(root).expanduser().resolve()
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(base):
+        current = Path(dirpath)
+        depth = len(current.relative_to(base).parts)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS and depth < max_depth)
+        has_ckpt = any(f.endswith((".safetensors", ".pt", ".pth", ".ckpt", ".bin")) for f in filenames)
+        has_log = any(_log_candidate(Path(f)) and not f.endswith(".json") for f in filenames)
+        if has_ckpt or has_log or any(_STEP_FOLDER.fullmatch(d) for d in dirnames):
+            found.append(current)
+            dirnames[:] = []  # a run's own subfolders are not separate runs
+        if len(found) >= limit:
+            break
+    return found
+
+
 def _read_config(root: Path) -> dict:
     """The run's ``ckpt-select.yaml`` overrides, or {}."""
     config_path = root / CONFIG_FILE

@@ -9,10 +9,14 @@ from pathlib import Path
 
 import streamlit as st
 
+from analysis.errors import AnalysisError
+from analysis.evaluate import Evaluator, load_evaluator
 from analysis.merge import MergeResult, merge_checkpoints
 from analysis.recipe import build_recipe, dump_recipe, to_mergekit
 from analysis.recommend import Recommendation, RecommendConfig, recommend
-from analysis.run import CheckpointRef, Run, open_run
+from analysis.report import analysis_report
+from analysis.run import CheckpointRef, Run, folder_stamp, open_run
+from analysis.scaling import StopSignal, run_stop_signal
 from analysis.signals import RunSignals, assess_run
 
 
@@ -27,9 +31,42 @@ def signals(path: str, stamp: str) -> RunSignals:
     return assess_run(run(path, stamp))
 
 
+@st.cache_data(max_entries=8)
+def report(path: str, stamp: str) -> dict:
+    """The `analyze --json` document: the checkpoint table shows exactly these numbers."""
+    return analysis_report(run(path, stamp), signals(path, stamp))
+
+
 @st.cache_data(max_entries=32, show_spinner="Choosing checkpoints to average...")
 def recommendation(path: str, stamp: str, config: RecommendConfig) -> Recommendation:
     return recommend(signals(path, stamp), config)
+
+
+@st.cache_data(max_entries=8, show_spinner="Fitting the loss curve...")
+def stop_signal(path: str, stamp: str) -> StopSignal | None:
+    """The run's stop signal, or None when its curve cannot be fit (the page says why)."""
+    try:
+        return run_stop_signal(run(path, stamp))
+    except AnalysisError:
+        return None
+
+
+@dataclass(frozen=True)
+class Current:
+    """Everything a page needs about the run being looked at."""
+
+    path: str
+    stamp: str
+    run: Run
+    signals: RunSignals
+    recommendation: Recommendation
+
+
+def current(path: Path) -> Current:
+    """Load (from cache when unchanged) the run at ``path``; AnalysisError propagates to the page."""
+    stamp = folder_stamp(path)
+    key = str(path)
+    return Current(key, stamp, run(key, stamp), signals(key, stamp), recommendation(key, stamp, RecommendConfig()))
 
 
 @st.cache_data(max_entries=32, show_spinner="Hashing the selected checkpoints for the recipe...")
@@ -42,6 +79,12 @@ def recipe_texts(path: str, stamp: str, steps: tuple[int, ...], weights: tuple[f
     refs = [the_run.checkpoint_at(s) for s in steps]
     recipe = build_recipe(method, refs, weights, "same", dict(reasons), the_run.path)
     return dump_recipe(recipe), yaml.safe_dump(to_mergekit(recipe), sort_keys=False)
+
+
+@st.cache_resource(max_entries=4)
+def evaluator(spec: str) -> Evaluator:
+    """A loaded evaluator, shared (it caches its scores per candidate average)."""
+    return load_evaluator(spec)
 
 
 @dataclass
@@ -64,7 +107,7 @@ def jobs() -> dict[str, MergeJob]:
 
 
 def start_merge(refs: list[CheckpointRef], weights: tuple[float, ...], out_dir: Path, method: str,
-                reasons: dict[str, str]) -> str:
+                reasons: dict[str, str], output_dtype: str = "same") -> str:
     """Start a merge in a thread; return its job id."""
     job = MergeJob(out_dir, len(refs))
     job_id = uuid.uuid4().hex
@@ -74,11 +117,9 @@ def start_merge(refs: list[CheckpointRef], weights: tuple[float, ...], out_dir: 
         job.fraction, job.message = fraction, message
 
     def work() -> None:
-        from analysis.errors import AnalysisError
-
         try:
-            recipe = build_recipe(method, refs, weights, "same", reasons, refs[-1].path.parent)
-            job.result = merge_checkpoints(refs, weights, out_dir, "same", recipe, progress)
+            recipe = build_recipe(method, refs, weights, output_dtype, reasons, refs[-1].path.parent)
+            job.result = merge_checkpoints(refs, weights, out_dir, output_dtype, recipe, progress)
         except AnalysisError as e:
             job.error = str(e)
         except Exception as e:  # a bug: shown to the user with its type rather than lost in a thread

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.recommend import Recommendation
 from analysis.run import Run
-from analysis.signals import RunSignals, debiased_ema
+from analysis.scaling import StopSignal
+from analysis.signals import RunSignals, debiased_ema, minmax_decimate, step_to_axis
+from analysis.storage import StorageEstimate
 
 COLORS = {
     "train": "#1f77b4", "val": "#ff7f0e", "selected": "#2ca02c", "spike": "#d62728",
-    "nonfinite": "#111111", "other": "#9e9e9e",
+    "nonfinite": "#111111", "mismatch": "#9467bd", "other": "#9e9e9e",
 }
+OVERLAY_COLORS = ("#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
+AXIS_TITLES = {"step": "step", "tokens": "tokens", "wall_hours": "wall time (h)"}
+STATUS_LABELS = {"selected": "checkpoint: selected", "other": "checkpoint", "spike": "checkpoint: in a spike",
+                 "nonfinite": "checkpoint: NaN/Inf", "mismatch": "checkpoint: mismatched tensors"}
+MAX_POINTS = 4000  # per series sent to the browser; spikes survive (min/max per bucket)
 
 
 def checkpoint_status(signals: RunSignals, selected: set[int]) -> dict[int, str]:
@@ -31,73 +38,151 @@ def checkpoint_status(signals: RunSignals, selected: set[int]) -> dict[int, str]
     return status
 
 
-def loss_figure(run: Run, signals: RunSignals, selected: set[int], smoothing: float = 0.6,
-                log_y: bool = False) -> go.Figure:
-    """Train loss (raw faint, smoothed), val loss, spikes shaded, checkpoints marked by status."""
+def _series(run: Run, metric: str, axis: str, smoothing: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x, raw y, smoothed y) of one metric, smoothed on the full series then decimated."""
+    frame = run.metric(metric)
+    steps, raw = frame["step"].to_numpy(), frame["value"].to_numpy(float)
+    smooth = debiased_ema(raw, smoothing) if smoothing else raw
+    keep_x, _ = minmax_decimate(np.arange(len(steps)), raw, MAX_POINTS)
+    index = keep_x.astype(int)
+    return step_to_axis(run, steps[index], axis), raw[index], smooth[index]
+
+
+def loss_figure(run: Run, signals: RunSignals, selected: set[int], smoothing: float = 0.6, log_y: bool = False,
+                axis: str = "step", overlays: tuple[Run, ...] = ()) -> go.Figure:
+    """Train loss (raw faint, smoothed), val loss, spikes shaded, checkpoints marked, other runs overlaid."""
     fig = go.Figure()
-    train = run.metric("train_loss")
-    if len(train):
-        fig.add_trace(go.Scatter(x=train["step"], y=train["value"], mode="lines", name="train loss (raw)",
-                                 line={"color": COLORS["train"], "width": 1}, opacity=0.25, hoverinfo="skip"))
-        fig.add_trace(go.Scatter(x=train["step"], y=debiased_ema(train["value"].to_numpy(), smoothing),
-                                 mode="lines", name=f"train loss (EMA {smoothing:g})",
-                                 line={"color": COLORS["train"], "width": 2}))
-    val = run.metric("val_loss")
-    if len(val):
-        fig.add_trace(go.Scatter(x=val["step"], y=val["value"], mode="lines+markers", name="val loss",
-                                 line={"color": COLORS["val"]}, marker={"size": 5}))
+    _add_loss_traces(fig, run, smoothing, axis, COLORS["train"], COLORS["val"], "")
+    for index, other in enumerate(overlays):
+        color = OVERLAY_COLORS[index % len(OVERLAY_COLORS)]
+        _add_loss_traces(fig, other, smoothing, axis, color, color, f"{other.name}: ")
     for spike in signals.spikes:
-        fig.add_vrect(x0=spike.onset_after_step, x1=spike.end_step, fillcolor=COLORS["spike"], opacity=0.15,
-                      line_width=0, annotation_text=f"{spike.metric} spike", annotation_position="top left")
-    _add_checkpoint_markers(fig, signals, selected)
-    fig.update_layout(xaxis_title="step", yaxis_title="loss (nats)", hovermode="x unified",
+        x0, x1 = step_to_axis(run, np.array([spike.onset_after_step, spike.end_step]), axis)
+        fig.add_vrect(x0=x0, x1=x1, fillcolor=COLORS["spike"], opacity=0.15, line_width=0,
+                      annotation_text=f"{spike.metric} spike {spike.start_step}-{spike.end_step}",
+                      annotation_position="top left")
+    _add_checkpoint_markers(fig, run, signals, selected, axis)
+    fig.update_layout(xaxis_title=AXIS_TITLES[axis], yaxis_title="loss (nats)", hovermode="closest",
                       legend={"orientation": "h", "y": -0.2}, margin={"t": 30, "b": 10},
                       yaxis_type="log" if log_y else "linear")
     return fig
 
 
-def _add_checkpoint_markers(fig: go.Figure, signals: RunSignals, selected: set[int]) -> None:
-    """One marker trace per status, placed at the checkpoint's val loss (or at the bottom)."""
+def _add_loss_traces(fig: go.Figure, run: Run, smoothing: float, axis: str, train_color: str, val_color: str,
+                     prefix: str) -> None:
+    if len(run.metric("train_loss")):
+        x, raw, smooth = _series(run, "train_loss", axis, smoothing)
+        fig.add_trace(go.Scatter(x=x, y=raw, mode="lines", name=f"{prefix}train loss (raw)", opacity=0.25,
+                                 line={"color": train_color, "width": 1}, hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=x, y=smooth, mode="lines", name=f"{prefix}train loss (EMA {smoothing:g})",
+                                 line={"color": train_color, "width": 2}, customdata=raw,
+                                 hovertemplate="%{x}<br>smoothed %{y:.4f}<br>raw %{customdata:.4f}<extra></extra>"))
+    if len(run.metric("val_loss")):
+        x, raw, _ = _series(run, "val_loss", axis)
+        fig.add_trace(go.Scatter(x=x, y=raw, mode="lines+markers", name=f"{prefix}val loss",
+                                 line={"color": val_color, "dash": "dot" if prefix else "solid"}, marker={"size": 5}))
+
+
+def _add_checkpoint_markers(fig: go.Figure, run: Run, signals: RunSignals, selected: set[int], axis: str) -> None:
+    """One marker trace per status, placed at the checkpoint's val loss (or its smoothed train loss)."""
     status = checkpoint_status(signals, selected)
-    labels = {"selected": "checkpoint: selected", "other": "checkpoint", "spike": "checkpoint: in a spike",
-              "nonfinite": "checkpoint: NaN/Inf", "mismatch": "checkpoint: mismatched tensors"}
-    for kind, label in labels.items():
+    train = run.metric("train_loss")
+    for kind, label in STATUS_LABELS.items():
         items = [s for s in signals.checkpoints if status[s.ref.step] == kind]
         if not items:
             continue
+        steps = np.array([s.ref.step for s in items])
+        y = [s.val.value if s.val else _nearest(train, s.ref.step) for s in items]
         fig.add_trace(go.Scatter(
-            x=[s.ref.step for s in items], y=[s.val.value if s.val else None for s in items],
-            mode="markers", name=label,
-            marker={"symbol": "diamond" if kind != "nonfinite" else "x", "size": 11,
-                    "color": COLORS.get(kind, COLORS["other"]), "line": {"width": 1, "color": "white"}},
-            text=[s.ref.name for s in items], hovertemplate="%{text}<br>step %{x}<br>val %{y:.4f}<extra></extra>",
+            x=step_to_axis(run, steps, axis), y=y, mode="markers", name=label,
+            marker={"symbol": "x" if kind == "nonfinite" else "diamond", "size": 11,
+                    "color": COLORS[kind], "line": {"width": 1, "color": "white"}},
+            text=[f"{s.ref.name} (step {s.ref.step})" for s in items],
+            hovertemplate="%{text}<br>val %{y:.4f}<extra></extra>",
         ))
 
 
-def training_figure(run: Run) -> go.Figure | None:
-    """Learning rate, grad norm and step time, one row each where the logs have them."""
+def _nearest(frame, step: int) -> float | None:
+    if frame.empty:
+        return None
+    index = int(np.argmin(np.abs(frame["step"].to_numpy() - step)))
+    return float(frame["value"].iloc[index])
+
+
+def training_figure(run: Run, axis: str = "step", slow_steps: tuple[int, ...] = ()) -> go.Figure | None:
+    """Learning rate, grad norm and step time, one row each where the logs have them; slow steps marked."""
     rows = [(m, t) for m, t in (("lr", "learning rate"), ("grad_norm", "grad norm"),
                                 ("step_time_ms", "step time (ms)")) if len(run.metric(m))]
     if not rows:
         return None
-    fig = make_subplots(rows=len(rows), cols=1, shared_xaxes=True, vertical_spacing=0.06,
+    fig = make_subplots(rows=len(rows), cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=[t for _, t in rows])
     for index, (metric, title) in enumerate(rows, start=1):
-        series = run.metric(metric)
-        fig.add_trace(go.Scatter(x=series["step"], y=series["value"], mode="lines", name=title,
-                                 line={"width": 1}), row=index, col=1)
-    fig.update_layout(height=180 * len(rows) + 40, showlegend=False, margin={"t": 30, "b": 10})
-    fig.update_xaxes(title_text="step", row=len(rows), col=1)
+        x, raw, _ = _series(run, metric, axis)
+        fig.add_trace(go.Scatter(x=x, y=raw, mode="lines", name=title, line={"width": 1}), row=index, col=1)
+        if metric == "step_time_ms" and slow_steps:
+            series = run.metric(metric).set_index("step")["value"]
+            hits = [s for s in slow_steps if s in series.index]
+            fig.add_trace(go.Scatter(x=step_to_axis(run, np.array(hits), axis), y=series.loc[hits], mode="markers",
+                                     name="slow (eval/checkpoint)", marker={"color": COLORS["spike"], "size": 6}),
+                          row=index, col=1)
+    fig.update_layout(height=170 * len(rows) + 50, showlegend=False, margin={"t": 30, "b": 10})
+    fig.update_xaxes(title_text=AXIS_TITLES[axis], row=len(rows), col=1)
     return fig
 
 
-def weights_figure(rec_steps: list[int], weights: list[float]) -> go.Figure:
+def weights_figure(steps: list[int], weights: list[float]) -> go.Figure:
     """Bar chart of merge weights per checkpoint step."""
-    fig = go.Figure(go.Bar(x=[str(s) for s in rec_steps], y=weights, marker_color=COLORS["selected"],
+    fig = go.Figure(go.Bar(x=[str(s) for s in steps], y=weights, marker_color=COLORS["selected"],
                            hovertemplate="step %{x}<br>weight %{y:.3f}<extra></extra>"))
     fig.update_layout(xaxis_title="checkpoint step", yaxis_title="weight", height=260, margin={"t": 20, "b": 10})
     return fig
 
 
-def recommendation_steps(rec: Recommendation) -> list[int]:
-    return [r.step for r in rec.checkpoints]
+def stop_figure(run: Run, signal: StopSignal) -> go.Figure:
+    """The loss the fit used, the fitted curve, and its forecasts with their bands."""
+    frame = run.metric(signal.metric)
+    fit = signal.fit
+    fig = go.Figure()
+    x_data = frame["step"].to_numpy(float) if fit.x_unit == "steps" else step_to_axis(run, frame["step"].to_numpy(), "tokens")
+    fig.add_trace(go.Scatter(x=x_data, y=frame["value"], mode="markers", name=signal.metric.replace("_", " "),
+                             marker={"size": 4, "color": COLORS["val"]}))
+    last_x = max(f.x for f in signal.forecasts)
+    grid = np.geomspace(max(fit.x_first, 1.0), last_x, 200)
+    fig.add_trace(go.Scatter(x=grid, y=[fit.loss_at(x) for x in grid], mode="lines", name="fit E + B·x^-β",
+                             line={"color": COLORS["train"]}))
+    fig.add_trace(go.Scatter(x=[f.x for f in signal.forecasts], y=[f.value for f in signal.forecasts],
+                             mode="markers", name="forecast (90% band)", marker={"size": 9, "color": COLORS["selected"]},
+                             error_y={"type": "data", "symmetric": False,
+                                      "array": [f.high - f.value for f in signal.forecasts],
+                                      "arrayminus": [f.value - f.low for f in signal.forecasts]}))
+    fig.update_layout(xaxis_title=fit.x_unit, yaxis_title="loss (nats)", xaxis_type="log", height=320,
+                      margin={"t": 20, "b": 10}, legend={"orientation": "h", "y": -0.3})
+    return fig
+
+
+def storage_figure(est: StorageEstimate) -> go.Figure:
+    """Bytes of one checkpoint, itemised, weights-only next to full training state."""
+    parts = [("weights", est.weights_bytes), ("optimizer state", est.optimizer_bytes - est.master_bytes),
+             ("fp32 master copy", est.master_bytes), ("EMA copy", est.ema_bytes)]
+    fig = go.Figure()
+    for name, size in parts:
+        only = size if name in ("weights", "EMA copy") else 0.0
+        fig.add_trace(go.Bar(name=name, x=["weights only", "full training state"], y=[only / 1e9, size / 1e9],
+                             hovertemplate=f"{name}: %{{y:.2f}} GB<extra></extra>"))
+    fig.update_layout(barmode="stack", yaxis_title="GB per checkpoint", height=320, margin={"t": 20, "b": 10})
+    return fig
+
+
+def retention_figure(ests: list[StorageEstimate]) -> go.Figure:
+    """Total bytes and monthly cost against the number of checkpoints kept."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    kept = [e.kept for e in ests]
+    fig.add_trace(go.Scatter(x=kept, y=[e.total_bytes / 1e12 for e in ests], name="total (TB)", mode="lines+markers"))
+    fig.add_trace(go.Scatter(x=kept, y=[e.monthly_cost for e in ests], name="USD / month", mode="lines",
+                             line={"dash": "dot"}), secondary_y=True)
+    fig.update_xaxes(title_text="checkpoints kept")
+    fig.update_yaxes(title_text="TB", secondary_y=False)
+    fig.update_yaxes(title_text="USD per month", secondary_y=True)
+    fig.update_layout(height=320, margin={"t": 20, "b": 10}, legend={"orientation": "h", "y": -0.3})
+    return fig

@@ -1,11 +1,13 @@
-"""Typed access to the app's state: the run being looked at and the user's selection.
+"""Typed access to the app's state: the run, the selection, the merge job, recent runs.
 
-Values shared across reruns and pages live in plain session keys set here, never in
-widget keys, which Streamlit drops when a widget is not rendered.
+Values shared across pages live in plain session keys set here, never in widget keys,
+which Streamlit drops when a widget is not rendered. The run and the selection are
+mirrored in the URL (``?run=...&sel=100,200``) so a view can be shared.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,13 +18,17 @@ from analysis.paths import resolve_within
 
 RUN_KEY = "run_path"
 SELECTION_KEY = "selected_steps"
+SELECTION_GEN_KEY = "selection_generation"
 JOB_KEY = "merge_job_id"
+OVERLAY_KEY = "overlay_runs"
+EVALUATOR_KEY = "evaluator_spec"
+RECENT_LIMIT = 10
 
 
 def root() -> Path | None:
     """The folder the app is confined to (``ui --root``), or None."""
     value = os.environ.get("CKPT_SELECT_ROOT")
-    return Path(value) if value else None
+    return Path(value).resolve() if value else None
 
 
 def run_path() -> Path | None:
@@ -42,15 +48,40 @@ def set_run_path(path: Path) -> None:
     st.session_state[RUN_KEY] = str(path)
     st.session_state.pop(SELECTION_KEY, None)
     st.query_params["run"] = str(path)
+    st.query_params.pop("sel", None)
+    bump_selection_generation()
+    remember_run(path)
 
 
 def selected_steps() -> list[int] | None:
-    """The checkpoints the user selected (None until they change the recommended ones)."""
+    """The checkpoints selected (None until the user or the URL chose some: then the recommendation)."""
+    if SELECTION_KEY not in st.session_state and st.query_params.get("sel"):
+        try:
+            st.session_state[SELECTION_KEY] = sorted(int(s) for s in st.query_params["sel"].split(",") if s)
+        except ValueError:
+            st.query_params.pop("sel", None)
     return st.session_state.get(SELECTION_KEY)
 
 
 def set_selected_steps(steps: list[int]) -> None:
-    st.session_state[SELECTION_KEY] = sorted(steps)
+    st.session_state[SELECTION_KEY] = sorted(set(steps))
+    st.query_params["sel"] = ",".join(str(s) for s in st.session_state[SELECTION_KEY])
+
+
+def clear_selection() -> None:
+    """Back to the recommendation."""
+    st.session_state.pop(SELECTION_KEY, None)
+    st.query_params.pop("sel", None)
+    bump_selection_generation()
+
+
+def selection_generation() -> int:
+    """Changes whenever the selection is set from code, so the table widget starts afresh."""
+    return st.session_state.get(SELECTION_GEN_KEY, 0)
+
+
+def bump_selection_generation() -> None:
+    st.session_state[SELECTION_GEN_KEY] = selection_generation() + 1
 
 
 def job_id() -> str | None:
@@ -59,3 +90,44 @@ def job_id() -> str | None:
 
 def set_job_id(value: str) -> None:
     st.session_state[JOB_KEY] = value
+
+
+def evaluator_spec() -> str:
+    return st.session_state.get(EVALUATOR_KEY, "")
+
+
+def set_evaluator_spec(spec: str) -> None:
+    st.session_state[EVALUATOR_KEY] = spec.strip()
+
+
+def overlay_runs() -> list[str]:
+    return st.session_state.get(OVERLAY_KEY, [])
+
+
+def set_overlay_runs(paths: list[str]) -> None:
+    st.session_state[OVERLAY_KEY] = list(paths)
+
+
+def _recent_file() -> Path:
+    base = os.environ.get("CKPT_SELECT_STATE_DIR") or Path.home() / ".cache" / "ckpt-select"
+    return Path(base) / "recent_runs.json"
+
+
+def recent_runs() -> list[str]:
+    """Runs opened before, newest first (kept across sessions in ~/.cache/ckpt-select)."""
+    try:
+        items = json.loads(_recent_file().read_text())
+    except (OSError, ValueError):
+        return []
+    allowed = root()
+    return [p for p in items if isinstance(p, str) and (allowed is None or Path(p).is_relative_to(allowed))]
+
+
+def remember_run(path: Path) -> None:
+    items = [str(path)] + [p for p in recent_runs() if p != str(path)]
+    target = _recent_file()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(items[:RECENT_LIMIT]))
+    except OSError:
+        pass  # a read-only home only loses the convenience, never the page

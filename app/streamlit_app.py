@@ -1,8 +1,14 @@
-"""CkptSelect web app: the router. Pages live in views/ (not pages/: st.navigation ignores that)."""
+"""CkptSelect web app: the router and the shared sidebar. Pages live in views/ (not pages/)."""
 
 import streamlit as st
 
+import sidebar
+
 st.set_page_config(page_title="CkptSelect", page_icon=":material/layers:", layout="wide")
+sidebar.run_picker()
 st.navigation([
-    st.Page("views/run.py", title="Run & merge", icon=":material/monitoring:", default=True),
+    st.Page("views/run.py", title="Run", icon=":material/monitoring:", default=True),
+    st.Page("views/checkpoints.py", title="Checkpoints", icon=":material/table_rows:"),
+    st.Page("views/merge.py", title="Merge", icon=":material/merge:"),
+    st.Page("views/storage.py", title="Storage", icon=":material/storage:"),
 ]).run()

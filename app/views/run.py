@@ -1,136 +1,66 @@
-"""Run & merge: curves with spikes and checkpoints, the checkpoint table, the merge."""
+"""Run: loss curves with spikes and checkpoints, training dynamics, and whether to keep training."""
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
-import pandas as pd
 import streamlit as st
 
 import cached
 import charts
+import sidebar
 import state
 from analysis.errors import AnalysisError
-from analysis.paths import resolve_within
-from analysis.recommend import RecommendConfig, policy_weights
-from analysis.run import folder_stamp
+from analysis.signals import available_axes
 
-st.title("CkptSelect")
-
-with st.sidebar:
-    current = state.run_path()
-    typed = st.text_input("Run folder", value=str(current or ""), key="run_input",
-                          help="A folder with training logs and checkpoints.")
-    if st.button("Open run", key="open_run") and typed:
-        try:
-            state.set_run_path(resolve_within(typed, state.root()))
-        except AnalysisError as e:
-            st.error(str(e))
-    smoothing = st.slider("Smoothing (debiased EMA)", 0.0, 0.99, 0.6, 0.01, key="smooth")
-    log_y = st.toggle("Log-scale loss", value=False, key="logy")
-
-path = state.run_path()
-if path is None:
-    st.info("Type a run folder in the sidebar and press **Open run**.")
-    st.stop()
-try:
-    stamp = folder_stamp(path)
-    run = cached.run(str(path), stamp)
-    signals = cached.signals(str(path), stamp)
-    rec = cached.recommendation(str(path), stamp, RecommendConfig())
-except AnalysisError as e:
-    st.error(str(e))
-    st.stop()
-
+now = sidebar.current_or_stop()
+run, signals, rec = now.run, now.signals, now.recommendation
+st.title(run.name)
 st.caption(f"{run.path} · {len(run.checkpoints)} checkpoints · {len(run.logs)} logs · "
-           f"{len(signals.spikes)} spikes")
-st.success(f"**Recommendation:** {rec.summary}", icon=":material/recommend:")
+           f"{len(signals.spikes)} spike events")
+for note in run.notes:
+    st.caption(f"Note: {note}")
 
-rec_steps = [r.step for r in rec.checkpoints]
-selected = state.selected_steps()
-selected = rec_steps if selected is None else selected
-st.plotly_chart(charts.loss_figure(run, signals, set(selected), smoothing, log_y), key="loss_chart")
-training = charts.training_figure(run)
-if training is not None:
-    with st.expander("Learning rate, grad norm, step time"):
-        st.plotly_chart(training, key="training_chart")
+left, middle, right = st.columns([2, 2, 1])
+smoothing = left.slider("Smoothing (debiased EMA, as TensorBoard)", 0.0, 0.99, 0.6, 0.01, key="smooth",
+                        bind="query-params")
+axes = available_axes(run)
+axis = middle.segmented_control("X axis", axes, default="step", key="x_axis",
+                                format_func=lambda a: charts.AXIS_TITLES[a]) or "step"
+log_y = right.toggle("Log-scale loss", value=False, key="logy")
 
-st.subheader("Checkpoints")
-status = charts.checkpoint_status(signals, set(rec_steps))
-reasons = {d.step: d.reason for d in rec.decisions}
-table = pd.DataFrame({
-    "use": [s.ref.step in rec_steps for s in signals.checkpoints],
-    "step": [s.ref.step for s in signals.checkpoints],
-    "val loss": [s.val.value if s.val else None for s in signals.checkpoints],
-    "status": [status[s.ref.step] for s in signals.checkpoints],
-    "size (MB)": [s.ref.size_bytes / 1e6 for s in signals.checkpoints],
-    "reason": [reasons[s.ref.step] for s in signals.checkpoints],
-})
-edited = st.data_editor(
-    table, key="ckpt_table", num_rows="fixed", hide_index=True, disabled=[c for c in table.columns if c != "use"],
-    column_config={"use": st.column_config.CheckboxColumn("use", help="Average this checkpoint"),
-                   "val loss": st.column_config.NumberColumn(format="%.4f"),
-                   "size (MB)": st.column_config.NumberColumn(format="%.2f"),
-                   "reason": st.column_config.TextColumn(width="large")},
-)
-chosen = [int(s) for s in edited.loc[edited["use"], "step"]]
-state.set_selected_steps(chosen)
-if not chosen:
-    st.warning("Select at least one checkpoint to merge.")
-    st.stop()
-
-st.subheader("Merge")
-options = (["recommended"] if chosen == rec_steps else []) + ["sma", "ema", "wma"]
-method = st.segmented_control("Weights", options, default=options[0], key="weights_method") or options[0]
-alpha = st.slider("EMA alpha (weight of the newest)", 0.05, 1.0, 0.3, 0.05, key="ema_alpha") if method == "ema" else 0.3
-weights = rec.weights if method == "recommended" else policy_weights(method, len(chosen), alpha)
-recipe_method = rec.method if method == "recommended" else method
-st.plotly_chart(charts.weights_figure(chosen, list(weights)), key="weights_chart")
-
-refs = [run.checkpoint_at(s) for s in chosen]
-default_out = run.path / "merges" / f"{recipe_method}-{chosen[0]}-{chosen[-1]}"
-out_text = st.text_input("Output folder", value=str(default_out), key="out_dir")
-job_id = state.job_id()
-job = cached.jobs().get(job_id) if job_id else None
-running = job is not None and not job.done.is_set()
-if st.button("Merge", type="primary", key="merge_button", disabled=running):
+others = [p for p in state.recent_runs() if p != str(run.path)]
+overlay = st.multiselect("Overlay other runs", others, default=[p for p in state.overlay_runs() if p in others],
+                         key="overlay_pick", help="Recently opened runs, drawn in other colours")
+state.set_overlay_runs(overlay)
+overlays = []
+for other in overlay:
     try:
-        out_dir = resolve_within(out_text, state.root())
-        reasons_taken = {str(s): reasons[s] for s in chosen}
-        state.set_job_id(cached.start_merge(refs, tuple(weights), out_dir, recipe_method, reasons_taken))
-        running = True
+        overlays.append(cached.current(Path(other)).run)
     except AnalysisError as e:
-        st.error(str(e))
+        st.warning(f"Cannot overlay {other}: {e}")
 
+selected = state.selected_steps()
+selected = [r.step for r in rec.checkpoints] if selected is None else selected
+st.plotly_chart(charts.loss_figure(run, signals, set(selected), smoothing, log_y, axis, tuple(overlays)),
+                key="loss_chart")
+for spike in signals.spikes:
+    st.caption(f":red[●] {spike.describe()}")
 
-@st.fragment(run_every=0.5 if running else None)
-def merge_progress() -> None:
-    """Poll the background merge; a loop in the page body would be killed by any click."""
-    current_id = state.job_id()
-    current = cached.jobs().get(current_id) if current_id else None
-    if current is None:
-        return
-    if not current.done.is_set():
-        st.progress(current.fraction, text=f"Merging {current.total_steps} checkpoints: {current.message}")
-    elif running:
-        st.rerun()  # once: re-enable the Merge button and stop polling
-    elif current.error:
-        st.error(current.error)
-    elif current.result is not None:
-        result = current.result
-        st.success(f"Merged {len(result.steps)} checkpoints into `{result.model_file}` "
-                   f"({result.size_bytes / 1e6:.2f} MB, {result.n_tensors} tensors).")
+training = charts.training_figure(run, axis)
+if training is not None:
+    st.subheader("Learning rate, grad norm, step time")
+    st.plotly_chart(training, key="training_chart")
 
-
-merge_progress()
-
-recipe_yaml, mergekit_yaml = cached.recipe_texts(str(run.path), stamp, tuple(chosen), tuple(weights), recipe_method,
-                                                 tuple((str(s), reasons[s]) for s in chosen))
-left, right = st.columns(2)
-left.download_button("Download recipe (YAML)", recipe_yaml, file_name="recipe.yaml", mime="application/x-yaml",
-                     on_click="ignore", key="dl_recipe")
-right.download_button("Download mergekit config", mergekit_yaml, file_name="mergekit_config.yml",
-                      mime="application/x-yaml", on_click="ignore", key="dl_mergekit")
-st.caption("Reproduce from the command line:")
-st.code(f"python -m analysis merge recipe.yaml -o {shlex.quote(str(Path(out_text)))}", language="bash")
+st.subheader("Should I keep training?")
+signal = cached.stop_signal(now.path, now.stamp)
+if signal is None:
+    st.info("Not enough loss points to fit a curve (needs at least 5 after warm-up).")
+else:
+    (st.warning if signal.plateau else st.success)(signal.verdict)
+    fit = signal.fit
+    cols = st.columns(3)
+    cols[0].metric("fitted floor E (nats)", f"{fit.e:.4f}")
+    cols[1].metric("exponent β", f"{fit.beta:.3f}")
+    cols[2].metric(f"loss at 2x the {fit.x_unit}", f"{signal.forecasts[0].value:.4f}")
+    st.plotly_chart(charts.stop_figure(run, signal), key="stop_chart")

@@ -1,4 +1,4 @@
-"""The app through Streamlit's AppTest: opens a run, shows the recommendation, selects, merges."""
+"""Every page through Streamlit's AppTest: a run opens, the selection is shared, a merge runs."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ from conftest import REPO
 APP = str(REPO / "app" / "streamlit_app.py")
 
 
+@pytest.fixture(autouse=True)
+def _private_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recent runs are remembered on disk: keep each test's memory to itself."""
+    monkeypatch.setenv("CKPT_SELECT_STATE_DIR", str(tmp_path / "state"))
+
+
 def _open(run_path: Path, monkeypatch: pytest.MonkeyPatch, root: Path | None = None) -> AppTest:
     monkeypatch.setenv("CKPT_SELECT_RUN", str(run_path))
     if root is not None:
@@ -23,6 +29,12 @@ def _open(run_path: Path, monkeypatch: pytest.MonkeyPatch, root: Path | None = N
         monkeypatch.delenv("CKPT_SELECT_ROOT", raising=False)
     at = AppTest.from_file(APP, default_timeout=60)
     at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _page(at: AppTest, name: str) -> AppTest:
+    at.switch_page(f"views/{name}.py").run()
     assert not at.exception, at.exception
     return at
 
@@ -38,28 +50,45 @@ def _wait_for_merge(at: AppTest, seconds: float = 60) -> None:
     raise AssertionError("merge did not finish")
 
 
-def test_page_shows_recommendation_curve_and_table(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_page_curves_spikes_and_stop_panel(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     at = _open(tiny_run, monkeypatch)
-    assert at.success[0].value.startswith("**Recommendation:** SMA of")
-    charts = at.get("plotly_chart")
-    spec = json.loads(charts[0].proto.spec)
-    names = [trace.get("name") for trace in spec["data"]]
-    assert "val loss" in names and "checkpoint: in a spike" in names
-    assert any(shape.get("type") == "rect" for shape in spec["layout"].get("shapes", []))
+    assert at.title[0].value == "run"
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    names = [trace.get("name") for trace in specs[0]["data"]]
+    assert "val loss" in names and "checkpoint: in a spike" in names and "checkpoint: selected" in names
+    assert any(shape.get("type") == "rect" for shape in specs[0]["layout"].get("shapes", []))
+    assert len(specs) == 3  # loss, lr/grad norm, stop fit
+    assert any("spike at steps 298" in c.value for c in at.caption)
+
+
+def test_smoothing_is_bound_to_the_url(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CKPT_SELECT_RUN", str(tiny_run))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["smooth"] = "0.9"
+    at.run()
+    assert at.slider(key="smooth").value == pytest.approx(0.9)
+
+
+def test_checkpoints_page_table_and_shared_selection(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = _page(_open(tiny_run, monkeypatch), "checkpoints")
     table = at.dataframe[0].value
     assert table["step"].tolist() == list(range(50, 650, 50))
     assert table.loc[table["step"] == 300, "status"].item() == "spike"
-    assert not table.loc[table["step"] == 300, "use"].item()
-    assert table["use"].iloc[-1] and table["reason"].str.len().min() > 20
-
-
-def test_selection_edit_and_merge(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    at = _open(tiny_run, monkeypatch)
-    # Untick every recommended checkpoint except the two newest (rows are in step order: 0..11).
-    rows = {i: {"use": i in (10, 11)} for i in range(12)}
-    at.session_state["ckpt_table"] = {"edited_rows": rows, "added_rows": [], "deleted_rows": []}
+    assert not table.loc[table["step"] == 300, "use"].item() and table["use"].iloc[-1]
+    assert table.loc[table["step"] == 600, "status"].item() == "recommended"
+    assert table["reason"].str.len().min() > 20
+    # Tick rows 10 and 11 only: the selection becomes steps 550 and 600 on every page.
+    at.session_state["selected_steps"] = [550, 600]
     at.run()
-    assert at.session_state["selected_steps"] == [550, 600]
+    _page(at, "merge")
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert spec["data"][0]["x"] == ["550", "600"]
+
+
+def test_merge_page_merges_the_selection(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = _open(tiny_run, monkeypatch)
+    at.session_state["selected_steps"] = [550, 600]
+    _page(at, "merge")
     out = tmp_path / "merged-two"
     at.text_input(key="out_dir").set_value(str(out)).run()
     at.button(key="merge_button").click().run()
@@ -70,19 +99,51 @@ def test_selection_edit_and_merge(tiny_run: Path, tmp_path: Path, monkeypatch: p
     a = load_file(str(tiny_run / "ckpt" / "step_000550.safetensors"))
     b = load_file(str(tiny_run / "ckpt" / "step_000600.safetensors"))
     assert merged["layer.weight"].allclose((a["layer.weight"] + b["layer.weight"]) / 2, atol=1e-6)
-    assert at.download_button(key="dl_recipe") is not None
+    assert (out / "recipe.yaml").is_file()
+
+
+def test_merge_page_ema_weights_and_evaluator(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    evaluator = tmp_path / "ev.py"
+    evaluator.write_text("def evaluate(state):\n    return float(state['layer.bias'].float().abs().mean())\n")
+    at = _open(tiny_run, monkeypatch)
+    at.session_state["selected_steps"] = [500, 550, 600]
+    _page(at, "merge")
+    at.segmented_control(key="weights_method").set_value("ema").run()
+    at.slider(key="ema_alpha").set_value(0.5).run()
+    weights = json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]["y"]
+    assert weights == pytest.approx([1 / 7, 2 / 7, 4 / 7])
+    at.text_input(key="eval_spec").set_value(f"{evaluator}:evaluate").run()
+    at.button(key="score_button").click().run()
+    assert not at.error, [e.value for e in at.error]
+    assert at.metric[0].label == "selection (lower is better)"
+
+
+def test_storage_page_prefilled_from_run(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = _page(_open(tiny_run, monkeypatch), "storage")
+    assert at.number_input(key="st_params").value == 36
+    assert at.number_input(key="st_every").value == 50
+    assert at.caption[0].value == "Pre-filled from run: 36 parameters, a checkpoint every 50 steps, 1.500 s per step."
+    at.number_input(key="st_params").set_value(7e9).run()
+    at.selectbox(key="st_dtype").set_value("bf16").run()
+    at.selectbox(key="st_opt").set_value("adamw").run()
+    assert at.metric[0].value == "98.00 GB"
 
 
 def test_root_confinement_rejects_outside_paths(tiny_run: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    at = _open(tiny_run, monkeypatch, root=tiny_run)
+    at = _page(_open(tiny_run, monkeypatch, root=tiny_run), "merge")
     at.text_input(key="out_dir").set_value(str(tiny_run / ".." / "escape")).run()
     at.button(key="merge_button").click().run()
     assert any("outside the allowed folder" in e.value for e in at.error)
     assert not (tmp_path / "escape").exists()
+    at.text_input(key="run_input").set_value("/etc").run()
+    at.button(key="open_run").click().run()
+    assert any("outside the allowed folder" in e.value for e in at.sidebar.error)
 
 
 def test_bad_run_shows_a_message_not_a_trace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "empty").mkdir()
     at = _open(tmp_path / "empty", monkeypatch)
     assert "found no checkpoints and no training logs" in at.error[0].value
+    for page in ("checkpoints", "merge", "storage"):
+        _page(at, page)

@@ -70,7 +70,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path) -> None:
     raise RuntimeError(f"streamlit did not become healthy: {log_path.read_text()[-2000:]}")
 
 
-def test_page_renders_and_merges_in_chromium(served_run) -> None:
+def test_every_page_renders_and_a_merge_runs_in_chromium(served_run) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     url, run = served_run
@@ -80,21 +80,29 @@ def test_page_renders_and_merges_in_chromium(served_run) -> None:
                                     args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                                           "--disable-background-networking", "--disable-component-update"])
         page = browser.new_context(viewport={"width": 1400, "height": 2400}).new_page()
-        page.goto(url)
+        # The selection travels in the URL, as in a shared link: the two newest checkpoints.
+        page.goto(f"{url}/?sel=550,600")
         _wait_idle(page, expect)
         expect(page.get_by_test_id("stPlotlyChart").locator(".main-svg").first).to_be_visible(timeout=30_000)
-        expect(page.get_by_test_id("stDataFrame").first).to_be_visible()
-        expect(page.get_by_text("Recommendation:")).to_be_visible()
-        page.screenshot(path=str(ARTIFACTS / "run_page.png"))
+        page.screenshot(path=str(ARTIFACTS / "page_run.png"))
+        expected = {"Checkpoints": "stDataFrame", "Storage": "stMetric", "Merge": "stPlotlyChart"}
+        for name, element in expected.items():
+            page.get_by_role("link", name=name).click()
+            expect(page.get_by_role("heading", name=name if name != "Storage" else "Storage planner")).to_be_visible()
+            expect(page.get_by_test_id(element).first).to_be_visible(timeout=30_000)
+            _wait_idle(page, expect)
+            page.screenshot(path=str(ARTIFACTS / f"page_{name.lower()}.png"))
+            assert page.locator("[data-testid='stException']").count() == 0, name
+        expect(page.get_by_test_id("stPlotlyChart").first).to_be_visible()
         page.get_by_role("button", name="Merge", exact=True).click()
         done = page.get_by_test_id("stAlert").filter(has_text="checkpoints into")
         expect(done).to_be_visible(timeout=60_000)
         _wait_idle(page, expect)
-        page.screenshot(path=str(ARTIFACTS / "after_merge.png"))
+        page.screenshot(path=str(ARTIFACTS / "page_merge_done.png"))
         assert page.locator("[data-testid='stException']").count() == 0
         browser.close()
     merged = list((run / "merges").glob("*/model.safetensors"))
-    assert len(merged) == 1 and merged[0].stat().st_size > 0
+    assert [m.parent.name for m in merged] == ["sma-550-600"]
 
 
 def _wait_idle(page, expect) -> None:

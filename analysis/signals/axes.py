@@ -1,0 +1,39 @@
+"""X axes users expect besides the step: tokens seen and wall-clock time."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InvalidArgument
+from ..run import Run
+
+AXES = ("step", "tokens", "wall_hours")
+
+
+def available_axes(run: Run) -> list[str]:
+    """The axes this run's logs can give (step always; tokens and wall time when logged)."""
+    axes = ["step"]
+    if len(run.metric("tokens")) >= 2:
+        axes.append("tokens")
+    if np.isfinite(run.metrics["wall_time"].to_numpy()).sum() >= 2:
+        axes.append("wall_hours")
+    return axes
+
+
+def step_to_axis(run: Run, steps: np.ndarray, axis: str) -> np.ndarray:
+    """Map steps to ``axis``: tokens (interpolated from the logged count) or hours since the first log line.
+
+    Wall time is interpolated between logged time stamps, so a resumed run shows its gap.
+    """
+    steps = np.asarray(steps, dtype=np.float64)
+    if axis == "step":
+        return steps
+    if axis == "tokens":
+        tokens = run.metric("tokens")
+        return np.interp(steps, tokens["step"].to_numpy(float), tokens["value"].to_numpy(float))
+    if axis == "wall_hours":
+        frame = run.metrics[np.isfinite(run.metrics["wall_time"].to_numpy())]
+        frame = frame.sort_values("step").drop_duplicates("step")
+        start = float(frame["wall_time"].min())
+        return (np.interp(steps, frame["step"].to_numpy(float), frame["wall_time"].to_numpy(float)) - start) / 3600.0
+    raise InvalidArgument(f"x axis must be one of {', '.join(AXES)}, got {axis!r}")

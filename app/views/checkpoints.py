@@ -1,0 +1,67 @@
+"""Checkpoints: every checkpoint's signals and the recommendation's reason; select by ticking."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+import cached
+import charts
+import sidebar
+import state
+
+now = sidebar.current_or_stop()
+run, signals, rec = now.run, now.signals, now.recommendation
+report = cached.report(now.path, now.stamp)
+st.title("Checkpoints")
+st.success(f"**Recommendation:** {rec.summary}", icon=":material/recommend:")
+
+rec_steps = [r.step for r in rec.checkpoints]
+selected = state.selected_steps()
+selected = rec_steps if selected is None else selected
+reasons = {d.step: d.reason for d in rec.decisions}
+status = charts.checkpoint_status(signals, set(rec_steps))
+rows = report["checkpoints"]
+table = pd.DataFrame({
+    "use": [c["step"] in selected for c in rows],
+    "step": [c["step"] for c in rows],
+    "val loss": [c["val_loss"] for c in rows],
+    "val from": [f"{c['val_loss_source']} @ {c['val_loss_step']}" if c["val_loss"] is not None else "" for c in rows],
+    "status": [{"selected": "recommended"}.get(status[c["step"]], status[c["step"]]) for c in rows],
+    "finite": [c["finite"] for c in rows],
+    "weight norm": [c["weight_norm"] for c in rows],
+    "size (MB)": [c["bytes"] / 1e6 for c in rows],
+    "reason": [reasons[c["step"]] for c in rows],
+})
+editor_key = f"ckpt_table_{state.selection_generation()}"
+
+
+def _apply_edits() -> None:
+    """Callback: fold the ticks into the shared selection, then start the table afresh."""
+    edits = st.session_state[editor_key]["edited_rows"]
+    chosen = {int(table["step"][i]) for i in range(len(table)) if edits.get(i, {}).get("use", table["use"][i])}
+    state.set_selected_steps(sorted(chosen))
+    state.bump_selection_generation()
+
+
+st.data_editor(
+    table, key=editor_key, num_rows="fixed", hide_index=True, on_change=_apply_edits,
+    height=min(36 * (len(table) + 1) + 2, 640),
+    disabled=[c for c in table.columns if c != "use"],
+    column_config={"use": st.column_config.CheckboxColumn("use", help="Average this checkpoint"),
+                   "val loss": st.column_config.NumberColumn(format="%.4f"),
+                   "weight norm": st.column_config.NumberColumn(format="%.3f"),
+                   "size (MB)": st.column_config.NumberColumn(format="%.2f"),
+                   "reason": st.column_config.TextColumn(width="large")},
+)
+left, right = st.columns(2)
+left.button("Reset to the recommendation", key="reset_selection", on_click=state.clear_selection)
+right.button("Clear the selection", key="clear_selection",
+             on_click=lambda: (state.set_selected_steps([]), state.bump_selection_generation()))
+st.caption(f"{len(selected)} selected: {', '.join(str(s) for s in sorted(selected)) or 'none'}. "
+           "The Merge page averages these.")
+
+bad = [c for c in rows if c["mismatch"] or not c["finite"]]
+for c in bad:
+    st.warning(f"Step {c['step']}: " + (f"NaN/Inf in {', '.join(c['nonfinite_tensors'][:3])}" if not c["finite"]
+                                         else f"tensors differ from the newest: {c['mismatch']}"))

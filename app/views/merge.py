@@ -1,0 +1,117 @@
+"""Merge: weights for the selection, an optional evaluator score, the merge itself, the recipe."""
+
+from __future__ import annotations
+
+import shlex
+
+import pandas as pd
+import streamlit as st
+
+import cached
+import charts
+import sidebar
+import state
+from analysis.errors import AnalysisError
+from analysis.paths import resolve_within
+from analysis.recommend import policy_weights
+
+now = sidebar.current_or_stop()
+run, signals, rec = now.run, now.signals, now.recommendation
+st.title("Merge")
+rec_steps = [r.step for r in rec.checkpoints]
+chosen = state.selected_steps()
+chosen = rec_steps if chosen is None else sorted(chosen)
+if not chosen:
+    st.warning("No checkpoint is selected: tick some on the Checkpoints page.")
+    st.stop()
+reasons = {d.step: d.reason for d in rec.decisions}
+
+options = (["recommended"] if chosen == rec_steps else []) + ["sma", "ema", "wma", "manual"]
+method = st.segmented_control("Weights", options, default=options[0], key="weights_method") or options[0]
+if method == "recommended":
+    weights = tuple(rec.weights)
+elif method == "manual":
+    edited = st.data_editor(pd.DataFrame({"step": chosen, "weight": [1.0] * len(chosen)}), key=f"manual_{chosen}",
+                            hide_index=True, num_rows="fixed", disabled=["step"],
+                            column_config={"weight": st.column_config.NumberColumn(min_value=0.0, step=0.05)})
+    total = float(edited["weight"].sum())
+    if total <= 0:
+        st.error("The weights sum to zero: give at least one checkpoint a positive weight.")
+        st.stop()
+    weights = tuple(float(w) / total for w in edited["weight"])
+else:
+    alpha = st.slider("EMA alpha (weight of the newest)", 0.05, 1.0, 0.3, 0.05, key="ema_alpha") if method == "ema" else 0.3
+    weights = policy_weights(method, len(chosen), alpha)
+recipe_method = rec.method if method == "recommended" else method
+st.plotly_chart(charts.weights_figure(chosen, list(weights)), key="weights_chart")
+
+with st.expander("Score the selection with an evaluator", expanded=bool(state.evaluator_spec())):
+    st.caption("An evaluator is your function `func(state_dict) -> loss` (FILE.py:FUNC). "
+               "It runs only when you press the button." +
+               (f" This run ships one: `{run.evaluator_hint}`." if run.evaluator_hint else ""))
+    spec = st.text_input("Evaluator", value=state.evaluator_spec() or (run.evaluator_hint or ""), key="eval_spec")
+    if st.button("Score selection and last checkpoint", key="score_button") and spec:
+        state.set_evaluator_spec(spec)
+        try:
+            evaluator = cached.evaluator(spec)
+            refs = [run.checkpoint_at(s) for s in chosen]
+            with st.spinner(f"Evaluating with {evaluator.name}..."):
+                score = evaluator.score(refs, weights)
+                last = evaluator.score([signals.checkpoints[-1].ref], (1.0,))
+            st.session_state["last_scores"] = (tuple(chosen), weights, score, last)
+        except AnalysisError as e:
+            st.error(str(e))
+    scores = st.session_state.get("last_scores")
+    if scores and scores[0] == tuple(chosen) and scores[1] == weights:
+        _, _, score, last = scores
+        st.metric("selection (lower is better)", f"{score:.4f}", delta=f"{score - last:+.4f} vs last checkpoint",
+                  delta_color="inverse")
+
+refs = [run.checkpoint_at(s) for s in chosen]
+default_out = run.path / "merges" / f"{recipe_method}-{chosen[0]}-{chosen[-1]}"
+out_text = st.text_input("Output folder (must not exist)", value=str(default_out), key="out_dir")
+dtype = st.selectbox("Output dtype", ["same", "float32", "bfloat16", "float16"], key="out_dtype")
+job_id = state.job_id()
+job = cached.jobs().get(job_id) if job_id else None
+running = job is not None and not job.done.is_set()
+if st.button("Merge", type="primary", key="merge_button", disabled=running):
+    try:
+        out_dir = resolve_within(out_text, state.root())
+        taken = {str(s): reasons[s] for s in chosen}
+        state.set_job_id(cached.start_merge(refs, weights, out_dir, recipe_method, taken, dtype))
+        running = True
+    except AnalysisError as e:
+        st.error(str(e))
+
+
+@st.fragment(run_every=0.5 if running else None)
+def merge_progress() -> None:
+    """Poll the background merge; a loop in the page body would be killed by any click."""
+    current = cached.jobs().get(state.job_id() or "")
+    if current is None:
+        return
+    if not current.done.is_set():
+        with st.status(f"Merging {current.total_steps} checkpoints into {current.out_dir}", state="running"):
+            st.progress(current.fraction, text=current.message)
+    elif running:
+        st.rerun()  # once: re-enable the Merge button and stop polling
+    elif current.error:
+        st.error(current.error)
+    elif current.result is not None:
+        result = current.result
+        st.success(f"Merged {len(result.steps)} checkpoints into `{result.model_file}` "
+                   f"({result.size_bytes / 1e6:,.2f} MB, {result.n_tensors} tensors).")
+
+
+merge_progress()
+
+recipe_yaml, mergekit_yaml = cached.recipe_texts(now.path, now.stamp, tuple(chosen), tuple(weights), recipe_method,
+                                                 tuple((str(s), reasons[s]) for s in chosen))
+left, right = st.columns(2)
+left.download_button("Download recipe (YAML)", recipe_yaml, file_name="recipe.yaml", mime="application/x-yaml",
+                     on_click="ignore", key="dl_recipe")
+right.download_button("Download mergekit config", mergekit_yaml, file_name="mergekit_config.yml",
+                      mime="application/x-yaml", on_click="ignore", key="dl_mergekit")
+st.caption("The same merge from the command line (save the recipe first):")
+st.code(f"python -m analysis merge recipe.yaml -o {shlex.quote(out_text)}"
+        + (f" --dtype {dtype}" if dtype != "same" else ""), language="bash")

@@ -1,0 +1,82 @@
+"""Storage: what keeping checkpoints costs, pre-filled from the open run when there is one."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+import cached
+import charts
+import state
+from analysis.errors import AnalysisError
+from analysis.storage import KeepPolicy, estimate_storage, human_bytes, measure_checkpoint_overhead
+
+st.title("Storage planner")
+defaults = {"params": 7e9, "dtype": "bf16", "every": 1000, "step_time": 1.5, "window": None}
+measured = None
+path = state.run_path()
+if path is not None:
+    try:
+        now = cached.current(path)
+        newest = cached.report(now.path, now.stamp)["checkpoints"][-1]
+        steps = [c.ref.step for c in now.signals.checkpoints]
+        step_ms = now.run.metric("step_time_ms")["value"]
+        defaults.update(params=float(newest["n_params"]), window=len(now.recommendation.checkpoints),
+                        every=int(np.median(np.diff(steps))) if len(steps) > 1 else 1000,
+                        step_time=float(step_ms.median()) / 1000 if len(step_ms) else 1.5,
+                        dtype="fp32" if newest["bytes"] >= 3.5 * newest["n_params"] else "bf16")
+        measured = measure_checkpoint_overhead(now.run)
+        st.caption(f"Pre-filled from {now.run.name}: {defaults['params']:,.0f} parameters, a checkpoint every "
+                   f"{defaults['every']} steps, {defaults['step_time']:.3f} s per step.")
+    except AnalysisError as e:
+        st.caption(f"Could not pre-fill from the open run: {e}")
+
+left, right = st.columns(2)
+params = left.number_input("Parameters", min_value=1.0, value=defaults["params"], format="%.4g", key="st_params")
+dtype = left.selectbox("Weights dtype", ["fp32", "bf16", "fp16", "fp8", "int4"],
+                       index=["fp32", "bf16", "fp16", "fp8", "int4"].index(defaults["dtype"]), key="st_dtype")
+optimizer = left.selectbox("Optimizer state saved", ["adamw", "sgd", "adafactor", "none"], key="st_opt")
+ema = left.toggle("EMA copy in each checkpoint", key="st_ema")
+policy_kind = right.selectbox("Keep policy", ["last", "every", "topk", "budget"], key="st_policy",
+                              format_func={"last": "the last N", "every": "every K steps + the last N",
+                                           "topk": "top-k by validation + the newest", "budget": "a disk budget"}.get)
+last = right.number_input("N (last kept)", 1, 10_000, 20, key="st_last")
+keep_every = right.number_input("K (steps)", 1, 10**9, 10 * defaults["every"], key="st_every_k") if policy_kind == "every" else None
+top_k = right.number_input("k (best kept)", 1, 1000, 5, key="st_topk") if policy_kind == "topk" else None
+budget_tb = right.number_input("Budget (TB)", 0.001, 1e6, 1.0, key="st_budget") if policy_kind == "budget" else None
+full_last = right.number_input("Optimizer state only in the newest (0 = all)", 0, 10_000, 0, key="st_full")
+cols = st.columns(4)
+bandwidth = cols[0].number_input("Write bandwidth (GB/s)", 0.01, 1000.0, 2.0, key="st_bw")
+step_time = cols[1].number_input("Step time (s)", 0.0001, 1e5, defaults["step_time"], format="%.4f", key="st_step")
+every = cols[2].number_input("Steps between saves", 1, 10**9, defaults["every"], key="st_every")
+price = cols[3].number_input("USD per TB-month", 0.0, 1000.0, 23.0, key="st_price")
+asynchronous = st.toggle("Asynchronous checkpointing (snapshot to host, write in the background)", key="st_async")
+
+policy = KeepPolicy(kind=policy_kind, last=int(last), keep_every_steps=keep_every, top_k=top_k,
+                    budget_bytes=budget_tb * 1e12 if budget_tb else None, full_state_last=int(full_last) or None)
+try:
+    est = estimate_storage(params, dtype, optimizer, int(last), bandwidth, step_time, int(every), ema, price,
+                           policy=policy, asynchronous=asynchronous, window=defaults["window"])
+except AnalysisError as e:
+    st.error(str(e))
+    st.stop()
+
+m = st.columns(4)
+m[0].metric("per checkpoint (full state)", human_bytes(est.per_checkpoint_bytes))
+m[1].metric(f"{est.kept} kept", human_bytes(est.total_bytes))
+m[2].metric("per month", f"${est.monthly_cost:,.2f}")
+m[3].metric("training time lost to saves", f"{100 * est.overhead_fraction:.2f} %" if est.overhead_fraction is not None else "—")
+if est.window:
+    st.caption(f"The recommended averaging window needs {est.window} checkpoints: "
+               f"{human_bytes(est.window_bytes)} as weights only.")
+if measured is not None:
+    st.info(f"Measured in this run's logs: {measured.saves_seen} saves, a typical step "
+            f"{measured.median_step_seconds:.3f} s, {measured.stall_seconds:.2f} s extra around each save: "
+            f"{100 * measured.overhead_fraction:.2f} % of wall time.")
+left, right = st.columns(2)
+left.plotly_chart(charts.storage_figure(est), key="storage_bytes")
+series = [estimate_storage(params, dtype, optimizer, n, bandwidth, step_time, int(every), ema, price)
+          for n in range(1, max(int(last), 10) * 2 + 1)]
+right.plotly_chart(charts.retention_figure(series), key="storage_retention")
+with st.expander("The arithmetic", expanded=True):
+    st.code("\n".join(est.arithmetic), language="text")
