@@ -4,6 +4,8 @@ from .assessment import CheckpointSignals, RunSignals, assess_run, find_spikes
 from .axes import AXES, available_axes, step_to_axis
 from .decimate import minmax_decimate
 from .health import CheckpointHealth, check_health
+from .similarity import CheckpointSimilarity, SimilarityReport, compare_checkpoints, layer_of
+from .sketch import CheckpointSketch, sketch_checkpoint
 from .smoothing import debiased_ema
 from .spikes import LossSpike, SpikeConfig, detect_spikes
 from .validation import ValScore, logged_val_scores
@@ -12,17 +14,23 @@ __all__ = [
     "AXES",
     "CheckpointHealth",
     "CheckpointSignals",
+    "CheckpointSimilarity",
+    "CheckpointSketch",
     "LossSpike",
     "RunSignals",
+    "SimilarityReport",
     "SpikeConfig",
     "ValScore",
     "assess_run",
     "available_axes",
     "check_health",
+    "compare_checkpoints",
     "debiased_ema",
     "detect_spikes",
     "find_spikes",
+    "layer_of",
     "logged_val_scores",
     "minmax_decimate",
+    "sketch_checkpoint",
     "step_to_axis",
 ]

@@ -1,0 +1,127 @@
+"""Fixed-size sketches of a checkpoint's tensors, for similarity at any model size.
+
+A CountSketch sends element i of a tensor to bucket h(i) with sign s(i); the sketch is
+linear, so the sketch of an update θ_a − θ_b is the difference of the two sketches,
+and inner products are preserved in expectation:
+
+    E[<Sx, Sy>] = <x, y>,   Var[<Sx, Sy>] <= (|x|^2 |y|^2 + <x, y>^2) / k
+
+for k buckets. Every tensor is sketched separately with its own seeded hash (the same
+for every checkpoint of the run), so a whole-model cosine estimated from all sketches
+has a standard error of at most sqrt(2 / K) with K the total number of buckets.
+Tensors with at most ``buckets`` elements are stored exactly (no error at all), which
+makes the signals exact for small models. One streaming pass per checkpoint, one chunk
+of one tensor in memory; results are cached on disk keyed by the file's identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..checkpoints import open_checkpoint
+from ..checkpoints.base import optimizer_state
+from ..run import CheckpointRef
+
+SKETCH_VERSION = 1
+DEFAULT_BUCKETS = 4096
+CHUNK_ELEMENTS = 1 << 22   # hashes generated per chunk: bounds memory for a huge embedding
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointSketch:
+    """Per-tensor sketches of one checkpoint's weights (and Adam first moments, if saved)."""
+
+    step: int
+    weights: dict[str, torch.Tensor]     # name -> float64 vector (exact when the tensor is small)
+    exp_avg: dict[str, torch.Tensor]     # param name -> sketch of its Adam first moment
+    exact: bool                          # every weight tensor stored exactly
+    buckets: int
+
+
+def cache_dir() -> Path:
+    """Where sketches are cached (``CKPT_SELECT_CACHE_DIR`` or ~/.cache/ckpt-select/sketches)."""
+    base = os.environ.get("CKPT_SELECT_CACHE_DIR")
+    return Path(base) if base else Path.home() / ".cache" / "ckpt-select" / "sketches"
+
+
+def sketch_tensor(name: str, tensor: torch.Tensor, buckets: int, seed: int) -> torch.Tensor:
+    """CountSketch of one tensor (exact copy when it has at most ``buckets`` elements)."""
+    flat = tensor.reshape(-1)
+    if flat.numel() <= buckets:
+        return flat.to(torch.float64).clone()
+    out = torch.zeros(buckets, dtype=torch.float64)
+    base_seed = (seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFF_FFFF
+    for index, start in enumerate(range(0, flat.numel(), CHUNK_ELEMENTS)):
+        chunk = flat[start:start + CHUNK_ELEMENTS].to(torch.float64)
+        gen = torch.Generator().manual_seed(base_seed + index)
+        where = torch.randint(buckets, (chunk.numel(),), generator=gen)
+        signs = torch.randint(2, (chunk.numel(),), generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1
+        out.index_add_(0, where, chunk * signs)
+    return out
+
+
+def sketch_checkpoint(ref: CheckpointRef, buckets: int = DEFAULT_BUCKETS, seed: int = 0, use_cache: bool = True,
+                      progress: Callable[[float, str], None] | None = None) -> CheckpointSketch:
+    """Sketch every floating tensor of ``ref`` in one streaming pass (cached on disk)."""
+    cached = _cache_path(ref, buckets, seed)
+    if use_cache and cached.is_file():
+        return _load(cached, ref.step, buckets)
+    weights: dict[str, torch.Tensor] = {}
+    moments: dict[str, torch.Tensor] = {}
+    exact = True
+    with open_checkpoint(ref.path, ref.layout) as handle:
+        infos = [i for i in handle.tensors() if i.is_floating]
+        for index, info in enumerate(infos):
+            weights[info.name] = sketch_tensor(info.name, handle.read(info.name), buckets, seed)
+            exact &= info.numel <= buckets
+            if progress is not None:
+                progress((index + 1) / len(infos), f"sketching {ref.name}")
+        for info in optimizer_state(handle):
+            if info.name.endswith(".exp_avg"):
+                moments[info.name.removesuffix(".exp_avg")] = sketch_tensor(
+                    info.name.removesuffix(".exp_avg"), handle.read_optimizer(info.name), buckets, seed)
+    result = CheckpointSketch(ref.step, weights, moments, exact, buckets)
+    if use_cache:
+        _store(cached, result)
+    return result
+
+
+def _cache_path(ref: CheckpointRef, buckets: int, seed: int) -> Path:
+    """Content identity: every file's path, size and mtime, plus the sketch parameters."""
+    parts = [f"v{SKETCH_VERSION}", str(buckets), str(seed)]
+    for f in sorted(ref.files):
+        stat = f.stat()
+        parts.append(f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}")
+    return cache_dir() / (hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32] + ".safetensors")
+
+
+def _store(path: Path, sketch: CheckpointSketch) -> None:
+    """Write atomically; a cache that cannot be written only costs speed."""
+    tensors = {f"w/{k}": v for k, v in sketch.weights.items()}
+    tensors.update({f"m/{k}": v for k, v in sketch.exp_avg.items()})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file(tensors, str(tmp), metadata={"exact": str(int(sketch.exact))})
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
+def _load(path: Path, step: int, buckets: int) -> CheckpointSketch:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        exact = handle.metadata().get("exact") == "1"
+    tensors = load_file(str(path))
+    weights = {k[2:]: v for k, v in tensors.items() if k.startswith("w/")}
+    moments = {k[2:]: v for k, v in tensors.items() if k.startswith("m/")}
+    return CheckpointSketch(step, weights, moments, exact, buckets)
