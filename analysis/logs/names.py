@@ -28,6 +28,7 @@ CANONICAL_ALIASES: dict[str, tuple[str, ...]] = {
 # Keys that hold the optimizer step of a record, most specific first.
 STEP_KEYS: tuple[str, ...] = (
     "step", "global_step", "_step", "iter", "iteration", "current_steps", "num_updates", "trainer/global_step",
+    "global_step/max_steps", "iter_num",
 )
 
 # Keys that hold a wall-clock time stamp in unix seconds.
