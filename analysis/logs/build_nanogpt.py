@@ -23,21 +23,19 @@ from pathlib import Path
 
 from .base import LogTable
 from .builder import TableBuilder
-from .text import NUMBER, LineRule, key_values, read_text, scan_rules
+from .text import NUMBER, PLAIN_NUMBER, LineRule, key_values, read_text, scan_rules
 
-N = NUMBER
+N = PLAIN_NUMBER
 _STDOUT_LINE = re.compile(
     rf"^(?:step +(?P<step>\d+) \| (?P<rest>.*)|validation loss: (?P<val>{N})|HellaSwag accuracy: \d+/\d+=(?P<hella>{N}))\s*$",
     re.M,
 )
-_STDOUT_KV = re.compile(rf"(loss|lr|norm|dt|tok/sec):? ({N})")
+_STDOUT_KV = re.compile(rf"(loss|lr|norm|dt|tok/sec):? ({NUMBER})")
 _STDOUT_NAMES = {"loss": "train_loss", "lr": "lr", "norm": "grad_norm", "dt": "step_time_ms", "tok/sec": "tokens_per_sec"}
+# Every line of log.txt is a record: the literal "" makes every non-blank line count.
 LOGTXT_RULES = [
-    LineRule(rf"^(?P<step>\d+) train (?P<train_loss>{N})\s*$", prefix=r"^\d+ train "),
-    LineRule(rf"^(?P<step>\d+) val (?P<val_loss>{N})\s*$", prefix=r"^\d+ val "),
-    LineRule(rf"^(?P<step>\d+) hella (?P<hellaswag>{N})\s*$", prefix=r"^\d+ hella "),
-    LineRule(rf"^step (?P<step>\d+) train_loss (?P<train_loss>{N})\s*$", prefix=r"^step \d+ train_loss "),
-    LineRule(rf"^step (?P<step>\d+) val_loss (?P<val_loss>{N})\s*$", prefix=r"^step \d+ val_loss "),
+    LineRule(rf"^(?:step )?(?P<step>\d+) (?:train(?:_loss)? (?P<train_loss>{N})|val(?:_loss)? (?P<val_loss>{N})"
+             rf"|hella (?P<hellaswag>{N}))[ \t]*\r?$", literal=""),
 ]
 _SNIFF_STDOUT = re.compile(r"^step +\d+ \| loss: \S+ \| lr", re.M)
 _SNIFF_LOGTXT = re.compile(r"\A(?:\s*(?:step )?\d+ (?:train|val|hella|train_loss|val_loss) \S+\s*\n){2}")

@@ -71,14 +71,16 @@ class TableBuilder:
         steps = np.asarray(steps, dtype=np.int64)
         if not len(steps):
             return
-        carried = np.zeros(len(steps), dtype=bool)
+        keep = np.zeros(len(steps), dtype=bool)
         for _, mask in metrics.values():
-            carried |= mask
-        keep = carried
+            keep |= mask
         walls = np.full(len(steps), np.nan) if wall_times is None else np.asarray(wall_times, dtype=np.float64)
-        block = {name: (np.asarray(v, dtype=np.float64)[keep], np.asarray(m)[keep]) for name, (v, m) in metrics.items()}
-        self._blocks.append((steps[keep], walls[keep], block))
-        self.rows += int(keep.sum())
+        block = {name: (np.asarray(v, dtype=np.float64), np.asarray(m, dtype=bool)) for name, (v, m) in metrics.items()}
+        if not keep.all():   # records without any metric are not rows (copying only when needed)
+            steps, walls = steps[keep], walls[keep]
+            block = {name: (v[keep], m[keep]) for name, (v, m) in block.items()}
+        self._blocks.append((steps, walls, block))
+        self.rows += len(steps)
 
     def _flush(self) -> None:
         """Turn the pending one-at-a-time records into a block (keeps file order)."""
@@ -120,23 +122,24 @@ def _assemble(blocks: list[_Block]) -> tuple[pd.DataFrame, int]:
     offset = 0
     for steps, walls, metrics in blocks:
         for name, (values, mask) in metrics.items():
-            idx = np.flatnonzero(mask)
             if bound is not None:
-                idx = idx[steps[idx] < bound[offset + idx]]
-            if len(idx):
-                columns.setdefault(canonical_metric(name), []).append((steps[idx], values[idx], walls[idx]))
+                mask = mask & (steps < bound[offset:offset + len(steps)])
+            if mask.all():
+                columns.setdefault(canonical_metric(name), []).append((steps, values, walls))
+            elif mask.any():
+                columns.setdefault(canonical_metric(name), []).append((steps[mask], values[mask], walls[mask]))
         offset += len(steps)
     if not columns:
         return empty_frame(), restarts
-    parts = [_dedupe(*(np.concatenate(p) for p in zip(*chunks))) for chunks in columns.values()]
+    parts = [_dedupe(*(p[0] if len(p) == 1 else np.concatenate(p) for p in zip(*chunks))) for chunks in columns.values()]
     names = np.array(list(columns), dtype=object)
     codes = np.concatenate([np.full(len(p[0]), i, dtype=np.int64) for i, p in enumerate(parts)])
     frame = pd.DataFrame({
         "step": np.concatenate([p[0] for p in parts]),
-        "metric": names[codes],
+        "metric": pd.Series(names[codes], dtype=object),   # object, like empty_frame(); 2x faster than str
         "value": np.concatenate([p[1] for p in parts]),
         "wall_time": np.concatenate([p[2] for p in parts]),
-    })
+    }, copy=False)
     return frame, restarts
 
 

@@ -12,13 +12,12 @@ from pathlib import Path
 
 from .base import LogTable
 from .builder import TableBuilder
-from .text import NUMBER, LineRule, read_text, scan_rules
+from .text import PLAIN_NUMBER, LineRule, read_text, scan_rules
 
-N = NUMBER
+N = PLAIN_NUMBER
 RULES = [
-    LineRule(rf"^s:(?P<step>\d+) trl:(?P<trl>{N})(?: lr:(?P<lr>{N}))?(?: norm:(?P<norm>{N}))?", prefix=r"^s:\d+ trl:"),
-    LineRule(rf"^s:(?P<step>\d+) tel:(?P<tel>{N})", prefix=r"^s:\d+ tel:"),
-    LineRule(rf"^s:(?P<step>\d+) eval:(?P<hellaswag>{N})", prefix=r"^s:\d+ eval:"),
+    LineRule(rf"^s:(?P<step>\d+) (?:trl:(?P<trl>{N})(?: lr:(?P<lr>{N}))?(?: norm:(?P<norm>{N}))?"
+             rf"|tel:(?P<tel>{N})|eval:(?P<hellaswag>{N}))", literal="s:"),
 ]
 _SNIFF = re.compile(r"^s:\d+ t[er]l:\S+", re.M)
 

@@ -22,19 +22,19 @@ from pathlib import Path
 
 from .base import LogTable
 from .builder import TableBuilder
-from .text import NUMBER, LineRule, read_text, scan_rules
+from .text import PLAIN_NUMBER, LineRule, read_text, scan_rules
 
-N = NUMBER
+N = PLAIN_NUMBER
 RULES = [
     LineRule(rf"^iter (?P<step>\d+): loss (?P<train_loss>{N}), time (?P<step_time_ms>{N}) ?ms(?:, mfu (?P<mfu>{N})%)?",
-             prefix=r"^iter \d+:"),
+             literal="iter "),
     LineRule(rf"^step (?P<step>\d+): train loss (?P<train_loss_eval>{N}), val loss (?P<val_loss>{N})"
              r"(?P<checkpoint_saved>\n(?:[^\n]*\n)??saving checkpoint)?",
-             prefix=r"^step \d+: train loss", flags=("checkpoint_saved",)),
+             literal="step ", flags=("checkpoint_saved",)),
     LineRule(rf"^\[train\] iter (?P<step>\d+): loss (?P<train_loss>{N}) (?P<step_time_ms>{N}) ms/iter",
-             prefix=r"^\[train\] iter \d+"),
+             literal="[train] iter "),
     LineRule(rf"^\[eval\] iter (?P<step>\d+): train (?P<train_loss_eval>{N}) val (?P<val_loss>{N})(?: lr (?P<lr>{N}))?",
-             prefix=r"^\[eval\] iter \d+"),
+             literal="[eval] iter "),
 ]
 _SNIFF = re.compile(r"^(?:\[train\] )?iter \d+: loss \S+,? |^step \d+: train loss \S+, val loss", re.M)
 
