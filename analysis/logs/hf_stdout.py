@@ -64,7 +64,8 @@ class HfStdoutReader:
     description = "Hugging Face Trainer / ms-swift stdout ({'loss': ..., 'learning_rate': ...} dicts)"
 
     def sniff(self, path: Path, head: str) -> bool:
-        return _SNIFF.search(head) is not None
+        # Two dicts, not one: a README or a manifest may quote a single example.
+        return len(_SNIFF.findall(head, 0, len(head))[:2]) == 2
 
     def read(self, path: Path) -> LogTable:
         builder = TableBuilder(path, self.name)
