@@ -177,3 +177,215 @@ def test_same_run_three_ways_agrees() -> None:
 def test_trainer_state_notes_say_loss_is_window_mean_and_nan_filtered() -> None:
     notes = " ".join(read_log(REAL_LOGS / "hf_trainer_state/NSLLM_trainer_state.json").notes)
     assert "mean over each logging window" in notes and "NaN/inf" in notes
+
+
+# --- restarts, NaN, bad input ----------------------------------------------------------
+def _write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_restart_later_segment_wins(tmp_path: Path) -> None:
+    """A resume from step 20 replaces the first run's steps >= 20 (ISSUE 3: restarts)."""
+    lines = [f"iter {i}: loss {5 - i / 100:.4f}, time 10.00ms, mfu 1.00%" for i in range(0, 40, 10)]
+    lines += [f"iter {i}: loss {1 + i / 1000:.4f}, time 10.00ms, mfu 1.00%" for i in range(20, 60, 10)]
+    table = read_log(_write(tmp_path, "train.log", "\n".join(lines) + "\n"))
+    loss = table.series("train_loss")
+    assert table.restarts == 1
+    assert loss["step"].tolist() == [0, 10, 20, 30, 40, 50]
+    assert loss["value"].tolist() == [5.0, 4.9, 1.02, 1.03, 1.04, 1.05]
+
+
+def test_restart_in_jsonl_fallback_and_fast_path_agree(tmp_path: Path) -> None:
+    rows = [{"step": s, "loss": float(s)} for s in (1, 2, 3, 2, 3, 4)]
+    fast = read_log(_write(tmp_path, "a.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n"))
+    slow = read_log(_write(tmp_path, "b.jsonl", "\n".join(json.dumps(r) for r in rows) + "\nnot json\n"))
+    for table in (fast, slow):
+        assert table.restarts == 1
+        assert table.series("train_loss")["step"].tolist() == [1, 2, 3, 4]
+    assert (fast.skipped_lines, slow.skipped_lines) == (0, 1)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("a.jsonl", '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": NaN}\n{"step": 3, "loss": Infinity}\n'),
+    ("train.log", "iter 1: loss 2.0000, time 1.00ms, mfu 1.00%\niter 2: loss nan, time 1.00ms, mfu 1.00%\n"
+                  "iter 3: loss inf, time 1.00ms, mfu 1.00%\n"),
+    ("m.csv", "step,loss\n1,2.0\n2,nan\n3,inf\n"),
+])
+def test_nonfinite_values_are_kept_and_flagged(tmp_path: Path, name: str, text: str) -> None:
+    table = read_log(_write(tmp_path, name, text))
+    values = table.series("train_loss")["value"].to_numpy()
+    assert len(values) == 3 and math.isnan(values[1]) and math.isinf(values[2])
+    assert log_report(table)["metrics"]["train_loss"]["first_nonfinite_step"] == 2
+
+
+def test_malformed_lines_are_skipped_and_counted(tmp_path: Path) -> None:
+    text = ("iter 0: loss 4.0000, time 10.00ms, mfu 1.00%\n"
+            "iter 10: loss ???, time 10.00ms, mfu 1.00%\n"       # garbled value
+            "iter 20: loss 3.0\n"                                 # truncated line
+            "some unrelated output\n"
+            "iter 30: loss 2.0000, time 10.00ms, mfu 1.00%\n")
+    table = read_log(_write(tmp_path, "train.log", text))
+    assert table.skipped_lines == 2
+    assert table.series("train_loss")["step"].tolist() == [0, 30]
+
+
+def test_unknown_file_exit_2_names_it_and_lists_formats(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = _write(tmp_path, "notes.txt", "just some prose\nnothing to see\n")
+    with pytest.raises(UnknownLogFormat, match="notes.txt"):
+        read_log(path)
+    assert cli_main(["logs", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and all(name in err for name in LOG_READERS)
+
+
+def test_binary_file_is_not_sniffed(tmp_path: Path) -> None:
+    path = tmp_path / "blob.log"
+    path.write_bytes(bytes(range(256)) * 64)
+    assert sniff_format(path) is None
+
+
+def test_huge_file_does_not_hang_the_sniffer(tmp_path: Path) -> None:
+    """A 200 MB single-line text file: sniffing reads a bounded amount and returns quickly."""
+    path = tmp_path / "huge.log"
+    with path.open("wb") as f:
+        chunk = b"x" * (1 << 20)
+        for _ in range(200):
+            f.write(chunk)
+    start = time.perf_counter()
+    assert sniff_format(path) is None
+    assert time.perf_counter() - start < 5.0
+
+
+def test_missing_file_is_a_typed_error(tmp_path: Path) -> None:
+    with pytest.raises(LogParseError, match="no such file"):
+        read_log(tmp_path / "absent.log")
+
+
+# --- property tests: no exception escapes a text reader ---------------------------------
+TEXT_READERS = ["nanogpt", "build_nanogpt", "build_nanogpt_logtxt", "llmc", "modded_nanogpt", "megatron", "nemo",
+                "torchtitan", "fairseq", "hf_stdout", "jsonl", "csv", "lightning_csv"]
+SEED_LINES = [
+    "iter 10: loss 3.0836, time 600.70ms, mfu 0.62%", "step 250: train loss 1.4073, val loss 1.6254",
+    "saving checkpoint to out", "[train] iter 10: loss 8.8782 9905 ms/iter",
+    "[eval] iter 500: train 3.7095 val 3.6459 lr 3.00e-04",
+    "step     1 | loss: 10.902683 | lr 1.6783e-06 | norm: 14.8626 | dt: 793.68ms | tok/sec: 660575.83",
+    "validation loss: 10.9512", "HellaSwag accuracy: 2492/10042=0.2482", "19250 val 3.1425", "0 hella 0.2476",
+    "s:1 trl:10.9598 lr:0.000002 norm:15.24", "s:250 tel:6.1710",
+    "step:1/6000 train_loss:11.0091 train_time:24179ms step_avg:nanms", "4500/20000 train_loss: 2.2830 train_time: 8.8m",
+    " iteration      101/     500 | elapsed time per iteration (ms): 66699.5 | lm loss: 7.761578E+00 | grad norm: 4.834 |",
+    " validation loss at iteration 100 | lm loss value: 7.666490E+00 |", "saving checkpoint at iteration     500 to /x",
+    "Training epoch 0, iteration 1/99 | lr: 2e-05 | global_step: 1 | reduced_train_loss: 1.31 | val_loss: 1.2",
+    "[rank0]:[titan] 2026-08-13 22:49:19,421 - root - INFO - step:  1  loss:  8.10081  grad_norm:  1.3505  tps: 4,748",
+    "| epoch 001:    450 / 1891 loss=11.521, num_updates=445, lr=8.90889e-05, gnorm=1.543",
+    "| epoch 001 | valid on 'valid' subset | valid_loss 8.11425 | num_updates 600",
+    "{'loss': '1.921', 'grad_norm': '32.75', 'global_step/max_steps': '1/2353'}", "{'eval_loss': 1.8, 'epoch': 0.5}",
+    '{"step": 3, "loss": 2.5, "extras": {"mfu": 0.4}}', '{"global_step/max_steps": "1/2353", "loss": 1.9}',
+    "step,loss,val_loss", "1,2.5,", "epoch,step,train_loss_step,val_loss_epoch", "0,49,7.6,",
+]
+
+
+def _mutate(line: str, data: st.DataObject) -> str:
+    """A seed line with random characters replaced, inserted or cut off."""
+    chars = list(line)
+    for _ in range(data.draw(st.integers(0, 4))):
+        where = data.draw(st.integers(0, len(chars)))
+        action = data.draw(st.sampled_from(["insert", "replace", "truncate"]))
+        junk = data.draw(st.text(min_size=1, max_size=3))
+        if action == "insert":
+            chars[where:where] = list(junk)
+        elif action == "replace" and where < len(chars):
+            chars[where] = junk
+        else:
+            chars = chars[:where]
+    return "".join(chars)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_text_readers_never_raise_on_random_or_mutated_lines(tmp_path: Path, data: st.DataObject) -> None:
+    lines = data.draw(st.lists(st.one_of(st.sampled_from(SEED_LINES), st.text(max_size=80)), min_size=1, max_size=25))
+    lines = [_mutate(line, data) if data.draw(st.booleans()) else line for line in lines]
+    path = tmp_path / "fuzz.log"
+    path.write_text("\n".join(lines), encoding="utf-8", errors="surrogatepass")
+    sniff_format(path)
+    for name in TEXT_READERS:
+        try:
+            table = LOG_READERS[name].read(path)
+        except LogParseError:
+            continue   # a typed "cannot read this at all" (e.g. a CSV with no header) is allowed
+        assert table.rows >= 0 and table.skipped_lines >= 0
+        assert list(table.frame.columns) == ["step", "metric", "value", "wall_time"]
+
+
+# --- step timing -----------------------------------------------------------------------
+def _timing_frame() -> pd.DataFrame:
+    """100 steps of 100 ms; eval at 20/60 (+900 ms), eval+checkpoint at 40 (+1900 ms), a stall at 80."""
+    rows = [(s, "step_time_ms", 100.0) for s in range(100)]
+    extra = {20: 900.0, 60: 900.0, 40: 1900.0, 80: 400.0}
+    rows = [(s, m, v + extra.get(s, 0.0)) for s, m, v in rows]
+    rows += [(s, "val_loss", 2.0) for s in (20, 40, 60)] + [(40, "checkpoint_saved", 1.0)]
+    frame = pd.DataFrame(rows, columns=["step", "metric", "value"])
+    frame["wall_time"] = np.nan
+    return frame
+
+
+def test_timing_separates_eval_and_checkpoint_iterations() -> None:
+    timing = analyze_step_times(_timing_frame())
+    assert timing.steady_step_ms == 100.0
+    assert [(s.step, s.kind) for s in timing.slow] == [(20, "eval"), (40, "eval+checkpoint"), (60, "eval"), (80, "other")]
+    assert timing.eval_cost_ms == 900.0 and timing.eval_checkpoint_cost_ms == 1900.0
+    total = 100 * 100.0 + 900 * 2 + 1900 + 400
+    assert timing.total_ms == total
+    assert timing.eval_share == pytest.approx(1800 / total)
+    assert timing.eval_checkpoint_share == pytest.approx(1900 / total)
+    assert timing.other_slow_share == pytest.approx(400 / total)
+
+
+def test_timing_without_step_times_is_empty() -> None:
+    frame = _timing_frame()
+    timing = analyze_step_times(frame[frame["metric"] != "step_time_ms"])
+    assert timing.source is None and timing.steady_step_ms is None and timing.slow == ()
+
+
+@needs_real_logs
+def test_timing_on_real_nanogpt_log() -> None:
+    """MANIFEST: eval/ckpt iterations ~83,000 ms vs ~590 ms, every 250th iteration."""
+    table = read_log(REAL_LOGS / "nanogpt/ChristineChan_seem3650_shakespeare_char_5000iter_nb.log")
+    timing = analyze_step_times(table.frame)
+    assert timing.steady_step_ms == pytest.approx(590, rel=0.03)
+    assert {s.step for s in timing.slow if s.kind != "warmup"} == set(range(250, 5001, 250))
+    assert timing.eval_cost_ms == pytest.approx(82_000, rel=0.03)
+    assert 0.3 < timing.eval_share + timing.eval_checkpoint_share < 0.4
+
+
+@needs_real_logs
+def test_timing_on_real_megatron_log() -> None:
+    """MANIFEST: iterations 101/201/301/401 take 59-69 s vs ~17-19 s (they include the eval)."""
+    table = read_log(REAL_LOGS / "megatron_nemo_etc/starksim_megatron_deepspeed_qwen7b_baseline_500.log")
+    timing = analyze_step_times(table.frame)
+    assert [(s.step, s.kind) for s in timing.slow] == [(101, "eval"), (201, "eval"), (301, "eval"), (401, "eval")]
+    assert 17_000 < timing.steady_step_ms < 19_500
+
+
+# --- open_run and the CLI contract -------------------------------------------------------
+def test_open_run_merges_logs_by_step(tmp_path: Path) -> None:
+    _write(tmp_path, "train.log", "iter 0: loss 4.0000, time 10.00ms, mfu 1.00%\niter 10: loss 3.0000, time 10.00ms, mfu 1.00%\n")
+    _write(tmp_path, "metrics.jsonl", '{"step": 10, "hellaswag": 0.3}\n{"step": 20, "hellaswag": 0.31}\n')
+    run = open_run(tmp_path)
+    assert sorted(t.format for t in run.logs) == ["jsonl", "nanogpt"]
+    assert run.metric("train_loss")["step"].tolist() == [0, 10]
+    assert run.metric("hellaswag")["value"].tolist() == [0.3, 0.31]
+    assert any("train.log" in note and "nanogpt" in note for note in run.notes)
+
+
+def test_logs_json_contract(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = _write(tmp_path, "train.log", "iter 0: loss 4.0000, time 10.00ms, mfu 1.00%\n"
+                                         "iter 10: loss nan, time 10.00ms, mfu 1.00%\nbad line\n")
+    assert cli_main(["logs", str(path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)["logs"][0]
+    assert set(doc) == {"path", "format", "rows", "skipped_lines", "restarts", "metrics"}
+    assert doc["path"] == str(path) and doc["format"] == "nanogpt"
+    assert doc["metrics"]["train_loss"] == {"count": 2, "first_step": 0, "last_step": 10, "last": None,
+                                            "first_nonfinite_step": 10}
