@@ -138,4 +138,4 @@ def read_log(path: str | Path, fmt: str | None = None) -> LogTable:
     return LOG_READERS[name].read(path)
 
 
-__all__ = ["LOG_READERS", "SNIFF_BYTES", "LogReader", "LogTable", "read_log", "sniff_format"]
+__all__ = ["LOG_READERS", "LogReader", "LogTable", "SNIFF_BYTES", "read_log", "sniff_format"]

@@ -16,8 +16,8 @@ from ..errors import LogParseError
 from .base import LogTable
 from .builder import TableBuilder
 
-# The first record of an event file: length (8 bytes) + crc (4) + an Event whose
-# first field is wall_time (tag 0x09) ... Checking the file name and this byte is cheap.
+# Event files are binary (the sniff sample of a binary file is empty), so the writer's
+# fixed file-name pattern is what identifies them; tbparse then validates the records.
 _EVENT_NAME = "events.out.tfevents"
 
 
