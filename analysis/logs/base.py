@@ -84,3 +84,10 @@ def to_float(value: object) -> float | None:
         except ValueError:
             return None
     return None
+
+
+def to_step(value: object) -> float | None:
+    """A step as a number; ``"12/2353"`` (ms-swift's ``global_step/max_steps``) -> 12."""
+    if isinstance(value, str) and "/" in value:
+        value = value.split("/", 1)[0]
+    return to_float(value)

@@ -14,17 +14,11 @@ import math
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import LogParseError
-from .base import LogTable, to_float
+from .base import LogTable, to_float, to_step
 from .builder import TableBuilder
-from .names import STEP_KEYS, find_step_key, find_wall_time_key
-
-
-# Keys of an end-of-run summary record (HF/ms-swift ``train_runtime`` + run-mean
-# ``train_loss``) go under this prefix so they are not read as a point of the curve.
-SUMMARY_PREFIX = "summary/"
+from .jsonl_fast import SUMMARY_PREFIX, block_bounds, read_block
+from .names import find_step_key, find_wall_time_key
 
 
 def _flatten(obj: dict, prefix: str = "") -> dict[str, object]:
@@ -37,13 +31,6 @@ def _flatten(obj: dict, prefix: str = "") -> dict[str, object]:
         else:
             flat[name] = value
     return flat
-
-
-def _step_number(value: object) -> float | None:
-    """A step as a number; ``"12/2353"`` (ms-swift's ``global_step/max_steps``) -> 12."""
-    if isinstance(value, str) and "/" in value:
-        value = value.split("/", 1)[0]
-    return to_float(value)
 
 
 def _wall_number(value: object) -> float | None:
@@ -62,7 +49,7 @@ def _split_record(
     record: dict[str, object], step_key: str | None, wall_key: str | None
 ) -> tuple[int | None, dict[str, float], float | None]:
     """(step, numeric metrics, wall time) of one flat record; step None if unusable."""
-    step_value = _step_number(record.get(step_key)) if step_key else None
+    step_value = to_step(record.get(step_key)) if step_key else None
     if step_key and (step_value is None or not math.isfinite(step_value)):
         return None, {}, None
     wall = _wall_number(record.get(wall_key)) if wall_key else None
@@ -99,13 +86,14 @@ class JsonlReader:
 
     def read(self, path: Path) -> LogTable:
         builder = TableBuilder(path, self.name)
-        if not _read_fast(path, builder):
-            try:
-                handle = path.open("r", encoding="utf-8", errors="replace")
-            except OSError as e:
-                raise LogParseError(path, None, e.strerror or str(e)) from e
-            with handle:
-                for line in handle:
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise LogParseError(path, None, e.strerror or str(e)) from e
+        # Well-formed blocks go through pyarrow; only a block with a bad line is read line by line.
+        for start, end in block_bounds(data):
+            if not read_block(data[start:end], builder):
+                for line in data[start:end].decode("utf-8", errors="replace").splitlines():
                     self._read_line(line, builder)
         return builder.build()
 
@@ -211,69 +199,3 @@ def _safe_rows(reader, builder: TableBuilder):
         except csv.Error:
             builder.skip()
 
-
-def _read_fast(path: Path, builder: TableBuilder) -> bool:
-    """Read a well-formed JSONL file column-wise with pyarrow (C++, multithreaded).
-
-    Returns False, having added nothing, when the file needs the line-by-line reader:
-    a malformed line, a NaN literal, a type that changes between lines, no step key.
-    """
-    try:
-        import pyarrow as pa
-        import pyarrow.json as pa_json
-    except ImportError:  # pragma: no cover - pyarrow comes with pandas' extras
-        return False
-    try:
-        table = pa_json.read_json(str(path), read_options=pa_json.ReadOptions(block_size=1 << 20))
-        while any(pa.types.is_struct(f.type) for f in table.schema):
-            table = table.flatten()
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OSError):
-        return False
-    names = [n.replace(".", "/") for n in table.column_names]
-    columns = {name: _column(table.column(i), name.lower() in STEP_KEYS) for i, name in enumerate(names)}
-    step_key, wall_key = _busiest_key(columns, STEP_KEYS), find_wall_time_key(names)
-    if step_key is None or table.num_rows == 0:
-        return False
-    steps, step_ok = columns.pop(step_key)
-    if not step_ok.any() or (step_key and not np.all(np.isfinite(steps[step_ok]))):
-        return False
-    walls = columns.pop(wall_key)[0] if wall_key else None
-    summary = columns["train_runtime"][1] if "train_runtime" in columns else np.zeros(len(steps), dtype=bool)
-    metrics: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name, (values, mask) in columns.items():
-        # An end-of-run summary row (train_runtime, run-mean train_loss) is not a curve point.
-        if (mask & summary).any():
-            metrics[f"{SUMMARY_PREFIX}{name}"] = (values, mask & summary & step_ok)
-        if (mask & ~summary).any():
-            metrics[name] = (values, mask & ~summary & step_ok)
-    builder.skip(int((~step_ok).sum()))
-    builder.add_columns(np.where(step_ok, steps, 0).astype(np.int64), metrics, walls)
-    return True
-
-
-def _busiest_key(columns: dict[str, tuple[np.ndarray, np.ndarray]], candidates: tuple[str, ...]) -> str | None:
-    """The candidate step column present in the most rows (ties: the earlier candidate)."""
-    lowered = {name.lower(): name for name in columns}
-    best, best_count = None, 0
-    for candidate in candidates:
-        name = lowered.get(candidate)
-        if name is not None and (count := int(columns[name][1].sum())) > best_count:
-            best, best_count = name, count
-    return best
-
-
-def _column(column, is_step: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(float values, present mask) of one Arrow column; strings parsed like to_float."""
-    import pyarrow as pa
-
-    kind = column.type
-    if pa.types.is_integer(kind) or pa.types.is_floating(kind):
-        values = column.to_numpy(zero_copy_only=False).astype(np.float64)
-        mask = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-        return np.where(mask, values, np.nan), mask
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        parse = _step_number if is_step else to_float
-        parsed = [parse(v) if v is not None else None for v in column.to_pylist()]
-        mask = np.array([v is not None for v in parsed], dtype=bool)
-        return np.array([np.nan if v is None else v for v in parsed], dtype=np.float64), mask
-    return np.full(len(column), np.nan), np.zeros(len(column), dtype=bool)
