@@ -31,8 +31,8 @@ class HfTrainerStateReader:
     description = "Hugging Face trainer_state.json (log_history)"
 
     def sniff(self, path: Path, head: str) -> bool:
-        return head.lstrip().startswith("{") and '"log_history"' in head or (
-            path.name == "trainer_state.json" and head.lstrip().startswith("{"))
+        is_object = head.lstrip().startswith("{")
+        return is_object and ('"log_history"' in head or path.name == "trainer_state.json")
 
     def read(self, path: Path) -> LogTable:
         builder = TableBuilder(path, self.name)
@@ -43,18 +43,31 @@ class HfTrainerStateReader:
         history = state.get("log_history") if isinstance(state, dict) else None
         if not isinstance(history, list):
             raise LogParseError(path, None, "no log_history list")
+        last_step: int | None = None
         for entry in history:
-            self._add_entry(entry, builder)
+            last_step = self._add_entry(entry, last_step, builder)
         for note in NOTES:
             builder.note(note)
         return builder.build()
 
     @staticmethod
-    def _add_entry(entry: object, builder: TableBuilder) -> None:
-        step = to_float(entry.get("step")) if isinstance(entry, dict) else None
-        if step is None or step != step:
+    def _add_entry(entry: object, last_step: int | None, builder: TableBuilder) -> int | None:
+        """Add one log_history entry; returns the step it was placed at.
+
+        Seq2SeqTrainer's ``predict_*`` entries carry an epoch but no step: they belong
+        to the step of the entry before them (the eval of the same epoch).
+        """
+        if not isinstance(entry, dict):
             builder.skip()
-            return
+            return last_step
+        step = to_float(entry.get("step"))
+        if step is None or step != step:
+            if last_step is None or "step" in entry:
+                builder.skip()
+                return last_step
+            step = last_step
+            builder.note("trainer_state.json: entries without a step (predict_*) placed at the step before them")
         prefix = "summary/" if "train_runtime" in entry else ""
         metrics = {f"{prefix}{k}": v for k, raw in entry.items() if k != "step" and (v := to_float(raw)) is not None}
         builder.add(int(step), metrics)
+        return int(step)
