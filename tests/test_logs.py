@@ -263,6 +263,20 @@ def test_missing_file_is_a_typed_error(tmp_path: Path) -> None:
         read_log(tmp_path / "absent.log")
 
 
+def test_step_too_big_for_int64_is_skipped_not_fatal(tmp_path: Path) -> None:
+    big = "9" * 30
+    lines = [f"iter {big}: loss 1.0, time 1.0ms, mfu 1.0%", "iter 5: loss 1.0, time 1.0ms, mfu 1.0%",
+             f"s:{big} trl:1.0", f"step:{big}/10 train_loss:1.0 train_time:1ms", f" iteration {big}/ 10 | lm loss: 1.0 |",
+             f"{big} train 1.0", f"[titan] step: {big}  loss: 1.0", f"| epoch 001:  1 / 9 loss=1.0, num_updates={big}",
+             "{'loss': 1.0, 'step': 1e30}", '{"step": 1e30, "loss": 1.0}', "step,loss", f"{big},1.0"]
+    path = _write(tmp_path, "x.log", "\n".join(lines) + "\n")
+    for name in TEXT_READERS:
+        table = LOG_READERS[name].read(path)
+        assert (table.frame["step"].abs() < 2**62).all()
+    nano = LOG_READERS["nanogpt"].read(path)
+    assert nano.series("train_loss")["step"].tolist() == [5] and nano.skipped_lines == 1
+
+
 # --- property tests: no exception escapes a text reader ---------------------------------
 TEXT_READERS = ["nanogpt", "build_nanogpt", "build_nanogpt_logtxt", "llmc", "modded_nanogpt", "megatron", "nemo",
                 "torchtitan", "fairseq", "hf_stdout", "jsonl", "csv", "lightning_csv"]
@@ -283,6 +297,7 @@ SEED_LINES = [
     "{'loss': '1.921', 'grad_norm': '32.75', 'global_step/max_steps': '1/2353'}", "{'eval_loss': 1.8, 'epoch': 0.5}",
     '{"step": 3, "loss": 2.5, "extras": {"mfu": 0.4}}', '{"global_step/max_steps": "1/2353", "loss": 1.9}',
     "step,loss,val_loss", "1,2.5,", "epoch,step,train_loss_step,val_loss_epoch", "0,49,7.6,",
+    "iter 99999999999999999999999: loss 1.0, time 1.0ms", "s:99999999999999999999999 tel:1.0",
 ]
 
 

@@ -17,6 +17,9 @@ import pandas as pd
 from .base import LogTable, empty_frame
 from .names import canonical_metric
 
+# Steps outside this range cannot be stored (int64): such a record is malformed.
+MAX_STEP = 2**62
+
 # One block of records: (record steps, record wall times, {metric: (values, present mask)}).
 _Block = tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]
 
@@ -46,6 +49,9 @@ class TableBuilder:
     def add(self, step: int, metrics: dict[str, float], wall_time: float | None = None) -> None:
         """Add one record; ``metrics`` maps raw names to floats (NaN/inf allowed)."""
         if not metrics:
+            return
+        if not -MAX_STEP <= step <= MAX_STEP:
+            self.skip()
             return
         index = len(self._rec_steps)
         self._rec_steps.append(int(step))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import to_float, to_step
-from .builder import TableBuilder
+from .builder import MAX_STEP, TableBuilder
 from .names import STEP_KEYS, find_wall_time_key
 
 # Bytes per block: big enough for pyarrow's threads, small enough that a bad line's
@@ -56,6 +56,7 @@ def read_block(chunk: bytes, builder: TableBuilder) -> bool:
     if step_key is None or table.num_rows == 0:
         return False
     steps, step_ok = columns.pop(step_key)
+    step_ok &= np.abs(np.nan_to_num(steps, nan=0.0)) <= MAX_STEP   # an int64 must hold it
     if not step_ok.any() or (step_key and not np.all(np.isfinite(steps[step_ok]))):
         return False
     walls = columns.pop(wall_key)[0] if wall_key else None

@@ -148,9 +148,9 @@ def _columns(rule: LineRule, compiled: re.Pattern[str], found: list) -> tuple[np
     if len(names) == 1:
         found = [(x,) for x in found]
     by_group = dict(zip(names, zip(*found)))
-    steps = np.array(by_group.pop("step"), dtype=np.int64)
+    steps, malformed_step = _steps(by_group.pop("step"))
+    malformed = malformed_step.copy()
     columns: dict[str, Column] = {}
-    malformed = np.zeros(len(steps), dtype=bool)
     for group, raw in by_group.items():
         if group in rule.flags:
             present = np.array([bool(x) for x in raw], dtype=bool)
@@ -159,8 +159,17 @@ def _columns(rule: LineRule, compiled: re.Pattern[str], found: list) -> tuple[np
             values, present, bad = _floats(raw)
             values *= rule.scale.get(group, 1.0)
             malformed |= bad
-        columns[rule.names.get(group, group)] = (values, present)
+        columns[rule.names.get(group, group)] = (values, present & ~malformed_step)
     return steps, columns, int(malformed.sum())
+
+
+def _steps(raw: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 steps, malformed mask): a step too big for int64 is malformed (its record dropped)."""
+    try:
+        return np.array(raw, dtype=np.int64), np.zeros(len(raw), dtype=bool)
+    except (OverflowError, ValueError):
+        ok = np.array([len(x) < 18 and x.isdigit() for x in raw], dtype=bool)
+        return np.array([int(x) if good else 0 for x, good in zip(raw, ok)], dtype=np.int64), ~ok
 
 
 def _floats(raw: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
