@@ -105,16 +105,25 @@ def sniff_format(path: Path) -> str | None:
             return name
     if not sample:
         return None
+    return _deep_sniff(path)
+
+
+def _deep_sniff(path: Path) -> str | None:
+    """The first ``deep_sniff`` reader that recognises any 1 MB chunk of the file's first 32 MB."""
     deep = [(name, r) for name, r in LOG_READERS.items() if getattr(r, "deep_sniff", False)]
-    with path.open("rb") as handle:
-        for _ in range(DEEP_SNIFF_BYTES // _CHUNK):
-            raw = handle.read(_CHUNK)
-            if not raw or b"\x00" in raw:
-                return None
-            text = raw.decode("utf-8", errors="replace")
-            for name, reader in deep:
-                if reader.sniff(path, text):
-                    return name
+    try:
+        with path.open("rb") as handle:
+            for _ in range(DEEP_SNIFF_BYTES // _CHUNK):
+                raw = handle.read(_CHUNK)
+                if not raw or b"\x00" in raw:
+                    return None
+                # Chunks overlap by nothing; a record line cut in two is rare and the next chunk has more.
+                text = raw.decode("utf-8", errors="replace")
+                for name, reader in deep:
+                    if reader.sniff(path, text):
+                        return name
+    except OSError as e:
+        raise LogParseError(path, None, e.strerror or str(e)) from e
     return None
 
 
