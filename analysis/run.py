@@ -180,7 +180,7 @@ def _matches(root: Path, path: Path, patterns: list[str]) -> bool:
 
 
 def _log_candidate(path: Path) -> bool:
-    return path.suffix.lower() in LOG_SUFFIXES or path.name.startswith("events.out.tfevents")
+    return path.suffix.lower() in LOG_SUFFIXES or "events.out.tfevents" in path.name
 
 
 def _run_from_files(root: Path, ckpt_paths: list[Path], log_paths: list[Path], name: str,
