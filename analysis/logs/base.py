@@ -47,7 +47,14 @@ class LogReader(Protocol):
     description: str
 
     def sniff(self, path: Path, head: str) -> bool:
-        """True if ``head`` (the first ~4 KB of the file, decoded leniently) is this format."""
+        """True if ``head`` is this format: the first ~4 KB of the file plus a few evenly
+        spaced ~4 KB windows up to its tail, decoded leniently ('' for a binary file).
+
+        Must be cheap (a regex search) and must not read the file again. A reader whose
+        line pattern is specific enough to be tested on any stretch of text may set
+        ``deep_sniff = True``: it is then also tried on the first 32 MB, chunk by chunk,
+        when no reader claimed the sample (logs whose records follow a long preamble).
+        """
         ...
 
     def read(self, path: Path) -> LogTable:
