@@ -404,3 +404,34 @@ def test_logs_json_contract(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     assert doc["path"] == str(path) and doc["format"] == "nanogpt"
     assert doc["metrics"]["train_loss"] == {"count": 2, "first_step": 0, "last_step": 10, "last": None,
                                             "first_nonfinite_step": 10}
+
+
+# --- formats and namings without a real sample here ----------------------------------------
+@pytest.mark.parametrize("name, text, fmt, expected", [
+    ("wandb_export.csv",
+     'Step,"run-a - train/loss","run-a - train/loss__MIN","run-a - train/loss__MAX","run-a - eval/loss"\n'
+     "1,2.5,2.4,2.6,\n2,2.4,2.3,2.5,2.45\n", "csv", {"train_loss": [2.5, 2.4], "val_loss": [2.45]}),
+    ("titan.jsonl", '{"step": 1, "loss_metrics/global_avg_loss": 8.1, "extras": {"mfu": 0.4, "lr/AdamW": 3e-4}}\n'
+                    '{"step": 2, "loss_metrics/global_avg_loss": 8.0, "extras": {"mfu": 0.41, "lr/AdamW": 3e-4}}\n',
+     "jsonl", {"train_loss": [8.1, 8.0], "extras/mfu": [0.4, 0.41], "extras/lr/adamw": [3e-4, 3e-4]}),
+    ("names.jsonl", '{"iter": 1, "lm loss": 3.0, "valid/loss": 3.1, "lr/AdamW": 1e-3, "grad norm": 0.5}\n',
+     "jsonl", {"train_loss": [3.0], "val_loss": [3.1], "lr": [1e-3], "grad_norm": [0.5]}),
+    ("names.csv", "global_step,train/loss,learning_rate,eval_loss\n10,2.0,1e-4,\n20,1.9,1e-4,2.1\n",
+     "csv", {"train_loss": [2.0, 1.9], "lr": [1e-4, 1e-4], "val_loss": [2.1]}),
+    ("trainer.out", "{'loss': 2.1, 'grad_norm': 1.5, 'learning_rate': 5e-05, 'epoch': 0.1}\n"
+                    "{'loss': 1.9, 'grad_norm': 1.2, 'learning_rate': 4e-05, 'epoch': 0.2}\n"
+                    "{'eval_loss': 1.8, 'eval_runtime': 3.0, 'epoch': 0.2}\n"
+                    "{'train_runtime': 100.0, 'train_loss': 2.0, 'epoch': 0.2}\n",
+     "hf_stdout", {"train_loss": [2.1, 1.9], "val_loss": [1.8], "summary/train_loss": [2.0]}),
+    ("megatron.log", " [2024-05-01 10:00:00] iteration      100/  500000 | consumed samples:        51200 | "
+                     "elapsed time per iteration (ms): 1234.5 | learning rate: 3.000E-04 | global batch size:   512 | "
+                     "lm loss: 2.345678E+00 | loss scale: 1.0 | grad norm: 0.345 | number of skipped iterations:   0 |\n",
+     "megatron", {"train_loss": [2.345678], "lr": [3e-4], "grad_norm": [0.345], "step_time_ms": [1234.5]}),
+    ("old_nanogpt.log", "iter 0: loss 4.2000, time 500.00ms\niter 1: loss 4.1000, time 20.00ms\n",
+     "nanogpt", {"train_loss": [4.2, 4.1], "step_time_ms": [500.0, 20.0]}),
+])
+def test_formats_and_namings(tmp_path: Path, name: str, text: str, fmt: str, expected: dict) -> None:
+    table = read_log(_write(tmp_path, name, text))
+    assert table.format == fmt
+    for metric, values in expected.items():
+        assert table.series(metric)["value"].tolist() == pytest.approx(values), metric

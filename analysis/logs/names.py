@@ -12,7 +12,7 @@ import re
 CANONICAL_ALIASES: dict[str, tuple[str, ...]] = {
     "train_loss": (
         "train_loss", "loss", "train/loss", "lm loss", "lm_loss", "trl", "train_loss_step",
-        "reduced_train_loss", "training_loss", "train/lm_loss", "loss/train",
+        "reduced_train_loss", "training_loss", "train/lm_loss", "loss/train", "loss_metrics/global_avg_loss",
     ),
     "val_loss": (
         "val_loss", "eval_loss", "valid_loss", "validation_loss", "val/loss", "valid/loss",
