@@ -435,3 +435,27 @@ def test_formats_and_namings(tmp_path: Path, name: str, text: str, fmt: str, exp
     assert table.format == fmt
     for metric, values in expected.items():
         assert table.series(metric)["value"].tolist() == pytest.approx(values), metric
+
+
+def _csv_cases() -> list[Path]:
+    golden = [p for p in GOLDEN.glob("*/*.csv") if not p.name.endswith(".expected.csv")]
+    real = sorted(REAL_LOGS.glob("*/*.csv")) if REAL_LOGS.is_dir() else []
+    return golden + real
+
+
+@pytest.mark.parametrize("path", _csv_cases(), ids=lambda p: p.name)
+def test_csv_fast_path_equals_row_reader(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from analysis.logs import csv_jsonl
+    monkeypatch.setattr(csv_jsonl, "MIN_FAST_BYTES", 0)
+    fast, slow = (csv_jsonl.read_csv_records(path, "csv", fast=f) for f in (True, False))
+    assert (fast.rows, fast.skipped_lines, fast.restarts) == (slow.rows, slow.skipped_lines, slow.restarts)
+    key = ["metric", "step"]
+    pd.testing.assert_frame_equal(fast.frame.sort_values(key).reset_index(drop=True),
+                                  slow.frame.sort_values(key).reset_index(drop=True), atol=1e-3)
+
+
+def test_csv_with_a_malformed_row_counts_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from analysis.logs import csv_jsonl
+    monkeypatch.setattr(csv_jsonl, "MIN_FAST_BYTES", 0)
+    table = read_log(_write(tmp_path, "m.csv", "step,loss\n1,2.0\n2,1.9,extra\n3\n4,1.7\n"))
+    assert table.skipped_lines == 2 and table.series("train_loss")["step"].tolist() == [1, 4]
