@@ -174,6 +174,14 @@ def test_same_run_three_ways_agrees() -> None:
 
 
 @needs_real_logs
+def test_real_multi_run_log_keeps_its_segments() -> None:
+    """MANIFEST: four n_layer runs concatenated, each 0..750; the last run is the curve."""
+    table = read_log(REAL_LOGS / "nanogpt/ChristineChan_seem3650_layers_sweep_nb.log")
+    assert table.segments == ((0, 750),) * 4
+    assert table.series("val_loss")["value"].tolist()[-1] == 1.6265
+
+
+@needs_real_logs
 def test_trainer_state_notes_say_loss_is_window_mean_and_nan_filtered() -> None:
     notes = " ".join(read_log(REAL_LOGS / "hf_trainer_state/NSLLM_trainer_state.json").notes)
     assert "mean over each logging window" in notes and "NaN/inf" in notes
@@ -192,7 +200,7 @@ def test_restart_later_segment_wins(tmp_path: Path) -> None:
     lines += [f"iter {i}: loss {1 + i / 1000:.4f}, time 10.00ms, mfu 1.00%" for i in range(20, 60, 10)]
     table = read_log(_write(tmp_path, "train.log", "\n".join(lines) + "\n"))
     loss = table.series("train_loss")
-    assert table.restarts == 1
+    assert table.restarts == 1 and table.segments == ((0, 30), (20, 50))
     assert loss["step"].tolist() == [0, 10, 20, 30, 40, 50]
     assert loss["value"].tolist() == [5.0, 4.9, 1.02, 1.03, 1.04, 1.05]
 

@@ -29,6 +29,9 @@ class LogTable:
     skipped_lines: int   # malformed lines skipped, never fatal
     restarts: int = 0    # times the step counter went back (resumes, appended runs)
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # (first_step, last_step) of each run segment in file order, as logged (before later
+    # segments replaced the overlap); one segment when the log never restarts.
+    segments: tuple[tuple[int, int], ...] = ()
 
     def metric_names(self) -> list[str]:
         """Names of the metrics present, sorted."""

@@ -105,14 +105,15 @@ class TableBuilder:
     def build(self) -> LogTable:
         """The finished table, with superseded rows of earlier segments removed."""
         self._flush()
-        restarts = 0
-        if not self._blocks:
-            frame = empty_frame()
-        else:
+        restarts, segments = 0, ()
+        if self._blocks:
             frame, restarts = _assemble(self._blocks)
+            segments = _segments(np.concatenate([b[0] for b in self._blocks]))
+        else:
+            frame = empty_frame()
         return LogTable(
             path=self.path, format=self.format, frame=frame, rows=self.rows,
-            skipped_lines=self.skipped_lines, restarts=restarts, notes=tuple(self.notes),
+            skipped_lines=self.skipped_lines, restarts=restarts, notes=tuple(self.notes), segments=segments,
         )
 
 
@@ -147,6 +148,15 @@ def _assemble(blocks: list[_Block]) -> tuple[pd.DataFrame, int]:
         "wall_time": np.concatenate([p[2] for p in parts]),
     }, copy=False)
     return frame, restarts
+
+
+def _segments(rec_steps: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """(first, last) step of each stretch between restarts, in file order."""
+    if not len(rec_steps):
+        return ()
+    cuts = np.flatnonzero(rec_steps[1:] < rec_steps[:-1]) + 1
+    starts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(rec_steps)]])
+    return tuple((int(rec_steps[a]), int(rec_steps[b - 1])) for a, b in zip(starts, ends))
 
 
 def _dedupe(steps: np.ndarray, values: np.ndarray, walls: np.ndarray) -> tuple[np.ndarray, ...]:
