@@ -75,12 +75,14 @@ def read_sample(path: Path, size: int = SNIFF_BYTES, windows: int = SNIFF_WINDOW
     try:
         with path.open("rb") as handle:
             end = handle.seek(0, 2)
-            if end > size:
-                for k in range(1, windows + 1):
-                    handle.seek(size + (end - 2 * size) * k // windows if end > 2 * size else size)
-                    chunk = handle.read(size)
-                    if b"\x00" not in chunk:
-                        parts.append(chunk.decode("utf-8", errors="replace").split("\n", 1)[-1])
+            spread = max(0, end - 2 * size)   # where windows may start, past the head
+            for k in range(1, windows + 1) if end > size else ():
+                if spread == 0 and k > 1:
+                    break   # a short file: one window already reaches its end
+                handle.seek(size + spread * k // windows)
+                chunk = handle.read(size)
+                if b"\x00" not in chunk:
+                    parts.append(chunk.decode("utf-8", errors="replace").split("\n", 1)[-1])
     except OSError as e:
         raise LogParseError(path, None, e.strerror or str(e)) from e
     return "\n".join(parts)
