@@ -325,7 +325,7 @@ def _mutate(line: str, data: st.DataObject) -> str:
     return "".join(chars)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("CKPT_SELECT_FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_text_readers_never_raise_on_random_or_mutated_lines(tmp_path: Path, data: st.DataObject) -> None:
     lines = data.draw(st.lists(st.one_of(st.sampled_from(SEED_LINES), st.text(max_size=80)), min_size=1, max_size=25))

@@ -23,11 +23,12 @@ from pathlib import Path
 
 from .base import LogTable
 from .builder import TableBuilder
-from .text import NUMBER, PLAIN_NUMBER, LineRule, key_values, read_text, scan_rules
+from .text import NUMBER, PLAIN_NUMBER, LineRule, key_values, parse_number, read_text, scan_rules
 
 N = PLAIN_NUMBER
 _STDOUT_LINE = re.compile(
-    rf"^(?:step +(?P<step>\d+) \| (?P<rest>.*)|validation loss: (?P<val>{N})|HellaSwag accuracy: \d+/\d+=(?P<hella>{N}))\s*$",
+    rf"^(?:step +(?P<step>\d+) \| (?P<rest>.*)|validation loss: (?P<val>{NUMBER})"
+    rf"|HellaSwag accuracy: \d+/\d+=(?P<hella>{NUMBER}))\s*$",
     re.M,
 )
 _STDOUT_KV = re.compile(rf"(loss|lr|norm|dt|tok/sec):? ({NUMBER})")
@@ -55,10 +56,12 @@ class BuildNanoGPTReader:
         builder = TableBuilder(path, self.name)
         pending: dict[str, float] = {}
         for match in _STDOUT_LINE.finditer(read_text(path)):
-            if match["val"] is not None:
-                pending["val_loss"] = float(match["val"])
-            elif match["hella"] is not None:
-                pending["hellaswag"] = float(match["hella"])
+            if match["val"] is not None or match["hella"] is not None:
+                name, token = ("val_loss", match["val"]) if match["val"] is not None else ("hellaswag", match["hella"])
+                if (value := parse_number(token)) is None:
+                    builder.skip()
+                else:
+                    pending[name] = value
             else:
                 metrics = {_STDOUT_NAMES[k]: v for k, v in key_values(match["rest"], _STDOUT_KV).items()}
                 if "train_loss" not in metrics:
