@@ -76,6 +76,11 @@ def analyze(run_path: Path, as_json: bool) -> None:
         click.echo(f"  log {log['path']} ({log['format']}, {log['rows']} rows, {log['skipped_lines']} skipped)")
     for spike in signals.spikes:
         click.echo(f"  spike: {spike.describe()}")
+    timing = doc["timing"]
+    if timing["steady_step_ms"] is not None:
+        click.echo(f"  steady step {timing['steady_step_ms']:.1f} ms; eval {100 * (timing['eval_share'] or 0):.1f}%, "
+                   f"checkpoint {100 * (timing['checkpoint_share'] or 0):.1f}%, "
+                   f"both {100 * (timing['eval_checkpoint_share'] or 0):.1f}% of wall time")
     for c in doc["checkpoints"]:
         flags = [f for f, on in (("NaN/Inf", not c["finite"]), ("spike", c["spike_contaminated"]),
                                  ("mismatch", c["mismatch"])) if on]

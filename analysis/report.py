@@ -11,10 +11,15 @@ from .logs import LogTable
 from .recipe import Recipe, recipe_to_dict
 from .recommend import Recommendation
 from .run import Run
+<<<<<<< HEAD
 from .signals import LossSpike, RunSignals
 from .model_size import ParamCount
 from .scaling import ComputeOptimal, Forecast, StopSignal
 from .storage import MeasuredOverhead, StorageEstimate
+=======
+from .signals import LossSpike, RunSignals, StepTiming, analyze_step_times
+from .storage import StorageEstimate
+>>>>>>> logs
 
 
 def _num(value: float | None) -> float | None:
@@ -38,6 +43,21 @@ def log_report(table: LogTable) -> dict:
         }
     return {"path": str(table.path), "format": table.format, "rows": table.rows,
             "skipped_lines": table.skipped_lines, "restarts": table.restarts, "metrics": metrics}
+
+
+def timing_report(timing: StepTiming) -> dict:
+    """The ``timing`` record: steady step time, eval/checkpoint costs (ms) and wall-time shares."""
+    return {
+        "source": timing.source, "timed_points": timing.timed_points,
+        "steady_step_ms": _num(timing.steady_step_ms), "slow_factor": timing.slow_factor,
+        "eval_cost_ms": _num(timing.eval_cost_ms), "checkpoint_cost_ms": _num(timing.checkpoint_cost_ms),
+        "eval_checkpoint_cost_ms": _num(timing.eval_checkpoint_cost_ms), "total_ms": _num(timing.total_ms),
+        "eval_share": _num(timing.eval_share), "checkpoint_share": _num(timing.checkpoint_share),
+        "eval_checkpoint_share": _num(timing.eval_checkpoint_share),
+        "other_slow_share": _num(timing.other_slow_share), "warmup_ms": _num(timing.warmup_ms),
+        "slow_iterations": [{"step": s.step, "step_ms": _num(s.step_ms), "extra_ms": _num(s.extra_ms), "kind": s.kind}
+                            for s in timing.slow],
+    }
 
 
 def spike_report(spike: LossSpike, run: Run) -> dict:
@@ -76,6 +96,7 @@ def analysis_report(run: Run, signals: RunSignals) -> dict:
         "checkpoints": checkpoints,
         "logs": [log_report(t) for t in run.logs],
         "spikes": [spike_report(s, run) for s in signals.spikes],
+        "timing": timing_report(analyze_step_times(run)),
         "merged_outputs": [str(p) for p in run.merged_outputs],
         "evaluator_hint": run.evaluator_hint,
         "notes": list(run.notes),

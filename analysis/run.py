@@ -28,7 +28,7 @@ CONFIG_FILE = "ckpt-select.yaml"
 STEP_METADATA_KEYS = ("step", "global_step", "iteration", "iter_num")
 # A merged output written by CkptSelect carries this key; it is never taken for a checkpoint.
 MERGE_MARKER_KEY = "ckpt_select_recipe_sha256"
-LOG_SUFFIXES = {".jsonl", ".json", ".csv", ".log", ".txt", ".out", ".tsv"}
+LOG_SUFFIXES = {".jsonl", ".json", ".csv", ".log", ".txt", ".out", ".tsv", ".stdout"}
 SKIP_DIRS = {"__pycache__", "node_modules", "wandb"}
 MAX_DEPTH = 4
 _NUMBER = re.compile(r"(\d+)")
@@ -224,7 +224,7 @@ def _matches(root: Path, path: Path, patterns: list[str]) -> bool:
 
 
 def _log_candidate(path: Path) -> bool:
-    return path.suffix.lower() in LOG_SUFFIXES or path.name.startswith("events.out.tfevents")
+    return path.suffix.lower() in LOG_SUFFIXES or "events.out.tfevents" in path.name
 
 
 def _run_from_files(root: Path, ckpt_paths: list[Path], log_paths: list[Path], name: str,
@@ -256,6 +256,8 @@ def _read_logs(paths: list[Path], notes: list[str]) -> list[LogTable]:
         if table.rows == 0:
             notes.append(f"{path.name}: recognised as {fmt} but holds no metric rows")
             continue
+        notes.append(f"{path.name}: read as {fmt}: {table.rows} rows, {len(table.metric_names())} metrics, "
+                     f"{table.skipped_lines} lines skipped, {table.restarts} restarts")
         tables.append(table)
     return tables
 

@@ -1,5 +1,9 @@
 """Shared fixtures. Markers: ``browser`` (real Chromium), ``slow`` (more than a few seconds).
 
+Options:
+    --update-golden   rewrite tests/golden/**/<case>.expected.csv from the current
+                      readers (review the git diff before committing).
+
 Fixtures build tiny but real artifacts in code (safetensors files written by the
 safetensors library, JSONL logs), so tests never depend on mocks of the libraries.
 """
@@ -67,3 +71,15 @@ def sample_run() -> Path:
     """The real sample run shipped in the repository."""
     assert SAMPLE_RUN.is_dir(), f"{SAMPLE_RUN} is missing: regenerate it with `make sample-run`"
     return SAMPLE_RUN
+
+
+# --- golden files (log readers) --------------------------------------------------------
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-golden", action="store_true", default=False,
+                     help="rewrite golden expected files instead of comparing against them")
+
+
+@pytest.fixture
+def update_golden(request: pytest.FixtureRequest) -> bool:
+    """True when the run was started with --update-golden."""
+    return bool(request.config.getoption("--update-golden"))

@@ -29,6 +29,9 @@ class LogTable:
     skipped_lines: int   # malformed lines skipped, never fatal
     restarts: int = 0    # times the step counter went back (resumes, appended runs)
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # (first_step, last_step) of each run segment in file order, as logged (before later
+    # segments replaced the overlap); one segment when the log never restarts.
+    segments: tuple[tuple[int, int], ...] = ()
 
     def metric_names(self) -> list[str]:
         """Names of the metrics present, sorted."""
@@ -47,7 +50,14 @@ class LogReader(Protocol):
     description: str
 
     def sniff(self, path: Path, head: str) -> bool:
-        """True if ``head`` (the first ~4 KB of the file, decoded leniently) is this format."""
+        """True if ``head`` is this format: the first ~4 KB of the file plus a few evenly
+        spaced ~4 KB windows up to its tail, decoded leniently ('' for a binary file).
+
+        Must be cheap (a regex search) and must not read the file again. A reader whose
+        line pattern is specific enough to be tested on any stretch of text may set
+        ``deep_sniff = True``: it is then also tried on the first 32 MB, chunk by chunk,
+        when no reader claimed the sample (logs whose records follow a long preamble).
+        """
         ...
 
     def read(self, path: Path) -> LogTable:
@@ -84,3 +94,10 @@ def to_float(value: object) -> float | None:
         except ValueError:
             return None
     return None
+
+
+def to_step(value: object) -> float | None:
+    """A step as a number; ``"12/2353"`` (ms-swift's ``global_step/max_steps``) -> 12."""
+    if isinstance(value, str) and "/" in value:
+        value = value.split("/", 1)[0]
+    return to_float(value)

@@ -1,9 +1,10 @@
 """Accumulates records from a reader into a :class:`LogTable`, handling restarts.
 
-Every reader yields ``(step, {metric: value}, wall_time)`` records in file order; the
-builder canonicalises names, counts skipped lines and detects restarts (the step
-counter going back), keeping the curve the way the run actually continued: a later
-segment replaces every earlier row at or after its first step.
+Readers hand records over in file order, either one at a time (:meth:`TableBuilder.add`)
+or a whole block of columns at once (:meth:`TableBuilder.add_columns`, the vectorised
+fast path). The builder canonicalises names, counts skipped lines and detects restarts
+(the step counter going back), keeping the curve the way the run actually continued: a
+later segment replaces every earlier row at or after its first step.
 """
 
 from __future__ import annotations
@@ -16,19 +17,22 @@ import pandas as pd
 from .base import LogTable, empty_frame
 from .names import canonical_metric
 
+# Steps outside this range cannot be stored (int64): such a record is malformed.
+MAX_STEP = 2**62
+
+# One block of records: (record steps, record wall times, {metric: (values, present mask)}).
+_Block = tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]
+
 
 class TableBuilder:
-    """Collects tidy rows column-wise (cheap appends) and builds the frame once."""
+    """Collects tidy rows (record by record or column-wise) and builds the frame once."""
 
     def __init__(self, path: Path, fmt: str) -> None:
         self.path, self.format = path, fmt
-        self._steps: list[int] = []
-        self._metrics: list[str] = []
-        self._values: list[float] = []
-        self._walls: list[float] = []
-        self._segments: list[int] = []
-        self._segment = 0
-        self._last_step: int | None = None
+        self._blocks: list[_Block] = []
+        self._rec_steps: list[int] = []
+        self._rec_walls: list[float] = []
+        self._rows: list[tuple[int, str, float]] = []   # (record index in pending, metric, value)
         self.rows = 0
         self.skipped_lines = 0
         self.notes: list[str] = []
@@ -37,55 +41,135 @@ class TableBuilder:
         """Count a malformed line that was passed over."""
         self.skipped_lines += count
 
+    def note(self, text: str) -> None:
+        """Record something the reader did that a user should know (shown with the table)."""
+        if text not in self.notes:
+            self.notes.append(text)
+
     def add(self, step: int, metrics: dict[str, float], wall_time: float | None = None) -> None:
         """Add one record; ``metrics`` maps raw names to floats (NaN/inf allowed)."""
         if not metrics:
             return
-        if self._last_step is not None and step < self._last_step:
-            self._segment += 1
-        self._last_step = step
-        wall = float("nan") if wall_time is None else float(wall_time)
+        if not -MAX_STEP <= step <= MAX_STEP:
+            self.skip()
+            return
+        index = len(self._rec_steps)
+        self._rec_steps.append(int(step))
+        self._rec_walls.append(float("nan") if wall_time is None else float(wall_time))
         for name, value in metrics.items():
-            self._steps.append(int(step))
-            self._metrics.append(canonical_metric(name))
-            self._values.append(float(value))
-            self._walls.append(wall)
-            self._segments.append(self._segment)
+            self._rows.append((index, name, float(value)))
         self.rows += 1
+
+    def add_columns(
+        self,
+        steps: np.ndarray,
+        metrics: dict[str, tuple[np.ndarray, np.ndarray]],
+        wall_times: np.ndarray | None = None,
+    ) -> None:
+        """Add a block of records at once (the fast path for big logs).
+
+        Args:
+            steps: int step of each record, in file order.
+            metrics: raw name -> (float values, bool mask of records that carry it).
+            wall_times: unix seconds per record, or None.
+        """
+        self._flush()
+        steps = np.asarray(steps, dtype=np.int64)
+        if not len(steps):
+            return
+        keep = np.zeros(len(steps), dtype=bool)
+        for _, mask in metrics.values():
+            keep |= mask
+        walls = np.full(len(steps), np.nan) if wall_times is None else np.asarray(wall_times, dtype=np.float64)
+        block = {name: (np.asarray(v, dtype=np.float64), np.asarray(m, dtype=bool)) for name, (v, m) in metrics.items()}
+        if not keep.all():   # records without any metric are not rows (copying only when needed)
+            steps, walls = steps[keep], walls[keep]
+            block = {name: (v[keep], m[keep]) for name, (v, m) in block.items()}
+        self._blocks.append((steps, walls, block))
+        self.rows += len(steps)
+
+    def _flush(self) -> None:
+        """Turn the pending one-at-a-time records into a block (keeps file order)."""
+        if not self._rec_steps:
+            return
+        n = len(self._rec_steps)
+        block: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for index, name, value in self._rows:
+            if name not in block:
+                block[name] = (np.full(n, np.nan), np.zeros(n, dtype=bool))
+            block[name][0][index] = value
+            block[name][1][index] = True
+        self._blocks.append((np.asarray(self._rec_steps, dtype=np.int64), np.asarray(self._rec_walls), block))
+        self._rec_steps, self._rec_walls, self._rows = [], [], []
 
     def build(self) -> LogTable:
         """The finished table, with superseded rows of earlier segments removed."""
-        if not self._steps:
-            frame = empty_frame()
+        self._flush()
+        restarts, segments = 0, ()
+        if self._blocks:
+            frame, restarts = _assemble(self._blocks)
+            segments = _segments(np.concatenate([b[0] for b in self._blocks]))
         else:
-            frame = pd.DataFrame(
-                {
-                    "step": np.asarray(self._steps, dtype=np.int64),
-                    "metric": self._metrics,
-                    "value": np.asarray(self._values, dtype=np.float64),
-                    "wall_time": np.asarray(self._walls, dtype=np.float64),
-                }
-            )
-            if self._segment:
-                frame = _keep_continuation(frame, np.asarray(self._segments))
+            frame = empty_frame()
         return LogTable(
-            path=self.path,
-            format=self.format,
-            frame=frame,
-            rows=self.rows,
-            skipped_lines=self.skipped_lines,
-            restarts=self._segment,
-            notes=tuple(self.notes),
+            path=self.path, format=self.format, frame=frame, rows=self.rows,
+            skipped_lines=self.skipped_lines, restarts=restarts, notes=tuple(self.notes), segments=segments,
         )
 
 
-def _keep_continuation(frame: pd.DataFrame, segments: np.ndarray) -> pd.DataFrame:
-    """Drop rows of earlier segments at or after the first step of any later segment."""
-    steps = frame["step"].to_numpy()
-    keep = np.ones(len(frame), dtype=bool)
-    first_steps = {seg: int(steps[segments == seg].min()) for seg in np.unique(segments)}
-    # A row survives if no LATER segment starts at or before its step.
-    for seg, first in first_steps.items():
-        keep &= ~((segments < seg) & (steps >= first))
-    return frame[keep].reset_index(drop=True)
+def _assemble(blocks: list[_Block]) -> tuple[pd.DataFrame, int]:
+    """One tidy frame from the blocks (numpy only: this runs on millions of rows)."""
+    rec_steps = np.concatenate([b[0] for b in blocks])
+    segments = np.zeros(len(rec_steps), dtype=np.int64)
+    if len(rec_steps) > 1:
+        segments[1:] = np.cumsum(rec_steps[1:] < rec_steps[:-1])
+    restarts = int(segments[-1]) if len(segments) else 0
+    bound = _continuation_bounds(rec_steps, segments) if restarts else None
+    columns: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+    offset = 0
+    for steps, walls, metrics in blocks:
+        for name, (values, mask) in metrics.items():
+            if bound is not None:
+                mask = mask & (steps < bound[offset:offset + len(steps)])
+            if mask.all():
+                columns.setdefault(canonical_metric(name), []).append((steps, values, walls))
+            elif mask.any():
+                columns.setdefault(canonical_metric(name), []).append((steps[mask], values[mask], walls[mask]))
+        offset += len(steps)
+    if not columns:
+        return empty_frame(), restarts
+    parts = [_dedupe(*(p[0] if len(p) == 1 else np.concatenate(p) for p in zip(*chunks))) for chunks in columns.values()]
+    names = np.array(list(columns), dtype=object)
+    codes = np.concatenate([np.full(len(p[0]), i, dtype=np.int64) for i, p in enumerate(parts)])
+    frame = pd.DataFrame({
+        "step": np.concatenate([p[0] for p in parts]),
+        "metric": pd.Series(names[codes], dtype=object),   # object, like empty_frame(); 2x faster than str
+        "value": np.concatenate([p[1] for p in parts]),
+        "wall_time": np.concatenate([p[2] for p in parts]),
+    }, copy=False)
+    return frame, restarts
 
+
+def _segments(rec_steps: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """(first, last) step of each stretch between restarts, in file order."""
+    if not len(rec_steps):
+        return ()
+    cuts = np.flatnonzero(rec_steps[1:] < rec_steps[:-1]) + 1
+    starts, ends = np.concatenate([[0], cuts]), np.concatenate([cuts, [len(rec_steps)]])
+    return tuple((int(rec_steps[a]), int(rec_steps[b - 1])) for a, b in zip(starts, ends))
+
+
+def _dedupe(steps: np.ndarray, values: np.ndarray, walls: np.ndarray) -> tuple[np.ndarray, ...]:
+    """One metric's rows with a repeated step reduced to its last (in file order) row."""
+    if len(steps) < 2 or np.all(steps[1:] > steps[:-1]):
+        return steps, values, walls
+    keep = ~pd.Series(steps).duplicated(keep="last").to_numpy()
+    return steps[keep], values[keep], walls[keep]
+
+
+def _continuation_bounds(rec_steps: np.ndarray, segments: np.ndarray) -> np.ndarray:
+    """Per record, the first step of the earliest-starting LATER segment (rows at or past it are superseded)."""
+    first = pd.Series(rec_steps).groupby(segments).min().to_numpy()
+    later_min = np.minimum.accumulate(first[::-1])[::-1]
+    later_min = np.append(later_min[1:], np.iinfo(np.int64).max)
+    return later_min[segments]

@@ -10,11 +10,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ..errors import LogParseError
-from .base import LogTable, to_float
+from .base import LogTable, to_float, to_step
 from .builder import TableBuilder
+from .csv_fast import MIN_FAST_BYTES, read_csv_columns, uniform_fields
+from .jsonl_fast import SUMMARY_PREFIX, block_bounds, read_block
 from .names import find_step_key, find_wall_time_key
 
 
@@ -30,21 +34,34 @@ def _flatten(obj: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def _wall_number(value: object) -> float | None:
+    """A wall time as unix seconds: numbers as they are, ISO-8601 strings parsed (as UTC)."""
+    number = to_float(value)
+    if number is not None or not isinstance(value, str):
+        return number
+    try:
+        stamp = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).timestamp()
+
+
 def _split_record(
     record: dict[str, object], step_key: str | None, wall_key: str | None
 ) -> tuple[int | None, dict[str, float], float | None]:
     """(step, numeric metrics, wall time) of one flat record; step None if unusable."""
-    step_value = to_float(record.get(step_key)) if step_key else None
-    if step_key and (step_value is None or step_value != step_value):
+    step_value = to_step(record.get(step_key)) if step_key else None
+    if step_key and (step_value is None or not math.isfinite(step_value)):
         return None, {}, None
-    wall = to_float(record.get(wall_key)) if wall_key else None
+    wall = _wall_number(record.get(wall_key)) if wall_key else None
     metrics: dict[str, float] = {}
+    prefix = SUMMARY_PREFIX if "train_runtime" in record else ""
     for key, value in record.items():
         if key in (step_key, wall_key):
             continue
         number = to_float(value)
         if number is not None:
-            metrics[key] = number
+            metrics[prefix + key] = number
     return (int(step_value) if step_value is not None else None), metrics, wall
 
 
@@ -71,12 +88,14 @@ class JsonlReader:
     def read(self, path: Path) -> LogTable:
         builder = TableBuilder(path, self.name)
         try:
-            handle = path.open("r", encoding="utf-8", errors="replace")
+            data = path.read_bytes()
         except OSError as e:
             raise LogParseError(path, None, e.strerror or str(e)) from e
-        with handle:
-            for line in handle:
-                self._read_line(line, builder)
+        # Well-formed blocks go through pyarrow; only a block with a bad line is read line by line.
+        for start, end in block_bounds(data):
+            if not read_block(data[start:end], builder):
+                for line in data[start:end].decode("utf-8", errors="replace").splitlines():
+                    self._read_line(line, builder)
         return builder.build()
 
     @staticmethod
@@ -121,30 +140,61 @@ class CsvReader:
         return any(to_float(cell) is not None for cell in first)
 
     def read(self, path: Path) -> LogTable:
-        builder = TableBuilder(path, self.name)
-        try:
-            text = path.read_text(encoding="utf-8", errors="replace")
-        except OSError as e:
-            raise LogParseError(path, None, e.strerror or str(e)) from e
-        reader = csv.reader(io.StringIO(text))
-        try:
-            header = [h.strip() for h in next(reader)]
-        except (StopIteration, csv.Error) as e:
-            raise LogParseError(path, 1, "no header row") from e
-        step_key, wall_key = find_step_key(header), find_wall_time_key(header)
-        for row_no, row in enumerate(_safe_rows(reader, builder)):
-            if len(row) != len(header):
-                builder.skip()
-                continue
-            record = {key: cell for key, cell in zip(header, row) if cell.strip() != ""}
-            if step_key is None:
-                record["step"] = str(row_no)
-            step, metrics, wall = _split_record(record, step_key or "step", wall_key)
-            if step is None:
-                builder.skip()
-                continue
-            builder.add(step, metrics, wall)
+        return read_csv_records(path, self.name)
+
+
+# W&B panel "Export CSV" adds min/max envelope columns beside each metric.
+_WANDB_ENVELOPE = ("__MIN", "__MAX")
+
+
+def _metric_name(column: str) -> str:
+    """A CSV column as a metric name: W&B's ``"<run> - <metric>"`` loses the run prefix."""
+    return column.rsplit(" - ", 1)[-1] if " - " in column else column
+
+
+def read_csv_records(path: Path, fmt: str, fast: bool = True) -> LogTable:
+    """Read a header-row CSV (sparse cells allowed) into a table named ``fmt``.
+
+    The step is the step column if there is one, else the row number. A single column
+    whose header is a number or empty (a pandas Series dump) is taken as the train loss.
+    Big well-formed files take the column-wise path of :mod:`.csv_fast` (``fast=False``
+    forces the row-by-row reader, which counts malformed rows).
+    """
+    builder = TableBuilder(path, fmt)
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as e:
+        raise LogParseError(path, None, e.strerror or str(e)) from e
+    reader = csv.reader(io.StringIO(text.replace("\x00", "")))
+    try:
+        header = [h.strip() for h in next(reader)]
+    except (StopIteration, csv.Error) as e:
+        raise LogParseError(path, 1, "no header row") from e
+    if len(header) == 1 and (header[0] == "" or to_float(header[0]) is not None):
+        header = ["train_loss"]
+        builder.note(f"{path.name}: one unnamed column, read as train_loss by row number")
+    keep = [i for i, h in enumerate(header) if not h.endswith(_WANDB_ENVELOPE)]
+    names = [_metric_name(header[i]) for i in keep]
+    step_key, wall_key = find_step_key(names), find_wall_time_key(names)
+    body = text[text.find("\n") + 1:] if "\n" in text else ""
+    if (fast and len(text) >= MIN_FAST_BYTES and "train_runtime" not in names
+            and len(set(names)) == len(names) and uniform_fields(body, len(header))):
+        read_csv_columns(body, len(header), keep, names, step_key, wall_key, builder)
         return builder.build()
+    for row_no, row in enumerate(_safe_rows(reader, builder)):
+        if len(row) != len(header):
+            if any(cell.strip() for cell in row):
+                builder.skip()
+            continue
+        record = {names[j]: row[i] for j, i in enumerate(keep) if row[i].strip() != ""}
+        if step_key is None:
+            record["step"] = str(row_no)
+        step, metrics, wall = _split_record(record, step_key or "step", wall_key)
+        if step is None:
+            builder.skip()
+            continue
+        builder.add(step, metrics, wall)
+    return builder.build()
 
 
 def _safe_rows(reader, builder: TableBuilder):
@@ -156,3 +206,4 @@ def _safe_rows(reader, builder: TableBuilder):
             return
         except csv.Error:
             builder.skip()
+

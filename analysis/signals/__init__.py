@@ -1,4 +1,4 @@
-"""Signals computed from a run: spikes, health, validation scores, per-checkpoint table."""
+"""Signals computed from a run: spikes, health, validation scores, step timing, per-checkpoint table."""
 
 from .assessment import CheckpointSignals, RunSignals, assess_run, find_spikes
 from .axes import AXES, available_axes, step_to_axis
@@ -8,6 +8,7 @@ from .similarity import CheckpointSimilarity, SimilarityReport, compare_checkpoi
 from .sketch import CheckpointSketch, sketch_checkpoint
 from .smoothing import debiased_ema
 from .spikes import LossSpike, SpikeConfig, detect_spikes
+from .timing import SlowIteration, StepTiming, analyze_step_times
 from .validation import ValScore, logged_val_scores
 
 __all__ = [
@@ -19,8 +20,11 @@ __all__ = [
     "LossSpike",
     "RunSignals",
     "SimilarityReport",
+    "SlowIteration",
     "SpikeConfig",
+    "StepTiming",
     "ValScore",
+    "analyze_step_times",
     "assess_run",
     "available_axes",
     "check_health",

@@ -1,0 +1,50 @@
+"""A JSON array of metric records: ``[{"step": 0, "train/loss": 9.2, ...}, ...]``.
+
+Some training loops dump their history as one JSON list instead of JSON Lines; each
+element is read exactly like a JSONL line (nested dicts flattened with ``/``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..errors import LogParseError
+from .base import LogTable
+from .builder import TableBuilder
+from .csv_jsonl import _flatten, _split_record
+from .names import find_step_key, find_wall_time_key
+
+_SNIFF = re.compile(r'\A\s*\[\s*\{\s*"')
+
+
+class JsonRecordsReader:
+    """A JSON list of ``{step, metric: value}`` objects."""
+
+    name = "json_records"
+    description = "JSON array of metric records ([{\"step\": N, \"loss\": X}, ...])"
+
+    def sniff(self, path: Path, head: str) -> bool:
+        return _SNIFF.match(head) is not None and find_step_key(re.findall(r'"([^"]+)"\s*:', head)) is not None
+
+    def read(self, path: Path) -> LogTable:
+        builder = TableBuilder(path, self.name)
+        try:
+            records = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
+        except (OSError, ValueError) as e:
+            raise LogParseError(path, None, f"not valid JSON ({e})") from e
+        if not isinstance(records, list):
+            raise LogParseError(path, None, "expected a JSON array of records")
+        for record in records:
+            if not isinstance(record, dict):
+                builder.skip()
+                continue
+            flat = _flatten(record)
+            keys = list(flat)
+            step, metrics, wall = _split_record(flat, find_step_key(keys), find_wall_time_key(keys))
+            if step is None:
+                builder.skip()
+                continue
+            builder.add(step, metrics, wall)
+        return builder.build()
