@@ -11,15 +11,10 @@ from .logs import LogTable
 from .recipe import Recipe, recipe_to_dict
 from .recommend import Recommendation
 from .run import Run
-<<<<<<< HEAD
-from .signals import LossSpike, RunSignals
 from .model_size import ParamCount
 from .scaling import ComputeOptimal, Forecast, StopSignal
-from .storage import MeasuredOverhead, StorageEstimate
-=======
 from .signals import LossSpike, RunSignals, StepTiming, analyze_step_times
-from .storage import StorageEstimate
->>>>>>> logs
+from .storage import MeasuredOverhead, StorageEstimate
 
 
 def _num(value: float | None) -> float | None:
