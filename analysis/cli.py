@@ -26,7 +26,7 @@ from .recommend import METHODS, RecommendConfig, recommend
 from .model_size import count_parameters
 from .report import analysis_report, log_report, recommendation_report, stop_report, storage_report
 from .run import checkpoint_ref, open_run
-from .signals import assess_run
+from .signals import assess_run, compare_checkpoints
 from .scaling import DEFAULT_GAIN_TARGET, DEFAULT_PLATEAU_GAIN, StopConfig, run_stop_signal
 from .storage import (DEFAULT_PRICE_PER_TB_MONTH, DEFAULT_SNAPSHOT_GBPS, OPTIMIZERS, POLICIES, KeepPolicy,
                       estimate_storage, measure_checkpoint_overhead)
@@ -58,16 +58,19 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--similarity/--no-similarity", default=True, show_default=True,
+              help="Sketch every checkpoint for update norms, cosines and the trajectory (cached on disk).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def analyze(run_path: Path, as_json: bool) -> None:
+def analyze(run_path: Path, similarity: bool, as_json: bool) -> None:
     """Discover a run's logs and checkpoints and judge every checkpoint."""
     run = open_run(run_path)
     update, close = _progress_bar("checking checkpoints")
     try:
         signals = assess_run(run, progress=update)
+        sim = compare_checkpoints(run.checkpoints, progress=update) if similarity and run.checkpoints else None
     finally:
         close()
-    doc = analysis_report(run, signals)
+    doc = analysis_report(run, signals, sim)
     if as_json:
         _emit(doc)
         return

@@ -13,7 +13,7 @@ from .recommend import Recommendation
 from .run import Run
 from .model_size import ParamCount
 from .scaling import ComputeOptimal, Forecast, StopSignal
-from .signals import LossSpike, RunSignals, StepTiming, analyze_step_times
+from .signals import LossSpike, RunSignals, SimilarityReport, StepTiming, analyze_step_times
 from .storage import MeasuredOverhead, StorageEstimate
 
 
@@ -67,7 +67,30 @@ def spike_report(spike: LossSpike, run: Run) -> dict:
     }
 
 
-def analysis_report(run: Run, signals: RunSignals) -> dict:
+def similarity_report(sim: SimilarityReport) -> dict:
+    """Run-level similarity: how exact the numbers are, the pairwise matrices, the trajectory."""
+    def matrix(values) -> list[list[float | None]]:
+        return [[_num(float(v)) for v in row] for row in values]
+
+    return {
+        "exact": sim.exact, "cosine_error_bound": sim.error_bound, "steps": list(sim.steps),
+        "distance_matrix": matrix(sim.distance_matrix), "update_cosine_matrix": matrix(sim.update_cosine_matrix),
+        "trajectory": [[float(x), float(y)] for x, y in sim.trajectory],
+        "explained_variance": list(sim.explained_variance),
+    }
+
+
+def _similarity_fields(sim: SimilarityReport | None, step: int) -> dict:
+    """Per-checkpoint similarity columns (null when similarity was not computed)."""
+    row = next((c for c in sim.checkpoints if c.step == step), None) if sim is not None else None
+    if row is None:
+        return {"update_norm": None, "update_cosine": None, "distance_to_newest": None, "grad_cosine": None}
+    return {"update_norm": _num(row.update_norm), "update_cosine": _num(row.update_cosine),
+            "distance_to_newest": _num(row.distance_to_newest), "grad_cosine": _num(row.grad_cosine),
+            "layer_distance_to_newest": {k: _num(v) for k, v in row.layer_distance_to_newest.items()}}
+
+
+def analysis_report(run: Run, signals: RunSignals, similarity: SimilarityReport | None = None) -> dict:
     """The `analyze --json` document."""
     checkpoints = []
     for item in signals.checkpoints:
@@ -85,6 +108,7 @@ def analysis_report(run: Run, signals: RunSignals) -> dict:
             "val_loss": _num(item.val.value) if item.val else None,
             "val_loss_source": item.val.source if item.val else None,
             "val_loss_step": item.val.source_step if item.val else None,
+            **_similarity_fields(similarity, ref.step),
         })
     return {
         "run": str(run.path), "name": run.name, "fingerprint": run.fingerprint,
@@ -92,6 +116,7 @@ def analysis_report(run: Run, signals: RunSignals) -> dict:
         "logs": [log_report(t) for t in run.logs],
         "spikes": [spike_report(s, run) for s in signals.spikes],
         "timing": timing_report(analyze_step_times(run)),
+        "similarity": similarity_report(similarity) if similarity is not None else None,
         "merged_outputs": [str(p) for p in run.merged_outputs],
         "evaluator_hint": run.evaluator_hint,
         "notes": list(run.notes),

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE_RUN = REPO / "sample_runs" / "stdlib-gpt"
 # The app's modules import each other as top-level modules (Streamlit puts app/ on the path).
 sys.path.insert(0, str(REPO / "app"))
+# Sketch caches and recent-run memory go to a scratch folder, never the user's home
+# (subprocesses started by tests inherit these).
+_SCRATCH = tempfile.mkdtemp(prefix="ckpt-select-tests-")
+os.environ.setdefault("CKPT_SELECT_CACHE_DIR", os.path.join(_SCRATCH, "cache"))
+os.environ.setdefault("CKPT_SELECT_STATE_DIR", os.path.join(_SCRATCH, "state"))
 
 
 def tiny_state(seed: int, step: int) -> dict[str, torch.Tensor]:
