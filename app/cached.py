@@ -17,7 +17,7 @@ from analysis.recommend import Recommendation, RecommendConfig, recommend
 from analysis.report import analysis_report
 from analysis.run import CheckpointRef, Run, folder_stamp, open_run
 from analysis.scaling import StopSignal, run_stop_signal
-from analysis.signals import RunSignals, assess_run
+from analysis.signals import RunSignals, SimilarityReport, assess_run, compare_checkpoints
 
 
 @st.cache_data(max_entries=8, show_spinner="Reading the run's logs and checkpoints...")
@@ -31,10 +31,16 @@ def signals(path: str, stamp: str) -> RunSignals:
     return assess_run(run(path, stamp))
 
 
+@st.cache_data(max_entries=8, show_spinner="Sketching checkpoints for similarity (cached on disk)...")
+def similarity(path: str, stamp: str) -> SimilarityReport | None:
+    the_run = run(path, stamp)
+    return compare_checkpoints(the_run.checkpoints) if the_run.checkpoints else None
+
+
 @st.cache_data(max_entries=8)
 def report(path: str, stamp: str) -> dict:
     """The `analyze --json` document: the checkpoint table shows exactly these numbers."""
-    return analysis_report(run(path, stamp), signals(path, stamp))
+    return analysis_report(run(path, stamp), signals(path, stamp), similarity(path, stamp))
 
 
 @st.cache_data(max_entries=32, show_spinner="Choosing checkpoints to average...")

@@ -186,3 +186,35 @@ def retention_figure(ests: list[StorageEstimate]) -> go.Figure:
     fig.update_yaxes(title_text="USD per month", secondary_y=True)
     fig.update_layout(height=320, margin={"t": 20, "b": 10}, legend={"orientation": "h", "y": -0.3})
     return fig
+
+
+def distance_heatmap(steps: list[int], distances: np.ndarray, selected: set[int]) -> go.Figure:
+    """Pairwise weight distances |θ_i − θ_j|; selected checkpoints' labels are starred."""
+    labels = [f"{s}*" if s in selected else str(s) for s in steps]
+    fig = go.Figure(go.Heatmap(z=distances, x=labels, y=labels, colorscale="Viridis", colorbar={"title": "L2"},
+                               hovertemplate="steps %{y} / %{x}<br>distance %{z:.4g}<extra></extra>"))
+    fig.update_layout(height=420, margin={"t": 20, "b": 10}, xaxis_title="checkpoint step", yaxis_title="checkpoint step",
+                      yaxis_autorange="reversed")
+    return fig
+
+
+def trajectory_figure(steps: list[int], coords: np.ndarray, explained: tuple[float, float],
+                      status: dict[int, str]) -> go.Figure:
+    """Checkpoints in the plane of their first two principal components; box or lasso selects."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(
+        x=coords[:, 0], y=coords[:, 1], mode="lines+markers+text", text=[str(s) for s in steps],
+        textposition="top center", customdata=steps, name="checkpoints",
+        line={"color": COLORS["other"], "width": 1},
+        marker={"size": 11, "color": [COLORS[status[s]] for s in steps]},
+        hovertemplate="step %{customdata}<br>PC1 %{x:.3g}<br>PC2 %{y:.3g}<extra></extra>"))
+    fig.update_layout(height=420, margin={"t": 20, "b": 10}, dragmode="lasso", showlegend=False,
+                      xaxis_title=f"PC1 ({100 * explained[0]:.0f}% of variance)",
+                      yaxis_title=f"PC2 ({100 * explained[1]:.0f}% of variance)")
+    return fig
+
+
+def steps_from_selection(selection: dict, steps: list[int]) -> list[int]:
+    """Checkpoint steps picked by a box or lasso on the trajectory chart (trace 0), sorted."""
+    points = selection.get("selection", {}).get("points", [])
+    return sorted({steps[p["point_index"]] for p in points if p.get("curve_number", 0) == 0})

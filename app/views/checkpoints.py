@@ -30,6 +30,10 @@ table = pd.DataFrame({
     "status": [{"selected": "recommended"}.get(status[c["step"]], status[c["step"]]) for c in rows],
     "finite": [c["finite"] for c in rows],
     "weight norm": [c["weight_norm"] for c in rows],
+    "update norm": [c["update_norm"] for c in rows],
+    "update cos": [c["update_cosine"] for c in rows],
+    "grad cos": [c["grad_cosine"] for c in rows],
+    "dist. to newest": [c["distance_to_newest"] for c in rows],
     "size (MB)": [c["bytes"] / 1e6 for c in rows],
     "reason": [reasons[c["step"]] for c in rows],
 })
@@ -51,6 +55,11 @@ st.data_editor(
     column_config={"use": st.column_config.CheckboxColumn("use", help="Average this checkpoint"),
                    "val loss": st.column_config.NumberColumn(format="%.4f"),
                    "weight norm": st.column_config.NumberColumn(format="%.3f"),
+                   "update norm": st.column_config.NumberColumn(format="%.4g", help="|θ_i − θ_(i−1)|"),
+                   "update cos": st.column_config.NumberColumn(
+                       format="%.3f", help="cos(Δ_i, Δ_(i−1)): near 1 consistent drift, near 0 or below oscillation"),
+                   "grad cos": st.column_config.NumberColumn(format="%.3f", help="cosine of successive Adam first moments"),
+                   "dist. to newest": st.column_config.NumberColumn(format="%.4g", help="|θ_i − θ_newest|"),
                    "size (MB)": st.column_config.NumberColumn(format="%.2f"),
                    "reason": st.column_config.TextColumn(width="large")},
 )
@@ -65,3 +74,29 @@ bad = [c for c in rows if c["mismatch"] or not c["finite"]]
 for c in bad:
     st.warning(f"Step {c['step']}: " + (f"NaN/Inf in {', '.join(c['nonfinite_tensors'][:3])}" if not c["finite"]
                                          else f"tensors differ from the newest: {c['mismatch']}"))
+
+similarity = report["similarity"]
+if similarity and len(similarity["steps"]) >= 2:
+    import numpy as np
+
+    st.subheader("Similarity")
+    exactness = ("exact (small model)" if similarity["exact"] else
+                 f"from sketches; cosine standard error at most {similarity['cosine_error_bound']:.4f}")
+    st.caption(f"Weight distances and trajectory {exactness}. Box- or lasso-select points on the "
+               "trajectory to select those checkpoints.")
+    steps = similarity["steps"]
+    left, right = st.columns(2)
+    left.plotly_chart(charts.distance_heatmap(steps, np.array(similarity["distance_matrix"], dtype=float),
+                                              set(selected)), key="distance_heatmap")
+
+    def _select_from_trajectory() -> None:
+        """Callback: copy the box/lasso selection into the shared selection (the chart's own resets)."""
+        picked = charts.steps_from_selection(st.session_state["trajectory_chart"], steps)
+        if picked:
+            state.set_selected_steps(picked)
+            state.bump_selection_generation()
+
+    right.plotly_chart(
+        charts.trajectory_figure(steps, np.array(similarity["trajectory"], dtype=float),
+                                 tuple(similarity["explained_variance"]), charts.checkpoint_status(signals, set(selected))),
+        key="trajectory_chart", on_select=_select_from_trajectory, selection_mode=("box", "lasso"))

@@ -47,9 +47,19 @@ st.plotly_chart(charts.loss_figure(run, signals, set(selected), smoothing, log_y
 for spike in signals.spikes:
     st.caption(f":red[●] {spike.describe()}")
 
-training = charts.training_figure(run, axis)
+timing = cached.report(now.path, now.stamp)["timing"]
+slow_steps = tuple(s["step"] for s in timing["slow_iterations"])
+training = charts.training_figure(run, axis, slow_steps)
 if training is not None:
     st.subheader("Learning rate, grad norm, step time")
+    if timing["steady_step_ms"] is not None:
+        cols = st.columns(4)
+        cols[0].metric("steady step", f"{timing['steady_step_ms']:,.1f} ms")
+        cols[1].metric("eval iterations", f"{100 * (timing['eval_share'] or 0):.1f} % of wall time",
+                       help=f"about {(timing['eval_cost_ms'] or 0) / 1000:,.2f} s extra each")
+        cols[2].metric("checkpoint iterations", f"{100 * (timing['checkpoint_share'] or 0):.1f} % of wall time",
+                       help=f"about {(timing['checkpoint_cost_ms'] or 0) / 1000:,.2f} s extra each")
+        cols[3].metric("eval + checkpoint", f"{100 * (timing['eval_checkpoint_share'] or 0):.1f} % of wall time")
     st.plotly_chart(training, key="training_chart")
 
 st.subheader("Should I keep training?")

@@ -147,3 +147,21 @@ def test_bad_run_shows_a_message_not_a_trace(tmp_path: Path, monkeypatch: pytest
     assert "found no checkpoints and no training logs" in at.error[0].value
     for page in ("checkpoints", "merge", "storage"):
         _page(at, page)
+
+
+def test_checkpoints_page_similarity_charts(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = _page(_open(tiny_run, monkeypatch), "checkpoints")
+    table = at.dataframe[0].value
+    assert table["update norm"].iloc[0] is None or table["update norm"].isna().iloc[0]
+    assert (table["update norm"].iloc[1:] > 0).all() and table["dist. to newest"].iloc[-1] == 0
+    heatmap, trajectory = (json.loads(c.proto.spec) for c in at.get("plotly_chart"))
+    assert heatmap["data"][0]["type"] == "heatmap" and trajectory["layout"]["dragmode"] == "lasso"
+
+
+def test_trajectory_selection_maps_points_to_steps() -> None:
+    import charts
+
+    selection = {"selection": {"points": [{"curve_number": 0, "point_index": 2}, {"curve_number": 0, "point_index": 0},
+                                          {"curve_number": 1, "point_index": 1}], "box": [], "lasso": []}}
+    assert charts.steps_from_selection(selection, [100, 200, 300]) == [100, 300]
+    assert charts.steps_from_selection({"selection": {"points": []}}, [100]) == []
