@@ -58,11 +58,23 @@ class MergeResult:
 
 def merge_recipe(recipe: Recipe, out_dir: Path, verify: bool | str = "quick", progress: Progress | None = None,
                  *, force: bool = False, out_shard_size: int | None = None) -> MergeResult:
-    """Merge what ``recipe`` says into ``out_dir`` after checking the inputs (``verify``: full|quick|none)."""
-    verify_inputs(recipe, progress, verify_mode(verify))
+    """Merge what ``recipe`` says into ``out_dir`` after checking the inputs (``verify``: full|quick|none).
+
+    Progress runs from 0 to 1 once: a full check (hashing every byte) takes the first half.
+    """
+    mode = verify_mode(verify)
+    share = 0.5 if mode == "full" else 0.0
+    verify_inputs(recipe, _scaled(progress, 0.0, share), mode)
     refs = [checkpoint_ref(e.path, e.step) for e in recipe.checkpoints]
-    return merge_checkpoints(refs, recipe.weights, out_dir, recipe.output_dtype, recipe, progress,
-                             force=force, out_shard_size=out_shard_size)
+    return merge_checkpoints(refs, recipe.weights, out_dir, recipe.output_dtype, recipe,
+                             _scaled(progress, share, 1.0), force=force, out_shard_size=out_shard_size)
+
+
+def _scaled(progress: Progress | None, low: float, high: float) -> Progress | None:
+    """``progress`` with fractions mapped into [low, high]."""
+    if progress is None:
+        return None
+    return lambda fraction, message: progress(low + (high - low) * fraction, message)
 
 
 def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], out_dir: Path,

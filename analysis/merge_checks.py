@@ -139,7 +139,7 @@ def project(handles: Sequence[CheckpointHandle], weights: Sequence[float], layou
     whole = [h for h in handles if locate(h, largest.name) is None]
     extra = len(whole) * max(i.size_bytes for i in layout) + max((i.size_bytes for i in layout if not i.is_floating),
                                                                  default=0)
-    peak = psutil.Process().memory_info().rss + buffer_bytes(len(handles), layout) + extra
+    peak = psutil.Process().memory_info().rss + buffer_bytes(handles) + extra
     probe = TensorInfo(largest.name, (min(largest.numel, PROBE_BLOCKS * BLOCK_ELEMENTS),), largest.dtype,
                        0)
     start = time.perf_counter()

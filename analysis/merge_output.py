@@ -132,6 +132,8 @@ def write_output(tmp: Path, plan: OutputPlan, blocks: Iterable[tuple[str, int, t
                 pending = None
         total += writer.total_bytes
         weight_map.update({i.name: file_name for i in infos})
+    for name, _, _ in stream:
+        raise MergeError(f"{tmp}: tensor {name!r} was averaged but has no place in the output")
     if plan.sharded:
         index = {"metadata": {"total_size": plan.data_bytes, **metadata}, "weight_map": weight_map}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -78,10 +78,14 @@ def locate(handle: object, name: str) -> TensorLocation | None:
     return method(name) if callable(method) else None
 
 
-def buffer_bytes(n_inputs: int, infos: Sequence[TensorInfo]) -> int:
-    """Memory the reader's buffers take: what the dry run adds to its projection."""
-    widest = max((DTYPE_BYTES[i.dtype] for i in infos if i.is_floating), default=4)
-    return BUFFER_SETS * n_inputs * BLOCK_ELEMENTS * widest + 2 * BLOCK_ELEMENTS * 4
+def widest_input(handles: Sequence[CheckpointHandle]) -> int:
+    """Bytes per element of the widest floating tensor any input stores (sizes the read buffers)."""
+    return max((DTYPE_BYTES[i.dtype] for h in handles for i in h.tensors() if i.is_floating), default=4)
+
+
+def buffer_bytes(handles: Sequence[CheckpointHandle]) -> int:
+    """Memory the reader's buffers and the accumulator take: what the dry run adds to its projection."""
+    return BUFFER_SETS * len(handles) * BLOCK_ELEMENTS * widest_input(handles) + 2 * BLOCK_ELEMENTS * 4
 
 
 class _Reader:
@@ -93,7 +97,7 @@ class _Reader:
         self._free: queue.Queue[int] = queue.Queue()
         self._ready: queue.Queue[object] = queue.Queue(maxsize=BUFFER_SETS)
         self._stop = threading.Event()
-        widest = max((DTYPE_BYTES[i.dtype] for i in layout if i.is_floating), default=4)
+        widest = widest_input(handles)
         self._buffers = [[torch.empty(BLOCK_ELEMENTS * widest, dtype=torch.uint8) for _ in handles]
                          for _ in range(BUFFER_SETS)]
         for index in range(BUFFER_SETS):
@@ -171,6 +175,7 @@ class _Reader:
         itemsize = DTYPE_BYTES[loc.dtype]
         want = (stop - start) * itemsize
         view = buffer[:want]
+        assert view.numel() == want, "read buffers are sized for the widest input dtype"
         fd = self._fds.get(loc.path)
         if fd is None:
             fd = self._fds[loc.path] = os.open(loc.path, os.O_RDONLY)
