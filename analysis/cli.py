@@ -147,7 +147,7 @@ def merge(recipe_path: Path | None, checkpoint_paths: tuple[Path, ...], weights:
           output_dtype: str | None, out_dir: Path, verify: str, no_verify: bool, force: bool,
           out_shard_size: str | None, dry_run: bool, as_json: bool) -> None:
     """Average checkpoints (from a recipe, a mergekit linear config, or --checkpoints) into a new folder."""
-    recipe = _merge_inputs(recipe_path, checkpoint_paths, weights, output_dtype)
+    recipe = _merge_inputs(recipe_path, checkpoint_paths, weights, output_dtype, hashes=not dry_run)
     refs = [checkpoint_ref(e.path, e.step) for e in recipe.checkpoints]
     shard_size = parse_size(out_shard_size)
     if dry_run:
@@ -174,7 +174,7 @@ def merge(recipe_path: Path | None, checkpoint_paths: tuple[Path, ...], weights:
 
 
 def _merge_inputs(recipe_path: Path | None, paths: tuple[Path, ...], weights: tuple[float, ...],
-                  output_dtype: str | None) -> Recipe:
+                  output_dtype: str | None, hashes: bool = True) -> Recipe:
     """The recipe to merge: loaded (ours or mergekit's), or built for checkpoints named on the command line."""
     if recipe_path is not None:
         if paths:
@@ -191,7 +191,7 @@ def _merge_inputs(recipe_path: Path | None, paths: tuple[Path, ...], weights: tu
     if total <= 0 or min(weights) < 0:
         raise InvalidArgument(f"weights must be non-negative with a positive sum, got {list(weights)}")
     return build_recipe("manual", refs, tuple(w / total for w in weights), output_dtype or "same",
-                        {str(r.step): "given on the command line" for r in refs})
+                        {str(r.step): "given on the command line" for r in refs}, hashes=hashes)
 
 
 def _plan_doc(plan: MergePlan) -> dict:

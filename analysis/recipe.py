@@ -105,11 +105,12 @@ def checkpoint_quick_hash(files: tuple[Path, ...] | list[Path]) -> str:
 
 
 def build_recipe(method: str, refs: list[CheckpointRef], weights: tuple[float, ...], output_dtype: str = "same",
-                 reasons: dict[str, str] | None = None, source_run: Path | None = None) -> Recipe:
-    """A recipe for ``refs`` with ``weights``, hashing every input file."""
+                 reasons: dict[str, str] | None = None, source_run: Path | None = None, *,
+                 hashes: bool = True) -> Recipe:
+    """A recipe for ``refs`` with ``weights``, hashing every input file (``hashes=False``: a dry run's, unhashed)."""
     entries = tuple(
-        RecipeEntry(ref.path, ref.step, float(w), checkpoint_sha256(ref.files), ref.size_bytes,
-                    checkpoint_quick_hash(ref.files))
+        RecipeEntry(ref.path, ref.step, float(w), checkpoint_sha256(ref.files) if hashes else "", ref.size_bytes,
+                    checkpoint_quick_hash(ref.files) if hashes else "")
         for ref, w in zip(refs, weights)
     )
     return Recipe(method, entries, output_dtype, dict(reasons or {}), source_run=source_run)
