@@ -190,6 +190,9 @@ def main() -> None:
                     print("mergekit is not installed: its column is empty", file=sys.stderr)
             rows.append(row)
             print(json.dumps(row), flush=True)
+    out = REPO / "benchmarks" / "out" / "merge_speed.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": str(date.today()), "cores": os.cpu_count(), "rows": rows}, indent=2))
     print(f"\n{platform.node()}, {os.cpu_count()} cores, {date.today()}, load average {os.getloadavg()[0]:.1f}")
     for row in rows:
         s, m = row["ckpt_select"]
