@@ -17,6 +17,7 @@ import torch
 from .checkpoints import CheckpointHandle, TensorInfo, open_checkpoint
 from .errors import CheckpointMismatch, InvalidArgument
 from .run import CheckpointRef
+from .streaming import stream_average
 
 OUTPUT_DTYPES = ("same", "float32", "bfloat16", "float16")
 
@@ -67,20 +68,23 @@ def check_same_layout(handles: Sequence[CheckpointHandle]) -> list[TensorInfo]:
 
 def iter_average(handles: Sequence[CheckpointHandle], weights: Sequence[float], layout: list[TensorInfo],
                  progress: Callable[[float, str], None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, averaged tensor)`` in ``layout`` order; the newest input is ``handles[-1]``."""
-    for index, info in enumerate(layout):
-        first = handles[-1].read(info.name)
-        if not first.is_floating_point():
-            result = first
-        else:
-            acc = torch.zeros(info.shape, dtype=torch.float32)
-            for handle, weight in zip(handles, weights):
-                tensor = first if handle is handles[-1] else handle.read(info.name)
-                acc.add_(tensor.to(torch.float32), alpha=weight)
-            result = acc.to(getattr(torch, info.dtype))
-        if progress is not None:
-            progress((index + 1) / len(layout), info.name)
-        yield info.name, result
+    """Yield ``(name, averaged tensor)`` in ``layout`` order; the newest input is ``handles[-1]``.
+
+    Whole tensors assembled from :func:`analysis.streaming.stream_average`'s blocks, so the
+    evaluator sees exactly the arithmetic the merge writes (see that module for the formula).
+    """
+    current: torch.Tensor | None = None
+    for info, start, block in stream_average(handles, weights, layout, progress):
+        if not info.is_floating:
+            yield info.name, block
+            continue
+        if start == 0:
+            current = torch.empty(info.numel, dtype=getattr(torch, info.dtype))
+        assert current is not None, "blocks arrive in order, starting at 0"
+        current[start:start + block.numel()] = block
+        if start + block.numel() == info.numel:
+            yield info.name, current.reshape(info.shape)
+            current = None
 
 
 def average_state_dict(refs: Sequence[CheckpointRef], weights: Sequence[float],

@@ -10,18 +10,22 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import click
+import yaml
 from tqdm import tqdm
 
 from . import __version__
 from .errors import AnalysisError, InvalidArgument
 from .evaluate import load_evaluator
 from .logs import LOG_READERS, read_log
-from .merge import merge_checkpoints, merge_recipe
-from .recipe import build_recipe, load_recipe, to_mergekit, write_recipe
+from .checkpoints import open_checkpoint
+from .merge import MergePlan, merge_recipe, plan_merge
+from .merge_output import parse_size
+from .recipe import Recipe, build_recipe, dump_recipe, load_any_recipe, to_mergekit, with_hashes, write_recipe
 from .recommend import METHODS, RecommendConfig, recommend
 from .model_size import count_parameters
 from .report import analysis_report, log_report, recommendation_report, stop_report, storage_report
@@ -140,47 +144,71 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
 @click.option("--dtype", "output_dtype", type=click.Choice(["same", "float32", "bfloat16", "float16"]),
               default=None, help="Dtype of the merged model (default: the recipe's, else same).")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="New output folder.")
-@click.option("--verify/--no-verify", default=True, show_default=True, help="Check inputs' sha256 against the recipe.")
+@click.option("--verify", "verify", type=click.Choice(["full", "quick", "none"]), default="quick", show_default=True,
+              help="Check inputs against the recipe: full (sha256), quick (size, header, sampled blocks), none.")
+@click.option("--no-verify", "no_verify", is_flag=True, help="Same as --verify none.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder (atomically, once the merge is complete).")
+@click.option("--out-shard-size", help="Shard the output at this size, e.g. 2GB (default: as the newest input).")
+@click.option("--dry-run", is_flag=True, help="Print what would be read and written, peak memory and time; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def merge(recipe_path: Path | None, checkpoint_paths: tuple[Path, ...], weights: tuple[float, ...],
-          output_dtype: str | None, out_dir: Path, verify: bool, as_json: bool) -> None:
-    """Average checkpoints (from a recipe, or --checkpoints) into a new folder."""
+          output_dtype: str | None, out_dir: Path, verify: str, no_verify: bool, force: bool,
+          out_shard_size: str | None, dry_run: bool, as_json: bool) -> None:
+    """Average checkpoints (from a recipe, a mergekit linear config, or --checkpoints) into a new folder."""
+    recipe = _merge_inputs(recipe_path, checkpoint_paths, weights, output_dtype, hashes=not dry_run)
+    refs = [checkpoint_ref(e.path, e.step) for e in recipe.checkpoints]
+    shard_size = parse_size(out_shard_size)
+    if dry_run:
+        plan = plan_merge(refs, recipe.weights, out_dir, recipe.output_dtype, force=force, out_shard_size=shard_size)
+        if as_json:
+            _emit(_plan_doc(plan))
+        else:
+            click.echo("\n".join(plan.describe()))
+        return
     update, close = _progress_bar("merging")
     try:
-        if recipe_path is not None:
-            if checkpoint_paths:
-                raise InvalidArgument("give a recipe or --checkpoints, not both")
-            recipe = load_recipe(recipe_path)
-            if output_dtype:
-                recipe = type(recipe)(recipe.method, recipe.checkpoints, output_dtype, recipe.reasons,
-                                      recipe.created_by, recipe.source_run)
-            result = merge_recipe(recipe, out_dir, verify=verify, progress=update)
-        else:
-            result = _merge_paths(list(checkpoint_paths), list(weights), out_dir, output_dtype or "same", update)
+        mode = "none" if no_verify or recipe_path is None else verify
+        result = merge_recipe(recipe, out_dir, mode, update, force=force, out_shard_size=shard_size)
     finally:
         close()
     doc = {"out_dir": str(result.out_dir), "model_file": str(result.model_file),
            "recipe_file": str(result.recipe_file), "bytes": result.size_bytes, "tensors": result.n_tensors,
-           "steps": list(result.steps), "weights": list(result.weights)}
+           "steps": list(result.steps), "weights": list(result.weights), "files": list(result.files),
+           "sharded": result.sharded}
     if as_json:
         _emit(doc)
     else:
         click.echo(f"Merged {len(result.steps)} checkpoints into {result.model_file} ({result.size_bytes / 1e6:.2f} MB)")
 
 
-def _merge_paths(paths: list[Path], weights: list[float], out_dir: Path, output_dtype: str,
-                 progress: Callable[[float, str], None]):
-    """Merge checkpoints named on the command line, writing a recipe for them too."""
+def _merge_inputs(recipe_path: Path | None, paths: tuple[Path, ...], weights: tuple[float, ...],
+                  output_dtype: str | None, hashes: bool = True) -> Recipe:
+    """The recipe to merge: loaded (ours or mergekit's), or built for checkpoints named on the command line."""
+    if recipe_path is not None:
+        if paths:
+            raise InvalidArgument("give a recipe or --checkpoints, not both")
+        recipe = load_any_recipe(recipe_path)
+        return replace(recipe, output_dtype=output_dtype) if output_dtype else recipe
     if not paths:
         raise InvalidArgument("nothing to merge: give RECIPE.yaml or --checkpoints A B ...")
     refs = [checkpoint_ref(p) for p in paths]
-    weights = weights or [1.0 / len(refs)] * len(refs)
+    weights = weights or tuple([1.0 / len(refs)] * len(refs))
     if len(weights) != len(refs):
         raise InvalidArgument(f"got {len(weights)} --weights for {len(refs)} checkpoints")
     total = sum(weights)
-    recipe = build_recipe("manual", refs, tuple(w / total for w in weights), output_dtype,
-                          {str(r.step): "given on the command line" for r in refs})
-    return merge_checkpoints(refs, recipe.weights, out_dir, output_dtype, recipe, progress)
+    if total <= 0 or min(weights) < 0:
+        raise InvalidArgument(f"weights must be non-negative with a positive sum, got {list(weights)}")
+    return build_recipe("manual", refs, tuple(w / total for w in weights), output_dtype or "same",
+                        {str(r.step): "given on the command line" for r in refs}, hashes=hashes)
+
+
+def _plan_doc(plan: MergePlan) -> dict:
+    """The dry run as JSON (absolute paths)."""
+    return {"inputs": [{"path": str(p), "bytes": b} for p, b in plan.inputs], "out_dir": str(plan.out_dir),
+            "files": list(plan.files), "output_bytes": plan.output_bytes, "tensors": plan.n_tensors,
+            "replaces_existing": plan.replaces_existing, "free_bytes": plan.free_bytes,
+            "projected_peak_memory_bytes": plan.peak_memory_bytes, "projected_seconds": plan.projected_seconds,
+            "probe_mb_per_s": plan.probe_mb_per_s}
 
 
 @cli.command()
@@ -188,22 +216,26 @@ def _merge_paths(paths: list[Path], weights: list[float], out_dir: Path, output_
 @click.option("--format", "fmt", type=click.Choice(["mergekit", "ckpt-select"]), default="mergekit", show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here instead of stdout.")
 def export(recipe_path: Path, fmt: str, output: Path | None) -> None:
-    """Export a recipe (e.g. as a mergekit linear config)."""
-    import yaml
-
-    recipe = load_recipe(recipe_path)
+    """Convert a recipe: ours -> mergekit linear config, or a mergekit linear config -> ours (with hashes)."""
+    recipe = load_any_recipe(recipe_path)
     base = (output.expanduser().resolve().parent if output else Path.cwd())
     if fmt == "mergekit":
-        text = yaml.safe_dump(to_mergekit(recipe, base), sort_keys=False)
+        # Absolute paths: mergekit resolves relative ones against its working folder, and takes
+        # "run/checkpoint-100" for a Hugging Face Hub repository id.
+        text = yaml.safe_dump(to_mergekit(recipe, None, _inputs_dtype(recipe)), sort_keys=False)
     else:
-        from .recipe import dump_recipe
-
-        text = dump_recipe(recipe, base)
+        text = dump_recipe(with_hashes(recipe), base)
     if output:
         output.write_text(text)
         click.echo(f"Wrote {output}", err=True)
     else:
         click.echo(text, nl=False)
+
+
+def _inputs_dtype(recipe: Recipe) -> str | None:
+    """The newest input's floating dtype: what "same" means when mergekit needs a name for it."""
+    with open_checkpoint(recipe.checkpoints[-1].path) as handle:
+        return next((i.dtype for i in handle.tensors() if i.is_floating), None)
 
 
 @cli.command()

@@ -1,9 +1,11 @@
 """Streaming weighted merge into a new folder that appears only when complete.
 
-Memory holds one output tensor plus one input tensor at a time (inputs are
-memory-mapped). The output is written into a hidden temporary folder beside the
-target and renamed into place at the end, so an interrupted merge leaves no
-half-written model at the target path; inputs are never written to.
+Memory holds a few blocks of every input, never a whole tensor of the output
+(see :mod:`analysis.streaming`). The output is written into a hidden temporary folder
+beside the target and renamed into place at the end, so an interrupted merge (even
+``kill -9``) leaves either no output or a complete one at the target path; inputs are
+never written to. ``force`` replaces an existing target: the old one is renamed aside,
+the new one renamed in, then the old one deleted.
 """
 
 from __future__ import annotations
@@ -15,24 +17,28 @@ import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
+import torch
 import yaml
 
-from .averaging import check_same_layout, iter_average, normalize_weights, output_layout
-from .checkpoints import open_checkpoint, original_name
-from .checkpoints.safetensors_writer import SafetensorsWriter
+from .averaging import check_same_layout, normalize_weights, output_layout
+from .checkpoints import TensorInfo, open_checkpoint, original_name
 from .errors import MergeError
-from .recipe import Recipe, checkpoint_sha256, dump_recipe, to_mergekit
+from .merge_checks import (DISK_MARGIN_BYTES, MergePlan, check_disk, check_target, project, verify_inputs,
+                           verify_mode)
+from .merge_output import INDEX_FILE, MODEL_FILE, OutputPlan, plan_output, write_output
+from .recipe import Recipe, dump_recipe, to_mergekit
 from .run import MERGE_MARKER_KEY, CheckpointRef, checkpoint_ref
+from .streaming import stream_average
 
-MODEL_FILE = "model.safetensors"
 RECIPE_FILE = "recipe.yaml"
 MERGEKIT_FILE = "mergekit_config.yml"
-# Free space kept beyond the output's size: file systems misbehave when completely full.
-DISK_MARGIN_BYTES = 64 * 1024 * 1024
 
 Progress = Callable[[float, str], None]
+
+__all__ = ["DISK_MARGIN_BYTES", "MERGEKIT_FILE", "MODEL_FILE", "MergePlan", "MergeResult", "RECIPE_FILE",
+           "merge_checkpoints", "merge_recipe", "plan_merge", "verify_inputs"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,87 +46,105 @@ class MergeResult:
     """Where the merge went and what it holds."""
 
     out_dir: Path
-    model_file: Path
+    model_file: Path            # model.safetensors, or model.safetensors.index.json when sharded
     recipe_file: Path
-    size_bytes: int
+    size_bytes: int             # of the weight files
     n_tensors: int
     steps: tuple[int, ...]
     weights: tuple[float, ...]
+    files: tuple[str, ...] = ()  # every file written into out_dir
+    sharded: bool = False
 
 
-def verify_inputs(recipe: Recipe, progress: Progress | None = None) -> None:
-    """Check every input against the recipe: present, same size, same sha256.
+def merge_recipe(recipe: Recipe, out_dir: Path, verify: bool | str = "quick", progress: Progress | None = None,
+                 *, force: bool = False, out_shard_size: int | None = None) -> MergeResult:
+    """Merge what ``recipe`` says into ``out_dir`` after checking the inputs (``verify``: full|quick|none).
 
-    Raises:
-        MergeError: naming each changed or missing input.
+    Progress runs from 0 to 1 once: a full check (hashing every byte) takes the first half.
     """
-    problems = []
-    for index, entry in enumerate(recipe.checkpoints):
-        if not entry.path.exists():
-            problems.append(f"{entry.path}: missing")
-            continue
-        ref = checkpoint_ref(entry.path, entry.step)
-        if entry.size_bytes and ref.size_bytes != entry.size_bytes:
-            problems.append(f"{entry.path}: {ref.size_bytes} bytes, the recipe says {entry.size_bytes}")
-            continue
-        if entry.sha256:
-            def file_progress(frac: float, msg: str, index: int = index) -> None:
-                if progress is not None:
-                    progress((index + frac) / len(recipe.checkpoints), msg)
-
-            if checkpoint_sha256(ref.files, file_progress) != entry.sha256:
-                problems.append(f"{entry.path}: sha256 differs from the recipe (the file changed)")
-    if problems:
-        raise MergeError("inputs do not match the recipe: " + "; ".join(problems))
-
-
-def merge_recipe(recipe: Recipe, out_dir: Path, verify: bool = True, progress: Progress | None = None) -> MergeResult:
-    """Merge what ``recipe`` says into ``out_dir`` (after checking the inputs' hashes)."""
-    if verify:
-        verify_inputs(recipe, progress)
+    mode = verify_mode(verify)
+    share = 0.5 if mode == "full" else 0.0
+    verify_inputs(recipe, _scaled(progress, 0.0, share), mode)
     refs = [checkpoint_ref(e.path, e.step) for e in recipe.checkpoints]
-    return merge_checkpoints(refs, recipe.weights, out_dir, recipe.output_dtype, recipe, progress)
+    return merge_checkpoints(refs, recipe.weights, out_dir, recipe.output_dtype, recipe,
+                             _scaled(progress, share, 1.0), force=force, out_shard_size=out_shard_size)
+
+
+def _scaled(progress: Progress | None, low: float, high: float) -> Progress | None:
+    """``progress`` with fractions mapped into [low, high]."""
+    if progress is None:
+        return None
+    return lambda fraction, message: progress(low + (high - low) * fraction, message)
 
 
 def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], out_dir: Path,
                       output_dtype: str = "same", recipe: Recipe | None = None,
-                      progress: Progress | None = None) -> MergeResult:
-    """Average ``refs`` with ``weights`` into ``out_dir/model.safetensors``.
+                      progress: Progress | None = None, *, force: bool = False,
+                      out_shard_size: int | None = None) -> MergeResult:
+    """Average ``refs`` with ``weights`` into ``out_dir``, in the layout of the newest input.
 
-    The last of ``refs`` counts as the newest input: its non-floating tensors are copied.
+    The last of ``refs`` counts as the newest input: its non-floating tensors, its tensor
+    names and its side files (config, tokenizer) are what the output gets.
 
     Raises:
-        MergeError: the target exists, is an input, or the disk is too small.
+        MergeError: the target exists (without ``force``), is an input, or the disk is too small.
         CheckpointMismatch: the inputs do not share tensor names and shapes.
-        InvalidArgument: bad weights or dtype.
+        InvalidArgument: bad weights, dtype or shard size.
     """
     if not refs:
         raise MergeError("nothing to merge: no checkpoints given")
     weights = normalize_weights(weights, len(refs))
     out_dir = Path(out_dir).expanduser().resolve()
-    _check_target(out_dir, refs)
-    if recipe is None:
-        recipe = Recipe("manual", (), output_dtype)
+    check_target(out_dir, refs, force)
+    recipe = recipe if recipe is not None else Recipe("manual", (), output_dtype)
     with ExitStack() as stack:
         handles = [stack.enter_context(open_checkpoint(r.path, r.layout)) for r in refs]
-        layout = output_layout(check_same_layout(handles), output_dtype)
-        _check_disk(out_dir, sum(i.size_bytes for i in layout))
+        layout, plan = _plan(handles, refs, output_dtype, out_shard_size)
+        check_disk(out_dir, plan.size_bytes)
         tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
-            size = _write_output(tmp, handles, weights, layout, refs, recipe, progress)
-            _fsync_dir(tmp)
-            os.rename(tmp, out_dir)
-            _fsync_dir(out_dir.parent)
+            size = _write(tmp, handles, weights, layout, plan, refs, recipe, output_dtype, progress)
+            _publish(tmp, out_dir, force)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return MergeResult(out_dir, out_dir / MODEL_FILE, out_dir / RECIPE_FILE, size, len(layout),
-                       tuple(r.step for r in refs), weights)
+    model_file = out_dir / (INDEX_FILE if plan.sharded else MODEL_FILE)
+    files = tuple(sorted(p.name for p in out_dir.iterdir()))
+    return MergeResult(out_dir, model_file, out_dir / RECIPE_FILE, size, len(layout),
+                       tuple(r.step for r in refs), weights, files, plan.sharded)
 
 
-def _write_output(tmp: Path, handles, weights, layout, refs, recipe: Recipe, progress: Progress | None) -> int:
-    """Write the model, our recipe and the mergekit config into ``tmp``; return the model's bytes."""
+def plan_merge(refs: Sequence[CheckpointRef], weights: Sequence[float], out_dir: Path, output_dtype: str = "same",
+               *, force: bool = False, out_shard_size: int | None = None) -> MergePlan:
+    """What :func:`merge_checkpoints` would read and write, its peak memory and time; writes nothing.
+
+    Raises the same errors as the merge would before writing (target, mismatch, disk).
+    """
+    weights = normalize_weights(weights, len(refs))
+    out_dir = Path(out_dir).expanduser().resolve()
+    check_target(out_dir, refs, force)
+    with ExitStack() as stack:
+        handles = [stack.enter_context(open_checkpoint(r.path, r.layout)) for r in refs]
+        layout, plan = _plan(handles, refs, output_dtype, out_shard_size)
+        free = check_disk(out_dir, plan.size_bytes)
+        peak, seconds, rate = project(handles, weights, layout, plan)
+    files = plan.files + (RECIPE_FILE, MERGEKIT_FILE)
+    return MergePlan(tuple((r.path, r.size_bytes) for r in refs), out_dir, files, plan.size_bytes, len(layout),
+                     out_dir.exists(), free, peak, seconds, rate)
+
+
+def _plan(handles, refs: Sequence[CheckpointRef], output_dtype: str,
+          out_shard_size: int | None) -> tuple[list[TensorInfo], OutputPlan]:
+    """The output's headers (matched names) and its files (stored names of the newest input)."""
+    layout = output_layout(check_same_layout(handles), output_dtype)
+    stored = [replace(info, name=original_name(handles[-1], info.name)) for info in layout]
+    return layout, plan_output(handles[-1], refs[-1].path, stored, out_shard_size)
+
+
+def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPlan, refs, recipe: Recipe,
+           output_dtype: str, progress: Progress | None) -> int:
+    """Write the model, our recipe and the mergekit config into ``tmp``; return the weights' bytes."""
     recipe_text = dump_recipe(recipe) if recipe.checkpoints else ""
     metadata = {
         "format": "pt",
@@ -130,41 +154,50 @@ def _write_output(tmp: Path, handles, weights, layout, refs, recipe: Recipe, pro
     }
     # Inputs are matched under normalised names (module./_orig_mod./model. stripped); the output
     # keeps the newest input's own names so it loads where that checkpoint loaded.
-    newest = handles[-1]
-    stored = [replace(info, name=original_name(newest, info.name)) for info in layout]
-    with SafetensorsWriter(tmp / MODEL_FILE, stored, metadata) as writer:
-        for name, tensor in iter_average(handles, weights, layout, progress):
-            writer.write(original_name(newest, name), tensor)
+    blocks = _stored_blocks(handles, weights, layout, progress)
+    size = write_output(tmp, plan, blocks, metadata, output_dtype)
     if recipe_text:
         (tmp / RECIPE_FILE).write_text(recipe_text)
-        (tmp / MERGEKIT_FILE).write_text(yaml.safe_dump(to_mergekit(recipe), sort_keys=False))
-    return writer.total_bytes
+        same = layout[0].dtype if layout and output_dtype == "same" else None
+        (tmp / MERGEKIT_FILE).write_text(yaml.safe_dump(to_mergekit(recipe, same_dtype=same), sort_keys=False))
+    return size
 
 
-def _check_target(out_dir: Path, refs: Sequence[CheckpointRef]) -> None:
-    """Refuse an existing target and any target that is, or holds, an input."""
-    if out_dir.exists():
-        raise MergeError(f"{out_dir}: already exists; choose a new output folder (a merge never overwrites)")
-    for ref in refs:
-        if out_dir == ref.path or ref.path.is_relative_to(out_dir):
-            raise MergeError(f"{out_dir}: is or contains the input {ref.path}")
+def _stored_blocks(handles, weights, layout: list[TensorInfo],
+                   progress: Progress | None) -> Iterator[tuple[str, int, torch.Tensor]]:
+    """The averaged blocks under the newest input's stored tensor names."""
+    for info, start, block in stream_average(handles, weights, layout, progress):
+        yield original_name(handles[-1], info.name), start, block
 
 
-def _check_disk(out_dir: Path, needed: int) -> None:
-    """Stop before writing if the target's file system cannot hold the output."""
-    parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(parent).free
-    if free < needed + DISK_MARGIN_BYTES:
-        raise MergeError(f"{parent}: {free / 1e9:.2f} GB free, the merge needs {needed / 1e9:.2f} GB "
-                         f"(+{DISK_MARGIN_BYTES / 1e6:.0f} MB margin)")
+def _publish(tmp: Path, out_dir: Path, force: bool) -> None:
+    """Make ``tmp`` durable, then rename it to ``out_dir`` (replacing an old one when forced).
+
+    The rename is the only moment the target changes; with ``force`` the old folder is renamed
+    aside first and deleted only once the new one is in place.
+    """
+    for path in tmp.iterdir():
+        _fsync(path, os.O_RDONLY)
+    _fsync(tmp, os.O_RDONLY)
+    aside = None
+    if force and out_dir.exists():
+        aside = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out_dir, aside)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError as e:
+        if aside is not None:
+            os.rename(aside, out_dir)
+        raise MergeError(f"{out_dir}: could not move the merge into place ({e.strerror or e})") from e
+    _fsync(out_dir.parent, os.O_RDONLY)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    """Persist a folder's entries (the rename) so a crash cannot lose them."""
-    fd = os.open(path, os.O_RDONLY)
+def _fsync(path: Path, flags: int) -> None:
+    """Persist a file's data or a folder's entries, so a crash cannot lose what the rename points at."""
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-

@@ -24,6 +24,11 @@ from .run import CheckpointRef
 RECIPE_VERSION = 1
 METHODS = ("sma", "ema", "wma", "soup", "manual", "recovery")
 _HASH_CHUNK = 8 * 1024 * 1024
+# Quick hash (version 1): size, the first MiB (the safetensors header and more), 16 evenly spaced
+# 64 KiB blocks and the last 64 KiB of every file. Reads about 2 MiB per file whatever its size.
+_QUICK_HEAD = 1 << 20
+_QUICK_BLOCK = 1 << 16
+_QUICK_SAMPLES = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +40,7 @@ class RecipeEntry:
     weight: float
     sha256: str
     size_bytes: int
+    quick_hash: str = ""   # see checkpoint_quick_hash; empty in recipes written before it existed
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +85,32 @@ def _file_sha256(path: Path, progress: Callable[[float, str], None] | None) -> s
     return digest.hexdigest()
 
 
+def checkpoint_quick_hash(files: tuple[Path, ...] | list[Path]) -> str:
+    """A cheap fingerprint of a checkpoint's files: catches a rewritten, truncated or swapped file.
+
+    It reads ~2 MiB per file (see ``_QUICK_*``), so ``--verify quick`` costs milliseconds where
+    sha256 costs a read of every byte; a change confined to unsampled bytes needs ``--verify full``.
+    """
+    digest = hashlib.sha256(b"ckpt-select quick hash v1\n")
+    for path in sorted(files):
+        size = path.stat().st_size
+        digest.update(f"{path.name} {size}\n".encode())
+        with path.open("rb") as handle:
+            digest.update(handle.read(_QUICK_HEAD))
+            last = max(size - _QUICK_BLOCK, 0)
+            for index in range(_QUICK_SAMPLES + 1):
+                handle.seek(last * index // _QUICK_SAMPLES)
+                digest.update(handle.read(_QUICK_BLOCK))
+    return digest.hexdigest()
+
+
 def build_recipe(method: str, refs: list[CheckpointRef], weights: tuple[float, ...], output_dtype: str = "same",
-                 reasons: dict[str, str] | None = None, source_run: Path | None = None) -> Recipe:
-    """A recipe for ``refs`` with ``weights``, hashing every input file."""
+                 reasons: dict[str, str] | None = None, source_run: Path | None = None, *,
+                 hashes: bool = True) -> Recipe:
+    """A recipe for ``refs`` with ``weights``, hashing every input file (``hashes=False``: a dry run's, unhashed)."""
     entries = tuple(
-        RecipeEntry(ref.path, ref.step, float(w), checkpoint_sha256(ref.files), ref.size_bytes)
+        RecipeEntry(ref.path, ref.step, float(w), checkpoint_sha256(ref.files) if hashes else "", ref.size_bytes,
+                    checkpoint_quick_hash(ref.files) if hashes else "")
         for ref, w in zip(refs, weights)
     )
     return Recipe(method, entries, output_dtype, dict(reasons or {}), source_run=source_run)
@@ -105,7 +132,7 @@ def recipe_to_dict(recipe: Recipe, relative_to: Path | None = None) -> dict:
         "output_dtype": recipe.output_dtype,
         "checkpoints": [
             {"path": show(e.path), "step": e.step, "weight": round(e.weight, 12), "sha256": e.sha256,
-             "bytes": e.size_bytes}
+             **({"quick_hash": e.quick_hash} if e.quick_hash else {}), "bytes": e.size_bytes}
             for e in recipe.checkpoints
         ],
         "reasons": dict(recipe.reasons),
@@ -185,16 +212,125 @@ def _entry(item: dict, base: Path) -> RecipeEntry:
     if not math.isfinite(weight) or weight < 0:
         raise ValueError(f"weight {weight} must be finite and non-negative")
     return RecipeEntry((base / str(item["path"])).resolve(), int(item["step"]), weight,
-                       str(item.get("sha256", "")), int(item.get("bytes", 0)))
+                       str(item.get("sha256", "")), int(item.get("bytes", 0)), str(item.get("quick_hash", "")))
 
 
-def to_mergekit(recipe: Recipe, relative_to: Path | None = None) -> dict:
-    """The recipe as a mergekit ``linear`` merge config (``mergekit-yaml CONFIG OUT``)."""
-    dtype = "float32" if recipe.output_dtype in ("same", "float32") else recipe.output_dtype
+def to_mergekit(recipe: Recipe, relative_to: Path | None = None, same_dtype: str | None = None) -> dict:
+    """The recipe as a mergekit ``linear`` merge config (``mergekit-yaml CONFIG OUT``).
+
+    mergekit computes in ``dtype`` and writes ``out_dtype``: float32 arithmetic like ours, and the
+    output dtype of the recipe (``same_dtype``, the inputs' dtype, stands for "same" when known).
+    """
+    out = same_dtype if recipe.output_dtype == "same" else recipe.output_dtype
     doc = recipe_to_dict(recipe, relative_to)
-    return {
+    config = {
         "merge_method": "linear",
-        "dtype": dtype,
+        "dtype": "float32",
         "parameters": {"normalize": True},
         "models": [{"model": c["path"], "parameters": {"weight": c["weight"]}} for c in doc["checkpoints"]],
     }
+    if out and out != "float32":
+        config["out_dtype"] = out
+    return config
+
+
+_MERGEKIT_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                    "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+def is_mergekit_config(doc: object) -> bool:
+    """True for a mergekit config document (it has ``merge_method``; ours has ``ckpt_select_recipe``)."""
+    return isinstance(doc, dict) and "merge_method" in doc and "ckpt_select_recipe" not in doc
+
+
+def recipe_from_mergekit(doc: dict, path: Path) -> Recipe:
+    """A mergekit ``linear`` config as a recipe (no hashes: mergekit configs carry none).
+
+    Model paths resolve against the config's folder, else the working folder (as mergekit does).
+
+    Raises:
+        RecipeError: another merge method, no models, a bad weight or dtype, normalize off with
+            weights not summing to 1 (CkptSelect always normalises), or a model that is not a local checkpoint.
+    """
+    from .run import checkpoint_ref   # late: run imports the readers, which recipes do not need
+    from .errors import AnalysisError
+
+    problems: list[str] = []
+    if doc.get("merge_method") != "linear":
+        problems.append(f"merge_method {doc.get('merge_method')!r}: only 'linear' (a weighted average) is supported")
+    models = doc.get("models")
+    if not isinstance(models, list) or not models:
+        problems.append("'models' must be a non-empty list")
+        models = []
+    dtype_name = str(doc.get("out_dtype") or doc.get("dtype") or "float32")
+    dtype = _MERGEKIT_DTYPES.get(dtype_name)
+    if dtype is None:
+        problems.append(f"dtype {dtype_name!r} is not one of {', '.join(_MERGEKIT_DTYPES)}")
+    pairs = []
+    for index, item in enumerate(models):
+        try:
+            pairs.append(_mergekit_model(item, path.parent))
+        except (KeyError, TypeError, ValueError) as e:
+            problems.append(f"models[{index}]: {e}")
+    normalize = (doc.get("parameters") or {}).get("normalize", True)
+    total = math.fsum(w for _, w in pairs)
+    if pairs and not normalize and abs(total - 1.0) > 1e-6:
+        problems.append(f"normalize is false but the weights sum to {total:.8f}; CkptSelect always normalises")
+    if pairs and total <= 0:
+        problems.append("weights sum to zero")
+    if problems:
+        raise RecipeError(path, "; ".join(problems))
+    entries = []
+    for model, weight in pairs:
+        try:
+            ref = checkpoint_ref(model)
+        except AnalysisError as e:
+            raise RecipeError(path, str(e)) from None
+        entries.append(RecipeEntry(ref.path, ref.step, weight / total, "", ref.size_bytes))
+    return Recipe("manual", tuple(entries), dtype or "float32", {}, f"mergekit config {path.name}")
+
+
+def _mergekit_model(item: object, base: Path) -> tuple[Path, float]:
+    """(path, weight) of one ``models`` entry: ``{model: PATH, parameters: {weight: W}}``."""
+    if not isinstance(item, dict) or "model" not in item:
+        raise TypeError("each model must be a mapping with 'model' and 'parameters: {weight: W}'")
+    model = item["model"]
+    name = model.get("model") if isinstance(model, dict) else model
+    weight = float((item.get("parameters") or {})["weight"])
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"weight {weight} must be finite and non-negative")
+    path = Path(str(name)).expanduser()
+    if not path.is_absolute():
+        path = base / path if (base / path).exists() or not path.exists() else path.resolve()
+    return path.resolve(), weight
+
+
+def load_any_recipe(path: str | Path) -> Recipe:
+    """Our recipe or a mergekit linear config, told apart by their top-level keys.
+
+    Raises:
+        RecipeError: unreadable, or neither kind of file.
+    """
+    path = Path(path).expanduser().resolve()
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise RecipeError(path, e.strerror or str(e)) from None
+    except yaml.YAMLError as e:
+        raise RecipeError(path, f"not valid YAML ({e})") from None
+    return recipe_from_mergekit(doc, path) if is_mergekit_config(doc) else recipe_from_dict(doc, path)
+
+
+def with_hashes(recipe: Recipe) -> Recipe:
+    """The recipe with sha256, quick hash and size filled in for entries that lack them."""
+    entries = []
+    for e in recipe.checkpoints:
+        if e.sha256 and e.quick_hash:
+            entries.append(e)
+            continue
+        from .run import checkpoint_ref
+        ref = checkpoint_ref(e.path, e.step)
+        entries.append(RecipeEntry(e.path, e.step, e.weight, e.sha256 or checkpoint_sha256(ref.files),
+                                   ref.size_bytes, e.quick_hash or checkpoint_quick_hash(ref.files)))
+    return Recipe(recipe.method, tuple(entries), recipe.output_dtype, recipe.reasons, recipe.created_by,
+                  recipe.source_run)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.optimize import OptimizeWarning, curve_fit
 
 from .errors import FitError
 
@@ -158,6 +157,9 @@ def _fit_scaled(u: np.ndarray, y: np.ndarray, p0: tuple[float, float, float] | N
         p0 = (e0, max(float(y[-1]) - e0, 1e-3), 0.3)
     upper_e = float(np.min(y))
     p0 = (min(max(p0[0], 0.0), upper_e * 0.999), max(p0[1], 1e-9), min(max(p0[2], 1e-3), 4.9))
+    # Imported here: scipy takes 0.4 s to import and every CLI command (merge included) imports this module.
+    from scipy.optimize import OptimizeWarning, curve_fit
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OptimizeWarning)
         return curve_fit(_model, u, y, p0=p0, bounds=([0.0, 0.0, 1e-4], [upper_e, np.inf, 5.0]), maxfev=5000)

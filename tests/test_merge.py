@@ -87,8 +87,8 @@ def test_refuses_existing_target_and_target_holding_an_input(tiny_run: Path, tmp
     (tmp_path / "taken").mkdir()
     with pytest.raises(MergeError, match="already exists"):
         merge_checkpoints(refs, [1, 1], tmp_path / "taken")
-    with pytest.raises(MergeError, match="already exists"):
-        merge_checkpoints(refs, [1, 1], tiny_run / "ckpt")
+    with pytest.raises(MergeError, match="contains the input"):   # even with force (issue 6)
+        merge_checkpoints(refs, [1, 1], tiny_run / "ckpt", force=True)
 
 
 def test_mismatched_inputs_name_the_tensor_and_leave_nothing(tiny_run: Path, tmp_path: Path) -> None:

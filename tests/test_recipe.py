@@ -55,7 +55,7 @@ def test_changed_input_is_caught_before_merging(tiny_run: Path, tmp_path: Path) 
     data = bytearray(victim.read_bytes())
     data[-1] ^= 0xFF
     victim.write_bytes(bytes(data))
-    with pytest.raises(MergeError, match="step_000550.safetensors: sha256 differs"):
+    with pytest.raises(MergeError, match="step_000550.safetensors: quick hash differs"):
         merge_recipe(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

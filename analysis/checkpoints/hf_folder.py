@@ -105,6 +105,16 @@ class HFFolderHandle:
     def original_name(self, name: str) -> str:
         return self._weights.original_name(name)  # type: ignore[attr-defined]
 
+    def locate(self, name: str):
+        """Raw location of a weight (safetensors weights only; None otherwise)."""
+        method = getattr(self._weights, "locate", None)
+        return method(name) if callable(method) else None
+
+    @property
+    def weights(self) -> CheckpointHandle:
+        """The handle of the weight file(s): single file or sharded (the merge mirrors it)."""
+        return self._weights
+
     def metadata(self) -> dict[str, str]:
         return dict(self._metadata)
 

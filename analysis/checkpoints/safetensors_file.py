@@ -89,7 +89,10 @@ class SafetensorsHandle:
 
     def __init__(self, path: Path, normalize: bool = True) -> None:
         self.path = path
-        entries, self._metadata, _ = read_header(path)
+        entries, self._metadata, data_start = read_header(path)
+        # Absolute byte offsets by stored name: the merge reads these ranges with preadv.
+        self._offsets = {name: (data_start + int(e["data_offsets"][0]), SAFETENSORS_DTYPES[e["dtype"]])
+                         for name, e in entries.items()}
         ordered = sorted(entries.items(), key=lambda item: item[1]["data_offsets"][0])
         self.keys = KeyMap(name for name, _ in ordered) if normalize else KeyMap(())
         self._infos = [
@@ -104,6 +107,12 @@ class SafetensorsHandle:
 
     def original_name(self, name: str) -> str:
         return self.keys.original(name)
+
+    def locate(self, name: str):
+        """Where ``name``'s raw bytes are (a ``TensorLocation``), for block-wise reads without a memory map."""
+        from ..streaming import TensorLocation   # late: streaming imports this package
+        offset, dtype = self._offsets[self.keys.original(name)]
+        return TensorLocation(self.path, offset, dtype)
 
     def read(self, name: str) -> torch.Tensor:
         try:

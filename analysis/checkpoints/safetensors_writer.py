@@ -28,6 +28,7 @@ class SafetensorsWriter:
         self.path = path
         self._layout = layout
         self._next = 0
+        self._filled = 0   # elements of tensor ``_next`` written so far by write_block
         header: dict[str, object] = {"__metadata__": dict(metadata or {})} if metadata else {}
         offset = 0
         for info in layout:
@@ -47,23 +48,43 @@ class SafetensorsWriter:
         self._handle.write(raw)
 
     @property
+    def remaining(self) -> int:
+        """Declared tensors not yet completely written."""
+        return len(self._layout) - self._next
+
+    @property
     def total_bytes(self) -> int:
         """Size of the finished file."""
         return self.header_bytes + self.data_bytes
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append the next tensor; it must match the declared name, shape and dtype."""
-        info = self._layout[self._next]
+        info = self._layout[self._next] if self._next < len(self._layout) else None
         got = str(tensor.dtype).removeprefix("torch.")
-        if name != info.name or tuple(tensor.shape) != info.shape or got != info.dtype:
+        if info is None or name != info.name or tuple(tensor.shape) != info.shape or got != info.dtype:
             raise MergeError(
-                f"{self.path}: expected tensor {info.name!r} {info.shape} {info.dtype}, "
-                f"got {name!r} {tuple(tensor.shape)} {got}"
+                f"{self.path}: expected tensor {info.name if info else None!r} {info.shape if info else ()} "
+                f"{info.dtype if info else ''}, got {name!r} {tuple(tensor.shape)} {got}"
             )
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.write_block(name, 0, tensor.reshape(-1))
+
+    def write_block(self, name: str, start: int, block: torch.Tensor) -> None:
+        """Append elements ``[start, start + len(block))`` of the current tensor (blocks come in order).
+
+        A merge writes each block as it is averaged, so no whole output tensor is ever held.
+        """
+        info = self._layout[self._next] if self._next < len(self._layout) else None
+        got = str(block.dtype).removeprefix("torch.")
+        if info is None or name != info.name or start != self._filled or got != info.dtype \
+                or start + block.numel() > info.numel:
+            expected = f"{info.name!r} from element {self._filled} as {info.dtype}" if info else "no more tensors"
+            raise MergeError(f"{self.path}: expected {expected}, got {name!r} from element {start} as {got}")
+        data = block.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         assert self._handle is not None, "write after close"
         self._handle.write(memoryview(data))
-        self._next += 1
+        self._filled += block.numel()
+        if self._filled == info.numel:
+            self._next, self._filled = self._next + 1, 0
 
     def close(self) -> None:
         """Flush to disk; raise if some declared tensors were never written."""

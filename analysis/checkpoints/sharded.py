@@ -86,6 +86,16 @@ class ShardedHandle:
             raise CheckpointReadError(self.path, f"no tensor named {name!r}")
         return self._shards[self._where[original]].read(original)
 
+    def locate(self, name: str):
+        """The raw location inside the shard holding ``name`` (None for pickle shards)."""
+        original = self.keys.original(name)
+        method = getattr(self._shards[self._where[original]], "locate", None)
+        return method(original) if callable(method) else None
+
+    def shard_sizes(self) -> list[int]:
+        """Bytes of each shard file (the output mirrors the largest as its shard size)."""
+        return [(self.path.parent / s).stat().st_size for s in self._shards]
+
     def metadata(self) -> dict[str, str]:
         return dict(self._metadata)
 

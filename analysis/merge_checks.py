@@ -1,0 +1,164 @@
+"""Everything a merge checks before it writes a byte, and the dry run's projection.
+
+Inputs against the recipe (``full``: sha256 of every byte; ``quick``: size and a sampled
+fingerprint; ``none``), the target (never an input, never an existing folder unless
+forced), free disk space, and for ``--dry-run`` what would be read and written, the
+projected peak memory and the projected time from a short probe of the real inputs.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .checkpoints import CheckpointHandle, TensorInfo
+from .errors import InvalidArgument, MergeError
+from .merge_output import OutputPlan
+from .recipe import Recipe, checkpoint_quick_hash, checkpoint_sha256
+from .run import CheckpointRef, checkpoint_ref
+from .streaming import BLOCK_ELEMENTS, buffer_bytes, locate, stream_average
+
+VERIFY_MODES = ("full", "quick", "none")
+# Free space kept beyond the output's size: file systems misbehave when completely full.
+DISK_MARGIN_BYTES = 64 * 1024 * 1024
+# The dry run's probe averages this many blocks of the largest tensor (about 2 MiB per bf16 input).
+PROBE_BLOCKS = 8
+
+Progress = Callable[[float, str], None]
+
+
+def verify_mode(verify: bool | str) -> str:
+    """``True``/``False`` (the old flag) or a mode name -> a mode name."""
+    mode = {True: "quick", False: "none"}.get(verify, verify) if isinstance(verify, bool) else verify
+    if mode not in VERIFY_MODES:
+        raise InvalidArgument(f"--verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
+    return mode
+
+
+def verify_inputs(recipe: Recipe, progress: Progress | None = None, mode: str = "full") -> None:
+    """Check every input against the recipe: present, same size, same hash.
+
+    ``quick`` compares the quick hash; a recipe written before quick hashes existed falls
+    back to its sha256, so old recipes are checked as thoroughly as before.
+
+    Raises:
+        MergeError: naming each changed or missing input.
+    """
+    if verify_mode(mode) == "none":
+        return
+    problems = []
+    for index, entry in enumerate(recipe.checkpoints):
+        if not entry.path.exists():
+            problems.append(f"{entry.path}: missing")
+            continue
+        ref = checkpoint_ref(entry.path, entry.step)
+        if entry.size_bytes and ref.size_bytes != entry.size_bytes:
+            problems.append(f"{entry.path}: {ref.size_bytes} bytes, the recipe says {entry.size_bytes} (the file changed)")
+        elif mode == "quick" and entry.quick_hash:
+            if checkpoint_quick_hash(ref.files) != entry.quick_hash:
+                problems.append(f"{entry.path}: quick hash differs from the recipe (the file changed)")
+        elif entry.sha256 and checkpoint_sha256(ref.files, _part(progress, index, len(recipe.checkpoints))) != entry.sha256:
+            problems.append(f"{entry.path}: sha256 differs from the recipe (the file changed)")
+    if problems:
+        raise MergeError("inputs do not match the recipe: " + "; ".join(problems))
+
+
+def _part(progress: Progress | None, index: int, count: int) -> Progress | None:
+    """Progress of input ``index`` of ``count`` as a share of the whole check."""
+    if progress is None:
+        return None
+    return lambda frac, msg: progress((index + frac) / count, msg)
+
+
+def check_target(out_dir: Path, refs: Sequence[CheckpointRef], force: bool) -> None:
+    """Refuse a target that is, holds or lies in an input's files, and an existing one unless forced."""
+    for ref in refs:
+        for path in (ref.path, *ref.files):
+            if out_dir == path or path.is_relative_to(out_dir):
+                raise MergeError(f"{out_dir}: is or contains the input {path}; a merge never writes over an input")
+    if out_dir.exists() and not force:
+        raise MergeError(f"{out_dir}: already exists; choose a new output folder, or pass --force to replace it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MergeError(f"{out_dir}: exists and is not a folder; a merge replaces only a folder")
+
+
+def check_disk(out_dir: Path, needed: int) -> int:
+    """Stop before writing if the target's file system cannot hold the output; return free bytes."""
+    parent = out_dir.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(parent).free
+    if free < needed + DISK_MARGIN_BYTES:
+        raise MergeError(f"{parent}: {free / 1e9:.2f} GB free, the merge needs {needed / 1e9:.2f} GB "
+                         f"(+{DISK_MARGIN_BYTES / 1e6:.0f} MB margin)")
+    return free
+
+
+@dataclass(frozen=True, slots=True)
+class MergePlan:
+    """What ``--dry-run`` reports: nothing is written to produce it."""
+
+    inputs: tuple[tuple[Path, int], ...]        # path, bytes
+    out_dir: Path
+    files: tuple[str, ...]                      # written into out_dir
+    output_bytes: int
+    n_tensors: int
+    replaces_existing: bool
+    free_bytes: int
+    peak_memory_bytes: int                      # this process now + the merge's buffers
+    projected_seconds: float
+    probe_mb_per_s: float                       # input MB read and averaged per second in the probe
+
+    def describe(self) -> list[str]:
+        """Plain lines for the command line."""
+        lines = [f"would read {len(self.inputs)} checkpoints, {sum(b for _, b in self.inputs) / 1e6:,.1f} MB:"]
+        lines += [f"  {path}  ({size / 1e6:,.1f} MB)" for path, size in self.inputs]
+        verb = "replace" if self.replaces_existing else "write"
+        lines.append(f"would {verb} {self.out_dir} ({self.n_tensors} tensors, {self.output_bytes / 1e6:,.1f} MB):")
+        lines += [f"  {name}" for name in self.files]
+        lines.append(f"free disk: {self.free_bytes / 1e9:,.2f} GB")
+        lines.append(f"projected peak memory: {self.peak_memory_bytes / 1e6:,.0f} MB")
+        lines.append(f"projected time: {self.projected_seconds:,.1f} s (probe: {self.probe_mb_per_s:,.0f} MB/s "
+                     "of input read and averaged)")
+        return lines
+
+
+def project(handles: Sequence[CheckpointHandle], weights: Sequence[float], layout: list[TensorInfo],
+            plan: OutputPlan) -> tuple[int, float, float]:
+    """(projected peak memory bytes, projected seconds, probe MB/s) for merging ``handles``.
+
+    The probe averages the first blocks of the largest tensor, reading the real inputs the way
+    the merge does, and scales the time by the bytes to read; writing is assumed as fast.
+    """
+    import psutil
+
+    floating = [i for i in layout if i.is_floating] or layout
+    largest = max(floating, key=lambda i: i.numel)
+    whole = [h for h in handles if locate(h, largest.name) is None]
+    extra = len(whole) * max(i.size_bytes for i in layout) + max((i.size_bytes for i in layout if not i.is_floating),
+                                                                 default=0)
+    peak = psutil.Process().memory_info().rss + buffer_bytes(handles) + extra
+    probe = TensorInfo(largest.name, (min(largest.numel, PROBE_BLOCKS * BLOCK_ELEMENTS),), largest.dtype,
+                       0)
+    seconds = float("inf")
+    for _ in range(2):   # the first pass pays for thread start-up and cold caches: keep the faster
+        start = time.perf_counter()
+        for _ in stream_average(handles, weights, [probe]):
+            pass
+        seconds = max(min(seconds, time.perf_counter() - start), 1e-6)
+    itemsizes = sum(_input_itemsizes(handles, largest))
+    rate = probe.numel * itemsizes / seconds                     # input bytes read and averaged per second
+    total_read = sum(i.numel for i in layout) * itemsizes
+    # Writing goes to the page cache about as fast as reading comes from it: counted at the same rate.
+    return peak, (total_read + plan.data_bytes) / rate, rate / 1e6
+
+
+def _input_itemsizes(handles: Sequence[CheckpointHandle], info: TensorInfo) -> list[int]:
+    """Bytes per element of ``info`` in each input."""
+    sizes = []
+    for handle in handles:
+        match = next((i for i in handle.tensors() if i.name == info.name), None)
+        sizes.append(match.size_bytes // max(match.numel, 1) if match else 4)
+    return sizes

@@ -1,0 +1,209 @@
+"""Merge speed and peak memory against what users would run instead (issue 6).
+
+Generates Llama-layout Hugging Face folders (config.json + model.safetensors, bf16) under
+``--cache`` (reused between runs), then times, each in its own process with the inputs
+warm in the page cache (``cat`` first):
+
+- ``cat`` of the inputs (the floor),
+- load-whole: a fairseq-style script that loads each checkpoint whole into a float32 running sum,
+- mergekit 0.1.5 ``linear`` via ``mergekit-yaml`` (when installed; it is not a dependency),
+- ``python -m analysis merge RECIPE.yaml -o OUT`` (default ``--verify quick``).
+
+Wall time includes process start-up for every contender; peak RSS is the child's
+``ru_maxrss`` from ``wait4``. The parent never imports torch (inputs and recipes are made by
+child processes): a forked child's peak RSS would otherwise include the parent's pages until
+it execs. Each contender runs ``--repeat`` times and the fastest run is reported (the
+machines this is measured on are shared). Usage: ``python benchmarks/merge_speed.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+LOAD_WHOLE = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+paths, out = sys.argv[1:-1], sys.argv[-1]
+acc = None
+for p in paths:
+    sd = load_file(p)
+    if acc is None:
+        acc = {k: torch.zeros(v.shape, dtype=torch.float32) for k, v in sd.items()}
+    for k, v in sd.items():
+        acc[k] += v.float() / len(paths)
+    del sd
+save_file({k: v.to(torch.bfloat16) for k, v in acc.items()}, out, metadata={"format": "pt"})
+"""
+
+
+def llama_config(layers: int) -> dict:
+    """A Llama with hidden 1024 and 32k vocabulary: 12 layers = 220M parameters, 29 layers = 438M."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024,
+            "intermediate_size": 2816, "num_hidden_layers": layers, "num_attention_heads": 16,
+            "num_key_value_heads": 16, "vocab_size": 32000, "max_position_embeddings": 2048,
+            "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+
+def make_inputs(root: Path, layers: int, count: int) -> list[Path]:
+    """``count`` checkpoint folders of one model (cached), made in a child process."""
+    folders = [root / f"llama{layers}" / f"checkpoint-{100 * (i + 1)}" for i in range(count)]
+    if not all((f / "model.safetensors").is_file() for f in folders):
+        subprocess.run([sys.executable, __file__, "--generate", str(root), str(layers), str(count)], check=True)
+    return folders
+
+
+def generate(root: Path, layers: int, count: int) -> None:
+    """Write the checkpoint folders: random bf16 weights, each checkpoint drifting a little from the first."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folders = [root / f"llama{layers}" / f"checkpoint-{100 * (i + 1)}" for i in range(count)]
+    config = LlamaConfig(**{k: v for k, v in llama_config(layers).items() if k != "architectures"})
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    base = {k: (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+    for index, folder in enumerate(folders):
+        if (folder / "model.safetensors").is_file():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(llama_config(layers), indent=2))
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": 100 * (index + 1)}))
+        state = {k: v * (1 + 0.001 * index) for k, v in base.items()}
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def timed(command: list[str], cwd: Path | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of a child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{command[:3]} failed: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def warm(folders: list[Path]) -> float:
+    """cat the inputs to /dev/null; returns its wall time (the floor of any merge)."""
+    files = [str(f / "model.safetensors") for f in folders]
+    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+    start = time.perf_counter()
+    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - start
+
+
+MAKE_RECIPE = """
+import sys
+from pathlib import Path
+from analysis.recipe import build_recipe, write_recipe
+from analysis.run import checkpoint_ref
+refs = [checkpoint_ref(f) for f in sys.argv[2:]]
+write_recipe(build_recipe("sma", refs, tuple(1 / len(refs) for _ in refs)), Path(sys.argv[1]))
+"""
+
+
+def ours(folders: list[Path], work: Path) -> tuple[float, float]:
+    recipe = work / "recipe.yaml"
+    if not recipe.exists():
+        subprocess.run([sys.executable, "-c", MAKE_RECIPE, str(recipe), *map(str, folders)], cwd=REPO, check=True)
+    out = work / "ours"
+    shutil.rmtree(out, ignore_errors=True)
+    warm(folders)
+    result = timed([sys.executable, "-m", "analysis", "merge", str(recipe), "-o", str(out)], cwd=REPO)
+    shutil.rmtree(out)
+    return result
+
+
+def load_whole(folders: list[Path], work: Path) -> tuple[float, float]:
+    script = work / "load_whole.py"
+    script.write_text(LOAD_WHOLE)
+    warm(folders)
+    result = timed([sys.executable, str(script), *[str(f / "model.safetensors") for f in folders],
+                    str(work / "whole.safetensors")])
+    (work / "whole.safetensors").unlink()
+    return result
+
+
+def mergekit(folders: list[Path], work: Path) -> tuple[float, float] | None:
+    exe = Path(sys.executable).with_name("mergekit-yaml")
+    if not exe.exists():
+        return None
+    import yaml
+    config = {"merge_method": "linear", "dtype": "bfloat16", "parameters": {"normalize": True},
+              "models": [{"model": str(f), "parameters": {"weight": 1.0}} for f in folders]}
+    (work / "mk.yaml").write_text(yaml.safe_dump(config))
+    out = work / "mk_out"
+    shutil.rmtree(out, ignore_errors=True)
+    warm(folders)
+    result = timed([str(exe), str(work / "mk.yaml"), str(out), "--no-write-model-card"])
+    shutil.rmtree(out)
+    return result
+
+
+def best(runs: int, contender, *args) -> tuple[float, float] | None:
+    """The fastest of ``runs`` runs (its peak RSS is the largest seen in any run)."""
+    results = [contender(*args) for _ in range(runs)]
+    if results[0] is None:
+        return None
+    return min(r[0] for r in results), max(r[1] for r in results)
+
+
+def main() -> None:
+    if len(sys.argv) == 5 and sys.argv[1] == "--generate":
+        generate(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ckpt-select-merge-bench")
+    parser.add_argument("--quick", action="store_true", help="Only the 8 x 220M case, without mergekit.")
+    parser.add_argument("--repeat", type=int, default=2, help="Runs per contender; the fastest is reported.")
+    args = parser.parse_args()
+    rows = []
+    small = make_inputs(args.cache, 12, 8 if args.quick else 16)
+    cases = [("220M", small[:8], True)] if args.quick else \
+        [("220M", small[:8], True), ("220M", small[:2], False), ("220M", small[:16], False),
+         ("438M", make_inputs(args.cache, 29, 8), False)]
+    for label, folders, baselines in cases:
+        with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
+            work = Path(tmp)
+            row = {"model": label, "inputs": len(folders),
+                   "input_gb": sum((f / "model.safetensors").stat().st_size for f in folders) / 1e9,
+                   "cat_s": warm(folders), "ckpt_select": best(args.repeat, ours, folders, work)}
+            if baselines:
+                row["load_whole"] = best(args.repeat, load_whole, folders, work)
+                row["mergekit"] = None if args.quick else best(args.repeat, mergekit, folders, work)
+                if row["mergekit"] is None and not args.quick:
+                    print("mergekit is not installed: its column is empty", file=sys.stderr)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    out = REPO / "benchmarks" / "out" / "merge_speed.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": str(date.today()), "cores": os.cpu_count(), "rows": rows}, indent=2))
+    print(f"\n{platform.node()}, {os.cpu_count()} cores, {date.today()}, load average {os.getloadavg()[0]:.1f}")
+    for row in rows:
+        s, m = row["ckpt_select"]
+        line = (f"| {row['inputs']} x {row['model']} bf16 ({row['input_gb']:.2f} GB) | cat {row['cat_s']:.2f} s "
+                f"| ckpt-select {s:.2f} s, {m:.0f} MB")
+        for key in ("load_whole", "mergekit"):
+            if row.get(key):
+                bs, bm = row[key]
+                line += f" | {key} {bs:.2f} s, {bm:.0f} MB ({s / bs:.2f}x)"
+        print(line + " |")
+
+
+if __name__ == "__main__":
+    main()

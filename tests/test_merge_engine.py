@@ -1,0 +1,326 @@
+"""Issue 6, the merge engine: exact arithmetic, output layouts, interop, and safety.
+
+Each test builds real checkpoints (safetensors, transformers' save_pretrained, torch.save)
+and checks the merged files against an independent implementation in plain torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from analysis import merge_checks
+from analysis.cli import main
+from analysis.errors import MergeError
+from analysis.merge import merge_checkpoints, merge_recipe, plan_merge
+from analysis.recipe import build_recipe, load_recipe, write_recipe
+from analysis.run import checkpoint_ref
+from analysis.streaming import BLOCK_ELEMENTS
+from ckpt_factories import hf_checkpoint
+from conftest import REPO
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def reference_average(states: list[dict[str, torch.Tensor]], weights: list[float], dtype: str) -> dict[str, torch.Tensor]:
+    """The documented arithmetic on whole tensors: acc = 0; acc += w * x.float(); round once."""
+    total = sum(weights)
+    weights = [w / total for w in weights]
+    out = {}
+    for name, newest in states[-1].items():
+        if not newest.is_floating_point():
+            out[name] = newest
+            continue
+        acc = torch.zeros(newest.shape, dtype=torch.float32)
+        for state, weight in zip(states, weights):
+            acc += weight * state[name].float()
+        out[name] = acc.to(newest.dtype if dtype == "same" else DTYPES[dtype])
+    return out
+
+
+def random_state(seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Tensors smaller, equal to and larger than a block, odd sizes, -0.0 values and an int buffer."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {
+        "embed.weight": torch.randn(BLOCK_ELEMENTS // 64 + 3, 64 + 1, generator=gen),
+        "block.0.weight": torch.randn(BLOCK_ELEMENTS, generator=gen) * 1e-3,
+        "block.0.bias": torch.randn(7, generator=gen),
+        "norm.scale": torch.tensor([-0.0, 0.0, -0.0]),
+        "empty": torch.zeros(0),
+    }
+    state = {k: v.to(dtype) for k, v in state.items()}
+    state["num_batches_tracked"] = torch.tensor(seed, dtype=torch.int64)
+    return state
+
+
+@pytest.mark.parametrize("in_dtype,out_dtype", [("bfloat16", "same"), ("bfloat16", "float32"),
+                                                ("float32", "same"), ("float32", "bfloat16"), ("float16", "float16")])
+def test_bit_identical_to_independent_float32_accumulation(tmp_path: Path, in_dtype: str, out_dtype: str) -> None:
+    states = [random_state(seed, DTYPES[in_dtype]) for seed in range(5)]
+    paths = []
+    for index, state in enumerate(states):
+        paths.append(tmp_path / f"step_{index}.safetensors")
+        save_file(state, str(paths[-1]))
+    weights = [0.1, 0.3, 0.05, 0.2, 0.35]
+    result = merge_checkpoints([checkpoint_ref(p) for p in paths], weights, tmp_path / "out", out_dtype)
+    merged = load_file(str(result.model_file))
+    expected = reference_average(states, weights, out_dtype)
+    assert set(merged) == set(expected)
+    for name, tensor in expected.items():
+        assert merged[name].dtype == tensor.dtype, name
+        assert torch.equal(merged[name].view(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+    assert merged["num_batches_tracked"].item() == 4   # copied from the newest, never averaged
+
+
+def test_pickle_inputs_take_the_whole_tensor_path_with_the_same_arithmetic(tmp_path: Path) -> None:
+    states = [random_state(seed, torch.bfloat16) for seed in range(3)]
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.pt", tmp_path / "c.safetensors"]
+    save_file(states[0], str(paths[0]))
+    torch.save(states[1], paths[1])
+    save_file(states[2], str(paths[2]))
+    refs = [checkpoint_ref(p, s) for p, s in zip(paths, (1, 2, 3))]
+    merged = load_file(str(merge_checkpoints(refs, [1, 2, 3], tmp_path / "out").model_file))
+    for name, tensor in reference_average(states, [1, 2, 3], "same").items():
+        assert torch.equal(merged[name], tensor), name
+
+
+def test_metadata_records_the_recipe_hash_and_progress_reaches_one(tiny_run: Path, tmp_path: Path) -> None:
+    refs = [checkpoint_ref(tiny_run / "ckpt" / f"step_000{s}.safetensors") for s in (500, 550, 600)]
+    recipe = build_recipe("sma", refs, (1 / 3,) * 3)
+    seen: list[float] = []
+    result = merge_recipe(recipe, tmp_path / "out", progress=lambda f, m: seen.append(f))
+    with safe_open(str(result.model_file), "pt") as f:
+        meta = f.metadata()
+    assert meta["ckpt_select_recipe_sha256"] == hashlib.sha256(result.recipe_file.read_bytes()).hexdigest()
+    assert seen[-1] == 1.0 and seen == sorted(seen)
+
+
+def _hf_run(root: Path, shard: bool, steps=(100, 200, 300)) -> list[Path]:
+    folders = []
+    for seed, step in enumerate(steps):
+        folder = root / f"checkpoint-{step}"
+        hf_checkpoint(folder, step, seed=seed, shard=shard)
+        (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 32 + seed}))
+        folders.append(folder)
+    return folders
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_hf_folders_give_a_loadable_hf_folder_in_the_same_layout(tmp_path: Path, shard: bool) -> None:
+    from transformers import AutoModelForCausalLM
+
+    folders = _hf_run(tmp_path / "run", shard)
+    result = merge_recipe(build_recipe("wma", [checkpoint_ref(f) for f in folders], (0.25, 0.25, 0.5)), tmp_path / "out")
+    names = set(result.files)
+    assert {"config.json", "tokenizer_config.json", "recipe.yaml", "mergekit_config.yml"} <= names
+    assert "trainer_state.json" not in names and "optimizer.pt" not in names
+    assert json.loads((result.out_dir / "tokenizer_config.json").read_text())["model_max_length"] == 34  # newest's
+    if shard:
+        index = json.loads((result.out_dir / "model.safetensors.index.json").read_text())
+        shards = sorted(set(index["weight_map"].values()))
+        assert result.sharded and len(shards) > 1 and shards[0].startswith("model-00001-of-")
+        assert all((result.out_dir / s).is_file() for s in shards)
+    else:
+        assert "model.safetensors" in names and not result.sharded
+    model = AutoModelForCausalLM.from_pretrained(result.out_dir)
+    states = [{k: v for k, v in load_hf(f).items()} for f in folders]
+    expected = reference_average(states, [1, 1, 2], "same")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def load_hf(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF folder (single or sharded), loaded whole with safetensors."""
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(path)))
+    return out
+
+
+def test_out_shard_size_shards_a_single_file_and_dtype_updates_config(tmp_path: Path) -> None:
+    folders = _hf_run(tmp_path / "run", shard=False, steps=(1, 2))
+    assert main(["merge", "--checkpoints", str(folders[0]), "--checkpoints", str(folders[1]), "-o",
+                 str(tmp_path / "out"), "--out-shard-size", "4KB", "--dtype", "bfloat16"]) == 0
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    for shard in set(index["weight_map"].values()):
+        assert (tmp_path / "out" / shard).stat().st_size <= 4_000 + 4096
+
+
+def test_force_replaces_atomically_and_never_an_input(tiny_run: Path, tmp_path: Path) -> None:
+    refs = [checkpoint_ref(tiny_run / "ckpt" / f"step_000{s}.safetensors") for s in (500, 600)]
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(MergeError, match="already exists.*--force"):
+        merge_checkpoints(refs, [1, 1], target)
+    result = merge_checkpoints(refs, [1, 1], target, force=True)
+    assert not (target / "old.txt").exists() and result.model_file.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]   # nothing aside or partial left
+    with pytest.raises(MergeError, match="never writes over an input"):
+        merge_checkpoints(refs, [1, 1], refs[0].path, force=True)
+
+
+def test_short_disk_stops_with_the_numbers(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    refs = [checkpoint_ref(tiny_run / "ckpt" / f"step_000{s}.safetensors") for s in (500, 600)]
+    monkeypatch.setattr(merge_checks.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    with pytest.raises(MergeError, match=r"0.00 GB free, the merge needs 0.00 GB \(\+67 MB margin\)"):
+        merge_checkpoints(refs, [1, 1], tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_verify_modes(tiny_run: Path, tmp_path: Path) -> None:
+    refs = [checkpoint_ref(tiny_run / "ckpt" / f"step_000{s}.safetensors") for s in (500, 600)]
+    path = write_recipe(build_recipe("sma", refs, (0.5, 0.5)), tmp_path / "r.yaml")
+    assert "quick_hash" in yaml.safe_load(path.read_text())["checkpoints"][0]
+    victim = refs[0].path
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0x01                             # one bit of the last tensor's data
+    victim.write_bytes(bytes(data))
+    with pytest.raises(MergeError, match="step_000500.safetensors: sha256 differs"):
+        merge_recipe(load_recipe(path), tmp_path / "full", "full")
+    with pytest.raises(MergeError, match="step_000500.safetensors: quick hash differs"):
+        merge_recipe(load_recipe(path), tmp_path / "quick", "quick")  # a tiny file is sampled whole
+    merge_recipe(load_recipe(path), tmp_path / "none", "none")
+    # A recipe written before quick hashes existed still verifies (quick falls back to sha256).
+    doc = yaml.safe_load(path.read_text())
+    for entry in doc["checkpoints"]:
+        del entry["quick_hash"]
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(MergeError, match="sha256 differs"):
+        merge_recipe(load_recipe(path), tmp_path / "old", "quick")
+    assert main(["merge", str(path), "-o", str(tmp_path / "cli"), "--no-verify"]) == 0
+    assert not any((tmp_path / d).exists() for d in ("full", "quick", "old"))
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "analysis", *args], capture_output=True, text=True,
+                          cwd=cwd or REPO, timeout=300)
+
+
+def test_mismatched_inputs_exit_2_listing_them(tmp_path: Path) -> None:
+    save_file({"a": torch.zeros(2, 3), "b": torch.zeros(4), "c": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
+    save_file({"a": torch.zeros(2, 4), "b": torch.zeros(4), "d": torch.zeros(1)}, str(tmp_path / "y.safetensors"))
+    result = run_cli("merge", "--checkpoints", str(tmp_path / "x.safetensors"), "--checkpoints",
+                     str(tmp_path / "y.safetensors"), "-o", str(tmp_path / "out"))
+    assert result.returncode == 2
+    for part in ("missing: d", "extra: c", "a: (2, 3) vs (2, 4)"):
+        assert part in result.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_dry_run_writes_nothing_and_projects(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    a, b = (str(tiny_run / "ckpt" / f"step_000{s}.safetensors") for s in (500, 600))
+    assert main(["merge", "--checkpoints", a, "--checkpoints", b, "-o", str(tmp_path / "out"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    for part in ("would read 2 checkpoints", "step_000500.safetensors", "model.safetensors",
+                 "projected peak memory:", "projected time:"):
+        assert part in text
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    plan = plan_merge([checkpoint_ref(a), checkpoint_ref(b)], [1, 1], tmp_path / "out")
+    assert plan.peak_memory_bytes > 0 and plan.projected_seconds > 0 and plan.n_tensors == 3
+
+
+def _mergekit_config(models: list[Path], weights: list[float], dtype: str = "float32") -> dict:
+    return {"merge_method": "linear", "dtype": dtype, "parameters": {"normalize": True},
+            "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, weights)]}
+
+
+def test_mergekit_config_imports_both_ways(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folders = _hf_run(tmp_path / "run", shard=False, steps=(1, 2))
+    config = tmp_path / "mk.yaml"
+    config.write_text(yaml.safe_dump(_mergekit_config([Path("run/checkpoint-1"), Path("run/checkpoint-2")], [1, 3])))
+    assert main(["merge", str(config), "-o", str(tmp_path / "out")]) == 0     # paths relative to the config
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    expected = reference_average([load_hf(f) for f in folders], [1, 3], "float32")
+    assert all(torch.equal(merged[k], v) for k, v in expected.items())
+    assert main(["export", str(config), "--format", "ckpt-select", "-o", str(tmp_path / "ours.yaml")]) == 0
+    ours = load_recipe(tmp_path / "ours.yaml")
+    assert ours.weights == pytest.approx((0.25, 0.75)) and all(e.sha256 and e.quick_hash for e in ours.checkpoints)
+    assert main(["export", str(tmp_path / "ours.yaml"), "--format", "mergekit", "-o", str(tmp_path / "back.yaml")]) == 0
+    back = yaml.safe_load((tmp_path / "back.yaml").read_text())
+    assert [m["parameters"]["weight"] for m in back["models"]] == pytest.approx([0.25, 0.75])
+    config.write_text(yaml.safe_dump({**_mergekit_config(folders, [1, 1]), "merge_method": "ties"}))
+    assert main(["merge", str(config), "-o", str(tmp_path / "ties")]) == 2
+
+
+MERGEKIT = Path(sys.executable).with_name("mergekit-yaml")
+
+
+@pytest.mark.skipif(not MERGEKIT.exists(), reason="mergekit is not installed (it is not a dependency of CkptSelect)")
+def test_exported_mergekit_config_run_by_mergekit_gives_the_same_tensors(tmp_path: Path) -> None:
+    folders = _hf_run(tmp_path / "run", shard=False)
+    recipe_path = write_recipe(build_recipe("wma", [checkpoint_ref(f) for f in folders], (0.2, 0.3, 0.5)),
+                               tmp_path / "recipe.yaml")
+    assert main(["export", str(recipe_path), "--format", "mergekit", "-o", str(tmp_path / "mk.yaml")]) == 0
+    done = subprocess.run([str(MERGEKIT), "mk.yaml", "mk_out"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ours = merge_recipe(load_recipe(recipe_path), tmp_path / "ours")
+    theirs = load_hf(tmp_path / "mk_out")
+    mine = load_hf(ours.out_dir)
+    assert set(theirs) == set(mine)
+    for name, tensor in mine.items():
+        # mergekit sums w*x in float32 then divides by sum(w): within a float32 rounding or two of ours.
+        torch.testing.assert_close(theirs[name], tensor, rtol=1e-6, atol=1e-7)
+
+
+def _kill_inputs(root: Path) -> list[Path]:
+    paths = []
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        state = {f"layer.{i}.weight": torch.randn(1024, 1024, generator=gen) for i in range(6)}
+        paths.append(root / f"step_{seed}.safetensors")
+        save_file(state, str(paths[-1]))
+    return paths
+
+
+@pytest.mark.slow
+def test_kill_9_leaves_no_output_or_a_complete_one(tmp_path: Path) -> None:
+    paths = _kill_inputs(tmp_path)
+    args = [a for p in paths for a in ("--checkpoints", str(p))]
+    start = time.perf_counter()
+    assert run_cli("merge", *args, "-o", str(tmp_path / "whole")).returncode == 0
+    duration = time.perf_counter() - start
+    expected = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    rng = random.Random(6)
+    outcomes = {"absent": 0, "complete": 0, "mid_write": 0}
+    for attempt in range(20):
+        out = tmp_path / f"out{attempt}"
+        proc = subprocess.Popen([sys.executable, "-m", "analysis", "merge", *args, "-o", str(out)], cwd=REPO,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if attempt % 2:   # odd attempts: while the temporary folder is being written
+            deadline = time.perf_counter() + 2 * duration + 5
+            while not list(tmp_path.glob(f".out{attempt}.partial-*")) and proc.poll() is None \
+                    and time.perf_counter() < deadline:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.2))
+        else:             # even attempts: anywhere in the run, start-up included
+            time.sleep(rng.uniform(0, duration))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if not out.exists():
+            outcomes["absent"] += 1
+            # Killed while writing: the half-written folder is the hidden temporary one, never the target.
+            outcomes["mid_write"] += bool(list(tmp_path.glob(f".out{attempt}.partial-*")))
+            continue
+        outcomes["complete"] += 1
+        merged = load_file(str(out / "model.safetensors"))
+        assert all(torch.equal(merged[k], v) for k, v in expected.items())
+        assert {"recipe.yaml", "mergekit_config.yml"} <= {p.name for p in out.iterdir()}
+    print(outcomes)
+    assert outcomes["mid_write"] > 0, outcomes
