@@ -1,0 +1,69 @@
+"""Evaluator of one sample run, for CkptSelect's evaluator protocol (copied into a run as ``evaluate.py``).
+
+    python -m analysis recommend RUN --eval RUN/evaluate.py:evaluate
+
+``evaluate(state_dict)`` returns the mean cross-entropy (nats/byte, lower is better) of the
+weights on ``data/val.bin``: the same windows the trainer logged as ``val_loss``, so a float32
+checkpoint scores exactly its logged value. ``evaluate_test`` scores ``data/test.bin``, which
+no selection ever sees: benchmarks use it to check that a choice made on val generalises.
+
+The file depends only on what sits beside it (``model.py``, ``config.json``, ``data/``), found
+relative to this file, so it works from any working directory and after the run folder is
+copied elsewhere. State dicts in bfloat16, float16 or float32 are accepted and scored in float32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+
+RUN_DIR = Path(__file__).resolve().parent
+
+
+@lru_cache(maxsize=1)
+def _model_module() -> ModuleType:
+    """This run's own copy of the model code, imported by path under a name unique to the run.
+
+    Registered in ``sys.modules`` because dataclasses look their module up there.
+    """
+    name = f"_sample_run_model_{abs(hash(str(RUN_DIR))):x}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, RUN_DIR / "model.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@lru_cache(maxsize=1)
+def _config():
+    """The model's GPTConfig, rebuilt from ``config.json``."""
+    model = json.loads((RUN_DIR / "config.json").read_text())["model"]
+    return _model_module().GPTConfig(**model)
+
+
+@lru_cache(maxsize=2)
+def _split(name: str) -> np.ndarray:
+    """The held-out bytes of one split, read once per process."""
+    return np.fromfile(RUN_DIR / "data" / f"{name}.bin", dtype=np.uint8)
+
+
+def _score(state_dict: dict[str, torch.Tensor], split: str) -> float:
+    return _model_module().evaluate_loss(state_dict, _split(split), _config())
+
+
+def evaluate(state_dict: dict[str, torch.Tensor]) -> float:
+    """Mean validation loss in nats per byte (lower is better) of ``state_dict`` on ``data/val.bin``."""
+    return _score(state_dict, "val")
+
+
+def evaluate_test(state_dict: dict[str, torch.Tensor]) -> float:
+    """Mean test loss in nats per byte on ``data/test.bin``, the split held out from selection."""
+    return _score(state_dict, "test")
