@@ -75,7 +75,7 @@ def compare_checkpoints(refs: Sequence[CheckpointRef], buckets: int = DEFAULT_BU
 
 def similarity_from_sketches(sketches: Sequence[CheckpointSketch]) -> SimilarityReport:
     """All signals from sketches already computed (kept separate so it is cheap to test)."""
-    names = sorted(set.intersection(*(set(s.weights) for s in sketches))) if sketches else []
+    names = _shared_names(sketches)
     matrix = np.stack([_concat(s.weights, names) for s in sketches]) if names else np.zeros((len(sketches), 0))
     layers = sorted({layer_of(n) for n in names})
     newest = sketches[-1] if sketches else None
@@ -100,6 +100,15 @@ def similarity_from_sketches(sketches: Sequence[CheckpointSketch]) -> Similarity
         tuple(rows), tuple(s.step for s in sketches), _distances(matrix), _update_cosines(matrix), trajectory,
         explained, exact, 0.0 if exact else math.sqrt(2.0 / max(total_buckets, 1)),
     )
+
+
+def _shared_names(sketches: Sequence[CheckpointSketch]) -> list[str]:
+    """Tensors present in every checkpoint with the same sketch length (reshaped ones are left out:
+    the mismatch is reported by the health check, and similarity uses what can be compared)."""
+    if not sketches:
+        return []
+    common = set.intersection(*(set(s.weights) for s in sketches))
+    return sorted(n for n in common if len({s.weights[n].numel() for s in sketches}) == 1)
 
 
 def _concat(vectors: dict[str, torch.Tensor], names: list[str]) -> np.ndarray:
