@@ -58,9 +58,12 @@ def loss_figure(run: Run, signals: RunSignals, selected: set[int], smoothing: fl
         _add_loss_traces(fig, other, smoothing, axis, color, color, f"{other.name}: ")
     for spike in signals.spikes:
         x0, x1 = step_to_axis(run, np.array([spike.onset_after_step, spike.end_step]), axis)
-        fig.add_vrect(x0=x0, x1=x1, fillcolor=COLORS["spike"], opacity=0.15, line_width=0,
-                      annotation_text=f"{spike.metric} spike {spike.start_step}-{spike.end_step}",
-                      annotation_position="top left")
+        if spike.metric == "train_loss":  # the events that contaminate checkpoints: shaded and named
+            fig.add_vrect(x0=x0, x1=x1, fillcolor=COLORS["spike"], opacity=0.18, line_width=0,
+                          annotation_text=f"loss spike {spike.start_step}-{spike.end_step}",
+                          annotation_position="top left")
+        else:  # grad-norm-only events: a faint band, named in the hover of the grad-norm chart
+            fig.add_vrect(x0=x0, x1=x1, fillcolor=COLORS["other"], opacity=0.08, line_width=0)
     _add_checkpoint_markers(fig, run, signals, selected, axis)
     fig.update_layout(xaxis_title=AXIS_TITLES[axis], yaxis_title="loss (nats)", hovermode="closest",
                       legend={"orientation": "h", "y": -0.2}, margin={"t": 30, "b": 10},

@@ -45,7 +45,13 @@ selected = [r.step for r in rec.checkpoints] if selected is None else selected
 st.plotly_chart(charts.loss_figure(run, signals, set(selected), smoothing, log_y, axis, tuple(overlays)),
                 key="loss_chart")
 for spike in signals.spikes:
-    st.caption(f":red[●] {spike.describe()}")
+    if spike.metric == "train_loss":
+        st.caption(f":red[●] {spike.describe()}")
+grad_events = [s for s in signals.spikes if s.metric != "train_loss"]
+if grad_events:
+    with st.expander(f"{len(grad_events)} grad-norm spikes (faint bands; they do not exclude checkpoints)"):
+        for spike in grad_events:
+            st.caption(spike.describe())
 
 timing = cached.report(now.path, now.stamp)["timing"]
 slow_steps = tuple(s["step"] for s in timing["slow_iterations"])
