@@ -158,6 +158,16 @@ def write_recipe(recipe: Recipe, path: Path) -> Path:
     return path
 
 
+def _read_yaml(path: Path) -> object:
+    """A YAML document, or RecipeError naming the file (unreadable, or not YAML)."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise RecipeError(path, e.strerror or str(e)) from None
+    except yaml.YAMLError as e:
+        raise RecipeError(path, f"not valid YAML ({e})") from None
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; relative paths resolve against its folder.
 
@@ -165,12 +175,7 @@ def load_recipe(path: str | Path) -> Recipe:
         RecipeError: not YAML, wrong version, missing fields, bad weights or dtype.
     """
     path = Path(path).expanduser().resolve()
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise RecipeError(path, e.strerror or str(e)) from None
-    except yaml.YAMLError as e:
-        raise RecipeError(path, f"not valid YAML ({e})") from None
+    doc = _read_yaml(path)
     return recipe_from_dict(doc, path)
 
 
@@ -312,12 +317,7 @@ def load_any_recipe(path: str | Path) -> Recipe:
         RecipeError: unreadable, or neither kind of file.
     """
     path = Path(path).expanduser().resolve()
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise RecipeError(path, e.strerror or str(e)) from None
-    except yaml.YAMLError as e:
-        raise RecipeError(path, f"not valid YAML ({e})") from None
+    doc = _read_yaml(path)
     return recipe_from_mergekit(doc, path) if is_mergekit_config(doc) else recipe_from_dict(doc, path)
 
 
