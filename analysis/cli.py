@@ -139,7 +139,7 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
 @cli.command()
 @click.argument("recipe_path", metavar="RECIPE.yaml", required=False, type=click.Path(path_type=Path))
 @click.option("--checkpoints", "checkpoint_paths", multiple=True, type=click.Path(path_type=Path),
-              help="Checkpoints to average, oldest first (instead of a recipe). Repeat or list several.")
+              help="Checkpoints to average, oldest first (instead of a recipe). Repeat the option for each: --checkpoints A --checkpoints B.")
 @click.option("--weights", multiple=True, type=float, help="One weight per checkpoint (default uniform).")
 @click.option("--dtype", "output_dtype", type=click.Choice(["same", "float32", "bfloat16", "float16"]),
               default=None, help="Dtype of the merged model (default: the recipe's, else same).")
