@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import InvalidArgument
+from .scaling import TOKENS_PER_PARAM
 
 if TYPE_CHECKING:
     from .run import Run
@@ -33,8 +34,6 @@ DEFAULT_PRICE_PER_TB_MONTH = 23.0
 # Asynchronous checkpointing first copies the state to host memory (the part that stalls
 # training), then writes it in the background: one PCIe 4.0 x16 link moves about 25 GB/s.
 DEFAULT_SNAPSHOT_GBPS = 25.0
-# Tokens per parameter of a compute-optimal run (Hoffmann et al., 2022).
-CHINCHILLA_TOKENS_PER_PARAM = 20.0
 GB = 1e9
 
 
@@ -152,7 +151,7 @@ class StorageEstimate:
 
     @property
     def chinchilla_tokens(self) -> float:
-        return CHINCHILLA_TOKENS_PER_PARAM * self.params
+        return TOKENS_PER_PARAM * self.params
 
 
 @dataclass(frozen=True, slots=True)

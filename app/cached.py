@@ -14,10 +14,10 @@ from analysis.evaluate import Evaluator, load_evaluator
 from analysis.merge import MergeResult, merge_checkpoints
 from analysis.recipe import build_recipe, dump_recipe, to_mergekit
 from analysis.recommend import Recommendation, RecommendConfig, recommend
-from analysis.report import analysis_report
+from analysis.report import analysis_report, timing_report
 from analysis.run import CheckpointRef, Run, folder_stamp, open_run
 from analysis.scaling import StopSignal, run_stop_signal
-from analysis.signals import RunSignals, SimilarityReport, assess_run, compare_checkpoints
+from analysis.signals import RunSignals, SimilarityReport, analyze_step_times, assess_run, compare_checkpoints
 
 
 @st.cache_data(max_entries=8, show_spinner="Reading the run's logs and checkpoints...")
@@ -41,6 +41,12 @@ def similarity(path: str, stamp: str) -> SimilarityReport | None:
 def report(path: str, stamp: str) -> dict:
     """The `analyze --json` document: the checkpoint table shows exactly these numbers."""
     return analysis_report(run(path, stamp), signals(path, stamp), similarity(path, stamp))
+
+
+@st.cache_data(max_entries=8)
+def timing(path: str, stamp: str) -> dict:
+    """The `timing` record of `analyze --json` (no checkpoint is read for it)."""
+    return timing_report(analyze_step_times(run(path, stamp)))
 
 
 @st.cache_data(max_entries=32, show_spinner="Choosing checkpoints to average...")

@@ -65,6 +65,20 @@ def _split_record(
     return (int(step_value) if step_value is not None else None), metrics, wall
 
 
+def add_json_record(obj: object, builder: TableBuilder) -> None:
+    """Add one JSON object as a record (flattened, canonical keys); count it skipped if unusable."""
+    if not isinstance(obj, dict):
+        builder.skip()
+        return
+    flat = _flatten(obj)
+    keys = list(flat)
+    step, metrics, wall = _split_record(flat, find_step_key(keys), find_wall_time_key(keys))
+    if step is None:
+        builder.skip()
+        return
+    builder.add(step, metrics, wall)
+
+
 class JsonlReader:
     """One JSON object per line, with a step key (``step``, ``global_step``, ``iter``...)."""
 
@@ -108,16 +122,7 @@ class JsonlReader:
         except json.JSONDecodeError:
             builder.skip()
             return
-        if not isinstance(obj, dict):
-            builder.skip()
-            return
-        flat = _flatten(obj)
-        keys = list(flat)
-        step, metrics, wall = _split_record(flat, find_step_key(keys), find_wall_time_key(keys))
-        if step is None:
-            builder.skip()
-            return
-        builder.add(step, metrics, wall)
+        add_json_record(obj, builder)
 
 
 class CsvReader:

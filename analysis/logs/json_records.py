@@ -13,8 +13,8 @@ from pathlib import Path
 from ..errors import LogParseError
 from .base import LogTable
 from .builder import TableBuilder
-from .csv_jsonl import _flatten, _split_record
-from .names import find_step_key, find_wall_time_key
+from .csv_jsonl import add_json_record
+from .names import find_step_key
 
 _SNIFF = re.compile(r'\A\s*\[\s*\{\s*"')
 
@@ -37,14 +37,5 @@ class JsonRecordsReader:
         if not isinstance(records, list):
             raise LogParseError(path, None, "expected a JSON array of records")
         for record in records:
-            if not isinstance(record, dict):
-                builder.skip()
-                continue
-            flat = _flatten(record)
-            keys = list(flat)
-            step, metrics, wall = _split_record(flat, find_step_key(keys), find_wall_time_key(keys))
-            if step is None:
-                builder.skip()
-                continue
-            builder.add(step, metrics, wall)
+            add_json_record(record, builder)
         return builder.build()

@@ -53,7 +53,7 @@ if grad_events:
         for spike in grad_events:
             st.caption(spike.describe())
 
-timing = cached.report(now.path, now.stamp)["timing"]
+timing = cached.timing(now.path, now.stamp)
 slow_steps = tuple(s["step"] for s in timing["slow_iterations"])
 training = charts.training_figure(run, axis, slow_steps)
 if training is not None:

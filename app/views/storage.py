@@ -18,13 +18,14 @@ path = state.run_path()
 if path is not None:
     try:
         now = cached.current(path)
-        newest = cached.report(now.path, now.stamp)["checkpoints"][-1]
+        newest = now.signals.checkpoints[-1]
+        n_params, size_bytes = newest.health.n_params, newest.ref.size_bytes
         steps = [c.ref.step for c in now.signals.checkpoints]
         step_ms = now.run.metric("step_time_ms")["value"]
-        defaults.update(params=float(newest["n_params"]), window=len(now.recommendation.checkpoints),
+        defaults.update(params=float(n_params), window=len(now.recommendation.checkpoints),
                         every=int(np.median(np.diff(steps))) if len(steps) > 1 else 1000,
                         step_time=float(step_ms.median()) / 1000 if len(step_ms) else 1.5,
-                        dtype="fp32" if newest["bytes"] >= 3.5 * newest["n_params"] else "bf16")
+                        dtype="fp32" if size_bytes >= 3.5 * n_params else "bf16")
         measured = measure_checkpoint_overhead(now.run)
         st.caption(f"Pre-filled from {now.run.name}: {defaults['params']:,.0f} parameters, a checkpoint every "
                    f"{defaults['every']} steps, {defaults['step_time']:.3f} s per step.")
