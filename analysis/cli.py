@@ -104,18 +104,21 @@ def analyze(run_path: Path, similarity: bool, as_json: bool) -> None:
 @click.option("--ema-alpha", type=float, default=0.3, show_default=True, help="Weight of the newest under EMA.")
 @click.option("--max-evals", type=int, help="Evaluator calls allowed (default 2 x checkpoints).")
 @click.option("--include-contaminated", is_flag=True, help="Also average checkpoints saved inside a spike.")
+@click.option("--before", "before_step", type=int,
+              help="Method recovery: only checkpoints saved before this step (default: before the newest loss spike).")
 @click.option("--dtype", "output_dtype", type=click.Choice(["same", "float32", "bfloat16", "float16"]),
               default="same", show_default=True, help="Dtype of the merged model.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the recipe YAML here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: bool, method: str,
                   window: int | None, ema_alpha: float, max_evals: int | None, include_contaminated: bool,
-                  output_dtype: str, output: Path | None, as_json: bool) -> None:
+                  before_step: int | None, output_dtype: str, output: Path | None, as_json: bool) -> None:
     """Recommend which checkpoints to average, with a reason for each."""
     run = open_run(run_path)
     evaluator = load_evaluator(eval_spec, eval_higher_is_better) if eval_spec else None
     config = RecommendConfig(method=method, window=window, ema_alpha=ema_alpha, max_evals=max_evals,
-                             output_dtype=output_dtype, include_contaminated=include_contaminated)
+                             output_dtype=output_dtype, include_contaminated=include_contaminated,
+                             before_step=before_step)
     update, close = _progress_bar("recommending")
     try:
         signals = assess_run(run, progress=update)

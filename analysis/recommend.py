@@ -20,12 +20,15 @@ from .errors import InvalidArgument, NotEnoughCheckpoints
 from .evaluate import Evaluator
 from .run import CheckpointRef
 from .signals import CheckpointSignals, RunSignals
+from .signals.assessment import CONTAMINATING_METRICS
 
-METHODS = ("auto", "sma", "ema", "wma", "soup")
+METHODS = ("auto", "sma", "ema", "wma", "soup", "recovery")
 # median(|dx|) of i.i.d. normal noise is 0.954 sigma.
 _DIFF_MAD_TO_SIGMA = 1.0 / 0.9539
-# Window sizes an evaluator search tries first (then the val-chosen one), newest-first suffixes.
-_SEARCH_WINDOWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# Window sizes an evaluator search tries first (after the val-chosen one), newest-first suffixes;
+# then every other size, then EMA over all eligible checkpoints, then a greedy soup, budget allowing.
+_SEARCH_WINDOWS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+_SEARCH_EMA_ALPHAS = (0.5, 0.3, 0.2, 0.1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,8 @@ class RecommendConfig:
     max_evals: int | None = None  # evaluator calls allowed (default 2 x checkpoints)
     output_dtype: str = "same"
     include_contaminated: bool = False  # average spike-contaminated checkpoints too (forced)
+    lr_ratio_limit: float = 2.0   # checkpoints saved at more than this x the newest LR are another regime
+    before_step: int | None = None  # recovery: only checkpoints saved before this step (default: the last spike)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +100,14 @@ def policy_weights(method: str, count: int, alpha: float = 0.3) -> tuple[float, 
 
 
 @dataclass(frozen=True, slots=True)
+class _Cutoff:
+    """Recovery: checkpoints at or after ``step`` are left out, for the reason ``why``."""
+
+    step: int
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
 class _Window:
     """The val-chosen window: how many newest eligible checkpoints, and the evidence."""
 
@@ -117,16 +130,35 @@ def recommend(signals: RunSignals, config: RecommendConfig = RecommendConfig(), 
         raise InvalidArgument(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
     if config.method == "soup" and evaluator is None:
         raise InvalidArgument("the soup method adds checkpoints only when an evaluator says it helps: pass --eval")
-    eligible = [s for s in signals.checkpoints if _eligible(s, config)]
+    cutoff = _recovery_cutoff(signals, config) if config.method == "recovery" else None
+    eligible = [s for s in signals.checkpoints
+                if _eligible(s, config) and (cutoff is None or s.ref.step < cutoff.step)]
     if not eligible:
-        raise NotEnoughCheckpoints(_why_none_eligible(signals))
+        raise NotEnoughCheckpoints(_why_none_eligible(signals, cutoff))
     window = _choose_window(eligible, config)
     if evaluator is None:
-        method = "sma" if config.method == "auto" else config.method
+        method = config.method if config.method in ("sma", "ema", "wma") else "sma"
         chosen = eligible[len(eligible) - window.size:]
         weights = policy_weights(method, len(chosen), config.ema_alpha)
-        return _finish(signals, config, method, chosen, weights, window, None, None, 0, None)
-    return _recommend_with_evaluator(signals, eligible, window, config, evaluator, progress)
+        name = "recovery" if cutoff is not None else method
+        return _finish(signals, config, name, chosen, weights, window, None, None, 0, None, cutoff)
+    return _recommend_with_evaluator(signals, eligible, window, config, evaluator, progress, cutoff)
+
+
+def _recovery_cutoff(signals: RunSignals, config: RecommendConfig) -> _Cutoff:
+    """Where a recovery must restart before: the user's step, else the onset of the newest loss spike.
+
+    Raises:
+        InvalidArgument: no step was given and the logs show no loss spike to recover from.
+    """
+    if config.before_step is not None:
+        return _Cutoff(config.before_step, f"at or after step {config.before_step}, where the recovery was asked to start")
+    spikes = [s for s in signals.spikes if s.metric in CONTAMINATING_METRICS]
+    if not spikes:
+        raise InvalidArgument("recovery restarts from before a loss spike, and the logs show none: "
+                              "pass --before STEP to say where the run went wrong")
+    spike = spikes[-1]
+    return _Cutoff(spike.onset_after_step + 1, f"saved after the {spike.describe()} began")
 
 
 def _eligible(item: CheckpointSignals, config: RecommendConfig) -> bool:
@@ -135,38 +167,71 @@ def _eligible(item: CheckpointSignals, config: RecommendConfig) -> bool:
     return item.spike is None or config.include_contaminated
 
 
-def _why_none_eligible(signals: RunSignals) -> str:
+def _why_none_eligible(signals: RunSignals, cutoff: _Cutoff | None = None) -> str:
     if not signals.checkpoints:
         return "the run has no checkpoints to average"
+    if cutoff is not None:
+        return (f"no checkpoint saved before step {cutoff.step} may be averaged "
+                f"(none was saved earlier, or every earlier one is non-finite or mismatched)")
     return ("no checkpoint may be averaged: every one is non-finite, spike-contaminated or mismatched "
             "(see `analyze`); pass --include-contaminated to force contaminated ones")
 
 
 def _choose_window(eligible: list[CheckpointSignals], config: RecommendConfig) -> _Window:
-    """How many of the newest eligible checkpoints to average, from logged val losses."""
+    """How many of the newest eligible checkpoints to average, from logged val losses and LRs."""
     if config.window is not None:
         if config.window < 1:
             raise InvalidArgument(f"window must be at least 1, got {config.window}")
         return _Window(min(config.window, len(eligible)), None, None, None)
-    vals = [s.val.value if s.val is not None else math.nan for s in eligible]
-    known = np.array([v for v in vals if math.isfinite(v)])
-    if len(known) < 3:
+    regime = _lr_regime_size(eligible, config.lr_ratio_limit)
+    in_regime = eligible[len(eligible) - regime.size:]
+    vals = [s.val.value if s.val is not None else math.nan for s in in_regime]
+    known = np.array([s.val.value for s in eligible if s.val is not None and math.isfinite(s.val.value)])
+    if len(known) < 3 or sum(math.isfinite(v) for v in vals) < 1:
+        if regime.why_stop is not None:
+            return regime
         return _Window(min(len(eligible), 3), None, None, "too few logged val losses to see a plateau")
     sigma = _noise(known)
-    level = float(np.min(known[-3:]))
+    level = float(np.nanmin(vals[-3:])) if any(math.isfinite(v) for v in vals[-3:]) else float(known[-1])
     ceiling = level + config.band_sigmas * sigma
     size = 0
-    for value, stop_step in zip(reversed(vals), reversed([s.ref.step for s in eligible])):
+    for value, stop_step in zip(reversed(vals), reversed([s.ref.step for s in in_regime])):
         if math.isfinite(value) and value > ceiling:
             return _Window(max(size, 1), level, sigma,
                            f"val loss {value:.4f} is {value - level:.4f} above the newest level {level:.4f}, "
                            f"more than {config.band_sigmas:g} x noise ({sigma:.4f})", stop_step)
         size += 1
-    return _Window(size, level, sigma, None)
+    return _Window(size, level, sigma, regime.why_stop, regime.stop_step)
+
+
+def _lr_regime_size(eligible: list[CheckpointSignals], limit: float) -> _Window:
+    """The newest checkpoints saved at a learning rate within ``limit`` x the newest one's.
+
+    Weight averaging acts like a lower learning rate; an LR decay already did that, so a
+    checkpoint from before the decay carries more noise than the annealed newest one and
+    averaging it in pulls the result back (the end of a warmup-stable-decay run, say).
+    """
+    newest = eligible[-1].lr
+    if newest is None or newest <= 0:
+        return _Window(len(eligible), None, None, None)
+    size = 0
+    for item in reversed(eligible):
+        if item.lr is not None and item.lr > limit * newest:
+            return _Window(max(size, 1), None, None,
+                           f"it was saved at LR {item.lr:.3g}, {item.lr / newest:.1f} x the newest checkpoint's "
+                           f"{newest:.3g}: averaging across an LR decay pulls the annealed weights back",
+                           item.ref.step)
+        size += 1
+    return _Window(size, None, None, None)
 
 
 def _noise(values: np.ndarray) -> float:
-    """Robust noise of a val-loss sequence from its first differences (trend-insensitive)."""
+    """The typical step-to-step change of the recent val losses (robust: a median of first differences).
+
+    It holds both the checkpoint-to-checkpoint scatter and the recent descent per checkpoint, which
+    is the scale that matters: a checkpoint whose val loss is within a couple of typical steps of the
+    newest level is still part of the recent stretch of training that averaging smooths.
+    """
     diffs = np.abs(np.diff(values[-min(len(values), 16):]))
     sigma = float(np.median(diffs)) * _DIFF_MAD_TO_SIGMA if len(diffs) else 0.0
     return max(sigma, 1e-4 * float(np.median(np.abs(values))))
@@ -174,7 +239,8 @@ def _noise(values: np.ndarray) -> float:
 
 def _recommend_with_evaluator(signals: RunSignals, eligible: list[CheckpointSignals], window: _Window,
                               config: RecommendConfig, evaluator: Evaluator,
-                              progress: Callable[[float, str], None] | None) -> Recommendation:
+                              progress: Callable[[float, str], None] | None,
+                              cutoff: _Cutoff | None = None) -> Recommendation:
     """Score candidates within the evaluation budget and keep the best (or the last alone)."""
     budget = config.max_evals if config.max_evals is not None else 2 * len(signals.checkpoints)
     refs = [s.ref for s in eligible]
@@ -182,26 +248,41 @@ def _recommend_with_evaluator(signals: RunSignals, eligible: list[CheckpointSign
     last_score = evaluator.score(refs[-1:], (1.0,), config.output_dtype)
     best: tuple[float, str, list[CheckpointSignals], tuple[float, ...]] = (last_score, "sma", eligible[-1:], (1.0,))
     if config.method == "soup":
-        candidates = []
-    elif config.method == "auto":
-        sizes = sorted({k for k in _SEARCH_WINDOWS if k <= len(eligible)} | {window.size})
-        candidates = [("sma", k) for k in sizes if k > 1]
+        candidates: list[tuple[str, int, float]] = []
+    elif config.method in ("auto", "recovery"):
+        candidates = _search_candidates(len(eligible), window.size)
     else:
-        candidates = [(config.method, window.size)] if window.size > 1 else []
-    for index, (method, k) in enumerate(candidates):
+        candidates = [(config.method, window.size, config.ema_alpha)] if window.size > 1 else []
+    for index, (method, k, alpha) in enumerate(candidates):
         if evaluator.calls - start_calls >= budget:
             break
-        weights = policy_weights(method, k, config.ema_alpha)
+        weights = policy_weights(method, k, alpha)
         score = evaluator.score(refs[-k:], weights, config.output_dtype)
         if progress is not None:
-            progress((index + 1) / max(len(candidates), 1), f"{method} of the newest {k}: {score:.4f}")
+            label = f"EMA (alpha {alpha:g})" if method == "ema" else method.upper()
+            progress((index + 1) / max(len(candidates), 1), f"{label} of the newest {k}: {score:.4f}")
         if score < best[0]:
             best = (score, method, eligible[-k:], weights)
-    if config.method == "soup":
-        best = _greedy_soup(eligible, evaluator, last_score, budget, start_calls, config.output_dtype)
+    if config.method in ("soup", "auto", "recovery") and evaluator.calls - start_calls < budget:
+        soup = _greedy_soup(eligible, evaluator, last_score, budget, start_calls, config.output_dtype)
+        if soup[0] < best[0]:
+            best = soup
     score, method, chosen, weights = best
     calls = evaluator.calls - start_calls
-    return _finish(signals, config, method, chosen, weights, window, score, last_score, calls, evaluator)
+    name = "recovery" if cutoff is not None else method
+    return _finish(signals, config, name, chosen, weights, window, score, last_score, calls, evaluator, cutoff)
+
+
+def _search_candidates(count: int, val_window: int) -> list[tuple[str, int, float]]:
+    """(method, newest N, alpha) to score, most promising first, so a small budget still finds a good one.
+
+    The val-chosen window, a geometric ladder of windows, every remaining window size, and EMA
+    over every eligible checkpoint at a few alphas (a soft window that no uniform one equals).
+    """
+    sizes = [val_window] + list(_SEARCH_WINDOWS) + list(range(2, count + 1))
+    ordered = [k for i, k in enumerate(sizes) if 1 < k <= count and k not in sizes[:i]]
+    emas = [("ema", count, a) for a in _SEARCH_EMA_ALPHAS] if count > 2 else []
+    return [("sma", k, 0.0) for k in ordered] + emas
 
 
 def _greedy_soup(eligible: list[CheckpointSignals], evaluator: Evaluator, last_score: float, budget: int,
@@ -221,24 +302,28 @@ def _greedy_soup(eligible: list[CheckpointSignals], evaluator: Evaluator, last_s
 
 def _finish(signals: RunSignals, config: RecommendConfig, method: str, chosen: list[CheckpointSignals],
             weights: tuple[float, ...], window: _Window, score: float | None, last_score: float | None,
-            calls: int, evaluator: Evaluator | None) -> Recommendation:
+            calls: int, evaluator: Evaluator | None, cutoff: _Cutoff | None = None) -> Recommendation:
     """Assemble the recommendation and a reason for every checkpoint."""
     weight_of = {s.ref.step: w for s, w in zip(chosen, weights)}
     oldest_taken = chosen[0].ref.step
     decisions = tuple(
         Decision(s.ref.step, str(s.ref.path), s.ref.step in weight_of, weight_of.get(s.ref.step, 0.0),
-                 _reason(s, weight_of, oldest_taken, window, config, evaluator is not None))
+                 _reason(s, weight_of, oldest_taken, window, config, evaluator is not None, cutoff))
         for s in signals.checkpoints
     )
-    summary = _summary(method, chosen, score, last_score, window, evaluator)
+    summary = _summary("sma" if method == "recovery" else method, chosen, score, last_score, window, evaluator)
+    if cutoff is not None:
+        summary = f"Recovery from before step {cutoff.step}: {summary}"
     return Recommendation(method, tuple(s.ref for s in chosen), tuple(weights), decisions, calls, score,
                           last_score, summary)
 
 
 def _reason(item: CheckpointSignals, weight_of: dict[int, float], oldest_taken: int, window: _Window,
-            config: RecommendConfig, evaluated: bool) -> str:
+            config: RecommendConfig, evaluated: bool, cutoff: _Cutoff | None = None) -> str:
     """Why this checkpoint was taken or left out, in one or two plain sentences."""
     val = f" ({item.val.describe()})" if item.val is not None else ""
+    if cutoff is not None and item.ref.step >= cutoff.step:
+        return f"Left out: {cutoff.why}; a recovery restarts from weights saved before step {cutoff.step}."
     if not item.health.finite:
         names = ", ".join(item.health.nonfinite_tensors[:3])
         return f"Left out: NaN/Inf in {len(item.health.nonfinite_tensors)} tensors ({names}); it would poison the average."
@@ -267,6 +352,9 @@ def _summary(method: str, chosen: list[CheckpointSignals], score: float | None, 
     if len(chosen) == 1 and evaluator is not None:
         return (f"Keep the last checkpoint (step {steps}) alone: no average scored better than its "
                 f"{last_score:.4f} with {evaluator.name}.")
+    if len(chosen) == 1 and evaluator is None:
+        return (f"Keep the last checkpoint (step {steps}) alone: the next older one was left out because "
+                f"{window.why_stop or 'the window holds one checkpoint'}.")
     head = f"{method.upper()} of {len(chosen)} checkpoints (steps {steps})"
     if score is not None and last_score is not None:
         return f"{head}: {evaluator.name} scores {score:.4f} vs {last_score:.4f} for the last checkpoint alone."

@@ -93,3 +93,72 @@ def test_soup_needs_an_evaluator_and_no_eligible_is_an_error(tmp_path: Path, tin
     run = open_run(write_tiny_run(tmp_path / "nan", [10], nan_step=10))
     with pytest.raises(NotEnoughCheckpoints, match="no checkpoint may be averaged"):
         recommend(assess_run(run))
+
+
+def test_recovery_restarts_from_before_the_newest_spike(tiny_run: Path) -> None:
+    signals = assess_run(open_run(tiny_run))
+    onset = next(s for s in signals.spikes if s.metric == "train_loss").onset_after_step
+    rec = recommend(signals, RecommendConfig(method="recovery"))
+    taken = [r.step for r in rec.checkpoints]
+    assert rec.method == "recovery" and taken and max(taken) <= onset and taken[-1] == 250
+    assert rec.weights == pytest.approx(policy_weights("sma", len(taken)))
+    assert rec.summary.startswith(f"Recovery from before step {onset + 1}: SMA of {len(taken)}")
+    after = [d for d in rec.decisions if d.step > onset]
+    assert [d.step for d in after] == list(range(300, 650, 50))
+    assert all(not d.taken and "a recovery restarts from weights saved before step" in d.reason for d in after)
+
+
+def test_recovery_before_a_given_step_and_with_an_evaluator(tiny_run: Path) -> None:
+    signals = assess_run(open_run(tiny_run))
+    rec = recommend(signals, RecommendConfig(method="recovery", before_step=450, window=3))
+    # The newest three eligible before 450: 300 is inside the spike, so it is skipped.
+    assert [r.step for r in rec.checkpoints] == [250, 350, 400]
+    left = next(d for d in rec.decisions if d.step == 450)
+    assert left.reason.startswith("Left out: at or after step 450")
+    scored = recommend(signals, RecommendConfig(method="recovery", before_step=450), _distance_evaluator(375))
+    assert all(r.step < 450 for r in scored.checkpoints) and scored.method == "recovery"
+    assert scored.score is not None and scored.score <= scored.last_score
+
+
+def test_recovery_without_a_spike_or_step_says_what_to_pass(tmp_path: Path) -> None:
+    signals = assess_run(open_run(write_tiny_run(tmp_path / "r", [100, 200, 300])))
+    with pytest.raises(InvalidArgument, match="--before STEP"):
+        recommend(signals, RecommendConfig(method="recovery"))
+    with pytest.raises(NotEnoughCheckpoints, match="before step 50"):
+        recommend(signals, RecommendConfig(method="recovery", before_step=50))
+
+
+def _rewrite_metrics(run: Path, change) -> None:
+    """Apply ``change(row)`` to every row of the tiny run's metrics.jsonl."""
+    import json
+
+    path = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("\n".join(json.dumps(change(r)) for r in rows) + "\n")
+
+
+def test_window_never_crosses_an_lr_decay(tmp_path: Path) -> None:
+    # Warmup-stable-decay: the LR falls 50x over the last 150 steps; the 600 checkpoint is annealed.
+    run = write_tiny_run(tmp_path / "wsd", list(range(50, 650, 50)))
+
+    def decay(row: dict) -> dict:
+        if "lr" in row and row["step"] > 450:
+            row["lr"] = 1e-3 * (1 - 0.98 * (row["step"] - 450) / 150)
+        return row
+
+    _rewrite_metrics(run, decay)
+    rec = recommend(assess_run(open_run(run)))
+    assert [r.step for r in rec.checkpoints] == [600] and rec.weights == (1.0,)
+    assert rec.summary.startswith("Keep the last checkpoint (step 600) alone")
+    stop = next(d for d in rec.decisions if d.step == 550)
+    assert "x the newest checkpoint's" in stop.reason and "LR decay" in stop.reason
+
+
+def test_a_checkpoint_whose_own_eval_spiked_is_left_out_alone(tmp_path: Path) -> None:
+    run = write_tiny_run(tmp_path / "v", list(range(50, 1050, 50)))
+    _rewrite_metrics(run, lambda r: {**r, "val_loss": r["val_loss"] + 0.8} if r.get("step") == 800 and "val_loss" in r else r)
+    signals = assess_run(open_run(run))
+    hit = [c.ref.step for c in signals.checkpoints if c.spike is not None]
+    assert hit == [800] and signals.at(800).spike.metric == "val_loss"
+    reason = next(d.reason for d in recommend(signals).decisions if d.step == 800)
+    assert reason.startswith("Left out: saved inside a val_loss spike at steps 800-800")

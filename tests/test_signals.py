@@ -87,3 +87,23 @@ def test_debiased_ema_matches_tensorboard() -> None:
     assert math.isnan(out[2])
     assert out[3] == pytest.approx(2.125 / 0.875)
     assert np.array_equal(debiased_ema(np.array([2.0, 2.0]), 0.9), [2.0, 2.0])
+
+
+def test_grad_norm_doubling_for_a_step_is_routine_but_a_large_jump_is_an_event(tmp_path: Path) -> None:
+    """Grad norm blips of 2x (routine under Adam with clipping) make no event; a 4x jump makes one."""
+    import json
+
+    from analysis.signals.assessment import find_spikes
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for step in range(1, 1001):
+        grad = 1.0 + 0.05 * rng.standard_normal()
+        if step in (200, 400, 600):
+            grad *= 2.0
+        if step == 800:
+            grad *= 4.0
+        rows.append({"step": step, "train_loss": 2.0 + 0.01 * rng.standard_normal(), "grad_norm": grad})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    events = find_spikes(open_run(tmp_path))
+    assert [(e.metric, e.start_step) for e in events] == [("grad_norm", 800)]

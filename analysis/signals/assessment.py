@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
+
+import numpy as np
+import pandas as pd
 
 from ..checkpoints import TensorInfo, open_checkpoint
 from ..checkpoints.compare import compare_layouts
 from ..run import CheckpointRef, Run
 from .health import CheckpointHealth, check_health
-from .spikes import LossSpike, SpikeConfig, detect_spikes
+from .spikes import LossSpike, SpikeConfig, detect_spikes, sparse_config
 from .validation import ValScore, logged_val_scores
 
 # Metrics whose spikes contaminate checkpoints. A grad-norm spike the loss never felt is
 # reported but harmless (clipping absorbed it); one that comes with a loss spike widens it.
-CONTAMINATING_METRICS = ("train_loss",)
+# A val loss far above its neighbours' marks the checkpoint saved at that step as hit too
+# (an LR excursion right before a save can leave the train loss calm and the weights not).
+CONTAMINATING_METRICS = ("train_loss", "val_loss")
 Progress = Callable[[float, str], None]
 
 
@@ -27,6 +32,7 @@ class CheckpointSignals:
     val: ValScore | None
     spike: LossSpike | None        # the contaminating event it was saved in, if any
     mismatch: str | None           # how its tensors differ from the newest checkpoint's, if they do
+    lr: float | None = None        # the learning rate logged at (or last before) its step
 
     @property
     def eligible(self) -> bool:
@@ -50,12 +56,14 @@ class RunSignals:
 
 
 def find_spikes(run: Run, config: SpikeConfig = SpikeConfig()) -> tuple[LossSpike, ...]:
-    """Spike events of the run's train loss and grad norm, in step order."""
+    """Spike events of the run's train loss, val loss and grad norm, in step order."""
     events: list[LossSpike] = []
-    for metric in ("train_loss", "grad_norm"):
+    for metric in ("train_loss", "val_loss", "grad_norm"):
         series = run.metric(metric)
         if len(series):
-            events.extend(detect_spikes(series["step"], series["value"], metric, config))
+            metric_config = {"grad_norm": replace(config, min_ratio=config.grad_norm_min_ratio),
+                             "val_loss": sparse_config(config)}.get(metric, config)
+            events.extend(detect_spikes(series["step"], series["value"], metric, metric_config))
     return tuple(sorted(events, key=lambda e: (e.start_step, e.metric)))
 
 
@@ -67,18 +75,29 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
     spikes = find_spikes(run, spike_config)
     contaminating = [s for s in spikes if s.metric in CONTAMINATING_METRICS]
     vals = logged_val_scores(run.metric("val_loss"), [c.step for c in run.checkpoints])
+    lrs = learning_rates(run.metric("lr"), [c.step for c in run.checkpoints])
     reference = _layout_of(run.checkpoints[-1]) if run.checkpoints else []
     items = []
     total = max(len(run.checkpoints), 1)
-    for index, (ref, val) in enumerate(zip(run.checkpoints, vals)):
+    for index, (ref, val, lr) in enumerate(zip(run.checkpoints, vals, lrs)):
         def step_progress(frac: float, msg: str, index: int = index) -> None:
             if progress is not None:
                 progress((index + frac) / total, msg)
 
         health = check_health(ref, step_progress)
         spike = next((s for s in contaminating if s.contains(ref.step)), None)
-        items.append(CheckpointSignals(ref, health, val, spike, _mismatch(reference, _layout_of(ref))))
+        items.append(CheckpointSignals(ref, health, val, spike, _mismatch(reference, _layout_of(ref)), lr))
     return RunSignals(tuple(items), spikes)
+
+
+def learning_rates(lr: pd.DataFrame, ckpt_steps: list[int]) -> list[float | None]:
+    """The LR logged at each checkpoint's step, or the last one logged before it (None if none was)."""
+    if lr.empty:
+        return [None] * len(ckpt_steps)
+    lr = lr.sort_values("step").drop_duplicates("step", keep="last")
+    steps, values = lr["step"].to_numpy(), lr["value"].to_numpy(dtype=np.float64)
+    at = np.searchsorted(steps, np.asarray(ckpt_steps, dtype=np.int64), side="right") - 1
+    return [float(values[i]) if i >= 0 and np.isfinite(values[i]) else None for i in at]
 
 
 def _layout_of(ref: CheckpointRef) -> list[TensorInfo]:

@@ -9,7 +9,7 @@ an event carry the spike in their weights and are not averaged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,20 @@ class SpikeConfig:
     merge_gap: int = 10        # flagged samples this close belong to one event
     recovery_sigmas: float = 2.0  # back within this many noise units of the baseline = recovered
     recovery_patience: int = 3    # ... for this many consecutive samples
+    # Under Adam with clipping the grad norm routinely doubles for a step and comes straight
+    # back; only a larger jump says the optimiser left its basin. Loss ratios stay at min_ratio.
+    grad_norm_min_ratio: float = 2.5
+    end_at_last_high: bool = False  # end an event at its last sample above noise (sparse evals), not the first back
+
+
+def sparse_config(config: SpikeConfig) -> SpikeConfig:
+    """The same sensitivity for a sparse series such as one eval per checkpoint.
+
+    A short baseline (the few evals before), no merging of separate evals into one event, and
+    each event ends at its last eval still above noise: the checkpoint whose eval is back to
+    normal is not held against it, since each eval measures its own checkpoint's weights.
+    """
+    return replace(config, window=8, min_periods=4, merge_gap=1, recovery_patience=1, end_at_last_high=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +126,8 @@ def _event(steps: np.ndarray, y: np.ndarray, baseline: np.ndarray, sigma: np.nda
     window = y[first:last + 1]
     peak = first + int(np.nanargmax(np.where(np.isfinite(window), window, np.inf)))
     end_index, recovered = _recovery(y, last, base + config.recovery_sigmas * noise, config.recovery_patience)
+    if config.end_at_last_high and recovered:
+        end_index = max(last, end_index - 1)
     peak_value = float(y[peak])
     return LossSpike(
         metric=metric,

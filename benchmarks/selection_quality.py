@@ -1,0 +1,220 @@
+"""Is the recommendation right? CkptSelect's choice against a brute-force oracle (issue 5).
+
+For each run of ``selection_runs.py`` (four dynamics, 30 checkpoints each), every candidate
+a user or an oracle could pick is scored on the run's TEST split, which neither the logged
+``val_loss`` nor the recommender's evaluator (``evaluate.py:evaluate``, the val split) ever
+sees:
+
+- the oracle: the best of every single checkpoint, every "last N" average (N = 1..all, with
+  and without the checkpoints the trainer knows were saved inside a spike), EMA of the clean
+  checkpoints at several alpha, and two greedy soups built on the test split itself;
+- ``recommend`` in ``auto`` mode from the logs alone, and with the val evaluator;
+- the habits it replaces: the last 5, the last 10, all checkpoints.
+
+capture = (test_last - test_choice) / (test_last - test_oracle): 1.0 is the oracle's gain,
+0 is no better than the last checkpoint, negative is worse. Where the oracle's gain is under
+``--min-gain`` nats, capture is not defined and the table says so (an average can then only
+match the last checkpoint, and "regret", choice minus oracle, is the number to read).
+
+    .venv/bin/python benchmarks/selection_quality.py [--scale cpu|gpu] [--runs a,b] [--parallel N]
+
+Writes ``benchmarks/out/selection/SCALE/results.json`` and prints a README-ready table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from analysis import RecommendConfig, assess_run, load_evaluator, open_run, recommend  # noqa: E402
+from analysis.recommend import policy_weights  # noqa: E402
+from selection_runs import RUNS, make_runs  # noqa: E402
+
+EMA_ALPHAS = (0.05, 0.1, 0.2, 0.3, 0.5)
+BASELINES = (("last 5", 5), ("last 10", 10), ("all", None))
+
+
+@dataclass
+class Scorer:
+    """Test-split scores of weighted averages of one run's checkpoints, each computed once."""
+
+    steps: list[int]
+    states: list[dict[str, torch.Tensor]]
+    evaluate_test: object
+    cache: dict[tuple, float] = field(default_factory=dict)
+
+    def score(self, members: list[int], weights: tuple[float, ...] | None = None) -> float:
+        """Test loss of the average of checkpoints ``members`` (indices) with ``weights`` (uniform if None)."""
+        weights = weights or policy_weights("sma", len(members))
+        key = tuple((self.steps[i], round(w, 10)) for i, w in zip(members, weights))
+        if key not in self.cache:
+            average = {k: sum(w * self.states[i][k] for i, w in zip(members, weights))
+                       for k in self.states[members[0]]}
+            self.cache[key] = float(self.evaluate_test(average))
+        return self.cache[key]
+
+
+def load_module(path: Path) -> ModuleType:
+    """A run's ``evaluate.py``, imported by path as a tool would."""
+    spec = importlib.util.spec_from_file_location(f"_bench_eval_{abs(hash(str(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def contaminated_steps(run_dir: Path) -> set[int]:
+    """Checkpoints the trainer knows were saved inside a spike's recovery (ground truth)."""
+    events = json.loads((run_dir / "config.json").read_text())["events"]
+    return {s for e in events for s in e.get("checkpoints_inside", [])}
+
+
+def oracle(scorer: Scorer, clean: list[int]) -> tuple[float, str]:
+    """The best test loss of every candidate family, and which candidate it was."""
+    n = len(scorer.steps)
+    best: tuple[float, str] = (math.inf, "")
+
+    def consider(members: list[int], weights: tuple[float, ...] | None, what: str) -> None:
+        nonlocal best
+        value = scorer.score(members, weights)
+        if value < best[0]:
+            best = (value, what)
+
+    for i in range(n):
+        consider([i], None, f"checkpoint {scorer.steps[i]}")
+    for k in range(2, n + 1):
+        consider(list(range(n - k, n)), None, f"last {k}")
+    for k in range(2, len(clean) + 1):
+        consider(clean[-k:], None, f"last {k} clean")
+    for alpha in EMA_ALPHAS:
+        consider(clean, policy_weights("ema", len(clean), alpha), f"EMA a={alpha:g} of clean")
+    singles = sorted(range(n), key=lambda i: scorer.score([i]))
+    for order, label in ((singles, "greedy soup by score"), (list(reversed(range(n))), "greedy soup newest first")):
+        members, value = [order[0]], scorer.score([order[0]])
+        for i in order[1:]:
+            trial = sorted(members + [i])
+            trial_value = scorer.score(trial)
+            if trial_value < value:
+                members, value = trial, trial_value
+        consider(sorted(members), None, f"{label} ({len(members)} ckpts)")
+    return best
+
+
+def describe(rec) -> str:
+    steps = [r.step for r in rec.checkpoints]
+    span = f"{steps[0]}-{steps[-1]}" if len(steps) > 1 else str(steps[0])
+    return f"{rec.method.upper()} of {len(steps)} ({span})"
+
+
+def capture(last: float, choice: float, best: float, min_gain: float) -> float | None:
+    gain = last - best
+    return None if gain < min_gain else (last - choice) / gain
+
+
+def judge_run(run_dir: Path, min_gain: float) -> dict:
+    """Every score of one run."""
+    started = time.time()
+    run = open_run(run_dir)
+    steps = [c.step for c in run.checkpoints]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # averages of 30 x 25M parameters are quick there
+    states = [{k: v.to(device, torch.float32) for k, v in load_file(str(c.path)).items()} for c in run.checkpoints]
+    scorer = Scorer(steps, states, load_module(run_dir / "evaluate.py").evaluate_test)
+    bad = contaminated_steps(run_dir)
+    clean = [i for i, s in enumerate(steps) if s not in bad]
+    n = len(steps)
+
+    signals = assess_run(run)
+    index = {s: i for i, s in enumerate(steps)}
+
+    def rec_score(rec) -> float:
+        return scorer.score([index[r.step] for r in rec.checkpoints], tuple(rec.weights))
+
+    logs_only = recommend(signals, RecommendConfig())
+    evaluator = load_evaluator(f"{run_dir / 'evaluate.py'}:evaluate")
+    with_eval = recommend(signals, RecommendConfig(), evaluator)
+    last = scorer.score([n - 1])
+    best, best_what = oracle(scorer, clean)
+    result = {
+        "run": run_dir.name, "checkpoints": n, "contaminated": sorted(bad),
+        "detected": [c.ref.step for c in signals.checkpoints if c.spike is not None],
+        "last": last, "oracle": best, "oracle_is": best_what,
+        "choices": {},
+    }
+    choices = {"recommend (logs)": (rec_score(logs_only), describe(logs_only), 0),
+               "recommend --eval": (rec_score(with_eval), describe(with_eval), with_eval.evaluations)}
+    for label, k in BASELINES:
+        members = list(range(n)) if k is None else list(range(max(0, n - k), n))
+        choices[label] = (scorer.score(members), f"last {len(members)}", 0)
+    for label, (value, what, calls) in choices.items():
+        result["choices"][label] = {"test": value, "what": what, "evaluator_calls": calls,
+                                    "capture": capture(last, value, best, min_gain), "regret": value - best}
+    result["seconds"] = round(time.time() - started, 1)
+    return result
+
+
+def markdown(results: list[dict], scale: str, params: int) -> str:
+    """The README table: test loss of each choice and its capture of the oracle's gain."""
+    cols = ["recommend (logs)", "recommend --eval", "last 5", "last 10", "all"]
+    lines = [
+        f"Scale `{scale}` ({params:,} parameters, 30 checkpoints per run), test loss in nats/byte; "
+        f"capture in parentheses.",
+        "",
+        "| run | last ckpt | oracle (what) | " + " | ".join(cols) + " |",
+        "|---|---|---|" + "---|" * len(cols),
+    ]
+    for r in results:
+        cells = []
+        for c in cols:
+            choice = r["choices"][c]
+            cap = "n/a" if choice["capture"] is None else f"{choice['capture']:.2f}"
+            cells.append(f"{choice['test']:.4f} ({cap})")
+        lines.append(f"| {r['run']} | {r['last']:.4f} | {r['oracle']:.4f} ({r['oracle_is']}) | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("What `recommend` chose: " + "; ".join(
+        f"{r['run']}: logs {r['choices']['recommend (logs)']['what']}, eval {r['choices']['recommend --eval']['what']} "
+        f"in {r['choices']['recommend --eval']['evaluator_calls']} calls" for r in results) + ".")
+    lines.append(f"Measured {date.today().isoformat()} on {platform.machine()} "
+                 f"({os.cpu_count()} CPUs{', ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ''}).")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "selection")
+    p.add_argument("--runs", default=None, help="comma-separated run names (default: all four)")
+    p.add_argument("--parallel", type=int, default=1, help="runs trained at once")
+    p.add_argument("--min-gain", type=float, default=0.002, help="oracle gain (nats) under which capture is n/a")
+    p.add_argument("--table-only", action="store_true", help="print the table of the results already saved")
+    a = p.parse_args()
+    names = a.runs.split(",") if a.runs else [s.name for s in RUNS]
+    root = a.out / a.scale
+    if not a.table_only:
+        for run_dir in make_runs(a.scale, a.out, names, a.parallel):
+            result = judge_run(run_dir, a.min_gain)
+            (root / f"{run_dir.name}.result.json").write_text(json.dumps(result, indent=2) + "\n")
+            print(json.dumps(result, indent=1), flush=True)
+    results = [json.loads((root / f"{n}.result.json").read_text()) for n in names
+               if (root / f"{n}.result.json").exists()]
+    params = json.loads((root / names[0] / "config.json").read_text())["n_params"]
+    print(markdown(results, a.scale, params))
+
+
+if __name__ == "__main__":
+    main()

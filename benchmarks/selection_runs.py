@@ -1,0 +1,121 @@
+"""The training runs the selection benchmark judges the recommender on, and how to make them.
+
+Four dynamics a recommender meets in practice, each 30 checkpoints of the sample-run trainer
+(``sample_runs/make_sample_run.py``): constant LR with injected loss spikes, cosine decay,
+warmup-stable-decay, and a post-norm model at a doubled LR with corrupted batches. The
+``cpu`` scale is the shipped sample run's model (124,672 parameters, minutes on two cores);
+the ``gpu`` scale is a 25M-parameter model of the same code, trained on a CUDA device.
+
+    .venv/bin/python benchmarks/selection_runs.py --scale cpu --out benchmarks/out/selection
+
+Runs already made with the same command are kept, so the benchmark can be rerun cheaply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINER = REPO / "sample_runs" / "make_sample_run.py"
+
+# 2880 steps with a checkpoint every 96 steps: 30 checkpoints, a val loss logged at each.
+_COMMON = ["--steps", "2880", "--ckpt-every", "96", "--eval-every", "96"]
+
+SCALES: dict[str, list[str]] = {
+    "cpu": [],
+    "gpu": ["--n-layer", "8", "--n-head", "8", "--n-embd", "512", "--block-size", "256", "--batch-size", "64",
+            "--device", "cuda", "--threads", "4"],
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One benchmark run: a name, what it exercises, and the trainer flags that make it."""
+
+    name: str
+    dynamics: str
+    flags: tuple[str, ...]
+    gpu_flags: tuple[str, ...] = ()   # replaces the LR on the bigger model, which wants a smaller one
+
+
+RUNS = (
+    RunSpec("constant-spikes", "constant LR 3e-3, LR x10 excursions at steps 1530 and 2300",
+            ("--schedule", "constant", "--lr", "3e-3", "--spike-steps", "1530,2300", "--seed", "7"),
+            ("--lr", "1e-3")),
+    RunSpec("cosine", "cosine decay from 3e-3 to 3e-4, no spike",
+            ("--schedule", "cosine", "--lr", "3e-3", "--spike-steps", "", "--seed", "11"),
+            ("--lr", "1e-3")),
+    RunSpec("wsd", "warmup-stable-decay at 3e-3, linear decay over the last 20%, a corrupt batch at 1000",
+            ("--schedule", "wsd", "--lr", "3e-3", "--spike-steps", "", "--corrupt-steps", "1000", "--seed", "13"),
+            ("--lr", "1e-3")),
+    RunSpec("postnorm-highlr", "post-norm at LR 6e-3, corrupt batches at 1800 and 2650, an LR x5 excursion at 2590",
+            ("--schedule", "constant", "--norm", "post", "--lr", "6e-3", "--spike-steps", "2590",
+             "--spike-lr-mult", "5", "--corrupt-steps", "1800,2650", "--seed", "17"),
+            ("--lr", "2e-3")),
+)
+
+
+def trainer_args(spec: RunSpec, scale: str, out: Path) -> list[str]:
+    """The full make_sample_run.py argument list of one run at one scale."""
+    flags = list(spec.flags)
+    if scale == "gpu":
+        overrides = dict(zip(spec.gpu_flags[::2], spec.gpu_flags[1::2]))
+        flags = [overrides.get(flags[i - 1], f) if i % 2 else f for i, f in enumerate(flags)]
+    return ["--out", str(out), *_COMMON, *flags, *SCALES[scale]]
+
+
+def is_made(out: Path, args: list[str]) -> bool:
+    """True if ``out`` holds a finished run made with exactly these arguments."""
+    config = out / "config.json"
+    if not config.exists():
+        return False
+    made = json.loads(config.read_text())
+    return "train_seconds" in made and made.get("benchmark_args") == args[2:]  # not --out: runs may move
+
+
+def make_run(spec: RunSpec, scale: str, root: Path) -> Path:
+    """Train the run unless it is already there; returns its folder."""
+    out = root / scale / spec.name
+    args = trainer_args(spec, scale, out)
+    if is_made(out, args):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    log = out.parent / f"{spec.name}.train.log"
+    print(f"training {scale}/{spec.name}: {shlex.join(args)}", flush=True)
+    with open(log, "w") as f:
+        subprocess.run([sys.executable, str(TRAINER), *args, "--overwrite"], check=True, stdout=f,
+                       stderr=subprocess.STDOUT)
+    config = json.loads((out / "config.json").read_text())
+    config["benchmark_args"] = args[2:]
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def make_runs(scale: str, root: Path, names: list[str] | None = None, parallel: int = 1) -> list[Path]:
+    """Train every run of ``scale`` that is missing (``parallel`` at a time); returns their folders."""
+    specs = [s for s in RUNS if names is None or s.name in names]
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        return list(pool.map(lambda s: make_run(s, scale, root), specs))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scale", choices=tuple(SCALES), default="cpu")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "selection")
+    p.add_argument("--runs", default=None, help="comma-separated run names (default: all)")
+    p.add_argument("--parallel", type=int, default=1, help="runs trained at once")
+    a = p.parse_args()
+    names = a.runs.split(",") if a.runs else None
+    for path in make_runs(a.scale, a.out, names, a.parallel):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
