@@ -56,7 +56,12 @@ def _split(name: str) -> np.ndarray:
 
 
 def _score(state_dict: dict[str, torch.Tensor], split: str) -> float:
-    return _model_module().evaluate_loss(state_dict, _split(split), _config())
+    """Scored on a GPU when there is one (runs of tens of millions of parameters), else on the CPU."""
+    module = _model_module()
+    model = module.as_model(state_dict, _config())
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return module.evaluate_loss(model, _split(split))
 
 
 def evaluate(state_dict: dict[str, torch.Tensor]) -> float:

@@ -244,10 +244,12 @@ def evaluate_loss(model_or_state_dict: nn.Module | dict[str, torch.Tensor], data
     model = as_model(model_or_state_dict, config)
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     x, y = eval_windows(data, model.config.block_size)
     total = 0.0
     for start in range(0, len(x), batch_size):
-        _, loss = model(x[start:start + batch_size], y[start:start + batch_size])
-        total += loss.item() * y[start:start + batch_size].numel()
+        xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
+        _, loss = model(xb, yb)
+        total += loss.item() * yb.numel()
     model.train(was_training)
     return total / y.numel()
