@@ -1,22 +1,49 @@
 """CkptSelect's analysis core: read a training run, judge its checkpoints, recommend and merge.
 
 Nothing here imports Streamlit; the app and the CLI call these functions and draw.
+
+The public names load lazily (PEP 562): ``import analysis`` costs nothing, and
+``python -m analysis merge`` never pays for pandas, scikit-learn or SciPy, which only
+the analysis commands need (issue 6: start-up was half of a merge's wall time).
 """
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from .averaging import average_state_dict  # noqa: E402  (after __version__, which recipe reads)
-from .errors import AnalysisError  # noqa: E402
-from .evaluate import Evaluator, load_evaluator  # noqa: E402
-from .logs import read_log  # noqa: E402
-from .merge import MergeResult, merge_checkpoints, merge_recipe  # noqa: E402
-from .recipe import Recipe, build_recipe, load_recipe, write_recipe  # noqa: E402
-from .recommend import Recommendation, RecommendConfig, recommend  # noqa: E402
-from .run import CheckpointRef, Run, checkpoint_ref, open_run  # noqa: E402
-from .signals import RunSignals, assess_run  # noqa: E402
-from .model_size import count_parameters  # noqa: E402
-from .scaling import run_stop_signal  # noqa: E402
-from .storage import StorageEstimate, estimate_storage  # noqa: E402
+# Public name -> the module (relative to this package) that defines it.
+_EXPORTS = {
+    "AnalysisError": ".errors",
+    "CheckpointRef": ".run",
+    "Evaluator": ".evaluate",
+    "MergeResult": ".merge",
+    "Recipe": ".recipe",
+    "RecommendConfig": ".recommend",
+    "Recommendation": ".recommend",
+    "Run": ".run",
+    "RunSignals": ".signals",
+    "StorageEstimate": ".storage",
+    "assess_run": ".signals",
+    "average_state_dict": ".averaging",
+    "build_recipe": ".recipe",
+    "checkpoint_ref": ".run",
+    "count_parameters": ".model_size",
+    "estimate_storage": ".storage",
+    "load_evaluator": ".evaluate",
+    "load_recipe": ".recipe",
+    "merge_checkpoints": ".merge",
+    "merge_recipe": ".merge",
+    "open_run": ".run",
+    "read_log": ".logs",
+    "recommend": ".recommend",
+    "run_stop_signal": ".scaling",
+    "write_recipe": ".recipe",
+}
 
 __all__ = [
     "AnalysisError",
@@ -46,3 +73,52 @@ __all__ = [
     "run_stop_signal",
     "write_recipe",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """Import the module that defines ``name`` on first use, and cache the value here."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """This package, where the function ``recommend`` wins over the submodule of the same name.
+
+    Importing a submodule sets it as an attribute of its package; the eager imports this file
+    used to make put the function back afterwards. The setter ignores the import system's
+    assignment so ``analysis.recommend`` stays the function whatever was imported first.
+    """
+
+    @property
+    def recommend(self) -> object:
+        return importlib.import_module(".recommend", __name__).recommend
+
+    @recommend.setter
+    def recommend(self, value: object) -> None:
+        pass
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+if TYPE_CHECKING:   # for type checkers and IDEs: the same names, imported eagerly
+    from .averaging import average_state_dict
+    from .errors import AnalysisError
+    from .evaluate import Evaluator, load_evaluator
+    from .logs import read_log
+    from .merge import MergeResult, merge_checkpoints, merge_recipe
+    from .model_size import count_parameters
+    from .recipe import Recipe, build_recipe, load_recipe, write_recipe
+    from .recommend import Recommendation, RecommendConfig, recommend
+    from .run import CheckpointRef, Run, checkpoint_ref, open_run
+    from .scaling import run_stop_signal
+    from .signals import RunSignals, assess_run
+    from .storage import StorageEstimate, estimate_storage

@@ -12,34 +12,28 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import click
-import yaml
-from tqdm import tqdm
 
 from . import __version__
 from .errors import AnalysisError, InvalidArgument
-from .evaluate import load_evaluator
-from .logs import LOG_READERS, read_log
-from .checkpoints import open_checkpoint
-from .merge import MergePlan, merge_recipe, plan_merge
-from .merge_output import parse_size
-from .recipe import Recipe, build_recipe, dump_recipe, load_any_recipe, to_mergekit, with_hashes, write_recipe
-from .recommend import METHODS, RecommendConfig, recommend
-from .model_size import count_parameters
-from .report import analysis_report, log_report, recommendation_report, stop_report, storage_report
-from .run import checkpoint_ref, open_run
-from .signals import assess_run, compare_checkpoints
-from .scaling import DEFAULT_GAIN_TARGET, DEFAULT_PLATEAU_GAIN, StopConfig, run_stop_signal
-from .storage import (DEFAULT_PRICE_PER_TB_MONTH, DEFAULT_SNAPSHOT_GBPS, OPTIMIZERS, POLICIES, KeepPolicy,
-                      estimate_storage, measure_checkpoint_overhead)
+from .storage import DEFAULT_PRICE_PER_TB_MONTH, DEFAULT_SNAPSHOT_GBPS, OPTIMIZERS, POLICIES
+from .scaling import DEFAULT_GAIN_TARGET, DEFAULT_PLATEAU_GAIN
+
+if TYPE_CHECKING:
+    from .merge import MergePlan
+    from .recipe import Recipe
+
+# Everything else is imported inside the command that needs it: a merge must not pay for
+# pandas, scikit-learn and SciPy (about 1 s), which only the analysis commands use (issue 6).
 
 APP_SCRIPT = Path(__file__).resolve().parent.parent / "app" / "streamlit_app.py"
 
 
 def _progress_bar(desc: str) -> tuple[Callable[[float, str], None], Callable[[], None]]:
     """A tqdm bar on stderr driven by the core's ``progress(fraction, message)`` callbacks."""
+    from tqdm import tqdm
     bar = tqdm(total=1000, desc=desc, file=sys.stderr, leave=False, disable=None,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
 
@@ -48,6 +42,23 @@ def _progress_bar(desc: str) -> tuple[Callable[[float, str], None], Callable[[],
         bar.set_postfix_str(message[-40:], refresh=True)
 
     return update, bar.close
+
+
+class _LazyChoice(click.Choice):
+    """A ``click.Choice`` whose choices come from a module loaded only when they are needed."""
+
+    def __init__(self, module: str, name: str, *, sort: bool = False) -> None:
+        self._source, self._sort, self._loaded = (module, name), sort, None
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        if self._loaded is None:
+            import importlib
+            module, name = self._source
+            values = getattr(importlib.import_module(module, __package__), name)
+            self._loaded = tuple(sorted(values) if self._sort else values)
+        return self._loaded
 
 
 def _emit(doc: dict) -> None:
@@ -67,6 +78,9 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def analyze(run_path: Path, similarity: bool, as_json: bool) -> None:
     """Discover a run's logs and checkpoints and judge every checkpoint."""
+    from .report import analysis_report
+    from .run import open_run
+    from .signals import assess_run, compare_checkpoints
     run = open_run(run_path)
     update, close = _progress_bar("checking checkpoints")
     try:
@@ -99,7 +113,7 @@ def analyze(run_path: Path, similarity: bool, as_json: bool) -> None:
 @click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
 @click.option("--eval", "eval_spec", metavar="FILE.py:FUNC", help="Evaluator: func(state_dict) -> loss.")
 @click.option("--eval-higher-is-better", is_flag=True, help="The evaluator returns a score to maximise.")
-@click.option("--method", type=click.Choice(METHODS), default="auto", show_default=True)
+@click.option("--method", type=_LazyChoice(".recommend", "METHODS"), default="auto", show_default=True)
 @click.option("--window", type=int, help="Average the newest N eligible checkpoints instead of choosing.")
 @click.option("--ema-alpha", type=float, default=0.3, show_default=True, help="Weight of the newest under EMA.")
 @click.option("--max-evals", type=int, help="Evaluator calls allowed (default 2 x checkpoints).")
@@ -114,6 +128,12 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
                   window: int | None, ema_alpha: float, max_evals: int | None, include_contaminated: bool,
                   before_step: int | None, output_dtype: str, output: Path | None, as_json: bool) -> None:
     """Recommend which checkpoints to average, with a reason for each."""
+    from .evaluate import load_evaluator
+    from .recipe import build_recipe, write_recipe
+    from .recommend import RecommendConfig, recommend
+    from .report import recommendation_report
+    from .run import open_run
+    from .signals import assess_run
     run = open_run(run_path)
     evaluator = load_evaluator(eval_spec, eval_higher_is_better) if eval_spec else None
     config = RecommendConfig(method=method, window=window, ema_alpha=ema_alpha, max_evals=max_evals,
@@ -158,6 +178,9 @@ def merge(recipe_path: Path | None, checkpoint_paths: tuple[Path, ...], weights:
           output_dtype: str | None, out_dir: Path, verify: str, no_verify: bool, force: bool,
           out_shard_size: str | None, dry_run: bool, as_json: bool) -> None:
     """Average checkpoints (from a recipe, a mergekit linear config, or --checkpoints) into a new folder."""
+    from .merge import merge_recipe, plan_merge
+    from .merge_output import parse_size
+    from .run import checkpoint_ref
     recipe = _merge_inputs(recipe_path, checkpoint_paths, weights, output_dtype, hashes=not dry_run)
     refs = [checkpoint_ref(e.path, e.step) for e in recipe.checkpoints]
     shard_size = parse_size(out_shard_size)
@@ -187,6 +210,8 @@ def merge(recipe_path: Path | None, checkpoint_paths: tuple[Path, ...], weights:
 def _merge_inputs(recipe_path: Path | None, paths: tuple[Path, ...], weights: tuple[float, ...],
                   output_dtype: str | None, hashes: bool = True) -> Recipe:
     """The recipe to merge: loaded (ours or mergekit's), or built for checkpoints named on the command line."""
+    from .recipe import build_recipe, load_any_recipe
+    from .run import checkpoint_ref
     if recipe_path is not None:
         if paths:
             raise InvalidArgument("give a recipe or --checkpoints, not both")
@@ -220,6 +245,9 @@ def _plan_doc(plan: MergePlan) -> dict:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here instead of stdout.")
 def export(recipe_path: Path, fmt: str, output: Path | None) -> None:
     """Convert a recipe: ours -> mergekit linear config, or a mergekit linear config -> ours (with hashes)."""
+    import yaml
+
+    from .recipe import dump_recipe, load_any_recipe, to_mergekit, with_hashes
     recipe = load_any_recipe(recipe_path)
     base = (output.expanduser().resolve().parent if output else Path.cwd())
     if fmt == "mergekit":
@@ -237,6 +265,7 @@ def export(recipe_path: Path, fmt: str, output: Path | None) -> None:
 
 def _inputs_dtype(recipe: Recipe) -> str | None:
     """The newest input's floating dtype: what "same" means when mergekit needs a name for it."""
+    from .checkpoints import open_checkpoint
     with open_checkpoint(recipe.checkpoints[-1].path) as handle:
         return next((i.dtype for i in handle.tensors() if i.is_floating), None)
 
@@ -273,6 +302,12 @@ def storage(params: float | None, config_path: Path | None, dtype: str, optimize
             step_time_s: float | None, every: int | None, price_per_tb_month: float, window: int | None,
             run_path: Path | None, as_json: bool) -> None:
     """What keeping checkpoints costs in bytes, money and training time."""
+    from .model_size import count_parameters
+    from .recommend import recommend
+    from .report import storage_report
+    from .run import open_run
+    from .signals import assess_run
+    from .storage import KeepPolicy, estimate_storage, measure_checkpoint_overhead
     count = count_parameters(config_path) if config_path else None
     if (params is None) == (count is None):
         raise InvalidArgument("give --params N or --config config.json (one of them)")
@@ -320,6 +355,10 @@ def storage(params: float | None, config_path: Path | None, dtype: str, optimize
 def stop_cmd(run_path: Path, params: float | None, config_path: Path | None, tokens_per_step: float | None,
              plateau_gain: float, gain_target: float, seed: int, as_json: bool) -> None:
     """Should I keep training? Fit the loss curve, forecast it, flag a plateau."""
+    from .model_size import count_parameters
+    from .report import stop_report
+    from .run import open_run
+    from .scaling import StopConfig, run_stop_signal
     run = open_run(run_path)
     if config_path is not None:
         params = float(count_parameters(config_path).total)
@@ -345,10 +384,13 @@ def stop_cmd(run_path: Path, params: float | None, config_path: Path | None, tok
 
 @cli.command()
 @click.argument("paths", metavar="FILE_OR_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(sorted(LOG_READERS)), help="Skip sniffing.")
+@click.option("--format", "fmt", type=_LazyChoice(".logs", "LOG_READERS", sort=True), help="Skip sniffing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def logs(paths: tuple[Path, ...], fmt: str | None, as_json: bool) -> None:
     """Read training logs and summarise every metric."""
+    from .logs import read_log
+    from .report import log_report
+    from .run import open_run
     tables = []
     for path in paths:
         if path.is_dir():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import uuid
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -100,8 +101,9 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
     with ExitStack() as stack:
         handles = [stack.enter_context(open_checkpoint(r.path, r.layout)) for r in refs]
         layout, plan = _plan(handles, refs, output_dtype, out_shard_size)
+        remove_stale_partials(out_dir)
         check_disk(out_dir, plan.size_bytes)
-        tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+        tmp = out_dir.parent / _partial_name(out_dir)
         tmp.mkdir(parents=True)
         try:
             size = _write(tmp, handles, weights, layout, plan, refs, recipe, output_dtype, progress)
@@ -113,6 +115,49 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
     files = tuple(sorted(p.name for p in out_dir.iterdir()))
     return MergeResult(out_dir, model_file, out_dir / RECIPE_FILE, size, len(layout),
                        tuple(r.step for r in refs), weights, files, plan.sharded)
+
+
+def _partial_name(out_dir: Path) -> str:
+    """The hidden temporary folder's name: host and pid of the writer, so a later merge can tell it died."""
+    return f".{out_dir.name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale_partials(out_dir: Path) -> list[Path]:
+    """Delete temporary folders of ``out_dir`` left by merges that were killed; return them.
+
+    Only folders written on this host by a process that no longer exists are removed: a
+    running merge's folder, another host's (on a shared file system), or one whose name
+    has no pid (written before names carried one) are left alone.
+    """
+    removed = []
+    host = socket.gethostname()
+    for path in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        owner, pid = _partial_owner(path.name.removeprefix(f".{out_dir.name}.partial-"))
+        if owner == host and pid is not None and not _alive(pid) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _partial_owner(suffix: str) -> tuple[str | None, int | None]:
+    """``HOST-PID-HEX`` -> (host, pid); (None, None) for other names."""
+    parts = suffix.rsplit("-", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None, None
+    return parts[0], int(parts[1])
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host (one we may not signal still counts)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def plan_merge(refs: Sequence[CheckpointRef], weights: Sequence[float], out_dir: Path, output_dtype: str = "same",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -107,12 +109,18 @@ def checkpoint_quick_hash(files: tuple[Path, ...] | list[Path]) -> str:
 def build_recipe(method: str, refs: list[CheckpointRef], weights: tuple[float, ...], output_dtype: str = "same",
                  reasons: dict[str, str] | None = None, source_run: Path | None = None, *,
                  hashes: bool = True) -> Recipe:
-    """A recipe for ``refs`` with ``weights``, hashing every input file (``hashes=False``: a dry run's, unhashed)."""
-    entries = tuple(
-        RecipeEntry(ref.path, ref.step, float(w), checkpoint_sha256(ref.files) if hashes else "", ref.size_bytes,
-                    checkpoint_quick_hash(ref.files) if hashes else "")
-        for ref, w in zip(refs, weights)
-    )
+    """A recipe for ``refs`` with ``weights``, hashing every input file (``hashes=False``: a dry run's, unhashed).
+
+    The inputs are hashed in parallel, one per core: hashlib releases the GIL, and sha256 of every
+    byte is most of ``merge --checkpoints``'s time otherwise (3.5 GB: about 3 s on one core).
+    """
+    sha256s, quick = [""] * len(refs), [""] * len(refs)
+    if hashes and refs:
+        with ThreadPoolExecutor(max_workers=min(len(refs), os.cpu_count() or 1)) as pool:
+            sha256s = list(pool.map(lambda ref: checkpoint_sha256(ref.files), refs))
+        quick = [checkpoint_quick_hash(ref.files) for ref in refs]
+    entries = tuple(RecipeEntry(ref.path, ref.step, float(w), sha, ref.size_bytes, q)
+                    for ref, w, sha, q in zip(refs, weights, sha256s, quick))
     return Recipe(method, entries, output_dtype, dict(reasons or {}), source_run=source_run)
 
 

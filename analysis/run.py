@@ -14,14 +14,20 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import yaml
 
 from .checkpoints import CHECKPOINT_READERS, detect_layout, open_checkpoint
 from .errors import AnalysisError, CheckpointReadError, RunNotFound
-from .logs import LOG_READERS, LogTable, read_log, sniff_format
-from .logs.base import empty_frame
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .logs import LogTable
+
+# pandas and the log readers load inside open_run: checkpoint_ref (all a merge needs from
+# this module) must not pay ~0.4 s of imports for them (issue 6).
 
 CONFIG_FILE = "ckpt-select.yaml"
 # Metadata keys that give a checkpoint's step, most trusted first.
@@ -99,6 +105,7 @@ def open_run(path: str | Path) -> Run:
     name = str(config.get("name") or root.name)
     run = _run_from_files(root, ckpt_paths, log_candidates, name, notes)
     if not run.checkpoints and not run.logs:
+        from .logs import LOG_READERS
         raise RunNotFound(root, "found no checkpoints and no training logs here. "
                                 f"Hint: CkptSelect reads logs ({', '.join(LOG_READERS)}) and checkpoints "
                                 f"({', '.join(CHECKPOINT_READERS)}); list yours in {CONFIG_FILE}.")
@@ -247,6 +254,7 @@ def _run_from_files(root: Path, ckpt_paths: list[Path], log_paths: list[Path], n
 
 def _read_logs(paths: list[Path], notes: list[str]) -> list[LogTable]:
     """Every path a log reader recognises, read; others are passed over with a note."""
+    from .logs import read_log, sniff_format
     tables = []
     for path in paths:
         fmt = sniff_format(path)
@@ -309,6 +317,9 @@ def _step_of(path: Path, meta: dict[str, str]) -> tuple[int | None, str]:
 
 def _merge_metrics(logs: list[LogTable]) -> pd.DataFrame:
     """One tidy frame from all logs; where two logs give the same (step, metric) the first wins."""
+    import pandas as pd
+
+    from .logs.base import empty_frame
     frames = [t.frame for t in logs if len(t.frame)]
     if not frames:
         return empty_frame()

@@ -190,20 +190,74 @@ def main() -> None:
                     print("mergekit is not installed: its column is empty", file=sys.stderr)
             rows.append(row)
             print(json.dumps(row), flush=True)
+    startup = best(args.repeat, import_time)
+    machine = describe_machine()
     out = REPO / "benchmarks" / "out" / "merge_speed.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": str(date.today()), "cores": os.cpu_count(), "rows": rows}, indent=2))
-    print(f"\n{platform.node()}, {os.cpu_count()} cores, {date.today()}, load average {os.getloadavg()[0]:.1f}")
-    for row in rows:
-        s, m = row["ckpt_select"]
-        line = (f"| {row['inputs']} x {row['model']} bf16 ({row['input_gb']:.2f} GB) | cat {row['cat_s']:.2f} s "
-                f"| ckpt-select {s:.2f} s, {m:.0f} MB")
-        for key in ("load_whole", "mergekit"):
-            if row.get(key):
-                bs, bm = row[key]
-                line += f" | {key} {bs:.2f} s, {bm:.0f} MB ({s / bs:.2f}x)"
-        print(line + " |")
+    out.write_text(json.dumps({"date": str(date.today()), "cores": os.cpu_count(), "machine": machine,
+                               "startup_s": startup[0], "rows": rows}, indent=2))
+    print(f"\n{platform.node()}: {machine}, {date.today()}, load average {os.getloadavg()[0]:.1f}\n")
+    print(readme_table(rows))
+    print()
+    print(readme_sentence(rows, startup[0]))
 
+
+def import_time() -> tuple[float, float]:
+    """Wall time of a process that only imports what ``analysis merge`` imports (Python and torch start-up)."""
+    return timed([sys.executable, "-c", "import analysis.cli, analysis.merge"], cwd=REPO)
+
+
+def describe_machine() -> str:
+    """'2-core x86_64, 24 GB, Python 3.11.7, torch 2.13.0 CPU' for the README's Performance section."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gb = float("nan")
+    try:
+        torch = f", torch {version('torch')}"
+    except PackageNotFoundError:
+        torch = ""
+    return f"{os.cpu_count()}-core {platform.machine()}, {mem_gb:.0f} GB, Python {platform.python_version()}{torch}"
+
+
+def _mergekit_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return f"mergekit {version('mergekit')}"
+    except PackageNotFoundError:
+        return "mergekit"
+
+
+def _cell(result: tuple[float, float] | None, bold: bool = False) -> str:
+    if not result:
+        return ""
+    seconds, mb = result
+    size = f"{mb / 1000:.1f} GB" if mb >= 1000 else f"{mb:.0f} MB"
+    text = f"{seconds:.2f} s, {size}" if seconds < 10 else f"{seconds:.1f} s, {size}"
+    return f"**{text}**" if bold else text
+
+
+def readme_table(rows: list[dict]) -> str:
+    """The README's merge table, ready to paste."""
+    lines = [f"| inputs | `cat` | ckpt-select | load whole into an fp32 sum | {_mergekit_version()} `linear` |",
+             "|---|---|---|---|---|"]
+    for index, row in enumerate(rows):
+        lines.append(f"| {row['inputs']} × {row['model']} ({row['input_gb']:.1f} GB) | {row['cat_s']:.2f} s "
+                     f"| {_cell(row['ckpt_select'], bold=index == 0)} | {_cell(row.get('load_whole'))} "
+                     f"| {_cell(row.get('mergekit'))} |")
+    return "\n".join(lines)
+
+
+def readme_sentence(rows: list[dict], startup_s: float) -> str:
+    """Ratios against each baseline (the issue 6 targets: <= 0.4x load-whole, <= 0.15x mergekit) and start-up."""
+    row = rows[0]
+    ours = row["ckpt_select"][0]
+    ratios = [f"{ours / row[key][0]:.2f}× {name}" for key, name in (("load_whole", "the load-whole script"),
+                                                                    ("mergekit", "mergekit")) if row.get(key)]
+    head = f"{row['inputs']} × {row['model']}: ckpt-select takes " + (" and ".join(ratios) or f"{ours:.2f} s")
+    return (f"{head}; {startup_s:.2f} s of its {ours:.2f} s is Python and torch start-up "
+            f"(a process that only imports the merge's modules), the merge itself about {ours - startup_s:.2f} s.")
 
 if __name__ == "__main__":
     main()

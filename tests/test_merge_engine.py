@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -176,6 +177,32 @@ def test_force_replaces_atomically_and_never_an_input(tiny_run: Path, tmp_path: 
         merge_checkpoints(refs, [1, 1], refs[0].path, force=True)
 
 
+def test_a_new_merge_removes_partial_folders_of_killed_merges(tiny_run: Path, tmp_path: Path) -> None:
+    """Issue 6: a merge killed with -9 leaves its hidden temporary folder; the next merge to that target removes it."""
+    refs = [checkpoint_ref(tiny_run / "ckpt" / f"step_000{s}.safetensors") for s in (500, 600)]
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        folders = {name: tmp_path / f".out.partial-{name}" for name in (
+            f"{host}-{dead.pid}-0badc0de",     # its writer died: removed
+            f"{host}-{alive.pid}-0000c0de",    # a merge still running: kept
+            f"otherhost-{dead.pid}-1badc0de",  # another host's (shared file system): kept
+            "1a2b3c4d")}                       # an old name without a pid: kept
+        for folder in folders.values():
+            folder.mkdir()
+            (folder / "model.safetensors").write_bytes(b"half")
+        (tmp_path / ".other.partial-x").mkdir()   # another target's: kept
+        merge_checkpoints(refs, [1, 1], tmp_path / "out")
+        left = sorted(p.name for p in tmp_path.iterdir())
+    finally:
+        alive.kill()
+        alive.wait()
+    expected = sorted([".other.partial-x", "out", "run"] + [f.name for f in folders.values()][1:])
+    assert left == expected
+
+
 def test_short_disk_stops_with_the_numbers(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     refs = [checkpoint_ref(tiny_run / "ckpt" / f"step_000{s}.safetensors") for s in (500, 600)]
     monkeypatch.setattr(merge_checks.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 1000))
@@ -324,3 +351,10 @@ def test_kill_9_leaves_no_output_or_a_complete_one(tmp_path: Path) -> None:
         assert {"recipe.yaml", "mergekit_config.yml"} <= {p.name for p in out.iterdir()}
     print(outcomes)
     assert outcomes["mid_write"] > 0, outcomes
+    # Every temporary folder above belongs to a killed process: merging again to its target removes it.
+    stale = sorted({p.name.split(".partial-")[0][1:] for p in tmp_path.glob(".out*.partial-*")})
+    assert stale, "a mid-write kill leaves a temporary folder"
+    for name in stale:
+        shutil.rmtree(tmp_path / name, ignore_errors=True)
+        assert run_cli("merge", *args, "-o", str(tmp_path / name)).returncode == 0
+    assert not list(tmp_path.glob(".out*.partial-*"))
