@@ -153,6 +153,9 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
         _emit(doc)
         return
     click.echo(rec.summary)
+    if evaluator is None:
+        click.echo("  (From logged val losses and LRs, a heuristic. --eval FILE.py:FUNC scores candidate averages "
+                   "and finds a better window on most runs: see README, 'How good the choice is'.)")
     for d in rec.decisions:
         click.echo(f"  {'+' if d.taken else '-'} step {d.step:>8}  {d.reason}")
     if recipe_path:

@@ -165,15 +165,19 @@ def judge_run(run_dir: Path, min_gain: float) -> dict:
         result["choices"][label] = {"test": value, "what": what, "evaluator_calls": calls,
                                     "capture": capture(last, value, best, min_gain), "regret": value - best}
     result["seconds"] = round(time.time() - started, 1)
+    result["n_params"] = json.loads((run_dir / "config.json").read_text())["n_params"]
+    result["date"] = date.today().isoformat()
+    result["measured_on"] = (f"{platform.machine()}, {os.cpu_count()} CPUs"
+                             + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     return result
 
 
-def markdown(results: list[dict], scale: str, params: int) -> str:
+def markdown(results: list[dict], scale: str) -> str:
     """The README table: test loss of each choice and its capture of the oracle's gain."""
     cols = ["recommend (logs)", "recommend --eval", "last 5", "last 10", "all"]
     lines = [
-        f"Scale `{scale}` ({params:,} parameters, 30 checkpoints per run), test loss in nats/byte; "
-        f"capture in parentheses.",
+        f"Scale `{scale}` ({results[0]['n_params']:,} parameters, 30 checkpoints per run), test loss in "
+        f"nats/byte; capture in parentheses (where the oracle gains under --min-gain: n/a and the regret).",
         "",
         "| run | last ckpt | oracle (what) | " + " | ".join(cols) + " |",
         "|---|---|---|" + "---|" * len(cols),
@@ -182,15 +186,14 @@ def markdown(results: list[dict], scale: str, params: int) -> str:
         cells = []
         for c in cols:
             choice = r["choices"][c]
-            cap = "n/a" if choice["capture"] is None else f"{choice['capture']:.2f}"
+            cap = f"n/a, +{choice['regret']:.4f}" if choice["capture"] is None else f"{choice['capture']:.2f}"
             cells.append(f"{choice['test']:.4f} ({cap})")
         lines.append(f"| {r['run']} | {r['last']:.4f} | {r['oracle']:.4f} ({r['oracle_is']}) | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("What `recommend` chose: " + "; ".join(
         f"{r['run']}: logs {r['choices']['recommend (logs)']['what']}, eval {r['choices']['recommend --eval']['what']} "
         f"in {r['choices']['recommend --eval']['evaluator_calls']} calls" for r in results) + ".")
-    lines.append(f"Measured {date.today().isoformat()} on {platform.machine()} "
-                 f"({os.cpu_count()} CPUs{', ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ''}).")
+    lines.append(f"Measured {results[0]['date']} on {results[0]['measured_on']}.")
     return "\n".join(lines)
 
 
@@ -201,7 +204,9 @@ def main() -> None:
     p.add_argument("--runs", default=None, help="comma-separated run names (default: all four)")
     p.add_argument("--parallel", type=int, default=1, help="runs trained at once")
     p.add_argument("--min-gain", type=float, default=0.002, help="oracle gain (nats) under which capture is n/a")
-    p.add_argument("--table-only", action="store_true", help="print the table of the results already saved")
+    p.add_argument("--table-only", action="store_true",
+                   help="print the table of saved results (benchmarks/results/selection holds the published ones: "
+                        "--out benchmarks/results/selection)")
     a = p.parse_args()
     names = a.runs.split(",") if a.runs else [s.name for s in RUNS]
     root = a.out / a.scale
@@ -212,8 +217,7 @@ def main() -> None:
             print(json.dumps(result, indent=1), flush=True)
     results = [json.loads((root / f"{n}.result.json").read_text()) for n in names
                if (root / f"{n}.result.json").exists()]
-    params = json.loads((root / names[0] / "config.json").read_text())["n_params"]
-    print(markdown(results, a.scale, params))
+    print(markdown(results, a.scale))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,18 @@ def test_analyze_json_contract(tiny_run: Path, capsys: pytest.CaptureFixture) ->
     assert spike["start_step"] == 298 and spike["peak_loss"] > 2.5 and spike["end_step"] >= 302
 
 
+def test_recommend_recovery_before_a_step_writes_a_recovery_recipe(tiny_run: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    recipe_path = tmp_path / "recovery.yaml"
+    assert main(["recommend", str(tiny_run), "--method", "recovery", "--before", "450", "--window", "2",
+                 "--json", "-o", str(recipe_path)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["method"] == "recovery" and [c["step"] for c in doc["checkpoints"]] == [350, 400]
+    assert yaml.safe_load(recipe_path.read_text())["method"] == "recovery"
+    assert main(["recommend", str(tiny_run), "--method", "recovery", "--before", "10"]) == 2
+    assert "no checkpoint saved before step 10" in capsys.readouterr().err
+
+
 def test_recommend_json_and_recipe_then_merge(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     recipe_path = tmp_path / "recipe.yaml"
     assert main(["recommend", str(tiny_run), "--json", "-o", str(recipe_path)]) == 0
