@@ -172,6 +172,36 @@ def judge_run(run_dir: Path, min_gain: float) -> dict:
     return result
 
 
+def window_data(run_dir: Path) -> dict:
+    """Per-checkpoint signals and the test loss of every SMA of the newest k eligible checkpoints.
+
+    Any log-only rule picks such a window, so this table scores any candidate rule offline
+    (the bigger runs cannot be remade without a GPU); written as RUN.windows.json.
+    """
+    from analysis.signals.similarity import compare_checkpoints
+
+    run = open_run(run_dir)
+    signals = assess_run(run)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    eligible = [c for c in signals.checkpoints if c.eligible]
+    states = [{k: v.to(device, torch.float32) for k, v in load_file(str(c.ref.path)).items()} for c in eligible]
+    evaluate_test = load_module(run_dir / "evaluate.py").evaluate_test
+    sums, windows = None, []
+    for state in reversed(states):   # running sums: newest 1, 2, ... k
+        sums = {k: v.clone() for k, v in state.items()} if sums is None else {k: sums[k] + state[k] for k in sums}
+        windows.append(float(evaluate_test({k: v / (len(windows) + 1) for k, v in sums.items()})))
+    similarity = compare_checkpoints(list(run.checkpoints))
+    return {
+        "run": run_dir.name,
+        "checkpoints": [{"step": c.ref.step, "eligible": c.eligible, "val": c.val.value if c.val else None,
+                         "lr": c.lr, "spike": c.spike.metric if c.spike else None} for c in signals.checkpoints],
+        "eligible_steps": [c.ref.step for c in eligible],
+        "test_of_newest_k": windows,
+        "distance_matrix": similarity.distance_matrix.tolist(),
+        "update_cosine_matrix": [[None if math.isnan(x) else x for x in row] for row in similarity.update_cosine_matrix.tolist()],
+    }
+
+
 def markdown(results: list[dict], scale: str) -> str:
     """The README table: test loss of each choice and its capture of the oracle's gain."""
     cols = ["recommend (logs)", "recommend --eval", "last 5", "last 10", "all"]
@@ -207,9 +237,16 @@ def main() -> None:
     p.add_argument("--table-only", action="store_true",
                    help="print the table of saved results (benchmarks/results/selection holds the published ones: "
                         "--out benchmarks/results/selection)")
+    p.add_argument("--windows-only", action="store_true",
+                   help="only write RUN.windows.json: signals and the test loss of every newest-k average")
     a = p.parse_args()
     names = a.runs.split(",") if a.runs else [s.name for s in RUNS]
     root = a.out / a.scale
+    if a.windows_only:
+        for run_dir in make_runs(a.scale, a.out, names, a.parallel):
+            (root / f"{run_dir.name}.windows.json").write_text(json.dumps(window_data(run_dir)) + "\n")
+            print(f"{run_dir.name}: windows written", flush=True)
+        return
     if not a.table_only:
         for run_dir in make_runs(a.scale, a.out, names, a.parallel):
             result = judge_run(run_dir, a.min_gain)
