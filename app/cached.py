@@ -20,9 +20,13 @@ from analysis.scaling import StopSignal, run_stop_signal
 from analysis.signals import RunSignals, SimilarityReport, analyze_step_times, assess_run, compare_checkpoints
 
 
-@st.cache_data(max_entries=8, show_spinner="Reading the run's logs and checkpoints...")
+@st.cache_resource(max_entries=8, show_spinner="Reading the run's logs and checkpoints...")
 def run(path: str, stamp: str) -> Run:
-    """The run at ``path`` (``stamp`` from ``folder_stamp`` keys the cache)."""
+    """The run at ``path`` (``stamp`` from ``folder_stamp`` keys the cache).
+
+    A shared resource, not cache_data: the Run is frozen and never changed, and cache_data
+    would unpickle a copy of its metrics (7 million rows for a million-step log) on every rerun.
+    """
     return open_run(path)
 
 

@@ -20,6 +20,7 @@ AXIS_TITLES = {"step": "step", "tokens": "tokens", "wall_hours": "wall time (h)"
 STATUS_LABELS = {"selected": "checkpoint: selected", "other": "checkpoint", "spike": "checkpoint: in a spike",
                  "nonfinite": "checkpoint: NaN/Inf", "mismatch": "checkpoint: mismatched tensors"}
 MAX_POINTS = 4000  # per series sent to the browser; spikes survive (min/max per bucket)
+MAX_BANDS = 200  # grad-norm event bands drawn (largest first); a browser slows down on thousands of shapes
 
 
 def checkpoint_status(signals: RunSignals, selected: set[int]) -> dict[int, str]:
@@ -56,19 +57,33 @@ def loss_figure(run: Run, signals: RunSignals, selected: set[int], smoothing: fl
     for index, other in enumerate(overlays):
         color = OVERLAY_COLORS[index % len(OVERLAY_COLORS)]
         _add_loss_traces(fig, other, smoothing, axis, color, color, f"{other.name}: ")
-    for spike in signals.spikes:
-        x0, x1 = step_to_axis(run, np.array([spike.onset_after_step, spike.end_step]), axis)
-        if spike.metric == "train_loss":  # the events that contaminate checkpoints: shaded and named
-            fig.add_vrect(x0=x0, x1=x1, fillcolor=COLORS["spike"], opacity=0.18, line_width=0,
-                          annotation_text=f"loss spike {spike.start_step}-{spike.end_step}",
-                          annotation_position="top left")
-        else:  # grad-norm-only events: a faint band, named in the hover of the grad-norm chart
-            fig.add_vrect(x0=x0, x1=x1, fillcolor=COLORS["other"], opacity=0.08, line_width=0)
+    _add_spike_bands(fig, run, signals, axis)
     _add_checkpoint_markers(fig, run, signals, selected, axis)
     fig.update_layout(xaxis_title=AXIS_TITLES[axis], yaxis_title="loss (nats)", hovermode="closest",
                       legend={"orientation": "h", "y": -0.2}, margin={"t": 30, "b": 10},
                       yaxis_type="log" if log_y else "linear")
     return fig
+
+
+def _add_spike_bands(fig: go.Figure, run: Run, signals: RunSignals, axis: str) -> None:
+    """Loss spikes shaded and named; grad-norm-only events as faint bands (the largest MAX_BANDS).
+
+    Shapes go in with one layout update: ``add_vrect`` re-validates every shape already
+    there, so thousands of grad-norm events (a long, noisy run) took minutes.
+    """
+    loss = [s for s in signals.spikes if s.metric == "train_loss"]
+    grad = sorted((s for s in signals.spikes if s.metric != "train_loss"), key=lambda s: -s.ratio)[:MAX_BANDS]
+    shapes, notes = [], []
+    for spike in loss + grad:
+        x0, x1 = step_to_axis(run, np.array([spike.onset_after_step, spike.end_step]), axis)
+        is_loss = spike.metric == "train_loss"  # the events that contaminate checkpoints
+        shapes.append({"type": "rect", "xref": "x", "yref": "paper", "x0": x0, "x1": x1, "y0": 0, "y1": 1,
+                       "fillcolor": COLORS["spike" if is_loss else "other"], "opacity": 0.18 if is_loss else 0.08,
+                       "line": {"width": 0}, "layer": "below"})
+        if is_loss:
+            notes.append({"x": x0, "y": 1, "xref": "x", "yref": "paper", "xanchor": "left", "yanchor": "top",
+                          "text": f"loss spike {spike.start_step}-{spike.end_step}", "showarrow": False})
+    fig.update_layout(shapes=shapes, annotations=notes)
 
 
 def _add_loss_traces(fig: go.Figure, run: Run, smoothing: float, axis: str, train_color: str, val_color: str,

@@ -1,7 +1,8 @@
 """Run every benchmark script in this folder, one after another (`make bench`).
 
 Benchmarks time things and are not tests: each prints a table and writes JSON into
-benchmarks/out/ so README numbers can be re-measured by anyone.
+benchmarks/out/ so README numbers can be re-measured by anyone. Every script here is
+picked up, app_speed.py included (it needs Debian's chromium and takes several minutes).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ def available_axes(run: Run) -> list[str]:
     axes = ["step"]
     if len(run.metric("tokens")) >= 2:
         axes.append("tokens")
-    if np.isfinite(run.metrics["wall_time"].to_numpy()).sum() >= 2:
+    if len(run.wall_clock()[0]) >= 2:
         axes.append("wall_hours")
     return axes
 
@@ -32,8 +32,6 @@ def step_to_axis(run: Run, steps: np.ndarray, axis: str) -> np.ndarray:
         tokens = run.metric("tokens")
         return np.interp(steps, tokens["step"].to_numpy(float), tokens["value"].to_numpy(float))
     if axis == "wall_hours":
-        frame = run.metrics[np.isfinite(run.metrics["wall_time"].to_numpy())]
-        frame = frame.sort_values("step").drop_duplicates("step")
-        start = float(frame["wall_time"].min())
-        return (np.interp(steps, frame["step"].to_numpy(float), frame["wall_time"].to_numpy(float)) - start) / 3600.0
+        clock_steps, wall = run.wall_clock()
+        return (np.interp(steps, clock_steps, wall) - float(wall.min())) / 3600.0
     raise InvalidArgument(f"x axis must be one of {', '.join(AXES)}, got {axis!r}")

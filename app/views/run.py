@@ -50,8 +50,10 @@ for spike in signals.spikes:
 grad_events = [s for s in signals.spikes if s.metric != "train_loss"]
 if grad_events:
     with st.expander(f"{len(grad_events)} grad-norm spikes (faint bands; they do not exclude checkpoints)"):
-        for spike in grad_events:
-            st.caption(spike.describe())
+        shown = sorted(grad_events, key=lambda s: -s.ratio)[:charts.MAX_BANDS]
+        st.caption("\n\n".join(s.describe() for s in sorted(shown, key=lambda s: s.start_step)))
+        if len(grad_events) > len(shown):
+            st.caption(f"... and {len(grad_events) - len(shown)} smaller ones (all in `analyze --json`).")
 
 timing = cached.timing(now.path, now.stamp)
 slow_steps = tuple(s["step"] for s in timing["slow_iterations"])
