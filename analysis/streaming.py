@@ -9,7 +9,15 @@ block by block.
 Why a reader thread: safetensors inputs are read with ``os.preadv`` straight into
 reusable buffers (no memory map, so the inputs' pages never count against the
 process's resident memory). ``preadv`` and torch's kernels both release the GIL, so the
-thread reads block k+1 of every input while the main thread adds up block k.
+thread reads block k+1 of every input while the main thread adds up block k. A block's
+inputs are read back to back into one buffer, so (sharing a dtype, the usual case) they
+form one ``[inputs, count]`` tensor: the main thread converts it to float32 and multiplies
+it by the weight column in one torch call each, then adds the rows in input order into an
+accumulator and rounds into a reused output buffer (about 11 torch calls per block for 8
+inputs instead of 26, no allocation per block). Measured on 8 x 220M bf16 (2 busy cores):
+the main thread's CPU time went from ~1.0-1.4 s to ~0.4-0.5 s; reading (a page-cache copy,
+~0.5-1 s) is now the longest stage. A second reader thread was tried and was slower (more
+CPU, contention on 2 cores); a memory map plus conversion cost as much as read plus conversion.
 
 The arithmetic (the contract the bit-identity test pins) for every element:
 
@@ -39,9 +47,10 @@ from .checkpoints import CheckpointHandle, TensorInfo
 from .checkpoints.base import DTYPE_BYTES
 from .errors import CheckpointReadError
 
-# Most elements per block: 1 Mi float32 = 4 MiB of accumulator. Fewer, larger torch calls cost less
-# per element than cache-sized ones (measured: 1.7 s vs 2.0 s for 8 x 220M bf16).
-BLOCK_ELEMENTS = 1 << 20
+# Most elements per block: 128 Ki. A block's inputs are converted and weighted as one [inputs, block]
+# float32 tensor (4 MiB for 8 inputs) that should stay in the CPU cache with the accumulator; larger
+# blocks made 8 x 220M bf16 slower (1 Mi: ~1.9-2.1 s, 256 Ki: ~1.2-1.5 s, 128 Ki: ~1.0-1.4 s on 2 busy cores).
+BLOCK_ELEMENTS = 1 << 17
 # Fewest elements per block, whatever the number of inputs.
 MIN_BLOCK_ELEMENTS = 1 << 16
 # The read buffers of all inputs together stay under this, so memory stays flat as inputs are added.
@@ -68,8 +77,9 @@ class Block:
     info: TensorInfo
     start: int
     stop: int
-    parts: tuple[torch.Tensor, ...]
-    buffer_set: int | None      # returned to the reader when done (None: views of whole tensors)
+    parts: tuple[torch.Tensor, ...]   # every input's elements, oldest first
+    stacked: torch.Tensor | None      # the same as one [inputs, count] tensor when they share a dtype
+    buffer_set: int | None            # returned to the reader when done (None: an empty tensor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +113,7 @@ def buffer_bytes(handles: Sequence[CheckpointHandle]) -> int:
     """Memory the reader's buffers and the accumulator take: what the dry run adds to its projection."""
     widest = widest_input(handles)
     block = block_elements(len(handles), widest)
-    return BUFFER_SETS * len(handles) * block * widest + 2 * block * 4
+    return BUFFER_SETS * len(handles) * block * widest + len(handles) * block * 4 + 2 * block * 4
 
 
 @contextmanager
@@ -130,7 +140,12 @@ def one_intra_op_thread() -> Iterator[None]:
 
 
 class _Reader:
-    """Reads every input's blocks, in order, into rotating buffers on a background thread."""
+    """Reads every input's blocks, in order, into rotating buffers on a background thread.
+
+    A block's inputs are read one after another into one buffer, so when they share a dtype
+    (the usual case) they form a single ``[inputs, count]`` tensor that the consumer converts
+    and weights with one torch call each, instead of one per input.
+    """
 
     def __init__(self, handles: Sequence[CheckpointHandle], layout: Sequence[TensorInfo]) -> None:
         self._handles, self._layout = handles, layout
@@ -138,9 +153,9 @@ class _Reader:
         self._free: queue.Queue[int] = queue.Queue()
         self._ready: queue.Queue[object] = queue.Queue(maxsize=BUFFER_SETS)
         self._stop = threading.Event()
-        widest = widest_input(handles)
-        self.block = block_elements(len(handles), widest)
-        self._buffers = [[torch.empty(self.block * widest, dtype=torch.uint8) for _ in handles]
+        self._widest = widest_input(handles)
+        self.block = block_elements(len(handles), self._widest)
+        self._buffers = [torch.empty(len(handles) * self.block * self._widest, dtype=torch.uint8)
                          for _ in range(BUFFER_SETS)]
         for index in range(BUFFER_SETS):
             self._free.put(index)
@@ -196,19 +211,28 @@ class _Reader:
         """Hand over the tensor block by block; layouts without raw locations are read whole once."""
         locations = [locate(h, info.name) for h in self._handles]
         wholes = [None if loc is not None else h.read(info.name).reshape(-1) for h, loc in zip(self._handles, locations)]
+        dtypes = {loc.dtype for loc in locations if loc is not None}
+        uniform = all(w is None for w in wholes) and len(dtypes) == 1
         for start in range(0, info.numel, self.block):
             stop = min(start + self.block, info.numel)
-            if all(w is not None for w in wholes):
-                self._put(Block(info, start, stop, tuple(w[start:stop] for w in wholes), None))  # type: ignore[index]
-                continue
             index = self._free.get()
             if self._stop.is_set():
                 return
-            parts = tuple(w[start:stop] if w is not None else self._pread(loc, info, start, stop, self._buffers[index][i])
-                          for i, (w, loc) in enumerate(zip(wholes, locations)))
-            self._put(Block(info, start, stop, parts, index))
+            buffer, count, parts = self._buffers[index], stop - start, []
+            # Inputs back to back: packed when they share a dtype, else each in a widest-dtype slot.
+            slot = count * (DTYPE_BYTES[locations[0].dtype] if uniform else self._widest)  # type: ignore[union-attr]
+            for i, (whole, loc) in enumerate(zip(wholes, locations)):
+                if whole is not None:
+                    parts.append(whole[start:stop])
+                    continue
+                width = count * DTYPE_BYTES[loc.dtype]   # type: ignore[union-attr]
+                parts.append(self._pread(loc, info, start, stop, buffer[i * slot:i * slot + width]))
+            stacked = None
+            if uniform:
+                stacked = buffer[:len(parts) * slot].view(getattr(torch, locations[0].dtype)).view(len(parts), count)
+            self._put(Block(info, start, stop, tuple(parts), stacked, index))
         if info.numel == 0:
-            self._put(Block(info, 0, 0, tuple(torch.empty(0, dtype=getattr(torch, info.dtype)) for _ in wholes), None))
+            self._put(Block(info, 0, 0, (), None, None))
 
     def _pread(self, loc: TensorLocation | None, info: TensorInfo, start: int, stop: int,
                buffer: torch.Tensor) -> torch.Tensor:
@@ -236,41 +260,60 @@ def stream_average(handles: Sequence[CheckpointHandle], weights: Sequence[float]
     """Yield ``(output info, start element, block in the output dtype)`` in ``layout`` order.
 
     ``layout`` is the output's headers (its dtypes); the newest input is ``handles[-1]``.
-    A non-floating tensor comes as one block holding the newest input's tensor.
+    A non-floating tensor comes as one block holding the newest input's tensor. A floating
+    block lives in a buffer that is reused: it is valid until the next one is asked for
+    (copy it to keep it).
     """
     total = max(sum(i.numel for i in layout), 1)
     reader = _Reader(handles, layout)
+    # float32(w), as the reference's ``w * x.float()`` uses it (a Python scalar is cast to float32).
+    column = torch.tensor([float(w) for w in weights], dtype=torch.float32).reshape(len(handles), 1)
+    products = torch.empty(len(handles) * reader.block, dtype=torch.float32)
     acc = torch.empty(reader.block, dtype=torch.float32)
-    scratch = torch.empty(reader.block, dtype=torch.float32)
+    outputs = {dtype: torch.empty(reader.block, dtype=getattr(torch, dtype))
+               for dtype in {i.dtype for i in layout if i.is_floating} - {"float32"}}
     with one_intra_op_thread():
-        yield from _averaged(reader, weights, acc, scratch, total, progress)
+        yield from _averaged(reader, column, products, acc, outputs, total, progress)
 
 
-def _averaged(reader: "_Reader", weights: Sequence[float], acc: torch.Tensor, scratch: torch.Tensor, total: int,
-              progress: Callable[[float, str], None] | None) -> Iterator[tuple[TensorInfo, int, torch.Tensor]]:
-    """The body of :func:`stream_average`: average each block as the reader hands it over."""
+def _averaged(reader: "_Reader", column: torch.Tensor, products: torch.Tensor, acc: torch.Tensor,
+              outputs: dict[str, torch.Tensor], total: int, progress: Callable[[float, str], None] | None) -> Iterator[tuple[TensorInfo, int, torch.Tensor]]:
+    """The body of :func:`stream_average`: add up each block's products as the reader hands them over."""
     done = 0
     for item in reader:
         if isinstance(item, Whole):
             yield item.info, 0, item.tensor
             done += item.info.numel
+        elif item.buffer_set is None:
+            yield item.info, item.start, torch.empty(0, dtype=getattr(torch, item.info.dtype))
         else:
             count = item.stop - item.start
-            yield item.info, item.start, _add_block(item.parts, weights, acc[:count], scratch[:count], item.info.dtype)
+            out = outputs.get(item.info.dtype)
+            rows = products[:len(item.parts) * count].view(len(item.parts), count)
+            yield item.info, item.start, _add_block(item, rows, column, acc[:count],
+                                                    None if out is None else out[:count])
             done += count
         if progress is not None and (done == total or isinstance(item, Whole) or item.stop == item.info.numel):
             progress(done / total, item.info.name)
 
 
-def _add_block(parts: Sequence[torch.Tensor], weights: Sequence[float], acc: torch.Tensor, scratch: torch.Tensor,
-               out_dtype: str) -> torch.Tensor:
-    """The module docstring's arithmetic on one block; returns it rounded to ``out_dtype``."""
-    acc.zero_()
-    for part, weight in zip(parts, weights):
-        if part.dtype == torch.float32:
-            torch.mul(part, weight, out=scratch)
-        else:
-            scratch.copy_(part)     # = part.float(): exact for 16-bit floats, rounds float64 as .float() does
-            scratch.mul_(weight)
-        acc.add_(scratch)
-    return acc.to(getattr(torch, out_dtype))
+def _add_block(block: Block, products: torch.Tensor, weights: torch.Tensor, acc: torch.Tensor,
+               out: torch.Tensor | None) -> torch.Tensor:
+    """The module docstring's arithmetic on one block; returns it rounded into ``out`` (or ``acc`` for float32).
+
+    ``products[i] = float32(x_i) * float32(w_i)`` for all inputs at once (one conversion, one
+    multiplication), then the sum in input order. ``0.0 + p0`` starts it as the reference's
+    zeroed accumulator does (a -0.0 product becomes +0.0), in one pass instead of a fill and an add.
+    """
+    if block.stacked is not None:
+        products.copy_(block.stacked)   # = x.float(): exact for 16-bit floats, rounds float64 as .float() does
+    else:
+        for row, part in zip(products, block.parts):
+            row.copy_(part)
+    products.mul_(weights)
+    torch.add(products[0], 0.0, out=acc)
+    for row in products[1:]:
+        acc.add_(row)
+    if out is None:         # float32 output: the accumulator is the result
+        return acc
+    return out.copy_(acc)   # one rounding (to nearest even), as acc.to(dtype) does
