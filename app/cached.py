@@ -18,8 +18,8 @@ from analysis.recommend import Recommendation, RecommendConfig, recommend
 from analysis.report import analysis_report, timing_report
 from analysis.run import CheckpointRef, Run, folder_stamp, open_run
 from analysis.scaling import StopSignal, run_stop_signal
-from analysis.signals import (DisplaySeries, RunSignals, SimilarityReport, analyze_step_times, assess_run,
-                              compare_checkpoints, display_series, minmax_indices)
+from analysis.signals import (DisplaySeries, RunSignals, SimilarityReport, StepTiming, analyze_step_times,
+                              assess_run, compare_checkpoints, display_series, minmax_indices)
 
 
 @st.cache_resource(max_entries=8, show_spinner="Reading the run's logs and checkpoints...")
@@ -46,13 +46,19 @@ def similarity(path: str, stamp: str) -> SimilarityReport | None:
 @st.cache_data(max_entries=8)
 def report(path: str, stamp: str) -> dict:
     """The `analyze --json` document: the checkpoint table shows exactly these numbers."""
-    return analysis_report(run(path, stamp), signals(path, stamp), similarity(path, stamp))
+    return analysis_report(run(path, stamp), signals(path, stamp), similarity(path, stamp), _step_timing(path, stamp))
+
+
+@st.cache_data(max_entries=8)
+def _step_timing(path: str, stamp: str) -> StepTiming:
+    """Step-time analysis (~1 s for a million steps), shared by the Run page and the report."""
+    return analyze_step_times(run(path, stamp))
 
 
 @st.cache_data(max_entries=8)
 def timing(path: str, stamp: str) -> dict:
     """The `timing` record of `analyze --json` (no checkpoint is read for it)."""
-    return timing_report(analyze_step_times(run(path, stamp)))
+    return timing_report(_step_timing(path, stamp))
 
 
 @st.cache_data(max_entries=32, show_spinner="Choosing checkpoints to average...")
