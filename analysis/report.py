@@ -25,8 +25,7 @@ def _num(value: float | None) -> float | None:
 def log_report(table: LogTable) -> dict:
     """The `logs --json` record of one log."""
     metrics = {}
-    for name in table.metric_names():
-        series = table.series(name)
+    for name, series in table.series_by_metric().items():
         values = series["value"].to_numpy()
         bad = series["step"][~(values == values) | (abs(values) == math.inf)]
         metrics[name] = {
@@ -90,8 +89,9 @@ def _similarity_fields(sim: SimilarityReport | None, step: int) -> dict:
             "layer_distance_to_newest": {k: _num(v) for k, v in row.layer_distance_to_newest.items()}}
 
 
-def analysis_report(run: Run, signals: RunSignals, similarity: SimilarityReport | None = None) -> dict:
-    """The `analyze --json` document."""
+def analysis_report(run: Run, signals: RunSignals, similarity: SimilarityReport | None = None,
+                    timing: StepTiming | None = None) -> dict:
+    """The `analyze --json` document (``timing``: ``analyze_step_times(run)``, when the caller has it)."""
     checkpoints = []
     for item in signals.checkpoints:
         ref, health = item.ref, item.health
@@ -115,7 +115,7 @@ def analysis_report(run: Run, signals: RunSignals, similarity: SimilarityReport 
         "checkpoints": checkpoints,
         "logs": [log_report(t) for t in run.logs],
         "spikes": [spike_report(s, run) for s in signals.spikes],
-        "timing": timing_report(analyze_step_times(run)),
+        "timing": timing_report(timing if timing is not None else analyze_step_times(run)),
         "similarity": similarity_report(similarity) if similarity is not None else None,
         "merged_outputs": [str(p) for p in run.merged_outputs],
         "evaluator_hint": run.evaluator_hint,

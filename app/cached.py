@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import streamlit as st
 
 from analysis.errors import AnalysisError
@@ -17,7 +18,8 @@ from analysis.recommend import Recommendation, RecommendConfig, recommend
 from analysis.report import analysis_report, timing_report
 from analysis.run import CheckpointRef, Run, folder_stamp, open_run
 from analysis.scaling import StopSignal, run_stop_signal
-from analysis.signals import RunSignals, SimilarityReport, analyze_step_times, assess_run, compare_checkpoints
+from analysis.signals import (DisplaySeries, RunSignals, SimilarityReport, StepTiming, analyze_step_times,
+                              assess_run, compare_checkpoints, display_series, minmax_indices)
 
 
 @st.cache_resource(max_entries=8, show_spinner="Reading the run's logs and checkpoints...")
@@ -44,18 +46,44 @@ def similarity(path: str, stamp: str) -> SimilarityReport | None:
 @st.cache_data(max_entries=8)
 def report(path: str, stamp: str) -> dict:
     """The `analyze --json` document: the checkpoint table shows exactly these numbers."""
-    return analysis_report(run(path, stamp), signals(path, stamp), similarity(path, stamp))
+    return analysis_report(run(path, stamp), signals(path, stamp), similarity(path, stamp), _step_timing(path, stamp))
+
+
+@st.cache_data(max_entries=8)
+def _step_timing(path: str, stamp: str) -> StepTiming:
+    """Step-time analysis (~1 s for a million steps), shared by the Run page and the report."""
+    return analyze_step_times(run(path, stamp))
 
 
 @st.cache_data(max_entries=8)
 def timing(path: str, stamp: str) -> dict:
     """The `timing` record of `analyze --json` (no checkpoint is read for it)."""
-    return timing_report(analyze_step_times(run(path, stamp)))
+    return timing_report(_step_timing(path, stamp))
 
 
 @st.cache_data(max_entries=32, show_spinner="Choosing checkpoints to average...")
 def recommendation(path: str, stamp: str, config: RecommendConfig) -> Recommendation:
     return recommend(signals(path, stamp), config)
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
+def _decimation(_run: Run, fingerprint: str, metric: str) -> np.ndarray:
+    """Which points of ``metric`` are drawn (min/max per bucket): the same for every axis and smoothing."""
+    return minmax_indices(_run.metric(metric)["value"].to_numpy(float))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _display_series(_run: Run, fingerprint: str, metric: str, axis: str, smoothing: float | None) -> DisplaySeries:
+    return display_series(_run, metric, axis, smoothing, _decimation(_run, fingerprint, metric))
+
+
+def series(the_run: Run, metric: str, axis: str, smoothing: float | None) -> DisplaySeries:
+    """A metric ready to draw, cached per (run fingerprint, metric, axis, smoothing).
+
+    A smoothing, axis or log-y change then redraws from a few thousand points instead of
+    smoothing and decimating a million again (charts.SeriesSource).
+    """
+    return _display_series(the_run, the_run.fingerprint, metric, axis, smoothing)
 
 
 @st.cache_data(max_entries=8, show_spinner="Fitting the loss curve...")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from analysis.run import Run
 from analysis.scaling import StopSignal
-from analysis.signals import RunSignals, debiased_ema, minmax_decimate, step_to_axis
+from analysis.signals import DisplaySeries, RunSignals, display_series, step_to_axis
 from analysis.storage import StorageEstimate
 
 COLORS = {
@@ -19,7 +21,8 @@ OVERLAY_COLORS = ("#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f")
 AXIS_TITLES = {"step": "step", "tokens": "tokens", "wall_hours": "wall time (h)"}
 STATUS_LABELS = {"selected": "checkpoint: selected", "other": "checkpoint", "spike": "checkpoint: in a spike",
                  "nonfinite": "checkpoint: NaN/Inf", "mismatch": "checkpoint: mismatched tensors"}
-MAX_POINTS = 4000  # per series sent to the browser; spikes survive (min/max per bucket)
+# (run, metric, axis, smoothing) -> the series to draw; the app passes a cached one.
+SeriesSource = Callable[[Run, str, str, "float | None"], DisplaySeries]
 MAX_BANDS = 200  # grad-norm event bands drawn (largest first); a browser slows down on thousands of shapes
 
 
@@ -39,24 +42,19 @@ def checkpoint_status(signals: RunSignals, selected: set[int]) -> dict[int, str]
     return status
 
 
-def _series(run: Run, metric: str, axis: str, smoothing: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x, raw y, smoothed y) of one metric, smoothed on the full series then decimated."""
-    frame = run.metric(metric)
-    steps, raw = frame["step"].to_numpy(), frame["value"].to_numpy(float)
-    smooth = debiased_ema(raw, smoothing) if smoothing else raw
-    keep_x, _ = minmax_decimate(np.arange(len(steps)), raw, MAX_POINTS)
-    index = keep_x.astype(int)
-    return step_to_axis(run, steps[index], axis), raw[index], smooth[index]
+def _series(run: Run, metric: str, axis: str, smoothing: float | None = None) -> DisplaySeries:
+    """Uncached: smoothed on the full series, decimated (min/max per bucket, spikes survive)."""
+    return display_series(run, metric, axis, smoothing)
 
 
 def loss_figure(run: Run, signals: RunSignals, selected: set[int], smoothing: float = 0.6, log_y: bool = False,
-                axis: str = "step", overlays: tuple[Run, ...] = ()) -> go.Figure:
+                axis: str = "step", overlays: tuple[Run, ...] = (), series: SeriesSource = _series) -> go.Figure:
     """Train loss (raw faint, smoothed), val loss, spikes shaded, checkpoints marked, other runs overlaid."""
     fig = go.Figure()
-    _add_loss_traces(fig, run, smoothing, axis, COLORS["train"], COLORS["val"], "")
+    _add_loss_traces(fig, run, smoothing, axis, COLORS["train"], COLORS["val"], "", series)
     for index, other in enumerate(overlays):
         color = OVERLAY_COLORS[index % len(OVERLAY_COLORS)]
-        _add_loss_traces(fig, other, smoothing, axis, color, color, f"{other.name}: ")
+        _add_loss_traces(fig, other, smoothing, axis, color, color, f"{other.name}: ", series)
     _add_spike_bands(fig, run, signals, axis)
     _add_checkpoint_markers(fig, run, signals, selected, axis)
     fig.update_layout(xaxis_title=AXIS_TITLES[axis], yaxis_title="loss (nats)", hovermode="closest",
@@ -87,18 +85,22 @@ def _add_spike_bands(fig: go.Figure, run: Run, signals: RunSignals, axis: str) -
 
 
 def _add_loss_traces(fig: go.Figure, run: Run, smoothing: float, axis: str, train_color: str, val_color: str,
-                     prefix: str) -> None:
+                     prefix: str, series: SeriesSource) -> None:
     if len(run.metric("train_loss")):
-        x, raw, smooth = _series(run, "train_loss", axis, smoothing)
+        x, raw, smooth = _unpack(series(run, "train_loss", axis, smoothing))
         fig.add_trace(go.Scatter(x=x, y=raw, mode="lines", name=f"{prefix}train loss (raw)", opacity=0.25,
                                  line={"color": train_color, "width": 1}, hoverinfo="skip"))
         fig.add_trace(go.Scatter(x=x, y=smooth, mode="lines", name=f"{prefix}train loss (EMA {smoothing:g})",
                                  line={"color": train_color, "width": 2}, customdata=raw,
                                  hovertemplate="%{x}<br>smoothed %{y:.4f}<br>raw %{customdata:.4f}<extra></extra>"))
     if len(run.metric("val_loss")):
-        x, raw, _ = _series(run, "val_loss", axis)
+        x, raw, _ = _unpack(series(run, "val_loss", axis, None))
         fig.add_trace(go.Scatter(x=x, y=raw, mode="lines+markers", name=f"{prefix}val loss",
                                  line={"color": val_color, "dash": "dot" if prefix else "solid"}, marker={"size": 5}))
+
+
+def _unpack(series: DisplaySeries) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return series.x, series.raw, series.smooth
 
 
 def _add_checkpoint_markers(fig: go.Figure, run: Run, signals: RunSignals, selected: set[int], axis: str) -> None:
@@ -127,7 +129,8 @@ def _nearest(frame, step: int) -> float | None:
     return float(frame["value"].iloc[index])
 
 
-def training_figure(run: Run, axis: str = "step", slow_steps: tuple[int, ...] = ()) -> go.Figure | None:
+def training_figure(run: Run, axis: str = "step", slow_steps: tuple[int, ...] = (),
+                    series: SeriesSource = _series) -> go.Figure | None:
     """Learning rate, grad norm and step time, one row each where the logs have them; slow steps marked."""
     rows = [(m, t) for m, t in (("lr", "learning rate"), ("grad_norm", "grad norm"),
                                 ("step_time_ms", "step time (ms)")) if len(run.metric(m))]
@@ -136,12 +139,12 @@ def training_figure(run: Run, axis: str = "step", slow_steps: tuple[int, ...] = 
     fig = make_subplots(rows=len(rows), cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=[t for _, t in rows])
     for index, (metric, title) in enumerate(rows, start=1):
-        x, raw, _ = _series(run, metric, axis)
+        x, raw, _ = _unpack(series(run, metric, axis, None))
         fig.add_trace(go.Scatter(x=x, y=raw, mode="lines", name=title, line={"width": 1}), row=index, col=1)
         if metric == "step_time_ms" and slow_steps:
-            series = run.metric(metric).set_index("step")["value"]
-            hits = [s for s in slow_steps if s in series.index]
-            fig.add_trace(go.Scatter(x=step_to_axis(run, np.array(hits), axis), y=series.loc[hits], mode="markers",
+            values = run.metric(metric).set_index("step")["value"]
+            hits = [s for s in slow_steps if s in values.index]
+            fig.add_trace(go.Scatter(x=step_to_axis(run, np.array(hits), axis), y=values.loc[hits], mode="markers",
                                      name="slow (eval/checkpoint)", marker={"color": COLORS["spike"], "size": 6}),
                           row=index, col=1)
     fig.update_layout(height=170 * len(rows) + 50, showlegend=False, margin={"t": 30, "b": 10})

@@ -15,7 +15,8 @@ What is timed, each the best of ``--repeat`` tries:
 * A synthetic big run (generated once into ``--big-run``, reused): the Run page cold and
   warm, then, in one session, the smoothing slider, the x axis (tokens / wall time / step),
   log-y, opening the Checkpoints page (first and second time), ticking a checkpoint in the
-  table and resetting the selection.
+  table (a click on the grid's canvas, checked to have changed the selection), clearing the
+  selection and resetting it to the recommendation (buttons).
 
 "Rendered" means: the Streamlit script finished (``stApp`` has
 ``data-test-script-state="notRunning"``), no skeleton placeholder is left, and the page's
@@ -279,12 +280,22 @@ def bench_sample(playwright_browser, repeat: int) -> dict[str, dict[str, float]]
 
 
 def _click_use_cell(page, row: int):
-    """Tick/untick the 'use' checkbox of table row ``row`` (the grid is a canvas: click by position)."""
+    """Tick/untick the 'use' checkbox of table row ``row`` (the grid is a canvas: click by position).
+
+    The checkbox is drawn centred in the narrow first column: x + 25 px hits it (x + 18 px, at
+    its left edge, moved the grid's cursor without toggling anything, so no rerun followed).
+    Rows are 35 px under a 35 px header.
+    """
     def action() -> None:
         grid = page.get_by_test_id("stDataFrame").first
         box = grid.locator("canvas").first.bounding_box()
-        page.mouse.click(box["x"] + 18, box["y"] + 35 * (row + 1) + 17)
+        page.mouse.click(box["x"] + 25, box["y"] + 35 * (row + 1) + 17)
     return action
+
+
+def _selection_caption(page) -> str:
+    """The Checkpoints page's "N selected: ..." line, to check an input changed the selection."""
+    return page.get_by_text("selected:").first.inner_text()
 
 
 def bench_big(browser, run: Path, repeat: int) -> dict[str, float]:
@@ -319,7 +330,16 @@ def bench_big(browser, run: Path, repeat: int) -> dict[str, float]:
             _wait_drawn(page, run_min)
             keep("open Checkpoints page (again)", timed_input(page, link.click, ckpt_min))
             for _ in range(2):
-                keep("tick a checkpoint in the table", timed_input(page, _click_use_cell(page, 3), ckpt_min))
+                before = _selection_caption(page)
+                seconds = timed_input(page, _click_use_cell(page, 3), ckpt_min)
+                if seconds == seconds and _selection_caption(page) == before:
+                    print("  (the click reran the page but changed no selection)", file=sys.stderr, flush=True)
+                    seconds = math.nan
+                keep("tick a checkpoint in the table", seconds)
+            # The buttons change the selection too (the table, heat map and trajectory follow),
+            # and need no pixel positions: the robust measure of a selection change.
+            clear = page.get_by_role("button", name="Clear the selection")
+            keep("clear the selection (button)", timed_input(page, clear.click, ckpt_min))
             reset = page.get_by_role("button", name="Reset to the recommendation")
             keep("reset the selection (button)", timed_input(page, reset.click, ckpt_min))
             page.close()

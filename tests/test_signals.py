@@ -107,3 +107,37 @@ def test_grad_norm_doubling_for_a_step_is_routine_but_a_large_jump_is_an_event(t
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     events = find_spikes(open_run(tmp_path))
     assert [(e.metric, e.start_step) for e in events] == [("grad_norm", 800)]
+
+
+def _reference_minmax(y: np.ndarray, max_points: int) -> np.ndarray:
+    """The per-bucket loop the vectorised minmax_indices replaced (kept as the specification)."""
+    n = len(y)
+    if n <= max_points or max_points < 8:
+        return np.arange(n)
+    edges = np.linspace(0, n, max_points // 4 + 1, dtype=np.int64)
+    keep = []
+    for start, end in zip(edges[:-1], edges[1:]):
+        segment = y[start:end]
+        finite = np.isfinite(segment)
+        picks = [start, end - 1]
+        if finite.any():
+            masked = np.where(finite, segment, np.nan)
+            picks += [start + int(np.nanargmin(masked)), start + int(np.nanargmax(masked))]
+        picks += list(start + np.flatnonzero(~finite)[:2])
+        keep.append(np.unique(picks))
+    return np.unique(np.concatenate(keep))
+
+
+@pytest.mark.parametrize("n", [10, 4001, 12_345, 200_000])
+def test_minmax_indices_match_the_per_bucket_definition(n: int) -> None:
+    from analysis.signals import minmax_decimate, minmax_indices
+
+    rng = np.random.default_rng(n)
+    y = np.round(rng.standard_normal(n), 1)            # many ties: the first extreme is kept
+    y[rng.integers(0, n, n // 40 + 1)] = np.nan
+    y[rng.integers(0, n, 3)] = np.inf
+    y[: n // 5] = np.nan                               # whole buckets without a finite value
+    for max_points in (7, 8, 100, 4000):
+        assert np.array_equal(minmax_indices(y, max_points), _reference_minmax(y, max_points))
+    x, kept = minmax_decimate(np.arange(n), y, 100)
+    assert np.array_equal(kept, y[x], equal_nan=True)

@@ -42,6 +42,16 @@ class LogTable:
         sub = self.frame[self.frame["metric"] == metric]
         return sub[["step", "value", "wall_time"]].sort_values("step", kind="stable").reset_index(drop=True)
 
+    def series_by_metric(self) -> dict[str, pd.DataFrame]:
+        """``{name: series(name)}`` for every metric, by name: one pass over the frame.
+
+        ``series`` compares the whole metric-name column (7 million names for a million-step
+        log, ~0.2 s) on every call.
+        """
+        groups = {str(key): sub for key, sub in self.frame.groupby("metric", sort=False, observed=True)}
+        return {name: groups[name][["step", "value", "wall_time"]].sort_values("step", kind="stable")
+                .reset_index(drop=True) for name in sorted(groups)}
+
 
 class LogReader(Protocol):
     """One log format. ``name`` is the stable id used in the README, the UI and golden files."""

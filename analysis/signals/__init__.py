@@ -2,7 +2,7 @@
 
 from .assessment import CheckpointSignals, RunSignals, assess_run, find_spikes
 from .axes import AXES, available_axes, step_to_axis
-from .decimate import minmax_decimate
+from .decimate import MAX_POINTS, DisplaySeries, display_series, minmax_decimate, minmax_indices
 from .health import CheckpointHealth, check_health
 from .similarity import CheckpointSimilarity, SimilarityReport, compare_checkpoints, layer_of
 from .sketch import CheckpointSketch, sketch_checkpoint
@@ -17,7 +17,9 @@ __all__ = [
     "CheckpointSignals",
     "CheckpointSimilarity",
     "CheckpointSketch",
+    "DisplaySeries",
     "LossSpike",
+    "MAX_POINTS",
     "RunSignals",
     "SimilarityReport",
     "SlowIteration",
@@ -31,10 +33,12 @@ __all__ = [
     "compare_checkpoints",
     "debiased_ema",
     "detect_spikes",
+    "display_series",
     "find_spikes",
     "layer_of",
     "logged_val_scores",
     "minmax_decimate",
+    "minmax_indices",
     "sketch_checkpoint",
     "step_to_axis",
 ]

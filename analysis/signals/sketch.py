@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..checkpoints import open_checkpoint
 from ..checkpoints.base import optimizer_state
@@ -119,9 +119,9 @@ def _store(path: Path, sketch: CheckpointSketch) -> None:
 def _load(path: Path, step: int, buckets: int) -> CheckpointSketch:
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as handle:
-        exact = handle.metadata().get("exact") == "1"
-    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as handle:   # one open for the metadata and the tensors
+        exact = (handle.metadata() or {}).get("exact") == "1"
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     weights = {k[2:]: v for k, v in tensors.items() if k.startswith("w/")}
     moments = {k[2:]: v for k, v in tensors.items() if k.startswith("m/")}
     return CheckpointSketch(step, weights, moments, exact, buckets)

@@ -42,7 +42,8 @@ for other in overlay:
 
 selected = state.selected_steps()
 selected = [r.step for r in rec.checkpoints] if selected is None else selected
-st.plotly_chart(charts.loss_figure(run, signals, set(selected), smoothing, log_y, axis, tuple(overlays)),
+st.plotly_chart(charts.loss_figure(run, signals, set(selected), smoothing, log_y, axis, tuple(overlays),
+                                  cached.series),
                 key="loss_chart")
 for spike in signals.spikes:
     if spike.metric == "train_loss":
@@ -57,7 +58,7 @@ if grad_events:
 
 timing = cached.timing(now.path, now.stamp)
 slow_steps = tuple(s["step"] for s in timing["slow_iterations"])
-training = charts.training_figure(run, axis, slow_steps)
+training = charts.training_figure(run, axis, slow_steps, cached.series)
 if training is not None:
     st.subheader("Learning rate, grad norm, step time")
     if timing["steady_step_ms"] is not None:
