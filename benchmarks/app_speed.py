@@ -40,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
@@ -49,6 +48,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from app.server import wait_healthy  # noqa: E402
 
 APP = REPO / "app" / "streamlit_app.py"
 SAMPLE_RUN = REPO / "sample_runs" / "stdlib-gpt"
@@ -203,26 +204,12 @@ def served(run: Path):
              "--client.toolbarMode=minimal"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, proc, log_path)
+        wait_healthy(url, proc, log_path, 90)
         yield url
     finally:
         proc.terminate()
         proc.wait(20)
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"streamlit exited: {log_path.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "/_stcore/health", timeout=1) as response:
-                if response.read().strip() == b"ok":
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"streamlit did not become healthy: {log_path.read_text()[-2000:]}")
 
 
 def _wait_drawn(page, minimum: dict[str, int]) -> None:
