@@ -117,25 +117,31 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
                        tuple(r.step for r in refs), weights, files, plan.sharded)
 
 
-def _partial_name(out_dir: Path) -> str:
-    """The hidden temporary folder's name: host and pid of the writer, so a later merge can tell it died."""
-    return f".{out_dir.name}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def _partial_name(out_dir: Path, kind: str = "partial") -> str:
+    """A hidden folder's name beside the target (``partial``: the merge being written; ``old``: a
+    replaced output set aside by ``--force``), with the writer's host and pid, so a later merge
+    can tell that its writer died."""
+    return f".{out_dir.name}.{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def remove_stale_partials(out_dir: Path) -> list[Path]:
-    """Delete temporary folders of ``out_dir`` left by merges that were killed; return them.
+    """Delete hidden folders of ``out_dir`` left by merges that were killed; return them.
 
-    Only folders written on this host by a process that no longer exists are removed: a
-    running merge's folder, another host's (on a shared file system), or one whose name
-    has no pid (written before names carried one) are left alone.
+    Both a half-written merge (``.partial-``) and an output that ``--force`` had set aside
+    for replacement (``.old-``, left when the kill fell between the two renames) go. Only
+    folders written on this host by a process that no longer exists are removed: a running
+    merge's folder, another host's (on a shared file system), or one whose name has no pid
+    (written before names carried one) are left alone.
     """
     removed = []
     host = socket.gethostname()
-    for path in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
-        owner, pid = _partial_owner(path.name.removeprefix(f".{out_dir.name}.partial-"))
-        if owner == host and pid is not None and not _alive(pid) and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
+    for kind in ("partial", "old"):
+        prefix = f".{out_dir.name}.{kind}-"
+        for path in out_dir.parent.glob(f"{prefix}*"):
+            owner, pid = _partial_owner(path.name.removeprefix(prefix))
+            if owner == host and pid is not None and not _alive(pid) and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
     return removed
 
 
@@ -226,7 +232,7 @@ def _publish(tmp: Path, out_dir: Path, force: bool) -> None:
     _fsync(tmp, os.O_RDONLY)
     aside = None
     if force and out_dir.exists():
-        aside = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        aside = out_dir.parent / _partial_name(out_dir, "old")
         os.rename(out_dir, aside)
     try:
         os.rename(tmp, out_dir)

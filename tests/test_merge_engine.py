@@ -177,7 +177,7 @@ def test_force_replaces_atomically_and_never_an_input(tiny_run: Path, tmp_path: 
         merge_checkpoints(refs, [1, 1], refs[0].path, force=True)
 
 
-def test_a_new_merge_removes_partial_folders_of_killed_merges(tiny_run: Path, tmp_path: Path) -> None:
+def test_a_new_merge_removes_hidden_folders_of_killed_merges(tiny_run: Path, tmp_path: Path) -> None:
     """Issue 6: a merge killed with -9 leaves its hidden temporary folder; the next merge to that target removes it."""
     refs = [checkpoint_ref(tiny_run / "ckpt" / f"step_000{s}.safetensors") for s in (500, 600)]
     host = socket.gethostname()
@@ -194,13 +194,15 @@ def test_a_new_merge_removes_partial_folders_of_killed_merges(tiny_run: Path, tm
             folder.mkdir()
             (folder / "model.safetensors").write_bytes(b"half")
         (tmp_path / ".other.partial-x").mkdir()   # another target's: kept
+        old = tmp_path / f".out.old-{host}-{dead.pid}-2badc0de"   # a --force replacement killed mid-swap: removed
+        old.mkdir()
         merge_checkpoints(refs, [1, 1], tmp_path / "out")
         left = sorted(p.name for p in tmp_path.iterdir())
     finally:
         alive.kill()
         alive.wait()
     expected = sorted([".other.partial-x", "out", "run"] + [f.name for f in folders.values()][1:])
-    assert left == expected
+    assert left == expected and not old.exists()
 
 
 def test_short_disk_stops_with_the_numbers(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
