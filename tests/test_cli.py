@@ -28,6 +28,7 @@ def test_analyze_json_contract(tiny_run: Path, capsys: pytest.CaptureFixture) ->
     first = doc["checkpoints"][0]
     assert {"step", "path", "format", "bytes", "n_params", "finite", "spike_contaminated", "val_loss"} <= set(first)
     assert Path(first["path"]).is_absolute() and first["format"] == "safetensors" and first["n_params"] == 36
+    assert first["lr"] == 1e-3   # the LR logged at the checkpoint's step (the recommender's regime rule reads it)
     assert [c["step"] for c in doc["checkpoints"] if c["spike_contaminated"]] == [300]
     assert doc["logs"][0]["format"] == "jsonl" and doc["logs"][0]["rows"] == 612
     spike = doc["spikes"][0]
