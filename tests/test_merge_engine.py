@@ -337,7 +337,8 @@ def test_kill_9_leaves_no_output_or_a_complete_one(tmp_path: Path) -> None:
             while not list(tmp_path.glob(f".out{attempt}.partial-*")) and proc.poll() is None \
                     and time.perf_counter() < deadline:
                 time.sleep(0.005)
-            time.sleep(rng.uniform(0, 0.2))
+            # The folder lives for tens of milliseconds here (3 x 24 MB): kill within that.
+            time.sleep(rng.uniform(0, 0.02))
         else:             # even attempts: anywhere in the run, start-up included
             time.sleep(rng.uniform(0, duration))
         os.kill(proc.pid, signal.SIGKILL)
