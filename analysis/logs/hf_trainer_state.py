@@ -11,12 +11,12 @@ The final summary entry (``train_runtime``, run-mean ``train_loss``) is kept und
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import LogParseError
 from .base import LogTable, to_float
 from .builder import TableBuilder
+from .text import read_json
 
 NOTES = (
     "trainer_state.json: loss is the mean over each logging window (logging_steps), not one batch",
@@ -36,10 +36,7 @@ class HfTrainerStateReader:
 
     def read(self, path: Path) -> LogTable:
         builder = TableBuilder(path, self.name)
-        try:
-            state = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
-        except (OSError, ValueError) as e:
-            raise LogParseError(path, None, f"not valid JSON ({e})") from e
+        state = read_json(path)
         history = state.get("log_history") if isinstance(state, dict) else None
         if not isinstance(history, list):
             raise LogParseError(path, None, "no log_history list")

@@ -6,7 +6,6 @@ element is read exactly like a JSONL line (nested dicts flattened with ``/``).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from .base import LogTable
 from .builder import TableBuilder
 from .csv_jsonl import add_json_record
 from .names import find_step_key
+from .text import read_json
 
 _SNIFF = re.compile(r'\A\s*\[\s*\{\s*"')
 
@@ -30,10 +30,7 @@ class JsonRecordsReader:
 
     def read(self, path: Path) -> LogTable:
         builder = TableBuilder(path, self.name)
-        try:
-            records = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
-        except (OSError, ValueError) as e:
-            raise LogParseError(path, None, f"not valid JSON ({e})") from e
+        records = read_json(path)
         if not isinstance(records, list):
             raise LogParseError(path, None, "expected a JSON array of records")
         for record in records:

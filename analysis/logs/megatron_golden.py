@@ -8,7 +8,6 @@ and becomes ``step_time_ms``.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 from ..errors import LogParseError
 from .base import LogTable, to_float
 from .builder import TableBuilder
+from .text import read_json
 
 _SNIFF = re.compile(r'\A\s*\{\s*"[^"]+"\s*:\s*\{\s*"start_step"')
 _SCALE = {"iteration-time": ("step_time_ms", 1000.0)}
@@ -33,10 +33,7 @@ class MegatronGoldenReader:
 
     def read(self, path: Path) -> LogTable:
         builder = TableBuilder(path, self.name)
-        try:
-            doc = json.loads(path.read_bytes().decode("utf-8", errors="replace"))
-        except (OSError, ValueError) as e:
-            raise LogParseError(path, None, f"not valid JSON ({e})") from e
+        doc = read_json(path)
         if not isinstance(doc, dict):
             raise LogParseError(path, None, "expected an object of metrics")
         series = {}

@@ -14,6 +14,7 @@ Two engines, so that each format module is mostly its regular expressions:
 from __future__ import annotations
 
 import gc
+import json
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,6 +40,18 @@ def read_text(path: Path) -> str:
         return path.read_bytes().decode("utf-8", errors="replace")
     except OSError as e:
         raise LogParseError(path, None, e.strerror or str(e)) from e
+
+
+def read_json(path: Path) -> object:
+    """A whole JSON log file, decoded as leniently as :func:`read_text`, parsed.
+
+    Raises:
+        LogParseError: the file cannot be read or is not JSON (the message says which).
+    """
+    try:
+        return json.loads(path.read_bytes().decode("utf-8", errors="replace"))
+    except (OSError, ValueError) as e:
+        raise LogParseError(path, None, f"not valid JSON ({e})") from e
 
 
 def parse_number(text: str) -> float | None:
