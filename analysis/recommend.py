@@ -140,8 +140,7 @@ def recommend(signals: RunSignals, config: RecommendConfig = RecommendConfig(), 
         method = config.method if config.method in ("sma", "ema", "wma") else "sma"
         chosen = eligible[len(eligible) - window.size:]
         weights = policy_weights(method, len(chosen), config.ema_alpha)
-        name = "recovery" if cutoff is not None else method
-        return _finish(signals, config, name, chosen, weights, window, None, None, 0, None, cutoff)
+        return _finish(signals, config, method, chosen, weights, window, None, None, 0, None, cutoff)
     return _recommend_with_evaluator(signals, eligible, window, config, evaluator, progress, cutoff)
 
 
@@ -269,8 +268,7 @@ def _recommend_with_evaluator(signals: RunSignals, eligible: list[CheckpointSign
             best = soup
     score, method, chosen, weights = best
     calls = evaluator.calls - start_calls
-    name = "recovery" if cutoff is not None else method
-    return _finish(signals, config, name, chosen, weights, window, score, last_score, calls, evaluator, cutoff)
+    return _finish(signals, config, method, chosen, weights, window, score, last_score, calls, evaluator, cutoff)
 
 
 def _search_candidates(count: int, val_window: int) -> list[tuple[str, int, float]]:
@@ -303,7 +301,11 @@ def _greedy_soup(eligible: list[CheckpointSignals], evaluator: Evaluator, last_s
 def _finish(signals: RunSignals, config: RecommendConfig, method: str, chosen: list[CheckpointSignals],
             weights: tuple[float, ...], window: _Window, score: float | None, last_score: float | None,
             calls: int, evaluator: Evaluator | None, cutoff: _Cutoff | None = None) -> Recommendation:
-    """Assemble the recommendation and a reason for every checkpoint."""
+    """Assemble the recommendation and a reason for every checkpoint.
+
+    ``method`` is how the weights were made (sma, ema, wma, soup); a recovery is reported as
+    ``recovery`` while its summary still names that averaging.
+    """
     weight_of = {s.ref.step: w for s, w in zip(chosen, weights)}
     oldest_taken = chosen[0].ref.step
     decisions = tuple(
@@ -311,10 +313,11 @@ def _finish(signals: RunSignals, config: RecommendConfig, method: str, chosen: l
                  _reason(s, weight_of, oldest_taken, window, config, evaluator is not None, cutoff))
         for s in signals.checkpoints
     )
-    summary = _summary("sma" if method == "recovery" else method, chosen, score, last_score, window, evaluator)
+    summary = _summary(method, chosen, score, last_score, window, evaluator)
     if cutoff is not None:
         summary = f"Recovery from before step {cutoff.step}: {summary}"
-    return Recommendation(method, tuple(s.ref for s in chosen), tuple(weights), decisions, calls, score,
+    name = "recovery" if cutoff is not None else method
+    return Recommendation(name, tuple(s.ref for s in chosen), tuple(weights), decisions, calls, score,
                           last_score, summary)
 
 
