@@ -20,7 +20,6 @@ from .errors import InvalidArgument, NotEnoughCheckpoints
 from .evaluate import Evaluator
 from .run import CheckpointRef
 from .signals import CheckpointSignals, RunSignals
-from .signals.assessment import CONTAMINATING_METRICS
 
 METHODS = ("auto", "sma", "ema", "wma", "soup", "recovery")
 # median(|dx|) of i.i.d. normal noise is 0.954 sigma.
@@ -152,7 +151,7 @@ def _recovery_cutoff(signals: RunSignals, config: RecommendConfig) -> _Cutoff:
     """
     if config.before_step is not None:
         return _Cutoff(config.before_step, f"at or after step {config.before_step}, where the recovery was asked to start")
-    spikes = [s for s in signals.spikes if s.metric in CONTAMINATING_METRICS]
+    spikes = signals.loss_spikes
     if not spikes:
         raise InvalidArgument("recovery restarts from before a loss spike, and the logs show none: "
                               "pass --before STEP to say where the run went wrong")

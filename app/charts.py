@@ -69,12 +69,12 @@ def _add_spike_bands(fig: go.Figure, run: Run, signals: RunSignals, axis: str) -
     Shapes go in with one layout update: ``add_vrect`` re-validates every shape already
     there, so thousands of grad-norm events (a long, noisy run) took minutes.
     """
-    loss = [s for s in signals.spikes if s.metric == "train_loss"]
-    grad = sorted((s for s in signals.spikes if s.metric != "train_loss"), key=lambda s: -s.ratio)[:MAX_BANDS]
+    loss = list(signals.loss_spikes)
+    grad = sorted(signals.grad_norm_spikes, key=lambda s: -s.ratio)[:MAX_BANDS]
     shapes, notes = [], []
-    for spike in loss + grad:
+    for index, spike in enumerate(loss + grad):
         x0, x1 = step_to_axis(run, np.array([spike.onset_after_step, spike.end_step]), axis)
-        is_loss = spike.metric == "train_loss"  # the events that contaminate checkpoints
+        is_loss = index < len(loss)  # the events that contaminate checkpoints
         shapes.append({"type": "rect", "xref": "x", "yref": "paper", "x0": x0, "x1": x1, "y0": 0, "y1": 1,
                        "fillcolor": COLORS["spike" if is_loss else "other"], "opacity": 0.18 if is_loss else 0.08,
                        "line": {"width": 0}, "layer": "below"})

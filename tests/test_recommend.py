@@ -162,3 +162,17 @@ def test_a_checkpoint_whose_own_eval_spiked_is_left_out_alone(tmp_path: Path) ->
     assert hit == [800] and signals.at(800).spike.metric == "val_loss"
     reason = next(d.reason for d in recommend(signals).decisions if d.step == 800)
     assert reason.startswith("Left out: saved inside a val_loss spike at steps 800-800")
+    assert [e.metric for e in signals.loss_spikes] == ["val_loss"] and signals.grad_norm_spikes == ()
+
+
+def test_the_loss_chart_shades_and_names_every_contaminating_spike(tmp_path: Path) -> None:
+    """Val-loss spikes exclude checkpoints, so the chart draws them as loss spikes, not as faint grad-norm bands."""
+    from app.charts import loss_figure
+
+    run = write_tiny_run(tmp_path / "v", list(range(50, 1050, 50)), spike_steps=(298,))
+    _rewrite_metrics(run, lambda r: {**r, "val_loss": r["val_loss"] + 0.8} if r.get("step") == 800 and "val_loss" in r else r)
+    signals = assess_run(open_run(run))
+    fig = loss_figure(open_run(run), signals, set())
+    names = sorted(a.text for a in fig.layout.annotations)
+    assert names == sorted(f"loss spike {s.start_step}-{s.end_step}" for s in signals.loss_spikes)
+    assert any(n.startswith("loss spike 800-") for n in names) and len(fig.layout.shapes) == len(signals.spikes)

@@ -47,6 +47,16 @@ class RunSignals:
     checkpoints: tuple[CheckpointSignals, ...]
     spikes: tuple[LossSpike, ...]
 
+    @property
+    def loss_spikes(self) -> tuple[LossSpike, ...]:
+        """The events that contaminate checkpoints (train- or val-loss spikes), in step order."""
+        return tuple(s for s in self.spikes if s.metric in CONTAMINATING_METRICS)
+
+    @property
+    def grad_norm_spikes(self) -> tuple[LossSpike, ...]:
+        """Grad-norm events: reported, never contaminating."""
+        return tuple(s for s in self.spikes if s.metric not in CONTAMINATING_METRICS)
+
     def at(self, step: int) -> CheckpointSignals:
         """The signals of the checkpoint saved at ``step``."""
         for item in self.checkpoints:

@@ -45,10 +45,9 @@ selected = [r.step for r in rec.checkpoints] if selected is None else selected
 st.plotly_chart(charts.loss_figure(run, signals, set(selected), smoothing, log_y, axis, tuple(overlays),
                                   cached.series),
                 key="loss_chart")
-for spike in signals.spikes:
-    if spike.metric == "train_loss":
-        st.caption(f":red[●] {spike.describe()}")
-grad_events = [s for s in signals.spikes if s.metric != "train_loss"]
+for spike in signals.loss_spikes:
+    st.caption(f":red[●] {spike.describe()}")
+grad_events = signals.grad_norm_spikes
 if grad_events:
     with st.expander(f"{len(grad_events)} grad-norm spikes (faint bands; they do not exclude checkpoints)"):
         shown = sorted(grad_events, key=lambda s: -s.ratio)[:charts.MAX_BANDS]
