@@ -101,9 +101,9 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
     with ExitStack() as stack:
         handles = [stack.enter_context(open_checkpoint(r.path, r.layout)) for r in refs]
         layout, plan = _plan(handles, refs, output_dtype, out_shard_size)
-        remove_stale_partials(out_dir)
+        remove_stale_hidden_folders(out_dir)
         check_disk(out_dir, plan.size_bytes)
-        tmp = out_dir.parent / _partial_name(out_dir)
+        tmp = out_dir.parent / _hidden_name(out_dir, "partial")
         tmp.mkdir(parents=True)
         try:
             size = _write(tmp, handles, weights, layout, plan, refs, recipe, output_dtype, progress)
@@ -117,14 +117,14 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
                        tuple(r.step for r in refs), weights, files, plan.sharded)
 
 
-def _partial_name(out_dir: Path, kind: str = "partial") -> str:
+def _hidden_name(out_dir: Path, kind: str) -> str:
     """A hidden folder's name beside the target (``partial``: the merge being written; ``old``: a
     replaced output set aside by ``--force``), with the writer's host and pid, so a later merge
     can tell that its writer died."""
     return f".{out_dir.name}.{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def remove_stale_partials(out_dir: Path) -> list[Path]:
+def remove_stale_hidden_folders(out_dir: Path) -> list[Path]:
     """Delete hidden folders of ``out_dir`` left by merges that were killed; return them.
 
     Both a half-written merge (``.partial-``) and an output that ``--force`` had set aside
@@ -138,14 +138,14 @@ def remove_stale_partials(out_dir: Path) -> list[Path]:
     for kind in ("partial", "old"):
         prefix = f".{out_dir.name}.{kind}-"
         for path in out_dir.parent.glob(f"{prefix}*"):
-            owner, pid = _partial_owner(path.name.removeprefix(prefix))
+            owner, pid = _hidden_owner(path.name.removeprefix(prefix))
             if owner == host and pid is not None and not _alive(pid) and path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed
 
 
-def _partial_owner(suffix: str) -> tuple[str | None, int | None]:
+def _hidden_owner(suffix: str) -> tuple[str | None, int | None]:
     """``HOST-PID-HEX`` -> (host, pid); (None, None) for other names."""
     parts = suffix.rsplit("-", 2)
     if len(parts) != 3 or not parts[1].isdigit():
@@ -232,7 +232,7 @@ def _publish(tmp: Path, out_dir: Path, force: bool) -> None:
     _fsync(tmp, os.O_RDONLY)
     aside = None
     if force and out_dir.exists():
-        aside = out_dir.parent / _partial_name(out_dir, "old")
+        aside = out_dir.parent / _hidden_name(out_dir, "old")
         os.rename(out_dir, aside)
     try:
         os.rename(tmp, out_dir)
