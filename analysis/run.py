@@ -81,15 +81,11 @@ class Run:
 
         A copy: callers may change it without touching the run.
         """
+        from .logs.base import empty_frame, split_by_metric
         if "metrics" not in self._memo:
-            self._memo["metrics"] = {
-                str(key): sub[["step", "value", "wall_time"]].sort_values("step", kind="stable").reset_index(drop=True)
-                for key, sub in self.metrics.groupby("metric", sort=False, observed=True)}
+            self._memo["metrics"] = split_by_metric(self.metrics)
         frame = self._memo["metrics"].get(name)
-        if frame is None:
-            from .logs.base import empty_frame
-            return empty_frame()[["step", "value", "wall_time"]]
-        return frame.copy()
+        return frame.copy() if frame is not None else empty_frame()[["step", "value", "wall_time"]]
 
     def wall_clock(self) -> tuple[np.ndarray, np.ndarray]:
         """(steps, wall_time) of every logged row with a time stamp, one per step, sorted by step."""
