@@ -42,13 +42,8 @@ def checkpoint_status(signals: RunSignals, selected: set[int]) -> dict[int, str]
     return status
 
 
-def _series(run: Run, metric: str, axis: str, smoothing: float | None = None) -> DisplaySeries:
-    """Uncached: smoothed on the full series, decimated (min/max per bucket, spikes survive)."""
-    return display_series(run, metric, axis, smoothing)
-
-
 def loss_figure(run: Run, signals: RunSignals, selected: set[int], smoothing: float = 0.6, log_y: bool = False,
-                axis: str = "step", overlays: tuple[Run, ...] = (), series: SeriesSource = _series) -> go.Figure:
+                axis: str = "step", overlays: tuple[Run, ...] = (), series: SeriesSource = display_series) -> go.Figure:
     """Train loss (raw faint, smoothed), val loss, spikes shaded, checkpoints marked, other runs overlaid."""
     fig = go.Figure()
     _add_loss_traces(fig, run, smoothing, axis, COLORS["train"], COLORS["val"], "", series)
@@ -130,7 +125,7 @@ def _nearest(frame, step: int) -> float | None:
 
 
 def training_figure(run: Run, axis: str = "step", slow_steps: tuple[int, ...] = (),
-                    series: SeriesSource = _series) -> go.Figure | None:
+                    series: SeriesSource = display_series) -> go.Figure | None:
     """Learning rate, grad norm and step time, one row each where the logs have them; slow steps marked."""
     rows = [(m, t) for m, t in (("lr", "learning rate"), ("grad_norm", "grad norm"),
                                 ("step_time_ms", "step time (ms)")) if len(run.metric(m))]
