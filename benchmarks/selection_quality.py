@@ -71,6 +71,13 @@ class Scorer:
         return self.cache[key]
 
 
+def float32_states(refs) -> list[dict[str, torch.Tensor]]:
+    """Every checkpoint's tensors in float32, on the GPU when there is one (averages of 30 x 25M
+    parameters are quick there); the runs are small enough to hold whole."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return [{k: v.to(device, torch.float32) for k, v in load_file(str(ref.path)).items()} for ref in refs]
+
+
 def load_module(path: Path) -> ModuleType:
     """A run's ``evaluate.py``, imported by path as a tool would."""
     spec = importlib.util.spec_from_file_location(f"_bench_eval_{abs(hash(str(path)))}", path)
@@ -132,8 +139,7 @@ def judge_run(run_dir: Path, min_gain: float) -> dict:
     started = time.time()
     run = open_run(run_dir)
     steps = [c.step for c in run.checkpoints]
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # averages of 30 x 25M parameters are quick there
-    states = [{k: v.to(device, torch.float32) for k, v in load_file(str(c.path)).items()} for c in run.checkpoints]
+    states = float32_states(run.checkpoints)
     scorer = Scorer(steps, states, load_module(run_dir / "evaluate.py").evaluate_test)
     bad = contaminated_steps(run_dir)
     clean = [i for i, s in enumerate(steps) if s not in bad]
@@ -182,9 +188,8 @@ def window_data(run_dir: Path) -> dict:
 
     run = open_run(run_dir)
     signals = assess_run(run)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     eligible = [c for c in signals.checkpoints if c.eligible]
-    states = [{k: v.to(device, torch.float32) for k, v in load_file(str(c.ref.path)).items()} for c in eligible]
+    states = float32_states([c.ref for c in eligible])
     evaluate_test = load_module(run_dir / "evaluate.py").evaluate_test
     sums, windows = None, []
     for state in reversed(states):   # running sums: newest 1, 2, ... k
