@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack
-from typing import Callable, Iterator, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from .checkpoints import CheckpointHandle, TensorInfo, open_checkpoint
+from .checkpoints.base import DTYPE_BYTES
 from .errors import CheckpointMismatch, InvalidArgument
 from .run import CheckpointRef
 from .streaming import stream_average
+
+if TYPE_CHECKING:
+    import torch
 
 OUTPUT_DTYPES = ("same", "float32", "bfloat16", "float16")
 
@@ -41,8 +43,7 @@ def output_layout(infos: list[TensorInfo], output_dtype: str) -> list[TensorInfo
     layout = []
     for info in infos:
         dtype = info.dtype if (output_dtype == "same" or not info.is_floating) else output_dtype
-        itemsize = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-        layout.append(TensorInfo(info.name, info.shape, dtype, info.numel * itemsize))
+        layout.append(TensorInfo(info.name, info.shape, dtype, info.numel * DTYPE_BYTES[dtype]))
     return layout
 
 
@@ -67,28 +68,32 @@ def check_same_layout(handles: Sequence[CheckpointHandle]) -> list[TensorInfo]:
 
 
 def iter_average(handles: Sequence[CheckpointHandle], weights: Sequence[float], layout: list[TensorInfo],
-                 progress: Callable[[float, str], None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                 progress: Callable[[float, str], None] | None = None) -> Iterator[tuple[str, "torch.Tensor"]]:
     """Yield ``(name, averaged tensor)`` in ``layout`` order; the newest input is ``handles[-1]``.
 
     Whole tensors assembled from :func:`analysis.streaming.stream_average`'s blocks, so the
     evaluator sees exactly the arithmetic the merge writes (see that module for the formula).
     """
+    import torch
+
+    from .streaming_torch import as_tensor
+
     current: torch.Tensor | None = None
     for info, start, block in stream_average(handles, weights, layout, progress):
         if not info.is_floating:
-            yield info.name, block
+            yield info.name, as_tensor(block, info.dtype).reshape(info.shape)
             continue
         if start == 0:
             current = torch.empty(info.numel, dtype=getattr(torch, info.dtype))
         assert current is not None, "blocks arrive in order, starting at 0"
-        current[start:start + block.numel()] = block
-        if start + block.numel() == info.numel:
+        current[start:start + block.size] = as_tensor(block, info.dtype)
+        if start + block.size == info.numel:
             yield info.name, current.reshape(info.shape)
             current = None
 
 
 def average_state_dict(refs: Sequence[CheckpointRef], weights: Sequence[float],
-                       output_dtype: str = "same") -> dict[str, torch.Tensor]:
+                       output_dtype: str = "same") -> dict[str, "torch.Tensor"]:
     """The weighted average as an in-memory state dict (for evaluators; one model in memory)."""
     weights = normalize_weights(weights, len(refs))
     with ExitStack() as stack:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import torch
+import numpy as np
 import yaml
 
 from .averaging import check_same_layout, normalize_weights, output_layout
@@ -215,7 +215,7 @@ def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPl
 
 
 def _stored_blocks(handles, weights, layout: list[TensorInfo],
-                   progress: Progress | None) -> Iterator[tuple[str, int, torch.Tensor]]:
+                   progress: Progress | None) -> Iterator[tuple[str, int, np.ndarray]]:
     """The averaged blocks under the newest input's stored tensor names."""
     for info, start, block in stream_average(handles, weights, layout, progress):
         yield original_name(handles[-1], info.name), start, block

@@ -19,7 +19,8 @@ from .errors import InvalidArgument, MergeError
 from .merge_output import OutputPlan
 from .recipe import Recipe, checkpoint_quick_hash, checkpoint_sha256
 from .run import CheckpointRef, checkpoint_ref
-from .streaming import BLOCK_ELEMENTS, buffer_bytes, locate, stream_average
+from .block_reader import BLOCK_ELEMENTS, buffer_bytes, locate
+from .streaming import stream_average
 
 VERIFY_MODES = ("full", "quick", "none")
 # Free space kept beyond the output's size: file systems misbehave when completely full.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import torch
+import numpy as np
 
 from .checkpoints import TensorInfo
 from .checkpoints.safetensors_writer import SafetensorsWriter
@@ -110,7 +110,7 @@ def _pack(stored: list[TensorInfo], limit: int | None) -> list[list[TensorInfo]]
     return groups
 
 
-def write_output(tmp: Path, plan: OutputPlan, blocks: Iterable[tuple[str, int, torch.Tensor]],
+def write_output(tmp: Path, plan: OutputPlan, blocks: Iterable[tuple[str, int, np.ndarray]],
                  metadata: dict[str, str], output_dtype: str) -> int:
     """Write the shards in order from ``blocks`` (stored name, start element, block), then index and side files.
 
@@ -120,7 +120,7 @@ def write_output(tmp: Path, plan: OutputPlan, blocks: Iterable[tuple[str, int, t
     stream = iter(blocks)
     total = 0
     weight_map: dict[str, str] = {}
-    pending: tuple[str, int, torch.Tensor] | None = None
+    pending: tuple[str, int, np.ndarray] | None = None
     for file_name, infos in plan.shards:
         with SafetensorsWriter(tmp / file_name, list(infos), metadata) as writer:
             wanted = {i.name for i in infos}

@@ -30,7 +30,7 @@ from analysis.errors import MergeError
 from analysis.merge import merge_checkpoints, merge_recipe, plan_merge
 from analysis.recipe import build_recipe, load_recipe, write_recipe
 from analysis.run import checkpoint_ref
-from analysis.streaming import BLOCK_ELEMENTS
+from analysis.block_reader import BLOCK_ELEMENTS
 from ckpt_factories import hf_checkpoint
 from conftest import REPO
 
@@ -85,6 +85,119 @@ def test_bit_identical_to_independent_float32_accumulation(tmp_path: Path, in_dt
         assert merged[name].dtype == tensor.dtype, name
         assert torch.equal(merged[name].view(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
     assert merged["num_batches_tracked"].item() == 4   # copied from the newest, never averaged
+
+
+def special_values_state(seed: int) -> dict[str, torch.Tensor]:
+    """Values where conversions disagree if anything is off: signed zeros, infinities, NaN,
+    subnormals of every width, ties at the bfloat16 and float16 rounding points, overflow."""
+    gen = torch.Generator().manual_seed(seed)
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-40, 1e-45,
+                             6e-8, -6e-8, 65504.0, 65520.0, 7e4, 3.0e38, -3.0e38, 1 + 2 ** -8, 1 + 3 * 2 ** -8,
+                             1 + 2 ** -11, 1 + 3 * 2 ** -11])
+    random = torch.randn(3 * BLOCK_ELEMENTS // 2 + 5, generator=gen) * torch.logspace(-30, 30, 3 * BLOCK_ELEMENTS // 2 + 5)
+    return {"specials": specials.roll(seed), "random": random}
+
+
+@pytest.mark.parametrize("in_dtype", ["float32", "bfloat16", "float16", "float64"])
+@pytest.mark.parametrize("out_dtype", ["same", "float32", "bfloat16", "float16"])
+def test_numpy_and_torch_adders_write_the_same_bits_as_the_reference(tmp_path: Path, in_dtype: str,
+                                                                     out_dtype: str) -> None:
+    from analysis.averaging import output_layout
+    from analysis.block_reader import BlockReader
+    from analysis.checkpoints import open_checkpoint
+    from analysis.streaming import NumpyAdder
+    from analysis.streaming_torch import TorchAdder, as_tensor
+
+    states = [{k: v.to(getattr(torch, in_dtype)) for k, v in special_values_state(seed).items()} for seed in range(3)]
+    paths = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for state, path in zip(states, paths):
+        save_file(state, str(path))
+    weights = [0.2, 0.3, 0.5]
+    expected = reference_average(states, weights, out_dtype)
+    handles = [open_checkpoint(p) for p in paths]
+    layout = output_layout(handles[-1].tensors(), out_dtype)
+    for adder_type in (NumpyAdder, TorchAdder):
+        reader = BlockReader(handles, layout)
+        adder = adder_type(weights, reader.block)
+        got: dict[str, list[torch.Tensor]] = {}
+        for block in reader:
+            got.setdefault(block.info.name, []).append(as_tensor(adder.add(block).copy(), block.info.dtype))
+        for name, tensor in expected.items():
+            merged = torch.cat(got[name])
+            assert merged.dtype == tensor.dtype, (adder_type.__name__, name)
+            nan = tensor.isnan()
+            assert torch.equal(merged.isnan(), nan), (adder_type.__name__, name)
+            raw = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
+            # Every non-NaN element bit for bit; a NaN's payload is whatever the conversion makes of it.
+            assert torch.equal(merged[~nan].view(raw), tensor[~nan].view(raw)), (adder_type.__name__, name)
+
+
+def test_a_nan_in_a_bfloat16_output_has_the_bits_torch_writes(tmp_path: Path) -> None:
+    states = [{"w": torch.tensor([float("nan"), 1.0, -float("nan")], dtype=torch.bfloat16)} for _ in range(2)]
+    paths = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    for state, path in zip(states, paths):
+        save_file(state, str(path))
+    merged = load_file(str(merge_checkpoints([checkpoint_ref(p) for p in paths], [1, 1], tmp_path / "out").model_file))
+    expected = reference_average(states, [1, 1], "same")["w"]
+    assert merged["w"].view(torch.int16).tolist() == expected.view(torch.int16).tolist()
+
+
+def test_float8_inputs_take_the_torch_adder_with_the_same_arithmetic(tmp_path: Path) -> None:
+    states = [{"w": (torch.randn(1000, generator=torch.Generator().manual_seed(s)) * 4).to(torch.float8_e4m3fn),
+               "step": torch.tensor(s)} for s in range(3)]
+    paths = [tmp_path / f"{s}.safetensors" for s in range(3)]
+    for state, path in zip(states, paths):
+        save_file(state, str(path))
+    for out_dtype in ("same", "bfloat16"):
+        out = tmp_path / f"out-{out_dtype}"
+        merged = load_file(str(merge_checkpoints([checkpoint_ref(p) for p in paths], [1, 2, 3], out, out_dtype).model_file))
+        expected = reference_average(states, [1, 2, 3], out_dtype)
+        assert merged["w"].dtype == expected["w"].dtype
+        assert torch.equal(merged["w"].view(torch.uint8 if out_dtype == "same" else torch.int16),
+                           expected["w"].view(torch.uint8 if out_dtype == "same" else torch.int16))
+        assert merged["step"].item() == 2
+
+
+def test_mixed_input_dtypes_average_as_the_reference(tmp_path: Path) -> None:
+    base = random_state(7, torch.float32)
+    states = [{k: (v.to(dtype) if v.is_floating_point() else v) for k, v in base.items()}
+              for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+    paths = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for state, path in zip(states, paths):
+        save_file(state, str(path))
+    merged = load_file(str(merge_checkpoints([checkpoint_ref(p) for p in paths], [1, 1, 2], tmp_path / "out").model_file))
+    for name, tensor in reference_average(states, [1, 1, 2], "same").items():
+        assert torch.equal(merged[name], tensor), name
+
+
+def test_merging_safetensors_never_imports_torch(tmp_path: Path) -> None:
+    """The merge of safetensors inputs runs in numpy: torch's ~1.3 s import would be most of its time."""
+    for step in (1, 2):
+        folder = tmp_path / "run" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        save_file({k: v for k, v in random_state(step, torch.bfloat16).items()}, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text("{}")
+    script = (
+        "import sys\n"
+        "from analysis.cli import main\n"
+        "from analysis.recipe import build_recipe, write_recipe\n"
+        "from analysis.run import checkpoint_ref\n"
+        "from pathlib import Path\n"
+        "refs = [checkpoint_ref(Path(sys.argv[1]) / f'checkpoint-{s}') for s in (1, 2)]\n"
+        "write_recipe(build_recipe('sma', refs, (0.5, 0.5)), Path(sys.argv[2]))\n"
+        "try:\n"
+        "    main(['merge', sys.argv[2], '-o', sys.argv[3]])\n"
+        "except SystemExit as e:\n"
+        "    assert e.code in (0, None), e.code\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run"), str(tmp_path / "r.yaml"),
+                          str(tmp_path / "merged")], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    states = [random_state(s, torch.bfloat16) for s in (1, 2)]
+    for name, tensor in reference_average(states, [0.5, 0.5], "same").items():
+        assert torch.equal(merged[name], tensor), name
 
 
 def test_pickle_inputs_take_the_whole_tensor_path_with_the_same_arithmetic(tmp_path: Path) -> None:

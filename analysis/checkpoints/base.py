@@ -6,11 +6,20 @@ health checks, similarity and merges hold a tensor, never a model, in memory.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:   # torch is imported only where a tensor is made (a merge of safetensors never does)
+    import torch
+
+# Dtypes whose tensors are averaged; every other tensor is copied from the newest input.
+FLOATING_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
+# The unsigned integer as wide as an element: how blocks carry raw bits without torch.
+RAW_BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +42,7 @@ class TensorInfo:
     @property
     def is_floating(self) -> bool:
         """True for floating-point tensors, the only ones that are averaged."""
-        return getattr(torch, self.dtype).is_floating_point
+        return self.dtype in FLOATING_DTYPES
 
 
 class CheckpointHandle(Protocol):
@@ -116,6 +125,24 @@ DTYPE_BYTES: dict[str, int] = {
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``."""
     return str(dtype).removeprefix("torch.")
+
+
+def is_tensor(value: object) -> bool:
+    """``isinstance(value, torch.Tensor)`` without importing torch: nothing is a tensor until torch is loaded."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def raw_bits(tensor: "torch.Tensor") -> np.ndarray:
+    """A CPU tensor's elements as a flat numpy array of raw bits (``RAW_BITS``; no copy when contiguous).
+
+    numpy has no bfloat16 or float8: the bits travel as unsigned integers of the same width.
+    """
+    import torch   # whoever holds a tensor has imported torch already
+
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    signed = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+    return flat.view(signed).numpy().view(RAW_BITS[flat.element_size()])
 
 
 def tensor_info(name: str, tensor: torch.Tensor) -> TensorInfo:

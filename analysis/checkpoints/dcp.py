@@ -15,13 +15,12 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from ..errors import CheckpointReadError
 from .base import DTYPE_BYTES, TensorInfo, dtype_name
 from .keys import KeyMap
 
 if TYPE_CHECKING:
+    import torch
     from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 METADATA_FILE = ".metadata"
@@ -45,6 +44,7 @@ class _MetadataUnpickler(pickle.Unpickler):
                 found = super().find_class(module, name)
                 if isinstance(found, type) and found.__module__ == module:   # DCP's own dataclasses and enums
                     return found
+            import torch
             if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format, torch.layout)):
                 return getattr(torch, name)
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")
@@ -130,6 +130,7 @@ class DCPHandle:
         return meta
 
     def _load(self, key: str, entry: "TensorStorageMetadata") -> torch.Tensor:
+        import torch
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointReadError
 from .base import CheckpointHandle, TensorInfo
@@ -19,6 +18,9 @@ from .safetensors_file import SafetensorsHandle
 from .optim import moments_by_name
 from .sharded import ShardedHandle, shard_files
 from .torch_pickle import TensorTable, TorchPickleHandle, safe_torch_load
+
+if TYPE_CHECKING:
+    import torch
 
 # Weight files in the order transformers itself prefers them.
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
@@ -62,6 +64,7 @@ def parameter_order(folder: Path) -> list[TensorInfo] | None:
         config_doc = json.loads(config_path.read_text())
         if not isinstance(config_doc, dict) or "auto_map" in config_doc:
             return None
+        import torch
         import transformers   # imported late: a heavy import only optimizer access needs
         config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         with torch.device("meta"):

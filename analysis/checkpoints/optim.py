@@ -9,11 +9,12 @@ its parameter's shape; when no order fits, names stay ``param_{i}``.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-import torch
+from .base import TensorInfo, is_tensor
 
-from .base import TensorInfo
+if TYPE_CHECKING:
+    import torch
 
 _NO_DECAY_WORDS = ("bias", "norm", "ln_", "ln.", "layernorm", "embed_positions")
 
@@ -64,7 +65,7 @@ def moments_by_name(optimizer: dict, params: Sequence[TensorInfo]) -> dict[str, 
             continue
         base = label.get(index, index if isinstance(index, str) else f"param_{index}")
         for moment, value in entry.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
+            if is_tensor(value) and value.dim() > 0:
                 out[f"{base}.{moment}"] = value
     return out
 
@@ -83,5 +84,5 @@ def _shape_fits(entry: object, info: TensorInfo) -> bool:
     """A parameter without state (never stepped) fits anything; otherwise moments must match its shape."""
     if not isinstance(entry, dict):
         return True
-    shapes = [tuple(v.shape) for v in entry.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    shapes = [tuple(v.shape) for v in entry.values() if is_tensor(v) and v.dim() > 0]
     return all(shape == info.shape for shape in shapes)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointReadError
 from .base import DTYPE_BYTES, TensorInfo
 from .keys import KeyMap
+
+if TYPE_CHECKING:
+    import torch
 
 # safetensors' dtype codes -> torch dtype names.
 SAFETENSORS_DTYPES: dict[str, str] = {
@@ -110,11 +113,11 @@ class SafetensorsHandle:
 
     def locate(self, name: str):
         """Where ``name``'s raw bytes are (a ``TensorLocation``), for block-wise reads without a memory map."""
-        from ..streaming import TensorLocation   # late: streaming imports this package
+        from ..block_reader import TensorLocation   # late: block_reader imports this package
         offset, dtype = self._offsets[self.keys.original(name)]
         return TensorLocation(self.path, offset, dtype)
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str) -> "torch.Tensor":
         try:
             if self._file is None:
                 self._file = safe_open(str(self.path), framework="pt", device="cpu")

@@ -13,12 +13,15 @@ import os
 import struct
 import sys
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import torch
+import numpy as np
 
 from ..errors import MergeError
-from .base import DTYPE_BYTES, TensorInfo
+from .base import DTYPE_BYTES, TensorInfo, raw_bits
+
+if TYPE_CHECKING:
+    import torch
 from .safetensors_file import TORCH_TO_SAFETENSORS
 
 # Bytes written between two requests to start writing them to disk (see _start_writeback).
@@ -82,7 +85,7 @@ class SafetensorsWriter:
         """Size of the finished file."""
         return self.header_bytes + self.data_bytes
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: "torch.Tensor") -> None:
         """Append the next tensor; it must match the declared name, shape and dtype."""
         info = self._layout[self._next] if self._next < len(self._layout) else None
         got = str(tensor.dtype).removeprefix("torch.")
@@ -91,28 +94,34 @@ class SafetensorsWriter:
                 f"{self.path}: expected tensor {info.name if info else None!r} {info.shape if info else ()} "
                 f"{info.dtype if info else ''}, got {name!r} {tuple(tensor.shape)} {got}"
             )
-        self.write_block(name, 0, tensor.reshape(-1))
+        self.write_block(name, 0, raw_bits(tensor))
 
-    def write_block(self, name: str, start: int, block: torch.Tensor) -> None:
+    def write_block(self, name: str, start: int, block: np.ndarray) -> None:
         """Append elements ``[start, start + len(block))`` of the current tensor (blocks come in order).
 
-        A merge writes each block as it is averaged, so no whole output tensor is ever held.
+        ``block`` is a flat numpy array whose items are as wide as the declared dtype: the
+        dtype itself where numpy has it, else raw bits (bfloat16 as uint16). A merge writes
+        each block as it is averaged, so no whole output tensor is ever held.
         """
         info = self._layout[self._next] if self._next < len(self._layout) else None
-        got = str(block.dtype).removeprefix("torch.")
-        if info is None or name != info.name or start != self._filled or got != info.dtype \
-                or start + block.numel() > info.numel:
+        fits = info is not None and block.itemsize == DTYPE_BYTES[info.dtype] and (
+            block.dtype.kind != "f" or block.dtype.name == info.dtype)
+        if info is None or not fits or name != info.name or start != self._filled or start + block.size > info.numel:
             expected = f"{info.name!r} from element {self._filled} as {info.dtype}" if info else "no more tensors"
-            raise MergeError(f"{self.path}: expected {expected}, got {name!r} from element {start} as {got}")
-        data = block.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+            raise MergeError(f"{self.path}: expected {expected}, got {name!r} from element {start} as {block.dtype}")
         assert self._handle is not None, "write after close"
-        self._handle.write(memoryview(data))
+        self._write_data(memoryview(np.ascontiguousarray(block).reshape(-1).view(np.uint8)))
+        self._filled += block.size
+        if self._filled == info.numel:
+            self._next, self._filled = self._next + 1, 0
+
+    def _write_data(self, data: memoryview) -> None:
+        """Append tensor bytes to the file, asking the kernel to start writing them out every 64 MiB."""
+        assert self._handle is not None, "write after close"
+        self._handle.write(data)
         self._written += data.nbytes
         if self._written - self._flushed >= WRITEBACK_BYTES:
             self._start_writeback()
-        self._filled += block.numel()
-        if self._filled == info.numel:
-            self._next, self._filled = self._next + 1, 0
 
     def _start_writeback(self) -> None:
         """Ask the kernel to start writing what is written so far to disk, without waiting for it.

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from ..errors import CheckpointReadError
 from .base import CheckpointHandle, TensorInfo
 from .keys import KeyMap
 from .safetensors_file import SafetensorsHandle
 from .torch_pickle import TorchPickleHandle
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_SUFFIXES = (".safetensors.index.json", ".bin.index.json")
 

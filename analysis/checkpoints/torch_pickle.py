@@ -14,13 +14,15 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointReadError
-from .base import TensorInfo, tensor_info
+from .base import TensorInfo, is_tensor, tensor_info
 from .keys import KeyMap
 from .optim import moments_by_name
+
+if TYPE_CHECKING:
+    import torch
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".tar"}
 # Files that sit beside weights but are not a model (HF Trainer, Lightning).
@@ -57,6 +59,8 @@ def safe_torch_load(path: Path) -> object:
         CheckpointReadError: the file is truncated, not a torch file, or needs a global
             that weights-only loading forbids (the message names it).
     """
+    import torch   # late: reading safetensors inputs never needs torch (its import is ~1.3 s)
+
     try:
         with torch.serialization.safe_globals(_data_only_globals()):
             try:
@@ -86,11 +90,11 @@ def _refusal(message: str) -> str:
 def flatten_tensors(tree: object, prefix: str = "") -> dict[str, torch.Tensor]:
     """Tensors of a nested dict, with dotted names (nested state dicts, e.g. fairseq ``model``)."""
     out: dict[str, torch.Tensor] = {}
-    if isinstance(tree, torch.Tensor):
+    if is_tensor(tree):
         out[prefix.rstrip(".")] = tree
     elif isinstance(tree, dict):
         for key, value in tree.items():
-            if isinstance(value, (torch.Tensor, dict)):
+            if is_tensor(value) or isinstance(value, dict):
                 out.update(flatten_tensors(value, f"{prefix}{key}."))
     return out
 
@@ -98,7 +102,7 @@ def flatten_tensors(tree: object, prefix: str = "") -> dict[str, torch.Tensor]:
 def _is_state_dict(value: object) -> bool:
     """A non-empty mapping whose values are all tensors (possibly nested)."""
     return isinstance(value, dict) and bool(value) and all(
-        isinstance(v, torch.Tensor) or _is_state_dict(v) for v in value.values())
+        is_tensor(v) or _is_state_dict(v) for v in value.values())
 
 
 def split_payload(payload: object, path: Path) -> tuple[dict, dict, object, dict[str, str]]:
@@ -182,7 +186,7 @@ def _scalar(value: object) -> str | None:
         return str(value) if not isinstance(value, str) or len(value) < 200 else None   # long strings are not metadata
     if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
         return str(value.item())
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
+    if is_tensor(value) and value.numel() == 1:  # type: ignore[attr-defined]
         item = value.item()
         return str(int(item)) if float(item).is_integer() and not value.is_floating_point() else str(item)
     return None
