@@ -203,7 +203,7 @@ def main() -> None:
 
 
 def import_time() -> tuple[float, float]:
-    """Wall time of a process that only imports what ``analysis merge`` imports (Python and torch start-up)."""
+    """Wall time of a process that only imports what ``analysis merge`` imports (Python start-up and imports)."""
     return timed([sys.executable, "-c", "import analysis.cli, analysis.merge"], cwd=REPO)
 
 
@@ -256,7 +256,7 @@ def readme_sentence(rows: list[dict], startup_s: float) -> str:
     ratios = [f"{ours / row[key][0]:.2f}× {name}" for key, name in (("load_whole", "the load-whole script"),
                                                                     ("mergekit", "mergekit")) if row.get(key)]
     head = f"{row['inputs']} × {row['model']}: ckpt-select takes " + (" and ".join(ratios) or f"{ours:.2f} s")
-    return (f"{head}; {startup_s:.2f} s of its {ours:.2f} s is Python and torch start-up "
+    return (f"{head}; {startup_s:.2f} s of its {ours:.2f} s is Python start-up "
             f"(a process that only imports the merge's modules), the merge itself about {ours - startup_s:.2f} s.")
 
 if __name__ == "__main__":
