@@ -200,6 +200,41 @@ def test_merging_safetensors_never_imports_torch(tmp_path: Path) -> None:
         assert torch.equal(merged[name], tensor), name
 
 
+def test_the_progress_bar_shows_on_a_terminal_and_stays_out_of_pipes(tiny_run: Path, tmp_path: Path) -> None:
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    refs = [checkpoint_ref(p) for p in sorted((tiny_run / "ckpt").glob("step_*.safetensors"))[-3:]]
+    write_recipe(build_recipe("sma", refs, (1 / 3, 1 / 3, 1 / 3)), tmp_path / "r.yaml")
+    command = [sys.executable, "-m", "analysis", "merge", str(tmp_path / "r.yaml"), "-o"]
+    piped = subprocess.run([*command, str(tmp_path / "piped")], cwd=REPO, capture_output=True, text=True, check=True)
+    assert "%|" not in piped.stderr and (tmp_path / "piped" / "model.safetensors").is_file()
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))   # tqdm draws nothing 0 columns wide
+    proc = subprocess.Popen([*command, str(tmp_path / "tty")], cwd=REPO, stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    seen = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 0.1)
+        if ready:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:   # the child closed the terminal
+                chunk = b""
+            seen += chunk
+            if not chunk and proc.poll() is not None:
+                break
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    assert proc.wait() == 0
+    assert b"%|" in seen, seen[-500:]
+    assert (tmp_path / "tty" / "model.safetensors").is_file()
+
+
 def test_pickle_inputs_take_the_whole_tensor_path_with_the_same_arithmetic(tmp_path: Path) -> None:
     states = [random_state(seed, torch.bfloat16) for seed in range(3)]
     paths = [tmp_path / "a.safetensors", tmp_path / "b.pt", tmp_path / "c.safetensors"]
