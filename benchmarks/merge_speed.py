@@ -129,6 +129,16 @@ def ours(folders: list[Path], work: Path) -> tuple[float, float]:
     return result
 
 
+def projection(folders: list[Path], work: Path) -> tuple[float, float]:
+    """What ``merge --dry-run`` projects for the same merge: (seconds, peak MB), to set against the measurement."""
+    recipe = work / "recipe.yaml"
+    warm(folders)
+    out = subprocess.run([sys.executable, "-m", "analysis", "merge", str(recipe), "-o", str(work / "ours"),
+                          "--dry-run", "--json"], cwd=REPO, capture_output=True, text=True, check=True)
+    plan = json.loads(out.stdout)
+    return plan["projected_seconds"], plan["projected_peak_memory_bytes"] / 1e6
+
+
 def load_whole(folders: list[Path], work: Path) -> tuple[float, float]:
     script = work / "load_whole.py"
     script.write_text(LOAD_WHOLE)
@@ -183,6 +193,7 @@ def main() -> None:
             row = {"model": label, "inputs": len(folders),
                    "input_gb": sum((f / "model.safetensors").stat().st_size for f in folders) / 1e9,
                    "cat_s": warm(folders), "ckpt_select": best(args.repeat, ours, folders, work)}
+            row["dry_run"] = projection(folders, work)
             if baselines:
                 row["load_whole"] = best(args.repeat, load_whole, folders, work)
                 row["mergekit"] = None if args.quick else best(args.repeat, mergekit, folders, work)
@@ -256,8 +267,12 @@ def readme_sentence(rows: list[dict], startup_s: float) -> str:
     ratios = [f"{ours / row[key][0]:.2f}× {name}" for key, name in (("load_whole", "the load-whole script"),
                                                                     ("mergekit", "mergekit")) if row.get(key)]
     head = f"{row['inputs']} × {row['model']}: ckpt-select takes " + (" and ".join(ratios) or f"{ours:.2f} s")
+    projections = "; ".join(f"{r['inputs']} × {r['model']}: {r['dry_run'][0]:.1f} s, {r['dry_run'][1]:.0f} MB "
+                            f"(measured {r['ckpt_select'][0] - startup_s:.1f} s after start-up, {r['ckpt_select'][1]:.0f} MB)"
+                            for r in rows if r.get("dry_run"))
     return (f"{head}; {startup_s:.2f} s of its {ours:.2f} s is Python start-up "
-            f"(a process that only imports the merge's modules), the merge itself about {ours - startup_s:.2f} s.")
+            f"(a process that only imports the merge's modules), the merge itself about {ours - startup_s:.2f} s.\n"
+            f"`merge --dry-run` projected {projections}.")
 
 if __name__ == "__main__":
     main()
