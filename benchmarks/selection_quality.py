@@ -16,7 +16,7 @@ capture = (test_last - test_choice) / (test_last - test_oracle): 1.0 is the orac
 ``--min-gain`` nats, capture is not defined and the table says so (an average can then only
 match the last checkpoint, and "regret", choice minus oracle, is the number to read).
 
-    .venv/bin/python benchmarks/selection_quality.py [--scale cpu|gpu] [--runs a,b] [--parallel N]
+    .venv/bin/python benchmarks/selection_quality.py [--scale cpu|mid|gpu] [--runs a,b] [--parallel N]
 
 Writes ``benchmarks/out/selection/SCALE/results.json`` and prints a README-ready table.
 """
@@ -45,7 +45,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from analysis import RecommendConfig, assess_run, load_evaluator, open_run, recommend  # noqa: E402
 from analysis.recommend import policy_weights  # noqa: E402
-from selection_runs import RUNS, make_runs  # noqa: E402
+from selection_runs import RUNS, SCALES, make_runs  # noqa: E402
 
 EMA_ALPHAS = (0.05, 0.1, 0.2, 0.3, 0.5)
 BASELINES = (("last 5", 5), ("last 10", 10), ("all", None))
@@ -234,7 +234,7 @@ def markdown(results: list[dict], scale: str) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--scale", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--scale", choices=tuple(SCALES), default="cpu")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "selection")
     p.add_argument("--runs", default=None, help="comma-separated run names (default: all four)")
     p.add_argument("--parallel", type=int, default=1, help="runs trained at once")

@@ -4,7 +4,8 @@ Four dynamics a recommender meets in practice, each 30 checkpoints of the sample
 (``sample_runs/make_sample_run.py``): constant LR with injected loss spikes, cosine decay,
 warmup-stable-decay, and a post-norm model at a doubled LR with corrupted batches. The
 ``cpu`` scale is the shipped sample run's model (124,672 parameters, minutes on two cores);
-the ``gpu`` scale is a 25M-parameter model of the same code, trained on a CUDA device.
+the ``mid`` scale is 3x that (372,576 parameters, one thread per run); the ``gpu`` scale is a
+25M-parameter model of the same code, trained on a CUDA device.
 
     .venv/bin/python benchmarks/selection_runs.py --scale cpu --out benchmarks/out/selection
 
@@ -30,6 +31,8 @@ _COMMON = ["--steps", "2880", "--ckpt-every", "96", "--eval-every", "96"]
 
 SCALES: dict[str, list[str]] = {
     "cpu": [],
+    # 3x the cpu model (372,576 parameters); one thread each so that two train side by side on 2 cores.
+    "mid": ["--n-layer", "3", "--n-embd", "96", "--threads", "1"],
     "gpu": ["--n-layer", "8", "--n-head", "8", "--n-embd", "512", "--block-size", "256", "--batch-size", "64",
             "--device", "cuda", "--threads", "4"],
 }
