@@ -170,12 +170,23 @@ def test_mixed_input_dtypes_average_as_the_reference(tmp_path: Path) -> None:
         assert torch.equal(merged[name], tensor), name
 
 
-def test_merging_safetensors_never_imports_torch(tmp_path: Path) -> None:
-    """The merge of safetensors inputs runs in numpy: torch's ~1.3 s import would be most of its time."""
+@pytest.mark.parametrize("sharded", [False, True])
+def test_merging_safetensors_never_imports_torch(tmp_path: Path, sharded: bool) -> None:
+    """The merge of safetensors inputs (one file or shards behind an index) runs in numpy: torch's
+    ~1.3 s import would be most of its time."""
     for step in (1, 2):
         folder = tmp_path / "run" / f"checkpoint-{step}"
         folder.mkdir(parents=True)
-        save_file({k: v for k, v in random_state(step, torch.bfloat16).items()}, str(folder / "model.safetensors"))
+        state = random_state(step, torch.bfloat16)
+        if sharded:
+            names = sorted(state)
+            shards = {"model-00001-of-00002.safetensors": names[:3], "model-00002-of-00002.safetensors": names[3:]}
+            for file_name, keys in shards.items():
+                save_file({k: state[k] for k in keys}, str(folder / file_name))
+            index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
+            (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+        else:
+            save_file(state, str(folder / "model.safetensors"))
         (folder / "config.json").write_text("{}")
     script = (
         "import sys\n"
@@ -194,7 +205,10 @@ def test_merging_safetensors_never_imports_torch(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run"), str(tmp_path / "r.yaml"),
                           str(tmp_path / "merged")], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
-    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    merged = {}
+    for path in (tmp_path / "merged").glob("*.safetensors"):
+        merged.update(load_file(str(path)))
+    assert (tmp_path / "merged" / "model.safetensors.index.json").is_file() == sharded
     states = [random_state(s, torch.bfloat16) for s in (1, 2)]
     for name, tensor in reference_average(states, [0.5, 0.5], "same").items():
         assert torch.equal(merged[name], tensor), name
