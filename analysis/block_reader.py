@@ -201,9 +201,9 @@ class BlockReader:
                     parts.append(whole[start:stop])
                     continue
                 assert loc is not None
-                width = count * DTYPE_BYTES[loc.dtype]
-                self._pread(loc, info, start, stop, buffer[i * slot:i * slot + width])
-                parts.append(buffer[i * slot:i * slot + width].view(RAW_BITS[DTYPE_BYTES[loc.dtype]]))
+                target = buffer[i * slot:i * slot + count * DTYPE_BYTES[loc.dtype]]
+                self._pread(loc, info, start, stop, target)
+                parts.append(target.view(RAW_BITS[DTYPE_BYTES[loc.dtype]]))
             stacked = None
             if uniform:
                 stacked = buffer[:len(parts) * slot].view(RAW_BITS[DTYPE_BYTES[dtypes[0]]]).reshape(len(parts), count)

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from .block_reader import BlockReader, Block, Whole
+from .block_reader import Block, BlockReader, Whole
+from .checkpoints.base import DTYPE_BYTES, RAW_BITS
 
 if TYPE_CHECKING:
     from .checkpoints import CheckpointHandle, TensorInfo
@@ -87,18 +88,12 @@ def _averaged(reader: BlockReader, adder: Adder, layout: Sequence["TensorInfo"],
             yield item.info, 0, item.data
             done += item.info.numel
         elif item.buffer_set is None:
-            yield item.info, item.start, np.empty(0, dtype=_empty_dtype(item.info.dtype))
+            yield item.info, item.start, np.empty(0, dtype=RAW_BITS[DTYPE_BYTES[item.info.dtype]])
         else:
             yield item.info, item.start, adder.add(item)
             done += item.stop - item.start
         if progress is not None and (done == total or isinstance(item, Whole) or item.stop == item.info.numel):
             progress(done / total, item.info.name)
-
-
-def _empty_dtype(dtype: str) -> np.dtype:
-    """A numpy dtype as wide as ``dtype`` (for an empty block)."""
-    from .checkpoints.base import DTYPE_BYTES, RAW_BITS
-    return np.dtype(dtype) if dtype in ("float16", "float32", "float64") else np.dtype(RAW_BITS[DTYPE_BYTES[dtype]])
 
 
 class NumpyAdder:
