@@ -19,10 +19,10 @@ import numpy as np
 
 from ..errors import MergeError
 from .base import DTYPE_BYTES, TensorInfo, raw_bits
+from .safetensors_file import TORCH_TO_SAFETENSORS
 
 if TYPE_CHECKING:
     import torch
-from .safetensors_file import TORCH_TO_SAFETENSORS
 
 # Bytes written between two requests to start writing them to disk (see _start_writeback).
 WRITEBACK_BYTES = 64 << 20
@@ -110,18 +110,14 @@ class SafetensorsWriter:
             expected = f"{info.name!r} from element {self._filled} as {info.dtype}" if info else "no more tensors"
             raise MergeError(f"{self.path}: expected {expected}, got {name!r} from element {start} as {block.dtype}")
         assert self._handle is not None, "write after close"
-        self._write_data(memoryview(np.ascontiguousarray(block).reshape(-1).view(np.uint8)))
-        self._filled += block.size
-        if self._filled == info.numel:
-            self._next, self._filled = self._next + 1, 0
-
-    def _write_data(self, data: memoryview) -> None:
-        """Append tensor bytes to the file, asking the kernel to start writing them out every 64 MiB."""
-        assert self._handle is not None, "write after close"
-        self._handle.write(data)
+        data = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
+        self._handle.write(memoryview(data))
         self._written += data.nbytes
         if self._written - self._flushed >= WRITEBACK_BYTES:
             self._start_writeback()
+        self._filled += block.size
+        if self._filled == info.numel:
+            self._next, self._filled = self._next + 1, 0
 
     def _start_writeback(self) -> None:
         """Ask the kernel to start writing what is written so far to disk, without waiting for it.
