@@ -31,7 +31,7 @@ from .merge_checks import (DISK_MARGIN_BYTES, MergePlan, check_disk, check_targe
 from .merge_output import INDEX_FILE, MODEL_FILE, OutputPlan, plan_output, write_output
 from .recipe import Recipe, dump_recipe, to_mergekit
 from .run import MERGE_MARKER_KEY, CheckpointRef, checkpoint_ref
-from .streaming import stream_average
+from .streaming import arithmetic, stream_average
 
 RECIPE_FILE = "recipe.yaml"
 MERGEKIT_FILE = "mergekit_config.yml"
@@ -180,9 +180,10 @@ def plan_merge(refs: Sequence[CheckpointRef], weights: Sequence[float], out_dir:
         layout, plan = _plan(handles, refs, output_dtype, out_shard_size)
         free = check_disk(out_dir, plan.size_bytes)
         peak, seconds, rate = project(handles, weights, layout, plan)
+        adder = arithmetic(handles, layout)
     files = plan.files + (RECIPE_FILE, MERGEKIT_FILE)
     return MergePlan(tuple((r.path, r.size_bytes) for r in refs), out_dir, files, plan.size_bytes, len(layout),
-                     out_dir.exists(), free, peak, seconds, rate)
+                     out_dir.exists(), free, peak, seconds, rate, adder)
 
 
 def _plan(handles, refs: Sequence[CheckpointRef], output_dtype: str,

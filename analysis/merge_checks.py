@@ -98,6 +98,11 @@ def check_disk(out_dir: Path, needed: int) -> int:
     return free
 
 
+# How the dry run names each adder (analysis.streaming.arithmetic).
+ARITHMETIC = {"compiled": "compiled kernel", "numpy": "numpy kernel, no compiled one was built",
+              "torch": "torch, for float8"}
+
+
 @dataclass(frozen=True, slots=True)
 class MergePlan:
     """What ``--dry-run`` reports: nothing is written to produce it."""
@@ -112,6 +117,7 @@ class MergePlan:
     peak_memory_bytes: int                      # this process now + the merge's buffers
     projected_seconds: float
     probe_mb_per_s: float                       # input MB read and averaged per second in the probe
+    arithmetic: str                             # the adder that runs: "compiled", "numpy" or "torch"
 
     def describe(self) -> list[str]:
         """Plain lines for the command line."""
@@ -123,7 +129,7 @@ class MergePlan:
         lines.append(f"free disk: {self.free_bytes / 1e9:,.2f} GB")
         lines.append(f"projected peak memory: {self.peak_memory_bytes / 1e6:,.0f} MB")
         lines.append(f"projected time: {self.projected_seconds:,.1f} s (probe: {self.probe_mb_per_s:,.0f} MB/s "
-                     "of input read and averaged)")
+                     f"of input read and averaged, {ARITHMETIC[self.arithmetic]})")
         return lines
 
 

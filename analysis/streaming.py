@@ -20,8 +20,11 @@ it is converted with a shift and rounded with integer arithmetic (round half to 
 ``(bits + 0x7FFF + ((bits >> 16) & 1)) >> 16``), exactly as torch does. Inputs or outputs
 in a float8 dtype, which numpy does not have, go through :mod:`analysis.streaming_torch`.
 
-Reads happen ahead on a thread (:mod:`analysis.block_reader`); numpy releases the GIL in
-its kernels, so reading block k+1 overlaps adding up block k.
+Where the install compiled :mod:`analysis.fused`'s kernel (and it proves to write these
+same bits), blocks of bfloat16/float32 go through it instead: one pass over memory per
+block instead of one per numpy operation. Reads happen ahead on a thread
+(:mod:`analysis.block_reader`); numpy and the compiled kernel release the GIL, so reading
+block k+1 overlaps adding up block k.
 """
 
 from __future__ import annotations
@@ -63,19 +66,28 @@ def stream_average(handles: Sequence["CheckpointHandle"], weights: Sequence[floa
     block lives in a buffer that is reused: it is valid until the next one is asked for.
     """
     reader = BlockReader(handles, layout)
-    if numpy_can_average(handles, layout):
-        yield from _averaged(reader, NumpyAdder(weights, reader.block), layout, progress)
+    kernel = arithmetic(handles, layout)
+    if kernel == "torch":
+        from .streaming_torch import TorchAdder, one_intra_op_thread
+        with one_intra_op_thread():
+            yield from _averaged(reader, TorchAdder(weights, reader.block), layout, progress)
         return
-    from .streaming_torch import TorchAdder, one_intra_op_thread
-    with one_intra_op_thread():
-        yield from _averaged(reader, TorchAdder(weights, reader.block), layout, progress)
+    adder: Adder = NumpyAdder(weights, reader.block)
+    if kernel == "compiled":
+        from .fused import FusedAdder, fused_kernel
+        adder = FusedAdder(weights, reader.block, fused_kernel())  # type: ignore[arg-type]
+    yield from _averaged(reader, adder, layout, progress)
 
 
-def numpy_can_average(handles: Sequence["CheckpointHandle"], layout: Sequence["TensorInfo"]) -> bool:
-    """Whether every floating dtype involved (stored by an input or written) is one numpy handles."""
+def arithmetic(handles: Sequence["CheckpointHandle"], layout: Sequence["TensorInfo"]) -> str:
+    """Which adder a merge runs: "compiled" (analysis.fused, where built; it hands the blocks it
+    does not cover to numpy), "numpy", or "torch" when a float8 dtype is stored or written."""
     dtypes = {i.dtype for i in layout if i.is_floating}
     dtypes |= {i.dtype for h in handles for i in h.tensors() if i.is_floating}
-    return dtypes <= NUMPY_DTYPES
+    if not dtypes <= NUMPY_DTYPES:
+        return "torch"
+    from .fused import fused_kernel
+    return "numpy" if fused_kernel() is None else "compiled"
 
 
 def _averaged(reader: BlockReader, adder: Adder, layout: Sequence["TensorInfo"],

@@ -87,10 +87,10 @@ def generate(root: Path, layers: int, count: int) -> None:
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def timed(command: list[str], cwd: Path | None = None) -> tuple[float, float]:
+def timed(command: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS in MB) of a child process."""
     start = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
@@ -117,14 +117,16 @@ write_recipe(build_recipe("sma", refs, tuple(1 / len(refs) for _ in refs)), Path
 """
 
 
-def ours(folders: list[Path], work: Path) -> tuple[float, float]:
+def ours(folders: list[Path], work: Path, kernel: str | None = None) -> tuple[float, float]:
+    """``analysis merge`` as users run it; ``kernel="numpy"`` without the compiled kernel (CKPT_SELECT_KERNEL)."""
     recipe = work / "recipe.yaml"
     if not recipe.exists():
         subprocess.run([sys.executable, "-c", MAKE_RECIPE, str(recipe), *map(str, folders)], cwd=REPO, check=True)
     out = work / "ours"
     shutil.rmtree(out, ignore_errors=True)
     warm(folders)
-    result = timed([sys.executable, "-m", "analysis", "merge", str(recipe), "-o", str(out)], cwd=REPO)
+    result = timed([sys.executable, "-m", "analysis", "merge", str(recipe), "-o", str(out)], cwd=REPO,
+                   env={**os.environ, "CKPT_SELECT_KERNEL": kernel or ""})
     shutil.rmtree(out)
     return result
 
@@ -195,6 +197,7 @@ def main() -> None:
                    "cat_s": warm(folders), "ckpt_select": best(args.repeat, ours, folders, work)}
             row["dry_run"] = projection(folders, work)
             if baselines:
+                row["ckpt_select_numpy"] = best(args.repeat, ours, folders, work, "numpy")
                 row["load_whole"] = best(args.repeat, load_whole, folders, work)
                 row["mergekit"] = None if args.quick else best(args.repeat, mergekit, folders, work)
                 if row["mergekit"] is None and not args.quick:
@@ -206,11 +209,19 @@ def main() -> None:
     out = REPO / "benchmarks" / "out" / "merge_speed.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": str(date.today()), "cores": os.cpu_count(), "machine": machine,
-                               "startup_s": startup[0], "rows": rows}, indent=2))
-    print(f"\n{platform.node()}: {machine}, {date.today()}, load average {os.getloadavg()[0]:.1f}\n")
+                               "arithmetic": arithmetic_used(), "startup_s": startup[0], "rows": rows}, indent=2))
+    print(f"\n{platform.node()}: {machine}, {date.today()}, load average {os.getloadavg()[0]:.1f}, "
+          f"ckpt-select arithmetic: {arithmetic_used()}\n")
     print(readme_table(rows))
     print()
     print(readme_sentence(rows, startup[0]))
+
+
+def arithmetic_used() -> str:
+    """Which adder the ckpt-select column ran ("compiled" or "numpy"), asked of a child (the parent stays torch-free)."""
+    code = "from analysis.fused import fused_kernel; print('compiled' if fused_kernel() else 'numpy')"
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 def import_time() -> tuple[float, float]:
@@ -251,12 +262,12 @@ def _cell(result: tuple[float, float] | None, bold: bool = False) -> str:
 
 def readme_table(rows: list[dict]) -> str:
     """The README's merge table, ready to paste."""
-    lines = [f"| inputs | `cat` | ckpt-select | load whole into an fp32 sum | {_mergekit_version()} `linear` |",
-             "|---|---|---|---|---|"]
+    lines = [f"| inputs | `cat` | ckpt-select | ckpt-select, numpy kernel | load whole into an fp32 sum "
+             f"| {_mergekit_version()} `linear` |", "|---|---|---|---|---|---|"]
     for index, row in enumerate(rows):
         lines.append(f"| {row['inputs']} × {row['model']} ({row['input_gb']:.1f} GB) | {row['cat_s']:.2f} s "
-                     f"| {_cell(row['ckpt_select'], bold=index == 0)} | {_cell(row.get('load_whole'))} "
-                     f"| {_cell(row.get('mergekit'))} |")
+                     f"| {_cell(row['ckpt_select'], bold=index == 0)} | {_cell(row.get('ckpt_select_numpy'))} "
+                     f"| {_cell(row.get('load_whole'))} | {_cell(row.get('mergekit'))} |")
     return "\n".join(lines)
 
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from analysis import merge_checks
 from analysis.cli import main
 from analysis.errors import MergeError
+from analysis.fused import fused_kernel
 from analysis.merge import merge_checkpoints, merge_recipe, plan_merge
 from analysis.recipe import build_recipe, load_recipe, write_recipe
 from analysis.run import checkpoint_ref
@@ -105,6 +106,7 @@ def test_numpy_and_torch_adders_write_the_same_bits_as_the_reference(tmp_path: P
     from analysis.averaging import output_layout
     from analysis.block_reader import BlockReader
     from analysis.checkpoints import open_checkpoint
+    from analysis.fused import FusedAdder
     from analysis.streaming import NumpyAdder
     from analysis.streaming_torch import TorchAdder, as_tensor
 
@@ -116,7 +118,11 @@ def test_numpy_and_torch_adders_write_the_same_bits_as_the_reference(tmp_path: P
     expected = reference_average(states, weights, out_dtype)
     handles = [open_checkpoint(p) for p in paths]
     layout = output_layout(handles[-1].tensors(), out_dtype)
-    for adder_type in (NumpyAdder, TorchAdder):
+    kernel = fused_kernel()
+    adders = {"NumpyAdder": NumpyAdder, "TorchAdder": TorchAdder}
+    if kernel is not None:      # test_fused_kernel asserts it is built wherever a C compiler is
+        adders["FusedAdder"] = lambda weights, block: FusedAdder(weights, block, kernel)
+    for adder_name, adder_type in adders.items():
         reader = BlockReader(handles, layout)
         adder = adder_type(weights, reader.block)
         got: dict[str, list[torch.Tensor]] = {}
@@ -124,12 +130,12 @@ def test_numpy_and_torch_adders_write_the_same_bits_as_the_reference(tmp_path: P
             got.setdefault(block.info.name, []).append(as_tensor(adder.add(block).copy(), block.info.dtype))
         for name, tensor in expected.items():
             merged = torch.cat(got[name])
-            assert merged.dtype == tensor.dtype, (adder_type.__name__, name)
+            assert merged.dtype == tensor.dtype, (adder_name, name)
             nan = tensor.isnan()
-            assert torch.equal(merged.isnan(), nan), (adder_type.__name__, name)
+            assert torch.equal(merged.isnan(), nan), (adder_name, name)
             raw = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
             # Every non-NaN element bit for bit; a NaN's payload is whatever the conversion makes of it.
-            assert torch.equal(merged[~nan].view(raw), tensor[~nan].view(raw)), (adder_type.__name__, name)
+            assert torch.equal(merged[~nan].view(raw), tensor[~nan].view(raw)), (adder_name, name)
 
 
 def test_a_nan_in_a_bfloat16_output_has_the_bits_torch_writes(tmp_path: Path) -> None:
@@ -419,12 +425,14 @@ def test_dry_run_writes_nothing_and_projects(tiny_run: Path, tmp_path: Path, cap
     a, b = (str(tiny_run / "ckpt" / f"step_000{s}.safetensors") for s in (500, 600))
     assert main(["merge", "--checkpoints", a, "--checkpoints", b, "-o", str(tmp_path / "out"), "--dry-run"]) == 0
     text = capsys.readouterr().out
+    kernel = "compiled kernel" if fused_kernel() is not None else "numpy kernel"
     for part in ("would read 2 checkpoints", "step_000500.safetensors", "model.safetensors",
-                 "projected peak memory:", "projected time:"):
+                 "projected peak memory:", "projected time:", kernel):
         assert part in text
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
     plan = plan_merge([checkpoint_ref(a), checkpoint_ref(b)], [1, 1], tmp_path / "out")
     assert plan.peak_memory_bytes > 0 and plan.projected_seconds > 0 and plan.n_tensors == 3
+    assert plan.arithmetic == ("compiled" if fused_kernel() is not None else "numpy")
 
 
 def _mergekit_config(models: list[Path], weights: list[float], dtype: str = "float32") -> dict:

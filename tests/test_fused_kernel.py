@@ -1,0 +1,156 @@
+"""The compiled merge kernel (analysis/_fused.c via analysis/fused.py): built, exact, refused when not.
+
+The kernel is trusted only because it writes numpy's bits, which write the reference's
+bits (test_merge_engine). These tests pin that chain: the install builds it wherever a C
+compiler is (so CI exercises it instead of quietly running numpy), a merge through it
+equals the plain-torch reference and the numpy kernel bit for bit, a kernel compiled with
+fused multiply-add is caught by the load-time check, and the switch to turn it off works.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import shutil
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from analysis import fused
+from analysis.block_reader import BLOCK_ELEMENTS, Block
+from analysis.checkpoints import TensorInfo
+from analysis.merge import merge_checkpoints
+from analysis.run import checkpoint_ref
+from analysis.streaming import NumpyAdder, arithmetic
+from conftest import REPO
+from test_merge_engine import reference_average, special_values_state
+
+SOURCE = REPO / "analysis" / "_fused.c"
+
+
+def compiler() -> str | None:
+    """The C compiler the install would use, if there is one here."""
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    return shutil.which(cc) or shutil.which("cc")
+
+
+def compile_kernel(out: Path, *flags: str) -> fused.Kernel:
+    """analysis/_fused.c built with ``flags`` into ``out``, loaded as analysis.fused loads it."""
+    import subprocess
+    include = sysconfig.get_paths()["include"]
+    subprocess.run([compiler(), "-shared", "-fPIC", f"-I{include}", *flags, str(SOURCE), "-o", str(out)],
+                   check=True, capture_output=True)
+    kernel = ctypes.CDLL(str(out)).ckpt_fused_average
+    kernel.restype = ctypes.c_int
+    kernel.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t, ctypes.c_size_t,
+                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    return kernel
+
+
+@pytest.fixture
+def kernel_env(monkeypatch: pytest.MonkeyPatch):
+    """Set CKPT_SELECT_KERNEL for one test; the loaded kernel is forgotten before and after."""
+    def use(value: str | None) -> None:
+        if value is None:
+            monkeypatch.delenv(fused.KERNEL_ENV, raising=False)
+        else:
+            monkeypatch.setenv(fused.KERNEL_ENV, value)
+        fused.fused_kernel.cache_clear()
+    yield use
+    monkeypatch.delenv(fused.KERNEL_ENV, raising=False)
+    fused.fused_kernel.cache_clear()
+
+
+def test_the_install_builds_the_kernel_wherever_a_c_compiler_is() -> None:
+    if compiler() is None:
+        pytest.skip("no C compiler here: merges run the numpy kernel (same bits, slower)")
+    assert fused.fused_kernel() is not None, "setup.py's optional build failed: run `make setup` and read its output"
+
+
+def test_a_merge_through_the_kernel_equals_the_reference_and_the_numpy_kernel(tmp_path: Path, kernel_env) -> None:
+    if fused.fused_kernel() is None:
+        pytest.skip("no compiled kernel in this install")
+    gen = torch.Generator().manual_seed(3)
+    shapes = {"embed": (BLOCK_ELEMENTS // 100 + 7, 100), "big": (3 * BLOCK_ELEMENTS + 5,), "tiny": (3,),
+              "empty": (0, 4)}
+    for in_dtype in (torch.bfloat16, torch.float32):
+        states = [{name: (torch.randn(shape, generator=gen) * 10 ** (i - 2)).to(in_dtype) for name, shape in shapes.items()}
+                  | {"norm": torch.tensor([-0.0, 0.0, -0.0], dtype=in_dtype), "step": torch.tensor(i)} for i in range(6)]
+        paths = [tmp_path / f"{in_dtype}-{i}.safetensors" for i in range(6)]
+        for state, path in zip(states, paths):
+            save_file(state, str(path))
+        weights = [0.05, 0.1, 0.15, 0.2, 0.2, 0.3]
+        for out_dtype in ("same", "float32", "bfloat16"):
+            merged = {}
+            for kernel in ("compiled", "numpy"):
+                kernel_env(None if kernel == "compiled" else "numpy")
+                out = tmp_path / f"out-{in_dtype}-{out_dtype}-{kernel}"
+                result = merge_checkpoints([checkpoint_ref(p) for p in paths], weights, out, out_dtype)
+                merged[kernel] = load_file(str(result.model_file))
+            expected = reference_average(states, weights, out_dtype)
+            for name, tensor in expected.items():
+                for kernel, tensors in merged.items():
+                    assert tensors[name].dtype == tensor.dtype, (kernel, name)
+                    assert tensors[name].shape == tensor.shape, (kernel, name)
+                    assert torch.equal(tensors[name].reshape(-1).view(torch.uint8),
+                                       tensor.reshape(-1).view(torch.uint8)), (in_dtype, out_dtype, kernel, name)
+
+
+def test_the_kernel_writes_numpy_bits_on_special_values_for_every_pair_it_covers() -> None:
+    kernel = fused.fused_kernel()
+    if kernel is None:
+        pytest.skip("no compiled kernel in this install")
+    for in_dtype, bits in (("float32", torch.int32), ("bfloat16", torch.int16)):
+        states = [special_values_state(seed) for seed in range(5)]
+        rows = np.stack([torch.cat([s["specials"], s["random"]]).to(getattr(torch, in_dtype)).view(bits).numpy()
+                         for s in states]).view(np.uint32 if in_dtype == "float32" else np.uint16)
+        weights = [0.3, -0.1, 0.25, 1 / 3, 0.2]
+        for out_dtype in ("float32", "bfloat16"):
+            info = TensorInfo("w", (rows.shape[1],), out_dtype, 0)
+            block = Block(info, 0, rows.shape[1], tuple(rows), (in_dtype,) * 5, rows, 0)
+            expected = NumpyAdder(weights, rows.shape[1]).add(block).view(np.uint8).copy()
+            got = fused.FusedAdder(weights, rows.shape[1], kernel).add(block).view(np.uint8)
+            assert np.array_equal(got, expected), (in_dtype, out_dtype)
+    assert fused.agrees_with_numpy(kernel)
+
+
+def test_blocks_the_kernel_does_not_cover_go_to_numpy() -> None:
+    kernel = fused.fused_kernel()
+    if kernel is None:
+        pytest.skip("no compiled kernel in this install")
+    half = np.array([[1.0, 2.0, np.nan], [3.0, -0.0, 1.0]], dtype=np.float16).view(np.uint16)
+    mixed = (np.array([1.5, 2.0, -1.0], dtype=np.float32).view(np.uint32),
+             np.array([0x3FC0, 0x4000, 0x7F80], dtype=np.uint16))
+    adder = fused.FusedAdder([0.5, 0.5], 3, kernel)
+    got = adder.add(Block(TensorInfo("h", (3,), "float16", 6), 0, 3, tuple(half), ("float16",) * 2, half, 0))
+    assert got.dtype == np.float16 and got[:2].tolist() == [2.0, 1.0] and np.isnan(got[2])
+    got = adder.add(Block(TensorInfo("m", (3,), "float32", 12), 0, 3, mixed, ("float32", "bfloat16"), None, 0))
+    assert got.tolist() == [1.5, 2.0, np.inf]
+
+
+def test_a_kernel_compiled_with_fused_multiply_add_is_refused(tmp_path: Path) -> None:
+    if compiler() is None:
+        pytest.skip("no C compiler here")
+    if platform.machine() != "x86_64" or "fma" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("needs an x86-64 CPU with FMA to build the wrong kernel")
+    good = compile_kernel(tmp_path / "good.so", "-O3", "-ffp-contract=off")
+    contracted = compile_kernel(tmp_path / "fma.so", "-O3", "-mfma", "-ffp-contract=fast")
+    assert fused.agrees_with_numpy(good)
+    assert not fused.agrees_with_numpy(contracted)
+
+
+def test_the_environment_switch_turns_the_kernel_off(tmp_path: Path, kernel_env) -> None:
+    save_file({"w": torch.ones(4, dtype=torch.bfloat16)}, str(tmp_path / "a.safetensors"))
+    from analysis.checkpoints import open_checkpoint
+    with open_checkpoint(tmp_path / "a.safetensors") as handle:
+        kernel_env("numpy")
+        assert fused.fused_kernel() is None
+        assert arithmetic([handle], handle.tensors()) == "numpy"
+        kernel_env(None)
+        assert arithmetic([handle], handle.tensors()) == ("compiled" if compiler() is not None else "numpy")
+        float8 = [TensorInfo("w", (4,), "float8_e4m3fn", 4)]
+        assert arithmetic([handle], float8) == "torch"
