@@ -25,9 +25,10 @@ from .streaming import stream_average
 VERIFY_MODES = ("full", "quick", "none")
 # Free space kept beyond the output's size: file systems misbehave when completely full.
 DISK_MARGIN_BYTES = 64 * 1024 * 1024
-# The dry run's probe averages this many blocks of the largest tensor (8 MiB per bf16 input): with 8 blocks,
-# fixed costs (thread start, first reads) made it project 1.8-2.6 s for a 1.1 s merge of 8 x 220M bf16; 32: 1.0 s.
-PROBE_BLOCKS = 32
+# The dry run's probe averages this many blocks of the largest tensor (32 MiB per bf16 input): fixed costs
+# (thread start, the first read, which nothing overlaps) must be small beside it. With the compiled kernel
+# a block takes ~0.1 ms, and 32 blocks projected 0.6-2.0 s for a 0.5 s merge of 8 x 220M bf16; 128: 0.4-0.6 s.
+PROBE_BLOCKS = 128
 
 Progress = Callable[[float, str], None]
 
