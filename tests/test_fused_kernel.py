@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from analysis import fused
@@ -154,3 +156,28 @@ def test_the_environment_switch_turns_the_kernel_off(tmp_path: Path, kernel_env)
         assert arithmetic([handle], handle.tensors()) == ("compiled" if compiler() is not None else "numpy")
         float8 = [TensorInfo("w", (4,), "float8_e4m3fn", 4)]
         assert arithmetic([handle], float8) == "torch"
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 9), count=st.integers(0, 2100), in_dtype=st.sampled_from(["float32", "bfloat16"]),
+       out_dtype=st.sampled_from(["float32", "bfloat16"]), seed=st.integers(0, 2 ** 32 - 1),
+       weights=st.lists(st.floats(-4, 4, allow_nan=False, width=32), min_size=9, max_size=9))
+def test_the_kernel_equals_numpy_on_arbitrary_bit_patterns(n: int, count: int, in_dtype: str, out_dtype: str,
+                                                           seed: int, weights: list[float]) -> None:
+    """Any bits at all (NaN payloads, subnormals, infinities), any weights, sizes around the chunk edges."""
+    kernel = fused.fused_kernel()
+    if kernel is None:
+        pytest.skip("no compiled kernel in this install")
+    rng = np.random.default_rng(seed)
+    bits = np.uint32 if in_dtype == "float32" else np.uint16
+    rows = rng.integers(0, np.iinfo(bits).max, size=(n, count), dtype=bits, endpoint=True)
+    info = TensorInfo("w", (count,), out_dtype, 0)
+    block = Block(info, 0, count, tuple(rows), (in_dtype,) * n, rows, 0)
+    expected = NumpyAdder(weights[:n], max(count, 1)).add(block).copy()
+    got = fused.FusedAdder(weights[:n], max(count, 1), kernel).add(block)
+    if out_dtype == "bfloat16":      # a NaN is written 0xFFFF by both: every element bit for bit
+        assert np.array_equal(got, expected)
+    else:                            # a float32 NaN's payload is the hardware's: NaN where numpy has NaN
+        nan = np.isnan(expected)
+        assert np.array_equal(np.isnan(got), nan)
+        assert np.array_equal(got[~nan].view(np.uint32), expected[~nan].view(np.uint32))
