@@ -100,8 +100,9 @@ def check_disk(out_dir: Path, needed: int) -> int:
 
 
 # How the dry run names each adder (analysis.streaming.arithmetic).
-ARITHMETIC = {"compiled": "compiled kernel", "numpy": "numpy kernel, no compiled one was built",
-              "torch": "torch, for float8"}
+ARITHMETIC = {"compiled": "compiled kernel",
+              "compiled and numpy": "compiled kernel, numpy for tensors of other dtypes or mixed dtypes",
+              "numpy": "numpy kernel, no compiled one was built", "torch": "torch, for float8"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +119,7 @@ class MergePlan:
     peak_memory_bytes: int                      # this process now + the merge's buffers
     projected_seconds: float
     probe_mb_per_s: float                       # input MB read and averaged per second in the probe
-    arithmetic: str                             # the adder that runs: "compiled", "numpy" or "torch"
+    arithmetic: str                             # the adder that runs (analysis.streaming.arithmetic)
 
     def describe(self) -> list[str]:
         """Plain lines for the command line."""

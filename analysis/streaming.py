@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from .block_reader import Block, BlockReader, Whole
+from .block_reader import Block, BlockReader, Whole, locate
 from .checkpoints.base import DTYPE_BYTES, RAW_BITS
 
 if TYPE_CHECKING:
@@ -66,28 +66,36 @@ def stream_average(handles: Sequence["CheckpointHandle"], weights: Sequence[floa
     block lives in a buffer that is reused: it is valid until the next one is asked for.
     """
     reader = BlockReader(handles, layout)
-    kernel = arithmetic(handles, layout)
-    if kernel == "torch":
+    how = arithmetic(handles, layout)
+    if how == "torch":
         from .streaming_torch import TorchAdder, one_intra_op_thread
         with one_intra_op_thread():
             yield from _averaged(reader, TorchAdder(weights, reader.block), layout, progress)
         return
-    adder: Adder = NumpyAdder(weights, reader.block)
-    if kernel == "compiled":
+    if how.startswith("compiled"):
         from .fused import FusedAdder, fused_kernel
-        adder = FusedAdder(weights, reader.block, fused_kernel())  # type: ignore[arg-type]
+        adder: Adder = FusedAdder(weights, reader.block, fused_kernel())  # type: ignore[arg-type]
+    else:
+        adder = NumpyAdder(weights, reader.block)
     yield from _averaged(reader, adder, layout, progress)
 
 
 def arithmetic(handles: Sequence["CheckpointHandle"], layout: Sequence["TensorInfo"]) -> str:
-    """Which adder a merge runs: "compiled" (analysis.fused, where built; it hands the blocks it
-    does not cover to numpy), "numpy", or "torch" when a float8 dtype is stored or written."""
+    """Which adder a merge runs: "torch" when a float8 dtype is stored or written; else "compiled"
+    (:mod:`analysis.fused`, where built) when it covers every tensor, "compiled and numpy" when it
+    hands some to numpy (float16, float64, inputs of mixed dtypes, pickles), or "numpy"."""
     dtypes = {i.dtype for i in layout if i.is_floating}
     dtypes |= {i.dtype for h in handles for i in h.tensors() if i.is_floating}
     if not dtypes <= NUMPY_DTYPES:
         return "torch"
-    from .fused import fused_kernel
-    return "numpy" if fused_kernel() is None else "compiled"
+    from .fused import KINDS, fused_kernel
+    if fused_kernel() is None:
+        return "numpy"
+    for info in (i for i in layout if i.is_floating):
+        stored = {loc.dtype if loc is not None else None for loc in (locate(h, info.name) for h in handles)}
+        if info.dtype not in KINDS or len(stored) != 1 or not stored <= KINDS.keys():
+            return "compiled and numpy"
+    return "compiled"
 
 
 def _averaged(reader: BlockReader, adder: Adder, layout: Sequence["TensorInfo"],

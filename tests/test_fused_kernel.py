@@ -156,6 +156,9 @@ def test_the_environment_switch_turns_the_kernel_off(tmp_path: Path, kernel_env)
         assert arithmetic([handle], handle.tensors()) == ("compiled" if compiler() is not None else "numpy")
         float8 = [TensorInfo("w", (4,), "float8_e4m3fn", 4)]
         assert arithmetic([handle], float8) == "torch"
+        if compiler() is not None:
+            half = [TensorInfo("w", (4,), "float16", 8)]
+            assert arithmetic([handle], half) == "compiled and numpy"    # a float16 output goes to numpy
 
 
 @settings(max_examples=200, deadline=None)
