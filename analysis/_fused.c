@@ -29,8 +29,9 @@ enum { KIND_BFLOAT16 = 0, KIND_FLOAT32 = 1 };
 /* Accumulator elements per chunk: 4 KiB of floats, which stay in L1 while the inputs stream past. */
 #define CHUNK 1024
 
-/* One build runs well on every x86-64: the loader picks the widest vector unit the CPU has. */
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+/* One build runs well on every x86-64: the loader picks the widest vector unit the CPU has.
+ * (-DCKPT_SINGLE_TARGET builds one variant for the flags given: the tests check each one.) */
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(CKPT_SINGLE_TARGET)
 #define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define VECTOR_CLONES

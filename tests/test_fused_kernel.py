@@ -145,6 +145,25 @@ def test_a_kernel_compiled_with_fused_multiply_add_is_refused(tmp_path: Path) ->
     assert not fused.agrees_with_numpy(contracted)
 
 
+@pytest.mark.parametrize("isa", ["x86-64", "avx2", "avx512f"])
+def test_every_variant_the_build_dispatches_to_writes_numpy_bits(tmp_path: Path, isa: str) -> None:
+    """The install's one build holds a baseline, an AVX2 and an AVX-512 variant and runs the widest the
+    CPU has; each is built alone here and checked, so a CPU that gets another variant gets the same bits."""
+    if compiler() is None or platform.machine() != "x86_64":
+        pytest.skip("needs a C compiler on x86-64")
+    if isa != "x86-64" and isa not in Path("/proc/cpuinfo").read_text().split():
+        pytest.skip(f"this CPU has no {isa}")
+    flags = ["-march=x86-64"] if isa == "x86-64" else [f"-m{isa}"]
+    kernel = compile_kernel(tmp_path / f"{isa}.so", "-O3", "-ffp-contract=off", "-DCKPT_SINGLE_TARGET", *flags)
+    assert fused.agrees_with_numpy(kernel)
+    rng = np.random.default_rng(1)
+    rows = rng.integers(0, 2 ** 16, size=(7, 5000), dtype=np.uint16)
+    weights = list(rng.uniform(-1, 1, 7))
+    block = Block(TensorInfo("w", (5000,), "bfloat16", 0), 0, 5000, tuple(rows), ("bfloat16",) * 7, rows, 0)
+    assert np.array_equal(fused.FusedAdder(weights, 5000, kernel).add(block),
+                          NumpyAdder(weights, 5000).add(block))
+
+
 def test_the_environment_switch_turns_the_kernel_off(tmp_path: Path, kernel_env) -> None:
     save_file({"w": torch.ones(4, dtype=torch.bfloat16)}, str(tmp_path / "a.safetensors"))
     from analysis.checkpoints import open_checkpoint
