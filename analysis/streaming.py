@@ -21,7 +21,7 @@ it is converted with a shift and rounded with integer arithmetic (round half to 
 in a float8 dtype, which numpy does not have, go through :mod:`analysis.streaming_torch`.
 
 Where the install compiled :mod:`analysis.fused`'s kernel (and it proves to write these
-same bits), blocks of bfloat16/float32 go through it instead: one pass over memory per
+same bits), blocks of bfloat16/float16/float32 go through it instead: one pass over memory per
 block instead of one per numpy operation. Reads happen ahead on a thread
 (:mod:`analysis.block_reader`); numpy and the compiled kernel release the GIL, so reading
 block k+1 overlaps adding up block k.
@@ -83,7 +83,7 @@ def stream_average(handles: Sequence["CheckpointHandle"], weights: Sequence[floa
 def arithmetic(handles: Sequence["CheckpointHandle"], layout: Sequence["TensorInfo"]) -> str:
     """Which adder a merge runs: "torch" when a float8 dtype is stored or written; else "compiled"
     (:mod:`analysis.fused`, where built) when it covers every tensor, "compiled and numpy" when it
-    hands some to numpy (float16, float64, inputs of mixed dtypes, pickles), or "numpy"."""
+    hands some to numpy (float64, inputs of mixed dtypes, pickles), or "numpy"."""
     dtypes = {i.dtype for i in layout if i.is_floating}
     dtypes |= {i.dtype for h in handles for i in h.tensors() if i.is_floating}
     if not dtypes <= NUMPY_DTYPES:

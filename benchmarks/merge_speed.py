@@ -1,6 +1,6 @@
 """Merge speed and peak memory against what users would run instead (issue 6).
 
-Generates Llama-layout Hugging Face folders (config.json + model.safetensors, bf16) under
+Generates Llama-layout Hugging Face folders (config.json + model.safetensors, bf16, and one case in fp16) under
 ``--cache`` (reused between runs), then times, each in its own process with the inputs
 warm in the page cache (``cat`` first):
 
@@ -59,29 +59,39 @@ def llama_config(layers: int) -> dict:
 
 def make_inputs(root: Path, layers: int, count: int) -> list[Path]:
     """``count`` checkpoint folders of one model (cached), made in a child process."""
-    folders = [root / f"llama{layers}" / f"checkpoint-{100 * (i + 1)}" for i in range(count)]
+    return make_inputs_of(root, layers, count, "bfloat16")
+
+
+def make_inputs_of(root: Path, layers: int, count: int, dtype: str) -> list[Path]:
+    """``count`` checkpoint folders of one model stored in ``dtype`` (cached), made in a child process."""
+    folders = _folders(root, layers, count, dtype)
     if not all((f / "model.safetensors").is_file() for f in folders):
-        subprocess.run([sys.executable, __file__, "--generate", str(root), str(layers), str(count)], check=True)
+        subprocess.run([sys.executable, __file__, "--generate", str(root), str(layers), str(count), dtype], check=True)
     return folders
 
 
-def generate(root: Path, layers: int, count: int) -> None:
-    """Write the checkpoint folders: random bf16 weights, each checkpoint drifting a little from the first."""
+def _folders(root: Path, layers: int, count: int, dtype: str) -> list[Path]:
+    name = f"llama{layers}" if dtype == "bfloat16" else f"llama{layers}-{dtype}"
+    return [root / name / f"checkpoint-{100 * (i + 1)}" for i in range(count)]
+
+
+def generate(root: Path, layers: int, count: int, dtype: str = "bfloat16") -> None:
+    """Write the checkpoint folders: random weights, each checkpoint drifting a little from the first."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folders = [root / f"llama{layers}" / f"checkpoint-{100 * (i + 1)}" for i in range(count)]
+    folders = _folders(root, layers, count, dtype)
     config = LlamaConfig(**{k: v for k, v in llama_config(layers).items() if k != "architectures"})
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items()}
     gen = torch.Generator().manual_seed(0)
-    base = {k: (torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+    base = {k: (torch.randn(s, generator=gen) * 0.02).to(getattr(torch, dtype)) for k, s in shapes.items()}
     for index, folder in enumerate(folders):
         if (folder / "model.safetensors").is_file():
             continue
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(llama_config(layers), indent=2))
+        (folder / "config.json").write_text(json.dumps({**llama_config(layers), "torch_dtype": dtype}, indent=2))
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": 100 * (index + 1)}))
         state = {k: v * (1 + 0.001 * index) for k, v in base.items()}
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -176,8 +186,8 @@ def best(runs: int, contender, *args) -> tuple[float, float] | None:
 
 
 def main() -> None:
-    if len(sys.argv) == 5 and sys.argv[1] == "--generate":
-        generate(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    if len(sys.argv) == 6 and sys.argv[1] == "--generate":
+        generate(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ckpt-select-merge-bench")
@@ -188,7 +198,8 @@ def main() -> None:
     small = make_inputs(args.cache, 12, 8 if args.quick else 16)
     cases = [("220M", small[:8], True)] if args.quick else \
         [("220M", small[:8], True), ("220M", small[:2], False), ("220M", small[:16], False),
-         ("438M", make_inputs(args.cache, 29, 8), False)]
+         ("438M", make_inputs(args.cache, 29, 8), False),
+         ("220M fp16", make_inputs_of(args.cache, 12, 8, "float16"), False)]
     for label, folders, baselines in cases:
         with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
             work = Path(tmp)
@@ -196,8 +207,9 @@ def main() -> None:
                    "input_gb": sum((f / "model.safetensors").stat().st_size for f in folders) / 1e9,
                    "cat_s": warm(folders), "ckpt_select": best(args.repeat, ours, folders, work)}
             row["dry_run"] = projection(folders, work)
-            if baselines:
+            if baselines or "fp16" in label:
                 row["ckpt_select_numpy"] = best(args.repeat, ours, folders, work, "numpy")
+            if baselines:
                 row["load_whole"] = best(args.repeat, load_whole, folders, work)
                 row["mergekit"] = None if args.quick else best(args.repeat, mergekit, folders, work)
                 if row["mergekit"] is None and not args.quick:
