@@ -10,6 +10,8 @@ setup(ext_modules=[Extension(
     "analysis._fused",
     sources=["analysis/_fused.c"],
     # No fused multiply-add and no fast-math: the kernel's bits must equal numpy's (see the source).
-    extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math"],
+    # -fno-trapping-math changes no result: it lets the compiler compute both sides of a select (the
+    # float16 conversions), so those loops vectorise (8 x 220M fp16: ~2.4 s -> ~0.45 s of arithmetic).
+    extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math"],
     optional=True,
 )])

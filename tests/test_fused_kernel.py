@@ -32,6 +32,8 @@ from conftest import REPO
 from test_merge_engine import reference_average, special_values_state
 
 SOURCE = REPO / "analysis" / "_fused.c"
+# setup.py's compile flags for the kernel
+INSTALL_FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math")
 
 
 def compiler() -> str | None:
@@ -139,7 +141,7 @@ def test_a_kernel_compiled_with_fused_multiply_add_is_refused(tmp_path: Path) ->
         pytest.skip("no C compiler here")
     if platform.machine() != "x86_64" or "fma" not in Path("/proc/cpuinfo").read_text():
         pytest.skip("needs an x86-64 CPU with FMA to build the wrong kernel")
-    good = compile_kernel(tmp_path / "good.so", "-O3", "-ffp-contract=off")
+    good = compile_kernel(tmp_path / "good.so", *INSTALL_FLAGS)
     contracted = compile_kernel(tmp_path / "fma.so", "-O3", "-mfma", "-ffp-contract=fast")
     assert fused.agrees_with_numpy(good)
     assert not fused.agrees_with_numpy(contracted)
@@ -153,8 +155,9 @@ def test_every_variant_the_build_dispatches_to_writes_numpy_bits(tmp_path: Path,
         pytest.skip("needs a C compiler on x86-64")
     if isa != "x86-64" and isa not in Path("/proc/cpuinfo").read_text().split():
         pytest.skip(f"this CPU has no {isa}")
+    assert all(f'"{flag}"' in (REPO / "setup.py").read_text() for flag in INSTALL_FLAGS)   # what the install uses
     flags = ["-march=x86-64"] if isa == "x86-64" else [f"-m{isa}"]
-    kernel = compile_kernel(tmp_path / f"{isa}.so", "-O3", "-ffp-contract=off", "-DCKPT_SINGLE_TARGET", *flags)
+    kernel = compile_kernel(tmp_path / f"{isa}.so", *INSTALL_FLAGS, "-DCKPT_SINGLE_TARGET", *flags)
     assert fused.agrees_with_numpy(kernel)
     rng = np.random.default_rng(1)
     rows = rng.integers(0, 2 ** 16, size=(7, 5000), dtype=np.uint16)
