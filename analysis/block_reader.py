@@ -10,7 +10,8 @@ reusable buffers (no memory map, so the inputs' pages never count against the pr
 resident memory). ``preadv`` and numpy's (or torch's) kernels release the GIL, so the
 thread reads block k+1 of every input while the adder works on block k. A block's inputs
 are read back to back into one buffer, so (sharing a dtype, the usual case) they form one
-``[inputs, count]`` array that the adder converts and weights in one call each. A second
+``[inputs, count]`` array that the adder converts and weights in one call each; a tensor of
+a layout read whole (a pickle) is copied into its place in that buffer block by block. A second
 reader thread was tried and was slower (contention on 2 cores); a memory map plus
 conversion cost as much as read plus conversion.
 
@@ -187,7 +188,7 @@ class BlockReader:
         wholes = [None if t is None else raw_bits(t) for t in tensors]
         dtypes = tuple(loc.dtype if loc is not None else str(t.dtype).removeprefix("torch.")  # type: ignore[union-attr]
                        for t, loc in zip(tensors, locations))
-        uniform = all(w is None for w in wholes) and len(set(dtypes)) == 1
+        uniform = len(set(dtypes)) == 1
         for start in range(0, info.numel, self.block):
             stop = min(start + self.block, info.numel)
             index = self._free.get()
@@ -196,14 +197,17 @@ class BlockReader:
             buffer, count, parts = self._buffers[index], stop - start, []
             # Inputs back to back: packed when they share a dtype, else each in a widest-dtype slot.
             slot = count * (DTYPE_BYTES[dtypes[0]] if uniform else self._widest)
-            for i, (whole, loc) in enumerate(zip(wholes, locations)):
-                if whole is not None:
+            for i, (whole, loc, dtype) in enumerate(zip(wholes, locations, dtypes)):
+                if whole is not None and not uniform:
                     parts.append(whole[start:stop])
                     continue
-                assert loc is not None
-                target = buffer[i * slot:i * slot + count * DTYPE_BYTES[loc.dtype]]
-                self._pread(loc, info, start, stop, target)
-                parts.append(target.view(RAW_BITS[DTYPE_BYTES[loc.dtype]]))
+                target = buffer[i * slot:i * slot + count * DTYPE_BYTES[dtype]].view(RAW_BITS[DTYPE_BYTES[dtype]])
+                if whole is not None:        # copied in beside the others, so the block is one array
+                    np.copyto(target, whole[start:stop])
+                else:
+                    assert loc is not None
+                    self._pread(loc, info, start, stop, target.view(np.uint8))
+                parts.append(target)
             stacked = None
             if uniform:
                 stacked = buffer[:len(parts) * slot].view(RAW_BITS[DTYPE_BYTES[dtypes[0]]]).reshape(len(parts), count)

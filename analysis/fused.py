@@ -11,7 +11,7 @@ Trust: before the first use the kernel averages special values (signed zeros, in
 NaN, subnormals, rounding ties) and must write exactly the bits :class:`NumpyAdder` writes
 for every dtype pair it offers; a kernel built with other floating-point flags fails that
 and is not used. ``CKPT_SELECT_KERNEL=numpy`` turns it off (to compare, or to rule it out).
-Blocks it does not cover (float64, mixed input dtypes, pickled inputs) go to numpy.
+Blocks it does not cover (float64, inputs of mixed dtypes) go to numpy.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from .block_reader import Block, BlockReader, Whole, locate
+from .block_reader import Block, BlockReader, Whole
 from .checkpoints.base import DTYPE_BYTES, RAW_BITS
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ def stream_average(handles: Sequence["CheckpointHandle"], weights: Sequence[floa
 def arithmetic(handles: Sequence["CheckpointHandle"], layout: Sequence["TensorInfo"]) -> str:
     """Which adder a merge runs: "torch" when a float8 dtype is stored or written; else "compiled"
     (:mod:`analysis.fused`, where built) when it covers every tensor, "compiled and numpy" when it
-    hands some to numpy (float64, inputs of mixed dtypes, pickles), or "numpy"."""
+    hands some to numpy (float64, inputs of mixed dtypes), or "numpy"."""
     dtypes = {i.dtype for i in layout if i.is_floating}
     dtypes |= {i.dtype for h in handles for i in h.tensors() if i.is_floating}
     if not dtypes <= NUMPY_DTYPES:
@@ -91,8 +91,9 @@ def arithmetic(handles: Sequence["CheckpointHandle"], layout: Sequence["TensorIn
     from .fused import KINDS, fused_kernel
     if fused_kernel() is None:
         return "numpy"
+    stored_dtypes = [{i.name: i.dtype for i in h.tensors()} for h in handles]
     for info in (i for i in layout if i.is_floating):
-        stored = {loc.dtype if loc is not None else None for loc in (locate(h, info.name) for h in handles)}
+        stored = {by_name.get(info.name) for by_name in stored_dtypes}
         if info.dtype not in KINDS or len(stored) != 1 or not stored <= KINDS.keys():
             return "compiled and numpy"
     return "compiled"

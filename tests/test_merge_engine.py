@@ -262,6 +262,8 @@ def test_pickle_inputs_take_the_whole_tensor_path_with_the_same_arithmetic(tmp_p
     torch.save(states[1], paths[1])
     save_file(states[2], str(paths[2]))
     refs = [checkpoint_ref(p, s) for p, s in zip(paths, (1, 2, 3))]
+    # the pickle's tensors are copied beside the others, so its blocks take the compiled kernel too
+    assert plan_merge(refs, [1, 2, 3], tmp_path / "out").arithmetic == ("compiled" if fused_kernel() else "numpy")
     merged = load_file(str(merge_checkpoints(refs, [1, 2, 3], tmp_path / "out").model_file))
     for name, tensor in reference_average(states, [1, 2, 3], "same").items():
         assert torch.equal(merged[name], tensor), name
