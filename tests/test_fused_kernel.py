@@ -69,9 +69,10 @@ def kernel_env(monkeypatch: pytest.MonkeyPatch):
     fused.fused_kernel.cache_clear()
 
 
-def test_the_install_builds_the_kernel_wherever_a_c_compiler_is() -> None:
+def test_the_install_builds_the_kernel_wherever_a_c_compiler_is(kernel_env) -> None:
     if compiler() is None:
         pytest.skip("no C compiler here: merges run the numpy kernel (same bits, slower)")
+    kernel_env(None)
     assert fused.fused_kernel() is not None, "setup.py's optional build failed: run `make setup` and read its output"
 
 
