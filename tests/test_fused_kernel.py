@@ -10,6 +10,8 @@ fused multiply-add is caught by the load-time check, and the switch to turn it o
 from __future__ import annotations
 
 import ctypes
+import importlib.machinery
+import importlib.util
 import platform
 import shutil
 import sysconfig
@@ -137,7 +139,8 @@ def test_blocks_the_kernel_does_not_cover_go_to_numpy() -> None:
     assert got.tolist() == [1.5, 2.0, np.inf]
 
 
-def test_a_kernel_compiled_with_fused_multiply_add_is_refused(tmp_path: Path) -> None:
+def test_a_kernel_compiled_with_fused_multiply_add_is_refused(tmp_path: Path, kernel_env,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     if compiler() is None:
         pytest.skip("no C compiler here")
     if platform.machine() != "x86_64" or "fma" not in Path("/proc/cpuinfo").read_text():
@@ -146,6 +149,12 @@ def test_a_kernel_compiled_with_fused_multiply_add_is_refused(tmp_path: Path) ->
     contracted = compile_kernel(tmp_path / "fma.so", "-O3", "-mfma", "-ffp-contract=fast")
     assert fused.agrees_with_numpy(good)
     assert not fused.agrees_with_numpy(contracted)
+    # installed in the package's place, it is refused with a warning and merges run numpy
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: importlib.machinery.ModuleSpec(name, None, origin=str(tmp_path / "fma.so")))
+    kernel_env(None)
+    with pytest.warns(RuntimeWarning, match="merging with the numpy kernel instead"):
+        assert fused.fused_kernel() is None
 
 
 @pytest.mark.parametrize("isa", ["x86-64", "avx2", "avx512f"])
