@@ -245,6 +245,7 @@ def _plan_doc(plan: MergePlan) -> dict:
             "files": list(plan.files), "output_bytes": plan.output_bytes, "tensors": plan.n_tensors,
             "replaces_existing": plan.replaces_existing, "free_bytes": plan.free_bytes,
             "projected_peak_memory_bytes": plan.peak_memory_bytes, "projected_seconds": plan.projected_seconds,
+            "projected_seconds_uncached": plan.projection.uncached_seconds,
             "probe_mb_per_s": plan.probe_mb_per_s, "arithmetic": plan.arithmetic}
 
 

@@ -179,11 +179,11 @@ def plan_merge(refs: Sequence[CheckpointRef], weights: Sequence[float], out_dir:
         handles = [stack.enter_context(open_checkpoint(r.path, r.layout)) for r in refs]
         layout, plan = _plan(handles, refs, output_dtype, out_shard_size)
         free = check_disk(out_dir, plan.size_bytes)
-        peak, seconds, rate = project(handles, weights, layout, plan)
-        adder = arithmetic(handles, layout)
+        adder = arithmetic(handles, layout)     # first: loading the kernel is not the probe's to time
+        peak, projected = project(handles, weights, layout, plan)
     files = plan.files + (RECIPE_FILE, MERGEKIT_FILE)
     return MergePlan(tuple((r.path, r.size_bytes) for r in refs), out_dir, files, plan.size_bytes, len(layout),
-                     out_dir.exists(), free, peak, seconds, rate, adder)
+                     out_dir.exists(), free, peak, projected, adder)
 
 
 def _plan(handles, refs: Sequence[CheckpointRef], output_dtype: str,

@@ -99,10 +99,23 @@ def check_disk(out_dir: Path, needed: int) -> int:
     return free
 
 
+# A first probe pass this many times slower than the second read its inputs from storage, not the page cache
+# (thread start-up and loading the kernel, the first pass's other costs, stay well under this with 128 blocks).
+UNCACHED_RATIO = 1.5
+
 # How the dry run names each adder (analysis.streaming.arithmetic).
 ARITHMETIC = {"compiled": "compiled kernel",
               "compiled and numpy": "compiled kernel, numpy for tensors of other dtypes or mixed dtypes",
               "numpy": "numpy kernel, no compiled one was built", "torch": "torch, for float8"}
+
+
+@dataclass(frozen=True, slots=True)
+class Projection:
+    """The dry run's time estimate, from two passes of the speed probe."""
+
+    seconds: float                  # with the inputs in the page cache (the faster pass's speed)
+    probe_mb_per_s: float           # input MB read and averaged per second in the faster pass
+    uncached_seconds: float | None  # at the first pass's speed, when it read from storage; else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +130,18 @@ class MergePlan:
     replaces_existing: bool
     free_bytes: int
     peak_memory_bytes: int                      # this process now + the merge's buffers
-    projected_seconds: float
-    probe_mb_per_s: float                       # input MB read and averaged per second in the probe
+    projection: Projection
     arithmetic: str                             # the adder that runs (analysis.streaming.arithmetic)
+
+    @property
+    def projected_seconds(self) -> float:
+        """With the inputs in the page cache."""
+        return self.projection.seconds
+
+    @property
+    def probe_mb_per_s(self) -> float:
+        """Input MB read and averaged per second in the probe's faster pass."""
+        return self.projection.probe_mb_per_s
 
     def describe(self) -> list[str]:
         """Plain lines for the command line."""
@@ -130,17 +152,20 @@ class MergePlan:
         lines += [f"  {name}" for name in self.files]
         lines.append(f"free disk: {self.free_bytes / 1e9:,.2f} GB")
         lines.append(f"projected peak memory: {self.peak_memory_bytes / 1e6:,.0f} MB")
-        lines.append(f"projected time: {self.projected_seconds:,.1f} s (probe: {self.probe_mb_per_s:,.0f} MB/s "
-                     f"of input read and averaged, {ARITHMETIC[self.arithmetic]})")
+        lines.append(f"projected time: {self.projected_seconds:,.1f} s with the inputs in the page cache "
+                     f"(probe: {self.probe_mb_per_s:,.0f} MB/s of input read and averaged, {ARITHMETIC[self.arithmetic]})")
+        if self.projection.uncached_seconds is not None:
+            lines.append(f"projected time from storage: {self.projection.uncached_seconds:,.1f} s (the probe's first "
+                         "read was slower: the inputs are not all in the page cache)")
         return lines
 
 
 def project(handles: Sequence[CheckpointHandle], weights: Sequence[float], layout: list[TensorInfo],
-            plan: OutputPlan) -> tuple[int, float, float]:
-    """(projected peak memory bytes, projected seconds, probe MB/s) for merging ``handles``.
+            plan: OutputPlan) -> tuple[int, Projection]:
+    """(projected peak memory bytes, projected time) for merging ``handles``.
 
-    The probe averages the first blocks of the largest tensor, reading the real inputs the way
-    the merge does, and scales the time by the bytes to read; writing is assumed as fast.
+    The probe averages the first blocks of the largest tensor twice, reading the real inputs
+    the way the merge does, and scales the time by the bytes to read and write.
     """
     import psutil
 
@@ -152,17 +177,33 @@ def project(handles: Sequence[CheckpointHandle], weights: Sequence[float], layou
     peak = psutil.Process().memory_info().rss + buffer_bytes(handles) + extra
     probe = TensorInfo(largest.name, (min(largest.numel, PROBE_BLOCKS * BLOCK_ELEMENTS),), largest.dtype,
                        0)
-    seconds = float("inf")
-    for _ in range(2):   # the first pass pays for thread start-up and cold caches: keep the faster
+    times = []
+    for _ in range(2):
         start = time.perf_counter()
         for _ in stream_average(handles, weights, [probe]):
             pass
-        seconds = max(min(seconds, time.perf_counter() - start), 1e-6)
+        times.append(time.perf_counter() - start)
     itemsizes = sum(_input_itemsizes(handles, largest))
-    rate = probe.numel * itemsizes / seconds                     # input bytes read and averaged per second
     total_read = sum(i.numel for i in layout) * itemsizes
-    # Writing goes to the page cache about as fast as reading comes from it: counted at the same rate.
-    return peak, (total_read + plan.data_bytes) / rate, rate / 1e6
+    return peak, projection(times[0], times[1], probe.numel * itemsizes, total_read, plan.data_bytes)
+
+
+def projection(first_s: float, second_s: float, probe_bytes: int, read_bytes: int, write_bytes: int) -> Projection:
+    """Scale the probe's passes to the whole merge.
+
+    The faster pass is the merge with its inputs in the page cache; writing goes into the
+    page cache about as fast as reading comes from it, so it is counted at the same rate.
+    A first pass more than UNCACHED_RATIO x slower than the second read its inputs from
+    storage (the second found them cached): a merge of inputs that are not in the page cache,
+    the usual case for hundreds of gigabytes, reads at that first speed, so it is projected too.
+    """
+    first_s, second_s = max(first_s, 1e-6), max(second_s, 1e-6)
+    warm_rate = probe_bytes / min(first_s, second_s)
+    seconds = (read_bytes + write_bytes) / warm_rate
+    uncached = None
+    if first_s > UNCACHED_RATIO * second_s:
+        uncached = read_bytes / (probe_bytes / first_s) + write_bytes / warm_rate
+    return Projection(seconds, warm_rate / 1e6, uncached)
 
 
 def _input_itemsizes(handles: Sequence[CheckpointHandle], info: TensorInfo) -> list[int]:

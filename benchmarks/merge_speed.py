@@ -7,7 +7,8 @@ warm in the page cache (``cat`` first):
 - ``cat`` of the inputs (the floor),
 - load-whole: a fairseq-style script that loads each checkpoint whole into a float32 running sum,
 - mergekit 0.1.5 ``linear`` via ``mergekit-yaml`` (when installed; it is not a dependency),
-- ``python -m analysis merge RECIPE.yaml -o OUT`` (default ``--verify quick``).
+- ``python -m analysis merge RECIPE.yaml -o OUT`` (default ``--verify quick``), warm and, for the first
+  case, with its inputs evicted from the page cache (``posix_fadvise``), beside what ``--dry-run`` projects.
 
 Wall time includes process start-up for every contender; peak RSS is the child's
 ``ru_maxrss`` from ``wait4``. The parent never imports torch (inputs and recipes are made by
@@ -141,6 +142,35 @@ def ours(folders: list[Path], work: Path, kernel: str | None = None) -> tuple[fl
     return result
 
 
+def evict(folders: list[Path]) -> None:
+    """Drop the inputs' pages from the page cache (posix_fadvise DONTNEED: no root needed, clean pages only)."""
+    for folder in folders:
+        fd = os.open(folder / "model.safetensors", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def ours_cold(folders: list[Path], work: Path) -> tuple[float, float]:
+    """The merge with its inputs read from storage (evicted from the page cache first)."""
+    out = work / "ours"
+    shutil.rmtree(out, ignore_errors=True)
+    evict(folders)
+    result = timed([sys.executable, "-m", "analysis", "merge", str(work / "recipe.yaml"), "-o", str(out)], cwd=REPO)
+    shutil.rmtree(out)
+    return result
+
+
+def projection_cold(folders: list[Path], work: Path) -> float | None:
+    """What ``merge --dry-run`` projects from storage when the inputs are not in the page cache."""
+    evict(folders)
+    out = subprocess.run([sys.executable, "-m", "analysis", "merge", str(work / "recipe.yaml"), "-o",
+                          str(work / "ours"), "--dry-run", "--json"], cwd=REPO, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)["projected_seconds_uncached"]
+
+
 def projection(folders: list[Path], work: Path) -> tuple[float, float]:
     """What ``merge --dry-run`` projects for the same merge: (seconds, peak MB), to set against the measurement."""
     recipe = work / "recipe.yaml"
@@ -210,6 +240,8 @@ def main() -> None:
             if baselines or "fp16" in label:
                 row["ckpt_select_numpy"] = best(args.repeat, ours, folders, work, "numpy")
             if baselines:
+                row["cold"] = {"projected_s": projection_cold(folders, work),
+                               "measured": best(args.repeat, ours_cold, folders, work)}
                 row["load_whole"] = best(args.repeat, load_whole, folders, work)
                 row["mergekit"] = None if args.quick else best(args.repeat, mergekit, folders, work)
                 if row["mergekit"] is None and not args.quick:
@@ -293,6 +325,11 @@ def readme_sentence(rows: list[dict], startup_s: float) -> str:
     projections = "; ".join(f"{r['inputs']} × {r['model']}: {r['dry_run'][0]:.1f} s, {r['dry_run'][1]:.0f} MB "
                             f"(measured {r['ckpt_select'][0] - startup_s:.1f} s after start-up, {r['ckpt_select'][1]:.0f} MB)"
                             for r in rows if r.get("dry_run"))
+    cold = row.get("cold")
+    if cold and cold["measured"]:
+        projected = f"{cold['projected_s']:.1f} s" if cold["projected_s"] is not None else "nothing (it saw no slower first read)"
+        head += (f"; from storage (inputs evicted from the page cache) it takes {cold['measured'][0]:.2f} s, "
+                 f"{cold['measured'][1]:.0f} MB, for which `--dry-run` projected {projected} after start-up")
     return (f"{head}; {startup_s:.2f} s of its {ours:.2f} s is Python start-up "
             f"(a process that only imports the merge's modules), the merge itself about {ours - startup_s:.2f} s.\n"
             f"`merge --dry-run` projected {projections}.")

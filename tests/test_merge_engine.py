@@ -437,6 +437,32 @@ def test_dry_run_writes_nothing_and_projects(tiny_run: Path, tmp_path: Path, cap
     assert plan.arithmetic == ("compiled" if fused_kernel() is not None else "numpy")
 
 
+def test_the_projection_adds_a_from_storage_time_when_the_first_probe_read_was_slow() -> None:
+    from analysis.merge_checks import UNCACHED_RATIO, projection
+
+    mb = 1_000_000
+    # both passes alike (inputs cached): 100 MB in 0.01 s is 10 GB/s; 1000 MB read + 100 MB written at that rate
+    cached = projection(0.011, 0.010, 100 * mb, 1000 * mb, 100 * mb)
+    assert cached.seconds == pytest.approx(0.11) and cached.probe_mb_per_s == pytest.approx(10_000)
+    assert cached.uncached_seconds is None
+    # a first pass 5x slower read from storage at 2 GB/s: reads at that speed, writes at the cached one
+    cold = projection(0.05, 0.010, 100 * mb, 1000 * mb, 100 * mb)
+    assert cold.seconds == pytest.approx(0.11)
+    assert cold.uncached_seconds == pytest.approx(0.5 + 0.01)
+    assert projection(UNCACHED_RATIO * 0.01 * 0.99, 0.01, mb, mb, 0).uncached_seconds is None
+
+
+def test_dry_run_json_has_every_projection(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    a, b = (str(tiny_run / "ckpt" / f"step_000{s}.safetensors") for s in (500, 600))
+    assert main(["merge", "--checkpoints", a, "--checkpoints", b, "-o", str(tmp_path / "out"), "--dry-run",
+                 "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["projected_seconds"] > 0 and doc["probe_mb_per_s"] > 0 and doc["projected_peak_memory_bytes"] > 0
+    assert "projected_seconds_uncached" in doc     # a number where the probe's first read was slow, else null
+    assert doc["arithmetic"] == ("compiled" if fused_kernel() is not None else "numpy")
+    assert not (tmp_path / "out").exists()
+
+
 def _mergekit_config(models: list[Path], weights: list[float], dtype: str = "float32") -> dict:
     return {"merge_method": "linear", "dtype": dtype, "parameters": {"normalize": True},
             "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, weights)]}
