@@ -153,6 +153,14 @@ def evict(folders: list[Path]) -> None:
             os.close(fd)
 
 
+def cat_cold(folders: list[Path]) -> float:
+    """``cat`` of the inputs from storage: the floor of a merge that reads them from there."""
+    evict(folders)
+    start = time.perf_counter()
+    subprocess.run(["cat", *[str(f / "model.safetensors") for f in folders]], stdout=subprocess.DEVNULL, check=True)
+    return time.perf_counter() - start
+
+
 def ours_cold(folders: list[Path], work: Path) -> tuple[float, float]:
     """The merge with its inputs read from storage (evicted from the page cache first)."""
     out = work / "ours"
@@ -240,7 +248,7 @@ def main() -> None:
             if baselines or "fp16" in label:
                 row["ckpt_select_numpy"] = best(args.repeat, ours, folders, work, "numpy")
             if baselines:
-                row["cold"] = {"projected_s": projection_cold(folders, work),
+                row["cold"] = {"cat_s": cat_cold(folders), "projected_s": projection_cold(folders, work),
                                "measured": best(args.repeat, ours_cold, folders, work)}
                 row["load_whole"] = best(args.repeat, load_whole, folders, work)
                 row["mergekit"] = None if args.quick else best(args.repeat, mergekit, folders, work)
@@ -328,8 +336,9 @@ def readme_sentence(rows: list[dict], startup_s: float) -> str:
     cold = row.get("cold")
     if cold and cold["measured"]:
         projected = f"{cold['projected_s']:.1f} s" if cold["projected_s"] is not None else "nothing (it saw no slower first read)"
-        head += (f"; from storage (inputs evicted from the page cache) it takes {cold['measured'][0]:.2f} s, "
-                 f"{cold['measured'][1]:.0f} MB, for which `--dry-run` projected {projected} after start-up")
+        head += (f"; from storage (inputs evicted from the page cache; `cat` of them {cold['cat_s']:.2f} s) it takes "
+                 f"{cold['measured'][0]:.2f} s, {cold['measured'][1]:.0f} MB, for which `--dry-run` projected "
+                 f"{projected} after start-up")
     return (f"{head}; {startup_s:.2f} s of its {ours:.2f} s is Python start-up "
             f"(a process that only imports the merge's modules), the merge itself about {ours - startup_s:.2f} s.\n"
             f"`merge --dry-run` projected {projections}.")
