@@ -12,6 +12,8 @@ import charts
 import sidebar
 import state
 from analysis.errors import AnalysisError
+from analysis.merge import plan_merge
+from analysis.merge_checks import ARITHMETIC
 from analysis.paths import resolve_within
 from analysis.recommend import policy_weights
 
@@ -71,6 +73,31 @@ refs = [run.checkpoint_at(s) for s in chosen]
 default_out = run.path / "merges" / f"{recipe_method}-{chosen[0]}-{chosen[-1]}"
 out_text = st.text_input("Output folder (must not exist)", value=str(default_out), key="out_dir")
 dtype = st.selectbox("Output dtype", ["same", "float32", "bfloat16", "float16"], key="out_dtype")
+with st.expander("Plan the merge first (what it reads and writes, memory, time)"):
+    st.caption("The dry run: it writes nothing, checks the target, the inputs' keys and shapes and the free disk, "
+               "and times a short read of the real inputs (as `merge --dry-run`).")
+    plan_key = (tuple(chosen), weights, out_text, dtype)
+    if st.button("Plan", key="plan_button"):
+        try:
+            with st.spinner("Probing the inputs' read speed..."):
+                plan = plan_merge(refs, weights, resolve_within(out_text, state.root()), dtype)
+            st.session_state["merge_plan"] = (plan_key, plan)
+        except AnalysisError as e:
+            st.error(str(e))
+    saved = st.session_state.get("merge_plan")
+    if saved and saved[0] == plan_key:
+        plan = saved[1]
+        cols = st.columns(4)
+        cols[0].metric("reads", f"{sum(b for _, b in plan.inputs) / 1e9:,.2f} GB")
+        cols[1].metric("writes", f"{plan.output_bytes / 1e9:,.2f} GB")
+        cols[2].metric("peak memory", f"{plan.peak_memory_bytes / 1e6:,.0f} MB")
+        cols[3].metric("time, inputs cached", f"{plan.projected_seconds:,.1f} s")
+        uncached = plan.projection.uncached_seconds
+        st.caption((f"From storage (the probe's first read was slower): about {uncached:,.1f} s. " if uncached else "")
+                   + f"Free disk {plan.free_bytes / 1e9:,.2f} GB; probe {plan.probe_mb_per_s:,.0f} MB/s with the "
+                   f"{ARITHMETIC[plan.arithmetic]}; writes {', '.join(plan.files)} into `{plan.out_dir}`"
+                   + (" (replacing it)" if plan.replaces_existing else "") + ".")
+
 job_id = state.job_id()
 job = cached.jobs().get(job_id) if job_id else None
 running = job is not None and not job.done.is_set()

@@ -102,6 +102,25 @@ def test_merge_page_merges_the_selection(tiny_run: Path, tmp_path: Path, monkeyp
     assert (out / "recipe.yaml").is_file()
 
 
+def test_merge_page_plans_before_merging(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = _open(tiny_run, monkeypatch)
+    at.session_state["selected_steps"] = [550, 600]
+    _page(at, "merge")
+    out = tmp_path / "planned"
+    at.text_input(key="out_dir").set_value(str(out)).run()
+    at.button(key="plan_button").click().run()
+    assert not at.error, [e.value for e in at.error]
+    metrics = {m.label: m.value for m in at.metric}
+    inputs = sum((tiny_run / "ckpt" / f"step_000{s}.safetensors").stat().st_size for s in (550, 600))
+    assert metrics["reads"] == f"{inputs / 1e9:,.2f} GB"
+    assert metrics["peak memory"].endswith(" MB") and metrics["time, inputs cached"].endswith(" s")
+    assert any("model.safetensors" in c.value and str(out) in c.value for c in at.caption)
+    assert not out.exists()                                   # a plan writes nothing
+    at.text_input(key="out_dir").set_value(str(tiny_run)).run()   # a folder holding the inputs: refused
+    at.button(key="plan_button").click().run()
+    assert at.error and "reads" not in {m.label for m in at.metric}
+
+
 def test_merge_page_ema_weights_and_evaluator(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     evaluator = tmp_path / "ev.py"
     evaluator.write_text("def evaluate(state):\n    return float(state['layer.bias'].float().abs().mean())\n")
