@@ -65,13 +65,20 @@ RUNS = (
 )
 
 
-def trainer_args(spec: RunSpec, scale: str, out: Path) -> list[str]:
-    """The full make_sample_run.py argument list of one run at one scale."""
+def trainer_args(spec: RunSpec, scale: str, out: Path, seed_offset: int = 0) -> list[str]:
+    """The full make_sample_run.py argument list of one run at one scale (its seed moved by ``seed_offset``)."""
     flags = list(spec.flags)
     if scale == "gpu":
         overrides = dict(zip(spec.gpu_flags[::2], spec.gpu_flags[1::2]))
         flags = [overrides.get(flags[i - 1], f) if i % 2 else f for i, f in enumerate(flags)]
+    if seed_offset:
+        flags = [str(int(f) + seed_offset) if i % 2 and flags[i - 1] == "--seed" else f for i, f in enumerate(flags)]
     return ["--out", str(out), *_COMMON, *flags, *SCALES[scale]]
+
+
+def run_set(scale: str, seed_offset: int = 0) -> str:
+    """The folder of one scale's runs: ``cpu``, or ``cpu-seed+100`` for a replicate with other seeds."""
+    return scale if not seed_offset else f"{scale}-seed+{seed_offset}"
 
 
 def is_made(out: Path, args: list[str]) -> bool:
@@ -83,10 +90,10 @@ def is_made(out: Path, args: list[str]) -> bool:
     return "train_seconds" in made and made.get("benchmark_args") == args[2:]  # not --out: runs may move
 
 
-def make_run(spec: RunSpec, scale: str, root: Path) -> Path:
+def make_run(spec: RunSpec, scale: str, root: Path, seed_offset: int = 0) -> Path:
     """Train the run unless it is already there; returns its folder."""
-    out = root / scale / spec.name
-    args = trainer_args(spec, scale, out)
+    out = root / run_set(scale, seed_offset) / spec.name
+    args = trainer_args(spec, scale, out, seed_offset)
     if is_made(out, args):
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -101,11 +108,12 @@ def make_run(spec: RunSpec, scale: str, root: Path) -> Path:
     return out
 
 
-def make_runs(scale: str, root: Path, names: list[str] | None = None, parallel: int = 1) -> list[Path]:
+def make_runs(scale: str, root: Path, names: list[str] | None = None, parallel: int = 1,
+              seed_offset: int = 0) -> list[Path]:
     """Train every run of ``scale`` that is missing (``parallel`` at a time); returns their folders."""
     specs = [s for s in RUNS if names is None or s.name in names]
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        return list(pool.map(lambda s: make_run(s, scale, root), specs))
+        return list(pool.map(lambda s: make_run(s, scale, root, seed_offset), specs))
 
 
 def main() -> None:
@@ -114,9 +122,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "selection")
     p.add_argument("--runs", default=None, help="comma-separated run names (default: all)")
     p.add_argument("--parallel", type=int, default=1, help="runs trained at once")
+    p.add_argument("--seed-offset", type=int, default=0, help="a replicate: every run's seed plus this")
     a = p.parse_args()
     names = a.runs.split(",") if a.runs else None
-    for path in make_runs(a.scale, a.out, names, a.parallel):
+    for path in make_runs(a.scale, a.out, names, a.parallel, a.seed_offset):
         print(path)
 
 
