@@ -85,12 +85,18 @@ def test_checkpoints_page_table_and_shared_selection(tiny_run: Path, monkeypatch
     assert spec["data"][0]["x"] == ["550", "600"]
 
 
-def test_merge_page_merges_the_selection(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    at = _open(tiny_run, monkeypatch)
+def _merge_page_for_two(run: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:
+    """The Merge page with checkpoints 550 and 600 selected and ``out`` as the output folder."""
+    at = _open(run, monkeypatch)
     at.session_state["selected_steps"] = [550, 600]
     _page(at, "merge")
-    out = tmp_path / "merged-two"
     at.text_input(key="out_dir").set_value(str(out)).run()
+    return at
+
+
+def test_merge_page_merges_the_selection(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "merged-two"
+    at = _merge_page_for_two(tiny_run, out, monkeypatch)
     at.button(key="merge_button").click().run()
     _wait_for_merge(at)
     assert not at.error, [e.value for e in at.error]
@@ -103,11 +109,8 @@ def test_merge_page_merges_the_selection(tiny_run: Path, tmp_path: Path, monkeyp
 
 
 def test_merge_page_plans_before_merging(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    at = _open(tiny_run, monkeypatch)
-    at.session_state["selected_steps"] = [550, 600]
-    _page(at, "merge")
     out = tmp_path / "planned"
-    at.text_input(key="out_dir").set_value(str(out)).run()
+    at = _merge_page_for_two(tiny_run, out, monkeypatch)
     at.button(key="plan_button").click().run()
     assert not at.error, [e.value for e in at.error]
     metrics = {m.label: m.value for m in at.metric}
