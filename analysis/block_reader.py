@@ -11,7 +11,8 @@ resident memory). ``preadv`` and numpy's (or torch's) kernels release the GIL, s
 thread reads block k+1 of every input while the adder works on block k. A block's inputs
 are read back to back into one buffer, so (sharing a dtype, the usual case) they form one
 ``[inputs, count]`` array that the adder converts and weights in one call each; a tensor of
-a layout read whole (a pickle) is copied into its place in that buffer block by block. A second
+a layout read whole (a pickle) is copied into its place in that buffer block by block, so
+every block's parts live in the reader's buffers. A second
 reader thread was tried and was slower (contention on 2 cores); a memory map plus
 conversion cost as much as read plus conversion.
 
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
-from .checkpoints.base import DTYPE_BYTES, RAW_BITS, raw_bits
+from .checkpoints.base import DTYPE_BYTES, RAW_BITS, dtype_name, raw_bits
 from .errors import CheckpointReadError
 
 if TYPE_CHECKING:
@@ -186,7 +187,7 @@ class BlockReader:
         locations = [locate(h, info.name) for h in self._handles]
         tensors = [None if loc is not None else h.read(info.name) for h, loc in zip(self._handles, locations)]
         wholes = [None if t is None else raw_bits(t) for t in tensors]
-        dtypes = tuple(loc.dtype if loc is not None else str(t.dtype).removeprefix("torch.")  # type: ignore[union-attr]
+        dtypes = tuple(loc.dtype if loc is not None else dtype_name(t.dtype)  # type: ignore[union-attr]
                        for t, loc in zip(tensors, locations))
         uniform = len(set(dtypes)) == 1
         for start in range(0, info.numel, self.block):
@@ -198,11 +199,8 @@ class BlockReader:
             # Inputs back to back: packed when they share a dtype, else each in a widest-dtype slot.
             slot = count * (DTYPE_BYTES[dtypes[0]] if uniform else self._widest)
             for i, (whole, loc, dtype) in enumerate(zip(wholes, locations, dtypes)):
-                if whole is not None and not uniform:
-                    parts.append(whole[start:stop])
-                    continue
                 target = buffer[i * slot:i * slot + count * DTYPE_BYTES[dtype]].view(RAW_BITS[DTYPE_BYTES[dtype]])
-                if whole is not None:        # copied in beside the others, so the block is one array
+                if whole is not None:        # copied in beside the others, so a shared-dtype block is one array
                     np.copyto(target, whole[start:stop])
                 else:
                     assert loc is not None
