@@ -32,6 +32,8 @@ from .streaming import NumpyAdder
 
 # Dtype codes of analysis/_fused.c.
 KINDS = {"bfloat16": 0, "float32": 1, "float16": 2}
+# What each output dtype is handed on as: NumpyAdder's choice (bfloat16 as raw bits).
+OUTPUT_VIEWS = {"bfloat16": np.uint16, "float32": np.float32, "float16": np.float16}
 # Set to "numpy" to merge without the compiled kernel.
 KERNEL_ENV = "CKPT_SELECT_KERNEL"
 
@@ -86,8 +88,8 @@ class FusedAdder:
                 self._fallback = NumpyAdder(self._weights, self._block)
             return self._fallback.add(block)
         count = block.stop - block.start
-        out = self._out[:count * 4].view(np.float32) if out_kind == KINDS["float32"] else \
-            self._out[:count * 2].view(np.float16 if out_kind == KINDS["float16"] else np.uint16)
+        view = np.dtype(OUTPUT_VIEWS[block.info.dtype])
+        out = self._out[:count * view.itemsize].view(view)
         status = self._kernel(stacked.ctypes.data, KINDS[block.dtypes[0]], stacked.shape[0], count,
                               self._column.ctypes.data, out.ctypes.data, out_kind)
         if status != 0:

@@ -84,14 +84,14 @@ def arithmetic(handles: Sequence["CheckpointHandle"], layout: Sequence["TensorIn
     """Which adder a merge runs: "torch" when a float8 dtype is stored or written; else "compiled"
     (:mod:`analysis.fused`, where built) when it covers every tensor, "compiled and numpy" when it
     hands some to numpy (float64, inputs of mixed dtypes), or "numpy"."""
+    stored_dtypes = [{i.name: i.dtype for i in h.tensors() if i.is_floating} for h in handles]
     dtypes = {i.dtype for i in layout if i.is_floating}
-    dtypes |= {i.dtype for h in handles for i in h.tensors() if i.is_floating}
+    dtypes |= {dtype for by_name in stored_dtypes for dtype in by_name.values()}
     if not dtypes <= NUMPY_DTYPES:
         return "torch"
     from .fused import KINDS, fused_kernel
     if fused_kernel() is None:
         return "numpy"
-    stored_dtypes = [{i.name: i.dtype for i in h.tensors()} for h in handles]
     for info in (i for i in layout if i.is_floating):
         stored = {by_name.get(info.name) for by_name in stored_dtypes}
         if info.dtype not in KINDS or len(stored) != 1 or not stored <= KINDS.keys():
