@@ -134,6 +134,11 @@ class MergePlan:
     arithmetic: str                             # the adder that runs (analysis.streaming.arithmetic)
 
     @property
+    def input_bytes(self) -> int:
+        """What the merge reads: every input's size."""
+        return sum(size for _, size in self.inputs)
+
+    @property
     def projected_seconds(self) -> float:
         """With the inputs in the page cache."""
         return self.projection.seconds
@@ -145,7 +150,7 @@ class MergePlan:
 
     def describe(self) -> list[str]:
         """Plain lines for the command line."""
-        lines = [f"would read {len(self.inputs)} checkpoints, {sum(b for _, b in self.inputs) / 1e6:,.1f} MB:"]
+        lines = [f"would read {len(self.inputs)} checkpoints, {self.input_bytes / 1e6:,.1f} MB:"]
         lines += [f"  {path}  ({size / 1e6:,.1f} MB)" for path, size in self.inputs]
         verb = "replace" if self.replaces_existing else "write"
         lines.append(f"would {verb} {self.out_dir} ({self.n_tensors} tensors, {self.output_bytes / 1e6:,.1f} MB):")

@@ -88,7 +88,7 @@ with st.expander("Plan the merge first (what it reads and writes, memory, time)"
     if saved and saved[0] == plan_key:
         plan = saved[1]
         cols = st.columns(4)
-        cols[0].metric("reads", f"{sum(b for _, b in plan.inputs) / 1e9:,.2f} GB")
+        cols[0].metric("reads", f"{plan.input_bytes / 1e9:,.2f} GB")
         cols[1].metric("writes", f"{plan.output_bytes / 1e9:,.2f} GB")
         cols[2].metric("peak memory", f"{plan.peak_memory_bytes / 1e6:,.0f} MB")
         cols[3].metric("time, inputs cached", f"{plan.projected_seconds:,.1f} s")
