@@ -110,11 +110,15 @@ def timed(command: list[str], cwd: Path | None = None, env: dict[str, str] | Non
 
 
 def warm(folders: list[Path]) -> float:
-    """cat the inputs to /dev/null; returns its wall time (the floor of any merge)."""
-    files = [str(f / "model.safetensors") for f in folders]
-    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+    """cat the inputs to /dev/null twice; returns the second's wall time (the floor of any merge)."""
+    _timed_cat(folders)
+    return _timed_cat(folders)
+
+
+def _timed_cat(folders: list[Path]) -> float:
+    """Wall seconds of ``cat`` of the inputs to /dev/null."""
     start = time.perf_counter()
-    subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
+    subprocess.run(["cat", *[str(f / "model.safetensors") for f in folders]], stdout=subprocess.DEVNULL, check=True)
     return time.perf_counter() - start
 
 
@@ -128,18 +132,28 @@ write_recipe(build_recipe("sma", refs, tuple(1 / len(refs) for _ in refs)), Path
 """
 
 
-def ours(folders: list[Path], work: Path, kernel: str | None = None) -> tuple[float, float]:
-    """``analysis merge`` as users run it; ``kernel="numpy"`` without the compiled kernel (CKPT_SELECT_KERNEL)."""
-    recipe = work / "recipe.yaml"
-    if not recipe.exists():
-        subprocess.run([sys.executable, "-c", MAKE_RECIPE, str(recipe), *map(str, folders)], cwd=REPO, check=True)
+def ours(folders: list[Path], work: Path, kernel: str | None = None, cold: bool = False) -> tuple[float, float]:
+    """``analysis merge`` as users run it; ``kernel="numpy"`` without the compiled kernel (CKPT_SELECT_KERNEL);
+    ``cold``: with the inputs evicted from the page cache first, read from storage."""
+    recipe = _recipe(folders, work)
     out = work / "ours"
     shutil.rmtree(out, ignore_errors=True)
-    warm(folders)
+    if cold:
+        evict(folders)
+    else:
+        warm(folders)
     result = timed([sys.executable, "-m", "analysis", "merge", str(recipe), "-o", str(out)], cwd=REPO,
                    env={**os.environ, "CKPT_SELECT_KERNEL": kernel or ""})
     shutil.rmtree(out)
     return result
+
+
+def _recipe(folders: list[Path], work: Path) -> Path:
+    """The SMA recipe of ``folders`` in ``work`` (made once, in a child process: the parent stays torch-free)."""
+    recipe = work / "recipe.yaml"
+    if not recipe.exists():
+        subprocess.run([sys.executable, "-c", MAKE_RECIPE, str(recipe), *map(str, folders)], cwd=REPO, check=True)
+    return recipe
 
 
 def evict(folders: list[Path]) -> None:
@@ -156,36 +170,23 @@ def evict(folders: list[Path]) -> None:
 def cat_cold(folders: list[Path]) -> float:
     """``cat`` of the inputs from storage: the floor of a merge that reads them from there."""
     evict(folders)
-    start = time.perf_counter()
-    subprocess.run(["cat", *[str(f / "model.safetensors") for f in folders]], stdout=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - start
+    return _timed_cat(folders)
 
 
-def ours_cold(folders: list[Path], work: Path) -> tuple[float, float]:
-    """The merge with its inputs read from storage (evicted from the page cache first)."""
-    out = work / "ours"
-    shutil.rmtree(out, ignore_errors=True)
-    evict(folders)
-    result = timed([sys.executable, "-m", "analysis", "merge", str(work / "recipe.yaml"), "-o", str(out)], cwd=REPO)
-    shutil.rmtree(out)
-    return result
-
-
-def projection_cold(folders: list[Path], work: Path) -> float | None:
-    """What ``merge --dry-run`` projects from storage when the inputs are not in the page cache."""
-    evict(folders)
-    out = subprocess.run([sys.executable, "-m", "analysis", "merge", str(work / "recipe.yaml"), "-o",
+def dry_run(folders: list[Path], work: Path, cold: bool = False) -> dict:
+    """``merge --dry-run --json`` for the same merge, its inputs warm (or, ``cold``, evicted first)."""
+    if cold:
+        evict(folders)
+    else:
+        warm(folders)
+    out = subprocess.run([sys.executable, "-m", "analysis", "merge", str(_recipe(folders, work)), "-o",
                           str(work / "ours"), "--dry-run", "--json"], cwd=REPO, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)["projected_seconds_uncached"]
+    return json.loads(out.stdout)
 
 
 def projection(folders: list[Path], work: Path) -> tuple[float, float]:
     """What ``merge --dry-run`` projects for the same merge: (seconds, peak MB), to set against the measurement."""
-    recipe = work / "recipe.yaml"
-    warm(folders)
-    out = subprocess.run([sys.executable, "-m", "analysis", "merge", str(recipe), "-o", str(work / "ours"),
-                          "--dry-run", "--json"], cwd=REPO, capture_output=True, text=True, check=True)
-    plan = json.loads(out.stdout)
+    plan = dry_run(folders, work)
     return plan["projected_seconds"], plan["projected_peak_memory_bytes"] / 1e6
 
 
@@ -248,8 +249,9 @@ def main() -> None:
             if baselines or "fp16" in label:
                 row["ckpt_select_numpy"] = best(args.repeat, ours, folders, work, "numpy")
             if baselines:
-                row["cold"] = {"cat_s": cat_cold(folders), "projected_s": projection_cold(folders, work),
-                               "measured": best(args.repeat, ours_cold, folders, work)}
+                row["cold"] = {"cat_s": cat_cold(folders),
+                               "projected_s": dry_run(folders, work, cold=True)["projected_seconds_uncached"],
+                               "measured": best(args.repeat, ours, folders, work, None, True)}
                 row["load_whole"] = best(args.repeat, load_whole, folders, work)
                 row["mergekit"] = None if args.quick else best(args.repeat, mergekit, folders, work)
                 if row["mergekit"] is None and not args.quick:
