@@ -10,9 +10,11 @@ safetensors library, JSONL logs), so tests never depend on mocks of the librarie
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +30,8 @@ sys.path.insert(0, str(REPO / "app"))
 # Sketch caches and recent-run memory go to a scratch folder, never the user's home
 # (subprocesses started by tests inherit these).
 _SCRATCH = tempfile.mkdtemp(prefix="ckpt-select-tests-")
+# Removed when this test process exits (each xdist worker has its own), so runs do not pile up in /tmp.
+atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
 os.environ.setdefault("CKPT_SELECT_CACHE_DIR", os.path.join(_SCRATCH, "cache"))
 os.environ.setdefault("CKPT_SELECT_STATE_DIR", os.path.join(_SCRATCH, "state"))
 
