@@ -1,9 +1,12 @@
 """Which checkpoints to average, with what weights, and why — for every checkpoint.
 
-Without an evaluator the averaging window comes from the logged validation losses:
-the newest eligible checkpoints whose val loss lies within noise of the newest level
-form the plateau worth averaging; older, clearly worse ones would pull the average
-back. With an evaluator, candidate averages are scored and the best is kept — and the
+Without an evaluator the averaging window comes from the logs and the optimizer state. When the
+newest checkpoint saved Adam's second moments, the loss its weight jitter costs (V, see
+``signals.noise``) is known, and the window is the newest N whose average has the lowest predicted
+loss: the older checkpoints' logged val losses say what their lag costs, V what averaging wins
+back. Without optimizer state, the newest eligible checkpoints whose val loss lies within noise of
+the newest level form the plateau worth averaging; older, clearly worse ones would pull the
+average back. With an evaluator, candidate averages are scored and the best is kept — and the
 last checkpoint alone wins whenever no average beats it, so averaging never makes the
 user's model worse than what they have.
 """
@@ -19,7 +22,7 @@ import numpy as np
 from .errors import InvalidArgument, NotEnoughCheckpoints
 from .evaluate import Evaluator
 from .run import CheckpointRef
-from .signals import CheckpointSignals, RunSignals
+from .signals import CheckpointSignals, IterateNoise, RunSignals
 
 METHODS = ("auto", "sma", "ema", "wma", "soup", "recovery")
 # median(|dx|) of i.i.d. normal noise is 0.954 sigma.
@@ -68,6 +71,8 @@ class Recommendation:
     score: float | None                      # evaluator score of the recommendation (lower is better)
     last_score: float | None                 # evaluator score of the last eligible checkpoint alone
     summary: str
+    iterate_noise: float | None = None       # nats of iterate noise at the newest LR (Adam state), if known
+    predicted_gain: float | None = None      # nats below the last checkpoint, predicted from logs and noise
 
     @property
     def reasons(self) -> dict[str, str]:
@@ -115,6 +120,9 @@ class _Window:
     sigma: float | None      # val-loss noise
     why_stop: str | None     # why the next older one was left out
     stop_step: int | None = None  # the checkpoint where the window stopped
+    noise: float | None = None           # iterate noise at the newest LR, when the window was predicted from it
+    predicted_gain: float | None = None  # predicted nats below the newest checkpoint alone
+    lag_cost: float | None = None        # mean logged val excess of the window over the newest
 
 
 def recommend(signals: RunSignals, config: RecommendConfig = RecommendConfig(), evaluator: Evaluator | None = None,
@@ -134,7 +142,7 @@ def recommend(signals: RunSignals, config: RecommendConfig = RecommendConfig(), 
                 if _eligible(s, config) and (cutoff is None or s.ref.step < cutoff.step)]
     if not eligible:
         raise NotEnoughCheckpoints(_why_none_eligible(signals, cutoff))
-    window = _choose_window(eligible, config)
+    window = _choose_window(eligible, config, signals.noise)
     if evaluator is None:
         method = config.method if config.method in ("sma", "ema", "wma") else "sma"
         chosen = eligible[len(eligible) - window.size:]
@@ -175,14 +183,18 @@ def _why_none_eligible(signals: RunSignals, cutoff: _Cutoff | None = None) -> st
             "(see `analyze`); pass --include-contaminated to force contaminated ones")
 
 
-def _choose_window(eligible: list[CheckpointSignals], config: RecommendConfig) -> _Window:
-    """How many of the newest eligible checkpoints to average, from logged val losses and LRs."""
+def _choose_window(eligible: list[CheckpointSignals], config: RecommendConfig,
+                   noise: IterateNoise | None = None) -> _Window:
+    """How many of the newest eligible checkpoints to average, from logged val losses, LRs and iterate noise."""
     if config.window is not None:
         if config.window < 1:
             raise InvalidArgument(f"window must be at least 1, got {config.window}")
         return _Window(min(config.window, len(eligible)), None, None, None)
     regime = _lr_regime_size(eligible, config.lr_ratio_limit)
     in_regime = eligible[len(eligible) - regime.size:]
+    predicted = _predicted_window(in_regime, noise, regime) if noise is not None else None
+    if predicted is not None:
+        return predicted
     vals = [s.val.value if s.val is not None else math.nan for s in in_regime]
     known = np.array([s.val.value for s in eligible if s.val is not None and math.isfinite(s.val.value)])
     if len(known) < 3 or sum(math.isfinite(v) for v in vals) < 1:
@@ -200,6 +212,44 @@ def _choose_window(eligible: list[CheckpointSignals], config: RecommendConfig) -
                            f"more than {config.band_sigmas:g} x noise ({sigma:.4f})", stop_step)
         size += 1
     return _Window(size, level, sigma, regime.why_stop, regime.stop_step)
+
+
+def _predicted_window(in_regime: list[CheckpointSignals], noise: IterateNoise, regime: _Window) -> _Window | None:
+    """The newest N whose average has the lowest predicted loss, or None without a val loss and LR at the newest.
+
+    Checkpoint k carries its centre's loss plus V_k, the jitter at its LR; averaging N with independent
+    jitter keeps the mean of the centres' losses (to first order along the path) and Σ V_k / N². So the
+    average of the newest N is predicted at mean(val_k − val_newest) − mean(V_k) + Σ V_k / N² relative to
+    the newest alone (which is 0 at N = 1). The window cannot reach past a checkpoint without a val loss
+    or LR to judge it by.
+    """
+    known: list[tuple[CheckpointSignals, float, float]] = []
+    for item in reversed(in_regime):
+        if item.val is None or not math.isfinite(item.val.value) or item.lr is None or item.lr <= 0:
+            break
+        known.append((item, item.val.value, noise.excess_at(item.lr)))
+    if not known:
+        return None
+    vals = np.array([v for _, v, _ in known])
+    excess = np.array([e for _, _, e in known])
+    counts = np.arange(1, len(known) + 1)
+    lag = np.cumsum(vals - vals[0]) / counts
+    predicted = lag - np.cumsum(excess) / counts + np.cumsum(excess) / counts ** 2
+    cancelled = np.cumsum(excess) / counts - np.cumsum(excess) / counts ** 2
+    size = int(np.argmin(predicted)) + 1          # argmin keeps the smallest N among ties
+    fields = dict(noise=float(excess[0]), predicted_gain=max(0.0, float(-predicted[size - 1])),
+                  lag_cost=float(lag[size - 1]))
+    if size < len(known):
+        older = known[size][0]
+        why = (f"the average of the newest {size + 1} is predicted {predicted[size] - predicted[size - 1]:+.4f} nats "
+               f"against the newest {size}: their logged val losses lie {lag[size]:.4f} nats above the newest on "
+               f"average and averaging them cancels {cancelled[size]:.4f} nats of {noise.describe(known[0][0].lr)}")
+        return _Window(size, None, None, why, older.ref.step, **fields)
+    if len(known) < len(in_regime):
+        unjudged = in_regime[len(in_regime) - len(known) - 1]
+        return _Window(size, None, None, f"no val loss or LR was logged for step {unjudged.ref.step} to judge it by",
+                       unjudged.ref.step, **fields)
+    return _Window(size, None, None, regime.why_stop, regime.stop_step, **fields)
 
 
 def _lr_regime_size(eligible: list[CheckpointSignals], limit: float) -> _Window:
@@ -316,8 +366,11 @@ def _finish(signals: RunSignals, config: RecommendConfig, method: str, chosen: l
     if cutoff is not None:
         summary = f"Recovery from before step {cutoff.step}: {summary}"
     name = "recovery" if cutoff is not None else method
+    noise = signals.noise.excess_at(chosen[-1].lr) if signals.noise is not None and chosen[-1].lr else None
+    # The prediction is for the uniform average of the window; other weights or an evaluator's choice have none.
+    gain = window.predicted_gain if evaluator is None and method == "sma" and len(chosen) == window.size else None
     return Recommendation(name, tuple(s.ref for s in chosen), tuple(weights), decisions, calls, score,
-                          last_score, summary)
+                          last_score, summary, noise, gain)
 
 
 def _reason(item: CheckpointSignals, weight_of: dict[int, float], oldest_taken: int, window: _Window,
@@ -360,6 +413,10 @@ def _summary(method: str, chosen: list[CheckpointSignals], score: float | None, 
     head = f"{method.upper()} of {len(chosen)} checkpoints (steps {steps})"
     if score is not None and last_score is not None:
         return f"{head}: {evaluator.name} scores {score:.4f} vs {last_score:.4f} for the last checkpoint alone."
+    if window.predicted_gain is not None and evaluator is None:
+        return (f"{head}: predicted {window.predicted_gain:.4f} nats below the last checkpoint alone; averaging "
+                f"cancels most of the iterate noise ({window.noise:.4f} nats at the newest LR, from Adam's second "
+                f"moments) while their logged val losses lie {window.lag_cost:.4f} nats above the newest on average.")
     if window.level is not None:
         return (f"{head}: their logged val losses lie within noise ({window.sigma:.4f}) of the newest "
                 f"level {window.level:.4f}.")

@@ -116,12 +116,23 @@ def analysis_report(run: Run, signals: RunSignals, similarity: SimilarityReport 
         "checkpoints": checkpoints,
         "logs": [log_report(t) for t in run.logs],
         "spikes": [spike_report(s, run) for s in signals.spikes],
+        "iterate_noise": _noise_report(signals),
         "timing": timing_report(timing if timing is not None else analyze_step_times(run)),
         "similarity": similarity_report(similarity) if similarity is not None else None,
         "merged_outputs": [str(p) for p in run.merged_outputs],
         "evaluator_hint": run.evaluator_hint,
         "notes": list(run.notes),
     }
+
+
+def _noise_report(signals: RunSignals) -> dict | None:
+    """Σ√v of the newest eligible checkpoint's Adam state and V at its LR (None without optimizer state)."""
+    noise = signals.noise
+    if noise is None:
+        return None
+    lr = next((item.lr for item in signals.checkpoints if item.ref.step == noise.step), None)
+    return {"step": noise.step, "sqrt_v_sum": noise.sqrt_v_sum, "elements": noise.elements, "lr": _num(lr),
+            "excess_nats": _num(noise.excess_at(lr)) if lr else None}
 
 
 def recommendation_report(rec: Recommendation, recipe: Recipe | None) -> dict:
@@ -134,6 +145,8 @@ def recommendation_report(rec: Recommendation, recipe: Recipe | None) -> dict:
         "decisions": [{"step": d.step, "path": d.path, "taken": d.taken, "weight": d.weight, "reason": d.reason}
                       for d in rec.decisions],
         "evaluations": rec.evaluations,
+        "iterate_noise_nats": _num(rec.iterate_noise),
+        "predicted_gain_nats": _num(rec.predicted_gain),
         "score": _num(rec.score),
         "last_score": _num(rec.last_score),
         "recipe": recipe_to_dict(recipe) if recipe is not None else None,

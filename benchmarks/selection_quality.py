@@ -41,8 +41,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
+from analysis.checkpoints import open_checkpoint  # noqa: E402
 from analysis import RecommendConfig, assess_run, load_evaluator, open_run, recommend  # noqa: E402
 from analysis.recommend import policy_weights  # noqa: E402
 from selection_runs import RUNS, SCALES, make_runs, run_set  # noqa: E402
@@ -75,7 +75,13 @@ def float32_states(refs) -> list[dict[str, torch.Tensor]]:
     """Every checkpoint's tensors in float32, on the GPU when there is one (averages of 30 x 25M
     parameters are quick there); the runs are small enough to hold whole."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return [{k: v.to(device, torch.float32) for k, v in load_file(str(ref.path)).items()} for ref in refs]
+    return [{k: v.to(device, torch.float32) for k, v in _weights(ref).items()} for ref in refs]
+
+
+def _weights(ref) -> dict[str, torch.Tensor]:
+    """Every model tensor of one checkpoint, whatever its layout (safetensors, or a .pt with the optimizer)."""
+    with open_checkpoint(ref.path, ref.layout) as handle:
+        return {info.name: handle.read(info.name) for info in handle.tensors()}
 
 
 def load_module(path: Path) -> ModuleType:
@@ -244,24 +250,27 @@ def main() -> None:
                         "--out benchmarks/results/selection)")
     p.add_argument("--seed-offset", type=int, default=0,
                    help="judge a replicate: every run's seed plus this (its own folder, e.g. cpu-seed+100)")
+    p.add_argument("--optimizer-state", action="store_true",
+                   help="runs whose checkpoints hold the AdamW state, so recommend can estimate iterate noise "
+                        "(folder suffix -optim)")
     p.add_argument("--windows-only", action="store_true",
                    help="only write RUN.windows.json: signals and the test loss of every newest-k average")
     a = p.parse_args()
     names = a.runs.split(",") if a.runs else [s.name for s in RUNS]
-    root = a.out / run_set(a.scale, a.seed_offset)
+    root = a.out / run_set(a.scale, a.seed_offset, a.optimizer_state)
     if a.windows_only:
-        for run_dir in make_runs(a.scale, a.out, names, a.parallel, a.seed_offset):
+        for run_dir in make_runs(a.scale, a.out, names, a.parallel, a.seed_offset, a.optimizer_state):
             (root / f"{run_dir.name}.windows.json").write_text(json.dumps(window_data(run_dir)) + "\n")
             print(f"{run_dir.name}: windows written", flush=True)
         return
     if not a.table_only:
-        for run_dir in make_runs(a.scale, a.out, names, a.parallel, a.seed_offset):
+        for run_dir in make_runs(a.scale, a.out, names, a.parallel, a.seed_offset, a.optimizer_state):
             result = judge_run(run_dir, a.min_gain)
             (root / f"{run_dir.name}.result.json").write_text(json.dumps(result, indent=2) + "\n")
             print(json.dumps(result, indent=1), flush=True)
     results = [json.loads((root / f"{n}.result.json").read_text()) for n in names
                if (root / f"{n}.result.json").exists()]
-    print(markdown(results, run_set(a.scale, a.seed_offset)))
+    print(markdown(results, run_set(a.scale, a.seed_offset, a.optimizer_state)))
 
 
 if __name__ == "__main__":

@@ -65,20 +65,23 @@ RUNS = (
 )
 
 
-def trainer_args(spec: RunSpec, scale: str, out: Path, seed_offset: int = 0) -> list[str]:
-    """The full make_sample_run.py argument list of one run at one scale (its seed moved by ``seed_offset``)."""
+def trainer_args(spec: RunSpec, scale: str, out: Path, seed_offset: int = 0, optimizer: bool = False) -> list[str]:
+    """The full make_sample_run.py argument list of one run at one scale (its seed moved by ``seed_offset``;
+    ``optimizer``: checkpoints hold the AdamW state too)."""
     flags = list(spec.flags)
     if scale == "gpu":
         overrides = dict(zip(spec.gpu_flags[::2], spec.gpu_flags[1::2]))
         flags = [overrides.get(flags[i - 1], f) if i % 2 else f for i, f in enumerate(flags)]
     if seed_offset:
         flags = [str(int(f) + seed_offset) if i % 2 and flags[i - 1] == "--seed" else f for i, f in enumerate(flags)]
-    return ["--out", str(out), *_COMMON, *flags, *SCALES[scale]]
+    return ["--out", str(out), *_COMMON, *flags, *SCALES[scale], *(["--save-optimizer"] if optimizer else [])]
 
 
-def run_set(scale: str, seed_offset: int = 0) -> str:
-    """The folder of one scale's runs: ``cpu``, or ``cpu-seed+100`` for a replicate with other seeds."""
-    return scale if not seed_offset else f"{scale}-seed+{seed_offset}"
+def run_set(scale: str, seed_offset: int = 0, optimizer: bool = False) -> str:
+    """The folder of one scale's runs: ``cpu``, ``cpu-seed+100`` for a replicate with other seeds,
+    ``cpu-seed+100-optim`` for one whose checkpoints hold the optimizer state."""
+    name = scale if not seed_offset else f"{scale}-seed+{seed_offset}"
+    return f"{name}-optim" if optimizer else name
 
 
 def is_made(out: Path, args: list[str]) -> bool:
@@ -90,10 +93,10 @@ def is_made(out: Path, args: list[str]) -> bool:
     return "train_seconds" in made and made.get("benchmark_args") == args[2:]  # not --out: runs may move
 
 
-def make_run(spec: RunSpec, scale: str, root: Path, seed_offset: int = 0) -> Path:
+def make_run(spec: RunSpec, scale: str, root: Path, seed_offset: int = 0, optimizer: bool = False) -> Path:
     """Train the run unless it is already there; returns its folder."""
-    out = root / run_set(scale, seed_offset) / spec.name
-    args = trainer_args(spec, scale, out, seed_offset)
+    out = root / run_set(scale, seed_offset, optimizer) / spec.name
+    args = trainer_args(spec, scale, out, seed_offset, optimizer)
     if is_made(out, args):
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -109,11 +112,11 @@ def make_run(spec: RunSpec, scale: str, root: Path, seed_offset: int = 0) -> Pat
 
 
 def make_runs(scale: str, root: Path, names: list[str] | None = None, parallel: int = 1,
-              seed_offset: int = 0) -> list[Path]:
+              seed_offset: int = 0, optimizer: bool = False) -> list[Path]:
     """Train every run of ``scale`` that is missing (``parallel`` at a time); returns their folders."""
     specs = [s for s in RUNS if names is None or s.name in names]
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        return list(pool.map(lambda s: make_run(s, scale, root, seed_offset), specs))
+        return list(pool.map(lambda s: make_run(s, scale, root, seed_offset, optimizer), specs))
 
 
 def main() -> None:
@@ -123,9 +126,11 @@ def main() -> None:
     p.add_argument("--runs", default=None, help="comma-separated run names (default: all)")
     p.add_argument("--parallel", type=int, default=1, help="runs trained at once")
     p.add_argument("--seed-offset", type=int, default=0, help="a replicate: every run's seed plus this")
+    p.add_argument("--optimizer-state", action="store_true",
+                   help="checkpoints hold the AdamW state (step_N.pt, nanoGPT style; folder suffix -optim)")
     a = p.parse_args()
     names = a.runs.split(",") if a.runs else None
-    for path in make_runs(a.scale, a.out, names, a.parallel, a.seed_offset):
+    for path in make_runs(a.scale, a.out, names, a.parallel, a.seed_offset, a.optimizer_state):
         print(path)
 
 

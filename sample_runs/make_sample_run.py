@@ -82,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of saved checkpoints")
+    p.add_argument("--save-optimizer", action="store_true",
+                   help="save each checkpoint as step_N.pt holding the model and the AdamW state (nanoGPT style) "
+                        "instead of step_N.safetensors")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="torch device to train on (cuda for the bigger benchmark runs)")
     p.add_argument("--stdlib", type=Path, default=None,
@@ -139,10 +142,21 @@ def save_checkpoint(model: GPT, path: Path, step: int, tokens: int, dtype: torch
     save_file(state, str(path), metadata={"step": str(step), "tokens": str(tokens), "format": "pt"})
 
 
+def save_with_optimizer(model: GPT, optimizer: torch.optim.Optimizer, path: Path, step: int, tokens: int,
+                        dtype: torch.dtype) -> None:
+    """``{"model", "optimizer", "step", "tokens"}`` in one torch file, as nanoGPT saves ``ckpt.pt``.
+
+    The optimizer's moments are what lets ``recommend`` estimate the loss that iterate noise costs.
+    """
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    torch.save({"model": state, "optimizer": optimizer.state_dict(), "step": step, "tokens": tokens}, path)
+
+
 def prepare_dir(out: Path, overwrite: bool) -> None:
     """Create the run folder; refuse to mix with an earlier run unless ``--overwrite``."""
     ckpt_dir = out / "checkpoints"
-    earlier = list(ckpt_dir.glob("step_*.safetensors")) + [p for p in [out / "metrics.jsonl"] if p.exists()]
+    earlier = (list(ckpt_dir.glob("step_*.safetensors")) + list(ckpt_dir.glob("step_*.pt"))
+               + [p for p in [out / "metrics.jsonl"] if p.exists()])
     if earlier and not overwrite:
         sys.exit(f"{out} already holds a run ({len(earlier)} files); pass --overwrite to replace it")
     for path in earlier:
@@ -193,7 +207,9 @@ def train(args: argparse.Namespace) -> None:
                        block_size=args.block_size, norm=args.norm)
     model = GPT(config).to(args.device)
     run_config = write_static_files(out, corpus, config, args, model.num_params())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    # Built from named parameters when its state is saved, so the state dict names them (torch >= 2.6).
+    params = model.named_parameters() if args.save_optimizer else model.parameters()
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed + 1)
     tokens, started, train_rows = 0, time.time(), []
     with open(out / "metrics.jsonl", "w") as log:
@@ -203,7 +219,10 @@ def train(args: argparse.Namespace) -> None:
             row.update(tokens=tokens, wall_time=time.time())
             train_rows.append(row)
             log.write(json.dumps(row) + "\n")
-            if is_checkpoint_step(step, args):
+            if is_checkpoint_step(step, args) and args.save_optimizer:
+                save_with_optimizer(model, optimizer, out / "checkpoints" / f"step_{step:06d}.pt", step, tokens,
+                                    DTYPES[args.dtype])
+            elif is_checkpoint_step(step, args):
                 path = out / "checkpoints" / f"step_{step:06d}.safetensors"
                 save_checkpoint(model, path, step, tokens, DTYPES[args.dtype])
             if step % args.eval_every == 0 or is_checkpoint_step(step, args):
@@ -262,7 +281,7 @@ def describe_events(train_rows: list[dict], args: argparse.Namespace) -> list[di
     losses = np.array([r["train_loss"] for r in train_rows])
     ckpt_steps = [s for s in range(1, args.steps + 1) if is_checkpoint_step(s, args)]
     events = []
-    for first in args.spike_steps:
+    for first in (s for s in args.spike_steps if s <= args.steps):   # an excursion past the end never ran
         recovered = recovery_step(losses, first)
         end = recovered if recovered is not None else args.steps + 1
         window = losses[first - 1:end - 1]
@@ -273,7 +292,7 @@ def describe_events(train_rows: list[dict], args: argparse.Namespace) -> list[di
             "recovered_by_step": recovered,
             "checkpoints_inside": [s for s in ckpt_steps if first <= s < end],
         })
-    for step in args.corrupt_steps:
+    for step in (s for s in args.corrupt_steps if s <= args.steps):
         events.append({"kind": "corrupt_batch", "steps": [step], "what": "a batch of uniform random bytes",
                        "train_loss": float(losses[step - 1])})
     return events

@@ -4,6 +4,7 @@ from .assessment import CheckpointSignals, RunSignals, assess_run, find_spikes
 from .axes import AXES, available_axes, step_to_axis
 from .decimate import MAX_POINTS, DisplaySeries, display_series, minmax_decimate, minmax_indices
 from .health import CheckpointHealth, check_health
+from .noise import IterateNoise, iterate_noise
 from .similarity import CheckpointSimilarity, SimilarityReport, compare_checkpoints, layer_of
 from .sketch import CheckpointSketch, sketch_checkpoint
 from .smoothing import debiased_ema
@@ -18,6 +19,7 @@ __all__ = [
     "CheckpointSimilarity",
     "CheckpointSketch",
     "DisplaySeries",
+    "IterateNoise",
     "LossSpike",
     "MAX_POINTS",
     "RunSignals",
@@ -35,6 +37,7 @@ __all__ = [
     "detect_spikes",
     "display_series",
     "find_spikes",
+    "iterate_noise",
     "layer_of",
     "logged_val_scores",
     "minmax_decimate",

@@ -12,6 +12,7 @@ from ..checkpoints import TensorInfo, open_checkpoint
 from ..checkpoints.compare import compare_layouts
 from ..run import CheckpointRef, Run
 from .health import CheckpointHealth, check_health
+from .noise import IterateNoise, iterate_noise
 from .spikes import LossSpike, SpikeConfig, detect_spikes, sparse_config
 from .validation import ValScore, logged_val_scores
 
@@ -46,6 +47,7 @@ class RunSignals:
 
     checkpoints: tuple[CheckpointSignals, ...]
     spikes: tuple[LossSpike, ...]
+    noise: IterateNoise | None = None   # from the newest eligible checkpoint's Adam state, if it saved one
 
     @property
     def loss_spikes(self) -> tuple[LossSpike, ...]:
@@ -97,7 +99,9 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
         health = check_health(ref, step_progress)
         spike = next((s for s in contaminating if s.contains(ref.step)), None)
         items.append(CheckpointSignals(ref, health, val, spike, _mismatch(reference, _layout_of(ref)), lr))
-    return RunSignals(tuple(items), spikes)
+    eligible = [item for item in items if item.eligible]
+    noise = iterate_noise(eligible[-1].ref) if eligible else None
+    return RunSignals(tuple(items), spikes, noise)
 
 
 def learning_rates(lr: pd.DataFrame, ckpt_steps: list[int]) -> list[float | None]:

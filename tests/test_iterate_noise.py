@@ -1,0 +1,123 @@
+"""Iterate noise from a real AdamW state, and the log-only window it predicts (exact on known curves)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from analysis.recommend import recommend
+from analysis.report import analysis_report, recommendation_report
+from analysis.run import open_run
+from analysis.signals import IterateNoise, assess_run
+from conftest import write_tiny_run
+
+
+def _adam_run(root: Path, steps: list[int]) -> tuple[Path, float, int]:
+    """A run of nanoGPT-style ``.pt`` checkpoints holding a real AdamW state; returns Σ√v of the newest."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    optimizer = torch.optim.AdamW(model.named_parameters(), lr=1e-3)
+    (root / "ckpt").mkdir(parents=True)
+    rows, done = [], 0
+    for step in steps:
+        while done < step:
+            done += 1
+            loss = model(torch.randn(8, 6)).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            rows.append({"step": done, "train_loss": loss.item(), "lr": 1e-3})
+        rows.append({"step": step, "val_loss": 1.0 + 1.0 / step})
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, root / "ckpt" / f"step_{step}.pt")
+    (root / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    moments = [s["exp_avg_sq"] for s in optimizer.state_dict()["state"].values()]
+    return root, sum(float(m.double().sqrt().sum()) for m in moments), sum(m.numel() for m in moments)
+
+
+def _run_with_vals(root: Path, vals: list[float], lrs: list[float] | None = None) -> Path:
+    """Twelve-or-so tiny checkpoints every 100 steps whose logged val losses (and LRs) are exactly given."""
+    steps = [100 * (i + 1) for i in range(len(vals))]
+    write_tiny_run(root, steps)
+    lrs = lrs or [1e-3] * len(vals)
+    rows = [row for s, v, lr in zip(steps, vals, lrs)   # in step order: a step going back reads as a restart
+            for row in ({"step": s, "train_loss": 2.0, "lr": lr}, {"step": s, "val_loss": v})]
+    (root / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+def _with_noise(root: Path, excess_at_newest: float):
+    """The run's signals with V set so that it is ``excess_at_newest`` nats at the newest LR."""
+    signals = assess_run(open_run(root))
+    lr = signals.checkpoints[-1].lr
+    return replace(signals, noise=IterateNoise(signals.checkpoints[-1].ref.step, 4.0 * excess_at_newest / lr, 1000))
+
+
+def test_iterate_noise_is_lr_over_4_times_the_sum_of_root_second_moments(tmp_path: Path) -> None:
+    root, sqrt_v_sum, elements = _adam_run(tmp_path / "adam", [5, 10])
+    signals = assess_run(open_run(root))
+    assert signals.noise is not None and signals.noise.step == 10
+    assert signals.noise.sqrt_v_sum == pytest.approx(sqrt_v_sum, rel=1e-12)
+    assert signals.noise.elements == elements == 6 * 5 + 5 + 5 * 3 + 3
+    assert signals.noise.excess_at(1e-3) == pytest.approx(1e-3 * sqrt_v_sum / 4)
+    report = analysis_report(open_run(root), signals)["iterate_noise"]
+    assert report["excess_nats"] == pytest.approx(1e-3 * sqrt_v_sum / 4) and report["lr"] == 1e-3
+    rec = recommendation_report(recommend(signals), None)
+    assert rec["iterate_noise_nats"] == pytest.approx(1e-3 * sqrt_v_sum / 4)
+
+
+def test_no_optimizer_state_gives_no_estimate_and_the_val_band_decides(tiny_run: Path) -> None:
+    signals = assess_run(open_run(tiny_run))
+    assert signals.noise is None
+    rec = recommend(signals)
+    assert rec.iterate_noise is None and rec.predicted_gain is None
+    assert "within noise" in rec.summary
+
+
+def test_window_minimises_the_predicted_loss_of_the_average(tmp_path: Path) -> None:
+    # Val rises 0.008 nats per checkpoint of age; V = 0.1 nats. The average of the newest N is predicted at
+    # 0.008 (N - 1) / 2 - 0.1 (1 - 1/N): -0.0630 (N=4), -0.0640 (N=5), -0.0633 (N=6): N = 5.
+    vals = [1.0 + 0.008 * age for age in range(11, -1, -1)]
+    rec = recommend(_with_noise(_run_with_vals(tmp_path / "r", vals), 0.1))
+    assert [r.step for r in rec.checkpoints] == [800, 900, 1000, 1100, 1200]
+    assert rec.weights == pytest.approx((0.2,) * 5)
+    assert rec.predicted_gain == pytest.approx(0.064, abs=1e-9) and rec.iterate_noise == pytest.approx(0.1)
+    stop = next(d for d in rec.decisions if d.step == 700)
+    assert stop.reason.startswith("Left out: the averaging window stops here: the average of the newest 6 is "
+                                  "predicted +0.0007 nats against the newest 5: their logged val losses lie 0.0200 "
+                                  "nats above the newest on average and averaging them cancels 0.0833 nats of "
+                                  "iterate noise worth 0.1000 nats at LR 0.001")
+    assert rec.summary.startswith("SMA of 5 checkpoints (steps 800-1200): predicted 0.0640 nats below the last")
+
+
+def test_no_noise_keeps_the_newest_alone_and_a_flat_curve_averages_everything(tmp_path: Path) -> None:
+    rising = [1.0 + 0.008 * age for age in range(7, -1, -1)]
+    alone = recommend(_with_noise(_run_with_vals(tmp_path / "rising", rising), 0.0))
+    assert [r.step for r in alone.checkpoints] == [800]
+    flat = recommend(_with_noise(_run_with_vals(tmp_path / "flat", [1.0] * 8), 0.05))
+    assert [r.step for r in flat.checkpoints] == [100 * i for i in range(1, 9)]
+
+
+def test_predicted_window_stops_at_an_lr_decay_and_scales_noise_with_each_lr(tmp_path: Path) -> None:
+    # LR halves at the newest four (within 2x: one regime), then 3x older ones are another regime.
+    lrs = [3e-3] * 4 + [1.2e-3] * 4 + [1e-3] * 4
+    rec = recommend(_with_noise(_run_with_vals(tmp_path / "decay", [1.0] * 12, lrs), 0.05))
+    assert [r.step for r in rec.checkpoints] == [500, 600, 700, 800, 900, 1000, 1100, 1200]
+    stop = next(d for d in rec.decisions if d.step == 400)
+    assert "x the newest checkpoint's" in stop.reason
+    # The older checkpoints' larger jitter (V scales with their LR) is in the prediction:
+    # mean V = (4 x 0.06 + 4 x 0.05) / 8 = 0.055, kept 0.44 / 64; predicted -(0.055 - 0.006875).
+    assert rec.predicted_gain == pytest.approx(0.055 - 0.44 / 64)
+
+
+def test_predicted_window_cannot_reach_past_a_checkpoint_without_val(tmp_path: Path) -> None:
+    root = _run_with_vals(tmp_path / "gap", [1.0] * 8)
+    metrics = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    (root / "metrics.jsonl").write_text("\n".join(
+        json.dumps(r) for r in metrics if not ("val_loss" in r and r["step"] <= 500)) + "\n")
+    rec = recommend(_with_noise(root, 0.05))
+    assert [r.step for r in rec.checkpoints] == [600, 700, 800]
+    assert "no val loss or LR was logged for step 500 to judge it by" in rec.decisions[4].reason
