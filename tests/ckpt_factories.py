@@ -172,3 +172,25 @@ def hf_bin_sharded(folder: Path, step: int, seed: int = 0) -> dict[str, torch.Te
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "epoch": 1.0, "log_history": []}))
     return sd
+
+
+def adam_run(root: Path, steps: list[int]) -> tuple[Path, float, int]:
+    """A run of nanoGPT-style ``.pt`` checkpoints holding a real AdamW state; returns Σ√v of the newest."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    optimizer = torch.optim.AdamW(model.named_parameters(), lr=1e-3)
+    (root / "ckpt").mkdir(parents=True)
+    rows, done = [], 0
+    for step in steps:
+        while done < step:
+            done += 1
+            loss = model(torch.randn(8, 6)).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            rows.append({"step": done, "train_loss": loss.item(), "lr": 1e-3})
+        rows.append({"step": step, "val_loss": 1.0 + 1.0 / step})
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, root / "ckpt" / f"step_{step}.pt")
+    (root / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    moments = [s["exp_avg_sq"] for s in optimizer.state_dict()["state"].values()]
+    return root, sum(float(m.double().sqrt().sum()) for m in moments), sum(m.numel() for m in moments)

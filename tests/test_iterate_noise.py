@@ -9,33 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from analysis.checkpoints import detect_layout
 from analysis.recommend import recommend
 from analysis.report import analysis_report, recommendation_report
-from analysis.run import open_run
-from analysis.signals import IterateNoise, assess_run
+from analysis.run import CheckpointRef, open_run
+from analysis.signals import IterateNoise, assess_run, iterate_noise
+from ckpt_factories import adam_run, dcp_checkpoint, hf_checkpoint, nanogpt_ckpt, trained
 from conftest import write_tiny_run
-
-
-def _adam_run(root: Path, steps: list[int]) -> tuple[Path, float, int]:
-    """A run of nanoGPT-style ``.pt`` checkpoints holding a real AdamW state; returns Σ√v of the newest."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-    optimizer = torch.optim.AdamW(model.named_parameters(), lr=1e-3)
-    (root / "ckpt").mkdir(parents=True)
-    rows, done = [], 0
-    for step in steps:
-        while done < step:
-            done += 1
-            loss = model(torch.randn(8, 6)).pow(2).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            rows.append({"step": done, "train_loss": loss.item(), "lr": 1e-3})
-        rows.append({"step": step, "val_loss": 1.0 + 1.0 / step})
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, root / "ckpt" / f"step_{step}.pt")
-    (root / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    moments = [s["exp_avg_sq"] for s in optimizer.state_dict()["state"].values()]
-    return root, sum(float(m.double().sqrt().sum()) for m in moments), sum(m.numel() for m in moments)
 
 
 def _run_with_vals(root: Path, vals: list[float], lrs: list[float] | None = None) -> Path:
@@ -57,7 +37,7 @@ def _with_noise(root: Path, excess_at_newest: float):
 
 
 def test_iterate_noise_is_lr_over_4_times_the_sum_of_root_second_moments(tmp_path: Path) -> None:
-    root, sqrt_v_sum, elements = _adam_run(tmp_path / "adam", [5, 10])
+    root, sqrt_v_sum, elements = adam_run(tmp_path / "adam", [5, 10])
     signals = assess_run(open_run(root))
     assert signals.noise is not None and signals.noise.step == 10
     assert signals.noise.sqrt_v_sum == pytest.approx(sqrt_v_sum, rel=1e-12)
@@ -121,3 +101,22 @@ def test_predicted_window_cannot_reach_past_a_checkpoint_without_val(tmp_path: P
     rec = recommend(_with_noise(root, 0.05))
     assert [r.step for r in rec.checkpoints] == [600, 700, 800]
     assert "no val loss or LR was logged for step 500 to judge it by" in rec.decisions[4].reason
+
+
+@pytest.mark.parametrize("layout", ["nanogpt", "dcp", "hf"])
+def test_iterate_noise_reads_second_moments_from_every_layout_that_saves_them(tmp_path: Path, layout: str) -> None:
+    if layout == "nanogpt":
+        path = tmp_path / "ckpt.pt"
+        state = nanogpt_ckpt(path)["optimizer"]
+    elif layout == "dcp":
+        path = tmp_path / "dcp"
+        dcp_checkpoint(path)
+        state = trained(0)[1].state_dict()
+    else:
+        path = tmp_path / "checkpoint-100"
+        hf_checkpoint(path, 100)
+        state = torch.load(path / "optimizer.pt", weights_only=True)
+    expected = sum(float(s["exp_avg_sq"].double().sqrt().sum()) for s in state["state"].values())
+    noise = iterate_noise(CheckpointRef(100, path, detect_layout(path), (path,), 0))
+    assert noise is not None and noise.sqrt_v_sum == pytest.approx(expected, rel=1e-12)
+    assert noise.elements == sum(s["exp_avg_sq"].numel() for s in state["state"].values())

@@ -15,6 +15,13 @@ run, signals, rec = now.run, now.signals, now.recommendation
 report = cached.report(now.path, now.stamp)
 st.title("Checkpoints")
 st.success(f"**Recommendation:** {rec.summary}", icon=":material/recommend:")
+if rec.predicted_gain is not None:
+    noise_col, gain_col = st.columns(2)
+    noise_col.metric("Iterate noise at the newest LR", f"{rec.iterate_noise:.4f} nats",
+                     help="lr / 4 × Σ√v over the newest checkpoint's Adam second moments: the loss weight jitter "
+                          "adds to every checkpoint, which averaging N of them cuts to 1/N")
+    gain_col.metric("Predicted gain vs the last checkpoint", f"{rec.predicted_gain:.4f} nats",
+                    help="From the logged val losses and the iterate noise; an evaluator (--eval) measures it")
 
 rec_steps = [r.step for r in rec.checkpoints]
 selected = state.selected_steps()

@@ -85,6 +85,17 @@ def test_checkpoints_page_table_and_shared_selection(tiny_run: Path, monkeypatch
     assert spec["data"][0]["x"] == ["550", "600"]
 
 
+def test_checkpoints_page_shows_iterate_noise_from_a_real_adam_state(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckpt_factories import adam_run
+
+    run, sqrt_v_sum, _ = adam_run(tmp_path / "adam", [5, 10, 15])
+    at = _page(_open(run, monkeypatch), "checkpoints")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Iterate noise at the newest LR"] == f"{1e-3 * sqrt_v_sum / 4:.4f} nats"
+    assert metrics["Predicted gain vs the last checkpoint"].endswith(" nats")
+
+
 def _merge_page_for_two(run: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:
     """The Merge page with checkpoints 550 and 600 selected and ``out`` as the output folder."""
     at = _open(run, monkeypatch)
