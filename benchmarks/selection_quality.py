@@ -31,7 +31,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
 from types import ModuleType
@@ -170,6 +170,13 @@ def judge_run(run_dir: Path, min_gain: float) -> dict:
     }
     choices = {"recommend (logs)": (rec_score(logs_only), describe(logs_only), 0),
                "recommend --eval": (rec_score(with_eval), describe(with_eval), with_eval.evaluations)}
+    if signals.noise is not None:
+        # The same run judged as if no optimizer state had been saved: the val band decides.
+        band = recommend(replace(signals, noise=None), RecommendConfig())
+        choices["recommend (val band)"] = (rec_score(band), describe(band), 0)
+        eligible = [index[c.ref.step] for c in signals.checkpoints if c.eligible]
+        result["iterate_noise"] = {"estimated": logs_only.iterate_noise,
+                                   "implied_by_test": implied_noise(scorer, eligible[-IMPLIED_WINDOW:])}
     for label, k in BASELINES:
         members = list(range(n)) if k is None else list(range(max(0, n - k), n))
         choices[label] = (scorer.score(members), f"last {len(members)}", 0)
@@ -182,6 +189,20 @@ def judge_run(run_dir: Path, min_gain: float) -> dict:
     result["measured_on"] = (f"{platform.machine()}, {os.cpu_count()} CPUs"
                              + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     return result
+
+
+IMPLIED_WINDOW = 4
+
+
+def implied_noise(scorer: Scorer, newest: list[int]) -> float:
+    """V as the test losses show it: (mean test loss of the checkpoints − that of their average) / (1 − 1/N).
+
+    Each checkpoint carries V and the uniform average of N with independent jitter V / N, while the
+    centres' losses average out to first order; so this is the V that the estimate from Adam's
+    second moments should match (the newest few, where the LR barely moves).
+    """
+    singles = sum(scorer.score([i]) for i in newest) / len(newest)
+    return (singles - scorer.score(newest)) / (1 - 1 / len(newest))
 
 
 def window_data(run_dir: Path) -> dict:
@@ -216,6 +237,8 @@ def window_data(run_dir: Path) -> dict:
 def markdown(results: list[dict], scale: str) -> str:
     """The README table: test loss of each choice and its capture of the oracle's gain."""
     cols = ["recommend (logs)", "recommend --eval", "last 5", "last 10", "all"]
+    if any("recommend (val band)" in r["choices"] for r in results):
+        cols.insert(1, "recommend (val band)")
     lines = [
         f"Scale `{scale}` ({results[0]['n_params']:,} parameters, 30 checkpoints per run), test loss in "
         f"nats/byte; capture in parentheses (where the oracle gains under --min-gain: n/a and the regret).",
@@ -226,7 +249,10 @@ def markdown(results: list[dict], scale: str) -> str:
     for r in results:
         cells = []
         for c in cols:
-            choice = r["choices"][c]
+            choice = r["choices"].get(c)
+            if choice is None:
+                cells.append("—")
+                continue
             cap = f"n/a, +{choice['regret']:.4f}" if choice["capture"] is None else f"{choice['capture']:.2f}"
             cells.append(f"{choice['test']:.4f} ({cap})")
         lines.append(f"| {r['run']} | {r['last']:.4f} | {r['oracle']:.4f} ({r['oracle_is']}) | " + " | ".join(cells) + " |")
@@ -234,6 +260,12 @@ def markdown(results: list[dict], scale: str) -> str:
     lines.append("What `recommend` chose: " + "; ".join(
         f"{r['run']}: logs {r['choices']['recommend (logs)']['what']}, eval {r['choices']['recommend --eval']['what']} "
         f"in {r['choices']['recommend --eval']['evaluator_calls']} calls" for r in results) + ".")
+    noise = [r for r in results if r.get("iterate_noise")]
+    if noise:
+        lines.append("Iterate noise V at the newest LR, estimated from Adam's second moments vs implied by the test "
+                     f"losses of the newest {IMPLIED_WINDOW}: " + "; ".join(
+                         f"{r['run']} {r['iterate_noise']['estimated']:.4f} vs {r['iterate_noise']['implied_by_test']:.4f}"
+                         for r in noise) + " nats.")
     lines.append(f"Measured {results[0]['date']} on {results[0]['measured_on']}.")
     return "\n".join(lines)
 
