@@ -120,3 +120,16 @@ def test_iterate_noise_reads_second_moments_from_every_layout_that_saves_them(tm
     noise = iterate_noise(CheckpointRef(100, path, detect_layout(path), (path,), 0))
     assert noise is not None and noise.sqrt_v_sum == pytest.approx(expected, rel=1e-12)
     assert noise.elements == sum(s["exp_avg_sq"].numel() for s in state["state"].values())
+
+
+def test_no_estimate_when_adam_covers_only_part_of_the_model(tmp_path: Path) -> None:
+    # Matrices trained by another optimizer (Muon-style), Adam on the biases only: the jitter of most
+    # weights is unknown, so V would be badly low; the val band decides instead.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    adam = torch.optim.AdamW([p for n, p in model.named_parameters() if n.endswith("bias")])
+    model(torch.randn(3, 16)).sum().backward()
+    adam.step()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "optimizer": adam.state_dict()}, path)
+    assert iterate_noise(CheckpointRef(1, path, detect_layout(path), (path,), 0)) is None

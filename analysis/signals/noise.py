@@ -13,7 +13,9 @@ independent jitter removes but for V / N. Logged val losses cannot show V (every
 it), and their scatter shrinks as models grow while V does not, which is why a val-loss band alone
 averages too few checkpoints of a big model. Assumptions: Adam-style ``exp_avg_sq`` moments, gradient
 noise larger than the mean gradient, jitter at equilibrium (checkpoints late in a run, no bias
-correction: it is below 1e-4 after 10 / (1 − β2) steps). On the selection benchmark's runs the
+correction: it is below 1e-4 after 10 / (1 − β2) steps), and Adam for most of the model: when
+second moments cover less than half of the checkpoint's floating-point elements (Muon or another
+optimizer for the matrices, say), the rest of the jitter is unknown and no estimate is made. On the selection benchmark's runs the
 estimate was within 25 % (below) of the V their test losses imply; see the README.
 """
 
@@ -28,6 +30,7 @@ from ..run import CheckpointRef
 
 SECOND_MOMENT = ".exp_avg_sq"
 _CHUNK = 1 << 24   # elements summed at a time: a float64 copy of a chunk, never of a whole huge tensor
+MIN_COVERAGE = 0.5  # share of the weights' elements that must have a second moment (tied weights count twice)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +52,15 @@ class IterateNoise:
 
 
 def iterate_noise(ref: CheckpointRef) -> IterateNoise | None:
-    """Read ``ref``'s second moments one tensor at a time; None when it saved none (or they are not finite)."""
+    """Read ``ref``'s second moments one tensor at a time.
+
+    None when it saved none, when they cover under MIN_COVERAGE of the weights, or when they are not finite.
+    """
     with open_checkpoint(ref.path, ref.layout) as handle:
         infos = [info for info in optimizer_state(handle) if info.name.endswith(SECOND_MOMENT)]
+        weights = sum(info.numel for info in handle.tensors() if info.is_floating)
+        if sum(info.numel for info in infos) < MIN_COVERAGE * weights:
+            return None
         total, elements = 0.0, 0
         for info in infos:
             flat = handle.read_optimizer(info.name).reshape(-1)
