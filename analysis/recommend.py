@@ -394,6 +394,8 @@ def _reason(item: CheckpointSignals, weight_of: dict[int, float], oldest_taken: 
         return f"Left out: the evaluator found averages without it score better{val}."
     if evaluated:
         return f"Left out: older than the best-scoring window found by the evaluator{val}."
+    if window.stop_step == item.ref.step and window.noise is not None:   # the prediction's numbers say it all
+        return f"Left out: the averaging window stops here: {window.why_stop}."
     if window.stop_step == item.ref.step:
         return f"Left out: the averaging window stops here: {window.why_stop}; older checkpoints would pull the average back."
     if window.stop_step is not None:
