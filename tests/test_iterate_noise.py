@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from analysis.report import analysis_report, recommendation_report
 from analysis.run import CheckpointRef, open_run
 from analysis.signals import IterateNoise, assess_run, iterate_noise
 from ckpt_factories import adam_run, dcp_checkpoint, hf_checkpoint, nanogpt_ckpt, trained
-from conftest import write_tiny_run
+from conftest import REPO, write_tiny_run
 
 
 def _run_with_vals(root: Path, vals: list[float], lrs: list[float] | None = None) -> Path:
@@ -133,3 +135,21 @@ def test_no_estimate_when_adam_covers_only_part_of_the_model(tmp_path: Path) -> 
     path = tmp_path / "ckpt.pt"
     torch.save({"model": model.state_dict(), "optimizer": adam.state_dict()}, path)
     assert iterate_noise(CheckpointRef(1, path, detect_layout(path), (path,), 0)) is None
+
+
+@pytest.mark.slow
+def test_trainer_saves_adam_state_that_recommend_reads_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, str(REPO / "sample_runs" / "make_sample_run.py"), "--out", str(out),
+                    "--steps", "40", "--ckpt-every", "20", "--eval-every", "20", "--warmup", "10", "--n-layer", "1",
+                    "--n-embd", "16", "--block-size", "16", "--batch-size", "4", "--spike-steps", "", "--threads", "1",
+                    "--save-optimizer"], check=True, capture_output=True)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000020.pt", "step_000040.pt"]
+    saved = torch.load(out / "checkpoints" / "step_000040.pt", weights_only=True)
+    names = [n for g in saved["optimizer"]["param_groups"] for n in g["param_names"]]
+    assert "transformer.wte.weight" in names
+    sqrt_v_sum = sum(float(s["exp_avg_sq"].double().sqrt().sum()) for s in saved["optimizer"]["state"].values())
+    doc = json.loads(subprocess.run([sys.executable, "-m", "analysis", "recommend", str(out), "--json"], check=True,
+                                    capture_output=True, text=True, cwd=REPO).stdout)
+    assert doc["iterate_noise_nats"] == pytest.approx(3e-3 * sqrt_v_sum / 4, rel=1e-9)
+    assert doc["checkpoints"][-1]["path"].endswith("step_000040.pt")
