@@ -108,6 +108,10 @@ def analyze(run_path: Path, similarity: bool, as_json: bool) -> None:
         click.echo(f"  steady step {timing['steady_step_ms']:.1f} ms; eval {100 * (timing['eval_share'] or 0):.1f}%, "
                    f"checkpoint {100 * (timing['checkpoint_share'] or 0):.1f}%, "
                    f"both {100 * (timing['eval_checkpoint_share'] or 0):.1f}% of wall time")
+    noise = doc["iterate_noise"]
+    if noise is not None and noise["excess_nats"] is not None:
+        click.echo(f"  iterate noise {noise['excess_nats']:.4f} nats at LR {noise['lr']:.3g} "
+                   f"(Adam second moments of step {noise['step']}: what averaging can win back)")
     for c in doc["checkpoints"]:
         flags = [f for f, on in (("NaN/Inf", not c["finite"]), ("spike", c["spike_contaminated"]),
                                  ("mismatch", c["mismatch"])) if on]

@@ -153,3 +153,6 @@ def test_trainer_saves_adam_state_that_recommend_reads_end_to_end(tmp_path: Path
                                     capture_output=True, text=True, cwd=REPO).stdout)
     assert doc["iterate_noise_nats"] == pytest.approx(3e-3 * sqrt_v_sum / 4, rel=1e-9)
     assert doc["checkpoints"][-1]["path"].endswith("step_000040.pt")
+    text = subprocess.run([sys.executable, "-m", "analysis", "analyze", str(out)], check=True, capture_output=True,
+                          text=True, cwd=REPO).stdout
+    assert f"iterate noise {doc['iterate_noise_nats']:.4f} nats at LR 0.003" in text
