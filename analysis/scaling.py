@@ -288,7 +288,8 @@ def _x_for_gain(samples: np.ndarray, gain: float) -> np.ndarray:
     """Per fit, the x (in units of x_last) where the loss is ``gain`` below its value at x_last; inf if never."""
     e, b, beta = samples[:, 0], samples[:, 1], samples[:, 2]
     target = e + b - gain            # loss at u = 1 is e + b
-    with np.errstate(divide="ignore", invalid="ignore"):
+    # A gain the fit reaches only absurdly far out overflows to inf, which is what "never" means here.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         u = np.where(target > e, ((target - e) / b) ** (-1.0 / beta), np.inf)
     return u
 
