@@ -234,8 +234,8 @@ def _predicted_window(in_regime: list[CheckpointSignals], noise: IterateNoise, r
     excess = np.array([e for _, _, e in known])
     counts = np.arange(1, len(known) + 1)
     lag = np.cumsum(vals - vals[0]) / counts
-    predicted = lag - np.cumsum(excess) / counts + np.cumsum(excess) / counts ** 2
-    cancelled = np.cumsum(excess) / counts - np.cumsum(excess) / counts ** 2
+    cancelled = np.cumsum(excess) / counts - np.cumsum(excess) / counts ** 2   # mean(V_k) − Σ V_k / N²
+    predicted = lag - cancelled
     size = int(np.argmin(predicted)) + 1          # argmin keeps the smallest N among ties
     fields = dict(noise=float(excess[0]), predicted_gain=max(0.0, float(-predicted[size - 1])),
                   lag_cost=float(lag[size - 1]))
