@@ -40,7 +40,9 @@ def _with_noise(root: Path, excess_at_newest: float):
 
 def test_iterate_noise_is_lr_over_4_times_the_sum_of_root_second_moments(tmp_path: Path) -> None:
     root, sqrt_v_sum, elements = adam_run(tmp_path / "adam", [5, 10])
-    signals = assess_run(open_run(root))
+    heard: list[str] = []
+    signals = assess_run(open_run(root), progress=lambda frac, msg: heard.append(msg))
+    assert heard[-1] == "reading Adam second moments of step_10.pt"
     assert signals.noise is not None and signals.noise.step == 10
     assert signals.noise.sqrt_v_sum == pytest.approx(sqrt_v_sum, rel=1e-12)
     assert signals.noise.elements == elements == 6 * 5 + 5 + 5 * 3 + 3

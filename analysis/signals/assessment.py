@@ -80,9 +80,10 @@ def find_spikes(run: Run, config: SpikeConfig = SpikeConfig()) -> tuple[LossSpik
 
 
 def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Progress | None = None) -> RunSignals:
-    """Health, validation, spike contamination and key agreement of every checkpoint.
+    """Health, validation, spike contamination and key agreement of every checkpoint, and the iterate noise.
 
-    Reads every tensor of every checkpoint once (for health), one tensor at a time.
+    Reads every tensor of every checkpoint once (for health), one tensor at a time, then the newest
+    eligible checkpoint's Adam second moments if it saved them (``progress`` restarts from 0 for those).
     """
     spikes = find_spikes(run, spike_config)
     contaminating = [s for s in spikes if s.metric in CONTAMINATING_METRICS]
@@ -100,7 +101,7 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
         spike = next((s for s in contaminating if s.contains(ref.step)), None)
         items.append(CheckpointSignals(ref, health, val, spike, _mismatch(reference, _layout_of(ref)), lr))
     eligible = [item for item in items if item.eligible]
-    noise = iterate_noise(eligible[-1].ref) if eligible else None
+    noise = iterate_noise(eligible[-1].ref, progress) if eligible else None
     return RunSignals(tuple(items), spikes, noise)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 from ..checkpoints import open_checkpoint
 from ..checkpoints.base import optimizer_state
@@ -53,8 +54,8 @@ class IterateNoise:
                 f"(Adam second moments of step {self.step})")
 
 
-def iterate_noise(ref: CheckpointRef) -> IterateNoise | None:
-    """Read ``ref``'s second moments one tensor at a time.
+def iterate_noise(ref: CheckpointRef, progress: Callable[[float, str], None] | None = None) -> IterateNoise | None:
+    """Read ``ref``'s second moments one tensor at a time (as big as the weights in float32: ``progress`` hears each).
 
     None when it saved none, when they cover under MIN_COVERAGE of the weights, or when they are not finite.
     """
@@ -64,7 +65,9 @@ def iterate_noise(ref: CheckpointRef) -> IterateNoise | None:
         if sum(info.numel for info in infos) < MIN_COVERAGE * weights:
             return None
         total, elements = 0.0, 0
-        for info in infos:
+        for index, info in enumerate(infos):
+            if progress is not None:
+                progress(index / len(infos), f"reading Adam second moments of {ref.name}")
             flat = handle.read_optimizer(info.name).reshape(-1)
             for start in range(0, flat.numel(), _CHUNK):
                 total += float(flat[start:start + _CHUNK].double().clamp_min(0.0).sqrt().sum())
