@@ -136,20 +136,19 @@ def get_batch(train: np.ndarray, args: argparse.Namespace, gen: torch.Generator,
     return chunk[:, :-1], chunk[:, 1:]
 
 
-def save_checkpoint(model: GPT, path: Path, step: int, tokens: int, dtype: torch.dtype) -> None:
-    """The state dict as safetensors (contiguous copies in ``dtype``), with step and tokens in the metadata."""
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"step": str(step), "tokens": str(tokens), "format": "pt"})
-
-
-def save_with_optimizer(model: GPT, optimizer: torch.optim.Optimizer, path: Path, step: int, tokens: int,
-                        dtype: torch.dtype) -> None:
-    """``{"model", "optimizer", "step", "tokens"}`` in one torch file, as nanoGPT saves ``ckpt.pt``.
-
-    The optimizer's moments are what lets ``recommend`` estimate the loss that iterate noise costs.
+def save_checkpoint(model: GPT, optimizer: torch.optim.Optimizer | None, ckpt_dir: Path, step: int, tokens: int,
+                    dtype: torch.dtype) -> None:
+    """The state dict (contiguous copies in ``dtype``) as ``step_N.safetensors`` with step and tokens in the
+    metadata; given the optimizer, as ``step_N.pt`` holding ``{"model", "optimizer", "step", "tokens"}``, as
+    nanoGPT saves ``ckpt.pt`` (the moments are what lets ``recommend`` estimate the cost of iterate noise).
     """
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-    torch.save({"model": state, "optimizer": optimizer.state_dict(), "step": step, "tokens": tokens}, path)
+    if optimizer is None:
+        save_file(state, str(ckpt_dir / f"step_{step:06d}.safetensors"),
+                  metadata={"step": str(step), "tokens": str(tokens), "format": "pt"})
+    else:
+        torch.save({"model": state, "optimizer": optimizer.state_dict(), "step": step, "tokens": tokens},
+                   ckpt_dir / f"step_{step:06d}.pt")
 
 
 def prepare_dir(out: Path, overwrite: bool) -> None:
@@ -219,12 +218,9 @@ def train(args: argparse.Namespace) -> None:
             row.update(tokens=tokens, wall_time=time.time())
             train_rows.append(row)
             log.write(json.dumps(row) + "\n")
-            if is_checkpoint_step(step, args) and args.save_optimizer:
-                save_with_optimizer(model, optimizer, out / "checkpoints" / f"step_{step:06d}.pt", step, tokens,
-                                    DTYPES[args.dtype])
-            elif is_checkpoint_step(step, args):
-                path = out / "checkpoints" / f"step_{step:06d}.safetensors"
-                save_checkpoint(model, path, step, tokens, DTYPES[args.dtype])
+            if is_checkpoint_step(step, args):
+                save_checkpoint(model, optimizer if args.save_optimizer else None, out / "checkpoints", step, tokens,
+                                DTYPES[args.dtype])
             if step % args.eval_every == 0 or is_checkpoint_step(step, args):
                 val = evaluate_loss(model, corpus.val)
                 log.write(json.dumps({"step": step, "val_loss": val, "wall_time": time.time()}) + "\n")
