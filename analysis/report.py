@@ -130,7 +130,7 @@ def _noise_report(signals: RunSignals) -> dict | None:
     noise = signals.noise
     if noise is None:
         return None
-    lr = next((item.lr for item in signals.checkpoints if item.ref.step == noise.step), None)
+    lr = signals.at(noise.step).lr
     return {"step": noise.step, "sqrt_v_sum": noise.sqrt_v_sum, "elements": noise.elements, "lr": _num(lr),
             "excess_nats": _num(noise.excess_at(lr)) if lr else None}
 
