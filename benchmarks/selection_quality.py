@@ -42,8 +42,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
-from analysis.checkpoints import open_checkpoint  # noqa: E402
 from analysis import RecommendConfig, assess_run, load_evaluator, open_run, recommend  # noqa: E402
+from analysis.averaging import average_state_dict  # noqa: E402
 from analysis.recommend import policy_weights  # noqa: E402
 from selection_runs import RUNS, SCALES, make_runs, run_set  # noqa: E402
 
@@ -75,13 +75,8 @@ def float32_states(refs) -> list[dict[str, torch.Tensor]]:
     """Every checkpoint's tensors in float32, on the GPU when there is one (averages of 30 x 25M
     parameters are quick there); the runs are small enough to hold whole."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return [{k: v.to(device, torch.float32) for k, v in _weights(ref).items()} for ref in refs]
-
-
-def _weights(ref) -> dict[str, torch.Tensor]:
-    """Every model tensor of one checkpoint, whatever its layout (safetensors, or a .pt with the optimizer)."""
-    with open_checkpoint(ref.path, ref.layout) as handle:
-        return {info.name: handle.read(info.name) for info in handle.tensors()}
+    # Read as the evaluator reads a checkpoint alone (any layout: safetensors, or a .pt with the optimizer).
+    return [{k: v.to(device, torch.float32) for k, v in average_state_dict([ref], (1.0,)).items()} for ref in refs]
 
 
 def load_module(path: Path) -> ModuleType:
