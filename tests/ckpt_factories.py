@@ -192,5 +192,10 @@ def adam_run(root: Path, steps: list[int]) -> tuple[Path, float, int]:
         rows.append({"step": step, "val_loss": 1.0 + 1.0 / step})
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, root / "ckpt" / f"step_{step}.pt")
     (root / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    moments = [s["exp_avg_sq"] for s in optimizer.state_dict()["state"].values()]
-    return root, sum(float(m.double().sqrt().sum()) for m in moments), sum(m.numel() for m in moments)
+    return root, *sqrt_second_moments(optimizer.state_dict())
+
+
+def sqrt_second_moments(optimizer_state: dict) -> tuple[float, int]:
+    """(Σ√exp_avg_sq, elements) of a torch optimizer state dict, computed directly: the reference for V."""
+    moments = [s["exp_avg_sq"] for s in optimizer_state["state"].values()]
+    return sum(float(m.double().sqrt().sum()) for m in moments), sum(m.numel() for m in moments)

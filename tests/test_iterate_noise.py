@@ -16,7 +16,7 @@ from analysis.recommend import recommend
 from analysis.report import analysis_report, recommendation_report
 from analysis.run import CheckpointRef, open_run
 from analysis.signals import IterateNoise, assess_run, iterate_noise
-from ckpt_factories import adam_run, dcp_checkpoint, hf_checkpoint, nanogpt_ckpt, trained
+from ckpt_factories import adam_run, dcp_checkpoint, hf_checkpoint, nanogpt_ckpt, sqrt_second_moments, trained
 from conftest import REPO, write_tiny_run
 
 
@@ -120,10 +120,10 @@ def test_iterate_noise_reads_second_moments_from_every_layout_that_saves_them(tm
         path = tmp_path / "checkpoint-100"
         hf_checkpoint(path, 100)
         state = torch.load(path / "optimizer.pt", weights_only=True)
-    expected = sum(float(s["exp_avg_sq"].double().sqrt().sum()) for s in state["state"].values())
+    expected, elements = sqrt_second_moments(state)
     noise = iterate_noise(CheckpointRef(100, path, detect_layout(path), (path,), 0))
     assert noise is not None and noise.sqrt_v_sum == pytest.approx(expected, rel=1e-12)
-    assert noise.elements == sum(s["exp_avg_sq"].numel() for s in state["state"].values())
+    assert noise.elements == elements
 
 
 def test_no_estimate_when_adam_covers_only_part_of_the_model(tmp_path: Path) -> None:
@@ -150,7 +150,7 @@ def test_trainer_saves_adam_state_that_recommend_reads_end_to_end(tmp_path: Path
     saved = torch.load(out / "checkpoints" / "step_000040.pt", weights_only=True)
     names = [n for g in saved["optimizer"]["param_groups"] for n in g["param_names"]]
     assert "transformer.wte.weight" in names
-    sqrt_v_sum = sum(float(s["exp_avg_sq"].double().sqrt().sum()) for s in saved["optimizer"]["state"].values())
+    sqrt_v_sum, _ = sqrt_second_moments(saved["optimizer"])
     doc = json.loads(subprocess.run([sys.executable, "-m", "analysis", "recommend", str(out), "--json"], check=True,
                                     capture_output=True, text=True, cwd=REPO).stdout)
     assert doc["iterate_noise_nats"] == pytest.approx(3e-3 * sqrt_v_sum / 4, rel=1e-9)
