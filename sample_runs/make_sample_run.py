@@ -82,9 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="dtype of saved checkpoints")
-    p.add_argument("--save-optimizer", action="store_true",
-                   help="save each checkpoint as step_N.pt holding the model and the AdamW state (nanoGPT style) "
-                        "instead of step_N.safetensors")
+    p.add_argument("--save-optimizer", choices=("none", "last", "all"), nargs="?", const="all", default="none",
+                   help="which checkpoints are saved as step_N.pt holding the model and the AdamW state (nanoGPT "
+                        "style) instead of step_N.safetensors: none, the last one (a resume file) or all "
+                        "(the flag alone)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="torch device to train on (cuda for the bigger benchmark runs)")
     p.add_argument("--stdlib", type=Path, default=None,
@@ -207,7 +208,7 @@ def train(args: argparse.Namespace) -> None:
     model = GPT(config).to(args.device)
     run_config = write_static_files(out, corpus, config, args, model.num_params())
     # Built from named parameters when its state is saved, so the state dict names them (torch >= 2.6).
-    params = model.named_parameters() if args.save_optimizer else model.parameters()
+    params = model.named_parameters() if args.save_optimizer != "none" else model.parameters()
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed + 1)
     tokens, started, train_rows = 0, time.time(), []
@@ -219,7 +220,8 @@ def train(args: argparse.Namespace) -> None:
             train_rows.append(row)
             log.write(json.dumps(row) + "\n")
             if is_checkpoint_step(step, args):
-                save_checkpoint(model, optimizer if args.save_optimizer else None, out / "checkpoints", step, tokens,
+                keep_state = args.save_optimizer == "all" or (args.save_optimizer == "last" and step == args.steps)
+                save_checkpoint(model, optimizer if keep_state else None, out / "checkpoints", step, tokens,
                                 DTYPES[args.dtype])
             if step % args.eval_every == 0 or is_checkpoint_step(step, args):
                 val = evaluate_loss(model, corpus.val)

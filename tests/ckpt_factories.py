@@ -174,8 +174,9 @@ def hf_bin_sharded(folder: Path, step: int, seed: int = 0) -> dict[str, torch.Te
     return sd
 
 
-def adam_run(root: Path, steps: list[int]) -> tuple[Path, float, int]:
-    """A run of nanoGPT-style ``.pt`` checkpoints holding a real AdamW state; returns Σ√v of the newest."""
+def adam_run(root: Path, steps: list[int], optimizer_at: set[int] | None = None) -> tuple[Path, float, int]:
+    """A run of nanoGPT-style ``.pt`` checkpoints holding a real AdamW state (only at ``optimizer_at``'s
+    steps when given, the weights alone elsewhere); returns (root, Σ√v, elements) of the newest that holds it."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     optimizer = torch.optim.AdamW(model.named_parameters(), lr=1e-3)
@@ -190,9 +191,13 @@ def adam_run(root: Path, steps: list[int]) -> tuple[Path, float, int]:
             optimizer.step()
             rows.append({"step": done, "train_loss": loss.item(), "lr": 1e-3})
         rows.append({"step": step, "val_loss": 1.0 + 1.0 / step})
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, root / "ckpt" / f"step_{step}.pt")
+        saved = {"model": model.state_dict()}
+        if optimizer_at is None or step in optimizer_at:
+            saved["optimizer"] = optimizer.state_dict()
+            moments = sqrt_second_moments(optimizer.state_dict())
+        torch.save(saved, root / "ckpt" / f"step_{step}.pt")
     (root / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return root, *sqrt_second_moments(optimizer.state_dict())
+    return root, *moments
 
 
 def sqrt_second_moments(optimizer_state: dict) -> tuple[float, int]:

@@ -53,6 +53,20 @@ def test_iterate_noise_is_lr_over_4_times_the_sum_of_root_second_moments(tmp_pat
     assert rec["iterate_noise_nats"] == pytest.approx(1e-3 * sqrt_v_sum / 4)
 
 
+def test_noise_comes_from_the_newest_checkpoint_that_saved_adam_state(tmp_path: Path) -> None:
+    # A resume state every other save (Megatron's --no-save-optim in between): the newest holds weights only.
+    root, sqrt_v_sum, _ = adam_run(tmp_path / "adam", [4, 6, 8, 10], optimizer_at={4, 8})
+    signals = assess_run(open_run(root))
+    assert signals.noise is not None and signals.noise.step == 8
+    assert signals.noise.sqrt_v_sum == pytest.approx(sqrt_v_sum, rel=1e-12)
+
+
+def test_adam_state_from_the_first_half_of_the_run_gives_no_estimate(tmp_path: Path) -> None:
+    # Second moments of step 4 of 10 measure early gradient noise, not the jitter of the newest checkpoints.
+    root, _, _ = adam_run(tmp_path / "adam", [4, 6, 8, 10], optimizer_at={4})
+    assert assess_run(open_run(root)).noise is None
+
+
 def test_no_optimizer_state_gives_no_estimate_and_the_val_band_decides(tiny_run: Path) -> None:
     signals = assess_run(open_run(tiny_run))
     assert signals.noise is None
@@ -139,13 +153,18 @@ def test_no_estimate_when_adam_covers_only_part_of_the_model(tmp_path: Path) -> 
     assert iterate_noise(CheckpointRef(1, path, detect_layout(path), (path,), 0)) is None
 
 
-@pytest.mark.slow
-def test_trainer_saves_adam_state_that_recommend_reads_end_to_end(tmp_path: Path) -> None:
-    out = tmp_path / "run"
+def _train_tiny(out: Path, *save_optimizer: str) -> None:
+    """The sample-run trainer on a 40-step, one-layer model with checkpoints at steps 20 and 40."""
     subprocess.run([sys.executable, str(REPO / "sample_runs" / "make_sample_run.py"), "--out", str(out),
                     "--steps", "40", "--ckpt-every", "20", "--eval-every", "20", "--warmup", "10", "--n-layer", "1",
                     "--n-embd", "16", "--block-size", "16", "--batch-size", "4", "--spike-steps", "", "--threads", "1",
-                    "--save-optimizer"], check=True, capture_output=True)
+                    *save_optimizer], check=True, capture_output=True)
+
+
+@pytest.mark.slow
+def test_trainer_saves_adam_state_that_recommend_reads_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _train_tiny(out, "--save-optimizer")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000020.pt", "step_000040.pt"]
     saved = torch.load(out / "checkpoints" / "step_000040.pt", weights_only=True)
     names = [n for g in saved["optimizer"]["param_groups"] for n in g["param_names"]]
@@ -158,3 +177,16 @@ def test_trainer_saves_adam_state_that_recommend_reads_end_to_end(tmp_path: Path
     text = subprocess.run([sys.executable, "-m", "analysis", "analyze", str(out)], check=True, capture_output=True,
                           text=True, cwd=REPO).stdout
     assert f"iterate noise {doc['iterate_noise_nats']:.4f} nats at LR 0.003" in text
+
+
+@pytest.mark.slow
+def test_trainer_can_keep_adam_state_with_the_last_checkpoint_only(tmp_path: Path) -> None:
+    # The bundled sample run's shape: weights-only safetensors, and a nanoGPT-style resume file at the end.
+    out = tmp_path / "run"
+    _train_tiny(out, "--save-optimizer", "last")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000020.safetensors", "step_000040.pt"]
+    saved = torch.load(out / "checkpoints" / "step_000040.pt", weights_only=True)
+    signals = assess_run(open_run(out))
+    assert [c.eligible for c in signals.checkpoints] == [True, True]   # one run, two formats, the same tensors
+    assert signals.noise is not None and signals.noise.step == 40
+    assert signals.noise.sqrt_v_sum == pytest.approx(sqrt_second_moments(saved["optimizer"])[0], rel=1e-12)

@@ -4,7 +4,7 @@ from .assessment import CheckpointSignals, RunSignals, assess_run, find_spikes
 from .axes import AXES, available_axes, step_to_axis
 from .decimate import MAX_POINTS, DisplaySeries, display_series, minmax_decimate, minmax_indices
 from .health import CheckpointHealth, check_health
-from .noise import IterateNoise, iterate_noise
+from .noise import IterateNoise, iterate_noise, newest_iterate_noise
 from .similarity import CheckpointSimilarity, SimilarityReport, compare_checkpoints, layer_of
 from .sketch import CheckpointSketch, sketch_checkpoint
 from .smoothing import debiased_ema
@@ -42,6 +42,7 @@ __all__ = [
     "logged_val_scores",
     "minmax_decimate",
     "minmax_indices",
+    "newest_iterate_noise",
     "sketch_checkpoint",
     "step_to_axis",
 ]

@@ -12,7 +12,7 @@ from ..checkpoints import TensorInfo, open_checkpoint
 from ..checkpoints.compare import compare_layouts
 from ..run import CheckpointRef, Run
 from .health import CheckpointHealth, check_health
-from .noise import IterateNoise, iterate_noise
+from .noise import IterateNoise, newest_iterate_noise
 from .spikes import LossSpike, SpikeConfig, detect_spikes, sparse_config
 from .validation import ValScore, logged_val_scores
 
@@ -47,7 +47,7 @@ class RunSignals:
 
     checkpoints: tuple[CheckpointSignals, ...]
     spikes: tuple[LossSpike, ...]
-    noise: IterateNoise | None = None   # from the newest eligible checkpoint's Adam state, if it saved one
+    noise: IterateNoise | None = None   # from the Adam state of the newest eligible checkpoint that saved one
 
     @property
     def loss_spikes(self) -> tuple[LossSpike, ...]:
@@ -82,8 +82,8 @@ def find_spikes(run: Run, config: SpikeConfig = SpikeConfig()) -> tuple[LossSpik
 def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Progress | None = None) -> RunSignals:
     """Health, validation, spike contamination and key agreement of every checkpoint, and the iterate noise.
 
-    Reads every tensor of every checkpoint once (for health), one tensor at a time, then the newest
-    eligible checkpoint's Adam second moments if it saved them (``progress`` restarts from 0 for those).
+    Reads every tensor of every checkpoint once (for health), one tensor at a time, then the Adam second moments
+    of the newest eligible checkpoint that saved them (``progress`` restarts from 0 for those).
     """
     spikes = find_spikes(run, spike_config)
     contaminating = [s for s in spikes if s.metric in CONTAMINATING_METRICS]
@@ -101,7 +101,7 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
         spike = next((s for s in contaminating if s.contains(ref.step)), None)
         items.append(CheckpointSignals(ref, health, val, spike, _mismatch(reference, _layout_of(ref)), lr))
     eligible = [item for item in items if item.eligible]
-    noise = iterate_noise(eligible[-1].ref, progress) if eligible else None
+    noise = newest_iterate_noise([item.ref for item in eligible], progress)
     return RunSignals(tuple(items), spikes, noise)
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from ..checkpoints import open_checkpoint
 from ..checkpoints.base import optimizer_state
@@ -75,3 +75,25 @@ def iterate_noise(ref: CheckpointRef, progress: Callable[[float, str], None] | N
     if not infos or not math.isfinite(total) or total <= 0.0:
         return None
     return IterateNoise(ref.step, total, elements)
+
+
+def newest_iterate_noise(refs: Sequence[CheckpointRef],
+                         progress: Callable[[float, str], None] | None = None) -> IterateNoise | None:
+    """The iterate noise of the newest of ``refs`` (in step order) that saved usable Adam second moments.
+
+    Many runs keep the optimizer state with only some checkpoints (the newest, as nanoGPT's resume
+    file, or every few saves, as Megatron's ``--no-save-optim`` in between), so the newest checkpoint
+    without one must not hide an older one that has it. Only checkpoints from the second half of the
+    run (step at least half the newest's) are read: the estimate assumes jitter at equilibrium late
+    in training, and second moments from early on measure a different gradient noise.
+    """
+    if not refs:
+        return None
+    late = refs[-1].step / 2
+    for ref in reversed(refs):
+        if ref.step < late:
+            break
+        noise = iterate_noise(ref, progress)
+        if noise is not None:
+            return noise
+    return None
