@@ -114,6 +114,7 @@ def analyze(run_path: Path, similarity: bool, as_json: bool) -> None:
                    f"(Adam second moments of step {noise['step']}: what averaging can win back)")
     for c in doc["checkpoints"]:
         flags = [f for f, on in (("NaN/Inf", not c["finite"]), ("spike", c["spike_contaminated"]),
+                                 ("spike cleared by its val loss", c["spike_cleared"]),
                                  ("mismatch", c["mismatch"])) if on]
         val = f"{c['val_loss']:.4f}" if c["val_loss"] is not None else "   -  "
         click.echo(f"  step {c['step']:>8}  val {val}  {c['bytes'] / 1e6:8.2f} MB  {' '.join(flags)}")

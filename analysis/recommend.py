@@ -389,7 +389,8 @@ def _reason(item: CheckpointSignals, weight_of: dict[int, float], oldest_taken: 
     if item.ref.step in weight_of:
         weight = weight_of[item.ref.step]
         forced = " Forced in despite a spike." if item.spike is not None else ""
-        return f"Taken with weight {weight:.3f}{val}.{forced}"
+        cleared = f" {item.cleared.describe()}." if item.cleared is not None else ""
+        return f"Taken with weight {weight:.3f}{val}.{forced}{cleared}"
     if item.ref.step > oldest_taken:
         return f"Left out: the evaluator found averages without it score better{val}."
     if evaluated:

@@ -13,7 +13,7 @@ from .recommend import Recommendation
 from .run import Run
 from .model_size import ParamCount
 from .scaling import ComputeOptimal, Forecast, StopSignal
-from .signals import LossSpike, RunSignals, SimilarityReport, StepTiming, analyze_step_times
+from .signals import ClearedSpike, LossSpike, RunSignals, SimilarityReport, StepTiming, analyze_step_times
 from .storage import MeasuredOverhead, StorageEstimate
 
 
@@ -52,6 +52,12 @@ def timing_report(timing: StepTiming) -> dict:
         "slow_iterations": [{"step": s.step, "step_ms": _num(s.step_ms), "extra_ms": _num(s.extra_ms), "kind": s.kind}
                             for s in timing.slow],
     }
+
+
+def _cleared_report(cleared: ClearedSpike, run: Run) -> dict:
+    """A train-loss event the checkpoint's own val loss clears, with the two val losses compared."""
+    return {"event": spike_report(cleared.event, run), "val_loss": _num(cleared.val),
+            "before_step": cleared.before_step, "before_val_loss": _num(cleared.before_val)}
 
 
 def spike_report(spike: LossSpike, run: Run) -> dict:
@@ -104,6 +110,7 @@ def analysis_report(run: Run, signals: RunSignals, similarity: SimilarityReport 
             "bytes_by_dtype": dict(health.bytes_by_dtype),
             "spike_contaminated": item.spike is not None,
             "spike": spike_report(item.spike, run) if item.spike is not None else None,
+            "spike_cleared": _cleared_report(item.cleared, run) if item.cleared is not None else None,
             "mismatch": item.mismatch,
             "val_loss": _num(item.val.value) if item.val else None,
             "val_loss_source": item.val.source if item.val else None,

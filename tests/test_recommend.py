@@ -129,12 +129,12 @@ def test_recovery_without_a_spike_or_step_says_what_to_pass(tmp_path: Path) -> N
 
 
 def _rewrite_metrics(run: Path, change) -> None:
-    """Apply ``change(row)`` to every row of the tiny run's metrics.jsonl."""
+    """Apply ``change(row)`` to every row of the tiny run's metrics.jsonl (a row it maps to None is dropped)."""
     import json
 
     path = run / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    path.write_text("\n".join(json.dumps(change(r)) for r in rows) + "\n")
+    rows = [change(json.loads(line)) for line in path.read_text().splitlines()]
+    path.write_text("\n".join(json.dumps(r) for r in rows if r is not None) + "\n")
 
 
 def test_window_never_crosses_an_lr_decay(tmp_path: Path) -> None:
@@ -176,3 +176,46 @@ def test_the_loss_chart_shades_and_names_every_contaminating_spike(tmp_path: Pat
     names = sorted(a.text for a in fig.layout.annotations)
     assert names == sorted(f"loss spike {s.start_step}-{s.end_step}" for s in signals.loss_spikes)
     assert any(n.startswith("loss spike 800-") for n in names) and len(fig.layout.shapes) == len(signals.spikes)
+
+
+def _hard_batch_at(run: Path, step: int, val_add: float | None) -> None:
+    """Train loss +0.5 at ``step`` alone (one hard batch); its logged val loss raised by ``val_add``, or dropped."""
+    def edit(row: dict) -> dict | None:
+        if row.get("step") != step:
+            return row
+        if "train_loss" in row:
+            return {**row, "train_loss": row["train_loss"] + 0.5}
+        return None if val_add is None else {**row, "val_loss": row["val_loss"] + val_add}
+    _rewrite_metrics(run, edit)
+
+
+def test_a_hard_batch_at_a_checkpoint_is_cleared_by_the_checkpoints_own_val_loss(tmp_path: Path) -> None:
+    # The train loss of step 1000 measures its batch; the val loss logged at step 1000 measures the weights.
+    from analysis.report import analysis_report
+
+    run = write_tiny_run(tmp_path / "b", list(range(50, 1050, 50)))
+    _hard_batch_at(run, 1000, 0.0)
+    signals = assess_run(open_run(run))
+    event, = signals.loss_spikes
+    assert (event.metric, event.start_step, event.recovered) == ("train_loss", 1000, False)
+    newest = signals.at(1000)
+    assert newest.spike is None and newest.eligible and newest.cleared.event == event
+    assert newest.cleared.before_step == 950 and newest.cleared.before_val == signals.at(950).val.value
+    assert newest.cleared.val == newest.val.value < newest.cleared.before_val
+    reason = next(d.reason for d in recommend(signals).decisions if d.step == 1000)
+    assert reason.startswith("Taken with weight") and reason.endswith(
+        f"but its val loss {newest.val.value:.4f} (logged at this step) is not above "
+        f"{signals.at(950).val.value:.4f} at step 950 before the spike: its weights did not carry it.")
+    doc = analysis_report(open_run(run), signals)["checkpoints"][-1]
+    assert not doc["spike_contaminated"] and doc["spike_cleared"]["before_step"] == 950
+    assert doc["spike_cleared"]["event"]["start_step"] == 1000
+
+
+@pytest.mark.parametrize("val_add", [0.03, None], ids=["val-above-the-checkpoint-before", "no-val-at-its-step"])
+def test_a_hard_batch_contaminates_when_the_checkpoints_own_val_loss_cannot_clear_it(tmp_path: Path,
+                                                                                     val_add: float | None) -> None:
+    run = write_tiny_run(tmp_path / "b", list(range(50, 1050, 50)))
+    _hard_batch_at(run, 1000, val_add)
+    newest = assess_run(open_run(run)).at(1000)
+    assert newest.spike is not None and newest.spike.metric == "train_loss" and newest.cleared is None
+    assert not newest.eligible

