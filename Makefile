@@ -44,7 +44,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
 sample-run: $(STAMP)
-	$(PY) sample_runs/make_sample_run.py --out $(RUN) --overwrite
+	$(PY) sample_runs/make_sample_run.py --out $(RUN) --overwrite --save-optimizer last
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-artifacts

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from analysis import RecommendConfig, assess_run, load_evaluator, merge_checkpoints, open_run, recommend  # noqa: E402
+from analysis.averaging import average_state_dict  # noqa: E402
 
 
 def _module(path: Path):
@@ -41,7 +42,7 @@ def main(run_dir: Path) -> dict:
     signals = assess_run(run)
     last = [s for s in signals.checkpoints if s.eligible][-1].ref
     rows = [{"what": f"last checkpoint (step {last.step})", "steps": [last.step], "evals": 0,
-             **_scores(scorer, load_file(str(last.path)))}]
+             **_scores(scorer, average_state_dict([last], (1.0,)))}]   # any layout: the last is a .pt resume file
     for label, evaluator in (("recommend, no evaluator", None),
                              ("recommend --eval evaluate.py:evaluate", load_evaluator(f"{evaluator_file}:evaluate"))):
         started = time.perf_counter()

@@ -1,8 +1,9 @@
 """Train a tiny byte-level GPT on CPU and write a run folder the way real trainers do.
 
-The defaults make the shipped sample run (about three minutes on two CPU cores):
+The defaults, with the AdamW state kept in the last checkpoint, make the shipped sample run
+(about three minutes on two CPU cores):
 
-    .venv/bin/python sample_runs/make_sample_run.py --out sample_runs/stdlib-gpt
+    .venv/bin/python sample_runs/make_sample_run.py --out sample_runs/stdlib-gpt --save-optimizer last
 
 The run warms up, then trains at a constant learning rate (the regime in which averaging
 recent checkpoints helps), and takes one LR excursion (``--spike-steps``: the LR is multiplied
@@ -307,6 +308,10 @@ def write_readme(out: Path, run_config: dict) -> None:
         f"recovery: {e['checkpoints_inside'] or 'none'}" for e in spikes) or "- none"
     schedule = {"constant": "constant", "cosine": "cosine decay to 10% of the peak",
                 "wsd": "stable, then linear decay to 1% over the last 20% of steps"}[t["schedule"]]
+    saved = {"none": f"`step_N.safetensors`, {t['dtype']} weights",
+             "last": f"`step_N.safetensors`, {t['dtype']} weights, but for the last, `step_{t['steps']:06d}.pt`, "
+                     "which holds the AdamW state too (a nanoGPT-style resume file)",
+             "all": f"`step_N.pt`, {t['dtype']} weights and the AdamW state (nanoGPT style)"}[t["save_optimizer"]]
     text = f"""# {out.name}: a tiny byte-level GPT trained on CPython's standard library
 
 Made by `sample_runs/make_sample_run.py` (training loop: {run_config['train_seconds']:.0f} s of wall time on {t['threads']} CPU threads):
@@ -324,7 +329,7 @@ Made by `sample_runs/make_sample_run.py` (training loop: {run_config['train_seco
   gradient clipping at 1.0, LR {t['lr']:g} with {t['warmup']} warm-up steps, then {schedule}.
   Seed {t['seed']}.
 - Logs: `metrics.jsonl` has a train row per step and a `val_loss` row every {t['eval_every']} steps and at
-  every checkpoint. Checkpoints every {t['ckpt_every']} steps in `checkpoints/`, {t['dtype']}.
+  every checkpoint. Checkpoints every {t['ckpt_every']} steps in `checkpoints/`: {saved}.
 - Evaluator: `evaluate.py` (`evaluate` on val, `evaluate_test` on test; nats/byte, lower is better).
 
 ## The loss spike

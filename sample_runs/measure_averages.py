@@ -35,12 +35,21 @@ def load_evaluator(run_dir: Path) -> ModuleType:
 
 
 def checkpoint_paths(run_dir: Path) -> dict[int, Path]:
-    """Checkpoint files by the step in their safetensors metadata, in step order."""
+    """Checkpoint files by the step they record (safetensors metadata, or a ``.pt``'s "step"), in step order."""
     steps = {}
     for path in (run_dir / "checkpoints").glob("*.safetensors"):
         with safe_open(str(path), framework="pt") as f:
             steps[int(f.metadata()["step"])] = path
+    for path in (run_dir / "checkpoints").glob("*.pt"):
+        steps[int(torch.load(path, weights_only=True, mmap=True)["step"])] = path
     return dict(sorted(steps.items()))
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model's tensors of a ``step_N.safetensors`` or of a ``step_N.pt`` that holds the optimizer too."""
+    if path.suffix == ".pt":
+        return torch.load(path, weights_only=True)["model"]
+    return load_file(str(path))
 
 
 def contaminated_steps(run_dir: Path) -> set[int]:
@@ -53,7 +62,7 @@ def average(paths: list[Path]) -> dict[str, torch.Tensor]:
     """Uniform average in float32, accumulated one checkpoint at a time."""
     total: dict[str, torch.Tensor] = {}
     for path in paths:
-        for key, tensor in load_file(str(path)).items():
+        for key, tensor in load_weights(path).items():
             total[key] = total.get(key, 0) + tensor.float()
     return {key: value / len(paths) for key, value in total.items()}
 
