@@ -54,7 +54,7 @@ def test_iterate_noise_is_lr_over_4_times_the_sum_of_root_second_moments(tmp_pat
 
 
 def test_noise_comes_from_the_newest_checkpoint_that_saved_adam_state(tmp_path: Path) -> None:
-    # A resume state every other save (Megatron's --no-save-optim in between): the newest holds weights only.
+    # The optimizer state every other save, weights-only checkpoints in between: the newest holds weights only.
     root, sqrt_v_sum, _ = adam_run(tmp_path / "adam", [4, 6, 8, 10], optimizer_at={4, 8})
     signals = assess_run(open_run(root))
     assert signals.noise is not None and signals.noise.step == 8

@@ -82,8 +82,9 @@ def newest_iterate_noise(refs: Sequence[CheckpointRef],
     """The iterate noise of the newest of ``refs`` (in step order) that saved usable Adam second moments.
 
     Many runs keep the optimizer state with only some checkpoints (the newest, as nanoGPT's resume
-    file, or every few saves, as Megatron's ``--no-save-optim`` in between), so the newest checkpoint
-    without one must not hide an older one that has it. Only checkpoints from the second half of the
+    file; the newest few, as ``storage --full-state-last`` advises; or every few saves, with weights-only
+    checkpoints in between to save space), so a newest checkpoint without one must not hide an older
+    one that has it. Only checkpoints from the second half of the
     run (step at least half the newest's) are read: the estimate assumes jitter at equilibrium late
     in training, and second moments from early on measure a different gradient noise.
     """
