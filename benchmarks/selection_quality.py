@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from analysis import RecommendConfig, assess_run, load_evaluator, open_run, recommend  # noqa: E402
 from analysis.averaging import average_state_dict  # noqa: E402
 from analysis.recommend import policy_weights  # noqa: E402
-from selection_runs import RUNS, SCALES, make_runs, run_set  # noqa: E402
+from selection_runs import RUNS, SCALES, RunSet, make_runs  # noqa: E402
 
 EMA_ALPHAS = (0.05, 0.1, 0.2, 0.3, 0.5)
 BASELINES = (("last 5", 5), ("last 10", 10), ("all", None))
@@ -284,20 +284,21 @@ def main() -> None:
                    help="only write RUN.windows.json: signals and the test loss of every newest-k average")
     a = p.parse_args()
     names = a.runs.split(",") if a.runs else [s.name for s in RUNS]
-    root = a.out / run_set(a.scale, a.seed_offset, a.optimizer_state)
+    runs = RunSet(a.scale, a.seed_offset, a.optimizer_state)
+    root = a.out / runs.name
     if a.windows_only:
-        for run_dir in make_runs(a.scale, a.out, names, a.parallel, a.seed_offset, a.optimizer_state):
+        for run_dir in make_runs(runs, a.out, names, a.parallel):
             (root / f"{run_dir.name}.windows.json").write_text(json.dumps(window_data(run_dir)) + "\n")
             print(f"{run_dir.name}: windows written", flush=True)
         return
     if not a.table_only:
-        for run_dir in make_runs(a.scale, a.out, names, a.parallel, a.seed_offset, a.optimizer_state):
+        for run_dir in make_runs(runs, a.out, names, a.parallel):
             result = judge_run(run_dir, a.min_gain)
             (root / f"{run_dir.name}.result.json").write_text(json.dumps(result, indent=2) + "\n")
             print(json.dumps(result, indent=1), flush=True)
     results = [json.loads((root / f"{n}.result.json").read_text()) for n in names
                if (root / f"{n}.result.json").exists()]
-    print(markdown(results, run_set(a.scale, a.seed_offset, a.optimizer_state)))
+    print(markdown(results, runs.name))
 
 
 if __name__ == "__main__":

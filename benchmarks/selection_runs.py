@@ -65,23 +65,31 @@ RUNS = (
 )
 
 
-def trainer_args(spec: RunSpec, scale: str, out: Path, seed_offset: int = 0, optimizer: bool = False) -> list[str]:
-    """The full make_sample_run.py argument list of one run at one scale (its seed moved by ``seed_offset``;
-    ``optimizer``: checkpoints hold the AdamW state too)."""
-    flags = list(spec.flags)
-    if scale == "gpu":
-        overrides = dict(zip(spec.gpu_flags[::2], spec.gpu_flags[1::2]))
-        flags = [overrides.get(flags[i - 1], f) if i % 2 else f for i, f in enumerate(flags)]
-    if seed_offset:
-        flags = [str(int(f) + seed_offset) if i % 2 and flags[i - 1] == "--seed" else f for i, f in enumerate(flags)]
-    return ["--out", str(out), *_COMMON, *flags, *SCALES[scale], *(["--save-optimizer"] if optimizer else [])]
+@dataclass(frozen=True)
+class RunSet:
+    """One set of the four runs: a scale, a seed replicate, and whether checkpoints hold the AdamW state."""
 
+    scale: str
+    seed_offset: int = 0      # every run's seed plus this (a replicate)
+    optimizer: bool = False   # checkpoints are step_N.pt with the AdamW state (nanoGPT style)
 
-def run_set(scale: str, seed_offset: int = 0, optimizer: bool = False) -> str:
-    """The folder of one scale's runs: ``cpu``, ``cpu-seed+100`` for a replicate with other seeds,
-    ``cpu-seed+100-optim`` for one whose checkpoints hold the optimizer state."""
-    name = scale if not seed_offset else f"{scale}-seed+{seed_offset}"
-    return f"{name}-optim" if optimizer else name
+    @property
+    def name(self) -> str:
+        """The set's folder: ``cpu``, ``cpu-seed+100`` for a replicate, ``cpu-seed+100-optim`` with Adam state."""
+        name = self.scale if not self.seed_offset else f"{self.scale}-seed+{self.seed_offset}"
+        return f"{name}-optim" if self.optimizer else name
+
+    def trainer_args(self, spec: RunSpec, out: Path) -> list[str]:
+        """The full make_sample_run.py argument list of one run of this set."""
+        flags = list(spec.flags)
+        if self.scale == "gpu":
+            overrides = dict(zip(spec.gpu_flags[::2], spec.gpu_flags[1::2]))
+            flags = [overrides.get(flags[i - 1], f) if i % 2 else f for i, f in enumerate(flags)]
+        if self.seed_offset:
+            flags = [str(int(f) + self.seed_offset) if i % 2 and flags[i - 1] == "--seed" else f
+                     for i, f in enumerate(flags)]
+        return ["--out", str(out), *_COMMON, *flags, *SCALES[self.scale],
+                *(["--save-optimizer"] if self.optimizer else [])]
 
 
 def is_made(out: Path, args: list[str]) -> bool:
@@ -93,15 +101,15 @@ def is_made(out: Path, args: list[str]) -> bool:
     return "train_seconds" in made and made.get("benchmark_args") == args[2:]  # not --out: runs may move
 
 
-def make_run(spec: RunSpec, scale: str, root: Path, seed_offset: int = 0, optimizer: bool = False) -> Path:
+def make_run(spec: RunSpec, runs: RunSet, root: Path) -> Path:
     """Train the run unless it is already there; returns its folder."""
-    out = root / run_set(scale, seed_offset, optimizer) / spec.name
-    args = trainer_args(spec, scale, out, seed_offset, optimizer)
+    out = root / runs.name / spec.name
+    args = runs.trainer_args(spec, out)
     if is_made(out, args):
         return out
     out.mkdir(parents=True, exist_ok=True)
     log = out.parent / f"{spec.name}.train.log"
-    print(f"training {scale}/{spec.name}: {shlex.join(args)}", flush=True)
+    print(f"training {runs.name}/{spec.name}: {shlex.join(args)}", flush=True)
     with open(log, "w") as f:
         subprocess.run([sys.executable, str(TRAINER), *args, "--overwrite"], check=True, stdout=f,
                        stderr=subprocess.STDOUT)
@@ -111,12 +119,11 @@ def make_run(spec: RunSpec, scale: str, root: Path, seed_offset: int = 0, optimi
     return out
 
 
-def make_runs(scale: str, root: Path, names: list[str] | None = None, parallel: int = 1,
-              seed_offset: int = 0, optimizer: bool = False) -> list[Path]:
-    """Train every run of ``scale`` that is missing (``parallel`` at a time); returns their folders."""
+def make_runs(runs: RunSet, root: Path, names: list[str] | None = None, parallel: int = 1) -> list[Path]:
+    """Train every run of the set that is missing (``parallel`` at a time); returns their folders."""
     specs = [s for s in RUNS if names is None or s.name in names]
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        return list(pool.map(lambda s: make_run(s, scale, root, seed_offset, optimizer), specs))
+        return list(pool.map(lambda s: make_run(s, runs, root), specs))
 
 
 def main() -> None:
@@ -130,7 +137,7 @@ def main() -> None:
                    help="checkpoints hold the AdamW state (step_N.pt, nanoGPT style; folder suffix -optim)")
     a = p.parse_args()
     names = a.runs.split(",") if a.runs else None
-    for path in make_runs(a.scale, a.out, names, a.parallel, a.seed_offset, a.optimizer_state):
+    for path in make_runs(RunSet(a.scale, a.seed_offset, a.optimizer_state), a.out, names, a.parallel):
         print(path)
 
 
