@@ -33,7 +33,7 @@ class ClearedSpike:
     alone. When it is no higher than the val loss of the newest clean checkpoint before the event
     began, the weights were not hurt, and leaving the checkpoint out would only lose it (on the
     benchmark's runs this cleared one false alarm, a single-batch blip at the last step, and none of
-    the 18 checkpoints the trainer's own LR excursions and corrupted batches hit).
+    the 21 checkpoints the trainer's own LR excursions and corrupted batches hit).
     """
 
     event: LossSpike
