@@ -24,7 +24,7 @@ from .errors import RecipeError
 from .run import CheckpointRef
 
 RECIPE_VERSION = 1
-METHODS = ("sma", "ema", "wma", "soup", "manual", "recovery")
+METHODS = ("sma", "ema", "wma", "soup", "manual", "recovery", "predicted")
 _HASH_CHUNK = 8 * 1024 * 1024
 # Quick hash (version 1): size, the first MiB (the safetensors header and more), 16 evenly spaced
 # 64 KiB blocks and the last 64 KiB of every file. Reads about 2 MiB per file whatever its size.

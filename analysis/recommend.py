@@ -122,7 +122,9 @@ class _Window:
     stop_step: int | None = None  # the checkpoint where the window stopped
     noise: float | None = None           # iterate noise at the newest LR, when the window was predicted from it
     predicted_gain: float | None = None  # predicted nats below the newest checkpoint alone
-    lag_cost: float | None = None        # mean logged val excess of the window over the newest
+    lag_cost: float | None = None        # weighted mean logged val excess of the window over the newest
+    weights: tuple[float, ...] | None = None  # predicted weights of the newest ``size``, oldest first (zeros too)
+    unweighted: tuple[tuple[int, str], ...] = ()  # (step, why) of checkpoints inside the window given no weight
 
 
 def recommend(signals: RunSignals, config: RecommendConfig = RecommendConfig(), evaluator: Evaluator | None = None,
@@ -144,10 +146,14 @@ def recommend(signals: RunSignals, config: RecommendConfig = RecommendConfig(), 
         raise NotEnoughCheckpoints(_why_none_eligible(signals, cutoff))
     window = _choose_window(eligible, config, signals.noise)
     if evaluator is None:
+        span = eligible[len(eligible) - window.size:]
+        if window.weights is not None and config.method in ("auto", "recovery"):
+            taken = [(s, w) for s, w in zip(span, window.weights) if w > 0.0]
+            return _finish(signals, config, "predicted", [s for s, _ in taken], tuple(w for _, w in taken), window,
+                           None, None, 0, None, cutoff)
         method = config.method if config.method in ("sma", "ema", "wma") else "sma"
-        chosen = eligible[len(eligible) - window.size:]
-        weights = policy_weights(method, len(chosen), config.ema_alpha)
-        return _finish(signals, config, method, chosen, weights, window, None, None, 0, None, cutoff)
+        weights = policy_weights(method, len(span), config.ema_alpha)
+        return _finish(signals, config, method, span, weights, window, None, None, 0, None, cutoff)
     return _recommend_with_evaluator(signals, eligible, window, config, evaluator, progress, cutoff)
 
 
@@ -215,12 +221,16 @@ def _choose_window(eligible: list[CheckpointSignals], config: RecommendConfig,
 
 
 def _predicted_window(in_regime: list[CheckpointSignals], noise: IterateNoise, regime: _Window) -> _Window | None:
-    """The newest N whose average has the lowest predicted loss, or None without a val loss and LR at the newest.
+    """The weights of the newest checkpoints whose average has the lowest predicted loss, or None without a
+    val loss and LR at the newest.
 
-    Checkpoint k carries its centre's loss plus V_k, the jitter at its LR; averaging N with independent
-    jitter keeps the mean of the centres' losses (to first order along the path) and Σ V_k / N². So the
-    average of the newest N is predicted at mean(val_k − val_newest) − mean(V_k) + Σ V_k / N² relative to
-    the newest alone (which is 0 at N = 1). The window cannot reach past a checkpoint without a val loss
+    Checkpoint k carries its centre's loss plus V_k, the jitter at its LR; an average with weights w keeps
+    the weighted mean of the centres' losses (to first order along the path) and, the jitter being
+    independent, Σ w_k² V_k of it. Relative to the newest alone the average is predicted at
+    Σ w_k (val_k − val_newest − V_k) + Σ w_k² V_k, a quadratic whose minimum over weights that are ≥ 0
+    and sum to 1 is exact (:func:`optimal_weights`): a checkpoint gets weight while its val excess over
+    the newest stays under its own V_k plus a common cut. Under a steady drift the weights fall linearly
+    with age; on a plateau they are uniform. The window cannot reach past a checkpoint without a val loss
     or LR to judge it by.
     """
     known: list[tuple[CheckpointSignals, float, float]] = []
@@ -230,26 +240,46 @@ def _predicted_window(in_regime: list[CheckpointSignals], noise: IterateNoise, r
         known.append((item, item.val.value, noise.excess_at(item.lr)))
     if not known:
         return None
-    vals = np.array([v for _, v, _ in known])
     excess = np.array([e for _, _, e in known])
-    counts = np.arange(1, len(known) + 1)
-    lag = np.cumsum(vals - vals[0]) / counts
-    cancelled = np.cumsum(excess) / counts - np.cumsum(excess) / counts ** 2   # mean(V_k) − Σ V_k / N²
-    predicted = lag - cancelled
-    size = int(np.argmin(predicted)) + 1          # argmin keeps the smallest N among ties
-    fields = dict(noise=float(excess[0]), predicted_gain=max(0.0, float(-predicted[size - 1])),
-                  lag_cost=float(lag[size - 1]))
+    lag = np.array([v for _, v, _ in known]) - known[0][1]
+    weights, cut = optimal_weights(lag - excess, excess)
+    size = int(np.flatnonzero(weights)[-1]) + 1
+    predicted = float(weights @ (lag - excess) + (weights ** 2) @ excess)
+    unweighted = tuple((item.ref.step, _why_no_weight(lag[k], excess[k], cut))
+                       for k, (item, _, _) in enumerate(known[:size]) if weights[k] == 0.0)
+    fields = dict(noise=float(excess[0]), predicted_gain=max(0.0, -predicted), lag_cost=float(weights @ lag),
+                  weights=tuple(float(w) for w in weights[:size][::-1]), unweighted=unweighted)
     if size < len(known):
         older = known[size][0]
-        why = (f"the average of the newest {size + 1} is predicted {predicted[size] - predicted[size - 1]:+.4f} nats "
-               f"against the newest {size}: their logged val losses lie {lag[size]:.4f} nats above the newest on "
-               f"average and averaging them cancels {cancelled[size]:.4f} nats of {noise.describe(known[0][0].lr)}")
-        return _Window(size, None, None, why, older.ref.step, **fields)
+        return _Window(size, None, None, _why_no_weight(lag[size], excess[size], cut), older.ref.step, **fields)
     if len(known) < len(in_regime):
         unjudged = in_regime[len(in_regime) - len(known) - 1]
         return _Window(size, None, None, f"no val loss or LR was logged for step {unjudged.ref.step} to judge it by",
                        unjudged.ref.step, **fields)
     return _Window(size, None, None, regime.why_stop, regime.stop_step, **fields)
+
+
+def optimal_weights(cost: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, float]:
+    """Weights w ≥ 0 with Σ w = 1 minimising Σ w_k cost_k + Σ w_k² noise_k (every noise_k > 0), and the cut.
+
+    The KKT conditions give w_k = max(0, (cut − cost_k) / (2 noise_k)): the checkpoints with the lowest
+    cost are weighted first, and the cut is where the weights of those below it sum to 1. Exact: the
+    active set is the longest prefix (by cost) whose own cut lies above its highest cost.
+    """
+    order = np.argsort(cost, kind="stable")
+    inv = 1.0 / (2.0 * noise[order])
+    cuts = (1.0 + np.cumsum(cost[order] * inv)) / np.cumsum(inv)
+    active = int(np.flatnonzero(cost[order] < cuts)[-1]) + 1
+    cut = float(cuts[active - 1])
+    weights = np.maximum(0.0, (cut - cost) / (2.0 * noise))
+    return weights / weights.sum(), cut
+
+
+def _why_no_weight(lag: float, excess: float, cut: float) -> str:
+    """Why the predicted weights give a checkpoint none, with the numbers."""
+    return (f"the predicted weights give it none: its logged val loss lies {lag:.4f} nats above the newest, "
+            f"and a checkpoint gets weight only below its iterate noise ({excess:.4f} nats at its LR) "
+            f"{'plus' if cut >= 0 else 'minus'} {abs(cut):.4f}, the cut at which the weights sum to 1")
 
 
 def _lr_regime_size(eligible: list[CheckpointSignals], limit: float) -> _Window:
@@ -367,8 +397,8 @@ def _finish(signals: RunSignals, config: RecommendConfig, method: str, chosen: l
         summary = f"Recovery from before step {cutoff.step}: {summary}"
     name = "recovery" if cutoff is not None else method
     noise = signals.noise.excess_at(chosen[-1].lr) if signals.noise is not None and chosen[-1].lr else None
-    # The prediction is for the uniform average of the window; other weights or an evaluator's choice have none.
-    gain = window.predicted_gain if evaluator is None and method == "sma" and len(chosen) == window.size else None
+    # The prediction is for the predicted weights; other weights or an evaluator's choice have none.
+    gain = window.predicted_gain if evaluator is None and method == "predicted" else None
     return Recommendation(name, tuple(s.ref for s in chosen), tuple(weights), decisions, calls, score,
                           last_score, summary, noise, gain)
 
@@ -391,12 +421,14 @@ def _reason(item: CheckpointSignals, weight_of: dict[int, float], oldest_taken: 
         forced = " Forced in despite a spike." if item.spike is not None else ""
         cleared = f" {item.cleared.describe()}." if item.cleared is not None else ""
         return f"Taken with weight {weight:.3f}{val}.{forced}{cleared}"
+    if not evaluated and item.ref.step in dict(window.unweighted):
+        return f"Left out: {dict(window.unweighted)[item.ref.step]}."
     if item.ref.step > oldest_taken:
         return f"Left out: the evaluator found averages without it score better{val}."
     if evaluated:
         return f"Left out: older than the best-scoring window found by the evaluator{val}."
     if window.stop_step == item.ref.step and window.noise is not None:   # the prediction's numbers say it all
-        return f"Left out: the averaging window stops here: {window.why_stop}."
+        return f"Left out: the averaging window stops here, as {window.why_stop}."
     if window.stop_step == item.ref.step:
         return f"Left out: the averaging window stops here: {window.why_stop}; older checkpoints would pull the average back."
     if window.stop_step is not None:
@@ -416,10 +448,13 @@ def _summary(method: str, chosen: list[CheckpointSignals], score: float | None, 
     head = f"{method.upper()} of {len(chosen)} checkpoints (steps {steps})"
     if score is not None and last_score is not None:
         return f"{head}: {evaluator.name} scores {score:.4f} vs {last_score:.4f} for the last checkpoint alone."
-    if window.predicted_gain is not None and evaluator is None:
-        return (f"{head}: predicted {window.predicted_gain:.4f} nats below the last checkpoint alone; averaging "
-                f"cancels most of the iterate noise ({window.noise:.4f} nats at the newest LR, from Adam's second "
-                f"moments) while their logged val losses lie {window.lag_cost:.4f} nats above the newest on average.")
+    if method == "predicted" and window.predicted_gain is not None:
+        weights = [w for w in window.weights if w > 0.0]
+        return (f"Predicted weights over {len(chosen)} checkpoints (steps {steps}; newest {weights[-1]:.3f}, "
+                f"oldest {weights[0]:.3f}): predicted {window.predicted_gain:.4f} nats below the last checkpoint "
+                f"alone; averaging cancels most of the iterate noise ({window.noise:.4f} nats at the newest LR, "
+                f"from Adam's second moments) while their logged val losses lie {window.lag_cost:.4f} nats above "
+                f"the newest on (weighted) average.")
     if window.level is not None:
         return (f"{head}: their logged val losses lie within noise ({window.sigma:.4f}) of the newest "
                 f"level {window.level:.4f}.")

@@ -8,11 +8,14 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from analysis.checkpoints import detect_layout
-from analysis.recommend import recommend
+from analysis.recommend import optimal_weights, recommend
 from analysis.report import analysis_report, recommendation_report
 from analysis.run import CheckpointRef, open_run
 from analysis.signals import IterateNoise, assess_run, iterate_noise
@@ -75,40 +78,80 @@ def test_no_optimizer_state_gives_no_estimate_and_the_val_band_decides(tiny_run:
     assert "within noise" in rec.summary
 
 
-def test_window_minimises_the_predicted_loss_of_the_average(tmp_path: Path) -> None:
-    # Val rises 0.008 nats per checkpoint of age; V = 0.1 nats. The average of the newest N is predicted at
-    # 0.008 (N - 1) / 2 - 0.1 (1 - 1/N): -0.0630 (N=4), -0.0640 (N=5), -0.0633 (N=6): N = 5.
+def test_weights_minimise_the_predicted_loss_of_the_average(tmp_path: Path) -> None:
+    # Val rises 0.008 nats per checkpoint of age k; V = 0.1 nats. The average with weights w is predicted at
+    # Σ w_k (0.008 k − 0.1) + 0.1 Σ w_k², least at w_k = (c − 0.008 k) / 0.2 while positive: weights that fall
+    # linearly with age over the newest 7 (c = 0.368 / 7), 0.2629 down to 0.0229, and the 8th would get
+    # (c − 0.056) / 0.2 < 0. Predicted: −0.0662 nats; the best uniform window (the newest 5) only −0.0640.
     vals = [1.0 + 0.008 * age for age in range(11, -1, -1)]
     rec = recommend(_with_noise(_run_with_vals(tmp_path / "r", vals), 0.1))
-    assert [r.step for r in rec.checkpoints] == [800, 900, 1000, 1100, 1200]
-    assert rec.weights == pytest.approx((0.2,) * 5)
-    assert rec.predicted_gain == pytest.approx(0.064, abs=1e-9) and rec.iterate_noise == pytest.approx(0.1)
-    stop = next(d for d in rec.decisions if d.step == 700)
-    assert stop.reason.startswith("Left out: the averaging window stops here: the average of the newest 6 is "
-                                  "predicted +0.0007 nats against the newest 5: their logged val losses lie 0.0200 "
-                                  "nats above the newest on average and averaging them cancels 0.0833 nats of "
-                                  "iterate noise worth 0.1000 nats at LR 0.001")
-    assert rec.summary.startswith("SMA of 5 checkpoints (steps 800-1200): predicted 0.0640 nats below the last")
+    c = 0.368 / 7
+    assert rec.method == "predicted"
+    assert [r.step for r in rec.checkpoints] == [600, 700, 800, 900, 1000, 1100, 1200]
+    assert rec.weights == pytest.approx(tuple((c - 0.008 * k) / 0.2 for k in range(6, -1, -1)), abs=1e-12)
+    predicted = sum(w * (0.008 * k - 0.1) + 0.1 * w * w for k, w in enumerate(reversed(rec.weights)))
+    assert rec.predicted_gain == pytest.approx(-predicted, abs=1e-12) == pytest.approx(0.0661943, abs=1e-7)
+    assert rec.iterate_noise == pytest.approx(0.1)
+    stop = next(d for d in rec.decisions if d.step == 500)
+    assert stop.reason == ("Left out: the averaging window stops here, as the predicted weights give it none: its "
+                           "logged val loss lies 0.0560 nats above the newest, and a checkpoint gets weight only "
+                           "below its iterate noise (0.1000 nats at its LR) minus 0.0474, the cut at which the "
+                           "weights sum to 1.")
+    assert rec.summary.startswith("Predicted weights over 7 checkpoints (steps 600-1200; newest 0.263, oldest "
+                                  "0.023): predicted 0.0662 nats below the last checkpoint alone")
+    recipe = recommendation_report(rec, None)
+    assert recipe["method"] == "predicted" and recipe["predicted_gain_nats"] == pytest.approx(rec.predicted_gain)
+
+
+def test_a_checkpoint_whose_val_stands_out_gets_no_weight_and_says_why(tmp_path: Path) -> None:
+    # Flat val but for step 1000, 0.04 nats up (4 %: not a spike, but more than its V of 0.01 can pay for).
+    vals = [1.0] * 12
+    vals[9] = 1.04
+    rec = recommend(_with_noise(_run_with_vals(tmp_path / "r", vals), 0.01))
+    assert 1000 not in [r.step for r in rec.checkpoints] and len(rec.checkpoints) == 11
+    assert rec.weights == pytest.approx((1 / 11,) * 11)
+    reason = next(d.reason for d in rec.decisions if d.step == 1000)
+    assert reason.startswith("Left out: the predicted weights give it none: its logged val loss lies 0.0400 nats "
+                             "above the newest")
 
 
 def test_no_noise_keeps_the_newest_alone_and_a_flat_curve_averages_everything(tmp_path: Path) -> None:
     rising = [1.0 + 0.008 * age for age in range(7, -1, -1)]
-    alone = recommend(_with_noise(_run_with_vals(tmp_path / "rising", rising), 0.0))
-    assert [r.step for r in alone.checkpoints] == [800]
+    alone = recommend(_with_noise(_run_with_vals(tmp_path / "rising", rising), 1e-6))
+    assert [r.step for r in alone.checkpoints] == [800] and alone.weights == (1.0,)
+    assert alone.summary.startswith("Keep the last checkpoint (step 800) alone: the next older one was left out "
+                                    "because the predicted weights give it none")
     flat = recommend(_with_noise(_run_with_vals(tmp_path / "flat", [1.0] * 8), 0.05))
     assert [r.step for r in flat.checkpoints] == [100 * i for i in range(1, 9)]
+    assert flat.weights == pytest.approx((0.125,) * 8)
 
 
-def test_predicted_window_stops_at_an_lr_decay_and_scales_noise_with_each_lr(tmp_path: Path) -> None:
-    # LR halves at the newest four (within 2x: one regime), then 3x older ones are another regime.
+def test_predicted_weights_stop_at_an_lr_decay_and_scale_noise_with_each_lr(tmp_path: Path) -> None:
+    # LR falls from 1.2e-3 to 1e-3 for the newest four (within 2x: one regime); 3e-3 before is another regime.
     lrs = [3e-3] * 4 + [1.2e-3] * 4 + [1e-3] * 4
     rec = recommend(_with_noise(_run_with_vals(tmp_path / "decay", [1.0] * 12, lrs), 0.05))
     assert [r.step for r in rec.checkpoints] == [500, 600, 700, 800, 900, 1000, 1100, 1200]
     stop = next(d for d in rec.decisions if d.step == 400)
     assert "x the newest checkpoint's" in stop.reason
-    # The older checkpoints' larger jitter (V scales with their LR) is in the prediction:
-    # mean V = (4 x 0.06 + 4 x 0.05) / 8 = 0.055, kept 0.44 / 64; predicted -(0.055 - 0.006875).
-    assert rec.predicted_gain == pytest.approx(0.055 - 0.44 / 64)
+    # Flat val, V = 0.06 at 1.2e-3 and 0.05 at 1e-3: w = (c + V) / (2V) with 4 (c + 0.06) / 0.12 + 4 (c + 0.05) / 0.1 = 1,
+    # so c = -3 / 73.33: the older, noisier checkpoints carry more jitter to cancel and get more weight.
+    c = -3 / (4 / 0.12 + 4 / 0.1)
+    expected = (((c + 0.06) / 0.12,) * 4) + (((c + 0.05) / 0.1,) * 4)
+    assert rec.weights == pytest.approx(expected, abs=1e-12)
+    predicted = sum(w * -v + w * w * v for w, v in zip(expected, [0.06] * 4 + [0.05] * 4))
+    assert rec.predicted_gain == pytest.approx(-predicted, abs=1e-12)
+
+
+@given(cost=st.lists(st.floats(-1.0, 1.0), min_size=1, max_size=12),
+       noise=st.lists(st.floats(1e-4, 1.0), min_size=12, max_size=12), seed=st.integers(0, 2 ** 32 - 1))
+def test_optimal_weights_are_feasible_and_beat_any_other_weights(cost: list[float], noise: list[float],
+                                                                 seed: int) -> None:
+    c, v = np.array(cost), np.array(noise[:len(cost)])
+    weights, _ = optimal_weights(c, v)
+    assert np.all(weights >= 0.0) and weights.sum() == pytest.approx(1.0)
+    best = weights @ c + (weights ** 2) @ v
+    others = np.random.default_rng(seed).dirichlet(np.ones(len(c)), size=64)
+    assert np.all(others @ c + (others ** 2) @ v >= best - 1e-12)
 
 
 def test_predicted_window_cannot_reach_past_a_checkpoint_without_val(tmp_path: Path) -> None:
