@@ -165,10 +165,12 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
         return
     click.echo(rec.summary)
     if evaluator is None:
-        source = ("logged val losses, LRs and the optimizer's second moments, a model's prediction"
-                  if rec.iterate_noise is not None else "logged val losses and LRs, a heuristic")
-        click.echo(f"  (From {source}. --eval FILE.py:FUNC scores candidate averages "
-                   "and finds a better window on most runs: see README, 'How good the choice is'.)")
+        if rec.iterate_noise is not None:
+            click.echo("  (From logged val losses, LRs and the optimizer's second moments, a model's prediction. "
+                       "--eval FILE.py:FUNC measures candidate averages instead: see README, 'How good the choice is'.)")
+        else:
+            click.echo("  (From logged val losses and LRs, a heuristic. --eval FILE.py:FUNC scores candidate averages "
+                       "and finds a better window on most runs: see README, 'How good the choice is'.)")
     for d in rec.decisions:
         click.echo(f"  {'+' if d.taken else '-'} step {d.step:>8}  {d.reason}")
     if recipe_path:

@@ -186,6 +186,31 @@ def judge_run(run_dir: Path, min_gain: float) -> dict:
     return result
 
 
+def rejudge_logs_only(run_dir: Path, saved: dict, min_gain: float) -> dict:
+    """``saved`` with its log-only columns judged again by the current recommender, all else kept.
+
+    The oracle, the baselines and the evaluator's choice do not depend on the log-only rule, and the
+    brute-force oracle is most of a judging's time; ``logs_rejudged`` records the date.
+    """
+    run = open_run(run_dir)
+    steps = [c.step for c in run.checkpoints]
+    scorer = Scorer(steps, float32_states(run.checkpoints), load_module(run_dir / "evaluate.py").evaluate_test)
+    index = {s: i for i, s in enumerate(steps)}
+    signals = assess_run(run)
+    recs = {"recommend (logs)": recommend(signals, RecommendConfig())}
+    if signals.noise is not None:
+        recs["recommend (val band)"] = recommend(replace(signals, noise=None), RecommendConfig())
+    result = json.loads(json.dumps(saved))
+    for label, rec in recs.items():
+        value = scorer.score([index[r.step] for r in rec.checkpoints], tuple(rec.weights))
+        result["choices"][label] = {"test": value, "what": describe(rec), "evaluator_calls": 0,
+                                    "capture": capture(saved["last"], value, saved["oracle"], min_gain),
+                                    "regret": value - saved["oracle"]}
+    result["detected"] = [c.ref.step for c in signals.checkpoints if c.spike is not None]
+    result["logs_rejudged"] = date.today().isoformat()
+    return result
+
+
 IMPLIED_WINDOW = 4
 
 
@@ -282,6 +307,9 @@ def main() -> None:
                         "(folder suffix -optim)")
     p.add_argument("--windows-only", action="store_true",
                    help="only write RUN.windows.json: signals and the test loss of every newest-k average")
+    p.add_argument("--logs-only", action="store_true",
+                   help="judge the log-only columns of saved results again with the current recommender, "
+                        "keeping the oracle, baselines and evaluator columns")
     a = p.parse_args()
     names = a.runs.split(",") if a.runs else [s.name for s in RUNS]
     runs = RunSet(a.scale, a.seed_offset, a.optimizer_state)
@@ -291,7 +319,13 @@ def main() -> None:
             (root / f"{run_dir.name}.windows.json").write_text(json.dumps(window_data(run_dir)) + "\n")
             print(f"{run_dir.name}: windows written", flush=True)
         return
-    if not a.table_only:
+    if a.logs_only:
+        for run_dir in make_runs(runs, a.out, names, a.parallel):
+            path = root / f"{run_dir.name}.result.json"
+            path.write_text(json.dumps(rejudge_logs_only(run_dir, json.loads(path.read_text()), a.min_gain),
+                                       indent=2) + "\n")
+            print(f"{run_dir.name}: log-only columns judged again", flush=True)
+    elif not a.table_only:
         for run_dir in make_runs(runs, a.out, names, a.parallel):
             result = judge_run(run_dir, a.min_gain)
             (root / f"{run_dir.name}.result.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -18,8 +18,8 @@ st.success(f"**Recommendation:** {rec.summary}", icon=":material/recommend:")
 if rec.predicted_gain is not None:
     noise_col, gain_col = st.columns(2)
     noise_col.metric("Iterate noise at the newest LR", f"{rec.iterate_noise:.4f} nats",
-                     help="lr / 4 × Σ√v over the newest checkpoint's Adam second moments: the loss weight jitter "
-                          "adds to every checkpoint, which averaging N of them cuts to 1/N")
+                     help="lr / 4 × Σ√v over the newest saved Adam second moments: the loss weight jitter "
+                          "adds to every checkpoint, of which an average with weights w keeps Σw²")
     gain_col.metric("Predicted gain vs the last checkpoint", f"{rec.predicted_gain:.4f} nats",
                     help="From the logged val losses and the iterate noise; an evaluator (--eval) measures it")
 
