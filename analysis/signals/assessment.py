@@ -114,7 +114,9 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
     contaminating = [s for s in spikes if s.metric in CONTAMINATING_METRICS]
     vals = logged_val_scores(run.metric("val_loss"), [c.step for c in run.checkpoints])
     lrs = learning_rates(run.metric("lr"), [c.step for c in run.checkpoints])
-    own_vals = [(c.step, v.value) for c, v in zip(run.checkpoints, vals) if v is not None and v.source == "logged"]
+    # (step, val loss) of the checkpoints outside every event whose eval was logged at their own step.
+    clean_vals = [(c.step, v.value) for c, v in zip(run.checkpoints, vals)
+                  if v is not None and v.source == "logged" and not any(e.contains(c.step) for e in contaminating)]
     reference = _layout_of(run.checkpoints[-1]) if run.checkpoints else []
     items = []
     total = max(len(run.checkpoints), 1)
@@ -124,7 +126,7 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
                 progress((index + frac) / total, msg)
 
         health = check_health(ref, step_progress)
-        spike, cleared = _contamination(ref.step, val, contaminating, own_vals)
+        spike, cleared = _contamination(ref.step, val, contaminating, clean_vals)
         items.append(CheckpointSignals(ref, health, val, spike, _mismatch(reference, _layout_of(ref)), lr, cleared))
     eligible = [item for item in items if item.eligible]
     noise = newest_iterate_noise([item.ref for item in eligible], progress)
@@ -132,27 +134,27 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
 
 
 def _contamination(step: int, val: ValScore | None, events: list[LossSpike],
-                   own_vals: list[tuple[int, float]]) -> tuple[LossSpike | None, ClearedSpike | None]:
+                   clean_vals: list[tuple[int, float]]) -> tuple[LossSpike | None, ClearedSpike | None]:
     """The event that contaminates the checkpoint saved at ``step`` (None if none does), and a train-loss event
-    its own val loss clears. ``own_vals``: (step, val loss) of the checkpoints whose eval was logged at their step."""
+    its own val loss clears. ``clean_vals``: (step, val loss) of the checkpoints outside every event whose eval
+    was logged at their own step, in step order."""
     cleared = None
     for event in events:
         if not event.contains(step):
             continue
-        clear = _cleared_by_val(event, val, events, own_vals)
+        clear = _cleared_by_val(event, val, clean_vals)
         if clear is None:
             return event, None
         cleared = cleared or clear
     return None, cleared
 
 
-def _cleared_by_val(event: LossSpike, val: ValScore | None, events: list[LossSpike],
-                    own_vals: list[tuple[int, float]]) -> ClearedSpike | None:
+def _cleared_by_val(event: LossSpike, val: ValScore | None,
+                    clean_vals: list[tuple[int, float]]) -> ClearedSpike | None:
     """The clearance of a train-loss ``event`` by a checkpoint's own-step ``val``, if that val says so."""
     if event.metric != "train_loss" or val is None or val.source != "logged":
         return None
-    before = [(s, v) for s, v in own_vals
-              if s <= event.onset_after_step and not any(e.contains(s) for e in events)]
+    before = [(s, v) for s, v in clean_vals if s <= event.onset_after_step]
     if not before or val.value > before[-1][1]:
         return None
     return ClearedSpike(event, val.value, *before[-1])
