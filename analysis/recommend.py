@@ -421,8 +421,9 @@ def _reason(item: CheckpointSignals, weight_of: dict[int, float], oldest_taken: 
         forced = " Forced in despite a spike." if item.spike is not None else ""
         cleared = f" {item.cleared.describe()}." if item.cleared is not None else ""
         return f"Taken with weight {weight:.3f}{val}.{forced}{cleared}"
-    if not evaluated and item.ref.step in dict(window.unweighted):
-        return f"Left out: {dict(window.unweighted)[item.ref.step]}."
+    unweighted = None if evaluated else dict(window.unweighted).get(item.ref.step)
+    if unweighted is not None:
+        return f"Left out: {unweighted}."
     if item.ref.step > oldest_taken:
         return f"Left out: the evaluator found averages without it score better{val}."
     if evaluated:

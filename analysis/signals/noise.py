@@ -17,7 +17,7 @@ noise larger than the mean gradient, jitter at equilibrium (checkpoints late in 
 correction: it is below 1e-4 after 10 / (1 − β2) steps), and Adam for most of the model: when
 second moments cover less than half of the checkpoint's floating-point elements (Muon or another
 optimizer for the matrices, say), the rest of the jitter is unknown and no estimate is made. On the
-selection benchmark's runs the estimate was 0.6–1.8× the V their test losses imply (README, "How good
+selection benchmark's runs the estimate was 0.54–1.9× the V their test losses imply (README, "How good
 the choice is").
 """
 
