@@ -60,6 +60,12 @@ class Scorer:
     evaluate_test: object
     cache: dict[tuple, float] = field(default_factory=dict)
 
+    @classmethod
+    def for_run(cls, run_dir: Path, run) -> "Scorer":
+        """The scorer of every checkpoint of ``run`` with its folder's ``evaluate_test``."""
+        return cls([c.step for c in run.checkpoints], float32_states(run.checkpoints),
+                   load_module(run_dir / "evaluate.py").evaluate_test)
+
     def score(self, members: list[int], weights: tuple[float, ...] | None = None) -> float:
         """Test loss of the average of checkpoints ``members`` (indices) with ``weights`` (uniform if None)."""
         weights = weights or policy_weights("sma", len(members))
@@ -135,13 +141,18 @@ def capture(last: float, choice: float, best: float, min_gain: float) -> float |
     return None if gain < min_gain else (last - choice) / gain
 
 
+def choice_entry(value: float, what: str, calls: int, last: float, best: float, min_gain: float) -> dict:
+    """One column of a result: the test loss of a choice, what it was, and its capture and regret."""
+    return {"test": value, "what": what, "evaluator_calls": calls,
+            "capture": capture(last, value, best, min_gain), "regret": value - best}
+
+
 def judge_run(run_dir: Path, min_gain: float) -> dict:
     """Every score of one run."""
     started = time.time()
     run = open_run(run_dir)
-    steps = [c.step for c in run.checkpoints]
-    states = float32_states(run.checkpoints)
-    scorer = Scorer(steps, states, load_module(run_dir / "evaluate.py").evaluate_test)
+    scorer = Scorer.for_run(run_dir, run)
+    steps = scorer.steps
     bad = contaminated_steps(run_dir)
     clean = [i for i, s in enumerate(steps) if s not in bad]
     n = len(steps)
@@ -176,8 +187,7 @@ def judge_run(run_dir: Path, min_gain: float) -> dict:
         members = list(range(n)) if k is None else list(range(max(0, n - k), n))
         choices[label] = (scorer.score(members), f"last {len(members)}", 0)
     for label, (value, what, calls) in choices.items():
-        result["choices"][label] = {"test": value, "what": what, "evaluator_calls": calls,
-                                    "capture": capture(last, value, best, min_gain), "regret": value - best}
+        result["choices"][label] = choice_entry(value, what, calls, last, best, min_gain)
     result["seconds"] = round(time.time() - started, 1)
     result["n_params"] = json.loads((run_dir / "config.json").read_text())["n_params"]
     result["date"] = date.today().isoformat()
@@ -193,9 +203,8 @@ def rejudge_logs_only(run_dir: Path, saved: dict, min_gain: float) -> dict:
     brute-force oracle is most of a judging's time; ``logs_rejudged`` records the date.
     """
     run = open_run(run_dir)
-    steps = [c.step for c in run.checkpoints]
-    scorer = Scorer(steps, float32_states(run.checkpoints), load_module(run_dir / "evaluate.py").evaluate_test)
-    index = {s: i for i, s in enumerate(steps)}
+    scorer = Scorer.for_run(run_dir, run)
+    index = {s: i for i, s in enumerate(scorer.steps)}
     signals = assess_run(run)
     recs = {"recommend (logs)": recommend(signals, RecommendConfig())}
     if signals.noise is not None:
@@ -203,9 +212,7 @@ def rejudge_logs_only(run_dir: Path, saved: dict, min_gain: float) -> dict:
     result = json.loads(json.dumps(saved))
     for label, rec in recs.items():
         value = scorer.score([index[r.step] for r in rec.checkpoints], tuple(rec.weights))
-        result["choices"][label] = {"test": value, "what": describe(rec), "evaluator_calls": 0,
-                                    "capture": capture(saved["last"], value, saved["oracle"], min_gain),
-                                    "regret": value - saved["oracle"]}
+        result["choices"][label] = choice_entry(value, describe(rec), 0, saved["last"], saved["oracle"], min_gain)
     result["detected"] = [c.ref.step for c in signals.checkpoints if c.spike is not None]
     result["logs_rejudged"] = date.today().isoformat()
     return result
@@ -228,8 +235,8 @@ def implied_noise(scorer: Scorer, newest: list[int]) -> float:
 def window_data(run_dir: Path) -> dict:
     """Per-checkpoint signals and the test loss of every SMA of the newest k eligible checkpoints.
 
-    Any log-only rule picks such a window, so this table scores any candidate rule offline
-    (the bigger runs cannot be remade without a GPU); written as RUN.windows.json.
+    Any uniform-window rule picks such a window, so this table scores those rules offline (the bigger
+    runs cannot be remade without a GPU; weighted averages need the checkpoints); written as RUN.windows.json.
     """
     from analysis.signals.similarity import compare_checkpoints
 
