@@ -71,6 +71,13 @@ def write_tiny_run(root: Path, steps: list[int], *, spike_steps: tuple[int, ...]
     return root
 
 
+def rewrite_metrics(run: Path, change) -> None:
+    """Apply ``change(row)`` to every row of a run's metrics.jsonl (a row it maps to None is dropped)."""
+    path = run / "metrics.jsonl"
+    rows = [change(json.loads(line)) for line in path.read_text().splitlines()]
+    path.write_text("\n".join(json.dumps(r) for r in rows if r is not None) + "\n")
+
+
 @pytest.fixture
 def tiny_run(tmp_path: Path) -> Path:
     """12 checkpoints every 50 steps, a spike at step 300 (checkpoint 300 is inside it)."""

@@ -20,7 +20,7 @@ from analysis.report import analysis_report, recommendation_report
 from analysis.run import CheckpointRef, open_run
 from analysis.signals import IterateNoise, assess_run, iterate_noise
 from ckpt_factories import adam_run, dcp_checkpoint, hf_checkpoint, nanogpt_ckpt, sqrt_second_moments, trained
-from conftest import REPO, write_tiny_run
+from conftest import REPO, rewrite_metrics, write_tiny_run
 
 
 def _run_with_vals(root: Path, vals: list[float], lrs: list[float] | None = None) -> Path:
@@ -156,9 +156,7 @@ def test_optimal_weights_are_feasible_and_beat_any_other_weights(cost: list[floa
 
 def test_predicted_window_cannot_reach_past_a_checkpoint_without_val(tmp_path: Path) -> None:
     root = _run_with_vals(tmp_path / "gap", [1.0] * 8)
-    metrics = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
-    (root / "metrics.jsonl").write_text("\n".join(
-        json.dumps(r) for r in metrics if not ("val_loss" in r and r["step"] <= 500)) + "\n")
+    rewrite_metrics(root, lambda r: None if "val_loss" in r and r["step"] <= 500 else r)
     rec = recommend(_with_noise(root, 0.05))
     assert [r.step for r in rec.checkpoints] == [600, 700, 800]
     assert "no val loss or LR was logged for step 500 to judge it by" in rec.decisions[4].reason

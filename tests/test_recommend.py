@@ -13,7 +13,7 @@ from analysis.evaluate import Evaluator
 from analysis.recommend import RecommendConfig, policy_weights, recommend
 from analysis.run import open_run
 from analysis.signals import assess_run
-from conftest import write_tiny_run
+from conftest import rewrite_metrics, write_tiny_run
 
 
 def test_policy_weights_exact() -> None:
@@ -128,15 +128,6 @@ def test_recovery_without_a_spike_or_step_says_what_to_pass(tmp_path: Path) -> N
         recommend(signals, RecommendConfig(method="recovery", before_step=50))
 
 
-def _rewrite_metrics(run: Path, change) -> None:
-    """Apply ``change(row)`` to every row of the tiny run's metrics.jsonl (a row it maps to None is dropped)."""
-    import json
-
-    path = run / "metrics.jsonl"
-    rows = [change(json.loads(line)) for line in path.read_text().splitlines()]
-    path.write_text("\n".join(json.dumps(r) for r in rows if r is not None) + "\n")
-
-
 def test_window_never_crosses_an_lr_decay(tmp_path: Path) -> None:
     # Warmup-stable-decay: the LR falls 50x over the last 150 steps; the 600 checkpoint is annealed.
     run = write_tiny_run(tmp_path / "wsd", list(range(50, 650, 50)))
@@ -146,7 +137,7 @@ def test_window_never_crosses_an_lr_decay(tmp_path: Path) -> None:
             row["lr"] = 1e-3 * (1 - 0.98 * (row["step"] - 450) / 150)
         return row
 
-    _rewrite_metrics(run, decay)
+    rewrite_metrics(run, decay)
     rec = recommend(assess_run(open_run(run)))
     assert [r.step for r in rec.checkpoints] == [600] and rec.weights == (1.0,)
     assert rec.summary.startswith("Keep the last checkpoint (step 600) alone")
@@ -156,7 +147,7 @@ def test_window_never_crosses_an_lr_decay(tmp_path: Path) -> None:
 
 def test_a_checkpoint_whose_own_eval_spiked_is_left_out_alone(tmp_path: Path) -> None:
     run = write_tiny_run(tmp_path / "v", list(range(50, 1050, 50)))
-    _rewrite_metrics(run, lambda r: {**r, "val_loss": r["val_loss"] + 0.8} if r.get("step") == 800 and "val_loss" in r else r)
+    rewrite_metrics(run, lambda r: {**r, "val_loss": r["val_loss"] + 0.8} if r.get("step") == 800 and "val_loss" in r else r)
     signals = assess_run(open_run(run))
     hit = [c.ref.step for c in signals.checkpoints if c.spike is not None]
     assert hit == [800] and signals.at(800).spike.metric == "val_loss"
@@ -170,7 +161,7 @@ def test_the_loss_chart_shades_and_names_every_contaminating_spike(tmp_path: Pat
     from app.charts import loss_figure
 
     run = write_tiny_run(tmp_path / "v", list(range(50, 1050, 50)), spike_steps=(298,))
-    _rewrite_metrics(run, lambda r: {**r, "val_loss": r["val_loss"] + 0.8} if r.get("step") == 800 and "val_loss" in r else r)
+    rewrite_metrics(run, lambda r: {**r, "val_loss": r["val_loss"] + 0.8} if r.get("step") == 800 and "val_loss" in r else r)
     signals = assess_run(open_run(run))
     fig = loss_figure(open_run(run), signals, set())
     names = sorted(a.text for a in fig.layout.annotations)
@@ -186,7 +177,7 @@ def _hard_batch_at(run: Path, step: int, val_add: float | None) -> None:
         if "train_loss" in row:
             return {**row, "train_loss": row["train_loss"] + 0.5}
         return None if val_add is None else {**row, "val_loss": row["val_loss"] + val_add}
-    _rewrite_metrics(run, edit)
+    rewrite_metrics(run, edit)
 
 
 def test_a_hard_batch_at_a_checkpoint_is_cleared_by_the_checkpoints_own_val_loss(tmp_path: Path) -> None:

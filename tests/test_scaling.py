@@ -13,6 +13,7 @@ from analysis.run import open_run
 from analysis.errors import FitError
 from analysis.scaling import (CHINCHILLA_A, CHINCHILLA_B, CHINCHILLA_E, StopConfig, chinchilla_loss,
                               compute_optimal, fit_loss_curve, run_stop_signal, stop_signal)
+from conftest import rewrite_metrics
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 
@@ -93,10 +94,7 @@ def test_too_few_points() -> None:
 
 
 def test_run_signal_uses_logged_tokens_and_the_cli(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
-    log = tiny_run / "metrics.jsonl"
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
-    log.write_text("\n".join(json.dumps({**r, "tokens": r["step"] * 4096} if "train_loss" in r else r)
-                             for r in rows) + "\n")
+    rewrite_metrics(tiny_run, lambda r: {**r, "tokens": r["step"] * 4096} if "train_loss" in r else r)
     sig = run_stop_signal(open_run(tiny_run), params=1e6)
     assert sig.metric == "val_loss" and sig.fit.x_unit == "tokens" and sig.fit.x_last == 600 * 4096
     assert sig.compute_optimal is not None and sig.compute_optimal.optimal_tokens == 2e7

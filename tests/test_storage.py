@@ -130,14 +130,12 @@ def test_bad_arguments() -> None:
 
 
 def test_measured_overhead_from_step_times(tmp_path: Path) -> None:
-    from conftest import write_tiny_run
+    from conftest import rewrite_metrics, write_tiny_run
 
     root = write_tiny_run(tmp_path / "run", [100, 200, 300])
-    log = root / "metrics.jsonl"
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
     slow = {101, 201}   # the step after each save (none after the last, at 300)
-    log.write_text("\n".join(json.dumps({**r, "step_time_ms": 3000.0 if r["step"] in slow else 500.0})
-                             if "train_loss" in r else json.dumps(r) for r in rows) + "\n")
+    rewrite_metrics(root, lambda r: {**r, "step_time_ms": 3000.0 if r["step"] in slow else 500.0}
+                    if "train_loss" in r else r)
     measured = measure_checkpoint_overhead(open_run(root))
     assert measured is not None and measured.saves_seen == 2   # the save at the last step shows nothing
     assert measured.median_step_seconds == pytest.approx(0.5)

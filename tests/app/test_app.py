@@ -63,13 +63,11 @@ def test_run_page_curves_spikes_and_stop_panel(tiny_run: Path, monkeypatch: pyte
 
 def test_run_page_names_a_spike_a_checkpoints_own_val_loss_cleared(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from conftest import write_tiny_run
+    from conftest import rewrite_metrics, write_tiny_run
 
     run = write_tiny_run(tmp_path / "run", list(range(50, 650, 50)))
-    path = run / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    hard = [{**r, "train_loss": r["train_loss"] + 0.5} if r.get("step") == 600 and "train_loss" in r else r for r in rows]
-    path.write_text("\n".join(json.dumps(r) for r in hard) + "\n")
+    rewrite_metrics(run, lambda r: {**r, "train_loss": r["train_loss"] + 0.5}
+                    if r.get("step") == 600 and "train_loss" in r else r)
     at = _open(run, monkeypatch)
     cleared = [c.value for c in at.caption if c.value.startswith(":green[●] Checkpoint 600: Saved inside a train_loss")]
     assert len(cleared) == 1 and cleared[0].endswith("at step 550 before the spike: its weights did not carry it.")
