@@ -2,13 +2,13 @@
 
 Without an evaluator the averaging window comes from the logs and the optimizer state. When the
 newest checkpoint saved Adam's second moments, the loss its weight jitter costs (V, see
-``signals.noise``) is known, and the window is the newest N whose average has the lowest predicted
+``signals.noise``) is known, and the weights are those whose average has the lowest predicted
 loss: the older checkpoints' logged val losses say what their lag costs, V what averaging wins
 back. Without optimizer state, the newest eligible checkpoints whose val loss lies within noise of
 the newest level form the plateau worth averaging; older, clearly worse ones would pull the
-average back. With an evaluator, candidate averages are scored and the best is kept — and the
-last checkpoint alone wins whenever no average beats it, so averaging never makes the
-user's model worse than what they have.
+average back. With an evaluator, candidate averages (the predicted weights first, then windows,
+EMAs and a greedy soup) are scored and the best is kept — and the last checkpoint alone wins
+whenever no average beats it, so averaging never makes the user's model worse than what they have.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .signals import CheckpointSignals, IterateNoise, RunSignals
 METHODS = ("auto", "sma", "ema", "wma", "soup", "recovery")
 # median(|dx|) of i.i.d. normal noise is 0.954 sigma.
 _DIFF_MAD_TO_SIGMA = 1.0 / 0.9539
-# Window sizes an evaluator search tries first (after the val-chosen one), newest-first suffixes;
+# Window sizes an evaluator search tries first (after the predicted weights and the log-chosen window), newest-first suffixes;
 # then every other size, then EMA over all eligible checkpoints, then a greedy soup, budget allowing.
 _SEARCH_WINDOWS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 _SEARCH_EMA_ALPHAS = (0.5, 0.3, 0.2, 0.1)
@@ -325,6 +325,9 @@ def _recommend_with_evaluator(signals: RunSignals, eligible: list[CheckpointSign
     start_calls = evaluator.calls
     last_score = evaluator.score(refs[-1:], (1.0,), config.output_dtype)
     best: tuple[float, str, list[CheckpointSignals], tuple[float, ...]] = (last_score, "sma", eligible[-1:], (1.0,))
+    if window.weights is not None and config.method in ("auto", "recovery"):
+        best = min(best, _score_predicted(eligible, window, evaluator, config.output_dtype, progress),
+                   key=lambda choice: choice[0])
     if config.method == "soup":
         candidates: list[tuple[str, int, float]] = []
     elif config.method in ("auto", "recovery"):
@@ -348,6 +351,24 @@ def _recommend_with_evaluator(signals: RunSignals, eligible: list[CheckpointSign
     score, method, chosen, weights = best
     calls = evaluator.calls - start_calls
     return _finish(signals, config, method, chosen, weights, window, score, last_score, calls, evaluator, cutoff)
+
+
+def _score_predicted(eligible: list[CheckpointSignals], window: _Window, evaluator: Evaluator, dtype: str,
+                     progress: Callable[[float, str], None] | None,
+                     ) -> tuple[float, str, list[CheckpointSignals], tuple[float, ...]]:
+    """The evaluator's score of the predicted weights, the first candidate searched.
+
+    The prediction from the logs and Adam's second moments is a soft window that no uniform window
+    or EMA equals; where the evaluator agrees with it, one call finds what the ladder of windows
+    would only approach.
+    """
+    span = eligible[len(eligible) - window.size:]
+    taken = [(s, w) for s, w in zip(span, window.weights) if w > 0.0]
+    chosen, weights = [s for s, _ in taken], tuple(w for _, w in taken)
+    score = evaluator.score([s.ref for s in chosen], weights, dtype)
+    if progress is not None:
+        progress(0.0, f"predicted weights over the newest {len(chosen)}: {score:.4f}")
+    return score, "predicted", chosen, weights
 
 
 def _search_candidates(count: int, val_window: int) -> list[tuple[str, int, float]]:
@@ -382,14 +403,15 @@ def _finish(signals: RunSignals, config: RecommendConfig, method: str, chosen: l
             calls: int, evaluator: Evaluator | None, cutoff: _Cutoff | None = None) -> Recommendation:
     """Assemble the recommendation and a reason for every checkpoint.
 
-    ``method`` is how the weights were made (sma, ema, wma, soup); a recovery is reported as
+    ``method`` is how the weights were made (sma, ema, wma, soup, predicted); a recovery is reported as
     ``recovery`` while its summary still names that averaging.
     """
     weight_of = {s.ref.step: w for s, w in zip(chosen, weights)}
     oldest_taken = chosen[0].ref.step
     decisions = tuple(
         Decision(s.ref.step, str(s.ref.path), s.ref.step in weight_of, weight_of.get(s.ref.step, 0.0),
-                 _reason(s, weight_of, oldest_taken, window, config, evaluator is not None, cutoff))
+                 _reason(s, weight_of, oldest_taken, window, config, evaluator is not None, method == "predicted",
+                         cutoff))
         for s in signals.checkpoints
     )
     summary = _summary(method, chosen, score, last_score, window, evaluator)
@@ -404,8 +426,11 @@ def _finish(signals: RunSignals, config: RecommendConfig, method: str, chosen: l
 
 
 def _reason(item: CheckpointSignals, weight_of: dict[int, float], oldest_taken: int, window: _Window,
-            config: RecommendConfig, evaluated: bool, cutoff: _Cutoff | None = None) -> str:
-    """Why this checkpoint was taken or left out, in one or two plain sentences."""
+            config: RecommendConfig, evaluated: bool, predicted: bool, cutoff: _Cutoff | None = None) -> str:
+    """Why this checkpoint was taken or left out, in one or two plain sentences.
+
+    ``predicted``: the chosen weights are the predicted ones, whose zero weights have their own reasons.
+    """
     val = f" ({item.val.describe()})" if item.val is not None else ""
     if cutoff is not None and item.ref.step >= cutoff.step:
         return f"Left out: {cutoff.why}; a recovery restarts from weights saved before step {cutoff.step}."
@@ -421,15 +446,15 @@ def _reason(item: CheckpointSignals, weight_of: dict[int, float], oldest_taken: 
         forced = " Forced in despite a spike." if item.spike is not None else ""
         cleared = f" {item.cleared.describe()}." if item.cleared is not None else ""
         return f"Taken with weight {weight:.3f}{val}.{forced}{cleared}"
-    unweighted = None if evaluated else dict(window.unweighted).get(item.ref.step)
+    unweighted = dict(window.unweighted).get(item.ref.step) if predicted else None
     if unweighted is not None:
         return f"Left out: {unweighted}."
     if item.ref.step > oldest_taken:
         return f"Left out: the evaluator found averages without it score better{val}."
+    if window.stop_step == item.ref.step and window.noise is not None and (predicted or not evaluated):
+        return f"Left out: the averaging window stops here, as {window.why_stop}."   # the prediction's numbers
     if evaluated:
         return f"Left out: older than the best-scoring window found by the evaluator{val}."
-    if window.stop_step == item.ref.step and window.noise is not None:   # the prediction's numbers say it all
-        return f"Left out: the averaging window stops here, as {window.why_stop}."
     if window.stop_step == item.ref.step:
         return f"Left out: the averaging window stops here: {window.why_stop}; older checkpoints would pull the average back."
     if window.stop_step is not None:
@@ -446,7 +471,8 @@ def _summary(method: str, chosen: list[CheckpointSignals], score: float | None, 
     if len(chosen) == 1 and evaluator is None:
         return (f"Keep the last checkpoint (step {steps}) alone: the next older one was left out because "
                 f"{window.why_stop or 'the window holds one checkpoint'}.")
-    head = f"{method.upper()} of {len(chosen)} checkpoints (steps {steps})"
+    head = (f"Predicted weights over {len(chosen)} checkpoints (steps {steps})" if method == "predicted"
+            else f"{method.upper()} of {len(chosen)} checkpoints (steps {steps})")
     if score is not None and last_score is not None:
         return f"{head}: {evaluator.name} scores {score:.4f} vs {last_score:.4f} for the last checkpoint alone."
     if method == "predicted" and window.predicted_gain is not None:

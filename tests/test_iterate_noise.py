@@ -14,7 +14,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from analysis.averaging import average_state_dict
 from analysis.checkpoints import detect_layout
+from analysis.evaluate import Evaluator
 from analysis.recommend import optimal_weights, recommend
 from analysis.report import analysis_report, recommendation_report
 from analysis.run import CheckpointRef, open_run
@@ -103,6 +105,30 @@ def test_weights_minimise_the_predicted_loss_of_the_average(tmp_path: Path) -> N
     assert recipe["method"] == "predicted" and recipe["predicted_gain_nats"] == pytest.approx(rec.predicted_gain)
 
 
+def test_the_evaluator_scores_the_predicted_weights_first_and_keeps_them_when_best(tmp_path: Path) -> None:
+    # The same run as above; the evaluator scores an average by its distance to the predicted-weights average,
+    # so no other candidate can beat them: the search must try them first and keep them, with their reasons.
+    vals = [1.0 + 0.008 * age for age in range(11, -1, -1)]
+    signals = _with_noise(_run_with_vals(tmp_path / "r", vals), 0.1)
+    logs_only = recommend(signals)
+    target = average_state_dict(list(logs_only.checkpoints), list(logs_only.weights))
+    scored: list[dict[str, torch.Tensor]] = []
+
+    def distance(state: dict[str, torch.Tensor]) -> float:
+        scored.append(state)
+        return sum(float((state[k].double() - target[k].double()).abs().sum()) for k in target)
+
+    rec = recommend(signals, evaluator=Evaluator(distance, "distance"))
+    assert rec.method == "predicted" and rec.checkpoints == logs_only.checkpoints
+    assert rec.weights == pytest.approx(logs_only.weights, abs=1e-12)
+    assert rec.score == pytest.approx(0.0, abs=1e-9) and rec.last_score > 1e-3
+    assert distance(scored[1]) == pytest.approx(0.0, abs=1e-9)   # call 0 is the last checkpoint alone
+    assert rec.evaluations == len(scored) - 1 <= 2 * 12
+    assert rec.summary.startswith("Predicted weights over 7 checkpoints (steps 600-1200): distance scores 0.0000")
+    assert next(d.reason for d in rec.decisions if d.step == 500).startswith(
+        "Left out: the averaging window stops here, as the predicted weights give it none")
+
+
 def test_a_checkpoint_whose_val_stands_out_gets_no_weight_and_says_why(tmp_path: Path) -> None:
     # Flat val but for step 1000, 0.04 nats up (4 %: not a spike, but more than its V of 0.01 can pay for).
     vals = [1.0] * 12
@@ -162,7 +188,6 @@ def test_predicted_window_cannot_reach_past_a_checkpoint_without_val(tmp_path: P
     assert "no val loss or LR was logged for step 500 to judge it by" in rec.decisions[4].reason
 
 
-@pytest.mark.parametrize("layout", ["nanogpt", "dcp", "hf"])
 def test_iterate_noise_reads_second_moments_from_every_layout_that_saves_them(tmp_path: Path, layout: str) -> None:
     if layout == "nanogpt":
         path = tmp_path / "ckpt.pt"
