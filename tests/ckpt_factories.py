@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -174,9 +175,14 @@ def hf_bin_sharded(folder: Path, step: int, seed: int = 0) -> dict[str, torch.Te
     return sd
 
 
-def adam_run(root: Path, steps: list[int], optimizer_at: set[int] | None = None) -> tuple[Path, float, int]:
+def adam_run(root: Path, steps: list[int], optimizer_at: set[int] | None = None,
+             lr_at: Callable[[int], float] = lambda step: 1e-3, log_lr: bool = True) -> tuple[Path, float, int]:
     """A run of nanoGPT-style ``.pt`` checkpoints holding a real AdamW state (only at ``optimizer_at``'s
-    steps when given, the weights alone elsewhere); returns (root, Σ√v, elements) of the newest that holds it."""
+    steps when given, the weights alone elsewhere); returns (root, Σ√v, elements) of the newest that holds it.
+
+    Step s runs at ``lr_at(s)``, set on the param groups before the step as nanoGPT does (so a checkpoint's
+    optimizer state holds the LR of its own step); ``log_lr=False`` leaves the LR out of the logs, as
+    nanoGPT's stdout does."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     optimizer = torch.optim.AdamW(model.named_parameters(), lr=1e-3)
@@ -185,11 +191,13 @@ def adam_run(root: Path, steps: list[int], optimizer_at: set[int] | None = None)
     for step in steps:
         while done < step:
             done += 1
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(done)
             loss = model(torch.randn(8, 6)).pow(2).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            rows.append({"step": done, "train_loss": loss.item(), "lr": 1e-3})
+            rows.append({"step": done, "train_loss": loss.item()} | ({"lr": lr_at(done)} if log_lr else {}))
         rows.append({"step": step, "val_loss": 1.0 + 1.0 / step})
         saved = {"model": model.state_dict()}
         if optimizer_at is None or step in optimizer_at:

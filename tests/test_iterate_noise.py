@@ -15,7 +15,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from analysis.averaging import average_state_dict
-from analysis.checkpoints import detect_layout
+from analysis.checkpoints import detect_layout, open_checkpoint
+from analysis.checkpoints.optim import SAVED_LR
 from analysis.evaluate import Evaluator
 from analysis.recommend import optimal_weights, recommend
 from analysis.report import analysis_report, recommendation_report
@@ -188,6 +189,44 @@ def test_predicted_window_cannot_reach_past_a_checkpoint_without_val(tmp_path: P
     assert "no val loss or LR was logged for step 500 to judge it by" in rec.decisions[4].reason
 
 
+def test_without_a_logged_lr_each_checkpoint_takes_the_lr_its_optimizer_state_was_saved_at(tmp_path: Path) -> None:
+    # nanoGPT prints no LR: the schedule (1e-3, then 1e-4 from step 7) is only in each .pt's param groups.
+    # The LR regime still stops at the decay, and V is still scaled to each checkpoint's own LR.
+    def schedule(step: int) -> float:
+        return 1e-3 if step <= 6 else 1e-4
+
+    root, sqrt_v_sum, _ = adam_run(tmp_path / "adam", [2, 4, 6, 8, 10], lr_at=schedule, log_lr=False)
+    assert open_run(root).metric("lr").empty
+    with open_checkpoint(root / "ckpt" / "step_10.pt") as handle:
+        assert float(handle.metadata()[SAVED_LR]) == 1e-4
+    signals = assess_run(open_run(root))
+    assert [(c.ref.step, c.lr, c.lr_saved) for c in signals.checkpoints] == [
+        (2, 1e-3, True), (4, 1e-3, True), (6, 1e-3, True), (8, 1e-4, True), (10, 1e-4, True)]
+    rec = recommend(signals)
+    assert rec.iterate_noise == pytest.approx(1e-4 * sqrt_v_sum / 4, rel=1e-12)
+    # With a V (1 nat) that outweighs the val lag, the weights reach back to the decay and stop there.
+    loud = recommend(replace(signals, noise=IterateNoise(10, 4.0 / 1e-4, 1000)))
+    assert [r.step for r in loud.checkpoints] == [8, 10] and loud.method == "predicted"
+    assert "it was saved at LR 0.001, 10.0 x the newest checkpoint's 0.0001" in next(
+        d.reason for d in loud.decisions if d.step == 6)
+    doc = analysis_report(open_run(root), signals)
+    assert [c["lr_source"] for c in doc["checkpoints"]] == ["optimizer state"] * 5
+    assert doc["checkpoints"][-1]["lr"] == 1e-4
+    text = subprocess.run([sys.executable, "-m", "analysis", "analyze", str(root), "--no-similarity"], check=True,
+                          capture_output=True, text=True, cwd=REPO).stdout
+    assert "lr 0.0001   *" in text and "* LR read from the checkpoint's optimizer state" in text
+
+
+def test_a_logged_lr_wins_over_the_optimizer_state_and_weights_only_checkpoints_have_none(tmp_path: Path) -> None:
+    logged = assess_run(open_run(adam_run(tmp_path / "logged", [4, 8])[0]))
+    assert [(c.lr, c.lr_saved) for c in logged.checkpoints] == [(1e-3, False), (1e-3, False)]
+    root, _, _ = adam_run(tmp_path / "bare", [4, 6, 8], optimizer_at={8}, log_lr=False)
+    signals = assess_run(open_run(root))
+    assert [(c.lr, c.lr_saved) for c in signals.checkpoints] == [(None, False), (None, False), (1e-3, True)]
+    assert analysis_report(open_run(root), signals)["checkpoints"][0]["lr_source"] is None
+
+
+@pytest.mark.parametrize("layout", ["nanogpt", "dcp", "hf"])
 def test_iterate_noise_reads_second_moments_from_every_layout_that_saves_them(tmp_path: Path, layout: str) -> None:
     if layout == "nanogpt":
         path = tmp_path / "ckpt.pt"

@@ -9,6 +9,7 @@ its parameter's shape; when no order fits, names stay ``param_{i}``.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .base import TensorInfo, is_tensor
@@ -86,3 +87,26 @@ def _shape_fits(entry: object, info: TensorInfo) -> bool:
         return True
     shapes = [tuple(v.shape) for v in entry.values() if is_tensor(v) and v.dim() > 0]
     return all(shape == info.shape for shape in shapes)
+
+
+SAVED_LR = "optimizer.lr"   # metadata key of the learning rate a checkpoint's optimizer state was at
+
+
+def saved_learning_rate(optimizer: object) -> float | None:
+    """The learning rate an optimizer state dict was saved at: its first parameter group's ``lr``.
+
+    Trainers set each group's ``lr`` from the schedule before (nanoGPT) or after (HF, Lightning) the step, so
+    a checkpoint that kept its optimizer knows its LR even when the logs never printed it (nanoGPT's stdout,
+    a Lightning CSV without a LearningRateMonitor). Where groups differ (an LR multiplier per group), the
+    first is the one trainers log as "the" LR. None when no group holds a finite positive ``lr``.
+    """
+    groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
+    for group in groups if isinstance(groups, list) else ():
+        if not isinstance(group, dict) or not group.get("params"):
+            continue
+        lr = group.get("lr")
+        lr = lr.item() if is_tensor(lr) and lr.numel() == 1 else lr   # type: ignore[union-attr]
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0:
+            return float(lr)
+        return None
+    return None

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from ..errors import CheckpointReadError
 from .base import TensorInfo, is_tensor, tensor_info
 from .keys import KeyMap
-from .optim import moments_by_name
+from .optim import SAVED_LR, moments_by_name, saved_learning_rate
 
 if TYPE_CHECKING:
     import torch
@@ -120,7 +120,11 @@ def split_payload(payload: object, path: Path) -> tuple[dict, dict, object, dict
     optimizer = next((payload[k] for k in OPTIMIZER_KEYS if payload.get(k) is not None), None)
     if isinstance(optimizer, list):   # Lightning: one state dict per optimizer
         optimizer = optimizer[0] if optimizer else None
-    return flatten_tensors(payload[weights_key]), ema, optimizer, checkpoint_metadata(payload)
+    meta = checkpoint_metadata(payload)
+    lr = saved_learning_rate(optimizer)
+    if lr is not None:
+        meta[SAVED_LR] = repr(lr)
+    return flatten_tensors(payload[weights_key]), ema, optimizer, meta
 
 
 def _callback_ema(callbacks: object) -> dict[str, torch.Tensor]:

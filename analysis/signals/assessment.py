@@ -10,6 +10,7 @@ import pandas as pd
 
 from ..checkpoints import TensorInfo, open_checkpoint
 from ..checkpoints.compare import compare_layouts
+from ..checkpoints.optim import SAVED_LR
 from ..run import CheckpointRef, Run
 from .health import CheckpointHealth, check_health
 from .noise import IterateNoise, newest_iterate_noise
@@ -57,8 +58,9 @@ class CheckpointSignals:
     val: ValScore | None
     spike: LossSpike | None        # the contaminating event it was saved in, if any
     mismatch: str | None           # how its tensors differ from the newest checkpoint's, if they do
-    lr: float | None = None        # the learning rate logged at (or last before) its step
+    lr: float | None = None        # the learning rate logged at (or last before) its step, else its optimizer's
     cleared: ClearedSpike | None = None  # a train-loss event it was saved in that its own val loss clears
+    lr_saved: bool = False         # ``lr`` came from its saved optimizer state: the logs hold no LR for it
 
     @property
     def eligible(self) -> bool:
@@ -117,7 +119,7 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
     # (step, val loss) of the checkpoints outside every event whose eval was logged at their own step.
     clean_vals = [(c.step, v.value) for c, v in zip(run.checkpoints, vals)
                   if v is not None and v.source == "logged" and not any(e.contains(c.step) for e in contaminating)]
-    reference = _layout_of(run.checkpoints[-1]) if run.checkpoints else []
+    reference = _layout_of(run.checkpoints[-1])[0] if run.checkpoints else []
     items = []
     total = max(len(run.checkpoints), 1)
     for index, (ref, val, lr) in enumerate(zip(run.checkpoints, vals, lrs)):
@@ -127,7 +129,10 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
 
         health = check_health(ref, step_progress)
         spike, cleared = _contamination(ref.step, val, contaminating, clean_vals)
-        items.append(CheckpointSignals(ref, health, val, spike, _mismatch(reference, _layout_of(ref)), lr, cleared))
+        layout, saved_lr = _layout_of(ref)
+        items.append(CheckpointSignals(ref, health, val, spike, _mismatch(reference, layout),
+                                       lr if lr is not None else saved_lr,
+                                       cleared, lr is None and saved_lr is not None))
     eligible = [item for item in items if item.eligible]
     noise = newest_iterate_noise([item.ref for item in eligible], progress)
     return RunSignals(tuple(items), spikes, noise)
@@ -170,10 +175,11 @@ def learning_rates(lr: pd.DataFrame, ckpt_steps: list[int]) -> list[float | None
     return [float(values[i]) if i >= 0 and np.isfinite(values[i]) else None for i in at]
 
 
-def _layout_of(ref: CheckpointRef) -> list[TensorInfo]:
-    """Tensor headers only."""
+def _layout_of(ref: CheckpointRef) -> tuple[list[TensorInfo], float | None]:
+    """Tensor headers, and the learning rate its optimizer state was saved at (None if it kept none)."""
     with open_checkpoint(ref.path, ref.layout) as handle:
-        return handle.tensors()
+        saved = handle.metadata().get(SAVED_LR)
+        return handle.tensors(), float(saved) if saved is not None else None
 
 
 def _mismatch(reference: list[TensorInfo], layout: list[TensorInfo]) -> str | None:

@@ -34,6 +34,8 @@ table = pd.DataFrame({
     "step": [c["step"] for c in rows],
     "val loss": [c["val_loss"] for c in rows],
     "val from": [f"{c['val_loss_source']} @ {c['val_loss_step']}" if c["val_loss"] is not None else "" for c in rows],
+    "LR": [c["lr"] for c in rows],
+    "LR from": [c["lr_source"] or "" for c in rows],
     "status": [{"selected": "recommended"}.get(status[c["step"]], status[c["step"]]) for c in rows],
     "finite": [c["finite"] for c in rows],
     "weight norm": [c["weight_norm"] for c in rows],
@@ -61,6 +63,10 @@ st.data_editor(
     disabled=[c for c in table.columns if c != "use"],
     column_config={"use": st.column_config.CheckboxColumn("use", help="Average this checkpoint"),
                    "val loss": st.column_config.NumberColumn(format="%.4f"),
+                   "LR": st.column_config.NumberColumn(format="%.3g", help="The learning rate the checkpoint was "
+                                                       "saved at: the LR regime and its iterate noise follow it"),
+                   "LR from": st.column_config.TextColumn(help="logged, or read from the checkpoint's optimizer "
+                                                               "state where the logs hold no LR"),
                    "weight norm": st.column_config.NumberColumn(format="%.3f"),
                    "update norm": st.column_config.NumberColumn(format="%.4g", help="|θ_i − θ_(i−1)|"),
                    "update cos": st.column_config.NumberColumn(

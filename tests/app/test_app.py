@@ -89,6 +89,7 @@ def test_checkpoints_page_table_and_shared_selection(tiny_run: Path, monkeypatch
     assert not table.loc[table["step"] == 300, "use"].item() and table["use"].iloc[-1]
     assert table.loc[table["step"] == 600, "status"].item() == "recommended"
     assert table["reason"].str.len().min() > 20
+    assert (table["LR"] == 1e-3).all() and (table["LR from"] == "logged").all()
     # Tick rows 10 and 11 only: the selection becomes steps 550 and 600 on every page.
     at.session_state["selected_steps"] = [550, 600]
     at.run()
