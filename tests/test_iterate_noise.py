@@ -106,6 +106,23 @@ def test_weights_minimise_the_predicted_loss_of_the_average(tmp_path: Path) -> N
     assert recipe["method"] == "predicted" and recipe["predicted_gain_nats"] == pytest.approx(rec.predicted_gain)
 
 
+def test_evals_every_other_checkpoint_are_interpolated_and_give_the_same_weights(tmp_path: Path) -> None:
+    # The run of the test above with an eval only at every second checkpoint (eval every 200, save every 100):
+    # the interpolated val losses are the line's own values, so the weights must come out the same.
+    vals = [1.0 + 0.008 * age for age in range(11, -1, -1)]
+    every = recommend(_with_noise(_run_with_vals(tmp_path / "every", vals), 0.1))
+    root = _run_with_vals(tmp_path / "sparse", vals)
+    rewrite_metrics(root, lambda row: None if "val_loss" in row and row["step"] % 200 else row)
+    signals = _with_noise(root, 0.1)
+    assert [c.val.source if c.val else None for c in signals.checkpoints] == (
+        [None, "logged"] + ["interpolated", "logged"] * 5)   # step 100 lies before the first eval
+    sparse = recommend(signals)
+    assert [r.step for r in sparse.checkpoints] == [r.step for r in every.checkpoints] == list(range(600, 1300, 100))
+    assert sparse.weights == pytest.approx(every.weights, abs=1e-12)
+    assert next(d.reason for d in sparse.decisions if d.step == 700).endswith(
+        "interpolated between the evals at steps 600 and 800).")
+
+
 def test_the_evaluator_scores_the_predicted_weights_first_and_keeps_them_when_best(tmp_path: Path) -> None:
     # The same run as above; the evaluator scores an average by its distance to the predicted-weights average,
     # so no other candidate can beat them: the search must try them first and keep them, with their reasons.

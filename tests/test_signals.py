@@ -73,10 +73,45 @@ def test_assess_run_marks_contaminated_and_nonfinite(tmp_path: Path) -> None:
 
 
 def test_val_scores_use_nearest_eval_within_half_spacing() -> None:
-    val = pd.DataFrame({"step": [95, 210, 500], "value": [2.0, 1.5, 1.0]})
+    # Evals at 50, 95 and 500: 95-500 is far wider than the eval cadence (225), so nothing is interpolated
+    # there; 100 takes the eval 5 steps away, and 200-400 have none within half the spacing (50).
+    val = pd.DataFrame({"step": [50, 95, 500], "value": [2.5, 2.0, 1.0]})
     scores = logged_val_scores(val, [100, 200, 300, 400])
     assert [(s.value, s.source_step, s.source) if s else None for s in scores] == [
-        (2.0, 95, "logged-nearest"), (1.5, 210, "logged-nearest"), None, None]
+        (2.0, 95, "logged-nearest"), None, None, None]
+    assert scores[0].describe() == "val loss 2.0000, nearest eval at step 95"
+
+
+def test_a_checkpoint_between_two_evals_gets_their_interpolation() -> None:
+    # Eval every 1000, save every 500: the checkpoints between evals get the trend at their step.
+    val = pd.DataFrame({"step": [1000, 2000, 3000, 6000, 7000], "value": [2.0, 1.6, 1.5, 1.2, 1.1]})
+    scores = logged_val_scores(val, [1000, 1500, 2000, 2500, 3000, 4500, 6500, 7000, 7500])
+    got = [(round(s.value, 12), s.source, s.between) if s else None for s in scores]
+    assert got == [(2.0, "logged", None), (1.8, "interpolated", (1000, 2000)), (1.6, "logged", None),
+                   (1.55, "interpolated", (2000, 3000)), (1.5, "logged", None),
+                   None,                                       # 3000-6000 is no eval cadence: evals are missing
+                   (1.15, "interpolated", (6000, 7000)), (1.1, "logged", None),
+                   None]                                       # past the last eval by a whole spacing
+    assert scores[3].source_step == 2000 and scores[6].source_step == 6000
+    assert scores[1].describe() == "val loss 1.8000, interpolated between the evals at steps 1000 and 2000"
+
+
+@given(st.lists(st.integers(0, 10_000), min_size=1, max_size=30, unique=True),
+       st.lists(st.integers(1, 10_000), min_size=1, max_size=20, unique=True))
+def test_val_scores_stay_within_the_evals_they_come_from(eval_steps: list[int], ckpt_steps: list[int]) -> None:
+    values = [math.sin(s) + 2.0 for s in eval_steps]
+    val = pd.DataFrame({"step": eval_steps, "value": values})
+    by_step = dict(zip(eval_steps, values))
+    for step, score in zip(sorted(ckpt_steps), logged_val_scores(val, sorted(ckpt_steps))):
+        if score is None:
+            continue
+        if score.source == "interpolated":
+            lo, hi = score.between
+            assert lo < step < hi and score.source_step in (lo, hi)
+            assert min(by_step[lo], by_step[hi]) - 1e-12 <= score.value <= max(by_step[lo], by_step[hi]) + 1e-12
+        else:
+            assert score.value == by_step[score.source_step]
+            assert (score.source == "logged") == (score.source_step == step)
 
 
 def test_debiased_ema_matches_tensorboard() -> None:

@@ -1,8 +1,11 @@
 """Validation score of each checkpoint, read from the run's logs.
 
-An eval is often logged at the checkpoint's own step, but not always (eval every 500,
-save every 1000 or the reverse). The nearest eval is used only when it is closer than
-half the spacing between checkpoints, and the step it came from is always reported.
+An eval is often logged at the checkpoint's own step, but not always (eval every 1000, save every
+500, or evals at steps of their own). A checkpoint between two evals no further apart than the
+run's eval cadence gets the linear interpolation of the two: the loss curve's trend at its step,
+which is what the recommender compares checkpoints by (a neighbour's value would shift a checkpoint
+by a whole eval interval of descent). Otherwise the nearest eval is used only when it is closer than
+half the spacing between checkpoints. The steps the value came from are always reported.
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ class ValScore:
     """A checkpoint's validation loss and where it came from."""
 
     value: float
-    source_step: int     # the step of the logged eval used
-    source: str          # "logged" (same step), "logged-nearest", or "evaluator"
+    source_step: int     # the step of the logged eval used (of an interpolation: the nearer eval)
+    source: str          # "logged" (same step), "interpolated", "logged-nearest", or "evaluator"
+    between: tuple[int, int] | None = None   # an interpolation's two eval steps
 
     def describe(self) -> str:
         """E.g. 'val loss 1.8430, logged at this step'."""
         if self.source == "evaluator":
             return f"val loss {self.value:.4f}, from the evaluator"
+        if self.between is not None:
+            return f"val loss {self.value:.4f}, interpolated between the evals at steps {self.between[0]} and {self.between[1]}"
         where = "logged at this step" if self.source == "logged" else f"nearest eval at step {self.source_step}"
         return f"val loss {self.value:.4f}, {where}"
 
@@ -39,18 +45,31 @@ def logged_val_scores(val: pd.DataFrame, ckpt_steps: list[int]) -> list[ValScore
     if val.empty or not ckpt_steps:
         return [None] * len(ckpt_steps)
     val = val.sort_values("step").drop_duplicates("step", keep="last")
-    eval_steps = val["step"].to_numpy()
+    eval_steps = val["step"].to_numpy(dtype=np.int64)
     values = val["value"].to_numpy(dtype=np.float64)
     spacing = np.diff(ckpt_steps)
     tolerance = (float(np.median(spacing)) / 2.0) if len(spacing) else float("inf")
-    scores: list[ValScore | None] = []
-    for step in ckpt_steps:
-        i = int(np.argmin(np.abs(eval_steps - step)))
-        gap = abs(int(eval_steps[i]) - step)
-        if gap == 0:
-            scores.append(ValScore(float(values[i]), int(eval_steps[i]), "logged"))
-        elif gap < tolerance:
-            scores.append(ValScore(float(values[i]), int(eval_steps[i]), "logged-nearest"))
-        else:
-            scores.append(None)
-    return scores
+    cadence = float(np.median(np.diff(eval_steps))) if len(eval_steps) > 1 else 0.0
+    return [_score_at(step, eval_steps, values, tolerance, cadence) for step in ckpt_steps]
+
+
+def _score_at(step: int, eval_steps: np.ndarray, values: np.ndarray, tolerance: float,
+              cadence: float) -> ValScore | None:
+    """The val score at one checkpoint step: its own eval, an interpolation, the nearest eval, or None.
+
+    Interpolation needs evals on both sides no further apart than 1.5x the eval cadence, so it never
+    bridges a stretch where evals are missing (a crash, a resumed log).
+    """
+    after = int(np.searchsorted(eval_steps, step))
+    if after < len(eval_steps) and eval_steps[after] == step:
+        return ValScore(float(values[after]), step, "logged")
+    if 0 < after < len(eval_steps):
+        lo, hi = int(eval_steps[after - 1]), int(eval_steps[after])
+        if hi - lo <= 1.5 * cadence:
+            frac = (step - lo) / (hi - lo)
+            value = float(values[after - 1] + frac * (values[after] - values[after - 1]))
+            return ValScore(value, lo if step - lo <= hi - step else hi, "interpolated", (lo, hi))
+    nearest = min((i for i in (after - 1, after) if 0 <= i < len(eval_steps)), key=lambda i: abs(eval_steps[i] - step))
+    if abs(int(eval_steps[nearest]) - step) < tolerance:
+        return ValScore(float(values[nearest]), int(eval_steps[nearest]), "logged-nearest")
+    return None

@@ -10,6 +10,15 @@ import charts
 import sidebar
 import state
 
+
+def _val_from(row: dict) -> str:
+    """Where a checkpoint's val loss came from: "logged @ 1200", "interpolated @ 1000-2000"."""
+    if row["val_loss"] is None:
+        return ""
+    between = row["val_loss_between"]
+    return f"{row['val_loss_source']} @ " + (f"{between[0]}-{between[1]}" if between else f"{row['val_loss_step']}")
+
+
 now = sidebar.current_or_stop()
 run, signals, rec = now.run, now.signals, now.recommendation
 report = cached.report(now.path, now.stamp)
@@ -33,7 +42,7 @@ table = pd.DataFrame({
     "use": [c["step"] in selected for c in rows],
     "step": [c["step"] for c in rows],
     "val loss": [c["val_loss"] for c in rows],
-    "val from": [f"{c['val_loss_source']} @ {c['val_loss_step']}" if c["val_loss"] is not None else "" for c in rows],
+    "val from": [_val_from(c) for c in rows],
     "LR": [c["lr"] for c in rows],
     "LR from": [c["lr_source"] or "" for c in rows],
     "status": [{"selected": "recommended"}.get(status[c["step"]], status[c["step"]]) for c in rows],

@@ -10,7 +10,7 @@ import pytest
 from safetensors.torch import load_file
 from streamlit.testing.v1 import AppTest
 
-from conftest import REPO
+from conftest import REPO, rewrite_metrics
 
 APP = str(REPO / "app" / "streamlit_app.py")
 
@@ -79,6 +79,15 @@ def test_smoothing_is_bound_to_the_url(tiny_run: Path, monkeypatch: pytest.Monke
     at.query_params["smooth"] = "0.9"
     at.run()
     assert at.slider(key="smooth").value == pytest.approx(0.9)
+
+
+def test_checkpoints_page_says_which_val_losses_are_interpolated(tiny_run: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Keep the evals at every second checkpoint only (steps 100, 200, ...): the others sit between two.
+    rewrite_metrics(tiny_run, lambda row: None if "val_loss" in row and row["step"] % 100 else row)
+    table = _page(_open(tiny_run, monkeypatch), "checkpoints").dataframe[0].value
+    by_step = table.set_index("step")["val from"]
+    assert by_step[150] == "interpolated @ 100-200" and by_step[200] == "logged @ 200" and by_step[50] == ""
 
 
 def test_checkpoints_page_table_and_shared_selection(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
