@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from dataclasses import replace
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 
 from analysis.averaging import average_state_dict
 from analysis.checkpoints import detect_layout, open_checkpoint
-from analysis.checkpoints.optim import SAVED_LR
+from analysis.checkpoints.optim import SAVED_LR, metadata_learning_rate, saved_learning_rate
 from analysis.evaluate import Evaluator
 from analysis.recommend import optimal_weights, recommend
 from analysis.report import analysis_report, recommendation_report
@@ -232,6 +233,22 @@ def test_without_a_logged_lr_each_checkpoint_takes_the_lr_its_optimizer_state_wa
     text = subprocess.run([sys.executable, "-m", "analysis", "analyze", str(root), "--no-similarity"], check=True,
                           capture_output=True, text=True, cwd=REPO).stdout
     assert "lr 0.0001   *" in text and "* LR read from the checkpoint's optimizer state" in text
+
+
+@pytest.mark.parametrize(("groups", "expected"), [
+    ([{"params": [], "lr": 1.0}, {"params": [0, 1], "lr": torch.tensor(2e-4, dtype=torch.float64)}], 2e-4),   # empty groups skipped
+    ([{"params": [0], "lr": 3e-4}, {"params": [1], "lr": 3e-3}], 3e-4),                 # the first group's
+    ([{"params": [0], "lr": float("nan")}], None), ([{"params": [0], "lr": True}], None),
+    ([{"params": [0], "lr": 0.0}], None), ([{"params": [0]}], None), ("groups", None), ([], None),
+])
+def test_the_saved_lr_is_the_first_parameter_groups_finite_positive_lr(groups: object, expected: float | None) -> None:
+    assert saved_learning_rate({"state": {}, "param_groups": groups}) == expected
+
+
+@given(st.text(max_size=40))
+def test_free_text_metadata_never_gives_a_bad_lr(text: str) -> None:
+    lr = metadata_learning_rate({SAVED_LR: text})
+    assert lr is None or (math.isfinite(lr) and lr > 0)
 
 
 def test_a_logged_lr_wins_over_the_optimizer_state_and_weights_only_checkpoints_have_none(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pandas as pd
 
 from ..checkpoints import TensorInfo, open_checkpoint
 from ..checkpoints.compare import compare_layouts
-from ..checkpoints.optim import SAVED_LR
+from ..checkpoints.optim import metadata_learning_rate
 from ..run import CheckpointRef, Run
 from .health import CheckpointHealth, check_health
 from .noise import IterateNoise, newest_iterate_noise
@@ -119,7 +119,7 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
     # (step, val loss) of the checkpoints outside every event whose eval was logged at their own step.
     clean_vals = [(c.step, v.value) for c, v in zip(run.checkpoints, vals)
                   if v is not None and v.source == "logged" and not any(e.contains(c.step) for e in contaminating)]
-    reference = _layout_of(run.checkpoints[-1])[0] if run.checkpoints else []
+    reference = _headers(run.checkpoints[-1])[0] if run.checkpoints else []
     items = []
     total = max(len(run.checkpoints), 1)
     for index, (ref, val, lr) in enumerate(zip(run.checkpoints, vals, lrs)):
@@ -129,7 +129,7 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
 
         health = check_health(ref, step_progress)
         spike, cleared = _contamination(ref.step, val, contaminating, clean_vals)
-        layout, saved_lr = _layout_of(ref)
+        layout, saved_lr = _headers(ref)
         items.append(CheckpointSignals(ref, health, val, spike, _mismatch(reference, layout),
                                        lr if lr is not None else saved_lr,
                                        cleared, lr is None and saved_lr is not None))
@@ -175,11 +175,10 @@ def learning_rates(lr: pd.DataFrame, ckpt_steps: list[int]) -> list[float | None
     return [float(values[i]) if i >= 0 and np.isfinite(values[i]) else None for i in at]
 
 
-def _layout_of(ref: CheckpointRef) -> tuple[list[TensorInfo], float | None]:
+def _headers(ref: CheckpointRef) -> tuple[list[TensorInfo], float | None]:
     """Tensor headers, and the learning rate its optimizer state was saved at (None if it kept none)."""
     with open_checkpoint(ref.path, ref.layout) as handle:
-        saved = handle.metadata().get(SAVED_LR)
-        return handle.tensors(), float(saved) if saved is not None else None
+        return handle.tensors(), metadata_learning_rate(handle.metadata())
 
 
 def _mismatch(reference: list[TensorInfo], layout: list[TensorInfo]) -> str | None:
