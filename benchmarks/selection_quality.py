@@ -18,7 +18,9 @@ match the last checkpoint, and "regret", choice minus oracle, is the number to r
 
     .venv/bin/python benchmarks/selection_quality.py [--scale cpu|mid|gpu] [--runs a,b] [--parallel N]
 
-Writes ``benchmarks/out/selection/SCALE/results.json`` and prints a README-ready table.
+Writes ``benchmarks/out/selection/SCALE/RUN.result.json`` and prints a README-ready table. After a change
+to the recommender, ``--logs-only`` (the log-only columns) or ``--recommend-only`` (those and the
+evaluator's) judges saved results again without the brute-force oracle, which does not change.
 """
 
 from __future__ import annotations
@@ -196,11 +198,12 @@ def judge_run(run_dir: Path, min_gain: float) -> dict:
     return result
 
 
-def rejudge_logs_only(run_dir: Path, saved: dict, min_gain: float) -> dict:
-    """``saved`` with its log-only columns judged again by the current recommender, all else kept.
+def rejudge_recommend(run_dir: Path, saved: dict, min_gain: float, with_evaluator: bool) -> dict:
+    """``saved`` with its log-only columns (and with ``with_evaluator`` the evaluator's) judged again by the
+    current recommender, the oracle and the baselines kept.
 
-    The oracle, the baselines and the evaluator's choice do not depend on the log-only rule, and the
-    brute-force oracle is most of a judging's time; ``logs_rejudged`` records the date.
+    Neither depends on the recommender, and the brute-force oracle is most of a judging's time;
+    ``logs_rejudged`` (and ``eval_rejudged``) record the date.
     """
     run = open_run(run_dir)
     scorer = Scorer.for_run(run_dir, run)
@@ -209,12 +212,18 @@ def rejudge_logs_only(run_dir: Path, saved: dict, min_gain: float) -> dict:
     recs = {"recommend (logs)": recommend(signals, RecommendConfig())}
     if signals.noise is not None:
         recs["recommend (val band)"] = recommend(replace(signals, noise=None), RecommendConfig())
+    if with_evaluator:
+        evaluator = load_evaluator(f"{run_dir / 'evaluate.py'}:evaluate")
+        recs["recommend --eval"] = recommend(signals, RecommendConfig(), evaluator)
     result = json.loads(json.dumps(saved))
     for label, rec in recs.items():
         value = scorer.score([index[r.step] for r in rec.checkpoints], tuple(rec.weights))
-        result["choices"][label] = choice_entry(value, describe(rec), 0, saved["last"], saved["oracle"], min_gain)
+        result["choices"][label] = choice_entry(value, describe(rec), rec.evaluations, saved["last"],
+                                                saved["oracle"], min_gain)
     result["detected"] = [c.ref.step for c in signals.checkpoints if c.spike is not None]
     result["logs_rejudged"] = date.today().isoformat()
+    if with_evaluator:
+        result["eval_rejudged"] = date.today().isoformat()
     return result
 
 
@@ -317,6 +326,9 @@ def main() -> None:
     p.add_argument("--logs-only", action="store_true",
                    help="judge the log-only columns of saved results again with the current recommender, "
                         "keeping the oracle, baselines and evaluator columns")
+    p.add_argument("--recommend-only", action="store_true",
+                   help="judge every recommend column (log-only and --eval) of saved results again with the "
+                        "current recommender, keeping the oracle and baselines")
     a = p.parse_args()
     names = a.runs.split(",") if a.runs else [s.name for s in RUNS]
     runs = RunSet(a.scale, a.seed_offset, a.optimizer_state)
@@ -326,12 +338,12 @@ def main() -> None:
             (root / f"{run_dir.name}.windows.json").write_text(json.dumps(window_data(run_dir)) + "\n")
             print(f"{run_dir.name}: windows written", flush=True)
         return
-    if a.logs_only:
+    if a.logs_only or a.recommend_only:
         for run_dir in make_runs(runs, a.out, names, a.parallel):
             path = root / f"{run_dir.name}.result.json"
-            path.write_text(json.dumps(rejudge_logs_only(run_dir, json.loads(path.read_text()), a.min_gain),
-                                       indent=2) + "\n")
-            print(f"{run_dir.name}: log-only columns judged again", flush=True)
+            result = rejudge_recommend(run_dir, json.loads(path.read_text()), a.min_gain, a.recommend_only)
+            path.write_text(json.dumps(result, indent=2) + "\n")
+            print(f"{run_dir.name}: recommend columns judged again", flush=True)
     elif not a.table_only:
         for run_dir in make_runs(runs, a.out, names, a.parallel):
             result = judge_run(run_dir, a.min_gain)
