@@ -118,6 +118,22 @@ def test_malicious_optimizer_pt_is_refused_when_moments_are_read(tmp_path: Path)
     assert not marker.exists()
 
 
+def test_a_malicious_param_group_lr_in_a_dcp_folder_runs_nothing(tmp_path: Path) -> None:
+    # DCP keeps non-tensor optimizer settings as pickled blobs; the saved LR is read weights-only.
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    folder = tmp_path / "dcp_step_30"
+    marker = tmp_path / "pwned"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": {"w": torch.ones(3)}, "optimizer": {"param_groups.w.lr": Evil(marker)}},
+                 checkpoint_id=str(folder), no_dist=True)
+    with open_checkpoint(folder) as handle:
+        assert "optimizer.lr" not in handle.metadata() and [t.name for t in handle.tensors()] == ["w"]
+    assert not marker.exists()
+
+
 def test_refusal_is_not_retried_unsafely(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every torch.load call made by the reader keeps weights_only=True, even after a refusal."""
     path = tmp_path / "evil.pt"

@@ -235,6 +235,50 @@ def test_without_a_logged_lr_each_checkpoint_takes_the_lr_its_optimizer_state_wa
     assert "lr 0.0001   *" in text and "* LR read from the checkpoint's optimizer state" in text
 
 
+def _flattened_dcp(folder: Path, lr: float) -> float:
+    """A DCP folder as torchtitan saves one: torch's flattened optimizer state dict, whose param groups
+    keep each parameter's ``lr`` as a small pickled blob. Returns the reference Σ√v."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    model, optimizer = trained(3)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    flat = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": get_model_state_dict(model), "optimizer": flat}, checkpoint_id=str(folder), no_dist=True)
+    return sqrt_second_moments(optimizer.state_dict())[0]
+
+
+def test_a_torchtitan_style_dcp_checkpoint_gives_its_saved_lr_and_noise(tmp_path: Path) -> None:
+    sqrt_v_sum = _flattened_dcp(tmp_path / "step-40", 2.5e-4)
+    ref = CheckpointRef(40, tmp_path / "step-40", "dcp", (), 0)
+    with open_checkpoint(ref.path, ref.layout) as handle:
+        assert metadata_learning_rate(handle.metadata()) == 2.5e-4
+    noise = iterate_noise(ref)
+    assert noise is not None and noise.sqrt_v_sum == pytest.approx(sqrt_v_sum, rel=1e-12)
+
+
+def test_a_damaged_lr_blob_loses_the_lr_not_the_checkpoint(tmp_path: Path) -> None:
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    from analysis.checkpoints.dcp import read_metadata
+
+    folder = tmp_path / "step-40"
+    _flattened_dcp(folder, 2.5e-4)
+    metadata = read_metadata(folder)
+    key = next(k for k in metadata.state_dict_metadata if k.endswith(".lr"))
+    item = metadata.storage_data[MetadataIndex(key)]
+    with (folder / item.relative_path).open("r+b") as f:   # zero the first parameter's lr blob
+        f.seek(item.offset)
+        f.write(bytes(item.length))
+    with open_checkpoint(folder, "dcp") as handle:
+        assert SAVED_LR not in handle.metadata() and len(handle.tensors()) > 0
+
+
 @pytest.mark.parametrize(("groups", "expected"), [
     ([{"params": [], "lr": 1.0}, {"params": [0, 1], "lr": torch.tensor(2e-4, dtype=torch.float64)}], 2e-4),   # empty groups skipped
     ([{"params": [0], "lr": 3e-4}, {"params": [1], "lr": 3e-3}], 3e-4),                 # the first group's

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CheckpointReadError
 from .base import DTYPE_BYTES, TensorInfo, dtype_name
+from .optim import SAVED_LR, as_learning_rate
 from .keys import KeyMap
 
 if TYPE_CHECKING:
@@ -93,8 +94,8 @@ class DCPHandle:
         self.path = folder
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        entries = {k: v for k, v in read_metadata(folder).state_dict_metadata.items()
-                   if isinstance(v, TensorStorageMetadata)}
+        metadata = read_metadata(folder)
+        entries = {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
         self._missing_files(folder)
         optim = {k: v for k, v in entries.items() if k.startswith(OPTIMIZER_PREFIXES) and len(v.size) > 0}
         rest = {k: v for k, v in entries.items() if not k.startswith(OPTIMIZER_PREFIXES)}
@@ -111,6 +112,7 @@ class DCPHandle:
         self._optim_names = {_moment_name(k): k for k in optim}
         self._optim_infos = [_info(name, entries[k]) for name, k in self._optim_names.items()]
         self._metadata = self._scalar_metadata(rest)
+        self._lr_item = _saved_lr_item(metadata)   # read on the first metadata() call
 
     @staticmethod
     def _missing_files(folder: Path) -> None:
@@ -161,6 +163,11 @@ class DCPHandle:
         return self.keys.original(name)
 
     def metadata(self) -> dict[str, str]:
+        if self._lr_item is not None:
+            lr = _read_saved_lr(self.path, self._lr_item)
+            if lr is not None:
+                self._metadata[SAVED_LR] = repr(lr)
+            self._lr_item = None
         return dict(self._metadata)
 
     def optimizer_state(self) -> list[TensorInfo]:
@@ -189,6 +196,43 @@ def _last_line(error: BaseException) -> str:
     """The innermost cause of a DCP failure (its message embeds a remote-style traceback)."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     return lines[-1] if lines else type(error).__name__
+
+
+def _saved_lr_item(metadata: "Metadata") -> object | None:
+    """Where the first parameter's ``lr`` of the optimizer's param groups is stored, if it was saved.
+
+    ``get_optimizer_state_dict(flatten_optimizer_state_dict=True)`` (torchtitan, torch's own helpers)
+    keeps every parameter's group settings as ``optimizer.param_groups.<param>.lr``: a small
+    ``torch.save`` blob, not a tensor.
+    """
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    for key, entry in metadata.state_dict_metadata.items():
+        group, _, rest = key.partition(".")
+        if (isinstance(entry, BytesStorageMetadata) and f"{group}." in OPTIMIZER_PREFIXES
+                and rest.startswith("param_groups.") and rest.endswith(".lr")):
+            return (metadata.storage_data or {}).get(MetadataIndex(key))
+    return None
+
+
+def _read_saved_lr(folder: Path, item: object) -> float | None:
+    """The float a param-group ``lr`` blob holds (weights-only load), or None if it cannot be read plainly."""
+    import torch
+
+    relative, offset, length = (getattr(item, name, None) for name in ("relative_path", "offset", "length"))
+    if getattr(item, "transform_descriptors", None) or not isinstance(relative, str) or not length:
+        return None   # compressed or otherwise transformed storage: the LR is optional, skip it
+    path = folder / relative
+    if path.resolve().parent != folder.resolve():
+        return None   # a .metadata pointing outside the checkpoint folder
+    try:
+        with path.open("rb") as f:
+            f.seek(int(offset or 0))
+            blob = io.BytesIO(f.read(int(length)))
+        value = torch.load(blob, weights_only=True, map_location="cpu")
+    except Exception:   # noqa: BLE001 - a damaged blob loses the LR, never the checkpoint
+        return None
+    return as_learning_rate(value)
 
 
 def _moment_name(key: str) -> str:

@@ -103,8 +103,7 @@ def saved_learning_rate(optimizer: object) -> float | None:
     groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
     for group in groups if isinstance(groups, list) else ():
         if isinstance(group, dict) and group.get("params"):
-            lr = group.get("lr")
-            return _positive(lr.item() if is_tensor(lr) and lr.numel() == 1 else lr)   # type: ignore[union-attr]
+            return as_learning_rate(group.get("lr"))
     return None
 
 
@@ -112,13 +111,15 @@ def metadata_learning_rate(metadata: dict[str, str]) -> float | None:
     """The :data:`SAVED_LR` of a handle's metadata as a number; None when absent or not a finite positive
     number (safetensors metadata is free text anyone can write)."""
     try:
-        return _positive(float(metadata[SAVED_LR]))
+        return as_learning_rate(float(metadata[SAVED_LR]))
     except (KeyError, ValueError):
         return None
 
 
-def _positive(value: object) -> float | None:
-    """``value`` as a float if it is a finite positive real number, else None."""
+def as_learning_rate(value: object) -> float | None:
+    """``value`` (a number or a one-element tensor) as a float if it is finite and positive, else None."""
+    if is_tensor(value) and value.numel() == 1:   # type: ignore[union-attr]
+        value = value.item()   # type: ignore[union-attr]
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
         return float(value)
     return None
