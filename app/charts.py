@@ -125,15 +125,29 @@ def _nearest(frame, step: int) -> float | None:
 
 
 def training_figure(run: Run, axis: str = "step", slow_steps: tuple[int, ...] = (),
-                    series: SeriesSource = display_series) -> go.Figure | None:
-    """Learning rate, grad norm and step time, one row each where the logs have them; slow steps marked."""
-    rows = [(m, t) for m, t in (("lr", "learning rate"), ("grad_norm", "grad norm"),
-                                ("step_time_ms", "step time (ms)")) if len(run.metric(m))]
+                    series: SeriesSource = display_series,
+                    saved_lrs: tuple[tuple[int, float], ...] = ()) -> go.Figure | None:
+    """Learning rate, grad norm and step time, one row each where the logs have them; slow steps marked.
+
+    ``saved_lrs``: (step, LR) read from checkpoints' optimizer state; where the logs hold no LR they are
+    the LR row, one marker per checkpoint, so a run whose stdout never printed its schedule still shows it.
+    """
+    logged = [(m, t) for m, t in (("lr", "learning rate"), ("grad_norm", "grad norm"),
+                                  ("step_time_ms", "step time (ms)")) if len(run.metric(m))]
+    saved_row = [("saved_lr", "learning rate (saved in the checkpoints)")] if saved_lrs and not len(run.metric("lr")) else []
+    rows = saved_row + logged
     if not rows:
         return None
     fig = make_subplots(rows=len(rows), cols=1, shared_xaxes=True, vertical_spacing=0.08,
                         subplot_titles=[t for _, t in rows])
     for index, (metric, title) in enumerate(rows, start=1):
+        if metric == "saved_lr":
+            steps = np.array([s for s, _ in saved_lrs])
+            fig.add_trace(go.Scatter(x=step_to_axis(run, steps, axis), y=[lr for _, lr in saved_lrs],
+                                     mode="markers+lines", name=title, line={"width": 1, "dash": "dot"},
+                                     text=[f"checkpoint at step {s}" for s in steps],
+                                     hovertemplate="%{text}<br>LR %{y:.3g}<extra></extra>"), row=index, col=1)
+            continue
         x, raw, _ = _unpack(series(run, metric, axis, None))
         fig.add_trace(go.Scatter(x=x, y=raw, mode="lines", name=title, line={"width": 1}), row=index, col=1)
         if metric == "step_time_ms" and slow_steps:

@@ -60,7 +60,8 @@ if grad_events:
 
 timing = cached.timing(now.path, now.stamp)
 slow_steps = tuple(s["step"] for s in timing["slow_iterations"])
-training = charts.training_figure(run, axis, slow_steps, cached.series)
+saved_lrs = tuple((c.ref.step, c.lr) for c in signals.checkpoints if c.lr_saved and c.lr is not None)
+training = charts.training_figure(run, axis, slow_steps, cached.series, saved_lrs)
 if training is not None:
     st.subheader("Learning rate, grad norm, step time")
     if timing["steady_step_ms"] is not None:

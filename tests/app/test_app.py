@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file
 from streamlit.testing.v1 import AppTest
 
+from ckpt_factories import adam_run
 from conftest import REPO, rewrite_metrics
 
 APP = str(REPO / "app" / "streamlit_app.py")
@@ -211,6 +214,27 @@ def test_checkpoints_page_similarity_charts(tiny_run: Path, monkeypatch: pytest.
     assert (table["update norm"].iloc[1:] > 0).all() and table["dist. to newest"].iloc[-1] == 0
     heatmap, trajectory = (json.loads(c.proto.spec) for c in at.get("plotly_chart"))
     assert heatmap["data"][0]["type"] == "heatmap" and trajectory["layout"]["dragmode"] == "lasso"
+
+
+def _values(data: object) -> list:
+    """A plotly trace array as a list: plotly sends numpy arrays base64-encoded ({"dtype", "bdata"})."""
+    if isinstance(data, dict):
+        return np.frombuffer(base64.b64decode(data["bdata"]), dtype=np.dtype(data["dtype"])).tolist()
+    return list(data)
+
+
+def test_run_page_draws_the_lrs_saved_in_checkpoints_when_the_logs_have_none(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    root, _, _ = adam_run(tmp_path / "nanogpt", [2, 4, 6, 8], lr_at=lambda step: 1e-3 if step <= 4 else 2e-4,
+                          log_lr=False)
+    at = _open(root, monkeypatch)   # the Run page is the first page
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    training = next(f for f in specs if any("saved in the checkpoints" in a.get("text", "")
+                                            for a in f["layout"].get("annotations", [])))
+    lr = training["data"][0]
+    assert _values(lr["x"]) == [2, 4, 6, 8] and _values(lr["y"]) == [1e-3, 1e-3, 2e-4, 2e-4]
+    table = _page(at, "checkpoints").dataframe[0].value
+    assert (table["LR from"] == "optimizer state").all()
 
 
 def test_trajectory_selection_maps_points_to_steps() -> None:
