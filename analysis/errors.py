@@ -49,6 +49,18 @@ class CheckpointReadError(AnalysisError):
         self.path = path
 
 
+class NotACheckpoint(CheckpointReadError):
+    """A file read safely and completely that holds no model weights (a saved tensor, a dataset, a tokenizer).
+
+    Run discovery passes such a file over with a note instead of failing the whole run: a stray
+    ``data.pt`` next to the checkpoints is not bad input. Asked for directly, it is still an error.
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(path, reason)
+        self.reason = reason
+
+
 class CheckpointMismatch(AnalysisError):
     """Checkpoints that should share keys and shapes do not (names every difference)."""
 

@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 
 from .checkpoints import CHECKPOINT_READERS, detect_layout, open_checkpoint
-from .errors import AnalysisError, CheckpointReadError, RunNotFound
+from .errors import AnalysisError, CheckpointReadError, NotACheckpoint, RunNotFound
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -299,8 +299,12 @@ def _describe_checkpoints(paths: list[Path], notes: list[str]) -> tuple[list[Che
         assert layout is not None, "discovery only passes claimed paths"
         files = tuple(CHECKPOINT_READERS[layout].files(path))
         size = sum(f.stat().st_size for f in files)
-        with open_checkpoint(path, layout) as handle:
-            meta = handle.metadata()
+        try:
+            with open_checkpoint(path, layout) as handle:
+                meta = handle.metadata()
+        except NotACheckpoint as e:   # a saved tensor or dataset beside the checkpoints: not the run's
+            notes.append(f"{path.name}: passed over, not a checkpoint: it {e.reason}")
+            continue
         if MERGE_MARKER_KEY in meta:
             merged.append(path)
             continue

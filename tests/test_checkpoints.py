@@ -21,7 +21,7 @@ from analysis.checkpoints import (CHECKPOINT_READERS, detect_layout, ema_tensors
                                   optimizer_state)
 from analysis.checkpoints.compare import compare_layouts
 from analysis.checkpoints.keys import KeyMap, common_wrapper_prefix
-from analysis.errors import CheckpointReadError, RunNotFound
+from analysis.errors import CheckpointReadError, NotACheckpoint, RunNotFound
 from analysis.merge import merge_checkpoints
 from analysis.run import checkpoint_ref, open_run
 from analysis.signals.health import check_health, layer_of
@@ -338,7 +338,7 @@ def test_data_only_globals_are_allowed_numpy_scalars_and_namespace(tmp_path: Pat
 
 def test_pickle_without_a_state_dict_is_refused(tmp_path: Path) -> None:
     torch.save({"hello": "world", "n": 3}, tmp_path / "notes.pt")
-    with pytest.raises(CheckpointReadError, match="no state dict found"):
+    with pytest.raises(NotACheckpoint, match="holds no state dict"):
         open_checkpoint(tmp_path / "notes.pt")
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from analysis.errors import CheckpointReadError, RunNotFound
+from analysis.errors import CheckpointReadError, NotACheckpoint, RunNotFound
 from analysis.run import checkpoint_ref, folder_stamp, open_run
 from conftest import write_tiny_run
 
@@ -77,6 +77,20 @@ def test_truncated_checkpoint_is_named(tmp_path: Path) -> None:
     victim.write_bytes(victim.read_bytes()[:-16])
     with pytest.raises(CheckpointReadError, match="step_000020.safetensors.*truncated"):
         open_run(run)
+
+
+def test_a_saved_tensor_or_dataset_beside_the_checkpoints_is_passed_over_with_a_note(tmp_path: Path) -> None:
+    # Users keep val_bytes.pt, vocab.pt and the like next to their checkpoints; a truncated or unsafe
+    # checkpoint still stops the run (above), but a file that holds no weights is simply not one.
+    run = write_tiny_run(tmp_path / "run", [10, 20])
+    torch.save(torch.arange(64), run / "val_bytes.pt")
+    torch.save({"vocab": ["a", "b"], "size": 2}, run / "ckpt" / "vocab.pt")
+    opened = open_run(run)
+    assert [c.step for c in opened.checkpoints] == [10, 20]
+    assert "val_bytes.pt: passed over, not a checkpoint: it holds a Tensor, not a state dict or a checkpoint dict" in opened.notes
+    assert any(n.startswith("vocab.pt: passed over, not a checkpoint: it holds no state dict") for n in opened.notes)
+    with pytest.raises(NotACheckpoint, match="val_bytes.pt: holds a Tensor"):
+        checkpoint_ref(run / "val_bytes.pt")
 
 
 def test_checkpoint_ref_reads_step_from_metadata(tiny_run: Path) -> None:

@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import CheckpointReadError
+from ..errors import CheckpointReadError, NotACheckpoint
 from .base import TensorInfo, is_tensor, tensor_info
 from .keys import KeyMap
 from .optim import SAVED_LR, moments_by_name, saved_learning_rate
@@ -110,11 +110,11 @@ def split_payload(payload: object, path: Path) -> tuple[dict, dict, object, dict
     if _is_state_dict(payload):
         return flatten_tensors(payload), {}, None, {}
     if not isinstance(payload, dict):
-        raise CheckpointReadError(path, f"holds a {type(payload).__name__}, not a state dict or a checkpoint dict")
+        raise NotACheckpoint(path, f"holds a {type(payload).__name__}, not a state dict or a checkpoint dict")
     weights_key = next((k for k in WEIGHT_KEYS if _is_state_dict(payload.get(k))), None)
     if weights_key is None:
         keys = ", ".join(sorted(map(str, payload))[:12])
-        raise CheckpointReadError(path, f"no state dict found (looked under {', '.join(WEIGHT_KEYS)}; keys: {keys})")
+        raise NotACheckpoint(path, f"holds no state dict (looked under {', '.join(WEIGHT_KEYS)}; keys: {keys})")
     ema_key = next((k for k in EMA_KEYS if _is_state_dict(payload.get(k))), None)
     ema = flatten_tensors(payload[ema_key]) if ema_key else _callback_ema(payload.get("callbacks"))
     optimizer = next((payload[k] for k in OPTIMIZER_KEYS if payload.get(k) is not None), None)
