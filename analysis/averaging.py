@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from .checkpoints import CheckpointHandle, TensorInfo, open_checkpoint
 from .checkpoints.base import DTYPE_BYTES
+from .checkpoints.keys import original_name
 from .errors import CheckpointMismatch, InvalidArgument
 from .run import CheckpointRef
 from .streaming import stream_average
@@ -94,9 +95,14 @@ def iter_average(handles: Sequence[CheckpointHandle], weights: Sequence[float], 
 
 def average_state_dict(refs: Sequence[CheckpointRef], weights: Sequence[float],
                        output_dtype: str = "same") -> dict[str, "torch.Tensor"]:
-    """The weighted average as an in-memory state dict (for evaluators; one model in memory)."""
+    """The weighted average as an in-memory state dict (for evaluators; one model in memory).
+
+    Keyed by the newest checkpoint's own names, as the evaluator protocol promises: a Hugging Face
+    model with tied embeddings saves every key under ``model.``, which the readers strip to compare
+    checkpoints, and ``load_state_dict`` of the user's model needs it back.
+    """
     weights = normalize_weights(weights, len(refs))
     with ExitStack() as stack:
         handles = [stack.enter_context(open_checkpoint(r.path, r.layout)) for r in refs]
         layout = output_layout(check_same_layout(handles), output_dtype)
-        return dict(iter_average(handles, weights, layout))
+        return {original_name(handles[-1], name): tensor for name, tensor in iter_average(handles, weights, layout)}

@@ -126,8 +126,11 @@ def analyze(run_path: Path, similarity: bool, as_json: bool) -> None:
 
 @cli.command("recommend")
 @click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
-@click.option("--eval", "eval_spec", metavar="FILE.py:FUNC", help="Evaluator: func(state_dict) -> loss.")
+@click.option("--eval", "eval_spec", metavar="FILE.py:FUNC",
+              help="Evaluator: func(state_dict) -> loss, or hf-lm:VAL.txt (a Hugging Face causal LM's loss on a text file).")
 @click.option("--eval-higher-is-better", is_flag=True, help="The evaluator returns a score to maximise.")
+@click.option("--eval-tokens", type=click.IntRange(min=1), default=65_536, show_default=True,
+              help="--eval hf-lm:VAL.txt: how many tokens of the text to score each candidate on.")
 @click.option("--method", type=_LazyChoice(".recommend", "METHODS"), default="auto", show_default=True)
 @click.option("--window", type=int, help="Average the newest N eligible checkpoints instead of choosing.")
 @click.option("--ema-alpha", type=float, default=0.3, show_default=True, help="Weight of the newest under EMA.")
@@ -139,7 +142,7 @@ def analyze(run_path: Path, similarity: bool, as_json: bool) -> None:
               default="same", show_default=True, help="Dtype of the merged model.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the recipe YAML here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: bool, method: str,
+def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: bool, eval_tokens: int, method: str,
                   window: int | None, ema_alpha: float, max_evals: int | None, include_contaminated: bool,
                   before_step: int | None, output_dtype: str, output: Path | None, as_json: bool) -> None:
     """Recommend which checkpoints to average, with a reason for each."""
@@ -150,7 +153,7 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
     from .run import open_run
     from .signals import assess_run
     run = open_run(run_path)
-    evaluator = load_evaluator(eval_spec, eval_higher_is_better) if eval_spec else None
+    evaluator = load_evaluator(eval_spec, eval_higher_is_better, run, eval_tokens) if eval_spec else None
     config = RecommendConfig(method=method, window=window, ema_alpha=ema_alpha, max_evals=max_evals,
                              output_dtype=output_dtype, include_contaminated=include_contaminated,
                              before_step=before_step)

@@ -1,7 +1,8 @@
 """The evaluator protocol: ``func(state_dict) -> float``, lower is better.
 
 The user names an evaluator explicitly (``--eval path/to/file.py:func``); it is the only
-code CkptSelect ever runs that it did not write, and only because the user asked.
+code CkptSelect ever runs that it did not write, and only because the user asked. The built-in
+``--eval hf-lm:VAL.txt`` (:mod:`.hf_lm_eval`) scores a Hugging Face causal LM on a text file.
 Scores are cached per checkpoint set and weights, so a search never pays twice.
 """
 
@@ -17,7 +18,7 @@ import torch
 
 from .averaging import average_state_dict
 from .errors import EvaluatorError
-from .run import CheckpointRef
+from .run import CheckpointRef, Run
 
 StateDictScorer = Callable[[dict[str, torch.Tensor]], float]
 
@@ -52,12 +53,20 @@ class Evaluator:
         return -value if self.higher_is_better else value
 
 
-def load_evaluator(spec: str, higher_is_better: bool = False) -> Evaluator:
-    """Load ``path/to/file.py:func`` as an :class:`Evaluator`.
+def load_evaluator(spec: str, higher_is_better: bool = False, run: Run | None = None,
+                   max_tokens: int | None = None) -> Evaluator:
+    """Load ``path/to/file.py:func``, or the built-in ``hf-lm:VAL.txt`` for ``run``'s model, as an :class:`Evaluator`.
+
+    ``max_tokens``: how much of the text ``hf-lm`` scores on (default :data:`hf_lm_eval.DEFAULT_MAX_TOKENS`).
 
     Raises:
         EvaluatorError: bad spec, missing file, import failure, or no such callable.
     """
+    from .hf_lm_eval import DEFAULT_MAX_TOKENS, hf_lm_scorer, is_hf_lm_spec
+
+    if is_hf_lm_spec(spec):
+        func, name = hf_lm_scorer(spec, run, max_tokens or DEFAULT_MAX_TOKENS)
+        return Evaluator(func, name, higher_is_better)
     path_text, sep, func_name = spec.rpartition(":")
     if not sep or not path_text or not func_name:
         raise EvaluatorError(f"--eval {spec!r}: expected FILE.py:FUNCTION, e.g. sample_runs/stdlib-gpt/evaluate.py:evaluate")

@@ -126,9 +126,12 @@ def recipe_texts(path: str, stamp: str, steps: tuple[int, ...], weights: tuple[f
 
 
 @st.cache_resource(max_entries=4)
-def evaluator(spec: str) -> Evaluator:
-    """A loaded evaluator, shared (it caches its scores per candidate average)."""
-    return load_evaluator(spec)
+def evaluator(spec: str, path: str, stamp: str) -> Evaluator:
+    """A loaded evaluator for the run at ``path``, shared (it caches its scores per candidate average).
+
+    ``hf-lm:VAL.txt`` takes its model and tokenizer from the run, hence the run in the key.
+    """
+    return load_evaluator(spec, run=run(path, stamp))
 
 
 @dataclass

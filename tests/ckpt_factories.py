@@ -212,3 +212,40 @@ def sqrt_second_moments(optimizer_state: dict) -> tuple[float, int]:
     """(Σ√exp_avg_sq, elements) of a torch optimizer state dict, computed directly: the reference for V."""
     moments = [s["exp_avg_sq"] for s in optimizer_state["state"].values()]
     return sum(float(m.double().sqrt().sum()) for m in moments), sum(m.numel() for m in moments)
+
+
+def byte_tokenizer():
+    """A Hugging Face fast tokenizer whose token ids are the text's UTF-8 bytes (vocab 256, no merges).
+
+    Built from the ``tokenizers`` library's parts, nothing downloaded: GPT-2's byte-level alphabet with
+    each byte's character given the byte's own value as its id.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    char_of = {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+    tokenizer = Tokenizer(models.BPE(vocab={char_of[b]: b for b in range(256)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+LLAMA_TEXT = "def average(values):\n    return sum(values) / len(values)\n" * 12
+
+
+def tied_llama_run(root: Path, tokenizer: bool = True) -> Path:
+    """A run of one ``checkpoint-5/``: a tiny Llama with tied embeddings (rotary buffers, lm_head not saved)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=48, tie_word_embeddings=True,
+                         bos_token_id=0, eos_token_id=0)
+    folder = root / "checkpoint-5"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    if tokenizer:
+        byte_tokenizer().save_pretrained(folder)
+    (root / "val.txt").write_text(LLAMA_TEXT)
+    return root

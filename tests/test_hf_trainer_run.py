@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from analysis.recommend import RecommendConfig, recommend
 from analysis.run import open_run
 from analysis.signals import assess_run
-from ckpt_factories import sqrt_second_moments
+from ckpt_factories import byte_tokenizer, sqrt_second_moments
 from conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("hf_trainer_run")]
@@ -75,7 +75,7 @@ class _Chunks(torch.utils.data.Dataset):
 def hf_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``output_dir`` of a 60-step Trainer run at a constant LR: checkpoint-10 ... checkpoint-60, eval every 10."""
     import transformers
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, default_data_collator
 
     transformers.logging.set_verbosity_error()
     root = tmp_path_factory.mktemp("hf_trainer") / "output"
@@ -90,10 +90,12 @@ def hf_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=_Chunks(data[:180_000]),
-                eval_dataset=_Chunks(data[180_000:])).train()
+                eval_dataset=_Chunks(data[180_000:]), processing_class=byte_tokenizer(),
+                data_collator=default_data_collator).train()
     # The user's evaluator: loss on bytes the Trainer never saw, through the model class it trained.
     held_out = _stdlib_bytes(200_000 + 32 * CONTEXT)[200_000:].reshape(32, CONTEXT)
     torch.save(held_out, root / "val_bytes.pt")
+    (root / "val.txt").write_bytes(bytes(held_out.reshape(-1).tolist()))
     config.save_pretrained(root / "model_config")
     (root / "evaluate.py").write_text(EVALUATOR)
     return root
@@ -149,3 +151,24 @@ def test_recommend_with_the_users_evaluator_then_merge_gives_a_model_transformer
     users_evaluator = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(users_evaluator)
     assert users_evaluator.evaluate(load_file(str(merged / "model.safetensors"))) == pytest.approx(doc["score"], abs=1e-5)
+
+
+def test_the_built_in_hf_lm_evaluator_scores_the_runs_model_on_a_text_file(hf_run: Path, tmp_path: Path) -> None:
+    from transformers import GPT2LMHeadModel
+
+    # Byte-level tokens: the text's bytes are its ids, so the loss can be computed here independently.
+    done = _cli("recommend", str(hf_run), "--eval", f"hf-lm:{hf_run / 'val.txt'}", "--eval-tokens", "1000",
+                "--max-evals", "6", "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["evaluations"] <= 6 and doc["score"] <= doc["last_score"]
+    ids = torch.tensor(list((hf_run / "val.txt").read_bytes())[:1001])
+    model = GPT2LMHeadModel.from_pretrained(hf_run / f"checkpoint-{STEPS}").eval()
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, 1000, CONTEXT - 1):   # blocks of the context overlapping by one token
+            block = ids[start:start + CONTEXT][None]
+            logits = model(input_ids=block).logits
+            total += float(torch.nn.functional.cross_entropy(logits[0, :-1], block[0, 1:], reduction="sum"))
+    assert doc["last_score"] == pytest.approx(total / 1000, abs=1e-5)
+    assert "hf-lm:val.txt (1,000 tokens)" in doc["summary"]

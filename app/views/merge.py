@@ -48,14 +48,15 @@ recipe_method = rec.method if method == "recommended" else method
 st.plotly_chart(charts.weights_figure(chosen, list(weights)), key="weights_chart")
 
 with st.expander("Score the selection with an evaluator", expanded=bool(state.evaluator_spec())):
-    st.caption("An evaluator is your function `func(state_dict) -> loss` (FILE.py:FUNC). "
+    st.caption("An evaluator is your function `func(state_dict) -> loss` (FILE.py:FUNC), or `hf-lm:VAL.txt`: "
+               "the run's Hugging Face model (its config.json and tokenizer) scored on a text file. "
                "It runs only when you press the button." +
                (f" This run ships one: `{run.evaluator_hint}`." if run.evaluator_hint else ""))
     spec = st.text_input("Evaluator", value=state.evaluator_spec() or (run.evaluator_hint or ""), key="eval_spec")
     if st.button("Score selection and last checkpoint", key="score_button") and spec:
         state.set_evaluator_spec(spec)
         try:
-            evaluator = cached.evaluator(spec)
+            evaluator = cached.evaluator(spec, now.path, now.stamp)
             refs = [run.checkpoint_at(s) for s in chosen]
             with st.spinner(f"Evaluating with {evaluator.name}..."):
                 score = evaluator.score(refs, weights)

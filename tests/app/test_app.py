@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 from streamlit.testing.v1 import AppTest
 
-from ckpt_factories import adam_run
+from ckpt_factories import adam_run, tied_llama_run
 from conftest import REPO, rewrite_metrics
 
 APP = str(REPO / "app" / "streamlit_app.py")
@@ -112,7 +112,7 @@ def test_checkpoints_page_table_and_shared_selection(tiny_run: Path, monkeypatch
 
 def test_checkpoints_page_shows_iterate_noise_from_a_real_adam_state(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from ckpt_factories import adam_run
+    from ckpt_factories import adam_run, tied_llama_run
 
     run, sqrt_v_sum, _ = adam_run(tmp_path / "adam", [5, 10, 15])
     at = _page(_open(run, monkeypatch), "checkpoints")
@@ -174,6 +174,20 @@ def test_merge_page_ema_weights_and_evaluator(tiny_run: Path, tmp_path: Path, mo
     at.button(key="score_button").click().run()
     assert not at.error, [e.value for e in at.error]
     assert at.metric[0].label == "selection (lower is better)"
+
+
+def test_merge_page_scores_with_the_built_in_hf_lm_evaluator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from analysis.evaluate import load_evaluator
+    from analysis.run import open_run
+
+    root = tied_llama_run(tmp_path / "run")
+    at = _page(_open(root, monkeypatch), "merge")
+    at.text_input(key="eval_spec").set_value(f"hf-lm:{root / 'val.txt'}").run()
+    at.button(key="score_button").click().run()
+    assert not at.error, [e.value for e in at.error]
+    run = open_run(root)
+    expected = load_evaluator(f"hf-lm:{root / 'val.txt'}", run=run).score(run.checkpoints, (1.0,))
+    assert at.metric[0].value == f"{expected:.4f}"
 
 
 def test_storage_page_prefilled_from_run(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
