@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 from ..errors import CheckpointReadError
 from .base import DTYPE_BYTES, TensorInfo, dtype_name
-from .optim import SAVED_LR, as_learning_rate
 from .keys import KeyMap
+from .optim import SAVED_LR, as_learning_rate
 
 if TYPE_CHECKING:
     import torch
