@@ -101,8 +101,9 @@ class _ModelSource:
                                  f"code from the checkpoint, which CkptSelect never does ({e}); write an evaluator "
                                  f"(--eval FILE.py:FUNC) that imports your model class instead") from None
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.context = min(int(getattr(self.config, "max_position_embeddings", 0)
-                               or getattr(self.config, "n_positions", 0) or MAX_BLOCK), MAX_BLOCK)
+        positions = int(getattr(self.config, "max_position_embeddings", 0) or getattr(self.config, "n_positions", 0)
+                        or MAX_BLOCK)
+        self.context = max(2, min(positions, MAX_BLOCK))   # a block predicts context - 1 tokens
         self.config_dir = config_dir
 
     def _model(self, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
