@@ -131,6 +131,10 @@ def analyze(run_path: Path, similarity: bool, as_json: bool) -> None:
 @click.option("--eval-higher-is-better", is_flag=True, help="The evaluator returns a score to maximise.")
 @click.option("--eval-tokens", type=click.IntRange(min=1), default=65_536, show_default=True,
               help="--eval hf-lm:VAL.txt: how many tokens of the text to score each candidate on.")
+@click.option("--eval-cache", is_flag=True,
+              help="Keep evaluator scores on disk (~/.cache/ckpt-select/scores), keyed by the evaluator's source and "
+                   "the checkpoint files, so a search run again or resumed after a crash scores nothing twice. Not for "
+                   "an evaluator that reads data which changes between runs.")
 @click.option("--method", type=_LazyChoice(".recommend", "METHODS"), default="auto", show_default=True)
 @click.option("--window", type=int, help="Average the newest N eligible checkpoints instead of choosing.")
 @click.option("--ema-alpha", type=float, default=0.3, show_default=True, help="Weight of the newest under EMA.")
@@ -142,7 +146,8 @@ def analyze(run_path: Path, similarity: bool, as_json: bool) -> None:
               default="same", show_default=True, help="Dtype of the merged model.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the recipe YAML here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: bool, eval_tokens: int, method: str,
+def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: bool, eval_tokens: int,
+                  eval_cache: bool, method: str,
                   window: int | None, ema_alpha: float, max_evals: int | None, include_contaminated: bool,
                   before_step: int | None, output_dtype: str, output: Path | None, as_json: bool) -> None:
     """Recommend which checkpoints to average, with a reason for each."""
@@ -154,6 +159,8 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
     from .signals import assess_run
     run = open_run(run_path)
     evaluator = load_evaluator(eval_spec, eval_higher_is_better, run, eval_tokens) if eval_spec else None
+    if evaluator is not None and eval_cache:
+        evaluator.persist()
     config = RecommendConfig(method=method, window=window, ema_alpha=ema_alpha, max_evals=max_evals,
                              output_dtype=output_dtype, include_contaminated=include_contaminated,
                              before_step=before_step)
@@ -171,6 +178,9 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
         _emit(doc)
         return
     click.echo(rec.summary)
+    if rec.evaluations_cached:
+        click.echo(f"  ({rec.evaluations_cached} of the {rec.evaluations} scores read from the evaluator cache, "
+                   f"--eval-cache)")
     if evaluator is None:
         if rec.iterate_noise is not None:
             click.echo("  (From logged val losses, LRs and the optimizer's second moments, a model's prediction. "

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from .errors import EvaluatorError
+from .score_store import file_digest
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +34,9 @@ PREFIX = "hf-lm:"
 DEFAULT_MAX_TOKENS = 65_536
 MAX_BLOCK = 1024
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# Every file a saved tokenizer may read: what the --eval-cache identity hashes.
+_TOKENIZER_INPUTS = (*_TOKENIZER_FILES, "merges.txt", "vocab.txt", "spiece.model", "special_tokens_map.json",
+                     "added_tokens.json", "chat_template.jinja")
 
 
 def is_hf_lm_spec(spec: str) -> bool:
@@ -41,8 +45,11 @@ def is_hf_lm_spec(spec: str) -> bool:
 
 
 def hf_lm_scorer(spec: str, run: Run | None, max_tokens: int = DEFAULT_MAX_TOKENS,
-                 device: str | None = None) -> tuple[Callable[[dict[str, torch.Tensor]], float], str]:
-    """(score function, name) of ``hf-lm:VAL.txt`` for ``run``'s model.
+                 device: str | None = None) -> tuple[Callable[[dict[str, torch.Tensor]], float], str, str]:
+    """(score function, name, identity) of ``hf-lm:VAL.txt`` for ``run``'s model.
+
+    The identity covers everything a score depends on but the weights: the text, the config and the
+    tokenizer files (their bytes), the token budget and the device (for ``--eval-cache``).
 
     Raises:
         EvaluatorError: no text file, transformers missing, no config.json or tokenizer in the run's newest
@@ -71,7 +78,10 @@ def hf_lm_scorer(spec: str, run: Run | None, max_tokens: int = DEFAULT_MAX_TOKEN
     def score(state_dict: dict[str, torch.Tensor]) -> float:
         return model_source.mean_loss(state_dict, blocks)
 
-    return score, f"hf-lm:{text_path.name} ({sum(b.numel() - 1 for b in blocks):,} tokens)"
+    inputs = [text_path, config_dir / "config.json"] + sorted(
+        f for f in tokenizer_dir.iterdir() if f.is_file() and f.name in _TOKENIZER_INPUTS)
+    identity = f"hf-lm:{file_digest(inputs)}:{max_tokens}:{model_source.device}"
+    return score, f"hf-lm:{text_path.name} ({sum(b.numel() - 1 for b in blocks):,} tokens)", identity
 
 
 def _model_folders(run: Run | None) -> list[Path]:

@@ -14,7 +14,7 @@ whenever no average beats it, so averaging never makes the user's model worse th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -67,12 +67,13 @@ class Recommendation:
     checkpoints: tuple[CheckpointRef, ...]
     weights: tuple[float, ...]               # sum to 1.0, oldest first
     decisions: tuple[Decision, ...]          # one per checkpoint of the run, in step order
-    evaluations: int                         # evaluator calls made
+    evaluations: int                         # candidates scored (those read from --eval-cache included)
     score: float | None                      # evaluator score of the recommendation (lower is better)
     last_score: float | None                 # evaluator score of the last eligible checkpoint alone
     summary: str
     iterate_noise: float | None = None       # nats of iterate noise at the newest LR (Adam state), if known
     predicted_gain: float | None = None      # nats below the last checkpoint, predicted from logs and noise
+    evaluations_cached: int = 0              # of ``evaluations``, scores read from the evaluator's disk cache
 
     @property
     def reasons(self) -> dict[str, str]:
@@ -322,7 +323,7 @@ def _recommend_with_evaluator(signals: RunSignals, eligible: list[CheckpointSign
     """Score candidates within the evaluation budget and keep the best (or the last alone)."""
     budget = config.max_evals if config.max_evals is not None else 2 * len(signals.checkpoints)
     refs = [s.ref for s in eligible]
-    start_calls = evaluator.calls
+    start_calls, start_cached = evaluator.calls, evaluator.from_store
     last_score = evaluator.score(refs[-1:], (1.0,), config.output_dtype)
     best: tuple[float, str, list[CheckpointSignals], tuple[float, ...]] = (last_score, "sma", eligible[-1:], (1.0,))
     if window.weights is not None and config.method in ("auto", "recovery"):
@@ -350,7 +351,8 @@ def _recommend_with_evaluator(signals: RunSignals, eligible: list[CheckpointSign
             best = soup
     score, method, chosen, weights = best
     calls = evaluator.calls - start_calls
-    return _finish(signals, config, method, chosen, weights, window, score, last_score, calls, evaluator, cutoff)
+    rec = _finish(signals, config, method, chosen, weights, window, score, last_score, calls, evaluator, cutoff)
+    return replace(rec, evaluations_cached=evaluator.from_store - start_cached)
 
 
 def _score_predicted(eligible: list[CheckpointSignals], window: _Window, evaluator: Evaluator, dtype: str,

@@ -154,6 +154,7 @@ def recommendation_report(rec: Recommendation, recipe: Recipe | None) -> dict:
         "decisions": [{"step": d.step, "path": d.path, "taken": d.taken, "weight": d.weight, "reason": d.reason}
                       for d in rec.decisions],
         "evaluations": rec.evaluations,
+        "evaluations_cached": rec.evaluations_cached,
         "iterate_noise_nats": _num(rec.iterate_noise),
         "predicted_gain_nats": _num(rec.predicted_gain),
         "score": _num(rec.score),

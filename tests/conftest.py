@@ -33,6 +33,7 @@ _SCRATCH = tempfile.mkdtemp(prefix="ckpt-select-tests-")
 # Removed when this test process exits (each xdist worker has its own), so runs do not pile up in /tmp.
 atexit.register(shutil.rmtree, _SCRATCH, ignore_errors=True)
 os.environ.setdefault("CKPT_SELECT_CACHE_DIR", os.path.join(_SCRATCH, "cache"))
+os.environ.setdefault("CKPT_SELECT_SCORES_DIR", os.path.join(_SCRATCH, "scores"))
 os.environ.setdefault("CKPT_SELECT_STATE_DIR", os.path.join(_SCRATCH, "state"))
 
 

@@ -91,3 +91,21 @@ def test_a_users_evaluator_gets_the_checkpoints_own_key_names(tmp_path: Path) ->
     seen: list[set[str]] = []
     Evaluator(lambda sd: seen.append(set(sd)) or 0.0, "keys").score(run.checkpoints, (1.0,))
     assert seen == [set(saved)]
+
+
+def test_hf_lm_scores_are_cached_under_the_text_config_and_tokenizer(tmp_path: Path) -> None:
+    root = tied_llama_run(tmp_path / "run")
+    run = open_run(root)
+    spec = f"hf-lm:{root / 'val.txt'}"
+    first = load_evaluator(spec, run=run, max_tokens=200)
+    first.persist(tmp_path / "scores")
+    score = first.score(run.checkpoints, (1.0,))
+    again = load_evaluator(spec, run=run, max_tokens=200)
+    again.persist(tmp_path / "scores")
+    assert again.score(run.checkpoints, (1.0,)) == score and again.from_store == 1
+    (root / "val.txt").write_text(LLAMA_TEXT[::-1])   # another text: another identity, scored afresh
+    changed = load_evaluator(spec, run=run, max_tokens=200)
+    changed.persist(tmp_path / "scores")
+    assert changed.score(run.checkpoints, (1.0,)) != score and changed.from_store == 0
+    fewer = load_evaluator(spec, run=run, max_tokens=100)   # another budget too
+    assert fewer.identity != changed.identity
