@@ -62,16 +62,7 @@ def hf_lm_scorer(spec: str, run: Run | None, max_tokens: int = DEFAULT_MAX_TOKEN
         import transformers  # noqa: F401
     except ImportError:
         raise EvaluatorError("hf-lm needs transformers: pip install 'ckpt-select[hf]'") from None
-    folders = _model_folders(run)
-    config_dir = next((f for f in folders if (f / "config.json").is_file()), None)
-    if config_dir is None:
-        raise EvaluatorError("hf-lm needs a config.json (a Hugging Face checkpoint folder) in the run's newest "
-                             f"checkpoint or the run folder; looked in {', '.join(str(f) for f in folders) or 'none'}")
-    tokenizer_dir = next((f for f in folders if any((f / n).is_file() for n in _TOKENIZER_FILES)), None)
-    if tokenizer_dir is None:
-        raise EvaluatorError(f"hf-lm needs the tokenizer saved with the run (tokenizer.json or tokenizer_config.json "
-                             f"in {config_dir} or the run folder): pass processing_class=tokenizer to the Trainer, "
-                             f"or call tokenizer.save_pretrained(output_dir)")
+    config_dir, tokenizer_dir = _config_and_tokenizer_dirs(run)
     model_source = _ModelSource(config_dir, device)
     blocks = _token_blocks(text_path, tokenizer_dir, max_tokens, model_source.context)
 
@@ -82,6 +73,25 @@ def hf_lm_scorer(spec: str, run: Run | None, max_tokens: int = DEFAULT_MAX_TOKEN
         f for f in tokenizer_dir.iterdir() if f.is_file() and f.name in _TOKENIZER_INPUTS)
     identity = f"hf-lm:{file_digest(inputs)}:{max_tokens}:{model_source.device}"
     return score, f"hf-lm:{text_path.name} ({sum(b.numel() - 1 for b in blocks):,} tokens)", identity
+
+
+def _config_and_tokenizer_dirs(run: Run | None) -> tuple[Path, Path]:
+    """The folders holding the run's ``config.json`` and its saved tokenizer (the same one, usually).
+
+    Raises:
+        EvaluatorError: either is missing, with where it was looked for and how to save it.
+    """
+    folders = _model_folders(run)
+    config_dir = next((f for f in folders if (f / "config.json").is_file()), None)
+    if config_dir is None:
+        raise EvaluatorError("hf-lm needs a config.json (a Hugging Face checkpoint folder) in the run's newest "
+                             f"checkpoint or the run folder; looked in {', '.join(str(f) for f in folders) or 'none'}")
+    tokenizer_dir = next((f for f in folders if any((f / n).is_file() for n in _TOKENIZER_FILES)), None)
+    if tokenizer_dir is None:
+        raise EvaluatorError(f"hf-lm needs the tokenizer saved with the run (tokenizer.json or tokenizer_config.json "
+                             f"in {config_dir} or the run folder): pass processing_class=tokenizer to the Trainer, "
+                             f"or call tokenizer.save_pretrained(output_dir)")
+    return config_dir, tokenizer_dir
 
 
 def _model_folders(run: Run | None) -> list[Path]:
