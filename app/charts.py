@@ -112,8 +112,9 @@ def _add_checkpoint_markers(fig: go.Figure, run: Run, signals: RunSignals, selec
             x=step_to_axis(run, steps, axis), y=y, mode="markers", name=label,
             marker={"symbol": "x" if kind == "nonfinite" else "diamond", "size": 11,
                     "color": COLORS[kind], "line": {"width": 1, "color": "white"}},
-            text=[f"{s.ref.name} (step {s.ref.step})" for s in items],
-            hovertemplate="%{text}<br>val %{y:.4f}<extra></extra>",
+            text=[f"{s.ref.name} (step {s.ref.step})<br>"
+                  + (s.val.describe() if s.val else "no val loss near it: placed on the train loss") for s in items],
+            hovertemplate="%{text}<extra></extra>",
         ))
 
 

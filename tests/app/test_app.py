@@ -88,7 +88,13 @@ def test_checkpoints_page_says_which_val_losses_are_interpolated(tiny_run: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # Keep the evals at every second checkpoint only (steps 100, 200, ...): the others sit between two.
     rewrite_metrics(tiny_run, lambda row: None if "val_loss" in row and row["step"] % 100 else row)
-    table = _page(_open(tiny_run, monkeypatch), "checkpoints").dataframe[0].value
+    at = _open(tiny_run, monkeypatch)   # the Run page: the loss chart's checkpoint markers say it on hover
+    loss = json.loads(at.get("plotly_chart")[0].proto.spec)
+    hover = [t for trace in loss["data"] for t in trace.get("text") or [] if isinstance(t, str)]
+    assert any(t.startswith("step_000150.safetensors (step 150)<br>val loss") and
+               t.endswith("interpolated between the evals at steps 100 and 200") for t in hover)
+    assert any(t.endswith("no val loss near it: placed on the train loss") for t in hover)   # step 50
+    table = _page(at, "checkpoints").dataframe[0].value
     by_step = table.set_index("step")["val from"]
     assert by_step[150] == "interpolated @ 100-200" and by_step[200] == "logged @ 200" and by_step[50] == ""
 
