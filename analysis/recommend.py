@@ -147,11 +147,10 @@ def recommend(signals: RunSignals, config: RecommendConfig = RecommendConfig(), 
         raise NotEnoughCheckpoints(_why_none_eligible(signals, cutoff))
     window = _choose_window(eligible, config, signals.noise)
     if evaluator is None:
-        span = eligible[len(eligible) - window.size:]
         if window.weights is not None and config.method in ("auto", "recovery"):
-            taken = [(s, w) for s, w in zip(span, window.weights) if w > 0.0]
-            return _finish(signals, config, "predicted", [s for s, _ in taken], tuple(w for _, w in taken), window,
-                           None, None, 0, None, cutoff)
+            chosen, weights = _predicted_choice(eligible, window)
+            return _finish(signals, config, "predicted", chosen, weights, window, None, None, 0, None, cutoff)
+        span = eligible[len(eligible) - window.size:]
         method = config.method if config.method in ("sma", "ema", "wma") else "sma"
         weights = policy_weights(method, len(span), config.ema_alpha)
         return _finish(signals, config, method, span, weights, window, None, None, 0, None, cutoff)
@@ -364,13 +363,19 @@ def _score_predicted(eligible: list[CheckpointSignals], window: _Window, evaluat
     or EMA equals; where the evaluator agrees with it, one call finds what the ladder of windows
     would only approach.
     """
-    span = eligible[len(eligible) - window.size:]
-    taken = [(s, w) for s, w in zip(span, window.weights) if w > 0.0]
-    chosen, weights = [s for s, _ in taken], tuple(w for _, w in taken)
+    chosen, weights = _predicted_choice(eligible, window)
     score = evaluator.score([s.ref for s in chosen], weights, dtype)
     if progress is not None:
         progress(0.0, f"predicted weights over the newest {len(chosen)}: {score:.4f}")
     return score, "predicted", chosen, weights
+
+
+def _predicted_choice(eligible: list[CheckpointSignals],
+                      window: _Window) -> tuple[list[CheckpointSignals], tuple[float, ...]]:
+    """The checkpoints the predicted weights take (those given a weight above zero), oldest first, and those weights."""
+    span = eligible[len(eligible) - window.size:]
+    taken = [(s, w) for s, w in zip(span, window.weights) if w > 0.0]
+    return [s for s, _ in taken], tuple(w for _, w in taken)
 
 
 def _search_candidates(count: int, val_window: int) -> list[tuple[str, int, float]]:
@@ -416,7 +421,7 @@ def _finish(signals: RunSignals, config: RecommendConfig, method: str, chosen: l
                          cutoff))
         for s in signals.checkpoints
     )
-    summary = _summary(method, chosen, score, last_score, window, evaluator)
+    summary = _summary(method, chosen, weights, score, last_score, window, evaluator)
     if cutoff is not None:
         summary = f"Recovery from before step {cutoff.step}: {summary}"
     name = "recovery" if cutoff is not None else method
@@ -464,8 +469,8 @@ def _reason(item: CheckpointSignals, weight_of: dict[int, float], oldest_taken: 
     return f"Left out: older than the averaging window of the newest {window.size}{val}."
 
 
-def _summary(method: str, chosen: list[CheckpointSignals], score: float | None, last_score: float | None,
-             window: _Window, evaluator: Evaluator | None) -> str:
+def _summary(method: str, chosen: list[CheckpointSignals], weights: tuple[float, ...], score: float | None,
+             last_score: float | None, window: _Window, evaluator: Evaluator | None) -> str:
     steps = f"{chosen[0].ref.step}-{chosen[-1].ref.step}" if len(chosen) > 1 else f"{chosen[0].ref.step}"
     if len(chosen) == 1 and evaluator is not None:
         return (f"Keep the last checkpoint (step {steps}) alone: no average scored better than its "
@@ -478,7 +483,6 @@ def _summary(method: str, chosen: list[CheckpointSignals], score: float | None, 
     if score is not None and last_score is not None:
         return f"{head}: {evaluator.name} scores {score:.4f} vs {last_score:.4f} for the last checkpoint alone."
     if method == "predicted" and window.predicted_gain is not None:
-        weights = [w for w in window.weights if w > 0.0]
         return (f"Predicted weights over {len(chosen)} checkpoints (steps {steps}; newest {weights[-1]:.3f}, "
                 f"oldest {weights[0]:.3f}): predicted {window.predicted_gain:.4f} nats below the last checkpoint "
                 f"alone; averaging cancels most of the iterate noise ({window.noise:.4f} nats at the newest LR, "
