@@ -119,17 +119,17 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
     # (step, val loss) of the checkpoints outside every event whose eval was logged at their own step.
     clean_vals = [(c.step, v.value) for c, v in zip(run.checkpoints, vals)
                   if v is not None and v.source == "logged" and not any(e.contains(c.step) for e in contaminating)]
-    reference = _headers(run.checkpoints[-1])[0] if run.checkpoints else []
+    headers = [_headers(ref) for ref in run.checkpoints]   # every checkpoint opened once for its layout and LR
+    reference = headers[-1][0] if headers else []
     items = []
     total = max(len(run.checkpoints), 1)
-    for index, (ref, val, lr) in enumerate(zip(run.checkpoints, vals, lrs)):
+    for index, (ref, val, lr, (layout, saved_lr)) in enumerate(zip(run.checkpoints, vals, lrs, headers)):
         def step_progress(frac: float, msg: str, index: int = index) -> None:
             if progress is not None:
                 progress((index + frac) / total, msg)
 
         health = check_health(ref, step_progress)
         spike, cleared = _contamination(ref.step, val, contaminating, clean_vals)
-        layout, saved_lr = _headers(ref)
         items.append(CheckpointSignals(ref, health, val, spike, _mismatch(reference, layout),
                                        lr if lr is not None else saved_lr,
                                        cleared, lr is None and saved_lr is not None))
