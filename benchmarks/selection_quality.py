@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from analysis import RecommendConfig, assess_run, load_evaluator, open_run, recommend  # noqa: E402
 from analysis.averaging import average_state_dict  # noqa: E402
 from analysis.recommend import policy_weights  # noqa: E402
-from selection_runs import RUNS, SCALES, RunSet, make_runs  # noqa: E402
+from selection_runs import SCALES, RunSet, make_runs  # noqa: E402
 
 EMA_ALPHAS = (0.05, 0.1, 0.2, 0.3, 0.5)
 BASELINES = (("last 5", 5), ("last 10", 10), ("all", None))
@@ -330,8 +330,8 @@ def main() -> None:
                    help="judge every recommend column (log-only and --eval) of saved results again with the "
                         "current recommender, keeping the oracle and baselines")
     a = p.parse_args()
-    names = a.runs.split(",") if a.runs else [s.name for s in RUNS]
     runs = RunSet(a.scale, a.seed_offset, a.optimizer_state)
+    names = a.runs.split(",") if a.runs else [s.name for s in runs.specs]
     root = a.out / runs.name
     if a.windows_only:
         for run_dir in make_runs(runs, a.out, names, a.parallel):

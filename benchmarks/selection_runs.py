@@ -5,7 +5,10 @@ Four dynamics a recommender meets in practice, each 30 checkpoints of the sample
 warmup-stable-decay, and a post-norm model at a doubled LR with corrupted batches. The
 ``cpu`` scale is the shipped sample run's model (124,672 parameters, minutes on two cores);
 the ``mid`` scale is 3x that (372,576 parameters, one thread per run); the ``gpu`` scale is a
-25M-parameter model of the same code, trained on a CUDA device.
+25M-parameter model of the same code, trained on a CUDA device. The ``hf`` scale is four runs this
+project's trainer did not write: ``transformers.Trainer`` (``sample_runs/make_hf_run.py``) trains a
+GPT-2 or a Llama of the cpu scale's size with the Trainer's own schedulers, AdamW defaults,
+windowed loss logging and ``checkpoint-N/`` folders (each with its ``optimizer.pt``).
 
     .venv/bin/python benchmarks/selection_runs.py --scale cpu --out benchmarks/out/selection
 
@@ -25,9 +28,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINER = REPO / "sample_runs" / "make_sample_run.py"
+HF_TRAINER = REPO / "sample_runs" / "make_hf_run.py"
 
 # 2880 steps with a checkpoint every 96 steps: 30 checkpoints, a val loss logged at each.
 _COMMON = ["--steps", "2880", "--ckpt-every", "96", "--eval-every", "96"]
+_HF_COMMON = ["--steps", "2880", "--ckpt-every", "96"]   # the Trainer evaluates at every save
 
 SCALES: dict[str, list[str]] = {
     "cpu": [],
@@ -35,6 +40,7 @@ SCALES: dict[str, list[str]] = {
     "mid": ["--n-layer", "3", "--n-embd", "96", "--threads", "1"],
     "gpu": ["--n-layer", "8", "--n-head", "8", "--n-embd", "512", "--block-size", "256", "--batch-size", "64",
             "--device", "cuda", "--threads", "4"],
+    "hf": ["--threads", "1"],
 }
 
 
@@ -65,6 +71,21 @@ RUNS = (
 )
 
 
+# Runs of the Hugging Face Trainer: its schedulers, not injected events, make the dynamics.
+HF_RUNS = (
+    RunSpec("hf-gpt2-linear", "GPT-2, the Trainer's default schedule: linear decay from 3e-3 to zero",
+            ("--model", "gpt2", "--schedule", "linear", "--lr", "3e-3", "--seed", "21")),
+    RunSpec("hf-llama-cosine", "Llama, cosine_with_min_lr from 3e-3 to 3e-4, each batch as two accumulated halves",
+            ("--model", "llama", "--schedule", "cosine_with_min_lr", "--lr", "3e-3", "--grad-accum", "2",
+             "--seed", "23")),
+    RunSpec("hf-llama-constant", "Llama, constant_with_warmup at 2e-3, weight decay 0.1",
+            ("--model", "llama", "--schedule", "constant_with_warmup", "--lr", "2e-3", "--weight-decay", "0.1",
+             "--seed", "29")),
+    RunSpec("hf-gpt2-wsd", "GPT-2, warmup_stable_decay at 3e-3, cosine decay to 3e-4 over the last 20%",
+            ("--model", "gpt2", "--schedule", "warmup_stable_decay", "--lr", "3e-3", "--seed", "31")),
+)
+
+
 @dataclass(frozen=True)
 class RunSet:
     """One set of the four runs: a scale, a seed replicate, and whether checkpoints hold the AdamW state."""
@@ -72,6 +93,20 @@ class RunSet:
     scale: str
     seed_offset: int = 0      # every run's seed plus this (a replicate)
     optimizer: bool = False   # checkpoints are step_N.pt with the AdamW state (nanoGPT style)
+
+    def __post_init__(self) -> None:
+        if self.scale == "hf" and self.optimizer:
+            raise ValueError("the hf runs always keep the Trainer's optimizer.pt: no --optimizer-state for them")
+
+    @property
+    def specs(self) -> tuple[RunSpec, ...]:
+        """The runs of this set: the Trainer's four for the hf scale, else the sample trainer's."""
+        return HF_RUNS if self.scale == "hf" else RUNS
+
+    @property
+    def trainer(self) -> Path:
+        """The script that trains one run of this set."""
+        return HF_TRAINER if self.scale == "hf" else TRAINER
 
     @property
     def name(self) -> str:
@@ -88,7 +123,8 @@ class RunSet:
         if self.seed_offset:
             flags = [str(int(f) + self.seed_offset) if i % 2 and flags[i - 1] == "--seed" else f
                      for i, f in enumerate(flags)]
-        return ["--out", str(out), *_COMMON, *flags, *SCALES[self.scale],
+        common = _HF_COMMON if self.scale == "hf" else _COMMON
+        return ["--out", str(out), *common, *flags, *SCALES[self.scale],
                 *(["--save-optimizer"] if self.optimizer else [])]
 
 
@@ -111,7 +147,7 @@ def make_run(spec: RunSpec, runs: RunSet, root: Path) -> Path:
     log = out.parent / f"{spec.name}.train.log"
     print(f"training {runs.name}/{spec.name}: {shlex.join(args)}", flush=True)
     with open(log, "w") as f:
-        subprocess.run([sys.executable, str(TRAINER), *args, "--overwrite"], check=True, stdout=f,
+        subprocess.run([sys.executable, str(runs.trainer), *args, "--overwrite"], check=True, stdout=f,
                        stderr=subprocess.STDOUT)
     config = json.loads((out / "config.json").read_text())
     config["benchmark_args"] = args[2:]
@@ -121,7 +157,7 @@ def make_run(spec: RunSpec, runs: RunSet, root: Path) -> Path:
 
 def make_runs(runs: RunSet, root: Path, names: list[str] | None = None, parallel: int = 1) -> list[Path]:
     """Train every run of the set that is missing (``parallel`` at a time); returns their folders."""
-    specs = [s for s in RUNS if names is None or s.name in names]
+    specs = [s for s in runs.specs if names is None or s.name in names]
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         return list(pool.map(lambda s: make_run(s, runs, root), specs))
 

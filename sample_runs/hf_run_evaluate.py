@@ -1,0 +1,66 @@
+"""Evaluator of a run made by ``make_hf_run.py`` (copied into it as ``evaluate.py``), per CkptSelect's protocol.
+
+    python -m analysis recommend RUN --eval RUN/evaluate.py:evaluate
+
+``evaluate(state_dict)`` is the mean next-byte loss (nats/byte) on ``data/val.bin`` cut into the
+same ``n_positions``-byte sequences the Trainer evaluated, so a checkpoint scores its logged
+``eval_loss`` (for a Llama; for GPT-2, transformers 5's Trainer logs (T - 1)/T of it, T the
+sequence length, because it counts the first token of each sequence as predicted too);
+``evaluate_test`` scores ``data/test.bin``, which no selection sees. The model is the
+Hugging Face class ``model_config/`` names, built once and given each state dict in turn; a tied
+output head (GPT-2) is not in the checkpoint and is tied again. Only files beside this one are read.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RUN_DIR = Path(__file__).resolve().parent
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@lru_cache(maxsize=1)
+def _model():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(RUN_DIR / "model_config")
+    return AutoModelForCausalLM.from_config(config).to(DEVICE).eval()
+
+
+@lru_cache(maxsize=2)
+def _sequences(split: str) -> torch.Tensor:
+    block = _model().config.max_position_embeddings
+    data = np.fromfile(RUN_DIR / "data" / f"{split}.bin", dtype=np.uint8).astype(np.int64)
+    n = len(data) // block
+    return torch.from_numpy(data[:n * block]).view(n, block)
+
+
+def _score(state_dict: dict[str, torch.Tensor], split: str) -> float:
+    model = _model()
+    params = {k: v.to(DEVICE, torch.float32) for k, v in state_dict.items()}
+    missing, unexpected = model.load_state_dict(params, strict=False)
+    tied = model.config.tie_word_embeddings
+    if unexpected or set(missing) - ({"lm_head.weight"} if tied else set()):
+        raise ValueError(f"state dict does not fit the model: missing {missing}, unexpected {unexpected}")
+    if tied:
+        model.tie_weights()
+    sequences, total = _sequences(split), 0.0
+    with torch.no_grad():
+        for start in range(0, len(sequences), 64):
+            batch = sequences[start:start + 64].to(DEVICE)
+            total += float(model(input_ids=batch, labels=batch).loss) * len(batch)
+    return total / len(sequences)
+
+
+def evaluate(state_dict: dict[str, torch.Tensor]) -> float:
+    """Mean validation loss in nats per byte (lower is better) on ``data/val.bin``."""
+    return _score(state_dict, "val")
+
+
+def evaluate_test(state_dict: dict[str, torch.Tensor]) -> float:
+    """Mean test loss in nats per byte on ``data/test.bin``, the split held out from selection."""
+    return _score(state_dict, "test")
