@@ -73,10 +73,12 @@ class Scorer:
         weights = weights or policy_weights("sma", len(members))
         key = tuple((self.steps[i], round(w, 10)) for i, w in zip(members, weights))
         if key not in self.cache:
-            average = {k: sum(w * self.states[i][k] for i, w in zip(members, weights))
-                       for k in self.states[members[0]]}
-            self.cache[key] = float(self.evaluate_test(average))
+            self.cache[key] = float(self.evaluate_test(self.average(members, weights)))
         return self.cache[key]
+
+    def average(self, members: list[int], weights: tuple[float, ...]) -> dict[str, torch.Tensor]:
+        """The weighted average of checkpoints ``members`` (indices), tensor by tensor."""
+        return {k: sum(w * self.states[i][k] for i, w in zip(members, weights)) for k in self.states[members[0]]}
 
 
 def float32_states(refs) -> list[dict[str, torch.Tensor]]:
@@ -101,16 +103,16 @@ def contaminated_steps(run_dir: Path) -> set[int]:
     return {s for e in events for s in e.get("checkpoints_inside", [])}
 
 
-def oracle(scorer: Scorer, clean: list[int]) -> tuple[float, str]:
-    """The best test loss of every candidate family, and which candidate it was."""
+def oracle(scorer: Scorer, clean: list[int]) -> tuple[float, str, list[int], tuple[float, ...]]:
+    """The best test loss of every candidate family, what it was, and its members (indices) and weights."""
     n = len(scorer.steps)
-    best: tuple[float, str] = (math.inf, "")
+    best: tuple = (math.inf, "", [], ())
 
     def consider(members: list[int], weights: tuple[float, ...] | None, what: str) -> None:
         nonlocal best
         value = scorer.score(members, weights)
         if value < best[0]:
-            best = (value, what)
+            best = (value, what, members, weights or policy_weights("sma", len(members)))
 
     for i in range(n):
         consider([i], None, f"checkpoint {scorer.steps[i]}")
@@ -169,7 +171,7 @@ def judge_run(run_dir: Path, min_gain: float) -> dict:
     evaluator = load_evaluator(f"{run_dir / 'evaluate.py'}:evaluate")
     with_eval = recommend(signals, RecommendConfig(), evaluator)
     last = scorer.score([n - 1])
-    best, best_what = oracle(scorer, clean)
+    best, best_what, _, _ = oracle(scorer, clean)
     result = {
         "run": run_dir.name, "checkpoints": n, "contaminated": sorted(bad),
         "detected": [c.ref.step for c in signals.checkpoints if c.spike is not None],
@@ -275,8 +277,10 @@ def markdown(results: list[dict], scale: str) -> str:
     cols = ["recommend (logs)", "recommend --eval", "last 5", "last 10", "all"]
     if any("recommend (val band)" in r["choices"] for r in results):
         cols.insert(1, "recommend (val band)")
+    sizes = sorted({r["n_params"] for r in results})   # the hf set mixes a GPT-2 and a Llama
+    params = f"{sizes[0]:,}" if len(sizes) == 1 else f"{sizes[0]:,}–{sizes[-1]:,}"
     lines = [
-        f"Scale `{scale}` ({results[0]['n_params']:,} parameters, 30 checkpoints per run), test loss in "
+        f"Scale `{scale}` ({params} parameters, 30 checkpoints per run), test loss in "
         f"nats/byte; capture in parentheses (where the oracle gains under --min-gain: n/a and the regret).",
         "",
         "| run | last ckpt | oracle (what) | " + " | ".join(cols) + " |",

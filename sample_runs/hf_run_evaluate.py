@@ -39,7 +39,8 @@ def _sequences(split: str) -> torch.Tensor:
     return torch.from_numpy(data[:n * block]).view(n, block)
 
 
-def _score(state_dict: dict[str, torch.Tensor], split: str) -> float:
+def _load(state_dict: dict[str, torch.Tensor]):
+    """The run's model holding ``state_dict`` (in float32; a tied head tied again)."""
     model = _model()
     params = {k: v.to(DEVICE, torch.float32) for k, v in state_dict.items()}
     missing, unexpected = model.load_state_dict(params, strict=False)
@@ -48,6 +49,11 @@ def _score(state_dict: dict[str, torch.Tensor], split: str) -> float:
         raise ValueError(f"state dict does not fit the model: missing {missing}, unexpected {unexpected}")
     if tied:
         model.tie_weights()
+    return model
+
+
+def _score(state_dict: dict[str, torch.Tensor], split: str) -> float:
+    model = _load(state_dict)
     sequences, total = _sequences(split), 0.0
     with torch.no_grad():
         for start in range(0, len(sequences), 64):
@@ -64,3 +70,28 @@ def evaluate(state_dict: dict[str, torch.Tensor]) -> float:
 def evaluate_test(state_dict: dict[str, torch.Tensor]) -> float:
     """Mean test loss in nats per byte on ``data/test.bin``, the split held out from selection."""
     return _score(state_dict, "test")
+
+
+def test_window_losses(state_dict: dict[str, torch.Tensor]) -> np.ndarray:
+    """The mean loss (nats/byte) of each sequence ``evaluate_test`` averages, in order: benchmarks resample them.
+
+    Sequences of one source file are alike, so a resampling that would measure how sure a test score
+    is takes whole files (:func:`test_window_files`), not sequences.
+    """
+    model = _load(state_dict)
+    sequences, losses = _sequences("test"), []
+    with torch.no_grad():
+        for start in range(0, len(sequences), 64):
+            batch = sequences[start:start + 64].to(DEVICE)
+            logits = model(input_ids=batch).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
+            losses.append(loss.view(len(batch), -1).mean(dim=1).double().cpu())
+    return torch.cat(losses).numpy()
+
+
+def test_window_files() -> np.ndarray:
+    """For each sequence of :func:`test_window_losses`, the index of the held-out file its first byte is from
+    (the splits join whole files with a zero byte)."""
+    data = np.fromfile(RUN_DIR / "data" / "test.bin", dtype=np.uint8)
+    starts = np.arange(len(_sequences("test"))) * _sequences("test").shape[1]
+    return np.searchsorted(np.flatnonzero(data == 0), starts)

@@ -72,3 +72,34 @@ def evaluate(state_dict: dict[str, torch.Tensor]) -> float:
 def evaluate_test(state_dict: dict[str, torch.Tensor]) -> float:
     """Mean test loss in nats per byte on ``data/test.bin``, the split held out from selection."""
     return _score(state_dict, "test")
+
+
+def test_window_losses(state_dict: dict[str, torch.Tensor]) -> np.ndarray:
+    """The mean loss (nats/byte) of each window ``evaluate_test`` averages, in order: benchmarks resample them.
+
+    Windows of one source file are alike, so a resampling that would measure how sure a test score
+    is takes whole files (:func:`test_window_files`), not windows.
+    """
+    module = _model_module()
+    model = module.as_model(state_dict, _config())
+    if torch.cuda.is_available():
+        model = model.cuda()
+    model.eval()
+    device = next(model.parameters()).device
+    x, y = module.eval_windows(_split("test"), model.config.block_size)
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(x), 128):
+            logits, _ = model(x[start:start + 128].to(device))
+            targets = y[start:start + 128].to(device)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+            losses.append(loss.view(targets.shape).mean(dim=1).double().cpu())
+    return torch.cat(losses).numpy()
+
+
+def test_window_files() -> np.ndarray:
+    """For each window of :func:`test_window_losses`, the index of the held-out file its first byte is from
+    (the splits join whole files with a zero byte)."""
+    data = _split("test")
+    starts = np.arange((len(data) - 1) // _config().block_size) * _config().block_size
+    return np.searchsorted(np.flatnonzero(data == 0), starts)

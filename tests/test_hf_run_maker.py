@@ -63,8 +63,13 @@ def test_the_evaluator_scores_each_checkpoint_at_its_logged_eval_loss(tmp_path: 
         weights = load_file(str(run / f"checkpoint-{step}" / "model.safetensors"))
         assert ("lm_head.weight" in weights) is head_saved   # GPT-2 ties its head to the embedding
         assert evaluator.evaluate(weights) * logged_share == pytest.approx(eval_loss, abs=2e-6)
-    # The test split is other text: a different score, still a next-byte loss.
+    # The test split is other text: a different score, still a next-byte loss; per sequence for benchmarks,
+    # with the held-out file each sequence starts in.
     assert 0 < evaluator.evaluate_test(weights) < 6 and evaluator.evaluate_test(weights) != evaluator.evaluate(weights)
+    losses, files = evaluator.test_window_losses(weights), evaluator.test_window_files()
+    assert losses.shape == files.shape == (made["corpus"]["test_bytes"] // BLOCK,)
+    assert losses.mean() * logged_share == pytest.approx(evaluator.evaluate_test(weights) * logged_share, abs=1e-6)
+    assert (files[1:] >= files[:-1]).all() and files[0] == 0 and files[-1] >= 5
     # CkptSelect reads the run as it reads any Trainer run: eval losses, the scheduler's LR, Adam's state.
     signals = assess_run(open_run(run))
     assert [(c.ref.step, c.val.source) for c in signals.checkpoints] == [(s, "logged") for s in (8, 16, 24)]

@@ -84,3 +84,22 @@ def test_evaluator_recommendation_beats_the_last_checkpoint(sample_run: Path) ->
     assert 1 <= rec["evaluations"] <= 8
     assert rec["score"] <= rec["last_score"]
     assert len(rec["checkpoints"]) > 1 and rec["score"] < rec["last_score"] - 0.005
+
+
+def test_the_runs_evaluator_gives_per_window_test_losses_grouped_by_source_file(sample_run: Path) -> None:
+    """What benchmarks/capture_uncertainty.py resamples: the windows evaluate_test averages, and their files."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sample_run_windows", sample_run / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    weights = load_file(str(sorted((sample_run / "checkpoints").glob("*.safetensors"))[-1]))
+    losses, files = module.test_window_losses(weights), module.test_window_files()
+    corpus = json.loads((sample_run / "config.json").read_text())["corpus"]
+    assert losses.shape == files.shape == ((corpus["test_bytes"] - 1) // 128,)
+    assert losses.mean() == pytest.approx(module.evaluate_test(weights), abs=1e-6)
+    # Windows run through the split in order, file after file; a file shorter than a window may start none.
+    data = (sample_run / "data" / "test.bin").read_bytes()
+    lengths = [len(text) + 1 for text in data.split(b"\0")][:len(corpus["test_files"])]
+    assert (files[1:] >= files[:-1]).all() and files[0] == 0 and files[-1] == len(corpus["test_files"]) - 1
+    assert set(files.tolist()) >= {i for i, n in enumerate(lengths) if n >= 2 * 128}

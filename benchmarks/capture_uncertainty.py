@@ -1,0 +1,155 @@
+"""How sure is a capture? The selection benchmark's test scores resampled by source file.
+
+A benchmark run's test split is 64 KiB of eleven or so whole standard-library files, and the
+windows of one file are alike (a file of regular expressions is hard everywhere), so how sure a
+test score is depends on which files happen to be in the split, not on how many windows it has.
+For each judged run this rebuilds the candidates the result file names (the last checkpoint, the
+oracle, and ``recommend``'s choices: from the logs, the val band when the run saved optimizer
+state, and with the run's val evaluator), scores every test window of each, then draws the test
+files with replacement (2,000 times) and gives each choice's capture with a 95 % interval, the
+oracle held to the candidate the whole split chose. An interval that reaches the goal (0.95 with
+an evaluator, 0.85 without) means this split cannot tell the choice from one that meets it.
+
+    .venv/bin/python benchmarks/capture_uncertainty.py --set cpu-seed+400-optim [--runs cosine]
+
+Needs the set's run folders (``benchmarks/out/selection/SET/RUN``, kept by ``selection_quality.py``)
+and its result files; writes ``SET/RUN.uncertainty.json`` next to the results and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from analysis import RecommendConfig, assess_run, load_evaluator, open_run, recommend  # noqa: E402
+from selection_quality import Scorer, contaminated_steps, describe, oracle  # noqa: E402
+
+DRAWS = 2000
+TEMPLATES = {"sample": REPO / "sample_runs" / "run_evaluate.py", "hf": REPO / "sample_runs" / "hf_run_evaluate.py"}
+
+
+def window_scorer(run_dir: Path) -> ModuleType:
+    """The evaluator template of the run's kind, pointed at ``run_dir``.
+
+    Runs made before the templates had ``test_window_losses`` hold older copies, so the current
+    template is loaded and aimed at the run instead of the copy it was made with.
+    """
+    kind = "hf" if (run_dir / "model_config").is_dir() else "sample"
+    spec = importlib.util.spec_from_file_location(f"_windows_{kind}_{abs(hash(str(run_dir))):x}", TEMPLATES[kind])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.RUN_DIR = run_dir
+    return module
+
+
+def candidates(run_dir: Path, scorer: Scorer) -> dict[str, tuple[list[int], tuple[float, ...], str]]:
+    """Members, weights and description of the last checkpoint, the oracle and each recommend choice."""
+    run = open_run(run_dir)
+    signals = assess_run(run)
+    index = {s: i for i, s in enumerate(scorer.steps)}
+    bad = contaminated_steps(run_dir)
+    clean = [i for i, s in enumerate(scorer.steps) if s not in bad]
+    _, what, members, weights = oracle(scorer, clean)
+    out = {"last": ([len(scorer.steps) - 1], (1.0,), "last checkpoint"), "oracle": (members, tuple(weights), what)}
+    recs = {"recommend (logs)": recommend(signals, RecommendConfig())}
+    if signals.noise is not None:
+        recs["recommend (val band)"] = recommend(replace(signals, noise=None), RecommendConfig())
+    recs["recommend --eval"] = recommend(signals, RecommendConfig(), load_evaluator(f"{run_dir / 'evaluate.py'}:evaluate"))
+    for label, rec in recs.items():
+        out[label] = ([index[r.step] for r in rec.checkpoints], tuple(rec.weights), describe(rec))
+    return out
+
+
+def file_bootstrap(losses: dict[str, np.ndarray], files: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    """Each choice's capture on DRAWS resamples of the test files (whole files, with replacement)."""
+    rng = np.random.default_rng(seed)
+    ids = np.unique(files)
+    by_file = {label: np.array([v[files == f].sum() for f in ids]) for label, v in losses.items()}
+    counts = np.array([(files == f).sum() for f in ids])
+    draws = rng.integers(0, len(ids), size=(DRAWS, len(ids)))
+    weight = np.stack([np.bincount(d, minlength=len(ids)) for d in draws])   # times each file is drawn
+    means = {label: weight @ sums / (weight @ counts) for label, sums in by_file.items()}
+    gain = means["last"] - means["oracle"]
+    return {label: (means["last"] - m) / gain for label, m in means.items() if label not in ("last", "oracle")}
+
+
+def judge(run_dir: Path, saved: dict) -> dict:
+    """The uncertainty record of one run."""
+    run = open_run(run_dir)
+    scorer = Scorer.for_run(run_dir, run)
+    module = window_scorer(run_dir)
+    files = module.test_window_files()
+    chosen = candidates(run_dir, scorer)
+    losses = {label: module.test_window_losses(scorer.average(members, weights))
+              for label, (members, weights, _) in chosen.items()}
+    for label in ("last", "oracle"):   # the windows add up to the scores the result file holds
+        expected = saved["last"] if label == "last" else saved["oracle"]
+        if abs(losses[label].mean() - expected) > 1e-4:
+            raise SystemExit(f"{run_dir}: {label} scores {losses[label].mean():.5f} here, {expected:.5f} in the results")
+    captures = file_bootstrap(losses, files)
+    gain = losses["last"].mean() - losses["oracle"].mean()
+    return {
+        "run": run_dir.name, "set": run_dir.parent.name, "test_files": int(len(np.unique(files))),
+        "test_windows": int(len(files)), "oracle": chosen["oracle"][2], "oracle_gain": float(gain),
+        "choices": {label: {"what": chosen[label][2],
+                            "capture": float((losses["last"].mean() - losses[label].mean()) / gain),
+                            "ci95": [float(np.percentile(c, 2.5)), float(np.percentile(c, 97.5))]}
+                    for label, c in captures.items()},
+        "draws": DRAWS,
+    }
+
+
+def markdown(records: list[dict]) -> str:
+    """One row per run: the oracle's gain and each choice's capture with its 95 % interval."""
+    cols = ["recommend (logs)", "recommend (val band)", "recommend --eval"]
+    lines = ["| run (set) | test files | oracle gain (nats) | " + " | ".join(cols) + " |",
+             "|---|---|---|" + "---|" * len(cols)]
+    for r in records:
+        cells = [f"{c['capture']:.2f} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]" if (c := r["choices"].get(col)) else "—"
+                 for col in cols]
+        lines.append(f"| {r['run']} ({r['set']}) | {r['test_files']} | {r['oracle_gain']:.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--set", required=True, action="append", help="a judged set, e.g. cpu-seed+400-optim (repeatable)")
+    p.add_argument("--runs", default=None, help="comma-separated run names (default: every judged run of the set)")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "selection", help="where the run folders are")
+    p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "selection",
+                   help="where the result files are (and the uncertainty files go)")
+    p.add_argument("--again", action="store_true", help="resample runs that already have an uncertainty file")
+    a = p.parse_args()
+    records = []
+    for name in a.set:
+        for result in sorted((a.results / name).glob("*.result.json")):
+            saved = json.loads(result.read_text())
+            if a.runs and saved["run"] not in a.runs.split(","):
+                continue
+            done = a.results / name / f"{saved['run']}.uncertainty.json"
+            if done.exists() and not a.again:
+                records.append(json.loads(done.read_text()))
+                continue
+            if all(c["capture"] is None for c in saved["choices"].values()):
+                print(f"{name}/{saved['run']}: the oracle gains under --min-gain, nothing to resample", flush=True)
+                continue
+            record = judge(a.out / name / saved["run"], saved)
+            done.write_text(json.dumps(record, indent=2) + "\n")
+            print(json.dumps(record), flush=True)
+            records.append(record)
+    print(markdown(records))
+
+
+if __name__ == "__main__":
+    main()
