@@ -214,7 +214,7 @@ def _choose_window(eligible: list[CheckpointSignals], config: RecommendConfig,
     for value, stop_step in zip(reversed(vals), reversed([s.ref.step for s in in_regime])):
         if math.isfinite(value) and value > ceiling:
             return _Window(max(size, 1), level, sigma,
-                           f"val loss {value:.4f} is {value - level:.4f} above the newest level {level:.4f}, "
+                           f"{in_regime[-1].val.kind} {value:.4f} is {value - level:.4f} above the newest level {level:.4f}, "
                            f"more than {config.band_sigmas:g} x noise ({sigma:.4f})", stop_step)
         size += 1
     return _Window(size, level, sigma, regime.why_stop, regime.stop_step)
@@ -245,13 +245,14 @@ def _predicted_window(in_regime: list[CheckpointSignals], noise: IterateNoise, r
     weights, cut = optimal_weights(lag - excess, excess)
     size = int(np.flatnonzero(weights)[-1]) + 1
     predicted = float(weights @ (lag - excess) + (weights ** 2) @ excess)
-    unweighted = tuple((item.ref.step, _why_no_weight(lag[k], excess[k], cut))
+    kind = known[0][0].val.kind
+    unweighted = tuple((item.ref.step, _why_no_weight(lag[k], excess[k], cut, kind))
                        for k, (item, _, _) in enumerate(known[:size]) if weights[k] == 0.0)
     fields = dict(noise=float(excess[0]), predicted_gain=max(0.0, -predicted), lag_cost=float(weights @ lag),
                   weights=tuple(float(w) for w in weights[:size][::-1]), unweighted=unweighted)
     if size < len(known):
         older = known[size][0]
-        return _Window(size, None, None, _why_no_weight(lag[size], excess[size], cut), older.ref.step, **fields)
+        return _Window(size, None, None, _why_no_weight(lag[size], excess[size], cut, kind), older.ref.step, **fields)
     if len(known) < len(in_regime):
         unjudged = in_regime[len(in_regime) - len(known) - 1]
         return _Window(size, None, None, f"no val loss or LR was logged for step {unjudged.ref.step} to judge it by",
@@ -275,9 +276,9 @@ def optimal_weights(cost: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, fl
     return weights / weights.sum(), cut
 
 
-def _why_no_weight(lag: float, excess: float, cut: float) -> str:
-    """Why the predicted weights give a checkpoint none, with the numbers."""
-    return (f"the predicted weights give it none: its logged val loss lies {lag:.4f} nats above the newest, "
+def _why_no_weight(lag: float, excess: float, cut: float, kind: str) -> str:
+    """Why the predicted weights give a checkpoint none, with the numbers (``kind``: "val loss" or "train loss")."""
+    return (f"the predicted weights give it none: its logged {kind} lies {lag:.4f} nats above the newest, "
             f"and a checkpoint gets weight only below its iterate noise ({excess:.4f} nats at its LR) "
             f"{'plus' if cut >= 0 else 'minus'} {abs(cut):.4f}, the cut at which the weights sum to 1")
 
@@ -486,9 +487,9 @@ def _summary(method: str, chosen: list[CheckpointSignals], weights: tuple[float,
         return (f"Predicted weights over {len(chosen)} checkpoints (steps {steps}; newest {weights[-1]:.3f}, "
                 f"oldest {weights[0]:.3f}): predicted {window.predicted_gain:.4f} nats below the last checkpoint "
                 f"alone; averaging cancels most of the iterate noise ({window.noise:.4f} nats at the newest LR, "
-                f"from Adam's second moments) while their logged val losses lie {window.lag_cost:.4f} nats above "
+                f"from Adam's second moments) while their logged {chosen[-1].val.kind}es lie {window.lag_cost:.4f} nats above "
                 f"the newest on (weighted) average.")
     if window.level is not None:
-        return (f"{head}: their logged val losses lie within noise ({window.sigma:.4f}) of the newest "
+        return (f"{head}: their logged {chosen[-1].val.kind}es lie within noise ({window.sigma:.4f}) of the newest "
                 f"level {window.level:.4f}.")
     return f"{head}: {window.why_stop or 'window given by the user'}."

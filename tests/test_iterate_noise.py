@@ -373,3 +373,28 @@ def test_trainer_can_keep_adam_state_with_the_last_checkpoint_only(tmp_path: Pat
     assert [c.eligible for c in signals.checkpoints] == [True, True]   # one run, two formats, the same tensors
     assert signals.noise is not None and signals.noise.step == 40
     assert signals.noise.sqrt_v_sum == pytest.approx(sqrt_second_moments(saved["optimizer"])[0], rel=1e-12)
+
+
+def test_a_run_that_logs_no_val_loss_gets_predicted_weights_from_its_train_loss(tmp_path: Path) -> None:
+    # The HF Trainer's default: no eval, the optimizer state saved. The train loss since the checkpoint before
+    # stands in for the val loss; the weights, reasons, JSON and text say so.
+    root, sqrt_v_sum, _ = adam_run(tmp_path / "adam", list(range(10, 130, 10)))
+    rewrite_metrics(root, lambda row: None if "val_loss" in row else row)
+    signals = assess_run(open_run(root))
+    rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    newest = signals.checkpoints[-1]
+    assert newest.val.source == "train" and newest.val.between == (110, 120)
+    assert newest.val.value == pytest.approx(np.mean([r["train_loss"] for r in rows if 110 < r["step"] <= 120]))
+    assert recommend(signals).iterate_noise == pytest.approx(1e-3 * sqrt_v_sum / 4)
+    # This toy's jitter is tiny next to its batch-to-batch loss; with a V worth averaging for, several are taken.
+    rec = recommend(replace(signals, noise=IterateNoise(120, 4.0 * 0.5 / 1e-3, 1000)))
+    assert rec.method == "predicted" and len(rec.checkpoints) > 2 and "logged train losses lie" in rec.summary
+    assert all("(train loss " in d.reason and d.reason.endswith("the run logs no val loss).") for d in rec.decisions if d.taken)
+    done = subprocess.run([sys.executable, "-m", "analysis", "recommend", str(root)], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "(From logged train losses (the run logs no val loss), LRs and the optimizer's second moments" in done.stdout
+    analyzed = json.loads(subprocess.run([sys.executable, "-m", "analysis", "analyze", str(root), "--json"],
+                                         capture_output=True, text=True, cwd=REPO, timeout=120).stdout)
+    assert analyzed["checkpoints"][-1]["val_loss_source"] == "train"
+    assert analyzed["checkpoints"][-1]["val_loss_between"] == [110, 120]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from hypothesis import strategies as st
 
 from analysis.run import open_run
 from analysis.signals import assess_run, debiased_ema, detect_spikes, logged_val_scores
-from conftest import write_tiny_run
+from analysis.signals.validation import train_interval_scores
+from conftest import rewrite_metrics, write_tiny_run
 
 
 def _noisy_decay(n: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -176,3 +178,41 @@ def test_minmax_indices_match_the_per_bucket_definition(n: int) -> None:
         assert np.array_equal(minmax_indices(y, max_points), _reference_minmax(y, max_points))
     x, kept = minmax_decimate(np.arange(n), y, 100)
     assert np.array_equal(kept, y[x], equal_nan=True)
+
+
+def test_without_any_val_loss_each_checkpoint_gets_its_intervals_mean_train_loss() -> None:
+    # Train loss logged every 50 steps (as a window mean, like the HF Trainer's), checkpoints every 100;
+    # nothing logged in 400-600 (a gap is not bridged), a NaN row is dropped.
+    train = pd.DataFrame({"step": [50, 100, 150, 200, 250, 300, 350, 400, 650, 700],
+                          "value": [3.0, 2.0, 1.8, 1.6, float("nan"), 1.5, 1.4, 1.2, 1.1, 0.9]})
+    scores = train_interval_scores(train, [100, 200, 300, 400, 500, 600, 700])
+    got = [(round(s.value, 12), s.source, s.between, s.source_step) if s else None for s in scores]
+    assert got == [(2.5, "train", (0, 100), 100),   # the first interval is as long as the median one
+                   (1.7, "train", (100, 200), 200), (1.5, "train", (200, 300), 300), (1.3, "train", (300, 400), 400),
+                   None, None, (1.0, "train", (600, 700), 700)]
+    assert scores[1].kind == "train loss" and scores[1].describe() == (
+        "train loss 1.7000, the mean of those logged over steps 101-200: the run logs no val loss")
+
+
+@given(st.lists(st.tuples(st.integers(1, 5_000), st.floats(0.1, 10.0)), min_size=1, max_size=60),
+       st.lists(st.integers(1, 5_000), min_size=1, max_size=20, unique=True))
+def test_train_interval_scores_are_means_of_the_rows_inside(rows: list[tuple[int, float]], ckpt_steps: list[int]) -> None:
+    train = pd.DataFrame({"step": [s for s, _ in rows], "value": [v for _, v in rows]})
+    for step, score in zip(sorted(ckpt_steps), train_interval_scores(train, sorted(ckpt_steps))):
+        inside = [v for s, v in rows if score is not None and score.between[0] < s <= score.between[1]]
+        if score is None:
+            continue
+        assert score.between[1] == step and inside
+        assert score.value == pytest.approx(sum(inside) / len(inside), rel=1e-12)
+
+
+def test_a_run_without_val_losses_is_assessed_on_its_train_loss_and_one_with_them_is_not(tmp_path: Path) -> None:
+    with_val = assess_run(open_run(write_tiny_run(tmp_path / "val", [100, 200, 300])))
+    assert {c.val.source for c in with_val.checkpoints} == {"logged"}
+    root = write_tiny_run(tmp_path / "train", [100, 200, 300])
+    rewrite_metrics(root, lambda row: None if "val_loss" in row else row)
+    signals = assess_run(open_run(root))
+    rows = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    for c in signals.checkpoints:
+        inside = [r["train_loss"] for r in rows if c.ref.step - 100 < r["step"] <= c.ref.step and "train_loss" in r]
+        assert c.val.source == "train" and c.val.value == pytest.approx(sum(inside) / len(inside), rel=1e-12)

@@ -15,7 +15,7 @@ from ..run import CheckpointRef, Run
 from .health import CheckpointHealth, check_health
 from .noise import IterateNoise, newest_iterate_noise
 from .spikes import LossSpike, SpikeConfig, detect_spikes, sparse_config
-from .validation import ValScore, logged_val_scores
+from .validation import ValScore, logged_val_scores, train_interval_scores
 
 # Metrics whose spikes contaminate checkpoints. A grad-norm spike the loss never felt is
 # reported but harmless (clipping absorbed it); one that comes with a loss spike widens it.
@@ -114,8 +114,11 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
     """
     spikes = find_spikes(run, spike_config)
     contaminating = [s for s in spikes if s.metric in CONTAMINATING_METRICS]
-    vals = logged_val_scores(run.metric("val_loss"), [c.step for c in run.checkpoints])
-    lrs = learning_rates(run.metric("lr"), [c.step for c in run.checkpoints])
+    steps = [c.step for c in run.checkpoints]
+    logged_val = run.metric("val_loss")
+    vals = (logged_val_scores(logged_val, steps) if len(logged_val)
+            else train_interval_scores(run.metric("train_loss"), steps))   # no val logged: the train loss stands in
+    lrs = learning_rates(run.metric("lr"), steps)
     # (step, val loss) of the checkpoints outside every event whose eval was logged at their own step.
     clean_vals = [(c.step, v.value) for c, v in zip(run.checkpoints, vals)
                   if v is not None and v.source == "logged" and not any(e.contains(c.step) for e in contaminating)]

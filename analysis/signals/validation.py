@@ -6,6 +6,13 @@ run's eval cadence gets the linear interpolation of the two: the loss curve's tr
 which is what the recommender compares checkpoints by (a neighbour's value would shift a checkpoint
 by a whole eval interval of descent). Otherwise the nearest eval is used only when it is closer than
 half the spacing between checkpoints. The steps the value came from are always reported.
+
+A run that logs no val loss at all (the Hugging Face Trainer evaluates nothing unless told to) gets
+a stand-in from its train loss: the mean of the train losses logged since the checkpoint before.
+Those were measured on batches the weights had not yet trained on (in a first epoch), around the
+checkpoint, so they carry the same iterate noise and the same trend a val loss would, with a lag of
+half a checkpoint interval that is the same for every checkpoint and cancels in the differences the
+recommender compares. In a later epoch the batches were seen before and the stand-in reads low.
 """
 
 from __future__ import annotations
@@ -22,13 +29,21 @@ class ValScore:
 
     value: float
     source_step: int     # the step of the logged eval used (of an interpolation: the nearer eval)
-    source: str          # "logged" (same step), "interpolated", "logged-nearest", or "evaluator"
-    between: tuple[int, int] | None = None   # an interpolation's two eval steps
+    source: str          # "logged" (same step), "interpolated", "logged-nearest", "train" or "evaluator"
+    between: tuple[int, int] | None = None   # an interpolation's two eval steps; of "train", the interval (lo, hi]
+
+    @property
+    def kind(self) -> str:
+        """What the value is: "val loss", or "train loss" for a run that logs no val loss."""
+        return "train loss" if self.source == "train" else "val loss"
 
     def describe(self) -> str:
         """E.g. 'val loss 1.8430, logged at this step'."""
         if self.source == "evaluator":
             return f"val loss {self.value:.4f}, from the evaluator"
+        if self.source == "train":
+            return (f"train loss {self.value:.4f}, the mean of those logged over steps {self.between[0] + 1}-"
+                    f"{self.between[1]}: the run logs no val loss")
         if self.between is not None:
             return f"val loss {self.value:.4f}, interpolated between the evals at steps {self.between[0]} and {self.between[1]}"
         where = "logged at this step" if self.source == "logged" else f"nearest eval at step {self.source_step}"
@@ -73,3 +88,26 @@ def _score_at(step: int, eval_steps: np.ndarray, values: np.ndarray, tolerance: 
     if abs(int(eval_steps[nearest]) - step) < tolerance:
         return ValScore(float(values[nearest]), int(eval_steps[nearest]), "logged-nearest")
     return None
+
+
+def train_interval_scores(train: pd.DataFrame, ckpt_steps: list[int]) -> list[ValScore | None]:
+    """For a run that logs no val loss: each checkpoint's mean logged train loss since the checkpoint before.
+
+    The first checkpoint's interval is as long as the median one. A checkpoint with no finite train
+    loss logged in its interval gets None (a gap in the logs is not bridged).
+
+    Args:
+        train: rows of the ``train_loss`` metric (``step``, ``value``), any order.
+        ckpt_steps: checkpoint steps, increasing.
+    """
+    if train.empty or not ckpt_steps:
+        return [None] * len(ckpt_steps)
+    train = train[np.isfinite(train["value"].to_numpy(dtype=np.float64))].sort_values("step")
+    steps, values = train["step"].to_numpy(dtype=np.int64), train["value"].to_numpy(dtype=np.float64)
+    spacing = np.diff(ckpt_steps)
+    first = int(np.median(spacing)) if len(spacing) else ckpt_steps[0]
+    out: list[ValScore | None] = []
+    for lo, hi in zip([ckpt_steps[0] - first, *ckpt_steps[:-1]], ckpt_steps):
+        inside = values[(steps > lo) & (steps <= hi)]
+        out.append(ValScore(float(inside.mean()), hi, "train", (lo, hi)) if len(inside) else None)
+    return out

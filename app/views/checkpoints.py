@@ -12,10 +12,12 @@ import state
 
 
 def _val_from(row: dict) -> str:
-    """Where a checkpoint's val loss came from: "logged @ 1200", "interpolated @ 1000-2000"."""
+    """Where a checkpoint's val loss came from: "logged @ 1200", "interpolated @ 1000-2000", "train mean @ 1001-1200"."""
     if row["val_loss"] is None:
         return ""
     between = row["val_loss_between"]
+    if row["val_loss_source"] == "train":   # the run logs no val loss: the train loss since the checkpoint before
+        return f"train mean @ {between[0] + 1}-{between[1]}"
     return f"{row['val_loss_source']} @ " + (f"{between[0]}-{between[1]}" if between else f"{row['val_loss_step']}")
 
 
