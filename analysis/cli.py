@@ -117,11 +117,14 @@ def analyze(run_path: Path, similarity: bool, as_json: bool) -> None:
                                  ("spike cleared by its val loss", c["spike_cleared"]),
                                  ("mismatch", c["mismatch"])) if on]
         val = f"{c['val_loss']:.4f}" if c["val_loss"] is not None else "   -  "
+        label = "train" if c["val_loss_source"] == "train" else "val"
         lr = f"{c['lr']:<9.3g}" if c["lr"] is not None else "   -     "
         saved = "*" if c["lr_source"] == "optimizer state" else " "
-        click.echo(f"  step {c['step']:>8}  val {val}  lr {lr}{saved} {c['bytes'] / 1e6:8.2f} MB  {' '.join(flags)}")
+        click.echo(f"  step {c['step']:>8}  {label} {val}  lr {lr}{saved} {c['bytes'] / 1e6:8.2f} MB  {' '.join(flags)}")
     if any(c["lr_source"] == "optimizer state" for c in doc["checkpoints"]):
         click.echo("  * LR read from the checkpoint's optimizer state: the logs hold none for it")
+    if any(c["val_loss_source"] == "train" for c in doc["checkpoints"]):
+        click.echo("  train: the run logs no val loss; the mean train loss logged since the checkpoint before stands in")
 
 
 @cli.command("recommend")

@@ -8,7 +8,9 @@ sees:
 - the oracle: the best of every single checkpoint, every "last N" average (N = 1..all, with
   and without the checkpoints the trainer knows were saved inside a spike), EMA of the clean
   checkpoints at several alpha, and two greedy soups built on the test split itself;
-- ``recommend`` in ``auto`` mode from the logs alone, and with the val evaluator;
+- ``recommend`` in ``auto`` mode from the logs alone, and with the val evaluator; from the logs with
+  their val losses removed (the train loss then stands in, as for a Hugging Face run that never
+  evaluates); for a run that saved optimizer state, also as if it had not (the val band decides);
 - the habits it replaces: the last 5, the last 10, all checkpoints.
 
 capture = (test_last - test_choice) / (test_last - test_oracle): 1.0 is the oracle's gain,
@@ -134,6 +136,16 @@ def oracle(scorer: Scorer, clean: list[int]) -> tuple[float, str, list[int], tup
     return best
 
 
+def without_val(run):
+    """The run as if it had logged no val loss (the HF Trainer's default): its train loss then stands in."""
+    return replace(run, metrics=run.metrics[run.metrics["metric"] != "val_loss"])
+
+
+def train_loss_choice(run) -> object:
+    """The log-only recommendation of ``run`` judged without its val losses."""
+    return recommend(assess_run(without_val(run)), RecommendConfig())
+
+
 def describe(rec) -> str:
     steps = [r.step for r in rec.checkpoints]
     span = f"{steps[0]}-{steps[-1]}" if len(steps) > 1 else str(steps[0])
@@ -178,8 +190,10 @@ def judge_run(run_dir: Path, min_gain: float) -> dict:
         "last": last, "oracle": best, "oracle_is": best_what,
         "choices": {},
     }
+    train_only = train_loss_choice(run)
     choices = {"recommend (logs)": (rec_score(logs_only), describe(logs_only), 0),
-               "recommend --eval": (rec_score(with_eval), describe(with_eval), with_eval.evaluations)}
+               "recommend --eval": (rec_score(with_eval), describe(with_eval), with_eval.evaluations),
+               "recommend (train loss)": (rec_score(train_only), describe(train_only), 0)}
     if signals.noise is not None:
         # The same run judged as if no optimizer state had been saved: the val band decides.
         band = recommend(replace(signals, noise=None), RecommendConfig())
@@ -211,7 +225,7 @@ def rejudge_recommend(run_dir: Path, saved: dict, min_gain: float, with_evaluato
     scorer = Scorer.for_run(run_dir, run)
     index = {s: i for i, s in enumerate(scorer.steps)}
     signals = assess_run(run)
-    recs = {"recommend (logs)": recommend(signals, RecommendConfig())}
+    recs = {"recommend (logs)": recommend(signals, RecommendConfig()), "recommend (train loss)": train_loss_choice(run)}
     if signals.noise is not None:
         recs["recommend (val band)"] = recommend(replace(signals, noise=None), RecommendConfig())
     if with_evaluator:
@@ -277,6 +291,8 @@ def markdown(results: list[dict], scale: str) -> str:
     cols = ["recommend (logs)", "recommend --eval", "last 5", "last 10", "all"]
     if any("recommend (val band)" in r["choices"] for r in results):
         cols.insert(1, "recommend (val band)")
+    if any("recommend (train loss)" in r["choices"] for r in results):
+        cols.insert(1, "recommend (train loss)")
     sizes = sorted({r["n_params"] for r in results})   # the hf set mixes a GPT-2 and a Llama
     params = f"{sizes[0]:,}" if len(sizes) == 1 else f"{sizes[0]:,}–{sizes[-1]:,}"
     lines = [

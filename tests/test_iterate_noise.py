@@ -398,3 +398,6 @@ def test_a_run_that_logs_no_val_loss_gets_predicted_weights_from_its_train_loss(
                                          capture_output=True, text=True, cwd=REPO, timeout=120).stdout)
     assert analyzed["checkpoints"][-1]["val_loss_source"] == "train"
     assert analyzed["checkpoints"][-1]["val_loss_between"] == [110, 120]
+    text = subprocess.run([sys.executable, "-m", "analysis", "analyze", str(root), "--no-similarity"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120).stdout
+    assert f"step      120  train {newest.val.value:.4f}" in text and "stands in" in text
