@@ -264,3 +264,15 @@ def test_trajectory_selection_maps_points_to_steps() -> None:
                                           {"curve_number": 1, "point_index": 1}], "box": [], "lasso": []}}
     assert charts.steps_from_selection(selection, [100, 200, 300]) == [100, 300]
     assert charts.steps_from_selection({"selection": {"points": []}}, [100]) == []
+
+
+def test_a_run_without_val_losses_shows_its_train_loss_stand_in_as_such(tiny_run: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    rewrite_metrics(tiny_run, lambda row: None if "val_loss" in row else row)
+    at = _open(tiny_run, monkeypatch)
+    loss = json.loads(at.get("plotly_chart")[0].proto.spec)
+    hover = [t for trace in loss["data"] for t in trace.get("text") or [] if isinstance(t, str)]
+    assert any(t.startswith("step_000150.safetensors (step 150)<br>train loss") and
+               t.endswith("logged over steps 101-150: the run logs no val loss") for t in hover)
+    table = _page(at, "checkpoints").dataframe[0].value
+    assert table.set_index("step")["val from"][150] == "train mean @ 101-150"
