@@ -93,10 +93,11 @@ def judge(run_dir: Path, saved: dict) -> dict:
     chosen = candidates(run_dir, scorer)
     losses = {label: module.test_window_losses(scorer.average(members, weights))
               for label, (members, weights, _) in chosen.items()}
-    for label in ("last", "oracle"):   # the windows add up to the scores the result file holds
-        expected = saved["last"] if label == "last" else saved["oracle"]
-        if abs(losses[label].mean() - expected) > 1e-4:
-            raise SystemExit(f"{run_dir}: {label} scores {losses[label].mean():.5f} here, {expected:.5f} in the results")
+    for label, loss in losses.items():   # the windows add up to the scores the result file holds
+        expected = {"last": saved["last"], "oracle": saved["oracle"]}.get(label) or saved["choices"][label]["test"]
+        if abs(loss.mean() - expected) > 1e-4:
+            raise SystemExit(f"{run_dir}: {label} scores {loss.mean():.5f} here, {expected:.5f} in the results "
+                             "(judge the set again: the recommender changed since)")
     captures = file_bootstrap(losses, files)
     gain = losses["last"].mean() - losses["oracle"].mean()
     return {
