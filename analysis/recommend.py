@@ -214,7 +214,7 @@ def _choose_window(eligible: list[CheckpointSignals], config: RecommendConfig,
     for value, stop_step in zip(reversed(vals), reversed([s.ref.step for s in in_regime])):
         if math.isfinite(value) and value > ceiling:
             return _Window(max(size, 1), level, sigma,
-                           f"{in_regime[-1].val.kind} {value:.4f} is {value - level:.4f} above the newest level {level:.4f}, "
+                           f"{_loss_kind(in_regime)} {value:.4f} is {value - level:.4f} above the newest level {level:.4f}, "
                            f"more than {config.band_sigmas:g} x noise ({sigma:.4f})", stop_step)
         size += 1
     return _Window(size, level, sigma, regime.why_stop, regime.stop_step)
@@ -274,6 +274,11 @@ def optimal_weights(cost: np.ndarray, noise: np.ndarray) -> tuple[np.ndarray, fl
     cut = float(cuts[active - 1])
     weights = np.maximum(0.0, (cut - cost) / (2.0 * noise))
     return weights / weights.sum(), cut
+
+
+def _loss_kind(items: list[CheckpointSignals]) -> str:
+    """What the checkpoints' val scores are ("val loss", or "train loss" when the run logs none), for sentences."""
+    return next((item.val.kind for item in items if item.val is not None), "val loss")
 
 
 def _why_no_weight(lag: float, excess: float, cut: float, kind: str) -> str:
@@ -487,9 +492,9 @@ def _summary(method: str, chosen: list[CheckpointSignals], weights: tuple[float,
         return (f"Predicted weights over {len(chosen)} checkpoints (steps {steps}; newest {weights[-1]:.3f}, "
                 f"oldest {weights[0]:.3f}): predicted {window.predicted_gain:.4f} nats below the last checkpoint "
                 f"alone; averaging cancels most of the iterate noise ({window.noise:.4f} nats at the newest LR, "
-                f"from Adam's second moments) while their logged {chosen[-1].val.kind}es lie {window.lag_cost:.4f} nats above "
+                f"from Adam's second moments) while their logged {_loss_kind(chosen)}es lie {window.lag_cost:.4f} nats above "
                 f"the newest on (weighted) average.")
     if window.level is not None:
-        return (f"{head}: their logged {chosen[-1].val.kind}es lie within noise ({window.sigma:.4f}) of the newest "
+        return (f"{head}: their logged {_loss_kind(chosen)}es lie within noise ({window.sigma:.4f}) of the newest "
                 f"level {window.level:.4f}.")
     return f"{head}: {window.why_stop or 'window given by the user'}."

@@ -56,6 +56,22 @@ def test_window_stops_where_val_loss_leaves_the_plateau(tmp_path: Path) -> None:
     assert stop.step == steps[0] - 100
 
 
+@pytest.mark.parametrize("val_logged", [True, False])
+def test_the_plateau_band_works_on_whichever_loss_the_run_logs(tmp_path: Path, val_logged: bool) -> None:
+    # The newest checkpoint has no eval of its own (evals every 200 from step 100 stop before it): the band's
+    # sentences take the loss's name from the checkpoints that have one; without any eval the train loss stands in.
+    root = write_tiny_run(tmp_path / "r", list(range(100, 2100, 100)))
+    rewrite_metrics(root, lambda row: row if "val_loss" not in row or (val_logged and row["step"] % 200 == 100
+                                                                       and row["step"] < 1900) else None)
+    signals = assess_run(open_run(root))
+    assert signals.checkpoints[-1].val is None if val_logged else signals.checkpoints[-1].val.source == "train"
+    rec = recommend(signals)
+    kind = "val loss" if val_logged else "train loss"
+    stop = next(d for d in rec.decisions if d.reason.startswith("Left out: the averaging window stops here"))
+    assert f": {kind} " in stop.reason and "above the newest level" in stop.reason
+    assert f"their logged {kind}es lie within noise" in rec.summary
+
+
 def test_fixed_window_and_forced_contaminated(tiny_run: Path) -> None:
     signals = assess_run(open_run(tiny_run))
     rec = recommend(signals, RecommendConfig(window=4, method="wma"))
