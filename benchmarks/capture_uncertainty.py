@@ -131,6 +131,7 @@ def main() -> None:
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "selection",
                    help="where the result files are (and the uncertainty files go)")
     p.add_argument("--again", action="store_true", help="resample runs that already have an uncertainty file")
+    p.add_argument("--table-only", action="store_true", help="print the table of the uncertainty files already written")
     a = p.parse_args()
     records = []
     for name in a.set:
@@ -139,8 +140,8 @@ def main() -> None:
             if a.runs and saved["run"] not in a.runs.split(","):
                 continue
             done = a.results / name / f"{saved['run']}.uncertainty.json"
-            if done.exists() and not a.again:
-                records.append(json.loads(done.read_text()))
+            if (done.exists() and not a.again) or a.table_only:
+                records.extend([json.loads(done.read_text())] if done.exists() else [])
                 continue
             if all(c["capture"] is None for c in saved["choices"].values()):
                 print(f"{name}/{saved['run']}: the oracle gains under --min-gain, nothing to resample", flush=True)

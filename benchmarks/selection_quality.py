@@ -309,7 +309,7 @@ def markdown(results: list[dict], scale: str) -> str:
             if choice is None:
                 cells.append("—")
                 continue
-            cap = f"n/a, +{choice['regret']:.4f}" if choice["capture"] is None else f"{choice['capture']:.2f}"
+            cap = f"n/a, {choice['regret']:+.4f}" if choice["capture"] is None else f"{choice['capture']:.2f}"
             cells.append(f"{choice['test']:.4f} ({cap})")
         lines.append(f"| {r['run']} | {r['last']:.4f} | {r['oracle']:.4f} ({r['oracle_is']}) | " + " | ".join(cells) + " |")
     lines.append("")
