@@ -192,14 +192,21 @@ def test_without_any_val_loss_each_checkpoint_gets_its_intervals_mean_train_loss
                    None, None, (1.0, "train", (600, 700), 700)]
     assert scores[1].kind == "train loss" and scores[1].describe() == (
         "train loss 1.7000, the mean of those logged over steps 101-200: the run logs no val loss")
+    # A spike's rows (after 120, up to 150) do not count; an interval left with none gets None.
+    skipped = train_interval_scores(train, [100, 200, 300], skip=[(120, 150), (250, 300)])
+    assert [round(s.value, 12) if s else None for s in skipped] == [2.5, 1.6, None]
 
 
 @given(st.lists(st.tuples(st.integers(1, 5_000), st.floats(0.1, 10.0)), min_size=1, max_size=60),
-       st.lists(st.integers(1, 5_000), min_size=1, max_size=20, unique=True))
-def test_train_interval_scores_are_means_of_the_rows_inside(rows: list[tuple[int, float]], ckpt_steps: list[int]) -> None:
+       st.lists(st.integers(1, 5_000), min_size=1, max_size=20, unique=True),
+       st.lists(st.tuples(st.integers(0, 5_000), st.integers(0, 300)), max_size=3))
+def test_train_interval_scores_are_means_of_the_rows_inside(rows: list[tuple[int, float]], ckpt_steps: list[int],
+                                                            spikes: list[tuple[int, int]]) -> None:
     train = pd.DataFrame({"step": [s for s, _ in rows], "value": [v for _, v in rows]})
-    for step, score in zip(sorted(ckpt_steps), train_interval_scores(train, sorted(ckpt_steps))):
-        inside = [v for s, v in rows if score is not None and score.between[0] < s <= score.between[1]]
+    skip = [(lo, lo + length) for lo, length in spikes]
+    kept = [(s, v) for s, v in rows if not any(lo < s <= hi for lo, hi in skip)]
+    for step, score in zip(sorted(ckpt_steps), train_interval_scores(train, sorted(ckpt_steps), skip)):
+        inside = [v for s, v in kept if score is not None and score.between[0] < s <= score.between[1]]
         if score is None:
             continue
         assert score.between[1] == step and inside

@@ -117,7 +117,8 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
     steps = [c.step for c in run.checkpoints]
     logged_val = run.metric("val_loss")
     vals = (logged_val_scores(logged_val, steps) if len(logged_val)
-            else train_interval_scores(run.metric("train_loss"), steps))   # no val logged: the train loss stands in
+            else train_interval_scores(run.metric("train_loss"), steps,   # no val logged: the train loss stands in
+                                       [(e.onset_after_step, e.end_step) for e in contaminating]))
     lrs = learning_rates(run.metric("lr"), steps)
     # (step, val loss) of the checkpoints outside every event whose eval was logged at their own step.
     clean_vals = [(c.step, v.value) for c, v in zip(run.checkpoints, vals)

@@ -12,12 +12,14 @@ a stand-in from its train loss: the mean of the train losses logged since the ch
 Those were measured on batches the weights had not yet trained on (in a first epoch), around the
 checkpoint, so they carry the same iterate noise and the same trend a val loss would, with a lag of
 half a checkpoint interval that is the same for every checkpoint and cancels in the differences the
-recommender compares. In a later epoch the batches were seen before and the stand-in reads low.
+recommender compares. Rows inside a loss spike's window are left out of the mean. In a later epoch
+the batches were seen before and the stand-in reads low.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -90,20 +92,29 @@ def _score_at(step: int, eval_steps: np.ndarray, values: np.ndarray, tolerance: 
     return None
 
 
-def train_interval_scores(train: pd.DataFrame, ckpt_steps: list[int]) -> list[ValScore | None]:
+def train_interval_scores(train: pd.DataFrame, ckpt_steps: list[int],
+                          skip: Sequence[tuple[int, int]] = ()) -> list[ValScore | None]:
     """For a run that logs no val loss: each checkpoint's mean logged train loss since the checkpoint before.
 
-    The first checkpoint's interval is as long as the median one. A checkpoint with no finite train
-    loss logged in its interval gets None (a gap in the logs is not bridged).
+    The first checkpoint's interval is as long as the median one. Rows inside a loss spike's window
+    (``skip``: (after, up to) step pairs) are left out: a corrupted batch or a blow-up says nothing of the
+    weights saved after the recovery, and would make the checkpoint whose interval holds it look worse
+    than it is. A checkpoint with no finite train loss left in its interval gets None (a gap in the logs
+    is not bridged).
 
     Args:
         train: rows of the ``train_loss`` metric (``step``, ``value``), any order.
         ckpt_steps: checkpoint steps, increasing.
+        skip: (lo, hi] step windows of spikes whose rows do not count.
     """
     if train.empty or not ckpt_steps:
         return [None] * len(ckpt_steps)
     train = train[np.isfinite(train["value"].to_numpy(dtype=np.float64))].sort_values("step")
     steps, values = train["step"].to_numpy(dtype=np.int64), train["value"].to_numpy(dtype=np.float64)
+    inside_spike = np.zeros(len(steps), dtype=bool)
+    for lo, hi in skip:
+        inside_spike |= (steps > lo) & (steps <= hi)
+    steps, values = steps[~inside_spike], values[~inside_spike]
     spacing = np.diff(ckpt_steps)
     first = int(np.median(spacing)) if len(spacing) else ckpt_steps[0]
     out: list[ValScore | None] = []
