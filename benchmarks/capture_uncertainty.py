@@ -53,9 +53,8 @@ def window_scorer(run_dir: Path) -> ModuleType:
     return module
 
 
-def candidates(run_dir: Path, scorer: Scorer) -> dict[str, tuple[list[int], tuple[float, ...], str]]:
+def candidates(run_dir: Path, run, scorer: Scorer) -> dict[str, tuple[list[int], tuple[float, ...], str]]:
     """Members, weights and description of the last checkpoint, the oracle and each recommend choice."""
-    run = open_run(run_dir)
     signals = assess_run(run)
     index = {s: i for i, s in enumerate(scorer.steps)}
     bad = contaminated_steps(run_dir)
@@ -90,7 +89,7 @@ def judge(run_dir: Path, saved: dict) -> dict:
     scorer = Scorer.for_run(run_dir, run)
     module = window_scorer(run_dir)
     files = module.test_window_files()
-    chosen = candidates(run_dir, scorer)
+    chosen = candidates(run_dir, run, scorer)
     losses = {label: module.test_window_losses(scorer.average(members, weights))
               for label, (members, weights, _) in chosen.items()}
     for label, loss in losses.items():   # the windows add up to the scores the result file holds

@@ -119,6 +119,8 @@ def prepare_dir(out: Path, overwrite: bool) -> None:
 
 
 def train(args: argparse.Namespace) -> None:
+    """Write the run folder: held-out splits, model config and evaluator first, then the Trainer's checkpoints,
+    then ``config.json`` last (its ``train_seconds`` marks a finished run for the benchmark)."""
     import transformers
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
 
