@@ -126,12 +126,17 @@ def recipe_texts(path: str, stamp: str, steps: tuple[int, ...], weights: tuple[f
 
 
 @st.cache_resource(max_entries=4)
-def evaluator(spec: str, path: str, stamp: str) -> Evaluator:
+def evaluator(spec: str, path: str, stamp: str, on_disk: bool = False) -> Evaluator:
     """A loaded evaluator for the run at ``path``, shared (it caches its scores per candidate average).
 
-    ``hf-lm:VAL.txt`` takes its model and tokenizer from the run, hence the run in the key.
+    ``hf-lm:VAL.txt`` takes its model and tokenizer from the run, hence the run in the key. ``on_disk``
+    keeps its scores in the score store ``recommend --eval-cache`` uses (its own cached object, so
+    turning it off stops writing).
     """
-    return load_evaluator(spec, run=run(path, stamp))
+    loaded = load_evaluator(spec, run=run(path, stamp))
+    if on_disk:
+        loaded.persist()
+    return loaded
 
 
 @dataclass

@@ -53,22 +53,33 @@ with st.expander("Score the selection with an evaluator", expanded=bool(state.ev
                "It runs only when you press the button." +
                (f" This run ships one: `{run.evaluator_hint}`." if run.evaluator_hint else ""))
     spec = st.text_input("Evaluator", value=state.evaluator_spec() or (run.evaluator_hint or ""), key="eval_spec")
+    on_disk = st.checkbox("Keep scores on disk", key="eval_on_disk",
+                          help="The score store `recommend --eval-cache` uses: a candidate scored before (same "
+                               "evaluator source, same checkpoint files, weights and dtype) is read back, not "
+                               "evaluated again. Leave it off if your evaluator reads data that changes.")
     if st.button("Score selection and last checkpoint", key="score_button") and spec:
         state.set_evaluator_spec(spec)
         try:
-            evaluator = cached.evaluator(spec, now.path, now.stamp)
+            evaluator = cached.evaluator(spec, now.path, now.stamp, on_disk)
             refs = [run.checkpoint_at(s) for s in chosen]
+            calls_before, read_before = evaluator.calls, evaluator.from_store
             with st.spinner(f"Evaluating with {evaluator.name}..."):
                 score = evaluator.score(refs, weights)
                 last = evaluator.score([signals.checkpoints[-1].ref], (1.0,))
-            st.session_state["last_scores"] = (tuple(chosen), weights, score, last)
+            read = evaluator.from_store - read_before
+            st.session_state["last_scores"] = (tuple(chosen), weights, score, last,
+                                               (evaluator.calls - calls_before - read, read) if on_disk else None)
         except AnalysisError as e:
             st.error(str(e))
     scores = st.session_state.get("last_scores")
     if scores and scores[0] == tuple(chosen) and scores[1] == weights:
-        _, _, score, last = scores
+        _, _, score, last, sources = scores
         st.metric("selection (lower is better)", f"{score:.4f}", delta=f"{score - last:+.4f} vs last checkpoint",
                   delta_color="inverse")
+        if sources is not None:
+            evaluated, read = sources
+            st.caption(f"Of the 2 scores: {evaluated} evaluated and written to the score store on disk, {read} read "
+                       f"from it, {2 - evaluated - read} remembered from this session.")
 
 refs = [run.checkpoint_at(s) for s in chosen]
 default_out = run.path / "merges" / f"{recipe_method}-{chosen[0]}-{chosen[-1]}"

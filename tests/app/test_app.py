@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.torch import load_file
+import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from ckpt_factories import adam_run, tied_llama_run
@@ -276,3 +278,33 @@ def test_a_run_without_val_losses_shows_its_train_loss_stand_in_as_such(tiny_run
                t.endswith("logged over steps 101-150: the run logs no val loss") for t in hover)
     table = _page(at, "checkpoints").dataframe[0].value
     assert table.set_index("step")["val from"][150] == "train mean @ 101-150"
+
+
+def test_merge_page_keeps_evaluator_scores_on_disk_when_asked(tiny_run: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # The store recommend --eval-cache uses (CKPT_SELECT_SCORES_DIR is a scratch folder in tests): a second
+    # session reads both scores back instead of calling the evaluator, which counts its calls in a file.
+    calls = tmp_path / "calls.txt"
+    evaluator = tmp_path / "ev.py"
+    evaluator.write_text("from pathlib import Path\n"
+                         f"CALLS = Path({str(calls)!r})\n"
+                         "def evaluate(state):\n"
+                         "    CALLS.write_text(CALLS.read_text() + 'x' if CALLS.exists() else 'x')\n"
+                         "    return float(state['layer.bias'].float().abs().mean())\n")
+    captions = []
+    for session in range(2):
+        at = _open(tiny_run, monkeypatch)
+        at.session_state["selected_steps"] = [500, 550, 600]
+        _page(at, "merge")
+        at.text_input(key="eval_spec").set_value(f"{evaluator}:evaluate").run()
+        at.checkbox(key="eval_on_disk").check().run()
+        at.button(key="score_button").click().run()
+        assert not at.error, [e.value for e in at.error]
+        captions.append(next(c.value for c in at.caption if c.value.startswith("Of the 2 scores")))
+        st.cache_resource.clear()   # as a new server process: no evaluator left in memory
+    assert captions[0] == ("Of the 2 scores: 2 evaluated and written to the score store on disk, 0 read from it, "
+                           "0 remembered from this session.")
+    assert captions[1] == ("Of the 2 scores: 0 evaluated and written to the score store on disk, 2 read from it, "
+                           "0 remembered from this session.")
+    assert calls.read_text() == "xx"
+    assert list(Path(os.environ["CKPT_SELECT_SCORES_DIR"]).iterdir())
