@@ -32,7 +32,8 @@ if rec.predicted_gain is not None:
                      help="lr / 4 × Σ√v over the newest saved Adam second moments: the loss weight jitter "
                           "adds to every checkpoint, of which an average with weights w keeps Σw²")
     gain_col.metric("Predicted gain vs the last checkpoint", f"{rec.predicted_gain:.4f} nats",
-                    help="From the logged val losses and the iterate noise; an evaluator (--eval) measures it")
+                    help="From the logged val (or, in a run that logs none, train) losses and the iterate noise; "
+                         "an evaluator (--eval) measures it")
 
 rec_steps = [r.step for r in rec.checkpoints]
 selected = state.selected_steps()
@@ -40,6 +41,10 @@ selected = rec_steps if selected is None else selected
 reasons = {d.step: d.reason for d in rec.decisions}
 status = charts.checkpoint_status(signals, set(rec_steps))
 rows = report["checkpoints"]
+if any(c["val_loss_source"] == "train" for c in rows):
+    st.info("This run logs no val loss: each checkpoint's \"val loss\" is the mean train loss logged since the "
+            "checkpoint before (spike rows left out), the stand-in the recommendation uses. Batches seen in an "
+            "earlier epoch make it read low.", icon=":material/info:")
 table = pd.DataFrame({
     "use": [c["step"] in selected for c in rows],
     "step": [c["step"] for c in rows],

@@ -276,8 +276,9 @@ def test_a_run_without_val_losses_shows_its_train_loss_stand_in_as_such(tiny_run
     hover = [t for trace in loss["data"] for t in trace.get("text") or [] if isinstance(t, str)]
     assert any(t.startswith("step_000150.safetensors (step 150)<br>train loss") and
                t.endswith("logged over steps 101-150: the run logs no val loss") for t in hover)
-    table = _page(at, "checkpoints").dataframe[0].value
-    assert table.set_index("step")["val from"][150] == "train mean @ 101-150"
+    checkpoints = _page(at, "checkpoints")
+    assert checkpoints.dataframe[0].value.set_index("step")["val from"][150] == "train mean @ 101-150"
+    assert any(i.value.startswith("This run logs no val loss") for i in checkpoints.info)
 
 
 def test_merge_page_keeps_evaluator_scores_on_disk_when_asked(tiny_run: Path, tmp_path: Path,
