@@ -52,14 +52,22 @@ def _load(state_dict: dict[str, torch.Tensor]):
     return model
 
 
-def _score(state_dict: dict[str, torch.Tensor], split: str) -> float:
+def _sequence_losses(state_dict: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+    """The mean next-byte loss of each sequence of ``split``, in order (float64): a score is their mean."""
     model = _load(state_dict)
-    sequences, total = _sequences(split), 0.0
+    sequences, losses = _sequences(split), []
     with torch.no_grad():
         for start in range(0, len(sequences), 64):
             batch = sequences[start:start + 64].to(DEVICE)
-            total += float(model(input_ids=batch, labels=batch).loss) * len(batch)
-    return total / len(sequences)
+            logits = model(input_ids=batch).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(),
+                                                     reduction="none")
+            losses.append(loss.view(len(batch), -1).mean(dim=1).double().cpu())
+    return torch.cat(losses)
+
+
+def _score(state_dict: dict[str, torch.Tensor], split: str) -> float:
+    return float(_sequence_losses(state_dict, split).mean())
 
 
 def evaluate(state_dict: dict[str, torch.Tensor]) -> float:
@@ -78,20 +86,12 @@ def test_window_losses(state_dict: dict[str, torch.Tensor]) -> np.ndarray:
     Sequences of one source file are alike, so a resampling that would measure how sure a test score
     is takes whole files (:func:`test_window_files`), not sequences.
     """
-    model = _load(state_dict)
-    sequences, losses = _sequences("test"), []
-    with torch.no_grad():
-        for start in range(0, len(sequences), 64):
-            batch = sequences[start:start + 64].to(DEVICE)
-            logits = model(input_ids=batch).logits[:, :-1]
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
-            losses.append(loss.view(len(batch), -1).mean(dim=1).double().cpu())
-    return torch.cat(losses).numpy()
+    return _sequence_losses(state_dict, "test").numpy()
 
 
 def test_window_files() -> np.ndarray:
     """For each sequence of :func:`test_window_losses`, the index of the held-out file its first byte is from
     (the splits join whole files with a zero byte)."""
-    data = np.fromfile(RUN_DIR / "data" / "test.bin", dtype=np.uint8)
-    starts = np.arange(len(_sequences("test"))) * _sequences("test").shape[1]
-    return np.searchsorted(np.flatnonzero(data == 0), starts)
+    sequences = _sequences("test")
+    starts = np.arange(len(sequences)) * sequences.shape[1]
+    return np.searchsorted(np.flatnonzero(sequences.reshape(-1).numpy() == 0), starts)
