@@ -14,6 +14,15 @@ an evaluator, 0.85 without) means this split cannot tell the choice from one tha
 
 Needs the set's run folders (``benchmarks/out/selection/SET/RUN``, kept by ``selection_quality.py``)
 and its result files; writes ``SET/RUN.uncertainty.json`` next to the results and prints a table.
+
+``--split lib-tests`` asks the same question of a sixteen times bigger held-out split that needs no
+new training: 1 MiB of whole files of the standard library's own test suites (``Lib/test`` and the
+like; the trainer's corpus leaves them out), about 240 files against the test split's eleven. Its
+oracle is brute-forced again on it (the same families as ``selection_quality.py``), the last-5 and
+last-10 baselines and the train-loss stand-in's choice are scored too, and each capture is printed
+next to its value on the 64 KiB test split. Test code is not library code, so this split's gains are
+its own; what it settles is whether a choice falls short of its own oracle by more than chance.
+Writes ``SET/RUN.lib-tests.json``; about 15 minutes a CPU-scale run on two cores.
 """
 
 from __future__ import annotations
@@ -22,7 +31,8 @@ import argparse
 import importlib.util
 import json
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from datetime import date
 from pathlib import Path
 from types import ModuleType
 
@@ -33,9 +43,15 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from analysis import RecommendConfig, assess_run, load_evaluator, open_run, recommend  # noqa: E402
-from selection_quality import Scorer, contaminated_steps, describe, oracle  # noqa: E402
+from analysis.recommend import policy_weights  # noqa: E402
+from selection_quality import (BASELINES, Scorer, contaminated_steps, describe, float32_states, oracle,  # noqa: E402
+                               train_loss_choice)
+
+sys.path.insert(0, str(REPO / "sample_runs"))
+from tinygpt import lib_tests_split  # noqa: E402
 
 DRAWS = 2000
+LIB_TESTS = "lib_tests"   # data/lib_tests.bin in each run folder
 TEMPLATES = {"sample": REPO / "sample_runs" / "run_evaluate.py", "hf": REPO / "sample_runs" / "hf_run_evaluate.py"}
 
 
@@ -53,20 +69,29 @@ def window_scorer(run_dir: Path) -> ModuleType:
     return module
 
 
+def recommend_choices(run_dir: Path, run, steps: list[int], train_loss: bool = False) -> dict[str, tuple]:
+    """Members (indices into ``steps``), weights and description of each choice ``recommend`` makes:
+    from the logs, the val band when the run saved optimizer state, with the run's val evaluator and,
+    with ``train_loss``, from the train loss alone."""
+    signals = assess_run(run)
+    index = {s: i for i, s in enumerate(steps)}
+    recs = {"recommend (logs)": recommend(signals, RecommendConfig())}
+    if signals.noise is not None:
+        recs["recommend (val band)"] = recommend(replace(signals, noise=None), RecommendConfig())
+    if train_loss:
+        recs["recommend (train loss)"] = train_loss_choice(run)
+    recs["recommend --eval"] = recommend(signals, RecommendConfig(), load_evaluator(f"{run_dir / 'evaluate.py'}:evaluate"))
+    return {label: ([index[r.step] for r in rec.checkpoints], tuple(rec.weights), describe(rec))
+            for label, rec in recs.items()}
+
+
 def candidates(run_dir: Path, run, scorer: Scorer) -> dict[str, tuple[list[int], tuple[float, ...], str]]:
     """Members, weights and description of the last checkpoint, the oracle and each recommend choice."""
-    signals = assess_run(run)
-    index = {s: i for i, s in enumerate(scorer.steps)}
     bad = contaminated_steps(run_dir)
     clean = [i for i, s in enumerate(scorer.steps) if s not in bad]
     _, what, members, weights = oracle(scorer, clean)
     out = {"last": ([len(scorer.steps) - 1], (1.0,), "last checkpoint"), "oracle": (members, tuple(weights), what)}
-    recs = {"recommend (logs)": recommend(signals, RecommendConfig())}
-    if signals.noise is not None:
-        recs["recommend (val band)"] = recommend(replace(signals, noise=None), RecommendConfig())
-    recs["recommend --eval"] = recommend(signals, RecommendConfig(), load_evaluator(f"{run_dir / 'evaluate.py'}:evaluate"))
-    for label, rec in recs.items():
-        out[label] = ([index[r.step] for r in rec.checkpoints], tuple(rec.weights), describe(rec))
+    out.update(recommend_choices(run_dir, run, scorer.steps))
     return out
 
 
@@ -110,6 +135,98 @@ def judge(run_dir: Path, saved: dict) -> dict:
     }
 
 
+@dataclass
+class WindowScorer(Scorer):
+    """A :class:`Scorer` that keeps every candidate's per-window losses on one split, for resampling."""
+
+    split: str = LIB_TESTS
+    module: ModuleType | None = None
+    windows: dict[tuple, np.ndarray] = field(default_factory=dict)
+
+    def score(self, members: list[int], weights: tuple[float, ...] | None = None) -> float:
+        return float(self.window_losses(members, weights).mean())
+
+    def window_losses(self, members: list[int], weights: tuple[float, ...] | None = None) -> np.ndarray:
+        key = self.key(members, weights)
+        if key not in self.windows:
+            weights = weights or policy_weights("sma", len(members))
+            self.windows[key] = self.module.test_window_losses(self.average(members, weights), self.split)
+            if len(self.windows) % 25 == 0:   # a CPU-scale run scores about 120 candidates, 7 s each
+                print(f"  {self.module.RUN_DIR}: {len(self.windows)} candidates scored on {self.split}",
+                      file=sys.stderr, flush=True)
+        return self.windows[key]
+
+
+def write_lib_tests(run_dir: Path, data: np.ndarray) -> None:
+    """Put the bigger split beside the run's own (``data/lib_tests.bin``), where its evaluator reads splits."""
+    path = run_dir / "data" / f"{LIB_TESTS}.bin"
+    if not path.exists() or not np.array_equal(np.fromfile(path, dtype=np.uint8), data):
+        data.tofile(path)
+
+
+def judge_lib_tests(run_dir: Path, saved: dict, names: list[str], data: np.ndarray, min_gain: float) -> dict:
+    """The lib-tests record of one run: every choice's capture there, with its 95 % interval, beside
+    its capture on the run's 64 KiB test split."""
+    write_lib_tests(run_dir, data)
+    run = open_run(run_dir)
+    module = window_scorer(run_dir)
+    scorer = WindowScorer([c.step for c in run.checkpoints], float32_states(run.checkpoints), None, module=module)
+    files = module.test_window_files(LIB_TESTS)
+    bad = contaminated_steps(run_dir)
+    clean = [i for i, s in enumerate(scorer.steps) if s not in bad]
+    n = len(scorer.steps)
+    _, what, members, weights = oracle(scorer, clean)
+    chosen = {"last": ([n - 1], (1.0,), "last checkpoint"), "oracle": (members, tuple(weights), what)}
+    chosen.update(recommend_choices(run_dir, run, scorer.steps, train_loss=True))
+    for label, k in BASELINES:
+        if k is not None:
+            chosen[label] = (list(range(max(0, n - k), n)), policy_weights("sma", min(k, n)), label)
+    losses = {label: scorer.window_losses(m, w) for label, (m, w, _) in chosen.items()}
+    gain = float(losses["last"].mean() - losses["oracle"].mean())
+    captures = file_bootstrap(losses, files) if gain >= min_gain else {}
+    record = {
+        "run": run_dir.name, "set": run_dir.parent.name, "split": "lib-tests", "split_bytes": int(len(data)),
+        "test_files": int(len(np.unique(files))), "test_windows": int(len(files)), "first_files": names[:3],
+        "last": float(losses["last"].mean()), "oracle": chosen["oracle"][2], "oracle_loss": float(losses["oracle"].mean()),
+        "oracle_gain": gain, "min_gain": min_gain, "candidates_scored": len(scorer.windows), "choices": {},
+        "draws": DRAWS, "date": date.today().isoformat(),
+    }
+    for label, (_, _, what) in chosen.items():
+        if label in ("last", "oracle"):
+            continue
+        on_test = saved["choices"].get(label, {}).get("capture")
+        entry = {"what": what, "loss": float(losses[label].mean()), "capture_on_test": on_test,
+                 "capture": None, "ci95": None}
+        if captures:
+            entry["capture"] = float((losses["last"].mean() - losses[label].mean()) / gain)
+            entry["ci95"] = [float(np.percentile(captures[label], 2.5)), float(np.percentile(captures[label], 97.5))]
+        record["choices"][label] = entry
+    return record
+
+
+LIB_TESTS_COLS = ("recommend (logs)", "recommend (val band)", "recommend (train loss)", "recommend --eval",
+                  "last 5", "last 10")
+
+
+def lib_tests_markdown(records: list[dict]) -> str:
+    """One row per run: the oracle there and each choice's capture with its interval, then (→) on the test split."""
+    lines = ["| run (set) | oracle on lib-tests (gain, nats) | " + " | ".join(LIB_TESTS_COLS) + " |",
+             "|---|---|" + "---|" * len(LIB_TESTS_COLS)]
+    for r in records:
+        cells = []
+        for col in LIB_TESTS_COLS:
+            c = r["choices"].get(col)
+            if c is None:
+                cells.append("—")
+            elif c["capture"] is None:
+                cells.append(f"n/a, {c['loss'] - r['oracle_loss']:+.4f}")
+            else:
+                test = "n/a" if c["capture_on_test"] is None else f"{c['capture_on_test']:.2f}"
+                cells.append(f"{c['capture']:.2f} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}] ({test})")
+        lines.append(f"| {r['run']} ({r['set']}) | {r['oracle']} ({r['oracle_gain']:.4f}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(records: list[dict]) -> str:
     """One row per run: the oracle's gain and each choice's capture with its 95 % interval."""
     cols = ["recommend (logs)", "recommend (val band)", "recommend --eval"]
@@ -126,30 +243,37 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--set", required=True, action="append", help="a judged set, e.g. cpu-seed+400-optim (repeatable)")
     p.add_argument("--runs", default=None, help="comma-separated run names (default: every judged run of the set)")
+    p.add_argument("--split", choices=("test", "lib-tests"), default="test",
+                   help="resample the run's own test split (default), or score on 1 MiB of the stdlib's test suites")
+    p.add_argument("--min-gain", type=float, default=0.002, help="lib-tests oracle gain (nats) under which capture is n/a")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "selection", help="where the run folders are")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "selection",
                    help="where the result files are (and the uncertainty files go)")
     p.add_argument("--again", action="store_true", help="resample runs that already have an uncertainty file")
     p.add_argument("--table-only", action="store_true", help="print the table of the uncertainty files already written")
     a = p.parse_args()
+    lib_tests = a.split == "lib-tests"
+    suffix = "lib-tests" if lib_tests else "uncertainty"
+    split = lib_tests_split() if lib_tests and not a.table_only else None
     records = []
     for name in a.set:
         for result in sorted((a.results / name).glob("*.result.json")):
             saved = json.loads(result.read_text())
             if a.runs and saved["run"] not in a.runs.split(","):
                 continue
-            done = a.results / name / f"{saved['run']}.uncertainty.json"
+            done = a.results / name / f"{saved['run']}.{suffix}.json"
             if (done.exists() and not a.again) or a.table_only:
                 records.extend([json.loads(done.read_text())] if done.exists() else [])
                 continue
-            if all(c["capture"] is None for c in saved["choices"].values()):
+            if not lib_tests and all(c["capture"] is None for c in saved["choices"].values()):
                 print(f"{name}/{saved['run']}: the oracle gains under --min-gain, nothing to resample", flush=True)
                 continue
-            record = judge(a.out / name / saved["run"], saved)
+            run_dir = a.out / name / saved["run"]
+            record = judge_lib_tests(run_dir, saved, *split, a.min_gain) if lib_tests else judge(run_dir, saved)
             done.write_text(json.dumps(record, indent=2) + "\n")
             print(json.dumps(record), flush=True)
             records.append(record)
-    print(markdown(records))
+    print(lib_tests_markdown(records) if lib_tests else markdown(records))
 
 
 if __name__ == "__main__":

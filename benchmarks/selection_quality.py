@@ -70,11 +70,16 @@ class Scorer:
         return cls([c.step for c in run.checkpoints], float32_states(run.checkpoints),
                    load_module(run_dir / "evaluate.py").evaluate_test)
 
+    def key(self, members: list[int], weights: tuple[float, ...] | None) -> tuple:
+        """What identifies a candidate: its steps and (rounded) weights, uniform when ``weights`` is None."""
+        weights = weights or policy_weights("sma", len(members))
+        return tuple((self.steps[i], round(w, 10)) for i, w in zip(members, weights))
+
     def score(self, members: list[int], weights: tuple[float, ...] | None = None) -> float:
         """Test loss of the average of checkpoints ``members`` (indices) with ``weights`` (uniform if None)."""
-        weights = weights or policy_weights("sma", len(members))
-        key = tuple((self.steps[i], round(w, 10)) for i, w in zip(members, weights))
+        key = self.key(members, weights)
         if key not in self.cache:
+            weights = weights or policy_weights("sma", len(members))
             self.cache[key] = float(self.evaluate_test(self.average(members, weights)))
         return self.cache[key]
 

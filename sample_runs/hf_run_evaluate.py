@@ -31,7 +31,7 @@ def _model():
     return AutoModelForCausalLM.from_config(config).to(DEVICE).eval()
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=3)
 def _sequences(split: str) -> torch.Tensor:
     block = _model().config.max_position_embeddings
     data = np.fromfile(RUN_DIR / "data" / f"{split}.bin", dtype=np.uint8).astype(np.int64)
@@ -80,18 +80,19 @@ def evaluate_test(state_dict: dict[str, torch.Tensor]) -> float:
     return _score(state_dict, "test")
 
 
-def test_window_losses(state_dict: dict[str, torch.Tensor]) -> np.ndarray:
+def test_window_losses(state_dict: dict[str, torch.Tensor], split: str = "test") -> np.ndarray:
     """The mean loss (nats/byte) of each sequence ``evaluate_test`` averages, in order: benchmarks resample them.
 
     Sequences of one source file are alike, so a resampling that would measure how sure a test score
-    is takes whole files (:func:`test_window_files`), not sequences.
+    is takes whole files (:func:`test_window_files`), not sequences. ``split`` names another held-out
+    file of ``data/`` (a benchmark's bigger split) to score the same way.
     """
-    return _sequence_losses(state_dict, "test").numpy()
+    return _sequence_losses(state_dict, split).numpy()
 
 
-def test_window_files() -> np.ndarray:
+def test_window_files(split: str = "test") -> np.ndarray:
     """For each sequence of :func:`test_window_losses`, the index of the held-out file its first byte is from
     (the splits join whole files with a zero byte)."""
-    sequences = _sequences("test")
+    sequences = _sequences(split)
     starts = np.arange(len(sequences)) * sequences.shape[1]
     return np.searchsorted(np.flatnonzero(sequences.reshape(-1).numpy() == 0), starts)

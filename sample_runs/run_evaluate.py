@@ -49,9 +49,9 @@ def _config():
     return _model_module().GPTConfig(**model)
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=3)
 def _split(name: str) -> np.ndarray:
-    """The held-out bytes of one split, read once per process."""
+    """The held-out bytes of one split (``data/NAME.bin``), read once per process."""
     return np.fromfile(RUN_DIR / "data" / f"{name}.bin", dtype=np.uint8)
 
 
@@ -74,11 +74,12 @@ def evaluate_test(state_dict: dict[str, torch.Tensor]) -> float:
     return _score(state_dict, "test")
 
 
-def test_window_losses(state_dict: dict[str, torch.Tensor]) -> np.ndarray:
+def test_window_losses(state_dict: dict[str, torch.Tensor], split: str = "test") -> np.ndarray:
     """The mean loss (nats/byte) of each window ``evaluate_test`` averages, in order: benchmarks resample them.
 
     Windows of one source file are alike, so a resampling that would measure how sure a test score
-    is takes whole files (:func:`test_window_files`), not windows.
+    is takes whole files (:func:`test_window_files`), not windows. ``split`` names another held-out
+    file of ``data/`` (a benchmark's bigger split) to score the same way.
     """
     module = _model_module()
     model = module.as_model(state_dict, _config())
@@ -86,7 +87,7 @@ def test_window_losses(state_dict: dict[str, torch.Tensor]) -> np.ndarray:
         model = model.cuda()
     model.eval()
     device = next(model.parameters()).device
-    x, y = module.eval_windows(_split("test"), model.config.block_size)
+    x, y = module.eval_windows(_split(split), model.config.block_size)
     losses = []
     with torch.no_grad():
         for start in range(0, len(x), 128):
@@ -97,9 +98,9 @@ def test_window_losses(state_dict: dict[str, torch.Tensor]) -> np.ndarray:
     return torch.cat(losses).numpy()
 
 
-def test_window_files() -> np.ndarray:
+def test_window_files(split: str = "test") -> np.ndarray:
     """For each window of :func:`test_window_losses`, the index of the held-out file its first byte is from
     (the splits join whole files with a zero byte)."""
-    data = _split("test")
+    data = _split(split)
     starts = np.arange((len(data) - 1) // _config().block_size) * _config().block_size
     return np.searchsorted(np.flatnonzero(data == 0), starts)

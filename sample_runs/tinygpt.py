@@ -208,6 +208,30 @@ def load_corpus(stdlib_dir: Path | None = None, val_bytes: int = 65536, test_byt
     return Corpus(_as_array(train), _as_array(val), _as_array(test), description)
 
 
+TEST_DIRS = frozenset({"test", "tests", "idle_test"})
+
+
+def lib_tests_split(stdlib_dir: Path | None = None, n_bytes: int = 1 << 20,
+                     max_file_bytes: int = 16384) -> tuple[list[str], np.ndarray]:
+    """A held-out split much bigger than ``load_corpus``'s test: whole files of the standard library's
+    own test suites (``test/``, ``tests/``, ``idle_test/``), which EXCLUDED_DIRS keeps out of training.
+
+    Benchmarks use it to measure a choice of checkpoints more surely than 64 KiB can: it is Python by
+    the same authors, though test code rather than library code, so its scores are its own. Files are
+    picked as the val and test splits' are (hash order, no file over ``max_file_bytes``) and joined
+    with SEPARATOR; the result is cut to ``n_bytes``.
+    """
+    root = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
+    files = ((p.relative_to(root).as_posix(), p) for p in root.rglob("*.py") if p.is_file())
+    tests = [(name, path.read_bytes()) for name, path in files
+             if TEST_DIRS.intersection(name.split("/")[:-1]) and "site-packages" not in name.split("/")]
+    candidates = sorted((f for f in tests if 0 < len(f[1]) <= max_file_bytes), key=lambda f: _holdout_order(f[0]))
+    names, data = _take_files(candidates, n_bytes)
+    if len(data) < n_bytes:
+        raise ValueError(f"the test suites under {root} hold {len(data):,} bytes of such files, not {n_bytes:,}")
+    return names, _as_array(data)
+
+
 def _as_array(data: bytes) -> np.ndarray:
     """A writable uint8 copy (torch.from_numpy warns on the read-only view of a bytes object)."""
     return np.frombuffer(data, dtype=np.uint8).copy()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file
 
@@ -70,6 +71,10 @@ def test_the_evaluator_scores_each_checkpoint_at_its_logged_eval_loss(tmp_path: 
     assert losses.shape == files.shape == (made["corpus"]["test_bytes"] // BLOCK,)
     assert losses.mean() * logged_share == pytest.approx(evaluator.evaluate_test(weights) * logged_share, abs=1e-6)
     assert (files[1:] >= files[:-1]).all() and files[0] == 0 and files[-1] >= 5
+    # A benchmark's bigger split beside it (data/NAME.bin) is scored sequence by sequence the same way.
+    (run / "data" / "other.bin").write_bytes((run / "data" / "test.bin").read_bytes()[:5 * BLOCK])
+    np.testing.assert_allclose(evaluator.test_window_losses(weights, "other"), losses[:5], rtol=1e-5)
+    assert evaluator.test_window_files("other").tolist() == files[:5].tolist()
     # CkptSelect reads the run as it reads any Trainer run: eval losses, the scheduler's LR, Adam's state.
     signals = assess_run(open_run(run))
     assert [(c.ref.step, c.val.source) for c in signals.checkpoints] == [(s, "logged") for s in (8, 16, 24)]

@@ -103,3 +103,29 @@ def test_the_runs_evaluator_gives_per_window_test_losses_grouped_by_source_file(
     lengths = [len(text) + 1 for text in data.split(b"\0")][:len(corpus["test_files"])]
     assert (files[1:] >= files[:-1]).all() and files[0] == 0 and files[-1] == len(corpus["test_files"]) - 1
     assert set(files.tolist()) >= {i for i, n in enumerate(lengths) if n >= 2 * 128}
+
+
+def test_the_runs_evaluator_scores_another_split_of_its_data_folder_window_by_window(sample_run: Path,
+                                                                                     tmp_path: Path) -> None:
+    """A benchmark's bigger held-out split (``data/NAME.bin``) is scored as the test split is: here the
+    first 40 windows of the test split, saved as a split of their own, get the very losses and files."""
+    import importlib.util
+    import shutil
+
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    for name in ("evaluate.py", "model.py", "config.json", "data/test.bin"):
+        shutil.copy(sample_run / name, run / name)
+    head = (run / "data" / "test.bin").read_bytes()[:40 * 128 + 1]
+    (run / "data" / "other.bin").write_bytes(head)
+    spec = importlib.util.spec_from_file_location("sample_run_windows_split", run / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    weights = load_file(str(sorted((sample_run / "checkpoints").glob("*.safetensors"))[-1]))
+    losses, files = module.test_window_losses(weights, "other"), module.test_window_files("other")
+    assert losses.shape == files.shape == (40,)
+    torch.testing.assert_close(torch.from_numpy(losses), torch.from_numpy(module.test_window_losses(weights)[:40]),
+                               rtol=1e-5, atol=1e-6)
+    assert files.tolist() == module.test_window_files()[:40].tolist()
+    assert files[-1] == head.count(b"\0")
+
