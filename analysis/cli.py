@@ -185,14 +185,7 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
         click.echo(f"  ({rec.evaluations_cached} of the {rec.evaluations} scores read from the evaluator cache, "
                    f"--eval-cache)")
     if evaluator is None:
-        losses = ("train losses (the run logs no val loss)"
-                  if any(c.val is not None and c.val.source == "train" for c in signals.checkpoints) else "val losses")
-        if rec.iterate_noise is not None:
-            click.echo(f"  (From logged {losses}, LRs and the optimizer's second moments, a model's prediction. "
-                       "--eval FILE.py:FUNC measures candidate averages instead: see README, 'How good the choice is'.)")
-        else:
-            click.echo(f"  (From logged {losses} and LRs, a heuristic. --eval FILE.py:FUNC scores candidate averages "
-                       "and finds a better window on most runs: see README, 'How good the choice is'.)")
+        click.echo(f"  ({rec.basis_note})")
     for d in rec.decisions:
         click.echo(f"  {'+' if d.taken else '-'} step {d.step:>8}  {d.reason}")
     if recipe_path:

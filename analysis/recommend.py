@@ -74,6 +74,8 @@ class Recommendation:
     iterate_noise: float | None = None       # nats of iterate noise at the newest LR (Adam state), if known
     predicted_gain: float | None = None      # nats below the last checkpoint, predicted from logs and noise
     evaluations_cached: int = 0              # of ``evaluations``, scores read from the evaluator's disk cache
+    basis: str = ""                          # how the weights were chosen: evaluator | predicted | val band | window | default
+    basis_note: str = ""                     # that in a sentence, with what would choose better when anything would
 
     @property
     def reasons(self) -> dict[str, str]:
@@ -427,15 +429,54 @@ def _finish(signals: RunSignals, config: RecommendConfig, method: str, chosen: l
                          cutoff))
         for s in signals.checkpoints
     )
-    summary = _summary(method, chosen, weights, score, last_score, window, evaluator)
+    summary = _summary(method, chosen, weights, score, last_score, window, evaluator, config.window is not None)
     if cutoff is not None:
         summary = f"Recovery from before step {cutoff.step}: {summary}"
     name = "recovery" if cutoff is not None else method
     noise = signals.noise.excess_at(chosen[-1].lr) if signals.noise is not None and chosen[-1].lr else None
     # The prediction is for the predicted weights; other weights or an evaluator's choice have none.
     gain = window.predicted_gain if evaluator is None and method == "predicted" else None
+    basis, note = _basis(signals, config, window, evaluator, method, calls)
     return Recommendation(name, tuple(s.ref for s in chosen), tuple(weights), decisions, calls, score,
-                          last_score, summary, noise, gain)
+                          last_score, summary, noise, gain, basis=basis, basis_note=note)
+
+
+def _basis(signals: RunSignals, config: RecommendConfig, window: _Window, evaluator: Evaluator | None,
+           method: str, calls: int) -> tuple[str, str]:
+    """How the weights were chosen, and a sentence saying so.
+
+    Without an evaluator and without Adam's second moments the window comes from a heuristic that
+    measurably averages too few checkpoints of bigger models (README, "How good the choice is"), so
+    the sentence then names what is missing and what the user can do about it.
+    """
+    if evaluator is not None:
+        return "evaluator", (f"Measured: the evaluator scored {calls} candidates (the last checkpoint alone among "
+                             "them) and the best was kept.")
+    if config.window is not None:
+        return "window", f"The newest {config.window} eligible checkpoints, as asked (--window)."
+    losses = ("train losses (the run logs no val loss)"
+              if any(c.val is not None and c.val.source == "train" for c in signals.checkpoints) else "val losses")
+    if window.weights is not None:
+        asked = "" if method == "predicted" else f" The {method} weights over that window were asked for (--method)."
+        return "predicted", (f"From logged {losses}, LRs and the optimizer's second moments, a model's prediction."
+                             f"{asked} --eval FILE.py:FUNC measures candidate averages instead.")
+    if window.sigma is not None:
+        basis, lead = "val band", f"From logged {losses} and LRs, a heuristic"
+    else:
+        basis, lead = "default", "Too few logged losses to see a plateau, so the newest few within the LR regime"
+    if signals.noise is None:
+        missing = ("no checkpoint from the second half of the run kept Adam's second moments (exp_avg_sq), so "
+                   "the loss that averaging wins back is unknown")
+        fix = "keep the optimizer state with the newest checkpoint for predicted weights"
+    elif not signals.checkpoints[-1].lr:
+        missing = (f"Adam's second moments were read (step {signals.noise.step}) but the newest checkpoint's LR is "
+                   "in neither the logs nor its optimizer state, so their noise cannot be put in nats")
+        fix = "log the LR for predicted weights"
+    else:
+        missing = "the newest checkpoint has no logged loss to weigh older ones against"
+        fix = "log a val loss at each save for predicted weights"
+    return basis, (f"{lead}: {missing}, and such windows hold too few checkpoints of bigger models. To do better, "
+                   f"{fix}, or pass --eval FILE.py:FUNC to measure candidate averages.")
 
 
 def _reason(item: CheckpointSignals, weight_of: dict[int, float], oldest_taken: int, window: _Window,
@@ -476,7 +517,7 @@ def _reason(item: CheckpointSignals, weight_of: dict[int, float], oldest_taken: 
 
 
 def _summary(method: str, chosen: list[CheckpointSignals], weights: tuple[float, ...], score: float | None,
-             last_score: float | None, window: _Window, evaluator: Evaluator | None) -> str:
+             last_score: float | None, window: _Window, evaluator: Evaluator | None, asked_window: bool = False) -> str:
     steps = f"{chosen[0].ref.step}-{chosen[-1].ref.step}" if len(chosen) > 1 else f"{chosen[0].ref.step}"
     if len(chosen) == 1 and evaluator is not None:
         return (f"Keep the last checkpoint (step {steps}) alone: no average scored better than its "
@@ -497,4 +538,8 @@ def _summary(method: str, chosen: list[CheckpointSignals], weights: tuple[float,
     if window.level is not None:
         return (f"{head}: their logged {_loss_kind(chosen)}es lie within noise ({window.sigma:.4f}) of the newest "
                 f"level {window.level:.4f}.")
-    return f"{head}: {window.why_stop or 'window given by the user'}."
+    if window.why_stop is None:
+        return f"{head}: " + ("the window given by the user." if asked_window else "every eligible checkpoint.")
+    if window.stop_step is None:
+        return f"{head}: {window.why_stop}."
+    return f"{head}; step {window.stop_step} and older are left out, step {window.stop_step} because {window.why_stop}."

@@ -157,6 +157,8 @@ def recommendation_report(rec: Recommendation, recipe: Recipe | None) -> dict:
         "evaluations_cached": rec.evaluations_cached,
         "iterate_noise_nats": _num(rec.iterate_noise),
         "predicted_gain_nats": _num(rec.predicted_gain),
+        "basis": rec.basis,
+        "basis_note": rec.basis_note,
         "score": _num(rec.score),
         "last_score": _num(rec.last_score),
         "recipe": recipe_to_dict(recipe) if recipe is not None else None,

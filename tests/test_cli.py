@@ -52,8 +52,11 @@ def test_recommend_json_and_recipe_then_merge(tiny_run: Path, tmp_path: Path, ca
     assert main(["recommend", str(tiny_run), "--json", "-o", str(recipe_path)]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert {"method", "checkpoints", "excluded", "evaluations", "recipe"} <= set(doc)
-    assert doc["method"] == "sma" and doc["evaluations"] == 0
+    assert doc["method"] == "sma" and doc["evaluations"] == 0 and doc["basis"] == "val band"
     assert {"step": 300} in [{"step": e["step"]} for e in doc["excluded"]]
+    # The text output prints the same note: a heuristic, what it lacks and what would choose better.
+    assert main(["recommend", str(tiny_run)]) == 0
+    assert f"  ({doc['basis_note']})" in capsys.readouterr().out.splitlines()
     assert doc["recipe"]["checkpoints"][-1]["step"] == 600 and doc["recipe_path"] == str(recipe_path)
     assert main(["merge", str(recipe_path), "-o", str(tmp_path / "merged"), "--json"]) == 0
     merged = json.loads(capsys.readouterr().out)

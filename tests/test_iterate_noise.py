@@ -19,7 +19,7 @@ from analysis.averaging import average_state_dict
 from analysis.checkpoints import detect_layout, open_checkpoint
 from analysis.checkpoints.optim import SAVED_LR, metadata_learning_rate, saved_learning_rate
 from analysis.evaluate import Evaluator
-from analysis.recommend import optimal_weights, recommend
+from analysis.recommend import RecommendConfig, optimal_weights, recommend
 from analysis.report import analysis_report, recommendation_report
 from analysis.run import CheckpointRef, open_run
 from analysis.signals import IterateNoise, assess_run, iterate_noise
@@ -401,3 +401,32 @@ def test_a_run_that_logs_no_val_loss_gets_predicted_weights_from_its_train_loss(
     text = subprocess.run([sys.executable, "-m", "analysis", "analyze", str(root), "--no-similarity"],
                           capture_output=True, text=True, cwd=REPO, timeout=120).stdout
     assert f"step      120  train {newest.val.value:.4f}" in text and "stands in" in text
+
+
+def test_the_recommendation_says_how_it_was_chosen_and_what_would_choose_better(tmp_path: Path,
+                                                                                 tiny_run: Path) -> None:
+    vals = [1.0 + 0.008 * age for age in range(11, -1, -1)]
+    root = _run_with_vals(tmp_path / "r", vals)
+    predicted = recommend(_with_noise(root, 0.1))
+    assert predicted.basis == "predicted"
+    assert predicted.basis_note.startswith("From logged val losses, LRs and the optimizer's second moments")
+    asked = recommend(_with_noise(root, 0.1), RecommendConfig(method="ema"))
+    assert asked.basis == "predicted" and "The ema weights over that window were asked for" in asked.basis_note
+    # No Adam state: the val band, a heuristic, and the note names what is missing and both ways to do better.
+    band = recommend(assess_run(open_run(tiny_run)))
+    assert band.basis == "val band"
+    assert "kept Adam's second moments (exp_avg_sq)" in band.basis_note
+    assert "keep the optimizer state with the newest checkpoint" in band.basis_note and "--eval" in band.basis_note
+    # Adam state but no LR anywhere for the newest checkpoint: the noise cannot be put in nats.
+    bare = adam_run(tmp_path / "bare", [4, 6, 8], optimizer_at={4}, log_lr=False)[0]
+    no_lr = recommend(assess_run(open_run(bare)))
+    assert no_lr.basis in ("val band", "default")
+    assert "Adam's second moments were read (step 4) but the newest checkpoint's LR is in neither" in no_lr.basis_note
+    assert no_lr.basis_note.endswith("To do better, log the LR for predicted weights, or pass --eval FILE.py:FUNC "
+                                     "to measure candidate averages.")
+    assert recommend(assess_run(open_run(tiny_run)), RecommendConfig(window=3)).basis == "window"
+    evaluated = recommend(assess_run(open_run(tiny_run)), RecommendConfig(max_evals=4),
+                          Evaluator(lambda state: float(state["layer.bias"].float().abs().mean()), "bias"))
+    assert evaluated.basis == "evaluator" and evaluated.basis_note.startswith("Measured: the evaluator scored 4 ")
+    doc = recommendation_report(band, None)
+    assert doc["basis"] == "val band" and doc["basis_note"] == band.basis_note
