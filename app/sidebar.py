@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import streamlit as st
 
 import state
@@ -53,7 +55,10 @@ def current_or_stop():
         st.info("Open a run folder in the sidebar: a folder with training logs and checkpoints.")
         st.stop()
     try:
-        return cached.current(path)
+        current = cached.current(path)
     except AnalysisError as e:
         st.error(str(e))
         st.stop()
+    # An evaluator search on the Merge page replaces the logs' recommendation on every page, for this run as it is.
+    searched = state.searched_recommendation(current.path, current.stamp)
+    return current if searched is None else replace(current, recommendation=searched)

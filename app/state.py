@@ -22,6 +22,7 @@ SELECTION_GEN_KEY = "selection_generation"
 JOB_KEY = "merge_job_id"
 OVERLAY_KEY = "overlay_runs"
 EVALUATOR_KEY = "evaluator_spec"
+SEARCH_KEY = "evaluator_search"
 RECENT_LIMIT = 10
 
 
@@ -90,6 +91,24 @@ def job_id() -> str | None:
 
 def set_job_id(value: str) -> None:
     st.session_state[JOB_KEY] = value
+
+
+def searched_recommendation(path: str, stamp: str):
+    """The evaluator search's recommendation for this run as it is now (same folder stamp), if one ran."""
+    saved = st.session_state.get(SEARCH_KEY)
+    return saved[2] if saved is not None and saved[:2] == (path, stamp) else None
+
+
+def set_searched_recommendation(path: str, stamp: str, rec) -> None:
+    """Every page now shows the search's choice; the selection starts again from it."""
+    st.session_state[SEARCH_KEY] = (path, stamp, rec)
+    clear_selection()
+
+
+def clear_searched_recommendation() -> None:
+    """Back to the recommendation from the logs."""
+    st.session_state.pop(SEARCH_KEY, None)
+    clear_selection()
 
 
 def evaluator_spec() -> str:

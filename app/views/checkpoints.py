@@ -35,6 +35,13 @@ if rec.predicted_gain is not None:
                     help="From the logged val (or, in a run that logs none, train) losses and the iterate noise; "
                          "an evaluator (--eval) measures it")
 
+elif rec.basis == "evaluator":
+    st.caption(f"{rec.basis_note} The search ran on the Merge page, which can go back to the recommendation "
+               "from the logs.")
+elif rec.basis in ("val band", "default"):   # a heuristic: say what is missing and what would do better
+    st.info(rec.basis_note.replace("--eval FILE.py:FUNC", "an evaluator (Merge page, or --eval FILE.py:FUNC)"),
+            icon=":material/lightbulb:")
+
 rec_steps = [r.step for r in rec.checkpoints]
 selected = state.selected_steps()
 selected = rec_steps if selected is None else selected

@@ -1,4 +1,4 @@
-"""Merge: weights for the selection, an optional evaluator score, the merge itself, the recipe."""
+"""Merge: weights for the selection, an evaluator's score or search, the merge itself, the recipe."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from analysis.errors import AnalysisError
 from analysis.merge import plan_merge
 from analysis.merge_checks import ARITHMETIC
 from analysis.paths import resolve_within
-from analysis.recommend import policy_weights
+from analysis.recommend import RecommendConfig, policy_weights, recommend
 
 now = sidebar.current_or_stop()
 run, signals, rec = now.run, now.signals, now.recommendation
@@ -47,7 +47,8 @@ else:
 recipe_method = rec.method if method == "recommended" else method
 st.plotly_chart(charts.weights_figure(chosen, list(weights)), key="weights_chart")
 
-with st.expander("Score the selection with an evaluator", expanded=bool(state.evaluator_spec())):
+with st.expander("Score the selection, or search for the best average, with an evaluator",
+                 expanded=bool(state.evaluator_spec())):
     st.caption("An evaluator is your function `func(state_dict) -> loss` (FILE.py:FUNC), or `hf-lm:VAL.txt`: "
                "the run's Hugging Face model (its config.json and tokenizer) scored on a text file. "
                "It runs only when you press the button." +
@@ -71,6 +72,25 @@ with st.expander("Score the selection with an evaluator", expanded=bool(state.ev
                                                (evaluator.calls - calls_before - read, read) if on_disk else None)
         except AnalysisError as e:
             st.error(str(e))
+    budget = st.number_input("Evaluations the search may make", min_value=1, value=2 * len(signals.checkpoints),
+                             key="search_budget", help="As `recommend --eval --max-evals N`: the last checkpoint "
+                             "alone, the predicted weights, windows, EMAs and a greedy soup, most promising first.")
+    if st.button("Search for the best average with it", key="search_button") and spec:
+        state.set_evaluator_spec(spec)
+        try:
+            evaluator = cached.evaluator(spec, now.path, now.stamp, on_disk)
+            bar = st.progress(0.0, text=f"Searching with {evaluator.name}...")
+            found = recommend(signals, RecommendConfig(max_evals=int(budget)), evaluator,
+                              lambda fraction, message: bar.progress(min(max(fraction, 0.0), 1.0), text=message))
+            state.set_searched_recommendation(now.path, now.stamp, found)
+            st.rerun()
+        except AnalysisError as e:
+            st.error(str(e))
+    if rec.basis == "evaluator":
+        st.caption(f"The recommendation on every page is now this search's: {rec.summary}")
+        if st.button("Back to the recommendation from the logs", key="search_clear"):
+            state.clear_searched_recommendation()
+            st.rerun()
     scores = st.session_state.get("last_scores")
     if scores and scores[0] == tuple(chosen) and scores[1] == weights:
         _, _, score, last, sources = scores

@@ -184,6 +184,45 @@ def test_merge_page_ema_weights_and_evaluator(tiny_run: Path, tmp_path: Path, mo
     assert at.metric[0].label == "selection (lower is better)"
 
 
+def test_merge_page_searches_with_the_evaluator_and_every_page_follows(tiny_run: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search is `recommend --eval --max-evals N`: its choice replaces the logs' one on every page until
+    the user goes back."""
+    from analysis.evaluate import load_evaluator
+    from analysis.recommend import RecommendConfig, recommend
+    from analysis.run import open_run
+    from analysis.signals import assess_run
+
+    evaluator = tmp_path / "ev.py"   # best: the average whose bias is nearest the tiny run's at step 575
+    evaluator.write_text("def evaluate(state):\n    return abs(float(state['layer.bias'].float().mean()) - 5.75)\n")
+    spec = f"{evaluator}:evaluate"
+    expected = recommend(assess_run(open_run(tiny_run)), RecommendConfig(max_evals=9), load_evaluator(spec))
+    logs_only = recommend(assess_run(open_run(tiny_run)))
+    assert expected.checkpoints != logs_only.checkpoints
+
+    at = _page(_open(tiny_run, monkeypatch), "checkpoints")
+    assert any("a heuristic" in i.value and "exp_avg_sq" in i.value for i in at.info)   # no Adam state here
+    _page(at, "merge")
+    at.text_input(key="eval_spec").set_value(spec).run()
+    at.number_input(key="search_budget").set_value(9).run()
+    at.button(key="search_button").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert f"The recommendation on every page is now this search's: {expected.summary}" in [c.value for c in at.caption]
+    weights = json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]["y"]
+    assert weights == pytest.approx(list(expected.weights))
+    _page(at, "checkpoints")
+    assert at.success[0].value == f"**Recommendation:** {expected.summary}"
+    assert any(c.value.startswith("Measured: the evaluator scored 9 candidates") for c in at.caption)
+    table = at.dataframe[0].value
+    assert table[table["use"]]["step"].tolist() == [r.step for r in expected.checkpoints]
+
+    _page(at, "merge")
+    at.button(key="search_clear").click().run()
+    assert not at.exception
+    _page(at, "checkpoints")
+    assert at.success[0].value == f"**Recommendation:** {logs_only.summary}"
+
+
 def test_merge_page_scores_with_the_built_in_hf_lm_evaluator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from analysis.evaluate import load_evaluator
     from analysis.run import open_run
