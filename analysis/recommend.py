@@ -456,10 +456,11 @@ def _basis(signals: RunSignals, config: RecommendConfig, window: _Window, evalua
         return "window", f"The newest {config.window} eligible checkpoints, as asked (--window)."
     losses = ("train losses (the run logs no val loss)"
               if any(c.val is not None and c.val.source == "train" for c in signals.checkpoints) else "val losses")
+    luck = _stand_in_luck(signals, window.noise)
     if window.weights is not None:
         asked = "" if method == "predicted" else f" The {method} weights over that window were asked for (--method)."
         return "predicted", (f"From logged {losses}, LRs and the optimizer's second moments, a model's prediction."
-                             f"{asked} --eval FILE.py:FUNC measures candidate averages instead.")
+                             f"{asked}{luck} --eval FILE.py:FUNC measures candidate averages instead.")
     if window.sigma is not None:
         basis, lead = "val band", f"From logged {losses} and LRs, a heuristic"
     else:
@@ -475,8 +476,24 @@ def _basis(signals: RunSignals, config: RecommendConfig, window: _Window, evalua
     else:
         missing = "the newest checkpoint has no logged loss to weigh older ones against"
         fix = "log a val loss at each save for predicted weights"
-    return basis, (f"{lead}: {missing}, and such windows hold too few checkpoints of bigger models. To do better, "
-                   f"{fix}, or pass --eval FILE.py:FUNC to measure candidate averages.")
+    return basis, (f"{lead}: {missing}, and such windows hold too few checkpoints of bigger models.{luck} To do "
+                   f"better, {fix}, or pass --eval FILE.py:FUNC to measure candidate averages.")
+
+
+def _stand_in_luck(signals: RunSignals, noise: float | None) -> str:
+    """For a train-loss stand-in, a sentence on how much of the checkpoints' differences is batch luck.
+
+    Each checkpoint's mean train loss moves by its sampling error from the batches it happened to
+    meet, which a val loss over a fixed set does not; when that error is near the iterate noise the
+    weights follow luck (the benchmark's cosine runs, README), so the user sees both numbers.
+    """
+    errors = [c.val.stderr for c in signals.checkpoints[-8:]
+              if c.val is not None and c.val.source == "train" and c.val.stderr is not None]
+    if not errors:
+        return ""
+    against = f", against {noise:.4f} nats of iterate noise at the newest LR" if noise is not None else ""
+    return (f" Each checkpoint's train-loss mean carries about {float(np.median(errors)):.4f} nats of sampling "
+            f"error from the batches it met{against}; differences between checkpoints of that size are luck.")
 
 
 def _reason(item: CheckpointSignals, weight_of: dict[int, float], oldest_taken: int, window: _Window,

@@ -398,6 +398,13 @@ def test_a_run_that_logs_no_val_loss_gets_predicted_weights_from_its_train_loss(
                                          capture_output=True, text=True, cwd=REPO, timeout=120).stdout)
     assert analyzed["checkpoints"][-1]["val_loss_source"] == "train"
     assert analyzed["checkpoints"][-1]["val_loss_between"] == [110, 120]
+    # Ten rows per interval: each mean's sampling error, in the JSON and, with the iterate noise, in the note.
+    inside = np.array([r["train_loss"] for r in rows if 110 < r["step"] <= 120])
+    stderr = np.median(np.abs(np.diff(inside))) / 0.9539 / np.sqrt(len(inside))
+    assert analyzed["checkpoints"][-1]["val_loss_stderr"] == pytest.approx(stderr, rel=1e-9)
+    errors = [c.val.stderr for c in signals.checkpoints[-8:]]   # the newest eight, as the note takes them
+    assert (f"Each checkpoint's train-loss mean carries about {np.median(errors):.4f} nats of sampling error from "
+            f"the batches it met, against 0.5000 nats of iterate noise at the newest LR") in rec.basis_note
     text = subprocess.run([sys.executable, "-m", "analysis", "analyze", str(root), "--no-similarity"],
                           capture_output=True, text=True, cwd=REPO, timeout=120).stdout
     assert f"step      120  train {newest.val.value:.4f}" in text and "stands in" in text
@@ -430,3 +437,4 @@ def test_the_recommendation_says_how_it_was_chosen_and_what_would_choose_better(
     assert evaluated.basis == "evaluator" and evaluated.basis_note.startswith("Measured: the evaluator scored 4 ")
     doc = recommendation_report(band, None)
     assert doc["basis"] == "val band" and doc["basis_note"] == band.basis_note
+

@@ -197,6 +197,17 @@ def test_without_any_val_loss_each_checkpoint_gets_its_intervals_mean_train_loss
     assert [round(s.value, 12) if s else None for s in skipped] == [2.5, 1.6, None]
 
 
+def test_a_train_loss_stand_in_carries_the_sampling_error_of_its_mean() -> None:
+    # 2,500 rows per interval of independent batch noise (sd 0.05) on a slow descent: the error of each mean
+    # is about 0.05 / 50, whatever the descent; an interval of two rows has none.
+    rng = np.random.default_rng(0)
+    steps = np.arange(1, 7501)
+    train = pd.DataFrame({"step": steps, "value": 2.0 - 2e-5 * steps + rng.normal(0.0, 0.05, len(steps))})
+    scores = train_interval_scores(train, [2500, 5000, 7500])
+    assert [s.stderr for s in scores] == pytest.approx([0.001] * 3, rel=0.1)
+    assert train_interval_scores(train.iloc[:4], [2, 4])[1].stderr is None
+
+
 @given(st.lists(st.tuples(st.integers(1, 5_000), st.floats(0.1, 10.0)), min_size=1, max_size=60),
        st.lists(st.integers(1, 5_000), min_size=1, max_size=20, unique=True),
        st.lists(st.tuples(st.integers(0, 5_000), st.integers(0, 300)), max_size=3))

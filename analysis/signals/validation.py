@@ -33,6 +33,7 @@ class ValScore:
     source_step: int     # the step of the logged eval used (of an interpolation: the nearer eval)
     source: str          # "logged" (same step), "interpolated", "logged-nearest", "train" or "evaluator"
     between: tuple[int, int] | None = None   # an interpolation's two eval steps; of "train", the interval (lo, hi]
+    stderr: float | None = None   # of "train": the mean's sampling error, from its rows' scatter (3 rows or more)
 
     @property
     def kind(self) -> str:
@@ -120,5 +121,17 @@ def train_interval_scores(train: pd.DataFrame, ckpt_steps: list[int],
     out: list[ValScore | None] = []
     for lo, hi in zip([ckpt_steps[0] - first, *ckpt_steps[:-1]], ckpt_steps):
         inside = values[(steps > lo) & (steps <= hi)]
-        out.append(ValScore(float(inside.mean()), hi, "train", (lo, hi)) if len(inside) else None)
+        out.append(ValScore(float(inside.mean()), hi, "train", (lo, hi), _sampling_error(inside)) if len(inside) else None)
     return out
+
+
+def _sampling_error(rows: np.ndarray) -> float | None:
+    """The sampling error of the mean of ``rows``: their batch-to-batch scatter over √n.
+
+    The scatter is read from successive differences (median |Δ| / 0.954 is σ for independent normal
+    rows), so the interval's own slow descent and a stray hard batch barely move it. Unlike a val loss
+    over a fixed eval set, a train-loss mean moves by this much from batch luck alone.
+    """
+    if len(rows) < 3:
+        return None
+    return float(np.median(np.abs(np.diff(rows))) / 0.9539 / np.sqrt(len(rows)))

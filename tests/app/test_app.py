@@ -317,7 +317,10 @@ def test_a_run_without_val_losses_shows_its_train_loss_stand_in_as_such(tiny_run
                t.endswith("logged over steps 101-150: the run logs no val loss") for t in hover)
     checkpoints = _page(at, "checkpoints")
     assert checkpoints.dataframe[0].value.set_index("step")["val from"][150] == "train mean @ 101-150"
-    assert any(i.value.startswith("This run logs no val loss") for i in checkpoints.info)
+    info = next(i.value for i in checkpoints.info if i.value.startswith("This run logs no val loss"))
+    rows = cached_report(tiny_run)["checkpoints"][-8:]
+    errors = [c["val_loss_stderr"] for c in rows if c["val_loss_stderr"] is not None]
+    assert errors and f"Batch luck moves each of these means by about {np.median(errors):.4f} nats" in info
 
 
 def test_merge_page_keeps_evaluator_scores_on_disk_when_asked(tiny_run: Path, tmp_path: Path,
@@ -348,3 +351,14 @@ def test_merge_page_keeps_evaluator_scores_on_disk_when_asked(tiny_run: Path, tm
                            "0 remembered from this session.")
     assert calls.read_text() == "xx"
     assert list(Path(os.environ["CKPT_SELECT_SCORES_DIR"]).iterdir())
+
+
+def cached_report(run: Path) -> dict:
+    """The `analyze --json` document of ``run``: what the app's numbers must match."""
+    from analysis.report import analysis_report
+    from analysis.run import open_run
+    from analysis.signals import assess_run
+
+    opened = open_run(run)
+    return analysis_report(opened, assess_run(opened))
+
