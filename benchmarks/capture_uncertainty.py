@@ -194,9 +194,10 @@ def judge_lib_tests(run_dir: Path, saved: dict, names: list[str], data: np.ndarr
     for label, (_, _, what) in chosen.items():
         if label in ("last", "oracle"):
             continue
-        on_test = saved["choices"].get(label, {}).get("capture")
-        entry = {"what": what, "loss": float(losses[label].mean()), "capture_on_test": on_test,
-                 "capture": None, "ci95": None}
+        published = saved["choices"].get(label, {})
+        # The result file's choice should be this one: the recommender has not changed since it was judged.
+        entry = {"what": what, "same_as_results": published.get("what") == what, "loss": float(losses[label].mean()),
+                 "capture_on_test": published.get("capture"), "capture": None, "ci95": None}
         if captures:
             entry["capture"] = float((losses["last"].mean() - losses[label].mean()) / gain)
             entry["ci95"] = [float(np.percentile(captures[label], 2.5)), float(np.percentile(captures[label], 97.5))]
@@ -209,7 +210,8 @@ LIB_TESTS_COLS = ("recommend (logs)", "recommend (val band)", "recommend (train 
 
 
 def lib_tests_markdown(records: list[dict]) -> str:
-    """One row per run: the oracle there and each choice's capture with its interval, then (→) on the test split."""
+    """One row per run: the oracle there and each choice's capture with its interval, then in parentheses its
+    capture on the run's 64 KiB test split (from the result file)."""
     lines = ["| run (set) | oracle on lib-tests (gain, nats) | " + " | ".join(LIB_TESTS_COLS) + " |",
              "|---|---|" + "---|" * len(LIB_TESTS_COLS)]
     for r in records:
