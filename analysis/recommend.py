@@ -76,6 +76,7 @@ class Recommendation:
     evaluations_cached: int = 0              # of ``evaluations``, scores read from the evaluator's disk cache
     basis: str = ""                          # how the weights were chosen: evaluator | predicted | val band | window | default
     basis_note: str = ""                     # that in a sentence, with what would choose better when anything would
+    stand_in_error: float | None = None      # nats of sampling error of a train-loss stand-in (a run without val)
 
     @property
     def reasons(self) -> dict[str, str]:
@@ -438,7 +439,8 @@ def _finish(signals: RunSignals, config: RecommendConfig, method: str, chosen: l
     gain = window.predicted_gain if evaluator is None and method == "predicted" else None
     basis, note = _basis(signals, config, window, evaluator, method, calls)
     return Recommendation(name, tuple(s.ref for s in chosen), tuple(weights), decisions, calls, score,
-                          last_score, summary, noise, gain, basis=basis, basis_note=note)
+                          last_score, summary, noise, gain, basis=basis, basis_note=note,
+                          stand_in_error=stand_in_sampling_error(signals))
 
 
 def _basis(signals: RunSignals, config: RecommendConfig, window: _Window, evaluator: Evaluator | None,
@@ -480,19 +482,26 @@ def _basis(signals: RunSignals, config: RecommendConfig, window: _Window, evalua
                    f"better, {fix}, or pass --eval FILE.py:FUNC to measure candidate averages.")
 
 
-def _stand_in_luck(signals: RunSignals, noise: float | None) -> str:
-    """For a train-loss stand-in, a sentence on how much of the checkpoints' differences is batch luck.
+def stand_in_sampling_error(signals: RunSignals) -> float | None:
+    """The typical sampling error (nats) of the newest checkpoints' train-loss stand-ins, or None.
 
-    Each checkpoint's mean train loss moves by its sampling error from the batches it happened to
-    meet, which a val loss over a fixed set does not; when that error is near the iterate noise the
-    weights follow luck (the benchmark's cosine runs, README), so the user sees both numbers.
+    The median over the newest eight, the checkpoints a recommendation weighs: each mean train loss
+    moves by this much from the batches it happened to meet, which a val loss over a fixed set does not.
     """
     errors = [c.val.stderr for c in signals.checkpoints[-8:]
               if c.val is not None and c.val.source == "train" and c.val.stderr is not None]
-    if not errors:
+    return float(np.median(errors)) if errors else None
+
+
+def _stand_in_luck(signals: RunSignals, noise: float | None) -> str:
+    """For a train-loss stand-in, a sentence on how much of the checkpoints' differences is batch luck:
+    when the sampling error is near the iterate noise the weights follow luck (the benchmark's cosine
+    runs, README), so the user sees both numbers."""
+    error = stand_in_sampling_error(signals)
+    if error is None:
         return ""
     against = f", against {noise:.4f} nats of iterate noise at the newest LR" if noise is not None else ""
-    return (f" Each checkpoint's train-loss mean carries about {float(np.median(errors)):.4f} nats of sampling "
+    return (f" Each checkpoint's train-loss mean carries about {error:.4f} nats of sampling "
             f"error from the batches it met{against}; differences between checkpoints of that size are luck.")
 
 

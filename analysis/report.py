@@ -160,6 +160,7 @@ def recommendation_report(rec: Recommendation, recipe: Recipe | None) -> dict:
         "predicted_gain_nats": _num(rec.predicted_gain),
         "basis": rec.basis,
         "basis_note": rec.basis_note,
+        "stand_in_sampling_error_nats": _num(rec.stand_in_error),
         "score": _num(rec.score),
         "last_score": _num(rec.last_score),
         "recipe": recipe_to_dict(recipe) if recipe is not None else None,

@@ -403,6 +403,8 @@ def test_a_run_that_logs_no_val_loss_gets_predicted_weights_from_its_train_loss(
     stderr = np.median(np.abs(np.diff(inside))) / 0.9539 / np.sqrt(len(inside))
     assert analyzed["checkpoints"][-1]["val_loss_stderr"] == pytest.approx(stderr, rel=1e-9)
     errors = [c.val.stderr for c in signals.checkpoints[-8:]]   # the newest eight, as the note takes them
+    assert rec.stand_in_error == pytest.approx(np.median(errors))
+    assert recommendation_report(rec, None)["stand_in_sampling_error_nats"] == pytest.approx(np.median(errors))
     assert (f"Each checkpoint's train-loss mean carries about {np.median(errors):.4f} nats of sampling error from "
             f"the batches it met, against 0.5000 nats of iterate noise at the newest LR") in rec.basis_note
     text = subprocess.run([sys.executable, "-m", "analysis", "analyze", str(root), "--no-similarity"],

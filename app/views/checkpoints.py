@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
-
 import pandas as pd
 import streamlit as st
 
@@ -51,9 +49,9 @@ reasons = {d.step: d.reason for d in rec.decisions}
 status = charts.checkpoint_status(signals, set(rec_steps))
 rows = report["checkpoints"]
 if any(c["val_loss_source"] == "train" for c in rows):
-    errors = [c["val_loss_stderr"] for c in rows[-8:] if c["val_loss_stderr"] is not None]
-    luck = (f" Batch luck moves each of these means by about {statistics.median(errors):.4f} nats (its "
-            "sampling error, from the scatter of its rows); a val loss over a fixed set would not." if errors else "")
+    error = rec.stand_in_error
+    luck = (f" Batch luck moves each of these means by about {error:.4f} nats (its sampling error, from the "
+            "scatter of its rows); a val loss over a fixed set would not." if error is not None else "")
     st.info("This run logs no val loss: each checkpoint's \"val loss\" is the mean train loss logged since the "
             "checkpoint before (spike rows left out), the stand-in the recommendation uses. Batches seen in an "
             f"earlier epoch make it read low.{luck}", icon=":material/info:")
