@@ -23,10 +23,9 @@ from .errors import InvalidArgument, NotEnoughCheckpoints
 from .evaluate import Evaluator
 from .run import CheckpointRef
 from .signals import CheckpointSignals, IterateNoise, RunSignals
+from .signals.spikes import diff_sigma
 
 METHODS = ("auto", "sma", "ema", "wma", "soup", "recovery")
-# median(|dx|) of i.i.d. normal noise is 0.954 sigma.
-_DIFF_MAD_TO_SIGMA = 1.0 / 0.9539
 # Window sizes an evaluator search tries first (after the predicted weights and the log-chosen window), newest-first suffixes;
 # then every other size, then EMA over all eligible checkpoints, then a greedy soup, budget allowing.
 _SEARCH_WINDOWS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -319,8 +318,7 @@ def _noise(values: np.ndarray) -> float:
     is the scale that matters: a checkpoint whose val loss is within a couple of typical steps of the
     newest level is still part of the recent stretch of training that averaging smooths.
     """
-    diffs = np.abs(np.diff(values[-min(len(values), 16):]))
-    sigma = float(np.median(diffs)) * _DIFF_MAD_TO_SIGMA if len(diffs) else 0.0
+    sigma = diff_sigma(values[-min(len(values), 16):])
     return max(sigma, 1e-4 * float(np.median(np.abs(values))))
 
 
@@ -437,14 +435,15 @@ def _finish(signals: RunSignals, config: RecommendConfig, method: str, chosen: l
     noise = signals.noise.excess_at(chosen[-1].lr) if signals.noise is not None and chosen[-1].lr else None
     # The prediction is for the predicted weights; other weights or an evaluator's choice have none.
     gain = window.predicted_gain if evaluator is None and method == "predicted" else None
-    basis, note = _basis(signals, config, window, evaluator, method, calls)
+    stand_in_error = stand_in_sampling_error(signals)
+    basis, note = _basis(signals, config, window, evaluator, method, calls, stand_in_error)
     return Recommendation(name, tuple(s.ref for s in chosen), tuple(weights), decisions, calls, score,
                           last_score, summary, noise, gain, basis=basis, basis_note=note,
-                          stand_in_error=stand_in_sampling_error(signals))
+                          stand_in_error=stand_in_error)
 
 
 def _basis(signals: RunSignals, config: RecommendConfig, window: _Window, evaluator: Evaluator | None,
-           method: str, calls: int) -> tuple[str, str]:
+           method: str, calls: int, stand_in_error: float | None) -> tuple[str, str]:
     """How the weights were chosen, and a sentence saying so.
 
     Without an evaluator and without Adam's second moments the window comes from a heuristic that
@@ -458,7 +457,7 @@ def _basis(signals: RunSignals, config: RecommendConfig, window: _Window, evalua
         return "window", f"The newest {config.window} eligible checkpoints, as asked (--window)."
     losses = ("train losses (the run logs no val loss)"
               if any(c.val is not None and c.val.source == "train" for c in signals.checkpoints) else "val losses")
-    luck = _stand_in_luck(signals, window.noise)
+    luck = _stand_in_luck(stand_in_error, window.noise)
     if window.weights is not None:
         asked = "" if method == "predicted" else f" The {method} weights over that window were asked for (--method)."
         return "predicted", (f"From logged {losses}, LRs and the optimizer's second moments, a model's prediction."
@@ -493,11 +492,10 @@ def stand_in_sampling_error(signals: RunSignals) -> float | None:
     return float(np.median(errors)) if errors else None
 
 
-def _stand_in_luck(signals: RunSignals, noise: float | None) -> str:
-    """For a train-loss stand-in, a sentence on how much of the checkpoints' differences is batch luck:
-    when the sampling error is near the iterate noise the weights follow luck (the benchmark's cosine
-    runs, README), so the user sees both numbers."""
-    error = stand_in_sampling_error(signals)
+def _stand_in_luck(error: float | None, noise: float | None) -> str:
+    """For a train-loss stand-in (``error``: its sampling error), a sentence on how much of the checkpoints'
+    differences is batch luck: when the sampling error is near the iterate noise the weights follow luck
+    (the benchmark's cosine runs, README), so the user sees both numbers."""
     if error is None:
         return ""
     against = f", against {noise:.4f} nats of iterate noise at the newest LR" if noise is not None else ""

@@ -16,7 +16,16 @@ import pandas as pd
 
 # median(|x_i - x_{i-1}|) of i.i.d. normal noise is 0.954 sigma: this turns the robust
 # spread of first differences (immune to the slow downward trend of a loss) into sigma.
-_DIFF_MAD_TO_SIGMA = 1.0 / 0.9539
+DIFF_MAD_TO_SIGMA = 1.0 / 0.9539
+
+
+def diff_sigma(values: np.ndarray) -> float:
+    """The noise sigma of a series from the median of its absolute first differences (0.0 under two values).
+
+    Robust to the series' slow trend and to a stray outlier, which a standard deviation is not.
+    """
+    diffs = np.abs(np.diff(values))
+    return float(np.median(diffs)) * DIFF_MAD_TO_SIGMA if len(diffs) else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +113,7 @@ def _rolling_baseline(y: np.ndarray, config: SpikeConfig) -> tuple[np.ndarray, n
     series = pd.Series(np.where(np.isfinite(y), y, np.nan))
     baseline = series.rolling(config.window, min_periods=config.min_periods).median().shift(1)
     diffs = series.diff().abs()
-    spread = diffs.rolling(config.window, min_periods=config.min_periods).median().shift(1) * _DIFF_MAD_TO_SIGMA
+    spread = diffs.rolling(config.window, min_periods=config.min_periods).median().shift(1) * DIFF_MAD_TO_SIGMA
     # A floor keeps a perfectly flat stretch from making every wiggle a spike.
     sigma = np.maximum(spread.to_numpy(), np.abs(baseline.to_numpy()) * 1e-3)
     return baseline.to_numpy(), sigma

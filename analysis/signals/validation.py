@@ -24,6 +24,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from .spikes import diff_sigma
+
 
 @dataclass(frozen=True, slots=True)
 class ValScore:
@@ -128,10 +130,10 @@ def train_interval_scores(train: pd.DataFrame, ckpt_steps: list[int],
 def _sampling_error(rows: np.ndarray) -> float | None:
     """The sampling error of the mean of ``rows``: their batch-to-batch scatter over √n.
 
-    The scatter is read from successive differences (median |Δ| / 0.954 is σ for independent normal
-    rows), so the interval's own slow descent and a stray hard batch barely move it. Unlike a val loss
-    over a fixed eval set, a train-loss mean moves by this much from batch luck alone.
+    The scatter is read from successive differences (:func:`diff_sigma`, as spike detection reads
+    noise), so the interval's own slow descent and a stray hard batch barely move it. Unlike a val
+    loss over a fixed eval set, a train-loss mean moves by this much from batch luck alone.
     """
     if len(rows) < 3:
         return None
-    return float(np.median(np.abs(np.diff(rows))) / 0.9539 / np.sqrt(len(rows)))
+    return diff_sigma(rows) / float(np.sqrt(len(rows)))
