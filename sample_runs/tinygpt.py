@@ -28,7 +28,9 @@ import torch.nn.functional as F
 
 # Parts of the standard library that are not ordinary source text: test suites (a lot of
 # deliberately odd code), installed third-party packages, and generated codec tables.
-EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "encodings", "__pycache__"})
+# The standard library's own test suites: never trained on, so ``lib_tests_split`` can hold them out.
+TEST_DIRS = frozenset({"test", "tests", "idle_test"})
+EXCLUDED_DIRS = TEST_DIRS | {"site-packages", "encodings", "__pycache__"}
 # A byte that never occurs in Python source: marks file boundaries in the concatenated corpus.
 SEPARATOR = b"\x00"
 
@@ -206,9 +208,6 @@ def load_corpus(stdlib_dir: Path | None = None, val_bytes: int = 65536, test_byt
         "test_files": test_names, "test_bytes": len(test),
     }
     return Corpus(_as_array(train), _as_array(val), _as_array(test), description)
-
-
-TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 
 
 def lib_tests_split(stdlib_dir: Path | None = None, n_bytes: int = 1 << 20,

@@ -55,13 +55,15 @@ def _split(name: str) -> np.ndarray:
     return np.fromfile(RUN_DIR / "data" / f"{name}.bin", dtype=np.uint8)
 
 
+def _load(state_dict: dict[str, torch.Tensor]):
+    """The run's model holding ``state_dict``, on a GPU when there is one (runs of tens of millions of
+    parameters), else on the CPU."""
+    model = _model_module().as_model(state_dict, _config())
+    return model.cuda() if torch.cuda.is_available() else model
+
+
 def _score(state_dict: dict[str, torch.Tensor], split: str) -> float:
-    """Scored on a GPU when there is one (runs of tens of millions of parameters), else on the CPU."""
-    module = _model_module()
-    model = module.as_model(state_dict, _config())
-    if torch.cuda.is_available():
-        model = model.cuda()
-    return module.evaluate_loss(model, _split(split))
+    return _model_module().evaluate_loss(_load(state_dict), _split(split))
 
 
 def evaluate(state_dict: dict[str, torch.Tensor]) -> float:
@@ -81,13 +83,9 @@ def test_window_losses(state_dict: dict[str, torch.Tensor], split: str = "test")
     is takes whole files (:func:`test_window_files`), not windows. ``split`` names another held-out
     file of ``data/`` (a benchmark's bigger split) to score the same way.
     """
-    module = _model_module()
-    model = module.as_model(state_dict, _config())
-    if torch.cuda.is_available():
-        model = model.cuda()
-    model.eval()
+    model = _load(state_dict).eval()
     device = next(model.parameters()).device
-    x, y = module.eval_windows(_split(split), model.config.block_size)
+    x, y = _model_module().eval_windows(_split(split), model.config.block_size)
     losses = []
     with torch.no_grad():
         for start in range(0, len(x), 128):
