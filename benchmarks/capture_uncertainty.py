@@ -31,7 +31,7 @@ import argparse
 import importlib.util
 import json
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from types import ModuleType
@@ -42,10 +42,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from analysis import RecommendConfig, assess_run, load_evaluator, open_run, recommend  # noqa: E402
+from analysis import assess_run, open_run  # noqa: E402
 from analysis.recommend import policy_weights  # noqa: E402
 from selection_quality import (BASELINES, Scorer, contaminated_steps, describe, float32_states, oracle,  # noqa: E402
-                               train_loss_choice)
+                               recommendations)
 
 sys.path.insert(0, str(REPO / "sample_runs"))
 from tinygpt import lib_tests_split  # noqa: E402
@@ -70,28 +70,23 @@ def window_scorer(run_dir: Path) -> ModuleType:
 
 
 def recommend_choices(run_dir: Path, run, steps: list[int], train_loss: bool = False) -> dict[str, tuple]:
-    """Members (indices into ``steps``), weights and description of each choice ``recommend`` makes:
-    from the logs, the val band when the run saved optimizer state, with the run's val evaluator and,
-    with ``train_loss``, from the train loss alone."""
-    signals = assess_run(run)
+    """Members (indices into ``steps``), weights and description of each choice the benchmark judged
+    (:func:`selection_quality.recommendations`; the train-loss stand-in's with ``train_loss``)."""
     index = {s: i for i, s in enumerate(steps)}
-    recs = {"recommend (logs)": recommend(signals, RecommendConfig())}
-    if signals.noise is not None:
-        recs["recommend (val band)"] = recommend(replace(signals, noise=None), RecommendConfig())
-    if train_loss:
-        recs["recommend (train loss)"] = train_loss_choice(run)
-    recs["recommend --eval"] = recommend(signals, RecommendConfig(), load_evaluator(f"{run_dir / 'evaluate.py'}:evaluate"))
+    recs = recommendations(run_dir, run, assess_run(run), train_loss=train_loss)
     return {label: ([index[r.step] for r in rec.checkpoints], tuple(rec.weights), describe(rec))
             for label, rec in recs.items()}
 
 
-def candidates(run_dir: Path, run, scorer: Scorer) -> dict[str, tuple[list[int], tuple[float, ...], str]]:
-    """Members, weights and description of the last checkpoint, the oracle and each recommend choice."""
+def candidates(run_dir: Path, run, scorer: Scorer,
+               train_loss: bool = False) -> dict[str, tuple[list[int], tuple[float, ...], str]]:
+    """Members, weights and description of the last checkpoint, the oracle (by ``scorer``) and each
+    recommend choice (with ``train_loss``, the stand-in's too)."""
     bad = contaminated_steps(run_dir)
     clean = [i for i, s in enumerate(scorer.steps) if s not in bad]
     _, what, members, weights = oracle(scorer, clean)
     out = {"last": ([len(scorer.steps) - 1], (1.0,), "last checkpoint"), "oracle": (members, tuple(weights), what)}
-    out.update(recommend_choices(run_dir, run, scorer.steps))
+    out.update(recommend_choices(run_dir, run, scorer.steps, train_loss))
     return out
 
 
@@ -147,9 +142,9 @@ class WindowScorer(Scorer):
         return float(self.window_losses(members, weights).mean())
 
     def window_losses(self, members: list[int], weights: tuple[float, ...] | None = None) -> np.ndarray:
+        weights = weights or policy_weights("sma", len(members))
         key = self.key(members, weights)
         if key not in self.windows:
-            weights = weights or policy_weights("sma", len(members))
             self.windows[key] = self.module.test_window_losses(self.average(members, weights), self.split)
             if len(self.windows) % 25 == 0:   # a CPU-scale run scores about 120 candidates, 7 s each
                 print(f"  {self.module.RUN_DIR}: {len(self.windows)} candidates scored on {self.split}",
@@ -172,12 +167,8 @@ def judge_lib_tests(run_dir: Path, saved: dict, names: list[str], data: np.ndarr
     module = window_scorer(run_dir)
     scorer = WindowScorer([c.step for c in run.checkpoints], float32_states(run.checkpoints), None, module=module)
     files = module.test_window_files(LIB_TESTS)
-    bad = contaminated_steps(run_dir)
-    clean = [i for i, s in enumerate(scorer.steps) if s not in bad]
     n = len(scorer.steps)
-    _, what, members, weights = oracle(scorer, clean)
-    chosen = {"last": ([n - 1], (1.0,), "last checkpoint"), "oracle": (members, tuple(weights), what)}
-    chosen.update(recommend_choices(run_dir, run, scorer.steps, train_loss=True))
+    chosen = candidates(run_dir, run, scorer, train_loss=True)
     for label, k in BASELINES:
         if k is not None:
             chosen[label] = (list(range(max(0, n - k), n)), policy_weights("sma", min(k, n)), label)

@@ -77,9 +77,9 @@ class Scorer:
 
     def score(self, members: list[int], weights: tuple[float, ...] | None = None) -> float:
         """Test loss of the average of checkpoints ``members`` (indices) with ``weights`` (uniform if None)."""
+        weights = weights or policy_weights("sma", len(members))
         key = self.key(members, weights)
         if key not in self.cache:
-            weights = weights or policy_weights("sma", len(members))
             self.cache[key] = float(self.evaluate_test(self.average(members, weights)))
         return self.cache[key]
 
@@ -151,6 +151,21 @@ def train_loss_choice(run) -> object:
     return recommend(assess_run(without_val(run)), RecommendConfig())
 
 
+def recommendations(run_dir: Path, run, signals, with_evaluator: bool = True, train_loss: bool = True) -> dict:
+    """Every ``recommend`` choice the benchmark judges, by column: from the logs; with ``train_loss``, from the
+    train loss alone; for a run that saved optimizer state, as if it had not (the val band decides); and
+    with ``with_evaluator``, with the run's val evaluator."""
+    recs = {"recommend (logs)": recommend(signals, RecommendConfig())}
+    if train_loss:
+        recs["recommend (train loss)"] = train_loss_choice(run)
+    if signals.noise is not None:
+        recs["recommend (val band)"] = recommend(replace(signals, noise=None), RecommendConfig())
+    if with_evaluator:
+        evaluator = load_evaluator(f"{run_dir / 'evaluate.py'}:evaluate")
+        recs["recommend --eval"] = recommend(signals, RecommendConfig(), evaluator)
+    return recs
+
+
 def describe(rec) -> str:
     steps = [r.step for r in rec.checkpoints]
     span = f"{steps[0]}-{steps[-1]}" if len(steps) > 1 else str(steps[0])
@@ -184,9 +199,7 @@ def judge_run(run_dir: Path, min_gain: float) -> dict:
     def rec_score(rec) -> float:
         return scorer.score([index[r.step] for r in rec.checkpoints], tuple(rec.weights))
 
-    logs_only = recommend(signals, RecommendConfig())
-    evaluator = load_evaluator(f"{run_dir / 'evaluate.py'}:evaluate")
-    with_eval = recommend(signals, RecommendConfig(), evaluator)
+    recs = recommendations(run_dir, run, signals)
     last = scorer.score([n - 1])
     best, best_what, _, _ = oracle(scorer, clean)
     result = {
@@ -195,16 +208,10 @@ def judge_run(run_dir: Path, min_gain: float) -> dict:
         "last": last, "oracle": best, "oracle_is": best_what,
         "choices": {},
     }
-    train_only = train_loss_choice(run)
-    choices = {"recommend (logs)": (rec_score(logs_only), describe(logs_only), 0),
-               "recommend --eval": (rec_score(with_eval), describe(with_eval), with_eval.evaluations),
-               "recommend (train loss)": (rec_score(train_only), describe(train_only), 0)}
+    choices = {label: (rec_score(rec), describe(rec), rec.evaluations) for label, rec in recs.items()}
     if signals.noise is not None:
-        # The same run judged as if no optimizer state had been saved: the val band decides.
-        band = recommend(replace(signals, noise=None), RecommendConfig())
-        choices["recommend (val band)"] = (rec_score(band), describe(band), 0)
         eligible = [index[c.ref.step] for c in signals.checkpoints if c.eligible]
-        result["iterate_noise"] = {"estimated": logs_only.iterate_noise,
+        result["iterate_noise"] = {"estimated": recs["recommend (logs)"].iterate_noise,
                                    "implied_by_test": implied_noise(scorer, eligible[-IMPLIED_WINDOW:])}
     for label, k in BASELINES:
         members = list(range(n)) if k is None else list(range(max(0, n - k), n))
@@ -230,12 +237,7 @@ def rejudge_recommend(run_dir: Path, saved: dict, min_gain: float, with_evaluato
     scorer = Scorer.for_run(run_dir, run)
     index = {s: i for i, s in enumerate(scorer.steps)}
     signals = assess_run(run)
-    recs = {"recommend (logs)": recommend(signals, RecommendConfig()), "recommend (train loss)": train_loss_choice(run)}
-    if signals.noise is not None:
-        recs["recommend (val band)"] = recommend(replace(signals, noise=None), RecommendConfig())
-    if with_evaluator:
-        evaluator = load_evaluator(f"{run_dir / 'evaluate.py'}:evaluate")
-        recs["recommend --eval"] = recommend(signals, RecommendConfig(), evaluator)
+    recs = recommendations(run_dir, run, signals, with_evaluator)
     result = json.loads(json.dumps(saved))
     for label, rec in recs.items():
         value = scorer.score([index[r.step] for r in rec.checkpoints], tuple(rec.weights))
