@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from analysis.errors import AnalysisError
 import state
+from analysis.errors import AnalysisError
 from analysis.evaluate import Evaluator, check_evaluator_allowed, load_evaluator
 from analysis.merge import MergeResult, merge_checkpoints
 from analysis.recipe import build_recipe, dump_recipe, to_mergekit
