@@ -444,15 +444,25 @@ def logs(paths: tuple[Path, ...], fmt: str | None, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("run_path", metavar="RUN", required=False, type=click.Path(path_type=Path))
-@click.option("--root", type=click.Path(path_type=Path), help="Only paths below this folder may be opened.")
+@click.option("--root", type=click.Path(path_type=Path),
+              help="Confine the app to this folder: runs, every file they read, evaluators (docs/security.md).")
+@click.option("--eval", "evaluators", metavar="FILE.py:FUNC", multiple=True,
+              help="With --root: an evaluator the app may also run although it lies outside the root "
+                   "(repeatable). An evaluator runs with the server's rights.")
 @click.option("--port", type=int, default=8501, show_default=True)
-def ui(run_path: Path | None, root: Path | None, port: int) -> None:
+def ui(run_path: Path | None, root: Path | None, evaluators: tuple[str, ...], port: int) -> None:
     """Serve the web app (Streamlit) on RUN."""
+    from .evaluate import canonical_evaluator_spec, evaluator_file
     env = dict(os.environ)
     if run_path is not None:
         env["CKPT_SELECT_RUN"] = str(run_path.expanduser().resolve())
     if root is not None:
         env["CKPT_SELECT_ROOT"] = str(root.expanduser().resolve())
+    allowed = [canonical_evaluator_spec(spec) for spec in evaluators]
+    missing = next((spec for spec in allowed if not evaluator_file(spec).is_file()), None)
+    if missing is not None:
+        raise InvalidArgument(f"ui --eval {missing}: no such file")
+    env["CKPT_SELECT_EVALUATORS"] = json.dumps(allowed)
     command = [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT), "--server.port", str(port),
                "--browser.gatherUsageStats", "false"]
     click.echo(f"Serving CkptSelect at http://localhost:{port}", err=True)

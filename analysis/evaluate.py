@@ -4,6 +4,9 @@ The user names an evaluator explicitly (``--eval path/to/file.py:func``); it is 
 code CkptSelect ever runs that it did not write, and only because the user asked. The built-in
 ``--eval hf-lm:VAL.txt`` (:mod:`.hf_lm_eval`) scores a Hugging Face causal LM on a text file.
 Scores are cached per checkpoint set and weights, so a search never pays twice.
+
+An evaluator runs with the rights of whoever loads it. The web app served with ``ui --root`` loads
+only what :func:`check_evaluator_allowed` lets through (issue 19; docs/security.md).
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import importlib.util
 import math
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 from .averaging import average_state_dict
-from .errors import EvaluatorError
+from .errors import EvaluatorError, InvalidArgument
+from .paths import is_within
 from .run import CheckpointRef, Run
 from .score_store import ScoreStore, candidate_key, file_digest
 
@@ -97,9 +101,7 @@ def load_evaluator(spec: str, higher_is_better: bool = False, run: Run | None = 
     if is_hf_lm_spec(spec):
         func, name, identity = hf_lm_scorer(spec, run, max_tokens or DEFAULT_MAX_TOKENS)
         return Evaluator(func, name, higher_is_better, identity)
-    path_text, sep, func_name = spec.rpartition(":")
-    if not sep or not path_text or not func_name:
-        raise EvaluatorError(f"--eval {spec!r}: expected FILE.py:FUNCTION, e.g. sample_runs/stdlib-gpt/evaluate.py:evaluate")
+    path_text, func_name = _split_spec(spec)
     path = Path(path_text).expanduser().resolve()
     if not path.is_file():
         raise EvaluatorError(f"{path}: evaluator file not found")
@@ -118,3 +120,93 @@ def load_evaluator(spec: str, higher_is_better: bool = False, run: Run | None = 
     if not callable(func):
         raise EvaluatorError(f"{path}: has no function {func_name!r}")
     return Evaluator(func, f"{path.name}:{func_name}", higher_is_better, f"{file_digest([path])}:{func_name}")
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+    """(file, function) of ``FILE.py:FUNC``.
+
+    Raises:
+        EvaluatorError: no ``:`` or an empty side.
+    """
+    path_text, sep, func_name = spec.rpartition(":")
+    if not sep or not path_text or not func_name:
+        raise EvaluatorError(f"--eval {spec!r}: expected FILE.py:FUNCTION, e.g. sample_runs/stdlib-gpt/evaluate.py:evaluate")
+    return path_text, func_name
+
+
+def canonical_evaluator_spec(spec: str, base: Path | None = None) -> str:
+    """``spec`` with its file made absolute (relative to ``base``, else the working folder) and resolved.
+
+    Two specs naming the same file through different paths or symlinks come out equal, and the
+    resolved one is what gets loaded: no second resolution a symlink swapped in between could redirect.
+
+    Raises:
+        EvaluatorError: a malformed ``FILE.py:FUNC``.
+    """
+    from .hf_lm_eval import PREFIX, is_hf_lm_spec
+
+    if is_hf_lm_spec(spec):
+        return PREFIX + str(_resolved(spec[len(PREFIX):], base))
+    path_text, func_name = _split_spec(spec)
+    return f"{_resolved(path_text, base)}:{func_name}"
+
+
+def _resolved(text: str, base: Path | None) -> Path:
+    path = Path(text.strip()).expanduser()
+    try:
+        return (path if path.is_absolute() or base is None else base / path).resolve()
+    except (OSError, RuntimeError) as e:   # a symlink loop
+        raise EvaluatorError(f"{text}: cannot be resolved ({e})") from None
+
+
+def check_evaluator_allowed(spec: str, root: str | Path | None, allowed: Iterable[str] = (),
+                            run: Run | None = None) -> str:
+    """The evaluator the app may load for ``spec`` under ``ui --root``: its file resolved and checked.
+
+    An evaluator file is imported and run with the server's rights, so a server confined to ``root``
+    runs one only if its file, symlinks followed, lies inside ``root``, or if the server was started with
+    it (``ckpt-select ui --eval FILE.py:FUNC``: ``allowed``). ``hf-lm:TEXT`` reads its text file and the
+    run's config.json and tokenizer files, which must lie inside ``root`` too (or the spec be allowed).
+    Relative paths are taken from ``root``. Without a root (the command line) nothing is refused.
+
+    Returns:
+        the spec to load: unchanged without a root, else with its file absolute and resolved.
+
+    Raises:
+        EvaluatorError: a malformed spec.
+        InvalidArgument: a file it would read resolves outside ``root`` and the spec is not allowed.
+    """
+    if root is None:
+        return spec
+    from .hf_lm_eval import is_hf_lm_spec
+
+    base = Path(root).expanduser().resolve()
+    canonical = canonical_evaluator_spec(spec.strip(), base)
+    if is_hf_lm_spec(canonical):
+        _check_model_files(run, base)
+    if is_within(evaluator_file(canonical), base) or canonical in {canonical_evaluator_spec(a) for a in allowed}:
+        return canonical
+    what = "hf-lm reads only text files" if is_hf_lm_spec(canonical) else "the app runs only evaluator files"
+    raise InvalidArgument(f"{spec.strip()}: {what} inside the allowed folder {base} (the app was started with "
+                          "--root) or named with `ckpt-select ui --eval FILE.py:FUNC`; this one resolves outside it")
+
+
+def evaluator_file(canonical: str) -> Path:
+    """The file a canonical spec reads: the text of ``hf-lm:TEXT``, the module of ``FILE.py:FUNC``."""
+    from .hf_lm_eval import PREFIX, is_hf_lm_spec
+
+    return Path(canonical[len(PREFIX):] if is_hf_lm_spec(canonical) else canonical.rpartition(":")[0])
+
+
+def _check_model_files(run: Run | None, base: Path) -> None:
+    """Refuse hf-lm when the run's config.json or tokenizer, which it reads, resolves outside ``base``.
+
+    Raises:
+        InvalidArgument: naming the first such file.
+    """
+    from .hf_lm_eval import model_files
+
+    outside = next((f for f in model_files(run) if not is_within(f, base)), None)
+    if outside is not None:
+        raise InvalidArgument(f"{outside.name}: hf-lm would read this file of the run, and it resolves outside the "
+                              f"allowed folder {base} (the app was started with --root)")

@@ -94,6 +94,12 @@ def _config_and_tokenizer_dirs(run: Run | None) -> tuple[Path, Path]:
     return config_dir, tokenizer_dir
 
 
+def model_files(run: Run | None) -> list[Path]:
+    """Every config or tokenizer file hf-lm may read for ``run`` (those present): ``ui --root`` checks them."""
+    return [folder / name for folder in _model_folders(run) for name in ("config.json", *_TOKENIZER_INPUTS)
+            if (folder / name).exists() or (folder / name).is_symlink()]
+
+
 def _model_folders(run: Run | None) -> list[Path]:
     """Where the config and tokenizer may be: the newest checkpoint's folder first, then the run folder."""
     if run is None:

@@ -14,13 +14,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 import yaml
 
 from .checkpoints import CHECKPOINT_READERS, detect_layout, open_checkpoint
 from .errors import AnalysisError, CheckpointReadError, NotACheckpoint, RunNotFound
+from .paths import is_within, resolve_within
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -104,23 +105,31 @@ class Run:
         raise AnalysisError(f"{self.path}: no checkpoint at step {step} (have {[c.step for c in self.checkpoints]})")
 
 
-def open_run(path: str | Path) -> Run:
+def open_run(path: str | Path, root: str | Path | None = None) -> Run:
     """Discover the logs and checkpoints of a run folder.
 
     Args:
         path: the run folder (or a single log file, for a log-only view).
+        root: the folder the app is confined to (``ui --root``; relative ``path`` is taken from it). The run
+            must lie in it, and every file the run would read that resolves outside it (a symlink pointing
+            out: a log, a checkpoint, a shard, ``ckpt-select.yaml``) is left out with a note (issue 19).
+            None, as on the command line: no limit.
 
     Raises:
+        InvalidArgument: ``path`` resolves outside ``root``.
         RunNotFound: the path does not exist, or holds neither logs nor checkpoints.
         AnalysisError: a checkpoint or log the run needs cannot be read.
     """
-    root = Path(path).expanduser().resolve()
+    allowed = Path(root).expanduser().resolve() if root is not None else None
+    root = resolve_within(path, allowed)
     if not root.exists():
         raise RunNotFound(root, "no such folder")
     if root.is_file():
         return _run_from_files(root.parent, [], [root], root.stem, notes=[])
-    config = _read_config(root)
-    ckpt_paths, log_candidates, notes = _walk(root, config)
+    config_notes: list[str] = []
+    config = _read_config(root) if not _outside(root, [root / CONFIG_FILE], allowed, config_notes) else {}
+    ckpt_paths, log_candidates, notes = _walk(root, config, allowed)
+    notes = config_notes + notes
     name = str(config.get("name") or root.name)
     run = _run_from_files(root, ckpt_paths, log_candidates, name, notes)
     if not run.checkpoints and not run.logs:
@@ -205,17 +214,23 @@ def _read_config(root: Path) -> dict:
     return config
 
 
-def _walk(root: Path, config: dict) -> tuple[list[Path], list[Path], list[str]]:
-    """(checkpoint paths, log candidates, notes) under ``root``, honouring the config globs."""
+def _walk(root: Path, config: dict, allowed: Path | None = None) -> tuple[list[Path], list[Path], list[str]]:
+    """(checkpoint paths, log candidates, notes) under ``root``, honouring the config globs.
+
+    With ``allowed`` (``ui --root``) an entry resolving outside it is dropped before any reader sniffs it.
+    """
     excludes = [str(p) for p in config.get("exclude", [])]
     ckpt_globs = [str(p) for p in config.get("checkpoints", [])]
     log_globs = [str(p) for p in config.get("logs", [])]
     ckpts: list[Path] = []
     logs: list[Path] = []
+    notes: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
         current = Path(dirpath)
         depth = len(current.relative_to(root).parts)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS and depth < MAX_DEPTH)
+        dirnames[:] = [d for d in dirnames if not _outside(root, [current / d], allowed, notes)]
+        filenames = [f for f in filenames if not _outside(root, [current / f], allowed, notes)]
         if current == root and detect_layout(root) == "dcp":
             ckpts.append(root)   # a DCP folder opened as the run: its files mean nothing one by one
         for d in list(dirnames):
@@ -237,7 +252,43 @@ def _walk(root: Path, config: dict) -> tuple[list[Path], list[Path], list[str]]:
                 ckpts.append(file_path)
             elif _log_candidate(file_path) and not log_globs:
                 logs.append(file_path)
-    return ckpts, logs, []
+    ckpts = [p for p in ckpts if not _outside(root, _checkpoint_reads(p), allowed, notes)]
+    logs = [p for p in logs if not _outside(root, [p], allowed, notes)]
+    return ckpts, logs, notes
+
+
+def _outside(root: Path, paths: Iterable[Path], allowed: Path | None, notes: list[str]) -> bool:
+    """True, with a note naming the file, when one of ``paths`` resolves outside ``allowed`` (``ui --root``).
+
+    Only existing paths count: a missing one reads nothing. The note does not say where the link
+    points: that is the very thing a confined server must not tell.
+    """
+    if allowed is None:
+        return False
+    for path in paths:
+        if (path.exists() or path.is_symlink()) and not is_within(path, allowed):
+            shown = path.relative_to(root) if path.is_relative_to(root) else path.name
+            notes.append(f"{shown}: left out, it resolves outside the allowed folder {allowed} (ui --root)")
+            return True
+    return False
+
+
+def _checkpoint_reads(path: Path) -> Iterator[Path]:
+    """Every file a checkpoint may read, lazily, in the order they are safe to look at.
+
+    A folder's own entries come first (its index, config, optimizer.pt, tokenizer), so that no index
+    is parsed before it is known to lie inside the root; then the reader's files (the shards an index names).
+    A reader that cannot list them leaves that to :func:`_describe_checkpoints`, which reports it.
+    """
+    yield path
+    if path.is_dir():
+        yield from sorted(path.iterdir())
+    layout = detect_layout(path)
+    try:
+        files = list(CHECKPOINT_READERS[layout].files(path)) if layout else []
+    except AnalysisError:
+        return
+    yield from files
 
 
 def _excluded(root: Path, path: Path, patterns: list[str]) -> bool:

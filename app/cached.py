@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
+import state
 from analysis.errors import AnalysisError
-from analysis.evaluate import Evaluator, load_evaluator
+from analysis.evaluate import Evaluator, check_evaluator_allowed, load_evaluator
 from analysis.merge import MergeResult, merge_checkpoints
 from analysis.recipe import build_recipe, dump_recipe, to_mergekit
 from analysis.recommend import Recommendation, RecommendConfig, recommend
@@ -22,14 +23,21 @@ from analysis.signals import (DisplaySeries, RunSignals, SimilarityReport, StepT
                               assess_run, compare_checkpoints, display_series, minmax_indices)
 
 
-@st.cache_resource(max_entries=8, show_spinner="Reading the run's logs and checkpoints...")
 def run(path: str, stamp: str) -> Run:
-    """The run at ``path`` (``stamp`` from ``folder_stamp`` keys the cache).
+    """The run at ``path`` (``stamp`` from ``folder_stamp`` keys the cache), confined to the app's root.
 
-    A shared resource, not cache_data: the Run is frozen and never changed, and cache_data
+    The root is part of the cache key: a run read without one must never be served under one (issue 19).
+    """
+    allowed = state.root()
+    return _run(path, stamp, str(allowed) if allowed is not None else None)
+
+
+@st.cache_resource(max_entries=8, show_spinner="Reading the run's logs and checkpoints...")
+def _run(path: str, stamp: str, root: str | None) -> Run:
+    """A shared resource, not cache_data: the Run is frozen and never changed, and cache_data
     would unpickle a copy of its metrics (7 million rows for a million-step log) on every rerun.
     """
-    return open_run(path)
+    return open_run(path, root)
 
 
 @st.cache_data(max_entries=8, show_spinner="Checking every checkpoint (health, spikes, validation)...")
@@ -107,8 +115,12 @@ class Current:
 
 
 def current(path: Path) -> Current:
-    """Load (from cache when unchanged) the run at ``path``; AnalysisError propagates to the page."""
-    stamp = folder_stamp(path)
+    """Load (from cache when unchanged) the run at ``path``; AnalysisError propagates to the page.
+
+    The stamp names the root too: every cache keyed by it then holds results of the run as confined.
+    """
+    allowed = state.root()
+    stamp = folder_stamp(path) + (f"|root={allowed}" if allowed is not None else "")
     key = str(path)
     return Current(key, stamp, run(key, stamp), signals(key, stamp), recommendation(key, stamp, RecommendConfig()))
 
@@ -125,9 +137,21 @@ def recipe_texts(path: str, stamp: str, steps: tuple[int, ...], weights: tuple[f
     return dump_recipe(recipe), yaml.safe_dump(to_mergekit(recipe), sort_keys=False)
 
 
-@st.cache_resource(max_entries=4)
 def evaluator(spec: str, path: str, stamp: str, on_disk: bool = False) -> Evaluator:
-    """A loaded evaluator for the run at ``path``, shared (it caches its scores per candidate average).
+    """A loaded evaluator for the run at ``path``, if the app may run it (``ui --root``, ``ui --eval``).
+
+    Checked on every call, outside the cache: an evaluator loaded once must not outlive the rule.
+
+    Raises:
+        InvalidArgument: the evaluator's file resolves outside the root and was not allowed (issue 19).
+    """
+    allowed = check_evaluator_allowed(spec, state.root(), state.allowed_evaluators(), run(path, stamp))
+    return _evaluator(allowed, path, stamp, on_disk)
+
+
+@st.cache_resource(max_entries=4)
+def _evaluator(spec: str, path: str, stamp: str, on_disk: bool = False) -> Evaluator:
+    """Shared (it caches its scores per candidate average).
 
     ``hf-lm:VAL.txt`` takes its model and tokenizer from the run, hence the run in the key. ``on_disk``
     keeps its scores in the score store ``recommend --eval-cache`` uses (its own cached object, so

@@ -14,7 +14,7 @@ from pathlib import Path
 import streamlit as st
 
 from analysis.errors import AnalysisError
-from analysis.paths import resolve_within
+from analysis.paths import is_within, resolve_within
 
 RUN_KEY = "run_path"
 SELECTION_KEY = "selected_steps"
@@ -30,6 +30,15 @@ def root() -> Path | None:
     """The folder the app is confined to (``ui --root``), or None."""
     value = os.environ.get("CKPT_SELECT_ROOT")
     return Path(value).resolve() if value else None
+
+
+def allowed_evaluators() -> list[str]:
+    """Evaluators the server was started with (``ui --eval FILE.py:FUNC``): allowed even outside the root."""
+    try:
+        specs = json.loads(os.environ.get("CKPT_SELECT_EVALUATORS") or "[]")
+    except ValueError:
+        return []
+    return [s for s in specs if isinstance(s, str)] if isinstance(specs, list) else []
 
 
 def run_path() -> Path | None:
@@ -139,7 +148,8 @@ def recent_runs() -> list[str]:
     except (OSError, ValueError):
         return []
     allowed = root()
-    return [p for p in items if isinstance(p, str) and (allowed is None or Path(p).is_relative_to(allowed))]
+    # Resolved, not compared by name: a remembered folder may since have become a symlink out of the root.
+    return [p for p in items if isinstance(p, str) and (allowed is None or is_within(p, allowed))]
 
 
 def remember_run(path: Path) -> None:

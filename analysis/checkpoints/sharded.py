@@ -28,7 +28,8 @@ def read_index(index_path: Path) -> tuple[dict[str, str], dict]:
     """(tensor name -> shard file name, the index's ``metadata``), validated.
 
     Raises:
-        CheckpointReadError: unreadable JSON, no ``weight_map``, or a shard that is missing.
+        CheckpointReadError: unreadable JSON, no ``weight_map``, a shard named outside the index's folder
+            (issue 19), or a shard that is missing.
     """
     try:
         doc = json.loads(index_path.read_text())
@@ -37,10 +38,28 @@ def read_index(index_path: Path) -> tuple[dict[str, str], dict]:
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointReadError(index_path, "index has no weight_map")
+    _check_shard_names(index_path, weight_map.values())
     missing = sorted({s for s in weight_map.values() if not (index_path.parent / str(s)).is_file()})
     if missing:
         raise CheckpointReadError(index_path, f"index points at missing shard(s): {', '.join(missing)}")
     return {str(k): str(v) for k, v in weight_map.items()}, doc.get("metadata") or {}
+
+
+def _check_shard_names(index_path: Path, shards) -> None:
+    """Refuse a shard name that leaves the index's folder (``../../x``, ``/abs/x``): the format has no such meaning.
+
+    The test is on the name, not on the resolved file: a shard that is a symlink (the Hugging Face hub
+    cache links every snapshot file to ``../../blobs``) stays a file of this folder. Under ``ui --root``,
+    :func:`analysis.run.open_run` also resolves every shard against the root (issue 19).
+
+    Raises:
+        CheckpointReadError: naming the index and the first such shard.
+    """
+    for shard in dict.fromkeys(str(s) for s in shards):
+        name = Path(shard)
+        if name.is_absolute() or ".." in name.parts or name.drive:
+            raise CheckpointReadError(index_path, f"index names shard {shard!r} outside its own folder; "
+                                                  "a weight_map names files in the index's own folder")
 
 
 def _shard_opener(index_path: Path) -> Callable[[Path], CheckpointHandle]:
