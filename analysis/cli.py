@@ -28,7 +28,24 @@ if TYPE_CHECKING:
 # Everything else is imported inside the command that needs it: a merge must not pay for
 # pandas, scikit-learn and SciPy (about 1 s), which only the analysis commands use (issue 6).
 
-APP_SCRIPT = Path(__file__).resolve().parent.parent / "app" / "streamlit_app.py"
+APP_PACKAGE = "ckpt_select_app"  # the repository's app/ folder, as a wheel installs it (see setup.py)
+
+
+def app_script() -> Path:
+    """The web app's entry script: the app/ beside this package in a checkout, else the installed one.
+
+    The checkout's own app/ comes first, so a checkout run with PYTHONPATH serves its own pages
+    even where another copy of the app is installed; ``pip install .`` ships app/ as ``ckpt_select_app``.
+    """
+    from importlib.util import find_spec
+
+    checkout = Path(__file__).resolve().parent.parent / "app" / "streamlit_app.py"
+    spec = find_spec(APP_PACKAGE)
+    installed = [Path(p) / "streamlit_app.py" for p in (spec.submodule_search_locations or [])] if spec else []
+    found = [script for script in (checkout, *installed) if script.is_file()]
+    if not found:
+        raise click.ClickException(f"the web app ({APP_PACKAGE}) is not installed: reinstall ckpt-select")
+    return found[0]
 
 
 def _progress_bar(desc: str) -> tuple[Callable[[float, str], None], Callable[[], None]]:
@@ -446,17 +463,29 @@ def logs(paths: tuple[Path, ...], fmt: str | None, as_json: bool) -> None:
 @click.argument("run_path", metavar="RUN", required=False, type=click.Path(path_type=Path))
 @click.option("--root", type=click.Path(path_type=Path), help="Only paths below this folder may be opened.")
 @click.option("--port", type=int, default=8501, show_default=True)
-def ui(run_path: Path | None, root: Path | None, port: int) -> None:
-    """Serve the web app (Streamlit) on RUN."""
+@click.option("--address", help="Interface to listen on, e.g. 127.0.0.1 (default: Streamlit's, every interface).")
+@click.option("--open-browser", is_flag=True,
+              help="Open a browser tab (Streamlit may first ask for an e-mail on the terminal).")
+def ui(run_path: Path | None, root: Path | None, port: int, address: str | None, open_browser: bool) -> None:
+    """Serve the web app (Streamlit) on RUN.
+
+    Headless unless --open-browser: nothing is asked on the terminal, so it also runs from
+    scripts, services and SSH sessions; the address to open is printed.
+    """
     env = dict(os.environ)
     if run_path is not None:
         env["CKPT_SELECT_RUN"] = str(run_path.expanduser().resolve())
     if root is not None:
         env["CKPT_SELECT_ROOT"] = str(root.expanduser().resolve())
-    command = [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT), "--server.port", str(port),
-               "--browser.gatherUsageStats", "false"]
-    click.echo(f"Serving CkptSelect at http://localhost:{port}", err=True)
-    raise SystemExit(subprocess.call(command, env=env))
+    click.echo(f"Serving CkptSelect at http://{address or 'localhost'}:{port}", err=True)
+    raise SystemExit(subprocess.call(_streamlit_command(port, address, open_browser), env=env))
+
+
+def _streamlit_command(port: int, address: str | None, open_browser: bool) -> list[str]:
+    """``streamlit run`` on the app with the server flags ``ui`` was given."""
+    command = [sys.executable, "-m", "streamlit", "run", str(app_script()), "--server.port", str(port),
+               "--server.headless", str(not open_browser).lower(), "--browser.gatherUsageStats", "false"]
+    return command + ["--server.address", address] if address else command
 
 
 def main(argv: list[str] | None = None) -> int:
