@@ -26,7 +26,8 @@ import pytest
 from app.server import wait_healthy
 from conftest import REPO, SAMPLE_RUN, write_tiny_run
 
-pytestmark = pytest.mark.slow
+# One worker builds the wheel once for the whole module (make test runs -n 2 --dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("wheel")]
 pytest.importorskip("setuptools", reason="the wheel is built with this environment's setuptools (no isolation)")
 # What a checkout holds besides its sources: never part of a build, and copying it costs time.
 NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.so",
