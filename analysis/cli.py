@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -28,7 +27,24 @@ if TYPE_CHECKING:
 # Everything else is imported inside the command that needs it: a merge must not pay for
 # pandas, scikit-learn and SciPy (about 1 s), which only the analysis commands use (issue 6).
 
-APP_SCRIPT = Path(__file__).resolve().parent.parent / "app" / "streamlit_app.py"
+APP_PACKAGE = "ckpt_select_app"  # the repository's app/ folder, as a wheel installs it (see setup.py)
+
+
+def app_script() -> Path:
+    """The web app's entry script: the app/ beside this package in a checkout, else the installed one.
+
+    The checkout's own app/ comes first, so a checkout run with PYTHONPATH serves its own pages
+    even where another copy of the app is installed; ``pip install .`` ships app/ as ``ckpt_select_app``.
+    """
+    from importlib.util import find_spec
+
+    checkout = Path(__file__).resolve().parent.parent / "app" / "streamlit_app.py"
+    spec = find_spec(APP_PACKAGE)
+    installed = [Path(p) / "streamlit_app.py" for p in (spec.submodule_search_locations or [])] if spec else []
+    found = [script for script in (checkout, *installed) if script.is_file()]
+    if not found:
+        raise click.ClickException(f"the web app ({APP_PACKAGE}) is not installed: reinstall ckpt-select")
+    return found[0]
 
 
 def _progress_bar(desc: str) -> tuple[Callable[[float, str], None], Callable[[], None]]:
@@ -450,8 +466,16 @@ def logs(paths: tuple[Path, ...], fmt: str | None, as_json: bool) -> None:
               help="With --root: an evaluator the app may also run although it lies outside the root "
                    "(repeatable). An evaluator runs with the server's rights.")
 @click.option("--port", type=int, default=8501, show_default=True)
-def ui(run_path: Path | None, root: Path | None, evaluators: tuple[str, ...], port: int) -> None:
-    """Serve the web app (Streamlit) on RUN."""
+@click.option("--address", help="Interface to listen on, e.g. 127.0.0.1 (default: Streamlit's, every interface).")
+@click.option("--open-browser", is_flag=True,
+              help="Open a browser tab (Streamlit may first ask for an e-mail on the terminal).")
+def ui(run_path: Path | None, root: Path | None, evaluators: tuple[str, ...], port: int, address: str | None,
+       open_browser: bool) -> None:
+    """Serve the web app (Streamlit) on RUN.
+
+    Headless unless --open-browser: nothing is asked on the terminal, so it also runs from
+    scripts, services and SSH sessions; the address to open is printed.
+    """
     from .evaluate import canonical_evaluator_spec, evaluator_file
     env = dict(os.environ)
     if run_path is not None:
@@ -463,10 +487,20 @@ def ui(run_path: Path | None, root: Path | None, evaluators: tuple[str, ...], po
     if missing is not None:
         raise InvalidArgument(f"ui --eval {missing}: no such file")
     env["CKPT_SELECT_EVALUATORS"] = json.dumps(allowed)
-    command = [sys.executable, "-m", "streamlit", "run", str(APP_SCRIPT), "--server.port", str(port),
-               "--browser.gatherUsageStats", "false"]
-    click.echo(f"Serving CkptSelect at http://localhost:{port}", err=True)
-    raise SystemExit(subprocess.call(command, env=env))
+    click.echo(f"Serving CkptSelect at http://{address or 'localhost'}:{port}", err=True)
+    command = _streamlit_command(port, address, open_browser)
+    # The server replaces this process, so a signal sent to `ckpt-select ui` (kill, a service
+    # manager's stop) reaches Streamlit itself instead of leaving it running as an orphan.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(command[0], command, env)
+
+
+def _streamlit_command(port: int, address: str | None, open_browser: bool) -> list[str]:
+    """``streamlit run`` on the app with the server flags ``ui`` was given."""
+    command = [sys.executable, "-m", "streamlit", "run", str(app_script()), "--server.port", str(port),
+               "--server.headless", str(not open_browser).lower(), "--browser.gatherUsageStats", "false"]
+    return command + ["--server.address", address] if address else command
 
 
 def main(argv: list[str] | None = None) -> int:
