@@ -33,6 +33,8 @@ MERGEKIT_MARKER = "# written by ckpt-select"
 RECIPE_KEY = "ckpt_select_recipe"
 # A recipe or config of ours is a few KB: a larger file is not ours, and is not parsed to find out.
 _OURS_MAX_BYTES = 1 << 20
+# Files never replaced, whatever their content: weights, shards and optimizer states are saved under these.
+WEIGHT_SUFFIXES = frozenset({".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".distcp", ".pkl"})
 # The errors by which storage refuses a write; any other OSError is a bug or a failing disk and surfaces.
 STORAGE_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT})
 
@@ -85,25 +87,28 @@ def check_file_target(path: str | Path, protected: Iterable[Path] = (), force: b
         item = Path(item).expanduser().resolve()
         if path == item or path.is_relative_to(item):
             where = "is" if path == item else "lies inside"
-            raise OutputError(path, f"{where} {item}, a file of the run or of the merge's inputs; CkptSelect "
+            raise OutputError(path, f"{where} {item}, a file of the run or an input of the recipe; CkptSelect "
                                     "never writes over or into a checkpoint, not even with --force")
     if path.is_dir():
         raise OutputError(path, "is a folder; give the name of a file to write")
-    if path.exists():
-        _refuse_checkpoint(path)
-        if not force and not written_by_ckpt_select(path):
-            raise OutputError(path, "exists and is not a recipe or mergekit config CkptSelect wrote; choose "
-                                    "another name, or pass --force to replace it")
+    _refuse_checkpoint(path)
+    if path.exists() and not force and not written_by_ckpt_select(path):
+        raise OutputError(path, "exists and is not a recipe or mergekit config CkptSelect wrote; choose "
+                                "another name, or pass --force to replace it")
     return path
 
 
 def _refuse_checkpoint(path: Path) -> None:
-    """Rule 1 for a checkpoint outside the run: whatever a checkpoint reader claims is never replaced."""
+    """Rule 1 beyond ``protected``: a file a checkpoint reader claims, a weights file by its suffix (a
+    shard, an optimizer state), or anything inside a checkpoint folder, wherever it is."""
     from .checkpoints import detect_layout   # late: the readers are not needed to write YAML elsewhere
-    layout = detect_layout(path)
-    if layout is not None:
-        raise OutputError(path, f"is a checkpoint ({layout}); CkptSelect never writes over a checkpoint, "
+    if path.exists() and (path.suffix in WEIGHT_SUFFIXES or detect_layout(path) is not None):
+        raise OutputError(path, "is a checkpoint file; CkptSelect never writes over a checkpoint, "
                                 "not even with --force")
+    layout = detect_layout(path.parent)
+    if layout is not None:
+        raise OutputError(path, f"lies inside the checkpoint folder {path.parent} ({layout}); CkptSelect never "
+                                "writes into a checkpoint, not even with --force")
 
 
 def write_text_atomic(path: str | Path, text: str, protected: Iterable[Path] = (), force: bool = False) -> Path:

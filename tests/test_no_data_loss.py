@@ -75,8 +75,16 @@ def test_issue19_recommend_onto_a_checkpoint_outside_the_run_is_refused_even_for
     victim = other / "ckpt" / "step_000100.safetensors"
     before = _sha(victim)
     assert main(["recommend", str(tiny_run), "-o", str(victim), "--force"]) == 2
-    _one_line_error(capsys.readouterr().err, str(victim), "is a checkpoint (safetensors)")
+    _one_line_error(capsys.readouterr().err, str(victim), "is a checkpoint file")
     assert _sha(victim) == before
+    hf = tmp_path / "hf" / "checkpoint-300"
+    hf_checkpoint(hf, 300, shard=True)
+    capsys.readouterr()   # transformers' progress bars
+    before = _tree(hf)
+    for name in ("optimizer.pt", "model-00001-of-00002.safetensors", "config.json", "recipe.yaml"):
+        assert main(["recommend", str(tiny_run), "-o", str(hf / name), "--force"]) == 2
+        _one_line_error(capsys.readouterr().err, str(hf / name), "checkpoint")
+    assert _tree(hf) == before
 
 
 def test_issue19_recommend_onto_a_user_file_needs_force(tiny_run: Path, tmp_path: Path,
