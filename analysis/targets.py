@@ -86,8 +86,8 @@ def check_file_target(path: str | Path, protected: Iterable[Path] = (), force: b
     for item in protected:
         item = Path(item).expanduser().resolve()
         if path == item or path.is_relative_to(item):
-            where = "is" if path == item else "lies inside"
-            raise OutputError(path, f"{where} {item}, a file of the run or an input of the recipe; CkptSelect "
+            what = "is" if path == item else f"lies inside {item},"
+            raise OutputError(path, f"{what} a checkpoint or log of the run or an input of the recipe; CkptSelect "
                                     "never writes over or into a checkpoint, not even with --force")
     if path.is_dir():
         raise OutputError(path, "is a folder; give the name of a file to write")
