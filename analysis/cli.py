@@ -164,11 +164,12 @@ def analyze(run_path: Path, similarity: bool, as_json: bool) -> None:
 @click.option("--dtype", "output_dtype", type=click.Choice(["same", "float32", "bfloat16", "float16"]),
               default="same", show_default=True, help="Dtype of the merged model.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the recipe YAML here.")
+@click.option("--force", is_flag=True, help="-o may replace an existing file CkptSelect did not write (never a checkpoint).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: bool, eval_tokens: int,
                   eval_cache: bool, method: str,
                   window: int | None, ema_alpha: float, max_evals: int | None, include_contaminated: bool,
-                  before_step: int | None, output_dtype: str, output: Path | None, as_json: bool) -> None:
+                  before_step: int | None, output_dtype: str, output: Path | None, force: bool, as_json: bool) -> None:
     """Recommend which checkpoints to average, with a reason for each."""
     from .evaluate import load_evaluator
     from .recipe import build_recipe, write_recipe
@@ -176,7 +177,11 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
     from .report import recommendation_report
     from .run import open_run
     from .signals import assess_run
+    from .targets import check_file_target
     run = open_run(run_path)
+    protected = [*(c.path for c in run.checkpoints), *(log.path for log in run.logs)]
+    if output:   # before the search, which may take long: a refused target is said at once
+        check_file_target(output, protected, force)
     evaluator = load_evaluator(eval_spec, eval_higher_is_better, run, eval_tokens) if eval_spec else None
     if evaluator is not None and eval_cache:
         evaluator.persist()
@@ -190,7 +195,7 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
     finally:
         close()
     recipe = build_recipe(rec.method, list(rec.checkpoints), rec.weights, output_dtype, rec.reasons, run.path)
-    recipe_path = write_recipe(recipe, output) if output else None
+    recipe_path = write_recipe(recipe, output, force=force, protected=protected) if output else None
     if as_json:
         doc = recommendation_report(rec, recipe)
         doc["recipe_path"] = str(recipe_path) if recipe_path else None
@@ -219,7 +224,8 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
 @click.option("--verify", "verify", type=click.Choice(["full", "quick", "none"]), default="quick", show_default=True,
               help="Check inputs against the recipe: full (sha256), quick (size, header, sampled blocks), none.")
 @click.option("--no-verify", "no_verify", is_flag=True, help="Same as --verify none.")
-@click.option("--force", is_flag=True, help="Replace an existing output folder (atomically, once the merge is complete).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder that an earlier merge wrote, or an empty one "
+              "(atomically, once the merge is complete); never anything else.")
 @click.option("--out-shard-size", help="Shard the output at this size, e.g. 2GB (default: as the newest input).")
 @click.option("--dry-run", is_flag=True, help="Print what would be read and written, peak memory and time; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
@@ -250,10 +256,14 @@ def merge(recipe_path: Path | None, checkpoint_paths: tuple[Path, ...], weights:
            "recipe_file": str(result.recipe_file), "bytes": result.size_bytes, "tensors": result.n_tensors,
            "steps": list(result.steps), "weights": list(result.weights), "files": list(result.files),
            "sharded": result.sharded}
+    doc["stale_removed"] = [str(p) for p in result.stale.paths]
+    doc["stale_freed_bytes"] = result.stale.freed_bytes
     if as_json:
         _emit(doc)
     else:
         click.echo(f"Merged {len(result.steps)} checkpoints into {result.model_file} ({result.size_bytes / 1e6:.2f} MB)")
+    if result.stale.paths:
+        click.echo(f"ckpt-select: {result.stale.describe()}", err=True)
 
 
 def _merge_inputs(recipe_path: Path | None, paths: tuple[Path, ...], weights: tuple[float, ...],
@@ -293,21 +303,24 @@ def _plan_doc(plan: MergePlan) -> dict:
 @click.argument("recipe_path", metavar="RECIPE.yaml", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["mergekit", "ckpt-select"]), default="mergekit", show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here instead of stdout.")
-def export(recipe_path: Path, fmt: str, output: Path | None) -> None:
+@click.option("--force", is_flag=True, help="-o may replace an existing file CkptSelect did not write (never a checkpoint).")
+def export(recipe_path: Path, fmt: str, output: Path | None, force: bool) -> None:
     """Convert a recipe: ours -> mergekit linear config, or a mergekit linear config -> ours (with hashes)."""
-    import yaml
-
-    from .recipe import dump_recipe, load_any_recipe, to_mergekit, with_hashes
+    from .recipe import dump_mergekit, dump_recipe, load_any_recipe, with_hashes
+    from .targets import check_file_target, write_text_atomic
     recipe = load_any_recipe(recipe_path)
-    base = (output.expanduser().resolve().parent if output else Path.cwd())
+    inputs = [e.path for e in recipe.checkpoints]
+    if output:   # before hashing the inputs: a refused target is said at once
+        output = check_file_target(output, inputs, force)
+    base = output.parent if output else Path.cwd()
     if fmt == "mergekit":
         # Absolute paths: mergekit resolves relative ones against its working folder, and takes
         # "run/checkpoint-100" for a Hugging Face Hub repository id.
-        text = yaml.safe_dump(to_mergekit(recipe, None, _inputs_dtype(recipe)), sort_keys=False)
+        text = dump_mergekit(recipe, None, _inputs_dtype(recipe))
     else:
         text = dump_recipe(with_hashes(recipe), base)
     if output:
-        output.write_text(text)
+        write_text_atomic(output, text, inputs, force)
         click.echo(f"Wrote {output}", err=True)
     else:
         click.echo(text, nl=False)

@@ -73,6 +73,19 @@ class MergeError(AnalysisError):
     """A merge cannot start or complete (target exists, disk full, bad weights)."""
 
 
+class OutputError(AnalysisError):
+    """CkptSelect will not or cannot write where it was asked (issue 19).
+
+    Either the target holds something it did not write (a checkpoint, another run's files, a
+    file that is not one of its recipes) or the storage refuses the write (read-only, no
+    permission, full). The message names the path and the problem on one line.
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+
+
 class RecipeError(AnalysisError):
     """A recipe file is malformed or does not match the checkpoints it names."""
 

@@ -4,14 +4,17 @@ Memory holds a few blocks of every input, never a whole tensor of the output
 (see :mod:`analysis.streaming`). The output is written into a hidden temporary folder
 beside the target and renamed into place at the end, so an interrupted merge (even
 ``kill -9``) leaves either no output or a complete one at the target path; inputs are
-never written to. ``force`` replaces an existing target: the old one is renamed aside,
-the new one renamed in, then the old one deleted.
+never written to. ``force`` replaces an existing target, when it is an earlier merge's output
+or empty (see :func:`analysis.merge_checks.check_target`): the old one is renamed aside, the
+new one renamed in, then the old one deleted. Each merge first removes what killed merges
+left in the target's folder, and says so in its result.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import socket
 import uuid
@@ -21,25 +24,41 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import yaml
 
 from .averaging import check_same_layout, normalize_weights, output_layout
 from .checkpoints import TensorInfo, open_checkpoint, original_name
 from .errors import MergeError
 from .merge_checks import (DISK_MARGIN_BYTES, MergePlan, check_disk, check_target, project, verify_inputs,
                            verify_mode)
-from .merge_output import INDEX_FILE, MODEL_FILE, OutputPlan, plan_output, write_output
-from .recipe import Recipe, dump_recipe, to_mergekit
+from .merge_output import (INDEX_FILE, MERGEKIT_FILE, MODEL_FILE, RECIPE_FILE, OutputPlan, plan_output,
+                           write_output)
+from .recipe import Recipe, dump_mergekit, dump_recipe
 from .run import MERGE_MARKER_KEY, CheckpointRef, checkpoint_ref
 from .streaming import arithmetic, stream_average
+from .targets import storage_errors
 
-RECIPE_FILE = "recipe.yaml"
-MERGEKIT_FILE = "mergekit_config.yml"
+# A hidden folder a merge leaves beside its target: .NAME.partial-HOST-PID-HEX (being written) or
+# .NAME.old-HOST-PID-HEX (an output --force set aside); see _hidden_name.
+_HIDDEN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<owner>.+)$")
 
 Progress = Callable[[float, str], None]
 
 __all__ = ["DISK_MARGIN_BYTES", "MERGEKIT_FILE", "MODEL_FILE", "MergePlan", "MergeResult", "RECIPE_FILE",
-           "merge_checkpoints", "merge_recipe", "plan_merge", "verify_inputs"]
+           "StaleFolders", "merge_checkpoints", "merge_recipe", "plan_merge", "verify_inputs"]
+
+
+@dataclass(frozen=True, slots=True)
+class StaleFolders:
+    """Hidden folders of killed merges that a merge removed before it started, and the bytes that freed."""
+
+    paths: tuple[Path, ...] = ()
+    freed_bytes: int = 0
+
+    def describe(self) -> str:
+        """One line for the user, naming the folders."""
+        count = len(self.paths)
+        return (f"removed {count} folder{'s' * (count != 1)} left by killed merges "
+                f"({', '.join(p.name for p in self.paths)}): {self.freed_bytes / 1e6:,.1f} MB freed")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +74,7 @@ class MergeResult:
     weights: tuple[float, ...]
     files: tuple[str, ...] = ()  # every file written into out_dir
     sharded: bool = False
+    stale: StaleFolders = StaleFolders()   # what killed merges had left in out_dir's folder, removed first
 
 
 def merge_recipe(recipe: Recipe, out_dir: Path, verify: bool | str = "quick", progress: Progress | None = None,
@@ -88,7 +108,9 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
     names and its side files (config, tokenizer) are what the output gets.
 
     Raises:
-        MergeError: the target exists (without ``force``), is an input, or the disk is too small.
+        MergeError: the target exists (without ``force``; with it, holds what no merge wrote), is,
+            holds or lies in an input, or the disk is too small.
+        OutputError: the storage refuses the write (read-only, no permission).
         CheckpointMismatch: the inputs do not share tensor names and shapes.
         InvalidArgument: bad weights, dtype or shard size.
     """
@@ -101,20 +123,34 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
     with ExitStack() as stack:
         handles = [stack.enter_context(open_checkpoint(r.path, r.layout)) for r in refs]
         layout, plan = _plan(handles, refs, output_dtype, out_shard_size)
-        remove_stale_hidden_folders(out_dir)
-        check_disk(out_dir, plan.size_bytes)
-        tmp = out_dir.parent / _hidden_name(out_dir, "partial")
-        tmp.mkdir(parents=True)
+        stale = remove_stale_hidden_folders(out_dir)
+        if stale.paths and progress is not None:
+            progress(0.0, stale.describe())
+        tmp = _make_partial(out_dir)
         try:
-            size = _write(tmp, handles, weights, layout, plan, refs, recipe, output_dtype, progress)
-            _publish(tmp, out_dir, force)
+            check_disk(out_dir, plan.size_bytes)
+            with storage_errors(out_dir):
+                size = _write(tmp, handles, weights, layout, plan, refs, recipe, output_dtype, progress)
+                _publish(tmp, out_dir, force)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     model_file = out_dir / (INDEX_FILE if plan.sharded else MODEL_FILE)
     files = tuple(sorted(p.name for p in out_dir.iterdir()))
     return MergeResult(out_dir, model_file, out_dir / RECIPE_FILE, size, len(layout),
-                       tuple(r.step for r in refs), weights, files, plan.sharded)
+                       tuple(r.step for r in refs), weights, files, plan.sharded, stale)
+
+
+def _make_partial(out_dir: Path) -> Path:
+    """Create the hidden folder the merge is written into: the first write, where read-only storage stops it.
+
+    Raises:
+        OutputError: the storage refuses (read-only, no permission), naming ``out_dir``.
+    """
+    tmp = out_dir.parent / _hidden_name(out_dir, "partial")
+    with storage_errors(out_dir):
+        tmp.mkdir(parents=True)
+    return tmp
 
 
 def _hidden_name(out_dir: Path, kind: str) -> str:
@@ -124,31 +160,57 @@ def _hidden_name(out_dir: Path, kind: str) -> str:
     return f".{out_dir.name}.{kind}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def remove_stale_hidden_folders(out_dir: Path) -> list[Path]:
-    """Delete hidden folders of ``out_dir`` left by merges that were killed; return them.
+def remove_stale_hidden_folders(out_dir: Path) -> StaleFolders:
+    """Delete the hidden folders killed merges left in ``out_dir``'s folder; say which and how many bytes.
 
-    Both a half-written merge (``.partial-``) and an output that ``--force`` had set aside
-    for replacement (``.old-``, left when the kill fell between the two renames) go. Only
-    folders written on this host by a process that no longer exists are removed: a running
-    merge's folder, another host's (on a shared file system), or one whose name has no pid
-    (written before names carried one) are left alone.
+    A half-written merge (``.NAME.partial-``) goes whatever its output name (issue 19: a killed
+    merge's tens of MB stayed until a merge to the same name). An output that ``--force`` had set
+    aside (``.NAME.old-``, left when the kill fell between the two renames) goes only for
+    ``out_dir``'s own name, which this merge replaces anyway: for another name it may be the only
+    copy left. Only folders written on this host by a process that no longer exists are removed:
+    a running merge's folder, another host's (on a shared file system), or one whose name has no
+    pid (written before names carried one) are left alone.
     """
-    removed = []
-    host = socket.gethostname()
-    for kind in ("partial", "old"):
-        prefix = f".{out_dir.name}.{kind}-"
-        for path in out_dir.parent.glob(f"{prefix}*"):
-            owner, pid = _hidden_owner(path.name.removeprefix(prefix))
-            if owner == host and pid is not None and not _alive(pid) and path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
+    parent = out_dir.parent
+    candidates = sorted(p for p in parent.iterdir() if p.name.startswith(".")) if parent.is_dir() else []
+    removed, freed = [], 0
+    for path in candidates:
+        if _is_stale(path, out_dir.name):
+            size = _tree_bytes(path)
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():   # read-only storage, say, keeps it: then it is not reported as removed
                 removed.append(path)
-    return removed
+                freed += size
+    return StaleFolders(tuple(removed), freed)
+
+
+def _is_stale(path: Path, out_name: str) -> bool:
+    """A hidden merge folder (see ``_HIDDEN``) of a dead process on this host, that may go (see above)."""
+    match = _HIDDEN.match(path.name)
+    if match is None or path.is_symlink() or not path.is_dir():
+        return False
+    if match["kind"] == "old" and match["name"] != out_name:
+        return False
+    host, pid = _hidden_owner(match["owner"])
+    return host == socket.gethostname() and pid is not None and not _alive(pid)
+
+
+def _tree_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (symlinks not followed)."""
+    total = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
 
 
 def _hidden_owner(suffix: str) -> tuple[str | None, int | None]:
-    """``HOST-PID-HEX`` -> (host, pid); (None, None) for other names."""
+    """``HOST-PID-HEX`` (HEX: 8 hex digits) -> (host, pid); (None, None) for other names."""
     parts = suffix.rsplit("-", 2)
-    if len(parts) != 3 or not parts[1].isdigit():
+    if len(parts) != 3 or not parts[1].isdigit() or not re.fullmatch(r"[0-9a-f]{8}", parts[2]):
         return None, None
     return parts[0], int(parts[1])
 
@@ -211,7 +273,7 @@ def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPl
     if recipe_text:
         (tmp / RECIPE_FILE).write_text(recipe_text)
         same = layout[0].dtype if layout and output_dtype == "same" else None
-        (tmp / MERGEKIT_FILE).write_text(yaml.safe_dump(to_mergekit(recipe, same_dtype=same), sort_keys=False))
+        (tmp / MERGEKIT_FILE).write_text(dump_mergekit(recipe, same_dtype=same))
     return size
 
 

@@ -1,8 +1,9 @@
 """Everything a merge checks before it writes a byte, and the dry run's projection.
 
 Inputs against the recipe (``full``: sha256 of every byte; ``quick``: size and a sampled
-fingerprint; ``none``), the target (never an input, never an existing folder unless
-forced), free disk space, and for ``--dry-run`` what would be read and written, the
+fingerprint; ``none``), the target (never an input nor inside an input's folder, never an
+existing folder unless forced, and forced only an earlier merge's output or an empty
+folder), free disk space, and for ``--dry-run`` what would be read and written, the
 projected peak memory and the projected time from a short probe of the real inputs.
 """
 
@@ -14,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .checkpoints import CheckpointHandle, TensorInfo
-from .errors import InvalidArgument, MergeError
-from .merge_output import OutputPlan
+from .checkpoints import CheckpointHandle, TensorInfo, open_checkpoint
+from .errors import AnalysisError, InvalidArgument, MergeError
+from .merge_output import INDEX_FILE, MODEL_FILE, RECIPE_FILE, OutputPlan
 from .recipe import Recipe, checkpoint_quick_hash, checkpoint_sha256
-from .run import CheckpointRef, checkpoint_ref
+from .run import MERGE_MARKER_KEY, CheckpointRef, checkpoint_ref
+from .targets import storage_errors, written_by_ckpt_select
 from .block_reader import BLOCK_ELEMENTS, buffer_bytes, locate
 from .streaming import stream_average
 
@@ -77,21 +79,72 @@ def _part(progress: Progress | None, index: int, count: int) -> Progress | None:
 
 
 def check_target(out_dir: Path, refs: Sequence[CheckpointRef], force: bool) -> None:
-    """Refuse a target that is, holds or lies in an input's files, and an existing one unless forced."""
+    """Refuse a target that is, holds or lies in an input, and an existing one unless forced.
+
+    Forced, only a folder that an earlier merge wrote, or an empty one, may be replaced: a
+    typo in ``-o`` must not delete another run with its checkpoints (issue 19).
+
+    Raises:
+        MergeError: naming the target and what is wrong with it.
+    """
     for ref in refs:
         for path in (ref.path, *ref.files):
             if out_dir == path or path.is_relative_to(out_dir):
                 raise MergeError(f"{out_dir}: is or contains the input {path}; a merge never writes over an input")
-    if out_dir.exists() and not force:
+        if ref.path.is_dir() and out_dir.is_relative_to(ref.path):
+            raise MergeError(f"{out_dir}: lies inside the input checkpoint folder {ref.path}; a merge never "
+                             "writes into an input")
+    if not out_dir.exists():
+        return
+    if not force:
         raise MergeError(f"{out_dir}: already exists; choose a new output folder, or pass --force to replace it")
-    if out_dir.exists() and not out_dir.is_dir():
+    if not out_dir.is_dir():
         raise MergeError(f"{out_dir}: exists and is not a folder; a merge replaces only a folder")
+    problem = foreign_contents(out_dir)
+    if problem:
+        raise MergeError(f"{out_dir}: {problem}; --force replaces only an earlier CkptSelect merge output "
+                         "or an empty folder")
+
+
+def foreign_contents(folder: Path) -> str | None:
+    """None when ``--force`` may replace ``folder`` (empty, or a merge's output); else what it holds.
+
+    A merge's output holds files only, its weights carry :data:`MERGE_MARKER_KEY` (as run
+    discovery tells merges apart), and its recipe, when it has one, is ours.
+    """
+    entries = list(folder.iterdir())
+    if not entries:
+        return None
+    folders = sum(1 for e in entries if e.is_dir() and not e.is_symlink())
+    if folders == 0 and _is_merge_output(folder):
+        return None
+    files = len(entries) - folders
+    return (f"holds {files} file{'s' * (files != 1)}, {folders} folder{'s' * (folders != 1)}, "
+            "not a CkptSelect merge output")
+
+
+def _is_merge_output(folder: Path) -> bool:
+    """Whether ``folder``'s weights carry the merge marker and its recipe (if any) is ours."""
+    weights = folder / INDEX_FILE if (folder / INDEX_FILE).is_file() else folder / MODEL_FILE
+    recipe = folder / RECIPE_FILE
+    if not weights.is_file() or (recipe.exists() and not written_by_ckpt_select(recipe)):
+        return False
+    try:
+        with open_checkpoint(weights) as handle:
+            return MERGE_MARKER_KEY in handle.metadata()
+    except AnalysisError:
+        return False
 
 
 def check_disk(out_dir: Path, needed: int) -> int:
-    """Stop before writing if the target's file system cannot hold the output; return free bytes."""
+    """Stop before writing if the target's file system cannot hold the output; return free bytes.
+
+    Raises:
+        MergeError: too little free space. OutputError: the parent folder cannot be created.
+    """
     parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
+    with storage_errors(parent):
+        parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(parent).free
     if free < needed + DISK_MARGIN_BYTES:
         raise MergeError(f"{parent}: {free / 1e9:.2f} GB free, the merge needs {needed / 1e9:.2f} GB "

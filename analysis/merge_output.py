@@ -25,6 +25,8 @@ from .errors import InvalidArgument, MergeError
 
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+RECIPE_FILE = "recipe.yaml"
+MERGEKIT_FILE = "mergekit_config.yml"
 # Copied from the newest input folder: what from_pretrained and tokenizers need beside the weights.
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",

@@ -14,7 +14,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import yaml
 
@@ -22,6 +22,7 @@ from . import __version__
 from .averaging import OUTPUT_DTYPES
 from .errors import RecipeError
 from .run import CheckpointRef
+from .targets import MERGEKIT_MARKER, RECIPE_KEY, write_text_atomic
 
 RECIPE_VERSION = 1
 METHODS = ("sma", "ema", "wma", "soup", "manual", "recovery", "predicted")
@@ -135,7 +136,7 @@ def recipe_to_dict(recipe: Recipe, relative_to: Path | None = None) -> dict:
         return str(path)
 
     doc = {
-        "ckpt_select_recipe": RECIPE_VERSION,
+        RECIPE_KEY: RECIPE_VERSION,
         "method": recipe.method,
         "output_dtype": recipe.output_dtype,
         "checkpoints": [
@@ -156,14 +157,19 @@ def dump_recipe(recipe: Recipe, relative_to: Path | None = None) -> str:
     return yaml.safe_dump(recipe_to_dict(recipe, relative_to), sort_keys=False, allow_unicode=True, width=100)
 
 
-def write_recipe(recipe: Recipe, path: Path) -> Path:
-    """Write the recipe YAML (paths relative to its folder); returns the absolute path."""
-    path = path.expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(dump_recipe(recipe, path.parent))
-    tmp.replace(path)
-    return path
+def write_recipe(recipe: Recipe, path: Path, *, force: bool = False, protected: Iterable[Path] = ()) -> Path:
+    """Write the recipe YAML (paths relative to its folder), atomically; returns the absolute path.
+
+    It never writes over or into one of the recipe's checkpoints or ``protected`` (the run's files),
+    and replaces an existing file only when CkptSelect wrote it or ``force`` is given
+    (:func:`analysis.targets.check_file_target`, issue 19).
+
+    Raises:
+        OutputError: the target is refused, or the storage refuses the write.
+    """
+    path = Path(path).expanduser().resolve()
+    inputs = (*protected, *(e.path for e in recipe.checkpoints))
+    return write_text_atomic(path, dump_recipe(recipe, path.parent), inputs, force)
 
 
 def _read_yaml(path: Path) -> object:
@@ -245,6 +251,13 @@ def to_mergekit(recipe: Recipe, relative_to: Path | None = None, same_dtype: str
     if out and out != "float32":
         config["out_dtype"] = out
     return config
+
+
+def dump_mergekit(recipe: Recipe, relative_to: Path | None = None, same_dtype: str | None = None) -> str:
+    """:func:`to_mergekit` as YAML text, under a first line that marks it as ours (so ``export -o``
+    may later replace it without ``--force``)."""
+    config = yaml.safe_dump(to_mergekit(recipe, relative_to, same_dtype), sort_keys=False)
+    return f"{MERGEKIT_MARKER} {__version__}: a mergekit linear config (mergekit-yaml THIS_FILE OUT_DIR)\n{config}"
 
 
 _MERGEKIT_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",

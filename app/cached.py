@@ -14,7 +14,7 @@ import state
 from analysis.errors import AnalysisError
 from analysis.evaluate import Evaluator, check_evaluator_allowed, load_evaluator
 from analysis.merge import MergeResult, merge_checkpoints
-from analysis.recipe import build_recipe, dump_recipe, to_mergekit
+from analysis.recipe import build_recipe, dump_mergekit, dump_recipe
 from analysis.recommend import Recommendation, RecommendConfig, recommend
 from analysis.report import analysis_report, timing_report
 from analysis.run import CheckpointRef, Run, folder_stamp, open_run
@@ -129,12 +129,10 @@ def current(path: Path) -> Current:
 def recipe_texts(path: str, stamp: str, steps: tuple[int, ...], weights: tuple[float, ...], method: str,
                  reasons: tuple[tuple[str, str], ...]) -> tuple[str, str]:
     """(our recipe YAML, mergekit YAML) for the selection; paths absolute so they work anywhere."""
-    import yaml
-
     the_run = run(path, stamp)
     refs = [the_run.checkpoint_at(s) for s in steps]
     recipe = build_recipe(method, refs, weights, "same", dict(reasons), the_run.path)
-    return dump_recipe(recipe), yaml.safe_dump(to_mergekit(recipe), sort_keys=False)
+    return dump_recipe(recipe), dump_mergekit(recipe)
 
 
 def evaluator(spec: str, path: str, stamp: str, on_disk: bool = False) -> Evaluator:

@@ -336,7 +336,7 @@ def test_out_shard_size_shards_a_single_file_and_dtype_updates_config(tmp_path: 
 def test_force_replaces_atomically_and_never_an_input(tiny_run: Path, tmp_path: Path) -> None:
     refs = [checkpoint_ref(tiny_run / "ckpt" / f"step_000{s}.safetensors") for s in (500, 600)]
     target = tmp_path / "out"
-    target.mkdir()
+    merge_checkpoints(refs[::-1], [1, 1], target)   # an earlier merge's output: what --force may replace (issue 19)
     (target / "old.txt").write_text("old")
     with pytest.raises(MergeError, match="already exists.*--force"):
         merge_checkpoints(refs, [1, 1], target)

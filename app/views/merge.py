@@ -160,6 +160,8 @@ def merge_progress() -> None:
         result = current.result
         st.success(f"Merged {len(result.steps)} checkpoints into `{result.model_file}` "
                    f"({result.size_bytes / 1e6:,.2f} MB, {result.n_tensors} tensors).")
+        if result.stale.paths:
+            st.caption(result.stale.describe().capitalize() + ".")
 
 
 merge_progress()
