@@ -297,9 +297,10 @@ def _run_from_file(path: Path) -> Run:
     if detect_layout(path) is None and path.suffix not in CHECKPOINT_SUFFIXES:
         return _run_from_files(path.parent, [], [path], path.stem, notes=[])
     run = _run_from_files(path.parent, [path], [], path.stem, notes=[])
+    if run.unreadable:
+        raise CheckpointReadError(path, f"{run.unreadable[0].status}: {run.unreadable[0].reason}")
     if not run.checkpoints and not run.merged_outputs:
-        bad = run.unreadable[0] if run.unreadable else None
-        raise CheckpointReadError(path, f"{bad.status}: {bad.reason}" if bad else "; ".join(run.notes))
+        _read_checkpoint_header(path)   # passed over as no checkpoint: raises NotACheckpoint saying what it holds
     return run
 
 
