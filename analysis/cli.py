@@ -73,17 +73,6 @@ def _emit(doc: dict) -> None:
     click.echo(json.dumps(doc, indent=2, allow_nan=False))
 
 
-def _printable(text: str) -> str:
-    """``text`` with the undecodable bytes of a non-UTF-8 file name shown as U+FFFD (issue 19).
-
-    Python keeps such bytes as lone surrogates, which a strict UTF-8 stdout cannot encode.
-    """
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-
-
 def _naming_a_file_run(command: Callable[..., None]) -> Callable[..., None]:
     """A command on a run opened from one checkpoint file names that file in its errors (issue 19):
     the run's folder, which the core's messages name, is the file's parent."""
@@ -101,8 +90,9 @@ def _naming_a_file_run(command: Callable[..., None]) -> Callable[..., None]:
 
 def _note_unreadable(run: Run, err: bool = True) -> None:
     """One line per file of the run that could not be read: the command goes on without it (issue 19)."""
+    from .run import printable
     for u in run.unreadable:
-        click.echo(_printable(f"{'ckpt-select: note:' if err else ' '} passed over {u.describe()}"), err=err)
+        click.echo(printable(f"{'ckpt-select: note:' if err else ' '} passed over {u.describe()}"), err=err)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -119,7 +109,7 @@ def cli() -> None:
 def analyze(run_path: Path, similarity: bool, as_json: bool) -> None:
     """Discover a run's logs and checkpoints and judge every checkpoint."""
     from .report import analysis_report
-    from .run import open_run
+    from .run import open_run, printable
     from .signals import assess_run, compare_checkpoints
     run = open_run(run_path)
     update, close = _progress_bar("checking checkpoints")
@@ -132,11 +122,11 @@ def analyze(run_path: Path, similarity: bool, as_json: bool) -> None:
     if as_json:
         _emit(doc)
         return
-    click.echo(_printable(f"{run.name}: {len(run.checkpoints)} checkpoints, {len(run.logs)} logs, "
-                          f"{len(signals.spikes)} spikes"))
+    click.echo(printable(f"{run.name}: {len(run.checkpoints)} checkpoints, {len(run.logs)} logs, "
+                         f"{len(signals.spikes)} spikes"))
     _note_unreadable(run, err=False)
     for log in doc["logs"]:
-        click.echo(_printable(f"  log {log['path']} ({log['format']}, {log['rows']} rows, {log['skipped_lines']} skipped)"))
+        click.echo(printable(f"  log {log['path']} ({log['format']}, {log['rows']} rows, {log['skipped_lines']} skipped)"))
     for spike in signals.spikes:
         click.echo(f"  spike: {spike.describe()}")
     timing = doc["timing"]
@@ -465,7 +455,7 @@ def logs(paths: tuple[Path, ...], fmt: str | None, as_json: bool) -> None:
     """Read training logs and summarise every metric."""
     from .logs import read_log
     from .report import log_report, unreadable_report
-    from .run import open_run
+    from .run import open_run, printable
     tables, unreadable = [], []
     for path in paths:
         if path.is_dir():
@@ -481,8 +471,8 @@ def logs(paths: tuple[Path, ...], fmt: str | None, as_json: bool) -> None:
         _emit({"logs": docs, "unreadable": unreadable})
         return
     for doc in docs:
-        click.echo(_printable(f"{doc['path']}: {doc['format']}, {doc['rows']} rows, {doc['skipped_lines']} skipped, "
-                              f"{doc['restarts']} restarts"))
+        click.echo(printable(f"{doc['path']}: {doc['format']}, {doc['rows']} rows, {doc['skipped_lines']} skipped, "
+                             f"{doc['restarts']} restarts"))
         for name, m in doc["metrics"].items():
             click.echo(f"  {name:<24} {m['count']:>8} points  steps {m['first_step']}-{m['last_step']}  last {m['last']}")
 

@@ -132,6 +132,18 @@ class Run:
         raise AnalysisError(f"{self.path}: no checkpoint at step {step} (have {[c.step for c in self.checkpoints]})")
 
 
+def printable(text: str) -> str:
+    """``text`` with the undecodable bytes of a non-UTF-8 file name shown as U+FFFD (issue 19).
+
+    Python keeps such bytes as lone surrogates, which a strict UTF-8 stdout and Streamlit's
+    messages cannot encode.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def open_run(path: str | Path) -> Run:
     """Discover the logs and checkpoints of a run folder.
 
