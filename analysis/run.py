@@ -13,7 +13,7 @@ import hashlib
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -311,7 +311,9 @@ def _run_from_file(path: Path) -> Run:
     run = _run_from_files(path.parent, [path], [], path.stem, notes=[])
     if run.unreadable:
         raise CheckpointReadError(path, f"{run.unreadable[0].status}: {run.unreadable[0].reason}")
-    if not run.checkpoints and not run.merged_outputs:
+    if run.merged_outputs:   # a merge CkptSelect wrote, asked for by name: it is the checkpoint to analyze
+        return replace(run, checkpoints=(checkpoint_ref(path),), merged_outputs=())
+    if not run.checkpoints:
         _read_checkpoint_header(path)   # passed over as no checkpoint: raises NotACheckpoint saying what it holds
     return run
 

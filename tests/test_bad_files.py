@@ -179,6 +179,17 @@ def test_analyze_on_a_single_good_checkpoint_file_is_a_one_checkpoint_run(
     assert capsys.readouterr().err.startswith(f"ckpt-select: error: {good}: ")
 
 
+def test_analyze_on_a_merged_model_file_analyzes_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = _run(tmp_path)
+    ckpts = [str(run / "ckpt" / f"step_{s:06d}.safetensors") for s in (250, 300)]
+    assert main(["merge", "--checkpoints", ckpts[0], "--checkpoints", ckpts[1], "-o", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    merged = next((tmp_path / "out").glob("*.safetensors"))
+    doc = _json(capsys, "analyze", str(merged), "--no-similarity")
+    assert [(c["path"], c["n_params"]) for c in doc["checkpoints"]] == [(str(merged), 36)]
+    assert doc["merged_outputs"] == []
+
+
 @pytest.mark.parametrize("make, problem", [
     (lambda p: _truncate(p, old=False), "being written: header length"),
     (lambda p: _truncate(p, old=True), "unreadable: header length"),
