@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad input (one line naming the file and the problem),
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ from .scaling import DEFAULT_GAIN_TARGET, DEFAULT_PLATEAU_GAIN
 if TYPE_CHECKING:
     from .merge import MergePlan
     from .recipe import Recipe
+    from .run import Run
 
 # Everything else is imported inside the command that needs it: a merge must not pay for
 # pandas, scikit-learn and SciPy (about 1 s), which only the analysis commands use (issue 6).
@@ -87,6 +89,28 @@ def _emit(doc: dict) -> None:
     click.echo(json.dumps(doc, indent=2, allow_nan=False))
 
 
+def _naming_a_file_run(command: Callable[..., None]) -> Callable[..., None]:
+    """A command on a run opened from one checkpoint file names that file in its errors (issue 19):
+    the run's folder, which the core's messages name, is the file's parent."""
+    @functools.wraps(command)
+    def wrapper(**kwargs: object) -> None:
+        path = kwargs["run_path"]
+        try:
+            command(**kwargs)
+        except AnalysisError as e:
+            if isinstance(path, Path) and path.is_file() and path.name not in str(e):
+                raise AnalysisError(f"{path}: {str(e).removeprefix(f'{path.resolve().parent}: ')}") from e
+            raise
+    return wrapper
+
+
+def _note_unreadable(run: Run, err: bool = True) -> None:
+    """One line per file of the run that could not be read: the command goes on without it (issue 19)."""
+    from .run import printable
+    for u in run.unreadable:
+        click.echo(printable(f"{'ckpt-select: note:' if err else ' '} passed over {u.describe()}"), err=err)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ckpt-select")
 def cli() -> None:
@@ -101,7 +125,7 @@ def cli() -> None:
 def analyze(run_path: Path, similarity: bool, as_json: bool) -> None:
     """Discover a run's logs and checkpoints and judge every checkpoint."""
     from .report import analysis_report
-    from .run import open_run
+    from .run import open_run, printable
     from .signals import assess_run, compare_checkpoints
     run = open_run(run_path)
     update, close = _progress_bar("checking checkpoints")
@@ -114,9 +138,11 @@ def analyze(run_path: Path, similarity: bool, as_json: bool) -> None:
     if as_json:
         _emit(doc)
         return
-    click.echo(f"{run.name}: {len(run.checkpoints)} checkpoints, {len(run.logs)} logs, {len(signals.spikes)} spikes")
+    click.echo(printable(f"{run.name}: {len(run.checkpoints)} checkpoints, {len(run.logs)} logs, "
+                         f"{len(signals.spikes)} spikes"))
+    _note_unreadable(run, err=False)
     for log in doc["logs"]:
-        click.echo(f"  log {log['path']} ({log['format']}, {log['rows']} rows, {log['skipped_lines']} skipped)")
+        click.echo(printable(f"  log {log['path']} ({log['format']}, {log['rows']} rows, {log['skipped_lines']} skipped)"))
     for spike in signals.spikes:
         click.echo(f"  spike: {spike.describe()}")
     timing = doc["timing"]
@@ -166,6 +192,7 @@ def analyze(run_path: Path, similarity: bool, as_json: bool) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the recipe YAML here.")
 @click.option("--force", is_flag=True, help="-o may replace an existing file CkptSelect did not write (never a checkpoint).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@_naming_a_file_run
 def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: bool, eval_tokens: int,
                   eval_cache: bool, method: str,
                   window: int | None, ema_alpha: float, max_evals: int | None, include_contaminated: bool,
@@ -174,12 +201,13 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
     from .evaluate import load_evaluator
     from .recipe import build_recipe, write_recipe
     from .recommend import RecommendConfig, recommend
-    from .report import recommendation_report
+    from .report import recommendation_report, unreadable_report
     from .run import open_run
     from .signals import assess_run
     from .targets import check_file_target
     run = open_run(run_path)
-    protected = [*(c.path for c in run.checkpoints), *(log.path for log in run.logs)]
+    _note_unreadable(run)
+    protected = [*(c.path for c in run.checkpoints), *(log.path for log in run.logs), *(u.path for u in run.unreadable)]
     if output:   # before the search, which may take long: a refused target is said at once
         check_file_target(output, protected, force)
     evaluator = load_evaluator(eval_spec, eval_higher_is_better, run, eval_tokens) if eval_spec else None
@@ -199,6 +227,7 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
     if as_json:
         doc = recommendation_report(rec, recipe)
         doc["recipe_path"] = str(recipe_path) if recipe_path else None
+        doc["unreadable"] = unreadable_report(run)
         _emit(doc)
         return
     click.echo(rec.summary)
@@ -415,6 +444,7 @@ def storage(params: float | None, config_path: Path | None, dtype: str, optimize
               help="Report the tokens/steps needed to gain this much more.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@_naming_a_file_run
 def stop_cmd(run_path: Path, params: float | None, config_path: Path | None, tokens_per_step: float | None,
              plateau_gain: float, gain_target: float, seed: int, as_json: bool) -> None:
     """Should I keep training? Fit the loss curve, forecast it, flag a plateau."""
@@ -423,6 +453,7 @@ def stop_cmd(run_path: Path, params: float | None, config_path: Path | None, tok
     from .run import open_run
     from .scaling import StopConfig, run_stop_signal
     run = open_run(run_path)
+    _note_unreadable(run)
     if config_path is not None:
         params = float(count_parameters(config_path).total)
     config = StopConfig(plateau_gain=plateau_gain, gain_target=gain_target, seed=seed)
@@ -452,21 +483,25 @@ def stop_cmd(run_path: Path, params: float | None, config_path: Path | None, tok
 def logs(paths: tuple[Path, ...], fmt: str | None, as_json: bool) -> None:
     """Read training logs and summarise every metric."""
     from .logs import read_log
-    from .report import log_report
-    from .run import open_run
-    tables = []
+    from .report import log_report, unreadable_report
+    from .run import open_run, printable
+    tables, unreadable = [], []
     for path in paths:
         if path.is_dir():
-            tables.extend(open_run(path).logs)
+            run = open_run(path)
+            tables.extend(run.logs)
+            unreadable.extend(unreadable_report(run))
+            if not as_json:
+                _note_unreadable(run)
         else:
             tables.append(read_log(path, fmt))
     docs = [log_report(t) for t in tables]
     if as_json:
-        _emit({"logs": docs})
+        _emit({"logs": docs, "unreadable": unreadable})
         return
     for doc in docs:
-        click.echo(f"{doc['path']}: {doc['format']}, {doc['rows']} rows, {doc['skipped_lines']} skipped, "
-                   f"{doc['restarts']} restarts")
+        click.echo(printable(f"{doc['path']}: {doc['format']}, {doc['rows']} rows, {doc['skipped_lines']} skipped, "
+                             f"{doc['restarts']} restarts"))
         for name, m in doc["metrics"].items():
             click.echo(f"  {name:<24} {m['count']:>8} points  steps {m['first_step']}-{m['last_step']}  last {m['last']}")
 

@@ -27,7 +27,7 @@ class LogParseError(AnalysisError):
     def __init__(self, path: Path, line_no: int | None, reason: str) -> None:
         where = f"{path}, line {line_no}" if line_no else str(path)
         super().__init__(f"Could not read {where}: {reason}")
-        self.path, self.line_no = path, line_no
+        self.path, self.line_no, self.reason = path, line_no, reason
 
 
 class UnknownLogFormat(AnalysisError):
@@ -46,7 +46,7 @@ class CheckpointReadError(AnalysisError):
 
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(f"Could not read checkpoint {path}: {reason}")
-        self.path = path
+        self.path, self.reason = path, reason
 
 
 class NotACheckpoint(CheckpointReadError):

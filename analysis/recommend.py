@@ -422,12 +422,12 @@ def _finish(signals: RunSignals, config: RecommendConfig, method: str, chosen: l
     """
     weight_of = {s.ref.step: w for s, w in zip(chosen, weights)}
     oldest_taken = chosen[0].ref.step
-    decisions = tuple(
+    decisions = _with_unreadable(signals, tuple(
         Decision(s.ref.step, str(s.ref.path), s.ref.step in weight_of, weight_of.get(s.ref.step, 0.0),
                  _reason(s, weight_of, oldest_taken, window, config, evaluator is not None, method == "predicted",
                          cutoff))
         for s in signals.checkpoints
-    )
+    ))
     summary = _summary(method, chosen, weights, score, last_score, window, evaluator, config.window is not None)
     if cutoff is not None:
         summary = f"Recovery from before step {cutoff.step}: {summary}"
@@ -440,6 +440,20 @@ def _finish(signals: RunSignals, config: RecommendConfig, method: str, chosen: l
     return Recommendation(name, tuple(s.ref for s in chosen), tuple(weights), decisions, calls, score,
                           last_score, summary, noise, gain, basis=basis, basis_note=note,
                           stand_in_error=stand_in_error)
+
+
+def _with_unreadable(signals: RunSignals, decisions: tuple[Decision, ...]) -> tuple[Decision, ...]:
+    """The decisions plus one "not taken" per checkpoint that could not be read, in step order (issue 19).
+
+    One without a step in its name is placed after the newest, as discovery places unnumbered ones.
+    """
+    bad = [u for u in signals.unreadable if u.kind == "checkpoint"]
+    newest = max([d.step for d in decisions] + [u.step for u in bad if u.step is not None], default=-1)
+    steps = [u.step if u.step is not None else newest + 1 + i for i, u in enumerate(bad)]
+    extra = [Decision(step, str(u.path), False, 0.0, f"Left out: {u.status}: {u.reason.rstrip('.')}.")
+             for step, u in zip(steps, bad)]
+    # On a shared step the readable checkpoint's decision comes last, so a {step: reason} map keeps it.
+    return tuple(sorted(extra + list(decisions), key=lambda d: (d.step, d in decisions)))
 
 
 def _basis(signals: RunSignals, config: RecommendConfig, window: _Window, evaluator: Evaluator | None,

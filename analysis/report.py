@@ -39,6 +39,12 @@ def log_report(table: LogTable) -> dict:
             "skipped_lines": table.skipped_lines, "restarts": table.restarts, "metrics": metrics}
 
 
+def unreadable_report(run: Run) -> list[dict]:
+    """The ``unreadable`` list: files of the run that were passed over, and why (issue 19)."""
+    return [{"path": str(u.path), "kind": u.kind, "step": u.step, "status": u.status,
+             "being_written": u.being_written, "reason": u.reason} for u in run.unreadable]
+
+
 def timing_report(timing: StepTiming) -> dict:
     """The ``timing`` record: steady step time, eval/checkpoint costs (ms) and wall-time shares."""
     return {
@@ -132,6 +138,7 @@ def analysis_report(run: Run, signals: RunSignals, similarity: SimilarityReport 
         "merged_outputs": [str(p) for p in run.merged_outputs],
         "evaluator_hint": run.evaluator_hint,
         "notes": list(run.notes),
+        "unreadable": unreadable_report(run),
     }
 
 
@@ -221,6 +228,7 @@ def stop_report(sig: StopSignal, run: Run | None = None) -> dict:
     fit = sig.fit
     return {
         "run": str(run.path) if run is not None else None, "metric": sig.metric, "x_unit": fit.x_unit,
+        "unreadable": unreadable_report(run) if run is not None else [],
         "x_seen": fit.x_last,
         "fit": {"formula": "L = E + B * x^-beta", "E": fit.e, "B": fit.b, "beta": fit.beta,
                 "E_stderr": fit.e_stderr, "B_stderr": fit.b_stderr, "beta_stderr": fit.beta_stderr,

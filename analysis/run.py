@@ -12,7 +12,8 @@ import fnmatch
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
@@ -36,9 +37,14 @@ CONFIG_FILE = "ckpt-select.yaml"
 STEP_METADATA_KEYS = ("step", "global_step", "iteration", "iter_num")
 # A merged output written by CkptSelect carries this key; it is never taken for a checkpoint.
 MERGE_MARKER_KEY = "ckpt_select_recipe_sha256"
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
 LOG_SUFFIXES = {".jsonl", ".json", ".csv", ".log", ".txt", ".out", ".tsv", ".stdout"}
 SKIP_DIRS = {"__pycache__", "node_modules", "wandb"}
 MAX_DEPTH = 4
+# A checkpoint that cannot be read and was modified less than this many seconds ago, or whose size
+# changes between two looks SIZE_RECHECK_SECONDS apart, is a save still being written, not a corrupt file.
+BEING_WRITTEN_SECONDS = 60.0
+SIZE_RECHECK_SECONDS = 0.1
 _NUMBER = re.compile(r"(\d+)")
 _STEP_FOLDER = re.compile(r"(?:checkpoint|ckpt|step|iter|global_step|epoch)[-_]?(\d+)", re.IGNORECASE)
 
@@ -60,6 +66,27 @@ class CheckpointRef:
         return self.path.name
 
 
+@dataclass(frozen=True, slots=True)
+class UnreadableFile:
+    """A file of the run that could not be read: listed with the reason, left out of everything (issue 19)."""
+
+    path: Path
+    reason: str
+    kind: str = "checkpoint"       # "checkpoint" | "log"
+    step: int | None = None        # a checkpoint's step, when its name gives one
+    being_written: bool = False    # modified in the last BEING_WRITTEN_SECONDS or still growing
+
+    @property
+    def status(self) -> str:
+        """"being written" for a save in progress, else "unreadable"."""
+        return "being written" if self.being_written else "unreadable"
+
+    def describe(self) -> str:
+        """One line for notes and warnings: which file, what it is, why it was passed over."""
+        step = f" (step {self.step})" if self.step is not None else ""
+        return f"{self.kind} {self.path}{step}: {self.status}: {self.reason}"
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class Run:
     """Everything discovery found in a run folder."""
@@ -73,6 +100,7 @@ class Run:
     merged_outputs: tuple[Path, ...] = ()    # CkptSelect merges found inside the run
     evaluator_hint: str | None = None        # an evaluate.py shipped with the run (never run unasked)
     notes: tuple[str, ...] = field(default_factory=tuple)
+    unreadable: tuple[UnreadableFile, ...] = ()   # files passed over: corrupt, unsafe, missing, being written
     # Per-metric frames and the wall clock, split out once: comparing the metric-name column
     # of a million-step run costs ~0.15 s, and a page asks for metrics dozens of times.
     _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -105,11 +133,27 @@ class Run:
         raise AnalysisError(f"{self.path}: no checkpoint at step {step} (have {[c.step for c in self.checkpoints]})")
 
 
+def printable(text: str) -> str:
+    """``text`` with the undecodable bytes of a non-UTF-8 file name shown as U+FFFD (issue 19).
+
+    Python keeps such bytes as lone surrogates, which a strict UTF-8 stdout and Streamlit's
+    messages cannot encode.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def open_run(path: str | Path, root: str | Path | None = None) -> Run:
     """Discover the logs and checkpoints of a run folder.
 
+    A file that cannot be read (a save still being written, a corrupt or unsafe checkpoint, a dangling
+    symlink) is listed in ``Run.unreadable`` with the reason instead of failing the run (issue 19).
+
     Args:
-        path: the run folder (or a single log file, for a log-only view).
+        path: the run folder, a single log file (a log-only view) or a single checkpoint file
+            (a one-checkpoint run).
         root: the folder the app is confined to (``ui --root``; relative ``path`` is taken from it). The run
             must lie in it, and every file the run would read that resolves outside it (a symlink pointing
             out: a log, a checkpoint, a shard, ``ckpt-select.yaml``) is left out with a note (issue 19).
@@ -117,21 +161,24 @@ def open_run(path: str | Path, root: str | Path | None = None) -> Run:
 
     Raises:
         InvalidArgument: ``path`` resolves outside ``root``.
-        RunNotFound: the path does not exist, or holds neither logs nor checkpoints.
-        AnalysisError: a checkpoint or log the run needs cannot be read.
+        RunNotFound: the path does not exist, or holds no log or checkpoint that can be read.
+        CheckpointReadError: a single checkpoint file that cannot be read or holds no weights.
+        AnalysisError: the run's ckpt-select.yaml is malformed.
     """
     allowed = Path(root).expanduser().resolve() if root is not None else None
     root = resolve_within(path, allowed)
     if not root.exists():
         raise RunNotFound(root, "no such folder")
     if root.is_file():
-        return _run_from_files(root.parent, [], [root], root.stem, notes=[])
+        return _run_from_file(root)
     config_notes: list[str] = []
     config = _read_config(root) if not _outside(root, [root / CONFIG_FILE], allowed, config_notes) else {}
     ckpt_paths, log_candidates, notes = _walk(root, config, allowed)
     notes = config_notes + notes
     name = str(config.get("name") or root.name)
     run = _run_from_files(root, ckpt_paths, log_candidates, name, notes)
+    if not run.checkpoints and not run.logs and run.unreadable:
+        raise RunNotFound(root, "nothing here could be read: " + "; ".join(u.describe() for u in run.unreadable))
     if not run.checkpoints and not run.logs:
         from .logs import LOG_READERS
         raise RunNotFound(root, "found no checkpoints and no training logs here. "
@@ -304,14 +351,34 @@ def _log_candidate(path: Path) -> bool:
     return path.suffix.lower() in LOG_SUFFIXES or "events.out.tfevents" in path.name
 
 
+def _run_from_file(path: Path) -> Run:
+    """One file: a checkpoint (one a reader claims, or named like one) as a one-checkpoint run, else a log.
+
+    Raises:
+        CheckpointReadError: a checkpoint file that cannot be read, or that holds no model weights.
+    """
+    if detect_layout(path) is None and path.suffix not in CHECKPOINT_SUFFIXES:
+        return _run_from_files(path.parent, [], [path], path.stem, notes=[])
+    run = _run_from_files(path.parent, [path], [], path.stem, notes=[])
+    if run.unreadable:
+        raise CheckpointReadError(path, f"{run.unreadable[0].status}: {run.unreadable[0].reason}")
+    if run.merged_outputs:   # a merge CkptSelect wrote, asked for by name: it is the checkpoint to analyze
+        return replace(run, checkpoints=(checkpoint_ref(path),), merged_outputs=())
+    if not run.checkpoints:
+        _read_checkpoint_header(path)   # passed over as no checkpoint: raises NotACheckpoint saying what it holds
+    return run
+
+
 def _run_from_files(root: Path, ckpt_paths: list[Path], log_paths: list[Path], name: str,
                     notes: list[str]) -> Run:
     """Read the logs, describe the checkpoints, and assemble the :class:`Run`."""
     notes = list(notes)
-    logs = _read_logs(log_paths, notes)
-    refs, merged = _describe_checkpoints(ckpt_paths, notes)
+    unreadable: list[UnreadableFile] = []
+    logs = _read_logs(log_paths, notes, unreadable)
+    refs, merged = _describe_checkpoints(ckpt_paths, notes, unreadable)
     metrics = _merge_metrics(logs)
-    used = [p for ref in refs for p in ref.files] + [t.path for t in logs]
+    # Unreadable files count too: the cache must reload once a save in progress is complete.
+    used = [p for ref in refs for p in ref.files] + [t.path for t in logs] + [u.path for u in unreadable]
     if (root / CONFIG_FILE).is_file():
         used.append(root / CONFIG_FILE)
     hint = root / "evaluate.py"
@@ -319,18 +386,27 @@ def _run_from_files(root: Path, ckpt_paths: list[Path], log_paths: list[Path], n
         path=root, name=name, checkpoints=tuple(refs), logs=tuple(logs), metrics=metrics,
         fingerprint=_fingerprint(root, used), merged_outputs=tuple(merged),
         evaluator_hint=f"{hint}:evaluate" if hint.is_file() else None, notes=tuple(notes),
+        unreadable=tuple(unreadable),
     )
 
 
-def _read_logs(paths: list[Path], notes: list[str]) -> list[LogTable]:
-    """Every path a log reader recognises, read; others are passed over with a note."""
+def _read_logs(paths: list[Path], notes: list[str], unreadable: list[UnreadableFile]) -> list[LogTable]:
+    """Every path a log reader recognises, read; others are passed over with a note.
+
+    A file that cannot be read at all (a dangling symlink, a symlink loop, no permission) goes to
+    ``unreadable`` with the reason: one bad file must not sink the run (issue 19).
+    """
     from .logs import read_log, sniff_format
     tables = []
     for path in paths:
-        fmt = sniff_format(path)
-        if fmt is None:
+        try:
+            fmt = sniff_format(path)
+            table = read_log(path, fmt) if fmt is not None else None
+        except (AnalysisError, OSError) as e:
+            unreadable.append(UnreadableFile(path, _problem(path, e), "log"))
             continue
-        table = read_log(path, fmt)
+        if table is None:
+            continue
         if table.rows == 0:
             notes.append(f"{path.name}: recognised as {fmt} but holds no metric rows")
             continue
@@ -340,21 +416,25 @@ def _read_logs(paths: list[Path], notes: list[str]) -> list[LogTable]:
     return tables
 
 
-def _describe_checkpoints(paths: list[Path], notes: list[str]) -> tuple[list[CheckpointRef], list[Path]]:
-    """A :class:`CheckpointRef` per checkpoint (headers only), sorted by step; merges set aside."""
+def _describe_checkpoints(paths: list[Path], notes: list[str],
+                          unreadable: list[UnreadableFile]) -> tuple[list[CheckpointRef], list[Path]]:
+    """A :class:`CheckpointRef` per checkpoint (headers only), sorted by step; merges set aside.
+
+    A checkpoint that cannot be read goes to ``unreadable`` with the reason, marked "being written"
+    when it is a save in progress (issue 19).
+    """
     refs: list[CheckpointRef] = []
     merged: list[Path] = []
     unnumbered: list[tuple[Path, str, tuple[Path, ...], int]] = []
+    failed: list[tuple[Path, str]] = []
     for path in paths:
-        layout = detect_layout(path)
-        assert layout is not None, "discovery only passes claimed paths"
-        files = tuple(CHECKPOINT_READERS[layout].files(path))
-        size = sum(f.stat().st_size for f in files)
         try:
-            with open_checkpoint(path, layout) as handle:
-                meta = handle.metadata()
+            layout, files, size, meta = _read_checkpoint_header(path)
         except NotACheckpoint as e:   # a saved tensor or dataset beside the checkpoints: not the run's
             notes.append(f"{path.name}: passed over, not a checkpoint: it {e.reason}")
+            continue
+        except (CheckpointReadError, OSError) as e:
+            failed.append((path, _problem(path, e)))
             continue
         if MERGE_MARKER_KEY in meta:
             merged.append(path)
@@ -369,7 +449,67 @@ def _describe_checkpoints(paths: list[Path], notes: list[str]) -> tuple[list[Che
         notes.append(f"{path.name}: no step in its metadata or name; placed after the numbered ones")
         refs.append(CheckpointRef(start + offset, path, layout, files, size, "order"))
     refs.sort(key=lambda r: (r.step, r.path.as_posix()))
+    unreadable.extend(_unreadable_checkpoints(failed))
     return refs, merged
+
+
+def _read_checkpoint_header(path: Path) -> tuple[str, tuple[Path, ...], int, dict[str, str]]:
+    """(layout, files, total bytes, metadata) of one checkpoint, from its headers alone.
+
+    Raises:
+        CheckpointReadError: no reader claims it, or it cannot be read (NotACheckpoint: it holds no weights).
+        OSError: one of its files vanished or cannot be looked at.
+    """
+    layout = detect_layout(path)
+    if layout is None:
+        raise CheckpointReadError(path, "not a checkpoint layout CkptSelect knows")
+    files = tuple(CHECKPOINT_READERS[layout].files(path))
+    size = sum(f.stat().st_size for f in files)
+    with open_checkpoint(path, layout) as handle:
+        return layout, files, size, handle.metadata()
+
+
+def _problem(path: Path, error: Exception) -> str:
+    """Why a file could not be read, without the path the message already names elsewhere."""
+    reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or str(error)
+    if path.is_symlink():
+        reason = f"{reason} (a symlink to {os.readlink(path)})"
+    return reason
+
+
+def _unreadable_checkpoints(failed: list[tuple[Path, str]]) -> list[UnreadableFile]:
+    """The checkpoints that failed to open, each marked "being written" when it is a save in progress.
+
+    A file modified in the last BEING_WRITTEN_SECONDS, or whose size changes between two looks
+    SIZE_RECHECK_SECONDS apart, is still being written (stat only: nothing is read). One pause for all.
+    """
+    if not failed:
+        return []
+    first = [_sizes_and_mtimes(path) for path, _ in failed]
+    now = time.time()
+    recent = [any(now - mtime < BEING_WRITTEN_SECONDS for _, mtime in looks) for looks in first]
+    if not all(recent):
+        time.sleep(SIZE_RECHECK_SECONDS)
+    growing = [not fresh and [size for size, _ in looks] != [size for size, _ in _sizes_and_mtimes(path)]
+               for (path, _), looks, fresh in zip(failed, first, recent)]
+    return [UnreadableFile(path, reason, "checkpoint", _step_of(path, {})[0], fresh or grows)
+            for (path, reason), fresh, grows in zip(failed, recent, growing)]
+
+
+def _sizes_and_mtimes(path: Path) -> list[tuple[int, float]]:
+    """(size, mtime) of a checkpoint file, or of each file directly in a checkpoint folder; [] if none."""
+    try:
+        files = sorted(path.iterdir()) if path.is_dir() else [path]
+    except OSError:
+        return []
+    looks = []
+    for f in files:
+        try:
+            stat = f.stat()
+        except OSError:
+            continue
+        looks.append((stat.st_size, stat.st_mtime))
+    return looks
 
 
 def _step_of(path: Path, meta: dict[str, str]) -> tuple[int | None, str]:
@@ -403,9 +543,17 @@ def _merge_metrics(logs: list[LogTable]) -> pd.DataFrame:
 
 
 def _fingerprint(root: Path, files: list[Path]) -> str:
-    """A short hash of (path, size, mtime) of every file read: the cache key of the run."""
+    """A short hash of (path, size, mtime) of every file read: the cache key of the run.
+
+    Names are hashed as the file system's bytes (a name that is not UTF-8 holds lone surrogates in
+    ``str``), and a file that cannot be looked at (a dangling symlink) counts as "missing" (issue 19).
+    """
     digest = hashlib.sha1()
     for f in sorted(set(files)):
-        stat = f.stat()
-        digest.update(f"{f.relative_to(root) if f.is_relative_to(root) else f}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        try:
+            stat = f.stat()
+            look = f"|{stat.st_size}|{stat.st_mtime_ns}\n"
+        except OSError:
+            look = "|missing\n"
+        digest.update(os.fsencode(f.relative_to(root) if f.is_relative_to(root) else f) + look.encode())
     return digest.hexdigest()[:16]

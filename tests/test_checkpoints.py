@@ -297,8 +297,9 @@ def test_truncated_files_are_refused(tmp_path: Path, kind: str) -> None:
         with open_checkpoint(target) as handle:   # a truncated .distcp fails on the first read
             for info in handle.tensors():
                 handle.read(info.name)
-    with pytest.raises(CheckpointReadError):
-        open_run(tmp_path)   # nothing half-loaded: the run is refused as a whole
+    # Nothing half-loaded: a run with nothing readable is refused as a whole, naming the file (issue 19).
+    with pytest.raises(RunNotFound, match=f"nothing here could be read: checkpoint .*{target.name}"):
+        open_run(tmp_path)
 
 
 def test_index_pointing_at_missing_shard(tmp_path: Path) -> None:
@@ -308,8 +309,10 @@ def test_index_pointing_at_missing_shard(tmp_path: Path) -> None:
     shard.unlink()
     with pytest.raises(CheckpointReadError, match=f"missing shard.*{shard.name}"):
         open_checkpoint(folder)
+    # The run still opens on its trainer_state.json log; the checkpoint is listed as unreadable (issue 19).
     result = _cli("analyze", str(tmp_path))
-    assert result.returncode == 2 and shard.name in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert f"passed over checkpoint {folder} (step 100): " in result.stdout and shard.name in result.stdout
 
 
 def test_empty_folder_exits_2(tmp_path: Path) -> None:

@@ -100,7 +100,8 @@ def test_bad_input_exits_2_with_one_line_naming_the_file(case: str, tmp_path: Pa
         run = write_tiny_run(tmp_path / "run", [10, 20])
         victim = run / "ckpt" / "step_000010.safetensors"
         victim.write_bytes(victim.read_bytes()[:40])
-        args, name = ["recommend", str(run)], "step_000010.safetensors"
+        # In a run it is passed over with a note (issue 19); named on its own, it is bad input.
+        args, name = ["recommend", str(victim)], "step_000010.safetensors"
     elif case == "bad_recipe":
         (tmp_path / "r.yaml").write_text("ckpt_select_recipe: 1\ncheckpoints: []\n")
         args, name = ["merge", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")], "r.yaml"

@@ -72,16 +72,20 @@ def test_missing_and_empty_folders_are_named(tmp_path: Path) -> None:
 
 
 def test_truncated_checkpoint_is_named(tmp_path: Path) -> None:
+    # Issue 19: the run opens without it, and lists it with the reason.
     run = write_tiny_run(tmp_path / "run", [10, 20])
     victim = run / "ckpt" / "step_000020.safetensors"
     victim.write_bytes(victim.read_bytes()[:-16])
-    with pytest.raises(CheckpointReadError, match="step_000020.safetensors.*truncated"):
-        open_run(run)
+    opened = open_run(run)
+    assert [c.step for c in opened.checkpoints] == [10]
+    [bad] = opened.unreadable
+    assert (bad.path, bad.step, bad.kind, bad.being_written) == (victim, 20, "checkpoint", True)
+    assert "truncated" in bad.reason
 
 
 def test_a_saved_tensor_or_dataset_beside_the_checkpoints_is_passed_over_with_a_note(tmp_path: Path) -> None:
     # Users keep val_bytes.pt, vocab.pt and the like next to their checkpoints; a truncated or unsafe
-    # checkpoint still stops the run (above), but a file that holds no weights is simply not one.
+    # checkpoint is listed as unreadable (above), but a file that holds no weights is simply not one.
     run = write_tiny_run(tmp_path / "run", [10, 20])
     torch.save(torch.arange(64), run / "val_bytes.pt")
     torch.save({"vocab": ["a", "b"], "size": 2}, run / "ckpt" / "vocab.pt")

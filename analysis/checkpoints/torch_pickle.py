@@ -34,6 +34,10 @@ OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_states", "opti
 STEP_KEYS = ("step", "global_step", "iter_num", "iteration", "num_updates", "steps")
 TOKEN_KEYS = ("tokens", "tokens_seen", "num_input_tokens_seen", "consumed_tokens", "num_tokens")
 BEST_KEYS = ("best_val_loss", "best_metric", "best_model_score", "best_loss", "best_acc", "best_score", "metric")
+# Enough of a file's head to see torch's zip entry name or legacy magic number (protocol 4+ frames it).
+TORCH_HEAD_BYTES = 64
+# torch.save's legacy format pickles this number (0x1950a86a20f9469cfc6c, a LONG1 of 10 bytes) first.
+_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 # How torch's weights-only unpickler names the global it refused, most specific first.
 _GLOBAL_PATTERNS = (re.compile(r"GLOBAL ([\w.]+)"), re.compile(r"Unsupported class ([\w.]+)"),
                     re.compile(r"global ([\w.]+)"))
@@ -269,16 +273,37 @@ class TorchPickleReader:
             return False
         if path.name.startswith("rng_state") or ("-of-" in path.name and _sharded_sibling(path)):
             return False
-        with path.open("rb") as handle:
-            magic = handle.read(4)
-        # A zip (torch >= 1.6) or a raw pickle stream (legacy): anything else is not ours.
-        return magic.startswith(b"PK") or magic[:1] == b"\x80"
+        try:
+            with path.open("rb") as handle:
+                head = handle.read(TORCH_HEAD_BYTES)
+        except OSError:   # unreadable: claimed, so that opening it names the problem
+            return True
+        return is_torch_file_head(head)
 
     def files(self, path: Path) -> list[Path]:
         return [path]
 
     def open(self, path: Path) -> TorchPickleHandle:
         return TorchPickleHandle(path)
+
+
+def is_torch_file_head(head: bytes) -> bool:
+    """True if a file's first bytes are those ``torch.save`` writes (issue 19).
+
+    A zip (torch >= 1.6) whose first entry is the pickle ``<name>/data.pkl``, or a legacy pickle stream
+    that opens with torch's magic number. A token file or dataset that merely starts with byte 0x80
+    (the pickle opcode PROTO) is not taken for a checkpoint. A head cut short inside the zip header
+    (a save just begun, an empty file) is still claimed, so that the run lists it as being written.
+    """
+    if len(head) < 4:   # empty or a few bytes: a save that has just begun
+        return b"PK\x03\x04".startswith(head) or head[:1] == b"\x80"
+    if head.startswith(b"PK\x03\x04"):
+        if len(head) < 30:
+            return True
+        name_len = int.from_bytes(head[26:28], "little")
+        name = head[30:30 + name_len]
+        return len(name) < name_len or name.endswith(b"data.pkl")
+    return head[:1] == b"\x80" and _LEGACY_MAGIC in head
 
 
 def _sharded_sibling(path: Path) -> bool:

@@ -11,7 +11,7 @@ import pandas as pd
 from ..checkpoints import TensorInfo, open_checkpoint
 from ..checkpoints.compare import compare_layouts
 from ..checkpoints.optim import metadata_learning_rate
-from ..run import CheckpointRef, Run
+from ..run import CheckpointRef, Run, UnreadableFile
 from .health import CheckpointHealth, check_health
 from .noise import IterateNoise, newest_iterate_noise
 from .spikes import LossSpike, SpikeConfig, detect_spikes, sparse_config
@@ -75,6 +75,7 @@ class RunSignals:
     checkpoints: tuple[CheckpointSignals, ...]
     spikes: tuple[LossSpike, ...]
     noise: IterateNoise | None = None   # from the Adam state of the newest eligible checkpoint that saved one
+    unreadable: tuple[UnreadableFile, ...] = ()   # the run's files that could not be read (issue 19)
 
     @property
     def loss_spikes(self) -> tuple[LossSpike, ...]:
@@ -139,7 +140,7 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
                                        cleared, lr is None and saved_lr is not None))
     eligible = [item for item in items if item.eligible]
     noise = newest_iterate_noise([item.ref for item in eligible], progress)
-    return RunSignals(tuple(items), spikes, noise)
+    return RunSignals(tuple(items), spikes, noise, run.unreadable)
 
 
 def _contamination(step: int, val: ValScore | None, events: list[LossSpike],

@@ -11,6 +11,7 @@ import charts
 import sidebar
 import state
 from analysis.errors import AnalysisError
+from analysis.run import printable
 from analysis.signals import available_axes
 
 now = sidebar.current_or_stop()
@@ -19,7 +20,9 @@ st.title(run.name)
 st.caption(f"{run.path} · {len(run.checkpoints)} checkpoints · {len(run.logs)} logs · "
            f"{len(signals.spikes)} spike events")
 for note in run.notes:
-    st.caption(f"Note: {note}")
+    st.caption(printable(f"Note: {note}"))
+for bad in run.unreadable:   # passed over, and left out of every recommendation (issue 19)
+    st.warning(printable(f"Passed over {bad.describe()}"))
 
 left, middle, right = st.columns([2, 2, 1])
 smoothing = left.slider("Smoothing (debiased EMA, as TensorBoard)", 0.0, 0.99, 0.6, 0.01, key="smooth",
