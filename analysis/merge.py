@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import yaml
 
 from .averaging import check_same_layout, normalize_weights, output_layout
 from .checkpoints import TensorInfo, open_checkpoint, original_name
@@ -29,7 +28,7 @@ from .errors import MergeError
 from .merge_checks import (DISK_MARGIN_BYTES, MergePlan, check_disk, check_target, project, verify_inputs,
                            verify_mode)
 from .merge_output import INDEX_FILE, MODEL_FILE, OutputPlan, plan_output, write_output
-from .recipe import Recipe, dump_recipe, to_mergekit
+from .recipe import Recipe, dump_mergekit, dump_recipe
 from .run import MERGE_MARKER_KEY, CheckpointRef, checkpoint_ref
 from .streaming import arithmetic, stream_average
 
@@ -210,8 +209,7 @@ def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPl
     size = write_output(tmp, plan, blocks, metadata, output_dtype)
     if recipe_text:
         (tmp / RECIPE_FILE).write_text(recipe_text)
-        same = layout[0].dtype if layout and output_dtype == "same" else None
-        (tmp / MERGEKIT_FILE).write_text(yaml.safe_dump(to_mergekit(recipe, same_dtype=same), sort_keys=False))
+        (tmp / MERGEKIT_FILE).write_text(dump_mergekit(recipe, newest=handles[-1].tensors()))
     return size
 
 
