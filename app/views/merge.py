@@ -41,7 +41,7 @@ elif method == "manual":
     try:   # the merge's own rule (issue 20): finite, non-negative, a positive sum; scaled to sum to 1
         weights = normalize_weights([row["weight"] for row in edited], len(chosen))
     except AnalysisError as e:
-        st.error(f"{e}: give at least one checkpoint a positive weight.")
+        st.error(f"Manual weights: {e}. Give at least one checkpoint a positive weight.")
         st.stop()
 else:
     alpha = st.slider("EMA alpha (weight of the newest)", 0.05, 1.0, 0.3, 0.05, key="ema_alpha") if method == "ema" else 0.3
