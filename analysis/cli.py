@@ -199,7 +199,7 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
                   before_step: int | None, output_dtype: str, output: Path | None, force: bool, as_json: bool) -> None:
     """Recommend which checkpoints to average, with a reason for each."""
     from .evaluate import load_evaluator
-    from .recipe import build_recipe, write_recipe
+    from .recipe import recipe_for_selection, write_recipe
     from .recommend import RecommendConfig, recommend
     from .report import recommendation_report, unreadable_report
     from .run import open_run
@@ -222,7 +222,9 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
         rec = recommend(signals, config, evaluator, update)
     finally:
         close()
-    recipe = build_recipe(rec.method, list(rec.checkpoints), rec.weights, output_dtype, rec.reasons, run.path)
+    # Hashed only when written or shown (issue 20): the text output below does not show it.
+    recipe = (recipe_for_selection(run, [r.step for r in rec.checkpoints], rec.weights, rec.method, output_dtype,
+                                   rec.reasons) if output or as_json else None)
     recipe_path = write_recipe(recipe, output, force=force, protected=protected) if output else None
     if as_json:
         doc = recommendation_report(rec, recipe)
@@ -345,7 +347,7 @@ def export(recipe_path: Path, fmt: str, output: Path | None, force: bool) -> Non
     if fmt == "mergekit":
         # Absolute paths: mergekit resolves relative ones against its working folder, and takes
         # "run/checkpoint-100" for a Hugging Face Hub repository id.
-        text = dump_mergekit(recipe, None, _inputs_dtype(recipe))
+        text = dump_mergekit(recipe)
     else:
         text = dump_recipe(with_hashes(recipe), base)
     if output:
@@ -355,17 +357,10 @@ def export(recipe_path: Path, fmt: str, output: Path | None, force: bool) -> Non
         click.echo(text, nl=False)
 
 
-def _inputs_dtype(recipe: Recipe) -> str | None:
-    """The newest input's floating dtype: what "same" means when mergekit needs a name for it."""
-    from .checkpoints import open_checkpoint
-    with open_checkpoint(recipe.checkpoints[-1].path) as handle:
-        return next((i.dtype for i in handle.tensors() if i.is_floating), None)
-
-
 @cli.command()
-@click.option("--params", type=float, help="Parameter count, e.g. 7e9 (or give --config).")
+@click.option("--params", type=float, help="Parameter count, e.g. 7e9 (or give --config, or --run).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="A model's config.json (or its folder).")
-@click.option("--dtype", default="bf16", show_default=True, help="Weights dtype: fp32, bf16, fp16, fp8, int8, int4.")
+@click.option("--dtype", help="Weights dtype: fp32, bf16, fp16, fp8, int8, int4 (default: the run's, else bf16).")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True)
 @click.option("--keep", type=int, default=20, show_default=True, help="Newest checkpoints kept (policies last, every).")
 @click.option("--policy", type=click.Choice(POLICIES), default="last", show_default=True, help="Keep policy.")
@@ -380,35 +375,37 @@ def _inputs_dtype(recipe: Recipe) -> str | None:
               help="Asynchronous saves: stage to host memory, write in the background.")
 @click.option("--snapshot-gbps", type=float, default=DEFAULT_SNAPSHOT_GBPS, show_default=True,
               help="Async: device-to-host copy bandwidth, GB/s.")
-@click.option("--step-time-s", type=float, help="Training step time, seconds.")
-@click.option("--every", type=int, help="Steps between checkpoints.")
+@click.option("--step-time-s", type=float, help="Training step time, seconds (default: the run's median).")
+@click.option("--every", type=int, help="Steps between checkpoints (default: the run's median).")
 @click.option("--price-per-tb-month", type=float, default=DEFAULT_PRICE_PER_TB_MONTH, show_default=True,
               help="USD per TB-month (S3 Standard list price).")
 @click.option("--window", type=int, help="Checkpoints the averaging window needs.")
 @click.option("--run", "run_path", type=click.Path(path_type=Path),
-              help="A run: window from its recommendation, checkpoint stalls measured from its step times.")
+              help="A run: parameters, dtype, save interval, step time and window from it (what the app's "
+                   "Storage page starts from); checkpoint stalls measured from its step times.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def storage(params: float | None, config_path: Path | None, dtype: str, optimizer: str, keep: int, policy: str,
+def storage(params: float | None, config_path: Path | None, dtype: str | None, optimizer: str, keep: int, policy: str,
             keep_every: int | None, top_k: int | None, budget_tb: float | None, total_steps: int | None,
             full_state_last: int | None, ema: bool, bandwidth_gbps: float, asynchronous: bool, snapshot_gbps: float,
             step_time_s: float | None, every: int | None, price_per_tb_month: float, window: int | None,
             run_path: Path | None, as_json: bool) -> None:
     """What keeping checkpoints costs in bytes, money and training time."""
     from .model_size import count_parameters
-    from .recommend import recommend
     from .report import storage_report
     from .run import open_run
-    from .signals import assess_run
-    from .storage import KeepPolicy, estimate_storage, measure_checkpoint_overhead
+    from .storage import KeepPolicy, estimate_storage, storage_inputs_from_run
     count = count_parameters(config_path) if config_path else None
-    if (params is None) == (count is None):
-        raise InvalidArgument("give --params N or --config config.json (one of them)")
-    measured = None
-    if run_path is not None:
-        run = open_run(run_path)
-        measured = measure_checkpoint_overhead(run)
-        if window is None and run.checkpoints:
-            window = len(recommend(assess_run(run)).checkpoints)
+    if params is not None and count is not None:
+        raise InvalidArgument("give --params N or --config config.json, not both")
+    given = storage_inputs_from_run(open_run(run_path)) if run_path is not None else None
+    measured = given.measured if given else None
+    if given is not None:   # what the command line names wins; the rest comes from the run
+        params = params if params is not None or count is not None else given.params
+        dtype, every = dtype or given.dtype, every or given.every_steps
+        step_time_s, window = step_time_s or given.step_time_s, window or given.window
+    if params is None and count is None:
+        raise InvalidArgument("give --params N or --config config.json (one of them), or a --run with checkpoints")
+    dtype = dtype or "bf16"
     keep_policy = KeepPolicy(kind=policy, last=keep, keep_every_steps=keep_every, top_k=top_k,
                              budget_bytes=budget_tb * 1e12 if budget_tb else None, total_steps=total_steps,
                              full_state_last=full_state_last)

@@ -272,8 +272,7 @@ def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPl
     size = write_output(tmp, plan, blocks, metadata, output_dtype)
     if recipe_text:
         (tmp / RECIPE_FILE).write_text(recipe_text)
-        same = layout[0].dtype if layout and output_dtype == "same" else None
-        (tmp / MERGEKIT_FILE).write_text(dump_mergekit(recipe, same_dtype=same))
+        (tmp / MERGEKIT_FILE).write_text(dump_mergekit(recipe, newest=handles[-1].tensors()))
     return size
 
 

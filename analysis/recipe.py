@@ -14,15 +14,20 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import yaml
 
 from . import __version__
-from .averaging import OUTPUT_DTYPES
-from .errors import RecipeError
+from .averaging import OUTPUT_DTYPES, normalize_weights
+from .checkpoints.base import main_floating_dtype
+from .errors import InvalidArgument, RecipeError
 from .run import CheckpointRef
 from .targets import MERGEKIT_MARKER, RECIPE_KEY, write_text_atomic
+
+if TYPE_CHECKING:
+    from .checkpoints import TensorInfo
+    from .run import Run
 
 RECIPE_VERSION = 1
 METHODS = ("sma", "ema", "wma", "soup", "manual", "recovery", "predicted")
@@ -123,6 +128,34 @@ def build_recipe(method: str, refs: list[CheckpointRef], weights: tuple[float, .
     entries = tuple(RecipeEntry(ref.path, ref.step, float(w), sha, ref.size_bytes, q)
                     for ref, w, sha, q in zip(refs, weights, sha256s, quick))
     return Recipe(method, entries, output_dtype, dict(reasons or {}), source_run=source_run)
+
+
+def recipe_for_selection(run: Run, steps: Sequence[int], weights: Sequence[float], method: str,
+                         output_dtype: str = "same", reasons: Mapping[object, str] | None = None, *,
+                         hashes: bool = True) -> Recipe:
+    """The recipe for checkpoints ``steps`` of ``run``: the one builder of both front ends (issue 20).
+
+    ``recommend`` writes or shows it, the app offers it as a download and merges it, so the recipe a
+    user downloads is the one written beside the merge: the run folder as source run, the chosen
+    dtype, the weights scaled to sum to 1. Hash (``hashes=True``) only when it is written or shown.
+
+    Raises:
+        InvalidArgument: bad weights or dtype. AnalysisError: no checkpoint at one of ``steps``.
+    """
+    if output_dtype not in OUTPUT_DTYPES:
+        raise InvalidArgument(f"output dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {output_dtype!r}")
+    refs = [run.checkpoint_at(step) for step in steps]
+    weights = normalize_weights(tuple(weights), len(refs))
+    why = {str(step): str(text) for step, text in (reasons or {}).items()}
+    return build_recipe(method, refs, weights, output_dtype, why, run.path, hashes=hashes)
+
+
+def default_merge_folder(run_path: Path, method: str, steps: Sequence[int]) -> Path:
+    """Where a merge of ``steps`` goes unless the user says otherwise: ``RUN/merges/METHOD-FIRST-LAST``.
+
+    Inside the run, so the merge is found with it (and never taken for one of its checkpoints).
+    """
+    return Path(run_path) / "merges" / f"{method}-{min(steps)}-{max(steps)}"
 
 
 def recipe_to_dict(recipe: Recipe, relative_to: Path | None = None) -> dict:
@@ -253,10 +286,31 @@ def to_mergekit(recipe: Recipe, relative_to: Path | None = None, same_dtype: str
     return config
 
 
-def dump_mergekit(recipe: Recipe, relative_to: Path | None = None, same_dtype: str | None = None) -> str:
-    """:func:`to_mergekit` as YAML text, under a first line that marks it as ours (so ``export -o``
-    may later replace it without ``--force``)."""
-    config = yaml.safe_dump(to_mergekit(recipe, relative_to, same_dtype), sort_keys=False)
+def mergekit_same_dtype(recipe: Recipe, newest: Iterable[TensorInfo] | None = None) -> str | None:
+    """The dtype a mergekit config names for output dtype "same" (None when the recipe names one).
+
+    The one rule of ``export`` and of the config written beside a merge (issue 20): the newest input's
+    main floating dtype (:func:`main_floating_dtype`), as the merge's output keeps the newest input's dtypes.
+
+    Args:
+        recipe: the recipe.
+        newest: the newest input's tensor headers when the caller has them open (the merge); else its
+            header is read.
+    """
+    if recipe.output_dtype != "same" or not recipe.checkpoints:
+        return None
+    if newest is not None:
+        return main_floating_dtype(newest)
+    from .checkpoints import open_checkpoint   # late: the readers load only when a header must be read
+    with open_checkpoint(recipe.checkpoints[-1].path) as handle:
+        return main_floating_dtype(handle.tensors())
+
+
+def dump_mergekit(recipe: Recipe, relative_to: Path | None = None,
+                  newest: Iterable[TensorInfo] | None = None) -> str:
+    """The recipe as mergekit config YAML, "same" resolved by :func:`mergekit_same_dtype`."""
+    config = yaml.safe_dump(to_mergekit(recipe, relative_to, mergekit_same_dtype(recipe, newest)), sort_keys=False)
+    # The first line marks it as ours, so ``export -o`` may later replace it without ``--force``.
     return f"{MERGEKIT_MARKER} {__version__}: a mergekit linear config (mergekit-yaml THIS_FILE OUT_DIR)\n{config}"
 
 

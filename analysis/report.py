@@ -193,6 +193,7 @@ def storage_report(est: StorageEstimate, measured: MeasuredOverhead | None = Non
         "policy": est.policy, "policy_note": est.policy_note, "total_bytes": est.total_bytes,
         "monthly_cost": est.monthly_cost, "price_per_tb_month": est.price_per_tb_month,
         "write_seconds": est.write_seconds, "bandwidth_gbps": est.bandwidth_gbps,
+        "step_time_s": est.step_time_s, "every_steps": est.every_steps,
         "asynchronous": est.asynchronous, "stall_seconds": est.stall_seconds,
         "overhead_fraction": _num(est.overhead_fraction), "chinchilla_tokens": est.chinchilla_tokens,
         "window": est.window, "window_bytes": est.window_bytes,

@@ -18,6 +18,7 @@ from .errors import InvalidArgument
 from .scaling import TOKENS_PER_PARAM
 
 if TYPE_CHECKING:
+    from .recommend import Recommendation
     from .run import Run
 
 # Bytes per parameter of the stored weights.
@@ -35,6 +36,9 @@ DEFAULT_PRICE_PER_TB_MONTH = 23.0
 # training), then writes it in the background: one PCIe 4.0 x16 link moves about 25 GB/s.
 DEFAULT_SNAPSHOT_GBPS = 25.0
 GB = 1e9
+# A checkpoint's main floating dtype -> the planner's name for its bytes per parameter.
+_PLANNER_DTYPES = {"float32": "fp32", "float64": "fp32", "bfloat16": "bf16", "float16": "fp16",
+                   "float8_e4m3fn": "fp8", "float8_e5m2": "fp8"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,3 +401,56 @@ def measure_checkpoint_overhead(run: Run) -> MeasuredOverhead | None:
     interval = float(np.median(np.diff(steps))) if len(steps) > 1 else float(steps[0])
     fraction = stall / (interval * median + stall) if interval * median + stall > 0 else 0.0
     return MeasuredOverhead(len(near), median, stall, interval, fraction)
+
+
+@dataclass(frozen=True, slots=True)
+class RunStorageInputs:
+    """What a run tells the storage planner: the defaults of ``storage --run`` and of the Storage page.
+
+    None where the run does not say (no checkpoint, no logged step time): the user gives it.
+    """
+
+    params: float | None        # floating elements of the newest checkpoint
+    dtype: str | None           # its main floating dtype, as the planner names it (fp32, bf16, fp16, fp8)
+    every_steps: int | None     # median steps between two checkpoints
+    step_time_s: float | None   # median logged ``step_time_ms``, in seconds
+    window: int | None          # checkpoints the recommended average takes
+    measured: MeasuredOverhead | None
+
+
+def storage_inputs_from_run(run: Run, recommendation: Recommendation | None = None) -> RunStorageInputs:
+    """The storage planner's inputs read from a run: one rule for the CLI and the app (issue 20).
+
+    Args:
+        run: an open run.
+        recommendation: the run's recommendation when the caller has it (the app caches one); else
+            the default one is made (it reads every checkpoint's header and logs).
+
+    Raises:
+        AnalysisError: a checkpoint cannot be read, or the recommendation fails.
+    """
+    params, dtype = _newest_weights(run)
+    steps = [c.step for c in run.checkpoints]
+    every = int(np.median(np.diff(steps))) if len(steps) > 1 else None
+    times = run.metric("step_time_ms")["value"].to_numpy(dtype=float)
+    step_time = float(np.nanmedian(times)) / 1000.0 if np.isfinite(times).any() else None
+    if recommendation is None and run.checkpoints:
+        from .recommend import recommend   # late: only a run's storage plan needs the recommender
+        from .signals import assess_run
+        recommendation = recommend(assess_run(run))
+    window = len(recommendation.checkpoints) if recommendation is not None else None
+    return RunStorageInputs(params, dtype, every, step_time, window, measure_checkpoint_overhead(run))
+
+
+def _newest_weights(run: Run) -> tuple[float | None, str | None]:
+    """(floating elements, planner dtype) of the run's newest checkpoint, from its header alone."""
+    if not run.checkpoints:
+        return None, None
+    from .checkpoints import open_checkpoint
+    from .checkpoints.base import main_floating_dtype
+    newest = run.checkpoints[-1]
+    with open_checkpoint(newest.path, newest.layout) as handle:
+        infos = handle.tensors()
+    params = sum(i.numel for i in infos if i.is_floating)
+    main = main_floating_dtype(infos)
+    return (float(params) or None), (_PLANNER_DTYPES.get(main) if main else None)

@@ -13,12 +13,13 @@ import streamlit as st
 import state
 from analysis.errors import AnalysisError
 from analysis.evaluate import Evaluator, check_evaluator_allowed, load_evaluator
-from analysis.merge import MergeResult, merge_checkpoints
-from analysis.recipe import build_recipe, dump_mergekit, dump_recipe
+from analysis.merge import MergeResult, merge_recipe
+from analysis.recipe import Recipe, dump_mergekit, dump_recipe, recipe_for_selection
 from analysis.recommend import Recommendation, RecommendConfig, recommend
 from analysis.report import analysis_report, timing_report
-from analysis.run import CheckpointRef, Run, folder_stamp, open_run
+from analysis.run import Run, folder_stamp, open_run
 from analysis.scaling import StopSignal, run_stop_signal
+from analysis.storage import RunStorageInputs, storage_inputs_from_run
 from analysis.signals import (DisplaySeries, RunSignals, SimilarityReport, StepTiming, analyze_step_times,
                               assess_run, compare_checkpoints, display_series, minmax_indices)
 
@@ -126,13 +127,27 @@ def current(path: Path) -> Current:
 
 
 @st.cache_data(max_entries=32, show_spinner="Hashing the selected checkpoints for the recipe...")
+def selection_recipe(path: str, stamp: str, steps: tuple[int, ...], weights: tuple[float, ...], method: str,
+                     output_dtype: str, reasons: tuple[tuple[str, str], ...]) -> Recipe:
+    """The selection's recipe, hashed once: the page's downloads and its merge share it (issue 20)."""
+    return recipe_for_selection(run(path, stamp), steps, weights, method, output_dtype, dict(reasons))
+
+
+@st.cache_data(max_entries=32, show_spinner=False)
 def recipe_texts(path: str, stamp: str, steps: tuple[int, ...], weights: tuple[float, ...], method: str,
-                 reasons: tuple[tuple[str, str], ...]) -> tuple[str, str]:
-    """(our recipe YAML, mergekit YAML) for the selection; paths absolute so they work anywhere."""
-    the_run = run(path, stamp)
-    refs = [the_run.checkpoint_at(s) for s in steps]
-    recipe = build_recipe(method, refs, weights, "same", dict(reasons), the_run.path)
+                 output_dtype: str, reasons: tuple[tuple[str, str], ...]) -> tuple[str, str]:
+    """(our recipe YAML, mergekit YAML) of :func:`selection_recipe`; paths absolute so they work anywhere.
+
+    The recipe text is the one the merge writes beside its output, byte for byte.
+    """
+    recipe = selection_recipe(path, stamp, steps, weights, method, output_dtype, reasons)
     return dump_recipe(recipe), dump_mergekit(recipe)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def storage_inputs(path: str, stamp: str) -> RunStorageInputs:
+    """The Storage page's defaults: what `storage --run` takes from the run (issue 20)."""
+    return storage_inputs_from_run(run(path, stamp), recommendation(path, stamp, RecommendConfig()))
 
 
 def evaluator(spec: str, path: str, stamp: str, on_disk: bool = False) -> Evaluator:
@@ -180,10 +195,13 @@ def jobs() -> dict[str, MergeJob]:
     return {}
 
 
-def start_merge(refs: list[CheckpointRef], weights: tuple[float, ...], out_dir: Path, method: str,
-                reasons: dict[str, str], output_dtype: str = "same") -> str:
-    """Start a merge in a thread; return its job id."""
-    job = MergeJob(out_dir, len(refs))
+def start_merge(recipe: Recipe, out_dir: Path) -> str:
+    """Start merging ``recipe`` (from :func:`selection_recipe`) in a thread; return its job id.
+
+    ``quick`` verification: the recipe may come from the cache, and a checkpoint rewritten since it was
+    hashed must not be merged under its old hash.
+    """
+    job = MergeJob(out_dir, len(recipe.checkpoints))
     job_id = uuid.uuid4().hex
     jobs()[job_id] = job
 
@@ -192,8 +210,7 @@ def start_merge(refs: list[CheckpointRef], weights: tuple[float, ...], out_dir: 
 
     def work() -> None:
         try:
-            recipe = build_recipe(method, refs, weights, output_dtype, reasons, refs[-1].path.parent)
-            job.result = merge_checkpoints(refs, weights, out_dir, output_dtype, recipe, progress)
+            job.result = merge_recipe(recipe, out_dir, "quick", progress)
         except AnalysisError as e:
             job.error = str(e)
         except Exception as e:  # a bug: shown to the user with its type rather than lost in a thread

@@ -219,8 +219,12 @@ def retention_figure(ests: list[StorageEstimate]) -> go.Figure:
     return fig
 
 
-def distance_heatmap(steps: list[int], distances: np.ndarray, selected: set[int]) -> go.Figure:
-    """Pairwise weight distances |θ_i − θ_j|; selected checkpoints' labels are starred."""
+def distance_heatmap(steps: list[int], distances: np.ndarray | list, selected: set[int]) -> go.Figure:
+    """Pairwise weight distances |θ_i − θ_j|; selected checkpoints' labels are starred.
+
+    ``distances`` may be the nested lists of the `analyze --json` report (None for a missing value).
+    """
+    distances = np.array(distances, dtype=float)
     labels = [f"{s}*" if s in selected else str(s) for s in steps]
     fig = go.Figure(go.Heatmap(z=distances, x=labels, y=labels, colorscale="Viridis", colorbar={"title": "L2"},
                                hovertemplate="steps %{y} / %{x}<br>distance %{z:.4g}<extra></extra>"))
@@ -229,9 +233,13 @@ def distance_heatmap(steps: list[int], distances: np.ndarray, selected: set[int]
     return fig
 
 
-def trajectory_figure(steps: list[int], coords: np.ndarray, explained: tuple[float, float],
+def trajectory_figure(steps: list[int], coords: np.ndarray | list, explained: tuple[float, float],
                       status: dict[int, str]) -> go.Figure:
-    """Checkpoints in the plane of their first two principal components; box or lasso selects."""
+    """Checkpoints in the plane of their first two principal components; box or lasso selects.
+
+    ``coords`` may be the nested lists of the `analyze --json` report.
+    """
+    coords = np.array(coords, dtype=float)
     fig = go.Figure()
     fig.add_trace(go.Scatter(
         x=coords[:, 0], y=coords[:, 1], mode="lines+markers+text", text=[str(s) for s in steps],

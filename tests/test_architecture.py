@@ -57,3 +57,76 @@ def test_app_views_hold_no_analysis_logic() -> None:
     """Pages may call analysis but not reach into its private helpers."""
     for path in (REPO / "app").rglob("*.py"):
         assert not re.search(r"from analysis\.\S+ import _", path.read_text()), path
+
+
+# --- front ends only draw (issue 20) ------------------------------------------------------------
+VIEWS = sorted((REPO / "app" / "views").glob("*.py"))
+CLI = ANALYSIS / "cli.py"
+# Arithmetic a front end would otherwise redo beside the core (weights normalised by hand, a median
+# of the run's step times, a total of sizes): the core has one function for each.
+_ARITHMETIC_CALLS = {"sum", "fsum", "mean", "median", "nanmedian", "nanmean", "diff", "average", "cumsum", "prod"}
+# Functions of cli.py another branch of issue 20 is moving onto normalize_weights; remove once merged.
+_PENDING = {"_merge_inputs"}
+
+
+def _analysis_imports(path: Path) -> list[tuple[str, str]]:
+    """(module, name) of every ``from analysis... import name`` in ``path`` (relative imports of cli.py too)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            module = ("analysis." * (node.level > 0)) + (node.module or "")
+            if node.level > 0 or module.split(".")[0] == "analysis":
+                found.extend((module.rstrip("."), alias.name) for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.extend((a.name, "") for a in node.names if a.name.split(".")[0] == "analysis")
+    return found
+
+
+def _calls(tree: ast.AST) -> set[str]:
+    """Names of the functions and methods called anywhere in ``tree`` (``np.median(x)`` -> ``median``)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            func = node.func
+            names.add(func.id if isinstance(func, ast.Name) else getattr(func, "attr", ""))
+    return names
+
+
+def test_front_ends_only_call_the_core_and_draw() -> None:
+    """The rule: a view (app/views/*.py) or a CLI command (analysis/cli.py) calls the core's public functions
+    and classes and draws or prints what they return; it decides nothing itself (issue 20: the two front ends
+    had each rewritten weight validation, "same" dtype, storage defaults and the default merge folder, and
+    disagreed). Checked as:
+
+    1. from ``analysis`` they import only public names of public modules (no ``_name``, no ``analysis._mod``);
+    2. they import neither numpy nor pandas: arithmetic on run data is the core's;
+    3. they call no summing or averaging function (``sum``, ``np.median``, ``.mean()`` ...): weights go
+       through ``normalize_weights``, a run's medians through ``storage_inputs_from_run`` and the like.
+    Formatting (``f"{x / 1e6:.2f} MB"``) and the range of a chart stay: that is drawing.
+    """
+    for path in VIEWS + [CLI]:
+        private = [f"{m}.{n}" for m, n in _analysis_imports(path)
+                   if (n.startswith("_") and n != "__version__") or any(p.startswith("_") for p in m.split("."))]
+        assert private == [], f"{path.name} imports private names of the core: {private}"
+        assert not _imports(path) & {"numpy", "pandas"}, f"{path.name} imports numpy or pandas"
+        tree = ast.parse(path.read_text())
+        bodies = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name in _PENDING)]
+        arithmetic = set().union(*(_calls(n) for n in bodies)) & _ARITHMETIC_CALLS
+        assert not arithmetic, f"{path.name} does arithmetic the core owns: {sorted(arithmetic)}"
+
+
+def test_the_app_never_imports_private_core_modules() -> None:
+    """app/ (views, caches, charts) reaches the core through its public modules and names only."""
+    for path in (REPO / "app").rglob("*.py"):
+        for module, name in _analysis_imports(path):
+            assert not any(part.startswith("_") for part in module.split(".")), f"{path}: imports {module}"
+            assert not name.startswith("_"), f"{path}: imports {module}.{name}"
+
+
+def test_the_front_ends_share_the_cores_rules() -> None:
+    """Each rule issue 20 moved into the core is called by both front ends (or by the app's cache for them)."""
+    app_code = "".join(p.read_text() for p in [REPO / "app" / "cached.py"] + VIEWS)
+    cli_code = CLI.read_text()
+    for rule in ("recipe_for_selection", "dump_mergekit", "storage_inputs_from_run"):
+        assert rule in app_code and rule in cli_code, rule
+    assert "normalize_weights" in app_code and "default_merge_folder" in app_code

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from analysis.cli import main
 from analysis.errors import MergeError
 from analysis.merge import merge_checkpoints
-from analysis.recipe import load_any_recipe
+from analysis.recipe import build_recipe, load_any_recipe
 from analysis.run import checkpoint_ref
 from ckpt_factories import adam_run, hf_checkpoint
 from conftest import write_tiny_run
@@ -318,9 +318,10 @@ def test_issue19_the_apps_merge_shows_the_refusals_as_one_line(tmp_path: Path, r
     for seed, folder in enumerate(folders):
         hf_checkpoint(folder, 100 * (seed + 1), seed=seed)
     refs = [checkpoint_ref(f) for f in folders]
+    recipe = build_recipe("manual", refs, (0.5, 0.5), "same", {"100": "a", "200": "b"})
     errors = {}
     for label, out in (("inside", folders[1] / "merged"), ("read-only", read_only_dir / f"app-{os.getpid()}")):
-        job = cached.jobs()[cached.start_merge(refs, (0.5, 0.5), out, "manual", {"100": "a", "200": "b"})]
+        job = cached.jobs()[cached.start_merge(recipe, out)]
         assert job.done.wait(60)
         errors[label] = job.error
     assert errors["inside"] == (f"{folders[1] / 'merged'}: lies inside the input checkpoint folder {folders[1]}; "

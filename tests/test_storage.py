@@ -225,7 +225,8 @@ def test_storage_cli_from_config_with_policy(capsys: pytest.CaptureFixture) -> N
 
 
 def test_storage_cli_with_a_run_takes_the_window(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["storage", "--params", "1e6", "--run", str(tiny_run), "--json"]) == 0
+    # --dtype given: without it the run's own dtype (fp32 here) is used (issue 20, tests/test_front_ends.py)
+    assert main(["storage", "--params", "1e6", "--dtype", "bf16", "--run", str(tiny_run), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["window"] >= 1 and doc["window_bytes"] == doc["window"] * 2e6
     assert doc["measured"] is None      # the tiny run logs no step times

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Iterable, Protocol
 
 import numpy as np
 
@@ -160,3 +160,17 @@ def ema_tensors(handle: object) -> list[TensorInfo]:
     """``handle.ema_tensors()``, or [] for layouts that never hold one."""
     method = getattr(handle, "ema_tensors", None)
     return method() if callable(method) else []
+
+
+def main_floating_dtype(infos: Iterable[TensorInfo]) -> str | None:
+    """The floating dtype holding most of a checkpoint's elements (None: no floating tensor).
+
+    What "the checkpoint's dtype" means wherever one name must stand for it: "same" in a
+    mergekit config, the weights' dtype the storage planner starts from (issue 20). Most
+    elements, not the first tensor: a bf16 model may keep its norms or a buffer in fp32.
+    """
+    counts: dict[str, int] = {}
+    for info in infos:
+        if info.is_floating:
+            counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
+    return max(counts, key=counts.__getitem__) if counts else None

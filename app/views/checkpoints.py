@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pandas as pd
 import streamlit as st
 
 import cached
@@ -55,7 +54,7 @@ if any(c["val_loss_source"] == "train" for c in rows):
     st.info("This run logs no val loss: each checkpoint's \"val loss\" is the mean train loss logged since the "
             "checkpoint before (spike rows left out), the stand-in the recommendation uses. Batches seen in an "
             f"earlier epoch make it read low.{luck}", icon=":material/info:")
-table = pd.DataFrame({
+table = {   # drawn as is: every number comes from the `analyze --json` report
     "use": [c["step"] in selected for c in rows],
     "step": [c["step"] for c in rows],
     "val loss": [c["val_loss"] for c in rows],
@@ -71,22 +70,22 @@ table = pd.DataFrame({
     "dist. to newest": [c["distance_to_newest"] for c in rows],
     "size (MB)": [c["bytes"] / 1e6 for c in rows],
     "reason": [reasons[c["step"]] for c in rows],
-})
+}
 editor_key = f"ckpt_table_{state.selection_generation()}"
 
 
 def _apply_edits() -> None:
     """Callback: fold the ticks into the shared selection, then start the table afresh."""
     edits = st.session_state[editor_key]["edited_rows"]
-    chosen = {int(table["step"][i]) for i in range(len(table)) if edits.get(i, {}).get("use", table["use"][i])}
+    chosen = {int(table["step"][i]) for i in range(len(rows)) if edits.get(i, {}).get("use", table["use"][i])}
     state.set_selected_steps(sorted(chosen))
     state.bump_selection_generation()
 
 
 st.data_editor(
     table, key=editor_key, num_rows="fixed", hide_index=True, on_change=_apply_edits,
-    height=min(36 * (len(table) + 1) + 2, 640),
-    disabled=[c for c in table.columns if c != "use"],
+    height=min(36 * (len(rows) + 1) + 2, 640),
+    disabled=[c for c in table if c != "use"],
     column_config={"use": st.column_config.CheckboxColumn("use", help="Average this checkpoint"),
                    "val loss": st.column_config.NumberColumn(format="%.4f"),
                    "LR": st.column_config.NumberColumn(format="%.3g", help="The learning rate the checkpoint was "
@@ -116,8 +115,6 @@ for c in bad:
 
 similarity = report["similarity"]
 if similarity and len(similarity["steps"]) >= 2:
-    import numpy as np
-
     st.subheader("Similarity")
     exactness = ("exact (small model)" if similarity["exact"] else
                  f"from sketches; cosine standard error at most {similarity['cosine_error_bound']:.4f}")
@@ -125,7 +122,7 @@ if similarity and len(similarity["steps"]) >= 2:
                "trajectory to select those checkpoints.")
     steps = similarity["steps"]
     left, right = st.columns(2)
-    left.plotly_chart(charts.distance_heatmap(steps, np.array(similarity["distance_matrix"], dtype=float),
+    left.plotly_chart(charts.distance_heatmap(steps, similarity["distance_matrix"],
                                               set(selected)), key="distance_heatmap")
 
     def _select_from_trajectory() -> None:
@@ -136,6 +133,6 @@ if similarity and len(similarity["steps"]) >= 2:
             state.bump_selection_generation()
 
     right.plotly_chart(
-        charts.trajectory_figure(steps, np.array(similarity["trajectory"], dtype=float),
+        charts.trajectory_figure(steps, similarity["trajectory"],
                                  tuple(similarity["explained_variance"]), charts.checkpoint_status(signals, set(selected))),
         key="trajectory_chart", on_select=_select_from_trajectory, selection_mode=("box", "lasso"))

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import shlex
 
-import pandas as pd
 import streamlit as st
 
 import cached
 import charts
 import sidebar
 import state
+from analysis.averaging import normalize_weights
 from analysis.errors import AnalysisError
 from analysis.merge import plan_merge
 from analysis.merge_checks import ARITHMETIC
 from analysis.paths import resolve_within
+from analysis.recipe import default_merge_folder
 from analysis.recommend import RecommendConfig, policy_weights, recommend
 
 now = sidebar.current_or_stop()
@@ -27,20 +28,21 @@ if not chosen:
     st.warning("No checkpoint is selected: tick some on the Checkpoints page.")
     st.stop()
 reasons = {d.step: d.reason for d in rec.decisions}
+taken = tuple((str(s), reasons[s]) for s in chosen)
 
 options = (["recommended"] if chosen == rec_steps else []) + ["sma", "ema", "wma", "manual"]
 method = st.segmented_control("Weights", options, default=options[0], key="weights_method") or options[0]
 if method == "recommended":
     weights = tuple(rec.weights)
 elif method == "manual":
-    edited = st.data_editor(pd.DataFrame({"step": chosen, "weight": [1.0] * len(chosen)}), key=f"manual_{chosen}",
+    edited = st.data_editor([{"step": s, "weight": 1.0} for s in chosen], key=f"manual_{chosen}",
                             hide_index=True, num_rows="fixed", disabled=["step"],
                             column_config={"weight": st.column_config.NumberColumn(min_value=0.0, step=0.05)})
-    total = float(edited["weight"].sum())
-    if total <= 0:
-        st.error("The weights sum to zero: give at least one checkpoint a positive weight.")
+    try:   # the merge's own rule (issue 20): finite, non-negative, a positive sum; scaled to sum to 1
+        weights = normalize_weights([row["weight"] for row in edited], len(chosen))
+    except AnalysisError as e:
+        st.error(f"Manual weights: {e}. Give at least one checkpoint a positive weight.")
         st.stop()
-    weights = tuple(float(w) / total for w in edited["weight"])
 else:
     alpha = st.slider("EMA alpha (weight of the newest)", 0.05, 1.0, 0.3, 0.05, key="ema_alpha") if method == "ema" else 0.3
     weights = policy_weights(method, len(chosen), alpha)
@@ -102,7 +104,7 @@ with st.expander("Score the selection, or search for the best average, with an e
                        f"from it, {2 - evaluated - read} remembered from this session.")
 
 refs = [run.checkpoint_at(s) for s in chosen]
-default_out = run.path / "merges" / f"{recipe_method}-{chosen[0]}-{chosen[-1]}"
+default_out = default_merge_folder(run.path, recipe_method, chosen)
 out_text = st.text_input("Output folder (must not exist)", value=str(default_out), key="out_dir")
 dtype = st.selectbox("Output dtype", ["same", "float32", "bfloat16", "float16"], key="out_dtype")
 with st.expander("Plan the merge first (what it reads and writes, memory, time)"):
@@ -136,8 +138,8 @@ running = job is not None and not job.done.is_set()
 if st.button("Merge", type="primary", key="merge_button", disabled=running):
     try:
         out_dir = resolve_within(out_text, state.root())
-        taken = {str(s): reasons[s] for s in chosen}
-        state.set_job_id(cached.start_merge(refs, weights, out_dir, recipe_method, taken, dtype))
+        recipe = cached.selection_recipe(now.path, now.stamp, tuple(chosen), tuple(weights), recipe_method, dtype, taken)
+        state.set_job_id(cached.start_merge(recipe, out_dir))
         running = True
     except AnalysisError as e:
         st.error(str(e))
@@ -166,8 +168,9 @@ def merge_progress() -> None:
 
 merge_progress()
 
+# The recipe the Merge button merges, byte for byte (issue 20): same cache entry, same dtype.
 recipe_yaml, mergekit_yaml = cached.recipe_texts(now.path, now.stamp, tuple(chosen), tuple(weights), recipe_method,
-                                                 tuple((str(s), reasons[s]) for s in chosen))
+                                                 dtype, taken)
 left, right = st.columns(2)
 left.download_button("Download recipe (YAML)", recipe_yaml, file_name="recipe.yaml", mime="application/x-yaml",
                      on_click="ignore", key="dl_recipe")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import streamlit as st
 
 import cached
 import charts
 import state
 from analysis.errors import AnalysisError
-from analysis.storage import KeepPolicy, estimate_storage, human_bytes, measure_checkpoint_overhead
+from analysis.storage import KeepPolicy, estimate_storage, human_bytes
 
 st.title("Storage planner")
 defaults = {"params": 7e9, "dtype": "bf16", "every": 1000, "step_time": 1.5, "window": None}
@@ -18,15 +17,11 @@ path = state.run_path()
 if path is not None:
     try:
         now = cached.current(path)
-        newest = now.signals.checkpoints[-1]
-        n_params, size_bytes = newest.health.n_params, newest.ref.size_bytes
-        steps = [c.ref.step for c in now.signals.checkpoints]
-        step_ms = now.run.metric("step_time_ms")["value"]
-        defaults.update(params=float(n_params), window=len(now.recommendation.checkpoints),
-                        every=int(np.median(np.diff(steps))) if len(steps) > 1 else 1000,
-                        step_time=float(step_ms.median()) / 1000 if len(step_ms) else 1.5,
-                        dtype="fp32" if size_bytes >= 3.5 * n_params else "bf16")
-        measured = measure_checkpoint_overhead(now.run)
+        given = cached.storage_inputs(now.path, now.stamp)   # what `storage --run` takes from the run
+        found = {"params": given.params, "dtype": given.dtype, "every": given.every_steps,
+                 "step_time": given.step_time_s, "window": given.window}
+        defaults.update({key: value for key, value in found.items() if value is not None})
+        measured = given.measured
         st.caption(f"Pre-filled from {now.run.name}: {defaults['params']:,.0f} parameters, a checkpoint every "
                    f"{defaults['every']} steps, {defaults['step_time']:.3f} s per step.")
     except AnalysisError as e:
