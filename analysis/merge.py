@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import yaml
 
-from .averaging import check_distinct, check_same_layout, normalize_weights, output_layout
+from .averaging import check_same_layout, normalize_weights, output_layout
 from .checkpoints import TensorInfo, open_checkpoint, original_name
 from .errors import MergeError
 from .merge_checks import (DISK_MARGIN_BYTES, MergePlan, check_disk, check_target, project, verify_inputs,
@@ -96,7 +96,6 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
     if not refs:
         raise MergeError("nothing to merge: no checkpoints given")
     weights = normalize_weights(weights, len(refs), [str(r.path) for r in refs])
-    check_distinct([r.path for r in refs])
     out_dir = Path(out_dir).expanduser().resolve()
     check_target(out_dir, refs, force)
     recipe = recipe if recipe is not None else Recipe("manual", (), output_dtype)
@@ -202,7 +201,6 @@ def plan_merge(refs: Sequence[CheckpointRef], weights: Sequence[float], out_dir:
     Raises the same errors as the merge would before writing (target, mismatch, disk).
     """
     weights = normalize_weights(weights, len(refs), [str(r.path) for r in refs])
-    check_distinct([r.path for r in refs])
     out_dir = Path(out_dir).expanduser().resolve()
     check_target(out_dir, refs, force)
     with ExitStack() as stack:

@@ -128,18 +128,25 @@ def _entry(path: Path, name: str, entry: object) -> dict:
     """One tensor's entry, validated: a known dtype, a shape of u64s and two u64 offsets."""
     if isinstance(entry, list) and len(entry) == len(_ENTRY_FIELDS):
         entry = dict(zip(_ENTRY_FIELDS, entry))     # the format's reader also takes the fields as a list
+    problem = _entry_problem(entry)
+    if problem:
+        raise CheckpointReadError(path, f"tensor {name!r} has a malformed header entry: {problem}")
+    assert isinstance(entry, dict)
+    return {field: entry[field] for field in _ENTRY_FIELDS}
+
+
+def _entry_problem(entry: object) -> str | None:
+    """What is wrong with a tensor's entry, or None."""
     if not isinstance(entry, dict) or any(field not in entry for field in _ENTRY_FIELDS):
-        raise CheckpointReadError(path, f"tensor {name!r}: entry must hold dtype, shape and data_offsets, got {_short(entry)}")
+        return f"it must hold dtype, shape and data_offsets, got {_short(entry)}"
     dtype, shape, offsets = (entry[field] for field in _ENTRY_FIELDS)
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-        raise CheckpointReadError(path, f"tensor {name!r}: unknown or unsupported dtype {_short(dtype)} "
-                                        f"(known: {', '.join(SAFETENSORS_DTYPES)})")
+        return f"unknown or unsupported dtype {_short(dtype)} (known: {', '.join(SAFETENSORS_DTYPES)})"
     if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
-        raise CheckpointReadError(path, f"tensor {name!r}: shape must be a list of non-negative integers, got {_short(shape)}")
+        return f"shape must be a list of non-negative integers, got {_short(shape)}"
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_u64(o) for o in offsets):
-        raise CheckpointReadError(path, f"tensor {name!r}: data_offsets must be two non-negative integers, "
-                                        f"got {_short(offsets)}")
-    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+        return f"data_offsets must be two non-negative integers, got {_short(offsets)}"
+    return None
 
 
 def _is_u64(value: object) -> bool:
