@@ -75,6 +75,10 @@ def _emit(doc: dict) -> None:
     click.echo(json.dumps(doc, indent=2, allow_nan=False))
 
 
+# Global options the entry point needs after the command returns (set by the group's callback).
+_OPTIONS: dict[str, bool] = {"verbose": False}
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ckpt-select")
 @click.option("--verbose", is_flag=True, help="Show library warnings (torch, transformers) and, on an error, its cause.")
@@ -85,18 +89,15 @@ def cli(verbose: bool) -> None:
         _quiet_libraries()
 
 
-# Global options the entry point needs after the command returns (set by the group's callback).
-_OPTIONS: dict[str, bool] = {"verbose": False}
-
-
 def _quiet_libraries() -> None:
-    """Keep library chatter off stderr, where a one-line error must stay one line (issue 19).
+    """Keep other libraries' chatter off stderr, where a one-line error must stay one line (issue 19).
 
     torch and NumPy warn through ``warnings`` (e.g. on ``torch.load``), transformers and
     huggingface_hub through ``logging`` (model building); ``--verbose`` shows both. ``main``
     restores both settings when the command returns.
     """
     warnings.simplefilter("ignore")
+    warnings.filterwarnings("default", module=r"analysis(\.|$)")   # CkptSelect's own warnings still show
     logging.disable(logging.WARNING)
 
 

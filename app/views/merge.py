@@ -160,6 +160,8 @@ def merge_progress() -> None:
         result = current.result
         st.success(f"Merged {len(result.steps)} checkpoints into `{result.model_file}` "
                    f"({result.size_bytes / 1e6:,.2f} MB, {result.n_tensors} tensors).")
+        for line in result.warnings:   # inputs holding NaN/Inf, averages that overflow (issue 19)
+            st.warning(line)
 
 
 merge_progress()
