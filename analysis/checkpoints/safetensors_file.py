@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +31,8 @@ MAX_HEADER_BYTES = 100_000_000
 
 # A header length or offset is a u64 in the format: JSON numbers past it are refused by its reader.
 _U64_LIMIT = 1 << 64
+# torch, which reads the tensors, holds each dimension in an int64.
+_DIM_LIMIT = 1 << 63
 # The fields of a tensor's entry, in the order of the format's (serde) struct: an entry may be a JSON list of them.
 _ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
 
@@ -142,8 +143,8 @@ def _entry_problem(entry: object) -> str | None:
     dtype, shape, offsets = (entry[field] for field in _ENTRY_FIELDS)
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         return f"unknown or unsupported dtype {_short(dtype)} (known: {', '.join(SAFETENSORS_DTYPES)})"
-    if not isinstance(shape, list) or not all(_is_u64(d) for d in shape):
-        return f"shape must be a list of non-negative integers, got {_short(shape)}"
+    if not isinstance(shape, list) or not all(_is_u64(d) and d < _DIM_LIMIT for d in shape):
+        return f"shape must be a list of non-negative integers (below 2**63), got {_short(shape)}"
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_u64(o) for o in offsets):
         return f"data_offsets must be two non-negative integers, got {_short(offsets)}"
     return None
@@ -160,6 +161,17 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _byte_size(shape: list[int], itemsize: int) -> int | None:
+    """Bytes of a tensor, or None where the format's reader overflows: it multiplies the dimensions
+    in order in 64 bits (``[2**62, 4, 0]`` overflows before the 0), then by the item size."""
+    count = 1
+    for dim in (*shape, itemsize):
+        count *= dim
+        if count >= _U64_LIMIT:
+            return None
+    return count
+
+
 def _check_layout(path: Path, entries: dict[str, dict], data_bytes: int) -> None:
     """Offsets must tile the data region exactly, in offset order, and agree with shape x dtype."""
     position, previous = 0, None
@@ -172,7 +184,9 @@ def _check_layout(path: Path, entries: dict[str, dict], data_bytes: int) -> None
             raise CheckpointReadError(path, f"tensor {name!r} {problem} (offset {start}, expected {position})")
         if end > data_bytes:
             raise CheckpointReadError(path, f"tensor {name!r} ends at byte {end} but the data is only {data_bytes} bytes: file truncated")
-        needed = math.prod(entry["shape"]) * DTYPE_BYTES[SAFETENSORS_DTYPES[entry["dtype"]]]
+        needed = _byte_size(entry["shape"], DTYPE_BYTES[SAFETENSORS_DTYPES[entry["dtype"]]])
+        if needed is None:
+            raise CheckpointReadError(path, f"tensor {name!r}: shape {entry['shape']} overflows a 64-bit byte count")
         if end - start != needed:
             raise CheckpointReadError(path, f"tensor {name!r}: {end - start} bytes stored but shape {entry['shape']} "
                                             f"x {entry['dtype']} needs {needed}")

@@ -55,7 +55,7 @@ def _check_header(path: Path, layout: list[TensorInfo], metadata: dict[str, str]
     non-string metadata would otherwise be written into a file nothing can open.
     """
     for info in layout:
-        shape_ok = all(type(d) is int and 0 <= d < 1 << 64 for d in info.shape)
+        shape_ok = all(type(d) is int and 0 <= d < 1 << 63 for d in info.shape)   # torch's int64 dimensions
         if not shape_ok or info.dtype not in TORCH_TO_SAFETENSORS or not _encodable(info.name):
             raise MergeError(f"{path}: cannot write tensor {info.name!r} with shape {list(info.shape)} and dtype "
                              f"{info.dtype}: not valid in a safetensors file")
