@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from .checkpoints import CheckpointHandle, TensorInfo, open_checkpoint
@@ -25,16 +26,63 @@ if TYPE_CHECKING:
 OUTPUT_DTYPES = ("same", "float32", "bfloat16", "float16")
 
 
-def normalize_weights(weights: Sequence[float], count: int) -> tuple[float, ...]:
-    """Validate weights (finite, >= 0, one per checkpoint, positive sum) and scale them to sum to 1."""
+def normalize_weights(weights: Sequence[float], count: int, labels: Sequence[str] | None = None) -> tuple[float, ...]:
+    """Validate weights (numbers, finite, >= 0, one per checkpoint, positive sum) and scale them to sum to 1.
+
+    Args:
+        weights: one per checkpoint, oldest first.
+        count: how many checkpoints there are.
+        labels: what to call each checkpoint in a message (its path); positions when None.
+
+    Raises:
+        InvalidArgument: naming each bad weight and its checkpoint (NaN, inf, negative, a string or a
+            bool: ``float("0.5")`` or ``True`` would pass silently, and NaN would poison every tensor).
+    """
     if len(weights) != count:
         raise InvalidArgument(f"got {len(weights)} weights for {count} checkpoints")
-    if any(not math.isfinite(w) or w < 0 for w in weights):
-        raise InvalidArgument(f"weights must be finite and non-negative, got {list(weights)}")
+    names = list(labels) if labels is not None else [f"checkpoint {i + 1}" for i in range(count)]
+    bad = [f"{w!r} for {name}" for w, name in zip(weights, names)
+           if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0]
+    if bad:
+        raise InvalidArgument(f"weights must be finite non-negative numbers, got {', '.join(bad)}")
     total = math.fsum(weights)
     if total <= 0:
         raise InvalidArgument("weights sum to zero")
-    return tuple(w / total for w in weights)
+    return tuple(float(w) / total for w in weights)
+
+
+def duplicate_inputs(paths: Sequence[tuple[int, Path]], label: str) -> list[str]:
+    """One problem per input that names a checkpoint already named (the same file, by any path).
+
+    A checkpoint listed twice would silently count twice; a larger weight says so openly.
+    ``paths`` are (position, path) pairs; ``label`` names the list in the message ("checkpoints").
+    """
+    problems: list[str] = []
+    seen: dict[object, int] = {}
+    for index, path in paths:
+        key = _file_identity(path)
+        if key in seen:
+            problems.append(f"{label}[{index}] ({path}): the same checkpoint as {label}[{seen[key]}]; "
+                            "list each checkpoint once and give it a larger weight instead")
+        else:
+            seen[key] = index
+    return problems
+
+
+def check_distinct(paths: Sequence[Path], label: str = "checkpoints") -> None:
+    """Raise InvalidArgument naming every checkpoint given more than once."""
+    problems = duplicate_inputs(list(enumerate(paths)), label)
+    if problems:
+        raise InvalidArgument("; ".join(problems))
+
+
+def _file_identity(path: Path) -> object:
+    """What makes two paths the same checkpoint: device and inode where it exists, else the resolved path."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return Path(path).resolve()
+    return (stat.st_dev, stat.st_ino)
 
 
 def output_layout(infos: list[TensorInfo], output_dtype: str) -> list[TensorInfo]:
@@ -49,7 +97,8 @@ def output_layout(infos: list[TensorInfo], output_dtype: str) -> list[TensorInfo
 
 
 def check_same_layout(handles: Sequence[CheckpointHandle]) -> list[TensorInfo]:
-    """The common tensor list of all inputs, or CheckpointMismatch naming every difference."""
+    """The common tensor list of all inputs, or CheckpointMismatch naming every difference
+    (missing or extra tensors, shapes, and dtypes unless both are floating)."""
     reference = handles[-1].tensors()
     ref_map = {i.name: i for i in reference}
     problems = []
@@ -57,9 +106,14 @@ def check_same_layout(handles: Sequence[CheckpointHandle]) -> list[TensorInfo]:
         infos = {i.name: i for i in handle.tensors()}
         missing = sorted(set(ref_map) - set(infos))
         extra = sorted(set(infos) - set(ref_map))
-        shapes = [f"{n}: {infos[n].shape} vs {ref_map[n].shape}" for n in sorted(set(infos) & set(ref_map))
-                  if infos[n].shape != ref_map[n].shape]
-        for label, items in (("missing", missing), ("extra", extra), ("shape differs", shapes)):
+        shared = sorted(set(infos) & set(ref_map))
+        shapes = [f"{n}: {infos[n].shape} vs {ref_map[n].shape}" for n in shared if infos[n].shape != ref_map[n].shape]
+        # Floating dtypes may differ (each is widened to float32); an integer or bool tensor beside
+        # another dtype would be averaged as a float or copied from one side without a word (issue 19).
+        dtypes = [f"{n}: {infos[n].dtype} vs {ref_map[n].dtype}" for n in shared if infos[n].dtype != ref_map[n].dtype
+                  and not (infos[n].is_floating and ref_map[n].is_floating)]
+        for label, items in (("missing", missing), ("extra", extra), ("shape differs", shapes),
+                             ("dtype differs", dtypes)):
             if items:
                 more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
                 problems.append(f"{handle.path.name} vs {handles[-1].path.name}: {label}: {', '.join(items[:3])}{more}")

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
+import traceback
+import warnings
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import click
 
@@ -89,6 +93,10 @@ def _emit(doc: dict) -> None:
     click.echo(json.dumps(doc, indent=2, allow_nan=False))
 
 
+# Global options the entry point needs after the command returns (set by the group's callback).
+_OPTIONS: dict[str, bool] = {"verbose": False}
+
+
 def _naming_a_file_run(command: Callable[..., None]) -> Callable[..., None]:
     """A command on a run opened from one checkpoint file names that file in its errors (issue 19):
     the run's folder, which the core's messages name, is the file's parent."""
@@ -113,8 +121,24 @@ def _note_unreadable(run: Run, err: bool = True) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ckpt-select")
-def cli() -> None:
+@click.option("--verbose", is_flag=True, help="Show library warnings (torch, transformers) and, on an error, its cause.")
+def cli(verbose: bool) -> None:
     """CkptSelect: which checkpoints of a training run to average, why, and the merge."""
+    _OPTIONS["verbose"] = verbose
+    if not verbose:
+        _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """Keep other libraries' chatter off stderr, where a one-line error must stay one line (issue 19).
+
+    torch and NumPy warn through ``warnings`` (e.g. on ``torch.load``), transformers and
+    huggingface_hub through ``logging`` (model building); ``--verbose`` shows both. ``main``
+    restores both settings when the command returns.
+    """
+    warnings.simplefilter("ignore")
+    warnings.filterwarnings("default", module=r"analysis(\.|$)")   # CkptSelect's own warnings still show
+    logging.disable(logging.WARNING)
 
 
 @cli.command()
@@ -286,9 +310,11 @@ def merge(recipe_path: Path | None, checkpoint_paths: tuple[Path, ...], weights:
     doc = {"out_dir": str(result.out_dir), "model_file": str(result.model_file),
            "recipe_file": str(result.recipe_file), "bytes": result.size_bytes, "tensors": result.n_tensors,
            "steps": list(result.steps), "weights": list(result.weights), "files": list(result.files),
-           "sharded": result.sharded}
+           "sharded": result.sharded, "warnings": list(result.warnings)}
     doc["stale_removed"] = [str(p) for p in result.stale.paths]
     doc["stale_freed_bytes"] = result.stale.freed_bytes
+    for line in result.warnings:
+        click.echo(f"ckpt-select: warning: {line}", err=True)
     if as_json:
         _emit(doc)
     else:
@@ -300,6 +326,7 @@ def merge(recipe_path: Path | None, checkpoint_paths: tuple[Path, ...], weights:
 def _merge_inputs(recipe_path: Path | None, paths: tuple[Path, ...], weights: tuple[float, ...],
                   output_dtype: str | None, hashes: bool = True) -> Recipe:
     """The recipe to merge: loaded (ours or mergekit's), or built for checkpoints named on the command line."""
+    from .averaging import check_distinct, normalize_weights
     from .recipe import build_recipe, load_any_recipe
     from .run import checkpoint_ref
     if recipe_path is not None:
@@ -309,14 +336,12 @@ def _merge_inputs(recipe_path: Path | None, paths: tuple[Path, ...], weights: tu
         return replace(recipe, output_dtype=output_dtype) if output_dtype else recipe
     if not paths:
         raise InvalidArgument("nothing to merge: give RECIPE.yaml or --checkpoints A B ...")
+    if weights and len(weights) != len(paths):
+        raise InvalidArgument(f"got {len(weights)} --weights for {len(paths)} checkpoints")
+    normalized = normalize_weights(weights or [1.0] * len(paths), len(paths), [str(p) for p in paths])
+    check_distinct(paths, "--checkpoints")
     refs = [checkpoint_ref(p) for p in paths]
-    weights = weights or tuple([1.0 / len(refs)] * len(refs))
-    if len(weights) != len(refs):
-        raise InvalidArgument(f"got {len(weights)} --weights for {len(refs)} checkpoints")
-    total = sum(weights)
-    if total <= 0 or min(weights) < 0:
-        raise InvalidArgument(f"weights must be non-negative with a positive sum, got {list(weights)}")
-    return build_recipe("manual", refs, tuple(w / total for w in weights), output_dtype or "same",
+    return build_recipe("manual", refs, normalized, output_dtype or "same",
                         {str(r.step): "given on the command line" for r in refs}, hashes=hashes)
 
 
@@ -497,7 +522,8 @@ def logs(paths: tuple[Path, ...], fmt: str | None, as_json: bool) -> None:
         _emit({"logs": docs, "unreadable": unreadable})
         return
     for doc in docs:
-        click.echo(printable(f"{doc['path']}: {doc['format']}, {doc['rows']} rows, {doc['skipped_lines']} skipped, "
+        rows = f"{doc['rows']} rows" + (" yet" if doc["rows"] == 0 else "")   # a log just created (issue 19)
+        click.echo(printable(f"{doc['path']}: {doc['format']}, {rows}, {doc['skipped_lines']} skipped, "
                              f"{doc['restarts']} restarts"))
         for name, m in doc["metrics"].items():
             click.echo(f"  {name:<24} {m['count']:>8} points  steps {m['first_step']}-{m['last_step']}  last {m['last']}")
@@ -549,11 +575,23 @@ def _streamlit_command(port: int, address: str | None, open_browser: bool) -> li
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: map AnalysisError to exit 2 with a one-line message."""
+    """Entry point: map AnalysisError to exit 2 with a one-line message (and its cause with ``--verbose``).
+
+    Library warnings are silenced for the command unless ``--verbose`` (see ``_quiet_libraries``);
+    the process's warning filters and logging are as they were when this returns.
+    """
+    _OPTIONS["verbose"] = False
+    with warnings.catch_warnings(), _logging_restored():
+        return _run(argv)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="ckpt-select", standalone_mode=False)
     except AnalysisError as e:
-        click.echo(f"ckpt-select: error: {e}", err=True)
+        click.echo(f"ckpt-select: error: {_one_line(str(e))}", err=True)
+        if _OPTIONS["verbose"]:
+            _echo_cause(e)
         return 2
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
@@ -564,3 +602,26 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     return 0
+
+
+@contextmanager
+def _logging_restored() -> Iterator[None]:
+    """Restores ``logging.disable``'s level on exit (``_quiet_libraries`` raises it for one command)."""
+    level = logging.root.manager.disable
+    try:
+        yield
+    finally:
+        logging.disable(level)
+
+
+def _one_line(message: str) -> str:
+    """An error message on one line, whatever a library put in it: stderr carries one line per error."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
+def _echo_cause(error: BaseException) -> None:
+    """``--verbose``: the error's cause (or the context it was raised from) with its traceback."""
+    cause = error.__cause__ or error.__context__
+    if cause is not None:
+        click.echo("caused by:", err=True)
+        click.echo("".join(traceback.format_exception(cause)).rstrip(), err=True)

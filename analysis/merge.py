@@ -75,6 +75,7 @@ class MergeResult:
     files: tuple[str, ...] = ()  # every file written into out_dir
     sharded: bool = False
     stale: StaleFolders = StaleFolders()   # what killed merges had left in out_dir's folder, removed first
+    warnings: tuple[str, ...] = ()   # one line each: inputs holding NaN/Inf, averages that overflow
 
 
 def merge_recipe(recipe: Recipe, out_dir: Path, verify: bool | str = "quick", progress: Progress | None = None,
@@ -116,10 +117,11 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
     """
     if not refs:
         raise MergeError("nothing to merge: no checkpoints given")
-    weights = normalize_weights(weights, len(refs))
+    weights = normalize_weights(weights, len(refs), [str(r.path) for r in refs])
     out_dir = Path(out_dir).expanduser().resolve()
     check_target(out_dir, refs, force)
     recipe = recipe if recipe is not None else Recipe("manual", (), output_dtype)
+    nonfinite = _NonFinite(refs)
     with ExitStack() as stack:
         handles = [stack.enter_context(open_checkpoint(r.path, r.layout)) for r in refs]
         layout, plan = _plan(handles, refs, output_dtype, out_shard_size)
@@ -130,7 +132,7 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
         try:
             check_disk(out_dir, plan.size_bytes)
             with storage_errors(out_dir):
-                size = _write(tmp, handles, weights, layout, plan, refs, recipe, output_dtype, progress)
+                size = _write(tmp, handles, weights, layout, plan, refs, recipe, output_dtype, progress, nonfinite)
                 _publish(tmp, out_dir, force)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -138,7 +140,8 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
     model_file = out_dir / (INDEX_FILE if plan.sharded else MODEL_FILE)
     files = tuple(sorted(p.name for p in out_dir.iterdir()))
     return MergeResult(out_dir, model_file, out_dir / RECIPE_FILE, size, len(layout),
-                       tuple(r.step for r in refs), weights, files, plan.sharded, stale)
+                       tuple(r.step for r in refs), weights, files, plan.sharded, stale,
+                       nonfinite.warnings(output_dtype))
 
 
 def _make_partial(out_dir: Path) -> Path:
@@ -151,6 +154,32 @@ def _make_partial(out_dir: Path) -> Path:
     with storage_errors(out_dir):
         tmp.mkdir(parents=True)
     return tmp
+
+
+class _NonFinite:
+    """What the merge's pass found not finite: the inputs holding NaN/Inf, and averages of finite
+    inputs that overflow the output dtype. The recommender leaves such inputs out; a merge of
+    checkpoints named by hand keeps them, and says so (issue 19)."""
+
+    def __init__(self, refs: Sequence[CheckpointRef]) -> None:
+        self._refs = refs
+        self._inputs: dict[int, str] = {}     # input position -> first tensor found not finite
+        self._overflow: list[str] = []
+
+    def __call__(self, info: TensorInfo, inputs: tuple[int, ...]) -> None:
+        for index in inputs:
+            self._inputs.setdefault(index, info.name)
+        if not inputs and info.name not in self._overflow:
+            self._overflow.append(info.name)
+
+    def warnings(self, output_dtype: str) -> tuple[str, ...]:
+        lines = [f"{self._refs[i].path}: holds NaN or Inf values (first in tensor {name!r}), so the merged model does "
+                 "too; the recommender leaves such checkpoints out" for i, name in sorted(self._inputs.items())]
+        if self._overflow:
+            more = f" (+{len(self._overflow) - 1} more)" if len(self._overflow) > 1 else ""
+            lines.append(f"the average of tensor {self._overflow[0]!r}{more} overflows the output dtype "
+                         f"({output_dtype}) to Inf; choose a wider --dtype")
+        return tuple(lines)
 
 
 def _hidden_name(out_dir: Path, kind: str) -> str:
@@ -234,7 +263,7 @@ def plan_merge(refs: Sequence[CheckpointRef], weights: Sequence[float], out_dir:
 
     Raises the same errors as the merge would before writing (target, mismatch, disk).
     """
-    weights = normalize_weights(weights, len(refs))
+    weights = normalize_weights(weights, len(refs), [str(r.path) for r in refs])
     out_dir = Path(out_dir).expanduser().resolve()
     check_target(out_dir, refs, force)
     with ExitStack() as stack:
@@ -257,7 +286,7 @@ def _plan(handles, refs: Sequence[CheckpointRef], output_dtype: str,
 
 
 def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPlan, refs, recipe: Recipe,
-           output_dtype: str, progress: Progress | None) -> int:
+           output_dtype: str, progress: Progress | None, nonfinite: "_NonFinite | None" = None) -> int:
     """Write the model, our recipe and the mergekit config into ``tmp``; return the weights' bytes."""
     recipe_text = dump_recipe(recipe) if recipe.checkpoints else ""
     metadata = {
@@ -268,7 +297,7 @@ def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPl
     }
     # Inputs are matched under normalised names (module./_orig_mod./model. stripped); the output
     # keeps the newest input's own names so it loads where that checkpoint loaded.
-    blocks = _stored_blocks(handles, weights, layout, progress)
+    blocks = _stored_blocks(handles, weights, layout, progress, nonfinite)
     size = write_output(tmp, plan, blocks, metadata, output_dtype)
     if recipe_text:
         (tmp / RECIPE_FILE).write_text(recipe_text)
@@ -276,10 +305,10 @@ def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPl
     return size
 
 
-def _stored_blocks(handles, weights, layout: list[TensorInfo],
-                   progress: Progress | None) -> Iterator[tuple[str, int, np.ndarray]]:
+def _stored_blocks(handles, weights, layout: list[TensorInfo], progress: Progress | None,
+                   nonfinite: "_NonFinite | None" = None) -> Iterator[tuple[str, int, np.ndarray]]:
     """The averaged blocks under the newest input's stored tensor names."""
-    for info, start, block in stream_average(handles, weights, layout, progress):
+    for info, start, block in stream_average(handles, weights, layout, progress, nonfinite):
         yield original_name(handles[-1], info.name), start, block
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 import yaml
 
 from . import __version__
-from .averaging import OUTPUT_DTYPES, normalize_weights
+from .averaging import OUTPUT_DTYPES, duplicate_inputs, normalize_weights
 from .checkpoints.base import main_floating_dtype
 from .errors import InvalidArgument, RecipeError
 from .run import CheckpointRef
@@ -211,8 +211,16 @@ def _read_yaml(path: Path) -> object:
         return yaml.safe_load(path.read_text())
     except OSError as e:
         raise RecipeError(path, e.strerror or str(e)) from None
-    except yaml.YAMLError as e:
-        raise RecipeError(path, f"not valid YAML ({e})") from None
+    except yaml.YAMLError as e:   # kept as the context: ``--verbose`` shows PyYAML's full report
+        raise RecipeError(path, f"not valid YAML: {_yaml_problem(e)}") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's multi-line report as one line: where (line, column) and what (issue 19)."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    what = " ".join(str(p) for p in (getattr(error, "context", None), getattr(error, "problem", None)) if p)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return " ".join(f"{where}{what or error}".split())
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -237,16 +245,18 @@ def recipe_from_dict(doc: object, path: Path) -> Recipe:
     dtype = str(doc.get("output_dtype", "same"))
     if dtype not in OUTPUT_DTYPES:
         problems.append(f"output_dtype {dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
-    entries = []
     raw = doc.get("checkpoints")
     if not isinstance(raw, list) or not raw:
         problems.append("'checkpoints' must be a non-empty list")
         raw = []
+    indexed = []
     for index, item in enumerate(raw):
         try:
-            entries.append(_entry(item, path.parent))
+            indexed.append((index, _entry(item, path.parent)))
         except (KeyError, TypeError, ValueError) as e:
-            problems.append(f"checkpoints[{index}]: {e}")
+            problems.append(f"checkpoints[{index}]{_entry_path(item)}: {e}")
+    problems += duplicate_inputs([(i, e.path) for i, e in indexed], "checkpoints")
+    entries = [e for _, e in indexed]
     total = math.fsum(e.weight for e in entries)
     if entries and abs(total - 1.0) > 1e-6:
         problems.append(f"weights sum to {total:.8f}, not 1")
@@ -257,12 +267,25 @@ def recipe_from_dict(doc: object, path: Path) -> Recipe:
                   str(doc.get("created_by", "")), (path.parent / source).resolve() if source else None)
 
 
+def _entry_path(item: object) -> str:
+    """`` (PATH)`` of a checkpoint entry for a message, when it has one."""
+    return f" ({item['path']})" if isinstance(item, dict) and "path" in item else ""
+
+
+def parse_weight(value: object) -> float:
+    """A recipe's weight: a finite, non-negative number; ``"0.5"`` (a string) or ``true`` is an error (issue 19)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"weight {value!r} must be a number, not {type(value).__name__}")
+    weight = float(value)
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"weight {weight} must be finite and non-negative")
+    return weight
+
+
 def _entry(item: dict, base: Path) -> RecipeEntry:
     if not isinstance(item, dict):
         raise TypeError("each checkpoint must be a mapping with path, step, weight, sha256, bytes")
-    weight = float(item["weight"])
-    if not math.isfinite(weight) or weight < 0:
-        raise ValueError(f"weight {weight} must be finite and non-negative")
+    weight = parse_weight(item["weight"])
     return RecipeEntry((base / str(item["path"])).resolve(), int(item["step"]), weight,
                        str(item.get("sha256", "")), int(item.get("bytes", 0)), str(item.get("quick_hash", "")))
 
@@ -346,12 +369,14 @@ def recipe_from_mergekit(doc: dict, path: Path) -> Recipe:
     dtype = _MERGEKIT_DTYPES.get(dtype_name)
     if dtype is None:
         problems.append(f"dtype {dtype_name!r} is not one of {', '.join(_MERGEKIT_DTYPES)}")
-    pairs = []
+    indexed = []
     for index, item in enumerate(models):
         try:
-            pairs.append(_mergekit_model(item, path.parent))
+            indexed.append((index, _mergekit_model(item, path.parent)))
         except (KeyError, TypeError, ValueError) as e:
             problems.append(f"models[{index}]: {e}")
+    problems += duplicate_inputs([(i, p) for i, (p, _) in indexed], "models")
+    pairs = [pair for _, pair in indexed]
     normalize = (doc.get("parameters") or {}).get("normalize", True)
     total = math.fsum(w for _, w in pairs)
     if pairs and not normalize and abs(total - 1.0) > 1e-6:
@@ -376,9 +401,7 @@ def _mergekit_model(item: object, base: Path) -> tuple[Path, float]:
         raise TypeError("each model must be a mapping with 'model' and 'parameters: {weight: W}'")
     model = item["model"]
     name = model.get("model") if isinstance(model, dict) else model
-    weight = float((item.get("parameters") or {})["weight"])
-    if not math.isfinite(weight) or weight < 0:
-        raise ValueError(f"weight {weight} must be finite and non-negative")
+    weight = parse_weight((item.get("parameters") or {})["weight"])
     path = Path(str(name)).expanduser()
     if not path.is_absolute():
         path = base / path if (base / path).exists() or not path.exists() else path.resolve()

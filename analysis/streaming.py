@@ -45,6 +45,13 @@ NUMPY_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16"})
 BF16_NAN = 0xFFFF
 
 Progress = Callable[[float, str], None]
+# Told the tensor and the positions of the inputs holding NaN/Inf in a block whose average is not finite.
+NonFinite = Callable[["TensorInfo", tuple[int, ...]], None]
+# Raw bits of each floating dtype with the sign clear and the exponent all ones (float8_e4m3fn: its NaN,
+# it has no infinity): any value at or above it, either sign, is a NaN or an infinity.
+NONFINITE_BITS = {"float64": 0x7FF0_0000_0000_0000, "float32": 0x7F80_0000, "float16": 0x7C00, "bfloat16": 0x7F80,
+                  "float8_e5m2": 0x7C, "float8_e4m3fn": 0x7F}
+_SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 
 class Adder(Protocol):
@@ -56,7 +63,8 @@ class Adder(Protocol):
 
 
 def stream_average(handles: Sequence["CheckpointHandle"], weights: Sequence[float], layout: Sequence["TensorInfo"],
-                   progress: Progress | None = None) -> Iterator[tuple["TensorInfo", int, np.ndarray]]:
+                   progress: Progress | None = None,
+                   on_nonfinite: NonFinite | None = None) -> Iterator[tuple["TensorInfo", int, np.ndarray]]:
     """Yield ``(output info, start element, block)`` in ``layout`` order.
 
     ``layout`` is the output's headers (its dtypes); the newest input is ``handles[-1]``.
@@ -64,20 +72,22 @@ def stream_average(handles: Sequence["CheckpointHandle"], weights: Sequence[floa
     array for float32/float16/float64, raw bits (unsigned integers) for bfloat16, float8
     and the non-floating tensors, which come whole from the newest input. A floating
     block lives in a buffer that is reused: it is valid until the next one is asked for.
+    ``on_nonfinite`` is told each averaged block holding a NaN or an infinity, with the inputs
+    that hold one there: found in the merge's own pass (see :func:`has_nonfinite`), not by a second read.
     """
     reader = BlockReader(handles, layout)
     how = arithmetic(handles, layout)
     if how == "torch":
         from .streaming_torch import TorchAdder, one_intra_op_thread
         with one_intra_op_thread():
-            yield from _averaged(reader, TorchAdder(weights, reader.block), layout, progress)
+            yield from _averaged(reader, TorchAdder(weights, reader.block), layout, progress, on_nonfinite)
         return
     if how.startswith("compiled"):
         from .fused import FusedAdder, fused_kernel
         adder: Adder = FusedAdder(weights, reader.block, fused_kernel())  # type: ignore[arg-type]
     else:
         adder = NumpyAdder(weights, reader.block)
-    yield from _averaged(reader, adder, layout, progress)
+    yield from _averaged(reader, adder, layout, progress, on_nonfinite)
 
 
 def arithmetic(handles: Sequence["CheckpointHandle"], layout: Sequence["TensorInfo"]) -> str:
@@ -99,8 +109,8 @@ def arithmetic(handles: Sequence["CheckpointHandle"], layout: Sequence["TensorIn
     return "compiled"
 
 
-def _averaged(reader: BlockReader, adder: Adder, layout: Sequence["TensorInfo"],
-              progress: Progress | None) -> Iterator[tuple["TensorInfo", int, np.ndarray]]:
+def _averaged(reader: BlockReader, adder: Adder, layout: Sequence["TensorInfo"], progress: Progress | None,
+              on_nonfinite: NonFinite | None = None) -> Iterator[tuple["TensorInfo", int, np.ndarray]]:
     """Add up each block as the reader hands it over; report progress at each tensor's end."""
     total = max(sum(i.numel for i in layout), 1)
     done = 0
@@ -111,10 +121,30 @@ def _averaged(reader: BlockReader, adder: Adder, layout: Sequence["TensorInfo"],
         elif item.buffer_set is None:
             yield item.info, item.start, np.empty(0, dtype=RAW_BITS[DTYPE_BYTES[item.info.dtype]])
         else:
-            yield item.info, item.start, adder.add(item)
+            out = adder.add(item)
+            if on_nonfinite is not None and has_nonfinite(out, item.info.dtype):
+                on_nonfinite(item.info, tuple(i for i, (part, dtype) in enumerate(zip(item.parts, item.dtypes))
+                                              if has_nonfinite(part, dtype)))
+            yield item.info, item.start, out
             done += item.stop - item.start
         if progress is not None and (done == total or isinstance(item, Whole) or item.stop == item.info.numel):
             progress(done / total, item.info.name)
+
+
+def has_nonfinite(block: np.ndarray, dtype: str) -> bool:
+    """Whether a block of ``dtype`` values (a float array or raw bits) holds a NaN or an infinity.
+
+    Two max reductions over the raw bits, without a temporary: a negative NaN/Inf is at or above
+    ``sign | NONFINITE_BITS`` unsigned, a positive one at or above ``NONFINITE_BITS`` signed. Run on
+    each averaged block (a NaN or Inf in any input makes its average one), it costs the merge a
+    fraction of a pass over its output; the inputs' blocks are checked only where it is true.
+    """
+    threshold = NONFINITE_BITS.get(dtype)
+    if threshold is None or block.size == 0:
+        return False
+    raw = block.view(RAW_BITS[block.itemsize])
+    sign = 1 << (8 * block.itemsize - 1)
+    return int(raw.max()) >= sign | threshold or int(raw.view(_SIGNED[block.itemsize]).max()) >= threshold
 
 
 class NumpyAdder:

@@ -131,7 +131,7 @@ def test_issue20_recipe_for_selection_normalises_and_names_the_run(tiny_run: Pat
     recipe = recipe_for_selection(run, [550, 600], (1.0, 3.0), "manual", "float16", {600: "newest"}, hashes=False)
     assert recipe.weights == (0.25, 0.75) and recipe.source_run == run.path and recipe.output_dtype == "float16"
     assert recipe.reasons == {"600": "newest"} and [e.sha256 for e in recipe.checkpoints] == ["", ""]
-    with pytest.raises(InvalidArgument, match="finite and non-negative"):
+    with pytest.raises(InvalidArgument, match="finite non-negative"):
         recipe_for_selection(run, [550, 600], (1.0, float("nan")), "manual")
     with pytest.raises(InvalidArgument, match="output dtype"):
         recipe_for_selection(run, [550, 600], (1.0, 1.0), "manual", "int8")

@@ -29,17 +29,41 @@ TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000
 
 
+# A header length or offset is a u64 in the format: JSON numbers past it are refused by its reader.
+_U64_LIMIT = 1 << 64
+# torch, which reads the tensors, holds each dimension in an int64.
+_DIM_LIMIT = 1 << 63
+# The fields of a tensor's entry, in the order of the format's (serde) struct: an entry may be a JSON list of them.
+_ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
+
+
 def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
     """Parse and validate a safetensors header without touching tensor data.
 
+    As strict as the format's own reader (``safetensors.safe_open``): whatever it refuses is
+    refused here, so a file CkptSelect accepts is one every other tool opens (issue 19).
+
     Returns:
-        (tensor entries by name, ``__metadata__``, byte offset where data starts)
+        (tensor entries by name, with ``dtype``/``shape``/``data_offsets`` as validated ``str``
+        and ``int`` values, ``__metadata__``, byte offset where data starts)
 
     Raises:
-        CheckpointReadError: truncated file, malformed JSON, offsets past the end of
-            the file, overlapping or gapped tensors, or a size that disagrees with
-            shape x dtype. Checked here so the message names the problem precisely.
+        CheckpointReadError: truncated file, a header length past the file, malformed JSON or
+            field types, negative or non-integer dimensions or offsets, an unknown dtype, a size
+            that disagrees with shape x dtype, overlapping or gapped tensors, or bytes after the
+            last tensor. The message names the file and the tensor.
     """
+    size, header_len, raw = _read_raw_header(path)
+    header = _parse_json(path, raw)
+    metadata = _metadata(path, header.pop("__metadata__", None))
+    entries = {name: _entry(path, name, entry) for name, entry in header.items()}
+    data_start = 8 + header_len
+    _check_layout(path, entries, size - data_start)
+    return entries, metadata, data_start
+
+
+def _read_raw_header(path: Path) -> tuple[int, int, bytes]:
+    """(file size, header length, header bytes); the length must fit the file and the format's cap."""
     try:
         size = path.stat().st_size
         with path.open("rb") as handle:
@@ -48,43 +72,128 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
                 raise CheckpointReadError(path, f"file is {size} bytes, too short for a safetensors header")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > min(MAX_HEADER_BYTES, size - 8):
-                raise CheckpointReadError(path, f"header length {header_len} exceeds the file ({size} bytes): truncated or not safetensors")
-            header = json.loads(handle.read(header_len))
+                raise CheckpointReadError(path, f"header length {header_len} exceeds the file ({size} bytes) "
+                                                "or the format's 100 MB cap: truncated or not safetensors")
+            return size, header_len, handle.read(header_len)
     except OSError as e:
         raise CheckpointReadError(path, e.strerror or str(e)) from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+
+
+def _parse_json(path: Path, raw: bytes) -> dict:
+    """The header's JSON object: strict UTF-8, no NaN/Infinity, no repeated ``__metadata__`` or field."""
+    try:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_object)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:   # JSONDecodeError is a ValueError
         raise CheckpointReadError(path, f"header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointReadError(path, "header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + header_len
-    _validate_entries(path, header, size - data_start)
-    return header, {str(k): str(v) for k, v in metadata.items()}, data_start
+    return header
 
 
-def _validate_entries(path: Path, entries: dict[str, dict], data_bytes: int) -> None:
-    """Offsets must tile the data region exactly and agree with shape x dtype."""
-    spans = []
-    for name, entry in entries.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            start, end = (int(x) for x in entry["data_offsets"])
-            numel = 1
-            for dim in entry["shape"]:
-                numel *= int(dim)
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointReadError(path, f"tensor {name!r} has a malformed header entry: {entry!r}") from None
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object; a repeated ``__metadata__`` or tensor field is an error (the format's reader
+    refuses it), a repeated tensor name keeps the last (as that reader does)."""
+    result: dict = {}
+    for key, value in pairs:
+        if key in result and key in ("__metadata__", *_ENTRY_FIELDS):
+            raise ValueError(f"duplicate field {key!r}")
+        if not _is_utf8(key):
+            raise ValueError(f"name {key!r} is not valid UTF-8")
+        result[key] = value
+    return result
+
+
+def _is_utf8(text: str) -> bool:
+    """False for a string holding a lone surrogate (a ``\\ud800`` escape), which UTF-8 cannot carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _metadata(path: Path, value: object) -> dict[str, str]:
+    """``__metadata__``: absent, null, or an object of strings."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) and _is_utf8(v) for v in value.values()):
+        raise CheckpointReadError(path, f"__metadata__ must be an object of strings, got {_short(value)}")
+    return dict(value)
+
+
+def _entry(path: Path, name: str, entry: object) -> dict:
+    """One tensor's entry, validated: a known dtype, a shape of u64s and two u64 offsets."""
+    if isinstance(entry, list) and len(entry) == len(_ENTRY_FIELDS):
+        entry = dict(zip(_ENTRY_FIELDS, entry))     # the format's reader also takes the fields as a list
+    problem = _entry_problem(entry)
+    if problem:
+        raise CheckpointReadError(path, f"tensor {name!r} has a malformed header entry: {problem}")
+    assert isinstance(entry, dict)
+    return {field: entry[field] for field in _ENTRY_FIELDS}
+
+
+def _entry_problem(entry: object) -> str | None:
+    """What is wrong with a tensor's entry, or None."""
+    if not isinstance(entry, dict) or any(field not in entry for field in _ENTRY_FIELDS):
+        return f"it must hold dtype, shape and data_offsets, got {_short(entry)}"
+    dtype, shape, offsets = (entry[field] for field in _ENTRY_FIELDS)
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        return f"unknown or unsupported dtype {_short(dtype)} (known: {', '.join(SAFETENSORS_DTYPES)})"
+    if not isinstance(shape, list) or not all(_is_u64(d) and d < _DIM_LIMIT for d in shape):
+        return f"shape must be a list of non-negative integers (below 2**63), got {_short(shape)}"
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_u64(o) for o in offsets):
+        return f"data_offsets must be two non-negative integers, got {_short(offsets)}"
+    return None
+
+
+def _is_u64(value: object) -> bool:
+    """An integer the format can hold: JSON's ``1.0``, ``"1"``, ``true`` and ``-1`` are not."""
+    return type(value) is int and 0 <= value < _U64_LIMIT
+
+
+def _short(value: object) -> str:
+    """A value for a message: its repr, cut to one short line."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _byte_size(shape: list[int], itemsize: int) -> int | None:
+    """Bytes of a tensor, or None where the format's reader overflows: it multiplies the dimensions
+    in order in 64 bits (``[2**62, 4, 0]`` overflows before the 0), then by the item size."""
+    count = 1
+    for dim in (*shape, itemsize):
+        count *= dim
+        if count >= _U64_LIMIT:
+            return None
+    return count
+
+
+def _check_layout(path: Path, entries: dict[str, dict], data_bytes: int) -> None:
+    """Offsets must tile the data region exactly, in offset order, and agree with shape x dtype."""
+    position, previous = 0, None
+    for name, entry in sorted(entries.items(), key=lambda item: tuple(item[1]["data_offsets"])):
+        start, end = entry["data_offsets"]
+        if end < start:
+            raise CheckpointReadError(path, f"tensor {name!r}: data_offsets [{start}, {end}] end before they start")
+        if start != position:
+            problem = f"overlaps tensor {previous!r}" if start < position else "leaves a gap before it"
+            raise CheckpointReadError(path, f"tensor {name!r} {problem} (offset {start}, expected {position})")
         if end > data_bytes:
             raise CheckpointReadError(path, f"tensor {name!r} ends at byte {end} but the data is only {data_bytes} bytes: file truncated")
-        if end - start != numel * DTYPE_BYTES[dtype]:
-            raise CheckpointReadError(path, f"tensor {name!r}: {end - start} bytes stored but shape {entry['shape']} x {dtype} needs {numel * DTYPE_BYTES[dtype]}")
-        spans.append((start, end, name))
-    position = 0
-    for start, end, name in sorted(spans):
-        if start != position:
-            problem = "overlaps the previous tensor" if start < position else "leaves a gap before it"
-            raise CheckpointReadError(path, f"tensor {name!r} {problem} (offset {start}, expected {position})")
-        position = end
+        needed = _byte_size(entry["shape"], DTYPE_BYTES[SAFETENSORS_DTYPES[entry["dtype"]]])
+        if needed is None:
+            raise CheckpointReadError(path, f"tensor {name!r}: shape {entry['shape']} overflows a 64-bit byte count")
+        if end - start != needed:
+            raise CheckpointReadError(path, f"tensor {name!r}: {end - start} bytes stored but shape {entry['shape']} "
+                                            f"x {entry['dtype']} needs {needed}")
+        position, previous = end, name
+    if position != data_bytes:
+        raise CheckpointReadError(path, f"{data_bytes - position} bytes after the last tensor's data "
+                                        f"(the tensors cover {position} of {data_bytes}): not a valid safetensors file")
 
 
 class SafetensorsHandle:

@@ -47,6 +47,35 @@ def _load_sync_file_range():
 _sync_file_range = _load_sync_file_range()
 
 
+def _check_header(path: Path, layout: list[TensorInfo], metadata: dict[str, str] | None) -> None:
+    """Refuse a header the format's reader would refuse, before a byte is written (issue 19).
+
+    The readers validate every input as strictly as ``safetensors.safe_open``, so this is the
+    last line of defence: a tensor of negative or non-integer dimensions, an unknown dtype or
+    non-string metadata would otherwise be written into a file nothing can open.
+    """
+    for info in layout:
+        shape_ok = all(type(d) is int and 0 <= d < 1 << 63 for d in info.shape)   # torch's int64 dimensions
+        if not shape_ok or info.dtype not in TORCH_TO_SAFETENSORS or not _encodable(info.name):
+            raise MergeError(f"{path}: cannot write tensor {info.name!r} with shape {list(info.shape)} and dtype "
+                             f"{info.dtype}: not valid in a safetensors file")
+    bad = [k for k, v in (metadata or {}).items() if not (isinstance(k, str) and isinstance(v, str)
+                                                         and _encodable(k) and _encodable(v))]
+    if bad:
+        raise MergeError(f"{path}: metadata {bad[0]!r} is not a string key and value; safetensors holds only strings")
+
+
+def _encodable(text: object) -> bool:
+    """A str that UTF-8 can carry (no lone surrogates)."""
+    if not isinstance(text, str):
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class SafetensorsWriter:
     """Write tensors in the order declared by ``layout``; ``close`` checks completeness."""
 
@@ -55,6 +84,7 @@ class SafetensorsWriter:
         self._layout = layout
         self._next = 0
         self._filled = 0   # elements of tensor ``_next`` written so far by write_block
+        _check_header(path, layout, metadata)
         header: dict[str, object] = {"__metadata__": dict(metadata or {})} if metadata else {}
         offset = 0
         for info in layout:

@@ -28,8 +28,8 @@ def read_index(index_path: Path) -> tuple[dict[str, str], dict]:
     """(tensor name -> shard file name, the index's ``metadata``), validated.
 
     Raises:
-        CheckpointReadError: unreadable JSON, no ``weight_map``, a shard named outside the index's folder
-            (issue 19), or a shard that is missing.
+        CheckpointReadError: unreadable JSON, no ``weight_map`` (or one whose values are not file
+            names), a shard named outside the index's folder (issue 19), or a shard that is missing.
     """
     try:
         doc = json.loads(index_path.read_text())
@@ -38,6 +38,9 @@ def read_index(index_path: Path) -> tuple[dict[str, str], dict]:
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointReadError(index_path, "index has no weight_map")
+    not_names = [f"{k!r}: {v!r}" for k, v in weight_map.items() if not isinstance(v, str) or not v]
+    if not_names:   # a shard is a file name; str(5) would open a file named "5" (issue 19)
+        raise CheckpointReadError(index_path, f"weight_map values must be shard file names, got {', '.join(not_names[:3])}")
     _check_shard_names(index_path, weight_map.values())
     missing = sorted({s for s in weight_map.values() if not (index_path.parent / str(s)).is_file()})
     if missing:

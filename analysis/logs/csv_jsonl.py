@@ -19,7 +19,7 @@ from .base import LogTable, to_float, to_step
 from .builder import TableBuilder
 from .csv_fast import MIN_FAST_BYTES, read_csv_columns, uniform_fields
 from .jsonl_fast import SUMMARY_PREFIX, block_bounds, read_block
-from .names import find_step_key, find_wall_time_key
+from .names import CANONICAL_ALIASES, canonical_metric, find_step_key, find_wall_time_key
 
 
 def _flatten(obj: dict, prefix: str = "") -> dict[str, object]:
@@ -133,6 +133,8 @@ class CsvReader:
 
     def sniff(self, path: Path, head: str) -> bool:
         lines = [ln for ln in head.splitlines() if ln.strip()]
+        if len(lines) == 1:
+            return is_header_only(lines[0])
         if len(lines) < 2 or lines[0].lstrip().startswith("{"):
             return False
         try:
@@ -146,6 +148,23 @@ class CsvReader:
 
     def read(self, path: Path) -> LogTable:
         return read_csv_records(path, self.name)
+
+
+def is_header_only(line: str) -> bool:
+    """Whether a file's only line is a metric log's header: a CSV just created, before its first row.
+
+    It is an empty log of this format, not an unknown file (issue 19). Names only (no number), at
+    least two, one of them a step key or a metric CkptSelect knows, so a one-line note is not taken.
+    """
+    if line.lstrip().startswith("{"):
+        return False
+    try:
+        header = [h.strip() for h in next(csv.reader([line]))]
+    except (csv.Error, StopIteration):
+        return False
+    if len(header) < 2 or any(not h or to_float(h) is not None for h in header):
+        return False
+    return find_step_key(header) is not None or any(canonical_metric(h) in CANONICAL_ALIASES for h in header)
 
 
 # W&B panel "Export CSV" adds min/max envelope columns beside each metric.
@@ -182,6 +201,8 @@ def read_csv_records(path: Path, fmt: str, fast: bool = True) -> LogTable:
     names = [_metric_name(header[i]) for i in keep]
     step_key, wall_key = find_step_key(names), find_wall_time_key(names)
     body = text[text.find("\n") + 1:] if "\n" in text else ""
+    if not body.strip():
+        builder.note(f"{path.name}: a header and no rows yet")
     if (fast and len(text) >= MIN_FAST_BYTES and "train_runtime" not in names
             and len(set(names)) == len(names) and uniform_fields(body, len(header))):
         read_csv_columns(body, len(header), keep, names, step_key, wall_key, builder)

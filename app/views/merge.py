@@ -164,6 +164,8 @@ def merge_progress() -> None:
                    f"({result.size_bytes / 1e6:,.2f} MB, {result.n_tensors} tensors).")
         if result.stale.paths:
             st.caption(result.stale.describe().capitalize() + ".")
+        for line in result.warnings:   # inputs holding NaN/Inf, averages that overflow (issue 19)
+            st.warning(line)
 
 
 merge_progress()
