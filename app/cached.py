@@ -14,7 +14,7 @@ from analysis.errors import AnalysisError
 from analysis.evaluate import Evaluator, load_evaluator
 from analysis.merge import MergeResult, merge_checkpoints
 from analysis.recipe import build_recipe, dump_recipe, to_mergekit
-from analysis.recommend import Recommendation, RecommendConfig, recommend
+from analysis.selection import Recommendation, RecommendConfig, recommend
 from analysis.report import analysis_report, timing_report
 from analysis.run import CheckpointRef, Run, folder_stamp, open_run
 from analysis.scaling import StopSignal, run_stop_signal
