@@ -10,8 +10,6 @@ the analysis commands need (issue 6: start-up was half of a merge's wall time).
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
@@ -23,8 +21,8 @@ _EXPORTS = {
     "Evaluator": ".evaluate",
     "MergeResult": ".merge",
     "Recipe": ".recipe",
-    "RecommendConfig": ".recommend",
-    "Recommendation": ".recommend",
+    "RecommendConfig": ".selection",
+    "Recommendation": ".selection",
     "Run": ".run",
     "RunSignals": ".signals",
     "StorageEstimate": ".storage",
@@ -40,7 +38,7 @@ _EXPORTS = {
     "merge_recipe": ".merge",
     "open_run": ".run",
     "read_log": ".logs",
-    "recommend": ".recommend",
+    "recommend": ".selection",
     "run_stop_signal": ".scaling",
     "write_recipe": ".recipe",
 }
@@ -89,26 +87,6 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-class _Package(types.ModuleType):
-    """This package, where the function ``recommend`` wins over the submodule of the same name.
-
-    Importing a submodule sets it as an attribute of its package; the eager imports this file
-    used to make put the function back afterwards. The setter ignores the import system's
-    assignment so ``analysis.recommend`` stays the function whatever was imported first.
-    """
-
-    @property
-    def recommend(self) -> object:
-        return importlib.import_module(".recommend", __name__).recommend
-
-    @recommend.setter
-    def recommend(self, value: object) -> None:
-        pass
-
-
-sys.modules[__name__].__class__ = _Package
-
-
 if TYPE_CHECKING:   # for type checkers and IDEs: the same names, imported eagerly
     from .averaging import average_state_dict
     from .errors import AnalysisError
@@ -117,8 +95,8 @@ if TYPE_CHECKING:   # for type checkers and IDEs: the same names, imported eager
     from .merge import MergeResult, merge_checkpoints, merge_recipe
     from .model_size import count_parameters
     from .recipe import Recipe, build_recipe, load_recipe, write_recipe
-    from .recommend import Recommendation, RecommendConfig, recommend
     from .run import CheckpointRef, Run, checkpoint_ref, open_run
     from .scaling import run_stop_signal
+    from .selection import Recommendation, RecommendConfig, recommend
     from .signals import RunSignals, assess_run
     from .storage import StorageEstimate, estimate_storage

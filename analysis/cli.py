@@ -204,7 +204,7 @@ def analyze(run_path: Path, similarity: bool, as_json: bool) -> None:
               help="Keep evaluator scores on disk (~/.cache/ckpt-select/scores), keyed by the evaluator's source and "
                    "the checkpoint files, so a search run again or resumed after a crash scores nothing twice. Not for "
                    "an evaluator that reads data which changes between runs.")
-@click.option("--method", type=_LazyChoice(".recommend", "METHODS"), default="auto", show_default=True)
+@click.option("--method", type=_LazyChoice(".selection", "METHODS"), default="auto", show_default=True)
 @click.option("--window", type=int, help="Average the newest N eligible checkpoints instead of choosing.")
 @click.option("--ema-alpha", type=float, default=0.3, show_default=True, help="Weight of the newest under EMA.")
 @click.option("--max-evals", type=int, help="Evaluator calls allowed (default 2 x checkpoints).")
@@ -224,7 +224,7 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
     """Recommend which checkpoints to average, with a reason for each."""
     from .evaluate import load_evaluator
     from .recipe import recipe_for_selection, write_recipe
-    from .recommend import RecommendConfig, recommend
+    from .selection import RecommendConfig, recommend
     from .report import recommendation_report, unreadable_report
     from .run import open_run
     from .signals import assess_run

@@ -9,7 +9,7 @@ import math
 
 from .logs import LogTable
 from .recipe import Recipe, recipe_to_dict
-from .recommend import Recommendation
+from .selection import Recommendation
 from .run import Run
 from .model_size import ParamCount
 from .scaling import ComputeOptimal, Forecast, StopSignal

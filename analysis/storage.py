@@ -18,7 +18,7 @@ from .errors import InvalidArgument
 from .scaling import TOKENS_PER_PARAM
 
 if TYPE_CHECKING:
-    from .recommend import Recommendation
+    from .selection import Recommendation
     from .run import Run
 
 # Bytes per parameter of the stored weights.
@@ -435,7 +435,7 @@ def storage_inputs_from_run(run: Run, recommendation: Recommendation | None = No
     times = run.metric("step_time_ms")["value"].to_numpy(dtype=float)
     step_time = float(np.nanmedian(times)) / 1000.0 if np.isfinite(times).any() else None
     if recommendation is None and run.checkpoints:
-        from .recommend import recommend   # late: only a run's storage plan needs the recommender
+        from .selection import recommend   # late: only a run's storage plan needs the recommender
         from .signals import assess_run
         recommendation = recommend(assess_run(run))
     window = len(recommendation.checkpoints) if recommendation is not None else None

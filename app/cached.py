@@ -15,7 +15,7 @@ from analysis.errors import AnalysisError
 from analysis.evaluate import Evaluator, check_evaluator_allowed, load_evaluator
 from analysis.merge import MergeResult, merge_recipe
 from analysis.recipe import Recipe, dump_mergekit, dump_recipe, recipe_for_selection
-from analysis.recommend import Recommendation, RecommendConfig, recommend
+from analysis.selection import Recommendation, RecommendConfig, recommend
 from analysis.report import analysis_report, timing_report
 from analysis.run import Run, folder_stamp, open_run
 from analysis.scaling import StopSignal, run_stop_signal

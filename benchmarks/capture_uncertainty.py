@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from analysis import assess_run, open_run  # noqa: E402
-from analysis.recommend import policy_weights  # noqa: E402
+from analysis.selection import policy_weights  # noqa: E402
 from selection_quality import (BASELINES, Scorer, contaminated_steps, describe, float32_states, oracle,  # noqa: E402
                                recommendations)
 

@@ -48,7 +48,7 @@ import torch  # noqa: E402
 
 from analysis import RecommendConfig, assess_run, load_evaluator, open_run, recommend  # noqa: E402
 from analysis.averaging import average_state_dict  # noqa: E402
-from analysis.recommend import policy_weights  # noqa: E402
+from analysis.selection import policy_weights  # noqa: E402
 from selection_runs import SCALES, RunSet, make_runs  # noqa: E402
 
 EMA_ALPHAS = (0.05, 0.1, 0.2, 0.3, 0.5)

@@ -23,7 +23,7 @@ import analysis.recipe
 from analysis.cli import main
 from analysis.errors import InvalidArgument
 from analysis.recipe import default_merge_folder, load_recipe, mergekit_same_dtype, recipe_for_selection
-from analysis.recommend import recommend
+from analysis.selection import recommend
 from analysis.run import open_run
 from analysis.signals import assess_run
 from analysis.storage import storage_inputs_from_run

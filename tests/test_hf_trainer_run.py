@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from analysis.recommend import RecommendConfig, recommend
+from analysis.selection import RecommendConfig, recommend
 from analysis.run import open_run
 from analysis.signals import assess_run
 from ckpt_factories import byte_tokenizer, sqrt_second_moments

@@ -19,7 +19,7 @@ from analysis.averaging import average_state_dict
 from analysis.checkpoints import detect_layout, open_checkpoint
 from analysis.checkpoints.optim import SAVED_LR, metadata_learning_rate, saved_learning_rate
 from analysis.evaluate import Evaluator
-from analysis.recommend import RecommendConfig, optimal_weights, recommend
+from analysis.selection import RecommendConfig, optimal_weights, recommend
 from analysis.report import analysis_report, recommendation_report
 from analysis.run import CheckpointRef, open_run
 from analysis.signals import IterateNoise, assess_run, iterate_noise

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from analysis.errors import InvalidArgument, NotEnoughCheckpoints
 from analysis.evaluate import Evaluator
-from analysis.recommend import RecommendConfig, policy_weights, recommend
+from analysis.selection import RecommendConfig, policy_weights, recommend
 from analysis.run import open_run
 from analysis.signals import assess_run
 from conftest import rewrite_metrics, write_tiny_run

@@ -16,7 +16,7 @@ from analysis.merge import plan_merge
 from analysis.merge_checks import ARITHMETIC
 from analysis.paths import resolve_within
 from analysis.recipe import default_merge_folder
-from analysis.recommend import RecommendConfig, policy_weights, recommend
+from analysis.selection import RecommendConfig, policy_weights, recommend
 
 now = sidebar.current_or_stop()
 run, signals, rec = now.run, now.signals, now.recommendation

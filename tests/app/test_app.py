@@ -189,7 +189,7 @@ def test_merge_page_searches_with_the_evaluator_and_every_page_follows(tiny_run:
     """The search is `recommend --eval --max-evals N`: its choice replaces the logs' one on every page until
     the user goes back."""
     from analysis.evaluate import load_evaluator
-    from analysis.recommend import RecommendConfig, recommend
+    from analysis.selection import RecommendConfig, recommend
     from analysis.run import open_run
     from analysis.signals import assess_run
 

@@ -1,0 +1,102 @@
+"""The evaluator search: score candidate averages within a budget and keep the best.
+
+The predicted weights are scored first, then the log-chosen window, a ladder of windows, EMAs and
+a greedy soup, budget allowing; the last checkpoint alone is always a candidate, so averaging never
+makes the user's model worse than what they have.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..evaluate import Evaluator
+from ..signals import CheckpointSignals, RunSignals
+from .eligibility import Window, predicted_choice
+from .recommendation import Choice, RecommendConfig
+from .weights import policy_weights
+
+# Window sizes an evaluator search tries first (after the predicted weights and the log-chosen window), newest-first suffixes;
+# then every other size, then EMA over all eligible checkpoints, then a greedy soup, budget allowing.
+_SEARCH_WINDOWS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+_SEARCH_EMA_ALPHAS = (0.5, 0.3, 0.2, 0.1)
+
+
+def search_with_evaluator(signals: RunSignals, eligible: list[CheckpointSignals], window: Window,
+                          config: RecommendConfig, evaluator: Evaluator,
+                          progress: Callable[[float, str], None] | None) -> Choice:
+    """Score candidates within the evaluation budget and keep the best (or the last alone)."""
+    budget = config.max_evals if config.max_evals is not None else 2 * len(signals.checkpoints)
+    refs = [s.ref for s in eligible]
+    start_calls, start_cached = evaluator.calls, evaluator.from_store
+    last_score = evaluator.score(refs[-1:], (1.0,), config.output_dtype)
+    best: tuple[float, str, list[CheckpointSignals], tuple[float, ...]] = (last_score, "sma", eligible[-1:], (1.0,))
+    if window.weights is not None and config.method in ("auto", "recovery"):
+        best = min(best, _score_predicted(eligible, window, evaluator, config.output_dtype, progress),
+                   key=lambda choice: choice[0])
+    if config.method == "soup":
+        candidates: list[tuple[str, int, float]] = []
+    elif config.method in ("auto", "recovery"):
+        candidates = _search_candidates(len(eligible), window.size)
+    else:
+        candidates = [(config.method, window.size, config.ema_alpha)] if window.size > 1 else []
+    for index, (method, k, alpha) in enumerate(candidates):
+        if evaluator.calls - start_calls >= budget:
+            break
+        weights = policy_weights(method, k, alpha)
+        score = evaluator.score(refs[-k:], weights, config.output_dtype)
+        if progress is not None:
+            label = f"EMA (alpha {alpha:g})" if method == "ema" else method.upper()
+            progress((index + 1) / max(len(candidates), 1), f"{label} of the newest {k}: {score:.4f}")
+        if score < best[0]:
+            best = (score, method, eligible[-k:], weights)
+    if config.method in ("soup", "auto", "recovery") and evaluator.calls - start_calls < budget:
+        soup = _greedy_soup(eligible, evaluator, last_score, budget, start_calls, config.output_dtype)
+        if soup[0] < best[0]:
+            best = soup
+    score, method, chosen, weights = best
+    return Choice(method=method, checkpoints=tuple(chosen), weights=weights, score=score, last_score=last_score,
+                  evaluations=evaluator.calls - start_calls, evaluations_cached=evaluator.from_store - start_cached,
+                  evaluator=evaluator)
+
+
+def _score_predicted(eligible: list[CheckpointSignals], window: Window, evaluator: Evaluator, dtype: str,
+                     progress: Callable[[float, str], None] | None,
+                     ) -> tuple[float, str, list[CheckpointSignals], tuple[float, ...]]:
+    """The evaluator's score of the predicted weights, the first candidate searched.
+
+    The prediction from the logs and Adam's second moments is a soft window that no uniform window
+    or EMA equals; where the evaluator agrees with it, one call finds what the ladder of windows
+    would only approach.
+    """
+    chosen, weights = predicted_choice(eligible, window)
+    score = evaluator.score([s.ref for s in chosen], weights, dtype)
+    if progress is not None:
+        progress(0.0, f"predicted weights over the newest {len(chosen)}: {score:.4f}")
+    return score, "predicted", chosen, weights
+
+
+def _search_candidates(count: int, val_window: int) -> list[tuple[str, int, float]]:
+    """(method, newest N, alpha) to score, most promising first, so a small budget still finds a good one.
+
+    The val-chosen window, a geometric ladder of windows, every remaining window size, and EMA
+    over every eligible checkpoint at a few alphas (a soft window that no uniform one equals).
+    """
+    sizes = [val_window] + list(_SEARCH_WINDOWS) + list(range(2, count + 1))
+    ordered = [k for i, k in enumerate(sizes) if 1 < k <= count and k not in sizes[:i]]
+    emas = [("ema", count, a) for a in _SEARCH_EMA_ALPHAS] if count > 2 else []
+    return [("sma", k, 0.0) for k in ordered] + emas
+
+
+def _greedy_soup(eligible: list[CheckpointSignals], evaluator: Evaluator, last_score: float, budget: int,
+                 start_calls: int, dtype: str) -> tuple[float, str, list[CheckpointSignals], tuple[float, ...]]:
+    """Newest first, add each older checkpoint only if the uniform average improves."""
+    members = [eligible[-1]]
+    best = last_score
+    for candidate in reversed(eligible[:-1]):
+        if evaluator.calls - start_calls >= budget:
+            break
+        trial = [candidate] + members
+        score = evaluator.score([s.ref for s in trial], policy_weights("sma", len(trial)), dtype)
+        if score < best:
+            members, best = trial, score
+    return best, "soup", members, policy_weights("sma", len(members))
