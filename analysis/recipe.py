@@ -19,11 +19,12 @@ from typing import Callable
 import yaml
 
 from . import __version__
-from .averaging import OUTPUT_DTYPES
 from .errors import RecipeError
 from .run import CheckpointRef
 
 RECIPE_VERSION = 1
+# What a merge may write its floating tensors as ("same": each as the inputs store it).
+OUTPUT_DTYPES = ("same", "float32", "bfloat16", "float16")
 METHODS = ("sma", "ema", "wma", "soup", "manual", "recovery", "predicted")
 _HASH_CHUNK = 8 * 1024 * 1024
 # Quick hash (version 1): size, the first MiB (the safetensors header and more), 16 evenly spaced

@@ -23,15 +23,15 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import yaml
 
-from .averaging import check_same_layout, normalize_weights, output_layout
-from .checkpoints import TensorInfo, open_checkpoint, original_name
-from .errors import MergeError
-from .merge_checks import (DISK_MARGIN_BYTES, MergePlan, check_disk, check_target, project, verify_inputs,
+from .plan import check_same_layout, normalize_weights, output_layout
+from ..checkpoints import TensorInfo, open_checkpoint, original_name
+from ..errors import MergeError
+from .verify import (DISK_MARGIN_BYTES, MergePlan, check_disk, check_target, project, verify_inputs,
                            verify_mode)
-from .merge_output import INDEX_FILE, MODEL_FILE, OutputPlan, plan_output, write_output
-from .recipe import Recipe, dump_recipe, to_mergekit
-from .run import MERGE_MARKER_KEY, CheckpointRef, checkpoint_ref
-from .streaming import arithmetic, stream_average
+from .output import INDEX_FILE, MODEL_FILE, OutputPlan, plan_output, write_output
+from ..recipe import Recipe, dump_recipe, to_mergekit
+from ..run import MERGE_MARKER_KEY, CheckpointRef, checkpoint_ref
+from .arithmetic import arithmetic, stream_average
 
 RECIPE_FILE = "recipe.yaml"
 MERGEKIT_FILE = "mergekit_config.yml"

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .checkpoints import CheckpointHandle, TensorInfo
-from .errors import InvalidArgument, MergeError
-from .merge_output import OutputPlan
-from .recipe import Recipe, checkpoint_quick_hash, checkpoint_sha256
-from .run import CheckpointRef, checkpoint_ref
-from .block_reader import BLOCK_ELEMENTS, buffer_bytes, locate
-from .streaming import stream_average
+from ..checkpoints import CheckpointHandle, TensorInfo
+from ..errors import InvalidArgument, MergeError
+from .output import OutputPlan
+from ..recipe import Recipe, checkpoint_quick_hash, checkpoint_sha256
+from ..run import CheckpointRef, checkpoint_ref
+from .read import BLOCK_ELEMENTS, buffer_bytes, locate
+from .arithmetic import stream_average
 
 VERIFY_MODES = ("full", "quick", "none")
 # Free space kept beyond the output's size: file systems misbehave when completely full.
