@@ -13,7 +13,7 @@ PORT   ?= 8501
 
 .PHONY: setup app test test-fast browser-deps bench sample-run clean
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml setup.py analysis/_fused.c
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml setup.py analysis/merge/_fused.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"

@@ -1,4 +1,4 @@
-"""Which packages ship, and the optional compiled merge kernel (analysis/_fused.c); the rest is in pyproject.toml.
+"""Which packages ship, and the optional compiled merge kernel (analysis/merge/_fused.c); the rest is in pyproject.toml.
 
 Packages: ``analysis`` and every subpackage under it, found at build time so a new one ships
 without editing this file; and the repository's ``app/`` folder installed as ``ckpt_select_app``
@@ -31,8 +31,8 @@ setup(
     packages=_packages(),
     package_dir={APP_PACKAGE: "app"},
     ext_modules=[Extension(
-        "analysis._fused",
-        sources=["analysis/_fused.c"],
+        "analysis.merge._fused",
+        sources=["analysis/merge/_fused.c"],
         # No fused multiply-add and no fast-math: the kernel's bits must equal numpy's (see the source).
         # -fno-trapping-math changes no result: it lets the compiler compute both sides of a select (the
         # float16 conversions), so those loops vectorise (8 x 220M fp16: ~2.4 s -> ~0.45 s of arithmetic).

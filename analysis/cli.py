@@ -289,7 +289,7 @@ def merge(recipe_path: Path | None, checkpoint_paths: tuple[Path, ...], weights:
           out_shard_size: str | None, dry_run: bool, as_json: bool) -> None:
     """Average checkpoints (from a recipe, a mergekit linear config, or --checkpoints) into a new folder."""
     from .merge import merge_recipe, plan_merge
-    from .merge_output import parse_size
+    from .merge.output import parse_size
     from .run import checkpoint_ref
     recipe = _merge_inputs(recipe_path, checkpoint_paths, weights, output_dtype, hashes=not dry_run)
     refs = [checkpoint_ref(e.path, e.step) for e in recipe.checkpoints]
@@ -326,7 +326,7 @@ def merge(recipe_path: Path | None, checkpoint_paths: tuple[Path, ...], weights:
 def _merge_inputs(recipe_path: Path | None, paths: tuple[Path, ...], weights: tuple[float, ...],
                   output_dtype: str | None, hashes: bool = True) -> Recipe:
     """The recipe to merge: loaded (ours or mergekit's), or built for checkpoints named on the command line."""
-    from .averaging import check_distinct, normalize_weights
+    from .merge.plan import check_distinct, normalize_weights
     from .recipe import build_recipe, load_any_recipe
     from .run import checkpoint_ref
     if recipe_path is not None:

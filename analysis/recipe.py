@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 import yaml
 
 from . import __version__
-from .averaging import OUTPUT_DTYPES, duplicate_inputs, normalize_weights
+from .merge.plan import OUTPUT_DTYPES, duplicate_inputs, normalize_weights
 from .checkpoints.base import main_floating_dtype
 from .errors import InvalidArgument, RecipeError
 from .run import CheckpointRef
@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from .run import Run
 
 RECIPE_VERSION = 1
+# What a merge may write its floating tensors as ("same": each as the inputs store it).
+OUTPUT_DTYPES = ("same", "float32", "bfloat16", "float16")
 METHODS = ("sma", "ema", "wma", "soup", "manual", "recovery", "predicted")
 _HASH_CHUNK = 8 * 1024 * 1024
 # Quick hash (version 1): size, the first MiB (the safetensors header and more), 16 evenly spaced

@@ -273,7 +273,7 @@ def main() -> None:
 
 def arithmetic_used() -> str:
     """Which adder the ckpt-select column ran ("compiled" or "numpy"), asked of a child (the parent stays torch-free)."""
-    code = "from analysis.fused import fused_kernel; print('compiled' if fused_kernel() else 'numpy')"
+    code = "from analysis.merge.fused import fused_kernel; print('compiled' if fused_kernel() else 'numpy')"
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           check=True).stdout.strip()
 

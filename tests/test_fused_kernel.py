@@ -24,16 +24,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from analysis import fused
-from analysis.block_reader import BLOCK_ELEMENTS, Block
+from analysis.merge import fused
+from analysis.merge.read import BLOCK_ELEMENTS, Block
 from analysis.checkpoints import TensorInfo
 from analysis.merge import merge_checkpoints
 from analysis.run import checkpoint_ref
-from analysis.streaming import NumpyAdder, arithmetic
+from analysis.merge.arithmetic import NumpyAdder, arithmetic
 from conftest import REPO
 from test_merge_engine import reference_average, special_values_state
 
-SOURCE = REPO / "analysis" / "_fused.c"
+SOURCE = REPO / "analysis" / "merge" / "_fused.c"
 # setup.py's compile flags for the kernel
 INSTALL_FLAGS = ("-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math")
 

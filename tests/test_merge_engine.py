@@ -24,14 +24,14 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from analysis import merge_checks
+from analysis.merge import verify as merge_checks
 from analysis.cli import main
 from analysis.errors import MergeError
-from analysis.fused import fused_kernel
+from analysis.merge.fused import fused_kernel
 from analysis.merge import merge_checkpoints, merge_recipe, plan_merge
 from analysis.recipe import build_recipe, load_recipe, write_recipe
 from analysis.run import checkpoint_ref
-from analysis.block_reader import BLOCK_ELEMENTS
+from analysis.merge.read import BLOCK_ELEMENTS
 from ckpt_factories import hf_checkpoint
 from conftest import REPO
 
@@ -103,12 +103,12 @@ def special_values_state(seed: int) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("out_dtype", ["same", "float32", "bfloat16", "float16"])
 def test_numpy_and_torch_adders_write_the_same_bits_as_the_reference(tmp_path: Path, in_dtype: str,
                                                                      out_dtype: str) -> None:
-    from analysis.averaging import output_layout
-    from analysis.block_reader import BlockReader
+    from analysis.merge.plan import output_layout
+    from analysis.merge.read import BlockReader
     from analysis.checkpoints import open_checkpoint
-    from analysis.fused import FusedAdder
-    from analysis.streaming import NumpyAdder
-    from analysis.streaming_torch import TorchAdder, as_tensor
+    from analysis.merge.fused import FusedAdder
+    from analysis.merge.arithmetic import NumpyAdder
+    from analysis.merge.torch_adder import TorchAdder, as_tensor
 
     states = [{k: v.to(getattr(torch, in_dtype)) for k, v in special_values_state(seed).items()} for seed in range(3)]
     paths = [tmp_path / f"{i}.safetensors" for i in range(3)]
@@ -438,7 +438,7 @@ def test_dry_run_writes_nothing_and_projects(tiny_run: Path, tmp_path: Path, cap
 
 
 def test_the_projection_adds_a_from_storage_time_when_the_first_probe_read_was_slow() -> None:
-    from analysis.merge_checks import UNCACHED_RATIO, projection
+    from analysis.merge.verify import UNCACHED_RATIO, projection
 
     mb = 1_000_000
     # both passes alike (inputs cached): 100 MB in 0.01 s is 10 GB/s; 1000 MB read + 100 MB written at that rate

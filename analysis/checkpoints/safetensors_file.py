@@ -222,7 +222,7 @@ class SafetensorsHandle:
 
     def locate(self, name: str):
         """Where ``name``'s raw bytes are (a ``TensorLocation``), for block-wise reads without a memory map."""
-        from ..block_reader import TensorLocation   # late: block_reader imports this package
+        from ..merge.read import TensorLocation   # late: block_reader imports this package
         offset, dtype = self._offsets[self.keys.original(name)]
         return TensorLocation(self.path, offset, dtype)
 

@@ -10,10 +10,10 @@ import cached
 import charts
 import sidebar
 import state
-from analysis.averaging import normalize_weights
+from analysis.merge.plan import normalize_weights
 from analysis.errors import AnalysisError
 from analysis.merge import plan_merge
-from analysis.merge_checks import ARITHMETIC
+from analysis.merge.verify import ARITHMETIC
 from analysis.paths import resolve_within
 from analysis.recipe import default_merge_folder
 from analysis.selection import RecommendConfig, policy_weights, recommend

@@ -13,8 +13,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .block_reader import Block
-from .checkpoints.base import raw_bits
+from .read import Block
+from ..checkpoints.base import raw_bits
 
 _threads_lock = threading.Lock()
 _threads_users = [0, 0]   # merges running, intra-op threads to restore when the last one ends

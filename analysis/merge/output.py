@@ -19,9 +19,9 @@ from typing import Iterable
 
 import numpy as np
 
-from .checkpoints import TensorInfo
-from .checkpoints.safetensors_writer import SafetensorsWriter
-from .errors import InvalidArgument, MergeError
+from ..checkpoints import TensorInfo
+from ..checkpoints.safetensors_writer import SafetensorsWriter
+from ..errors import InvalidArgument, MergeError
 
 MODEL_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from .block_reader import Block, BlockReader, Whole
-from .checkpoints.base import DTYPE_BYTES, RAW_BITS
+from .read import Block, BlockReader, Whole
+from ..checkpoints.base import DTYPE_BYTES, RAW_BITS
 
 if TYPE_CHECKING:
-    from .checkpoints import CheckpointHandle, TensorInfo
+    from ..checkpoints import CheckpointHandle, TensorInfo
 
 # Floating dtypes numpy converts to and from float32 exactly as torch does.
 NUMPY_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16"})
@@ -78,7 +78,7 @@ def stream_average(handles: Sequence["CheckpointHandle"], weights: Sequence[floa
     reader = BlockReader(handles, layout)
     how = arithmetic(handles, layout)
     if how == "torch":
-        from .streaming_torch import TorchAdder, one_intra_op_thread
+        from .torch_adder import TorchAdder, one_intra_op_thread
         with one_intra_op_thread():
             yield from _averaged(reader, TorchAdder(weights, reader.block), layout, progress, on_nonfinite)
         return

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .checkpoints import CheckpointHandle, TensorInfo, open_checkpoint
-from .errors import AnalysisError, InvalidArgument, MergeError
-from .merge_output import INDEX_FILE, MODEL_FILE, RECIPE_FILE, OutputPlan
-from .recipe import Recipe, checkpoint_quick_hash, checkpoint_sha256
-from .run import MERGE_MARKER_KEY, CheckpointRef, checkpoint_ref
-from .targets import storage_errors, written_by_ckpt_select
-from .block_reader import BLOCK_ELEMENTS, buffer_bytes, locate
-from .streaming import stream_average
+from ..checkpoints import CheckpointHandle, TensorInfo, open_checkpoint
+from ..errors import AnalysisError, InvalidArgument, MergeError
+from .output import INDEX_FILE, MODEL_FILE, RECIPE_FILE, OutputPlan
+from ..recipe import Recipe, checkpoint_quick_hash, checkpoint_sha256
+from ..run import MERGE_MARKER_KEY, CheckpointRef, checkpoint_ref
+from ..targets import storage_errors, written_by_ckpt_select
+from .read import BLOCK_ELEMENTS, buffer_bytes, locate
+from .arithmetic import stream_average
 
 VERIFY_MODES = ("full", "quick", "none")
 # Free space kept beyond the output's size: file systems misbehave when completely full.

@@ -13,17 +13,16 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-from .checkpoints import CheckpointHandle, TensorInfo, open_checkpoint
-from .checkpoints.base import DTYPE_BYTES
-from .checkpoints.keys import original_name
-from .errors import CheckpointMismatch, InvalidArgument
-from .run import CheckpointRef
-from .streaming import stream_average
+from ..checkpoints import CheckpointHandle, TensorInfo, open_checkpoint
+from ..checkpoints.base import DTYPE_BYTES
+from ..checkpoints.keys import original_name
+from ..errors import CheckpointMismatch, InvalidArgument
+from ..recipe import OUTPUT_DTYPES
+from ..run import CheckpointRef
+from .arithmetic import stream_average
 
 if TYPE_CHECKING:
     import torch
-
-OUTPUT_DTYPES = ("same", "float32", "bfloat16", "float16")
 
 
 def normalize_weights(weights: Sequence[float], count: int, labels: Sequence[str] | None = None) -> tuple[float, ...]:
@@ -131,7 +130,7 @@ def iter_average(handles: Sequence[CheckpointHandle], weights: Sequence[float], 
     """
     import torch
 
-    from .streaming_torch import as_tensor
+    from .torch_adder import as_tensor
 
     current: torch.Tensor | None = None
     for info, start, block in stream_average(handles, weights, layout, progress):

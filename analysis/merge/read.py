@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
-from .checkpoints.base import DTYPE_BYTES, RAW_BITS, dtype_name, raw_bits
-from .errors import CheckpointReadError
+from ..checkpoints.base import DTYPE_BYTES, RAW_BITS, dtype_name, raw_bits
+from ..errors import CheckpointReadError
 
 if TYPE_CHECKING:
-    from .checkpoints import CheckpointHandle, TensorInfo
+    from ..checkpoints import CheckpointHandle, TensorInfo
 
 # Most elements per block: 128 Ki. A block's inputs are converted and weighted as one [inputs, block]
 # float32 array (4 MiB for 8 inputs) that should stay in the CPU cache with the accumulator; larger

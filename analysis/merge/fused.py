@@ -27,8 +27,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .block_reader import Block
-from .streaming import NumpyAdder
+from .read import Block
+from .arithmetic import NumpyAdder
 
 # Dtype codes of analysis/_fused.c.
 KINDS = {"bfloat16": 0, "float32": 1, "float16": 2}
@@ -103,7 +103,7 @@ def agrees_with_numpy(kernel: Kernel) -> bool:
     Every element bit for bit, but for the payload of a NaN in a float32 or float16 output, which
     the contract leaves free (a bfloat16 NaN must be 0xFFFF, and is compared).
     """
-    from .checkpoints.base import TensorInfo
+    from ..checkpoints.base import TensorInfo
 
     weights = [0.2, 0.3, -0.7, 1.0 / 3.0]
     rows = _special_rows(weights)

@@ -25,17 +25,16 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .averaging import check_same_layout, normalize_weights, output_layout
-from .checkpoints import TensorInfo, open_checkpoint, original_name
-from .errors import MergeError
-from .merge_checks import (DISK_MARGIN_BYTES, MergePlan, check_disk, check_target, project, verify_inputs,
+from .plan import check_same_layout, normalize_weights, output_layout
+from ..checkpoints import TensorInfo, open_checkpoint, original_name
+from ..errors import MergeError
+from .verify import (DISK_MARGIN_BYTES, MergePlan, check_disk, check_target, project, verify_inputs,
                            verify_mode)
-from .merge_output import (INDEX_FILE, MERGEKIT_FILE, MODEL_FILE, RECIPE_FILE, OutputPlan, plan_output,
-                           write_output)
-from .recipe import Recipe, dump_mergekit, dump_recipe
-from .run import MERGE_MARKER_KEY, CheckpointRef, checkpoint_ref
-from .streaming import arithmetic, stream_average
-from .targets import storage_errors
+from .output import INDEX_FILE, MERGEKIT_FILE, MODEL_FILE, RECIPE_FILE, OutputPlan, plan_output, write_output
+from ..recipe import Recipe, dump_mergekit, dump_recipe
+from ..run import MERGE_MARKER_KEY, CheckpointRef, checkpoint_ref
+from .arithmetic import arithmetic, stream_average
+from ..targets import storage_errors
 
 # A hidden folder a merge leaves beside its target: .NAME.partial-HOST-PID-HEX (being written) or
 # .NAME.old-HOST-PID-HEX (an output --force set aside); see _hidden_name.
