@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .merge.plan import average_state_dict
+from .merge.in_memory import average_state_dict
 from .errors import EvaluatorError
 from .run import CheckpointRef, Run
 from .score_store import ScoreStore, candidate_key, file_digest

@@ -8,8 +8,9 @@ adders that sum a block: numpy, torch for float8, and the compiled kernel of ``f
 them in that order and renames the folder into place).
 """
 
-from .engine import (DISK_MARGIN_BYTES, MERGEKIT_FILE, MODEL_FILE, RECIPE_FILE, MergePlan, MergeResult,
-                     merge_checkpoints, merge_recipe, plan_merge, verify_inputs)
+from .engine import (DISK_MARGIN_BYTES, MERGEKIT_FILE, MODEL_FILE, RECIPE_FILE, MergePlan, MergeResult, dry_run,
+                     merge, merge_checkpoints, merge_recipe, plan_merge, verify_inputs)
+from .output import parse_size
 
-__all__ = ["DISK_MARGIN_BYTES", "MERGEKIT_FILE", "MODEL_FILE", "MergePlan", "MergeResult", "RECIPE_FILE",
-           "merge_checkpoints", "merge_recipe", "plan_merge", "verify_inputs"]
+__all__ = ["DISK_MARGIN_BYTES", "MERGEKIT_FILE", "MODEL_FILE", "MergePlan", "MergeResult", "RECIPE_FILE", "dry_run",
+           "merge", "merge_checkpoints", "merge_recipe", "parse_size", "plan_merge", "verify_inputs"]
