@@ -159,7 +159,7 @@ class ReadHashes:
             try:
                 if self._error is None:
                     self._digests[path].feed(offset, memoryview(data))
-            except OSError as e:
+            except BaseException as e:  # noqa: BLE001 - kept for finish(); the thread must go on releasing buffers
                 self._error = (path, e)
             finally:
                 if buffer_set is not None:
