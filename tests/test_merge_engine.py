@@ -438,7 +438,7 @@ def test_dry_run_writes_nothing_and_projects(tiny_run: Path, tmp_path: Path, cap
 
 
 def test_the_projection_adds_a_from_storage_time_when_the_first_probe_read_was_slow() -> None:
-    from analysis.merge.plan import UNCACHED_RATIO, projection
+    from analysis.merge.verify import UNCACHED_RATIO, projection
 
     mb = 1_000_000
     # both passes alike (inputs cached): 100 MB in 0.01 s is 10 GB/s; 1000 MB read + 100 MB written at that rate

@@ -240,5 +240,5 @@ def test_the_merge_imports_inside_functions_only_to_spare_start_up_issue_20() ->
                         module = getattr(node, "module", None) or node.names[0].name
                         late.append((path.name, module, lines[node.lineno - 1] + lines[node.lineno - 2]))
     assert {(f, m) for f, m, _ in late} <= {("average.py", "torch_adder"), ("in_memory.py", "torch"),
-                                            ("in_memory.py", "torch_adder"), ("plan.py", "psutil")}
+                                            ("in_memory.py", "torch_adder"), ("verify.py", "psutil")}
     assert all("import" in text and ("torch" in text or "dry run" in text) for _, _, text in late)

@@ -40,9 +40,10 @@ from ..recipe import Recipe, dump_recipe, to_mergekit
 from ..run import MERGE_MARKER_KEY, CheckpointRef, checkpoint_ref
 from .average import arithmetic, stream_average
 from .output import INDEX_FILE, MODEL_FILE, OutputPlan, plan_output, write_output
-from .plan import MergePlan, check_same_layout, normalize_weights, output_layout, project
+from .plan import check_same_layout, normalize_weights, output_layout
 from .read import ReadHashes
-from .verify import DISK_MARGIN_BYTES, check_disk, check_target, resolve_inputs, verify_inputs, verify_mode
+from .verify import (DISK_MARGIN_BYTES, MergePlan, check_disk, check_target, project, resolve_inputs, verify_inputs,
+                     verify_mode)
 
 RECIPE_FILE = "recipe.yaml"
 MERGEKIT_FILE = "mergekit_config.yml"

@@ -13,7 +13,7 @@ import sidebar
 import state
 from analysis.errors import AnalysisError
 from analysis.merge import plan_merge
-from analysis.merge.plan import ARITHMETIC
+from analysis.merge.verify import ARITHMETIC
 from analysis.paths import resolve_within
 from analysis.recommend import RecommendConfig, policy_weights, recommend
 
