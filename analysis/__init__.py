@@ -27,7 +27,7 @@ _EXPORTS = {
     "RunSignals": ".signals",
     "StorageEstimate": ".storage",
     "assess_run": ".signals",
-    "average_state_dict": ".merge.plan",
+    "average_state_dict": ".merge.in_memory",
     "build_recipe": ".recipe",
     "checkpoint_ref": ".run",
     "count_parameters": ".model_size",
@@ -88,7 +88,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:   # for type checkers and IDEs: the same names, imported eagerly
-    from .merge.plan import average_state_dict
+    from .merge.in_memory import average_state_dict
     from .errors import AnalysisError
     from .evaluate import Evaluator, load_evaluator
     from .logs import read_log

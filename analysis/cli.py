@@ -269,9 +269,10 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
 
 
 @cli.command()
-@click.argument("recipe_path", metavar="RECIPE.yaml", required=False, type=click.Path(path_type=Path))
-@click.option("--checkpoints", "checkpoint_paths", multiple=True, type=click.Path(path_type=Path),
-              help="Checkpoints to average, oldest first (instead of a recipe). Repeat the option for each: --checkpoints A --checkpoints B.")
+@click.argument("paths", metavar="RECIPE.yaml | --checkpoints A B ...", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--checkpoints", "checkpoints_given", count=True,
+              help="Average the checkpoints named after it, oldest first, instead of a recipe: --checkpoints A B C "
+                   "(or --checkpoints A --checkpoints B).")
 @click.option("--weights", multiple=True, type=float, help="One weight per checkpoint (default uniform).")
 @click.option("--dtype", "output_dtype", type=click.Choice(["same", "float32", "bfloat16", "float16"]),
               default=None, help="Dtype of the merged model (default: the recipe's, else same).")
@@ -284,18 +285,16 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
 @click.option("--out-shard-size", help="Shard the output at this size, e.g. 2GB (default: as the newest input).")
 @click.option("--dry-run", is_flag=True, help="Print what would be read and written, peak memory and time; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def merge(recipe_path: Path | None, checkpoint_paths: tuple[Path, ...], weights: tuple[float, ...],
+def merge(paths: tuple[Path, ...], checkpoints_given: int, weights: tuple[float, ...],
           output_dtype: str | None, out_dir: Path, verify: str, no_verify: bool, force: bool,
           out_shard_size: str | None, dry_run: bool, as_json: bool) -> None:
     """Average checkpoints (from a recipe, a mergekit linear config, or --checkpoints) into a new folder."""
-    from .merge import merge_recipe, plan_merge
-    from .merge.output import parse_size
-    from .run import checkpoint_ref
-    recipe = _merge_inputs(recipe_path, checkpoint_paths, weights, output_dtype, hashes=not dry_run)
-    refs = [checkpoint_ref(e.path, e.step) for e in recipe.checkpoints]
+    from .merge import dry_run as plan_of, merge as merge_into, parse_size
+    recipe_path, checkpoint_paths = _split_merge_paths(paths, checkpoints_given)
+    recipe = _merge_inputs(recipe_path, checkpoint_paths, weights, output_dtype)
     shard_size = parse_size(out_shard_size)
     if dry_run:
-        plan = plan_merge(refs, recipe.weights, out_dir, recipe.output_dtype, force=force, out_shard_size=shard_size)
+        plan = plan_of(recipe, out_dir, force=force, out_shard_size=shard_size)
         if as_json:
             _emit(_plan_doc(plan))
         else:
@@ -304,7 +303,7 @@ def merge(recipe_path: Path | None, checkpoint_paths: tuple[Path, ...], weights:
     update, close = _progress_bar("merging")
     try:
         mode = "none" if no_verify or recipe_path is None else verify
-        result = merge_recipe(recipe, out_dir, mode, update, force=force, out_shard_size=shard_size)
+        result = merge_into(recipe, out_dir, verify=mode, progress=update, force=force, out_shard_size=shard_size)
     finally:
         close()
     doc = {"out_dir": str(result.out_dir), "model_file": str(result.model_file),
@@ -323,10 +322,25 @@ def merge(recipe_path: Path | None, checkpoint_paths: tuple[Path, ...], weights:
         click.echo(f"ckpt-select: {result.stale.describe()}", err=True)
 
 
+def _split_merge_paths(paths: tuple[Path, ...], checkpoints_given: int) -> tuple[Path | None, tuple[Path, ...]]:
+    """(recipe, checkpoints) from ``merge``'s paths: all checkpoints after ``--checkpoints``, else one recipe."""
+    if checkpoints_given:
+        if paths and paths[0].suffix in (".yaml", ".yml"):
+            raise InvalidArgument("give a recipe or --checkpoints, not both")
+        return None, paths
+    if len(paths) > 1:
+        raise InvalidArgument(f"give one recipe, or --checkpoints before the {len(paths)} checkpoints to average")
+    return (paths[0] if paths else None), ()
+
+
 def _merge_inputs(recipe_path: Path | None, paths: tuple[Path, ...], weights: tuple[float, ...],
-                  output_dtype: str | None, hashes: bool = True) -> Recipe:
-    """The recipe to merge: loaded (ours or mergekit's), or built for checkpoints named on the command line."""
-    from .merge.plan import check_distinct, normalize_weights
+                  output_dtype: str | None) -> Recipe:
+    """The recipe to merge: loaded (ours or mergekit's), or built for checkpoints named on the command line.
+
+    A recipe built here carries no hashes: the merge computes them in its own read pass
+    (:mod:`analysis.merge.read`) and writes them into the recipe beside its output.
+    """
+    from .inputs import check_distinct, normalize_weights
     from .recipe import build_recipe, load_any_recipe
     from .run import checkpoint_ref
     if recipe_path is not None:
@@ -342,7 +356,7 @@ def _merge_inputs(recipe_path: Path | None, paths: tuple[Path, ...], weights: tu
     check_distinct(paths, "--checkpoints")
     refs = [checkpoint_ref(p) for p in paths]
     return build_recipe("manual", refs, normalized, output_dtype or "same",
-                        {str(r.step): "given on the command line" for r in refs}, hashes=hashes)
+                        {str(r.step): "given on the command line" for r in refs}, hashes=False)
 
 
 def _plan_doc(plan: MergePlan) -> dict:

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .merge.plan import average_state_dict
+from .merge.in_memory import average_state_dict
 from .errors import EvaluatorError, InvalidArgument
 from .paths import is_within
 from .run import CheckpointRef, Run

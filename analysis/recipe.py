@@ -8,21 +8,21 @@ It can also be exported as a mergekit ``linear`` config.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import yaml
 
 from . import __version__
-from .merge.plan import OUTPUT_DTYPES, duplicate_inputs, normalize_weights
+from .inputs import OUTPUT_DTYPES, duplicate_inputs, normalize_weights
 from .checkpoints.base import main_floating_dtype
-from .errors import InvalidArgument, RecipeError
-from .run import CheckpointRef
+from .errors import AnalysisError, InvalidArgument, RecipeError
+from .hashing import checkpoint_quick_hash, checkpoint_sha256
+from .run import CheckpointRef, checkpoint_ref
 from .targets import MERGEKIT_MARKER, RECIPE_KEY, write_text_atomic
 
 if TYPE_CHECKING:
@@ -30,15 +30,7 @@ if TYPE_CHECKING:
     from .run import Run
 
 RECIPE_VERSION = 1
-# What a merge may write its floating tensors as ("same": each as the inputs store it).
-OUTPUT_DTYPES = ("same", "float32", "bfloat16", "float16")
 METHODS = ("sma", "ema", "wma", "soup", "manual", "recovery", "predicted")
-_HASH_CHUNK = 8 * 1024 * 1024
-# Quick hash (version 1): size, the first MiB (the safetensors header and more), 16 evenly spaced
-# 64 KiB blocks and the last 64 KiB of every file. Reads about 2 MiB per file whatever its size.
-_QUICK_HEAD = 1 << 20
-_QUICK_BLOCK = 1 << 16
-_QUICK_SAMPLES = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,51 +59,6 @@ class Recipe:
     @property
     def weights(self) -> tuple[float, ...]:
         return tuple(e.weight for e in self.checkpoints)
-
-
-def checkpoint_sha256(files: tuple[Path, ...] | list[Path], progress: Callable[[float, str], None] | None = None) -> str:
-    """sha256 of a checkpoint: of the file itself, or of ``sha256sum``-style lines for several files.
-
-    A single file's value equals ``sha256sum FILE`` so users can check it by hand.
-    """
-    files = sorted(files)
-    digests = [_file_sha256(f, progress) for f in files]
-    if len(files) == 1:
-        return digests[0]
-    lines = "".join(f"{d}  {f.name}\n" for d, f in zip(digests, files))
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def _file_sha256(path: Path, progress: Callable[[float, str], None] | None) -> str:
-    digest = hashlib.sha256()
-    total = max(path.stat().st_size, 1)
-    done = 0
-    with path.open("rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-            done += len(chunk)
-            if progress is not None:
-                progress(done / total, f"sha256 {path.name}")
-    return digest.hexdigest()
-
-
-def checkpoint_quick_hash(files: tuple[Path, ...] | list[Path]) -> str:
-    """A cheap fingerprint of a checkpoint's files: catches a rewritten, truncated or swapped file.
-
-    It reads ~2 MiB per file (see ``_QUICK_*``), so ``--verify quick`` costs milliseconds where
-    sha256 costs a read of every byte; a change confined to unsampled bytes needs ``--verify full``.
-    """
-    digest = hashlib.sha256(b"ckpt-select quick hash v1\n")
-    for path in sorted(files):
-        size = path.stat().st_size
-        digest.update(f"{path.name} {size}\n".encode())
-        with path.open("rb") as handle:
-            digest.update(handle.read(_QUICK_HEAD))
-            last = max(size - _QUICK_BLOCK, 0)
-            for index in range(_QUICK_SAMPLES + 1):
-                handle.seek(last * index // _QUICK_SAMPLES)
-                digest.update(handle.read(_QUICK_BLOCK))
-    return digest.hexdigest()
 
 
 def build_recipe(method: str, refs: list[CheckpointRef], weights: tuple[float, ...], output_dtype: str = "same",
@@ -357,9 +304,6 @@ def recipe_from_mergekit(doc: dict, path: Path) -> Recipe:
         RecipeError: another merge method, no models, a bad weight or dtype, normalize off with
             weights not summing to 1 (CkptSelect always normalises), or a model that is not a local checkpoint.
     """
-    from .run import checkpoint_ref   # late: run imports the readers, which recipes do not need
-    from .errors import AnalysisError
-
     problems: list[str] = []
     if doc.get("merge_method") != "linear":
         problems.append(f"merge_method {doc.get('merge_method')!r}: only 'linear' (a weighted average) is supported")
@@ -428,7 +372,6 @@ def with_hashes(recipe: Recipe) -> Recipe:
         if e.sha256 and e.quick_hash:
             entries.append(e)
             continue
-        from .run import checkpoint_ref
         ref = checkpoint_ref(e.path, e.step)
         entries.append(RecipeEntry(e.path, e.step, e.weight, e.sha256 or checkpoint_sha256(ref.files),
                                    ref.size_bytes, e.quick_hash or checkpoint_quick_hash(ref.files)))

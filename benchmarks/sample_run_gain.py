@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from analysis import RecommendConfig, assess_run, load_evaluator, merge_checkpoints, open_run, recommend  # noqa: E402
-from analysis.merge.plan import average_state_dict  # noqa: E402
+from analysis.merge.in_memory import average_state_dict  # noqa: E402
 
 
 def _module(path: Path):

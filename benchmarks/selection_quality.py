@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import torch  # noqa: E402
 
 from analysis import RecommendConfig, assess_run, load_evaluator, open_run, recommend  # noqa: E402
-from analysis.merge.plan import average_state_dict  # noqa: E402
+from analysis.merge.in_memory import average_state_dict  # noqa: E402
 from analysis.selection import policy_weights  # noqa: E402
 from selection_runs import SCALES, RunSet, make_runs  # noqa: E402
 

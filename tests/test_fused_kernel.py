@@ -29,7 +29,8 @@ from analysis.merge.read import BLOCK_ELEMENTS, Block
 from analysis.checkpoints import TensorInfo
 from analysis.merge import merge_checkpoints
 from analysis.run import checkpoint_ref
-from analysis.merge.arithmetic import NumpyAdder, arithmetic
+from analysis.merge.arithmetic import NumpyAdder
+from analysis.merge.average import arithmetic
 from conftest import REPO
 from test_merge_engine import reference_average, special_values_state
 

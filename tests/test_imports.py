@@ -14,20 +14,7 @@ import importlib.util
 import pkgutil
 from pathlib import Path
 
-import pytest
-
 import analysis
-
-# The cycles analysis/ still has, each as the set of modules it runs through. The merge-package move
-# of issue 20 (analysis/merge/) removes both; then delete them here and the xfail below.
-KNOWN_CYCLES = (
-    # checkpoints/ <-> block_reader: block_reader imports checkpoints.base, which runs the package's
-    # __init__, whose readers (hf_folder, safetensors_file, sharded) read through block_reader.
-    frozenset({"analysis.block_reader", "analysis.checkpoints", "analysis.checkpoints.hf_folder",
-               "analysis.checkpoints.safetensors_file", "analysis.checkpoints.sharded"}),
-    frozenset({"analysis.streaming", "analysis.fused"}),   # fused imports streaming; streaming, fused in a function
-)
-
 
 def _modules() -> dict[str, Path]:
     """Every module of the analysis package, by dotted name, with its source file."""
@@ -152,16 +139,9 @@ def test_a_new_cycle_would_be_found_and_named() -> None:
     """The checker itself: one import from errors back into the selection package closes a new cycle."""
     graph = import_graph()
     graph["analysis.errors"] = graph["analysis.errors"] | {"analysis.selection.weights"}
-    new = [g for g in strongly_connected(graph) if not any(g <= known for known in KNOWN_CYCLES)]
+    new = strongly_connected(graph)
     assert new == [frozenset({"analysis.errors", "analysis.selection.weights"})]
     assert _describe(graph, new) == "analysis.errors -> analysis.selection.weights -> analysis.errors"
-
-
-def test_no_import_cycle_but_the_known_ones() -> None:
-    """Any cycle that is not one of KNOWN_CYCLES (or that grew past one) fails now."""
-    graph = import_graph()
-    new = [g for g in strongly_connected(graph) if not any(g <= known for known in KNOWN_CYCLES)]
-    assert new == [], f"import cycles: {_describe(graph, new)}"
 
 
 def test_selection_package_has_no_cycle() -> None:
@@ -169,9 +149,8 @@ def test_selection_package_has_no_cycle() -> None:
     assert [g for g in strongly_connected(graph) if any(m.startswith("analysis.selection") for m in g)] == []
 
 
-@pytest.mark.xfail(strict=False, reason="issue 20: checkpoints <-> block_reader and streaming <-> fused remain until "
-                                        "the merge engine moves into analysis/merge/")
 def test_no_import_cycles() -> None:
+    """The merge package move (issue 20) removed the last two (checkpoints <-> block_reader, streaming <-> fused)."""
     graph = import_graph()
     groups = strongly_connected(graph)
     assert groups == [], f"import cycles: {_describe(graph, groups)}"

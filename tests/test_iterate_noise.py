@@ -15,7 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from analysis.merge.plan import average_state_dict
+from analysis.merge.in_memory import average_state_dict
 from analysis.checkpoints import detect_layout, open_checkpoint
 from analysis.checkpoints.optim import SAVED_LR, metadata_learning_rate, saved_learning_rate
 from analysis.evaluate import Evaluator

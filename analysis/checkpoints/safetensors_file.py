@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 from ..errors import CheckpointReadError
 from .base import DTYPE_BYTES, TensorInfo
 from .keys import KeyMap
+from .location import TensorLocation
 
 if TYPE_CHECKING:
     import torch
@@ -220,9 +221,8 @@ class SafetensorsHandle:
     def original_name(self, name: str) -> str:
         return self.keys.original(name)
 
-    def locate(self, name: str):
+    def locate(self, name: str) -> TensorLocation:
         """Where ``name``'s raw bytes are (a ``TensorLocation``), for block-wise reads without a memory map."""
-        from ..merge.read import TensorLocation   # late: block_reader imports this package
         offset, dtype = self._offsets[self.keys.original(name)]
         return TensorLocation(self.path, offset, dtype)
 

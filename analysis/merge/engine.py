@@ -1,13 +1,23 @@
 """Streaming weighted merge into a new folder that appears only when complete.
 
 Memory holds a few blocks of every input, never a whole tensor of the output
-(see :mod:`analysis.streaming`). The output is written into a hidden temporary folder
+(see :mod:`analysis.merge.arithmetic`). The output is written into a hidden temporary folder
 beside the target and renamed into place at the end, so an interrupted merge (even
 ``kill -9``) leaves either no output or a complete one at the target path; inputs are
 never written to. ``force`` replaces an existing target, when it is an earlier merge's output
-or empty (see :func:`analysis.merge_checks.check_target`): the old one is renamed aside, the
+or empty (see :func:`analysis.merge.verify.check_target`): the old one is renamed aside, the
 new one renamed in, then the old one deleted. Each merge first removes what killed merges
 left in the target's folder, and says so in its result.
+
+Hashes: an input the recipe has no sha256 for (``merge --checkpoints``, a mergekit config) is
+hashed in the merge's own read pass, not in a pass of its own before it. The reader hands every
+range it reads to a per-file sha256 on a thread of its own (:class:`analysis.merge.read.ReadHashes`);
+what the reader never reads (the header, side files like config.json, the integer tensors of the
+older inputs, a pickle's bytes, which torch reads) is read and hashed in file order as a gap or
+at the end. So the recipe written beside the merge records the true ``sha256sum`` of every input
+file, never a partial hash under that name, while each tensor byte is read once. The quick hash
+is taken from the same bytes. The ``ckpt_select_recipe_sha256`` marker in the output's header
+hashes the recipe as the merge began: the header is written before the read pass ends.
 """
 
 from __future__ import annotations
@@ -25,16 +35,19 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .plan import check_same_layout, normalize_weights, output_layout
 from ..checkpoints import TensorInfo, open_checkpoint, original_name
 from ..errors import MergeError
-from .verify import (DISK_MARGIN_BYTES, MergePlan, check_disk, check_target, project, verify_inputs,
-                           verify_mode)
-from .output import INDEX_FILE, MERGEKIT_FILE, MODEL_FILE, RECIPE_FILE, OutputPlan, plan_output, write_output
+from ..hashing import combine_quick_hash, combine_sha256
 from ..recipe import Recipe, dump_mergekit, dump_recipe
 from ..run import MERGE_MARKER_KEY, CheckpointRef, checkpoint_ref
-from .arithmetic import arithmetic, stream_average
 from ..targets import storage_errors
+from .average import arithmetic, stream_average
+from .output import INDEX_FILE, MERGEKIT_FILE, MODEL_FILE, RECIPE_FILE, OutputPlan, plan_output, write_output
+from ..inputs import normalize_weights
+from .plan import check_same_layout, output_layout
+from .read import ReadHashes
+from .verify import (DISK_MARGIN_BYTES, MergePlan, check_disk, check_target, project, resolve_inputs, verify_inputs,
+                     verify_mode)
 
 # A hidden folder a merge leaves beside its target: .NAME.partial-HOST-PID-HEX (being written) or
 # .NAME.old-HOST-PID-HEX (an output --force set aside); see _hidden_name.
@@ -43,7 +56,7 @@ _HIDDEN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<owner>.+)$")
 Progress = Callable[[float, str], None]
 
 __all__ = ["DISK_MARGIN_BYTES", "MERGEKIT_FILE", "MODEL_FILE", "MergePlan", "MergeResult", "RECIPE_FILE",
-           "StaleFolders", "merge_checkpoints", "merge_recipe", "plan_merge", "verify_inputs"]
+           "StaleFolders", "dry_run", "merge", "merge_checkpoints", "merge_recipe", "plan_merge", "verify_inputs"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,18 +90,34 @@ class MergeResult:
     warnings: tuple[str, ...] = ()   # one line each: inputs holding NaN/Inf, averages that overflow
 
 
-def merge_recipe(recipe: Recipe, out_dir: Path, verify: bool | str = "quick", progress: Progress | None = None,
-                 *, force: bool = False, out_shard_size: int | None = None) -> MergeResult:
+def merge(recipe: Recipe, out_dir: Path, *, verify: bool | str = "quick", progress: Progress | None = None,
+          force: bool = False, out_shard_size: int | None = None) -> MergeResult:
     """Merge what ``recipe`` says into ``out_dir`` after checking the inputs (``verify``: full|quick|none).
 
+    Each input's reference is resolved once, here, and used by the check and the merge. Inputs
+    the recipe has no sha256 for (an ad-hoc ``merge --checkpoints``, a mergekit config) are hashed
+    in the merge's own read pass, and the recipe written beside the merge carries those hashes.
     Progress runs from 0 to 1 once: a full check (hashing every byte) takes the first half.
     """
     mode = verify_mode(verify)
     share = 0.5 if mode == "full" else 0.0
-    verify_inputs(recipe, _scaled(progress, 0.0, share), mode)
-    refs = [checkpoint_ref(e.path, e.step) for e in recipe.checkpoints]
-    return merge_checkpoints(refs, recipe.weights, out_dir, recipe.output_dtype, recipe,
+    refs = resolve_inputs(recipe)
+    verify_inputs(recipe, _scaled(progress, 0.0, share), mode, refs)
+    found = [ref or checkpoint_ref(e.path, e.step) for ref, e in zip(refs, recipe.checkpoints)]
+    return merge_checkpoints(found, recipe.weights, out_dir, recipe.output_dtype, recipe,
                              _scaled(progress, share, 1.0), force=force, out_shard_size=out_shard_size)
+
+
+def merge_recipe(recipe: Recipe, out_dir: Path, verify: bool | str = "quick", progress: Progress | None = None,
+                 *, force: bool = False, out_shard_size: int | None = None) -> MergeResult:
+    """:func:`merge` with ``verify`` and ``progress`` by position, as callers before :func:`merge` wrote it."""
+    return merge(recipe, out_dir, verify=verify, progress=progress, force=force, out_shard_size=out_shard_size)
+
+
+def dry_run(recipe: Recipe, out_dir: Path, *, force: bool = False, out_shard_size: int | None = None) -> MergePlan:
+    """:func:`plan_merge` for a recipe: what ``merge --dry-run`` reports; writes nothing."""
+    refs = [checkpoint_ref(e.path, e.step) for e in recipe.checkpoints]
+    return plan_merge(refs, recipe.weights, out_dir, recipe.output_dtype, force=force, out_shard_size=out_shard_size)
 
 
 def _scaled(progress: Progress | None, low: float, high: float) -> Progress | None:
@@ -290,25 +319,47 @@ def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPl
     recipe_text = dump_recipe(recipe) if recipe.checkpoints else ""
     metadata = {
         "format": "pt",
+        # The recipe as the merge began: hashes the read pass fills in come after the header is written.
         MERGE_MARKER_KEY: hashlib.sha256(recipe_text.encode()).hexdigest(),
         "merged_steps": ",".join(str(r.step) for r in refs),
         "merged_weights": ",".join(f"{w:.8g}" for w in weights),
     }
     # Inputs are matched under normalised names (module./_orig_mod./model. stripped); the output
     # keeps the newest input's own names so it loads where that checkpoint loaded.
-    blocks = _stored_blocks(handles, weights, layout, progress, nonfinite)
-    size = write_output(tmp, plan, blocks, metadata, output_dtype)
+    with ReadHashes(_unhashed_files(recipe, refs)) as hashes:
+        blocks = _stored_blocks(handles, weights, layout, progress, hashes, nonfinite)
+        size = write_output(tmp, plan, blocks, metadata, output_dtype)
+        recipe = _with_read_hashes(recipe, refs, hashes.finish())
     if recipe_text:
-        (tmp / RECIPE_FILE).write_text(recipe_text)
+        (tmp / RECIPE_FILE).write_text(dump_recipe(recipe))
         (tmp / MERGEKIT_FILE).write_text(dump_mergekit(recipe, newest=handles[-1].tensors()))
     return size
 
 
 def _stored_blocks(handles, weights, layout: list[TensorInfo], progress: Progress | None,
+                   hashes: ReadHashes | None = None,
                    nonfinite: "_NonFinite | None" = None) -> Iterator[tuple[str, int, np.ndarray]]:
     """The averaged blocks under the newest input's stored tensor names."""
-    for info, start, block in stream_average(handles, weights, layout, progress, nonfinite):
+    for info, start, block in stream_average(handles, weights, layout, progress, hashes, nonfinite):
         yield original_name(handles[-1], info.name), start, block
+
+
+def _unhashed_files(recipe: Recipe, refs: Sequence[CheckpointRef]) -> list[Path]:
+    """The files of the inputs the recipe has no sha256 for: the read pass hashes them."""
+    return [f for entry, ref in zip(recipe.checkpoints, refs) if not entry.sha256 for f in ref.files]
+
+
+def _with_read_hashes(recipe: Recipe, refs: Sequence[CheckpointRef],
+                      digests: dict[Path, tuple[str, tuple[int, list[bytes]]]]) -> Recipe:
+    """The recipe with the read pass's sha256, quick hash and size for each input it had no sha256 for."""
+    entries = []
+    for entry, ref in zip(recipe.checkpoints, refs):
+        if not entry.sha256:
+            entry = replace(entry, sha256=combine_sha256({f: digests[f][0] for f in ref.files}),
+                            quick_hash=entry.quick_hash or combine_quick_hash({f: digests[f][1] for f in ref.files}),
+                            size_bytes=ref.size_bytes)
+        entries.append(entry)
+    return replace(recipe, checkpoints=tuple(entries))
 
 
 def _publish(tmp: Path, out_dir: Path, force: bool) -> None:

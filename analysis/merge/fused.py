@@ -1,7 +1,7 @@
 """The compiled fused kernel for the merge's inner loop, used when it was built and proves exact.
 
 Why: numpy makes one pass over memory per operation, five or six per input element for
-bfloat16 (widen, shift, weigh, add, round); ``analysis/_fused.c`` makes one, which cut the
+bfloat16 (widen, shift, weigh, add, round); ``analysis/merge/_fused.c`` makes one, which cut the
 arithmetic of averaging 8 x 220M checkpoints from ~0.66 s to ~0.15 s (bfloat16) and from
 ~3.8 s to ~0.44 s (float16) on 2 cores.
 The install builds it when a C compiler is at hand (``setup.py``, ``optional=True``); it is
@@ -27,10 +27,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .read import Block
+from ..checkpoints.base import TensorInfo
 from .arithmetic import NumpyAdder
+from .read import Block
 
-# Dtype codes of analysis/_fused.c.
+# Dtype codes of analysis/merge/_fused.c.
 KINDS = {"bfloat16": 0, "float32": 1, "float16": 2}
 # What each output dtype is handed on as: NumpyAdder's choice (bfloat16 as raw bits).
 OUTPUT_VIEWS = {"bfloat16": np.uint16, "float32": np.float32, "float16": np.float16}
@@ -64,7 +65,7 @@ def fused_kernel() -> Kernel | None:
 
 
 class FusedAdder:
-    """:class:`analysis.streaming.NumpyAdder`'s arithmetic in one compiled pass per block.
+    """:class:`analysis.merge.arithmetic.NumpyAdder`'s arithmetic in one compiled pass per block.
 
     Covers blocks whose inputs share a dtype in ``KINDS`` and whose output dtype is in
     ``KINDS``; any other block is handed to a NumpyAdder (made on first need).
@@ -103,8 +104,6 @@ def agrees_with_numpy(kernel: Kernel) -> bool:
     Every element bit for bit, but for the payload of a NaN in a float32 or float16 output, which
     the contract leaves free (a bfloat16 NaN must be 0xFFFF, and is compared).
     """
-    from ..checkpoints.base import TensorInfo
-
     weights = [0.2, 0.3, -0.7, 1.0 / 3.0]
     rows = _special_rows(weights)
     for in_dtype in KINDS:

@@ -1,87 +1,21 @@
-"""Weighted averaging of checkpoints, one tensor at a time.
+"""The merge's plan, from the inputs' headers only: the inputs' common layout and the output's dtypes.
 
-Both the merge (which writes each averaged tensor to disk) and the evaluator search
-(which builds candidate averages in memory) go through :func:`iter_average`, so what
-is evaluated is exactly what would be written: float32 accumulation in input order,
-rounded once to the output dtype; non-floating tensors copied from the newest input.
+The weights and the inputs' distinctness are checked before any file is opened, by :mod:`analysis.inputs`
+(the recipe checks them too, so they live below both).
+
+Nothing here reads a tensor. The files the output will have are planned by :mod:`analysis.merge.output`;
+the dry run's projection (a short probe of the real inputs) is in :mod:`analysis.merge.verify`, beside the
+checks that run before a merge writes anything.
 """
 
 from __future__ import annotations
 
-import math
-from contextlib import ExitStack
-from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import Sequence
 
-from ..checkpoints import CheckpointHandle, TensorInfo, open_checkpoint
+from ..checkpoints import CheckpointHandle, TensorInfo
 from ..checkpoints.base import DTYPE_BYTES
-from ..checkpoints.keys import original_name
 from ..errors import CheckpointMismatch, InvalidArgument
-from ..recipe import OUTPUT_DTYPES
-from ..run import CheckpointRef
-from .arithmetic import stream_average
-
-if TYPE_CHECKING:
-    import torch
-
-
-def normalize_weights(weights: Sequence[float], count: int, labels: Sequence[str] | None = None) -> tuple[float, ...]:
-    """Validate weights (numbers, finite, >= 0, one per checkpoint, positive sum) and scale them to sum to 1.
-
-    Args:
-        weights: one per checkpoint, oldest first.
-        count: how many checkpoints there are.
-        labels: what to call each checkpoint in a message (its path); positions when None.
-
-    Raises:
-        InvalidArgument: naming each bad weight and its checkpoint (NaN, inf, negative, a string or a
-            bool: ``float("0.5")`` or ``True`` would pass silently, and NaN would poison every tensor).
-    """
-    if len(weights) != count:
-        raise InvalidArgument(f"got {len(weights)} weights for {count} checkpoints")
-    names = list(labels) if labels is not None else [f"checkpoint {i + 1}" for i in range(count)]
-    bad = [f"{w!r} for {name}" for w, name in zip(weights, names)
-           if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0]
-    if bad:
-        raise InvalidArgument(f"weights must be finite non-negative numbers, got {', '.join(bad)}")
-    total = math.fsum(weights)
-    if total <= 0:
-        raise InvalidArgument("weights sum to zero")
-    return tuple(float(w) / total for w in weights)
-
-
-def duplicate_inputs(paths: Sequence[tuple[int, Path]], label: str) -> list[str]:
-    """One problem per input that names a checkpoint already named (the same file, by any path).
-
-    A checkpoint listed twice would silently count twice; a larger weight says so openly.
-    ``paths`` are (position, path) pairs; ``label`` names the list in the message ("checkpoints").
-    """
-    problems: list[str] = []
-    seen: dict[object, int] = {}
-    for index, path in paths:
-        key = _file_identity(path)
-        if key in seen:
-            problems.append(f"{label}[{index}] ({path}): the same checkpoint as {label}[{seen[key]}]; "
-                            "list each checkpoint once and give it a larger weight instead")
-        else:
-            seen[key] = index
-    return problems
-
-
-def check_distinct(paths: Sequence[Path], label: str = "checkpoints") -> None:
-    """Raise InvalidArgument naming every checkpoint given more than once."""
-    problems = duplicate_inputs(list(enumerate(paths)), label)
-    if problems:
-        raise InvalidArgument("; ".join(problems))
-
-
-def _file_identity(path: Path) -> object:
-    """What makes two paths the same checkpoint: device and inode where it exists, else the resolved path."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return Path(path).resolve()
-    return (stat.st_dev, stat.st_ino)
+from ..inputs import OUTPUT_DTYPES
 
 
 def output_layout(infos: list[TensorInfo], output_dtype: str) -> list[TensorInfo]:
@@ -119,43 +53,3 @@ def check_same_layout(handles: Sequence[CheckpointHandle]) -> list[TensorInfo]:
     if problems:
         raise CheckpointMismatch("checkpoints do not share tensors: " + "; ".join(problems))
     return reference
-
-
-def iter_average(handles: Sequence[CheckpointHandle], weights: Sequence[float], layout: list[TensorInfo],
-                 progress: Callable[[float, str], None] | None = None) -> Iterator[tuple[str, "torch.Tensor"]]:
-    """Yield ``(name, averaged tensor)`` in ``layout`` order; the newest input is ``handles[-1]``.
-
-    Whole tensors assembled from :func:`analysis.streaming.stream_average`'s blocks, so the
-    evaluator sees exactly the arithmetic the merge writes (see that module for the formula).
-    """
-    import torch
-
-    from .torch_adder import as_tensor
-
-    current: torch.Tensor | None = None
-    for info, start, block in stream_average(handles, weights, layout, progress):
-        if not info.is_floating:
-            yield info.name, as_tensor(block, info.dtype).reshape(info.shape)
-            continue
-        if start == 0:
-            current = torch.empty(info.numel, dtype=getattr(torch, info.dtype))
-        assert current is not None, "blocks arrive in order, starting at 0"
-        current[start:start + block.size] = as_tensor(block, info.dtype)
-        if start + block.size == info.numel:
-            yield info.name, current.reshape(info.shape)
-            current = None
-
-
-def average_state_dict(refs: Sequence[CheckpointRef], weights: Sequence[float],
-                       output_dtype: str = "same") -> dict[str, "torch.Tensor"]:
-    """The weighted average as an in-memory state dict (for evaluators; one model in memory).
-
-    Keyed by the newest checkpoint's own names, as the evaluator protocol promises: a Hugging Face
-    model with tied embeddings saves every key under ``model.``, which the readers strip to compare
-    checkpoints, and ``load_state_dict`` of the user's model needs it back.
-    """
-    weights = normalize_weights(weights, len(refs))
-    with ExitStack() as stack:
-        handles = [stack.enter_context(open_checkpoint(r.path, r.layout)) for r in refs]
-        layout = output_layout(check_same_layout(handles), output_dtype)
-        return {original_name(handles[-1], name): tensor for name, tensor in iter_average(handles, weights, layout)}

@@ -28,12 +28,14 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from ..checkpoints.base import DTYPE_BYTES, RAW_BITS, dtype_name, raw_bits
+from ..checkpoints.location import TensorLocation, locate
 from ..errors import CheckpointReadError
+from ..hashing import StreamDigest
 
 if TYPE_CHECKING:
     from ..checkpoints import CheckpointHandle, TensorInfo
@@ -48,15 +50,6 @@ MIN_BLOCK_ELEMENTS = 1 << 16
 BUFFER_BUDGET_BYTES = 64 << 20
 # Buffer sets in rotation between the reader thread and the adder (one being read, one being added, one spare).
 BUFFER_SETS = 3
-
-
-@dataclass(frozen=True, slots=True)
-class TensorLocation:
-    """Where a tensor's raw little-endian bytes sit in a file (safetensors layouts)."""
-
-    path: Path
-    offset: int     # bytes from the start of the file
-    dtype: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,12 +73,6 @@ class Whole:
     data: np.ndarray
 
 
-def locate(handle: object, name: str) -> TensorLocation | None:
-    """The raw location of ``name`` if the handle's layout has one (safetensors), else None."""
-    method = getattr(handle, "locate", None)
-    return method(name) if callable(method) else None
-
-
 def widest_input(handles: Sequence["CheckpointHandle"]) -> int:
     """Bytes per element of the widest floating tensor any input stores (sizes the read buffers)."""
     return max((DTYPE_BYTES[i.dtype] for h in handles for i in h.tensors() if i.is_floating), default=4)
@@ -106,6 +93,81 @@ def buffer_bytes(handles: Sequence["CheckpointHandle"]) -> int:
     return BUFFER_SETS * len(handles) * block * widest + len(handles) * block * 8 + 3 * block * 4
 
 
+class ReadHashes:
+    """The sha256 (and quick hash) of input files, computed from the merge's own reads on a thread of its own.
+
+    The reader hands every range it reads to :meth:`feed`; a :class:`analysis.hashing.StreamDigest`
+    per file hashes it in file order and reads only what the merge never reads (the header, a
+    config, the tensors of the older inputs that are copied from the newest, or a whole pickle,
+    whose bytes the reader never sees) in :meth:`finish`. Its own thread, so hashing overlaps both
+    the reading and the adding; the reader waits for a buffer set's hashing before it reuses it.
+    """
+
+    def __init__(self, files: Iterable[Path]) -> None:
+        self._digests = {f: StreamDigest(f) for f in files}
+        self._queue: queue.Queue[tuple[Path, int, np.ndarray, int | None] | None] = queue.Queue()
+        self._pending = [0] * BUFFER_SETS
+        self._changed = threading.Condition()
+        self._error: tuple[Path, BaseException] | None = None
+        self._thread = threading.Thread(target=self._run, name="merge-hasher", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> "ReadHashes":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def feed(self, path: Path, offset: int, data: np.ndarray, buffer_set: int | None) -> None:
+        """Queue ``data`` (bytes of ``path`` from ``offset``, in read buffer set ``buffer_set``) for hashing."""
+        if path not in self._digests:
+            return
+        if buffer_set is not None:
+            with self._changed:
+                self._pending[buffer_set] += 1
+        self._queue.put((path, offset, data, buffer_set))
+
+    def wait_for(self, buffer_set: int) -> None:
+        """Return once nothing queued still reads ``buffer_set`` (the reader is about to overwrite it)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._pending[buffer_set] == 0)
+
+    def finish(self) -> dict[Path, tuple[str, tuple[int, list[bytes]]]]:
+        """Every file's (sha256, quick-hash samples), once the bytes the merge did not read are hashed too.
+
+        Raises:
+            CheckpointReadError: a file changed or ended early while it was hashed.
+        """
+        self.close()
+        try:
+            if self._error is not None:
+                raise self._error[1]
+            return {path: digest.finish() for path, digest in self._digests.items()}
+        except OSError as e:
+            raise CheckpointReadError(self._error[0] if self._error else Path(e.filename or "?"),
+                                      f"could not be hashed ({e.strerror or e})") from None
+
+    def close(self) -> None:
+        """Stop the hashing thread (after what is queued)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            path, offset, data, buffer_set = item
+            try:
+                if self._error is None:
+                    self._digests[path].feed(offset, memoryview(data))
+            except BaseException as e:  # noqa: BLE001 - kept for finish(); the thread must go on releasing buffers
+                self._error = (path, e)
+            finally:
+                if buffer_set is not None:
+                    with self._changed:
+                        self._pending[buffer_set] -= 1
+                        self._changed.notify_all()
+
+
 class BlockReader:
     """Reads every input's blocks, in order, into rotating buffers on a background thread.
 
@@ -113,8 +175,9 @@ class BlockReader:
     buffers are handed back to the reader when the consumer asks for the next item.
     """
 
-    def __init__(self, handles: Sequence["CheckpointHandle"], layout: Sequence["TensorInfo"]) -> None:
-        self._handles, self._layout = handles, layout
+    def __init__(self, handles: Sequence["CheckpointHandle"], layout: Sequence["TensorInfo"],
+                 hashes: ReadHashes | None = None) -> None:
+        self._handles, self._layout, self._hashes = handles, layout, hashes
         self._fds: dict[Path, int] = {}
         self._free: queue.Queue[int] = queue.Queue()
         self._ready: queue.Queue[object] = queue.Queue(maxsize=BUFFER_SETS)
@@ -179,7 +242,7 @@ class BlockReader:
         if loc is None:
             return raw_bits(handle.read(info.name))
         data = np.empty(info.numel * DTYPE_BYTES[loc.dtype], dtype=np.uint8)
-        self._pread(loc, info, 0, info.numel, data)
+        self._pread(loc, info, 0, info.numel, data, None)
         return data.view(RAW_BITS[DTYPE_BYTES[loc.dtype]])
 
     def _read_tensor(self, info: "TensorInfo") -> None:
@@ -195,6 +258,8 @@ class BlockReader:
             index = self._free.get()
             if self._stop.is_set():
                 return
+            if self._hashes is not None:
+                self._hashes.wait_for(index)
             buffer, count, parts = self._buffers[index], stop - start, []
             # Inputs back to back: packed when they share a dtype, else each in a widest-dtype slot.
             slot = count * (DTYPE_BYTES[dtypes[0]] if uniform else self._widest)
@@ -204,7 +269,7 @@ class BlockReader:
                     np.copyto(target, whole[start:stop])
                 else:
                     assert loc is not None
-                    self._pread(loc, info, start, stop, target.view(np.uint8))
+                    self._pread(loc, info, start, stop, target.view(np.uint8), index)
                 parts.append(target)
             stacked = None
             if uniform:
@@ -213,8 +278,10 @@ class BlockReader:
         if info.numel == 0:
             self._put(Block(info, 0, 0, (), dtypes, None, None))
 
-    def _pread(self, loc: TensorLocation, info: "TensorInfo", start: int, stop: int, target: np.ndarray) -> None:
-        """Read elements [start, stop) of the tensor at ``loc`` into ``target``; a short read is an error."""
+    def _pread(self, loc: TensorLocation, info: "TensorInfo", start: int, stop: int, target: np.ndarray,
+               buffer_set: int | None) -> None:
+        """Read elements [start, stop) of the tensor at ``loc`` into ``target`` (in ``buffer_set``, None: a
+        buffer of its own) and hand the bytes to the hashing, if any; a short read is an error."""
         itemsize = DTYPE_BYTES[loc.dtype]
         want = (stop - start) * itemsize
         assert target.nbytes == want, "read buffers are sized for the widest input dtype"
@@ -227,4 +294,5 @@ class BlockReader:
             if n <= 0:
                 raise CheckpointReadError(loc.path, f"tensor {info.name!r}: file ended early (truncated or changed)")
             got += n
-
+        if self._hashes is not None:
+            self._hashes.feed(loc.path, loc.offset + start * itemsize, target, buffer_set)

@@ -1,4 +1,4 @@
-"""The torch adder: :mod:`analysis.streaming`'s arithmetic for dtypes numpy lacks (float8).
+"""The torch adder: :mod:`analysis.merge.arithmetic`'s arithmetic for dtypes numpy lacks (float8).
 
 Same contract, same order of operations, same single rounding; only the library differs,
 so it is used where numpy cannot convert an input or an output (float8 checkpoints).
@@ -49,7 +49,7 @@ def as_tensor(raw: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 class TorchAdder:
-    """The arithmetic of :class:`analysis.streaming.NumpyAdder`, in torch kernels."""
+    """The arithmetic of :class:`analysis.merge.arithmetic.NumpyAdder`, in torch kernels."""
 
     def __init__(self, weights: Sequence[float], block: int) -> None:
         n = len(weights)

@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..checkpoints import CheckpointHandle, TensorInfo, open_checkpoint
+from ..checkpoints.location import locate
 from ..errors import AnalysisError, InvalidArgument, MergeError
-from .output import INDEX_FILE, MODEL_FILE, RECIPE_FILE, OutputPlan
-from ..recipe import Recipe, checkpoint_quick_hash, checkpoint_sha256
+from ..hashing import checkpoint_quick_hash, checkpoint_sha256
+from ..recipe import Recipe
 from ..run import MERGE_MARKER_KEY, CheckpointRef, checkpoint_ref
 from ..targets import storage_errors, written_by_ckpt_select
-from .read import BLOCK_ELEMENTS, buffer_bytes, locate
-from .arithmetic import stream_average
+from .average import stream_average
+from .output import INDEX_FILE, MODEL_FILE, RECIPE_FILE, OutputPlan
+from .read import BLOCK_ELEMENTS, buffer_bytes
 
 VERIFY_MODES = ("full", "quick", "none")
 # Free space kept beyond the output's size: file systems misbehave when completely full.
@@ -43,23 +45,30 @@ def verify_mode(verify: bool | str) -> str:
     return mode
 
 
-def verify_inputs(recipe: Recipe, progress: Progress | None = None, mode: str = "full") -> None:
+def resolve_inputs(recipe: Recipe) -> list[CheckpointRef | None]:
+    """Each input's reference (its layout, files and size), or None where its path is missing."""
+    return [checkpoint_ref(e.path, e.step) if e.path.exists() else None for e in recipe.checkpoints]
+
+
+def verify_inputs(recipe: Recipe, progress: Progress | None = None, mode: str = "full",
+                  refs: Sequence[CheckpointRef | None] | None = None) -> None:
     """Check every input against the recipe: present, same size, same hash.
 
     ``quick`` compares the quick hash; a recipe written before quick hashes existed falls
-    back to its sha256, so old recipes are checked as thoroughly as before.
+    back to its sha256, so old recipes are checked as thoroughly as before. ``refs``: the
+    inputs as :func:`resolve_inputs` found them (resolved here when not given).
 
     Raises:
         MergeError: naming each changed or missing input.
     """
     if verify_mode(mode) == "none":
         return
+    refs = resolve_inputs(recipe) if refs is None else refs
     problems = []
-    for index, entry in enumerate(recipe.checkpoints):
-        if not entry.path.exists():
+    for index, (entry, ref) in enumerate(zip(recipe.checkpoints, refs)):
+        if ref is None:
             problems.append(f"{entry.path}: missing")
             continue
-        ref = checkpoint_ref(entry.path, entry.step)
         if entry.size_bytes and ref.size_bytes != entry.size_bytes:
             problems.append(f"{entry.path}: {ref.size_bytes} bytes, the recipe says {entry.size_bytes} (the file changed)")
         elif mode == "quick" and entry.quick_hash:
@@ -156,7 +165,7 @@ def check_disk(out_dir: Path, needed: int) -> int:
 # (thread start-up and loading the kernel, the first pass's other costs, stay well under this with 128 blocks).
 UNCACHED_RATIO = 1.5
 
-# How the dry run names each adder (analysis.streaming.arithmetic).
+# How the dry run names each adder (analysis.merge.average.arithmetic).
 ARITHMETIC = {"compiled": "compiled kernel",
               "compiled and numpy": "compiled kernel, numpy for tensors of other dtypes or mixed dtypes",
               "numpy": "numpy kernel, no compiled one was built", "torch": "torch, for float8"}
@@ -184,7 +193,7 @@ class MergePlan:
     free_bytes: int
     peak_memory_bytes: int                      # this process now + the merge's buffers
     projection: Projection
-    arithmetic: str                             # the adder that runs (analysis.streaming.arithmetic)
+    arithmetic: str                             # the adder that runs (analysis.merge.average.arithmetic)
 
     @property
     def input_bytes(self) -> int:
@@ -225,7 +234,7 @@ def project(handles: Sequence[CheckpointHandle], weights: Sequence[float], layou
     The probe averages the first blocks of the largest tensor twice, reading the real inputs
     the way the merge does, and scales the time by the bytes to read and write.
     """
-    import psutil
+    import psutil   # imported here, not at the top: only the dry run needs it (a merge skips its import)
 
     floating = [i for i in layout if i.is_floating] or layout
     largest = max(floating, key=lambda i: i.numel)

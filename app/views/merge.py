@@ -10,7 +10,7 @@ import cached
 import charts
 import sidebar
 import state
-from analysis.merge.plan import normalize_weights
+from analysis.inputs import normalize_weights
 from analysis.errors import AnalysisError
 from analysis.merge import plan_merge
 from analysis.merge.verify import ARITHMETIC
