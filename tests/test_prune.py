@@ -28,7 +28,7 @@ from analysis.recipe import recipe_for_selection, write_recipe
 from analysis.run import open_run
 from analysis.selection import recommend
 from analysis.signals import assess_run
-from ckpt_factories import adam_run
+from ckpt_factories import adam_run, hf_checkpoint
 from conftest import REPO, write_tiny_run
 
 HOUR = 3600.0
@@ -278,3 +278,36 @@ def test_issue23_storage_page_shows_the_plan_and_refuses_under_root_without_allo
     at.button(key="prune_button").click().run()
     assert not at.exception and "Deleted 9 checkpoints" in at.success[0].value
     assert sorted(p.name for p in (old_run / "ckpt").iterdir()) == [Path(_ckpt(s)).name for s in (500, 550, 600)]
+
+
+def test_issue23_a_trainer_checkpoint_folder_moves_whole_and_counts_its_optimizer_state(tmp_path: Path) -> None:
+    root = tmp_path / "hf-run"
+    for step, seed in ((100, 0), (200, 1), (300, 2)):
+        hf_checkpoint(root / f"checkpoint-{step}", step, seed, shard=step == 200)
+    _age(root)
+    sizes = {p: (root / p).stat().st_size for p in _hashes(root)}
+    plan = plan_prune(open_run(root), parse_policy("newest:1"))
+    result = apply_prune(plan)
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-300"]
+    old = [p for p in sizes if not p.startswith("checkpoint-300/")]
+    assert any(p.endswith("optimizer.pt") for p in old)
+    assert result.bytes_freed == sum(sizes[p] for p in old)
+
+
+def test_issue23_a_recipe_that_cannot_be_parsed_stops_the_prune(old_run: Path, capsys: pytest.CaptureFixture) -> None:
+    (old_run / "recipe.yaml").write_text("ckpt_select_recipe: 1\ncheckpoints: [\n")
+    before = _hashes(old_run)
+    assert main(["prune", str(old_run), "--keep", "newest:1", "--yes"]) == 2
+    assert "recipe.yaml: looks like a merge recipe but is not valid YAML" in capsys.readouterr().err
+    assert _hashes(old_run) == before
+
+
+def test_issue23_ui_allow_prune_reaches_the_app_and_nothing_else_allows_it(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path) -> None:
+    """``ui`` replaces itself with the server; the environment it hands over is what the app reads."""
+    seen: list[dict] = []
+    monkeypatch.setattr(os, "execve", lambda path, args, env: seen.append(env))
+    monkeypatch.setenv("CKPT_SELECT_ALLOW_PRUNE", "1")   # inherited: must not count
+    assert main(["ui", "--root", str(tmp_path)]) == 0
+    assert main(["ui", "--root", str(tmp_path), "--allow-prune"]) == 0
+    assert "CKPT_SELECT_ALLOW_PRUNE" not in seen[0] and seen[1]["CKPT_SELECT_ALLOW_PRUNE"] == "1"
