@@ -311,3 +311,15 @@ def test_issue23_ui_allow_prune_reaches_the_app_and_nothing_else_allows_it(monke
     assert main(["ui", "--root", str(tmp_path)]) == 0
     assert main(["ui", "--root", str(tmp_path), "--allow-prune"]) == 0
     assert "CKPT_SELECT_ALLOW_PRUNE" not in seen[0] and seen[1]["CKPT_SELECT_ALLOW_PRUNE"] == "1"
+
+
+def test_issue23_a_recipe_beside_the_run_protects_its_checkpoints_too(old_run: Path) -> None:
+    run = open_run(old_run)
+    write_recipe(recipe_for_selection(run, [50, 100], [0.5, 0.5], "manual", hashes=False),
+                 old_run.parent / "merged" / "recipe.yaml")
+    fate = {i.step: i for i in plan_prune(run, parse_policy("newest:1")).items}
+    assert fate[50].keep and fate[100].keep and not fate[150].keep
+    assert fate[50].reasons == (f"named by the recipe {old_run.parent / 'merged' / 'recipe.yaml'}: never deleted "
+                                "while a recipe needs it",)
+    confined = {i.step: i.keep for i in plan_prune(run, parse_policy("newest:1"), root=old_run).items}
+    assert not confined[50]   # outside the app's root: not read

@@ -14,12 +14,16 @@ from pathlib import Path
 import yaml
 
 from ..errors import AnalysisError
+from ..paths import is_within
 from ..run import BEING_WRITTEN_SECONDS, MAX_DEPTH, SKIP_DIRS, CheckpointRef
 from ..targets import MERGEKIT_MARKER, RECIPE_KEY
 
 # A recipe or mergekit config is a few KB: a larger YAML file is not one and is not parsed.
 _RECIPE_MAX_BYTES = 1 << 20
 TRASH_FOLDER = ".ckpt-select-trash"
+# The recipe a merge writes into its output folder (analysis.merge.RECIPE_FILE; not imported: the merge
+# engine is heavy and a plan never merges).
+MERGE_RECIPE = "recipe.yaml"
 
 
 def move_units(ref: CheckpointRef) -> tuple[Path, ...]:
@@ -71,20 +75,31 @@ def recently_changed(paths: tuple[Path, ...]) -> str | None:
     return None
 
 
-def recipe_references(run_path: Path) -> dict[Path, list[Path]]:
-    """Checkpoint path (resolved) -> the recipes in the run that name it.
+def recipe_references(run_path: Path, root: Path | None = None) -> dict[Path, list[Path]]:
+    """Checkpoint path (resolved) -> the recipes that name it.
 
     Every CkptSelect recipe and mergekit config under the run folder counts, those written beside a
-    merged output (``RUN/merges/*/``) included; the trash is not searched.
+    merged output (``RUN/merges/*/``) included, and the ``recipe.yaml`` of a merge output beside the run
+    (``RUN/../merged/recipe.yaml``) when it lies within ``root`` (the app's ``--root``); the trash is not searched.
 
     Raises:
         AnalysisError: a file that says it is a recipe but cannot be parsed: which checkpoints it needs is unknown.
     """
     refs: dict[Path, list[Path]] = {}
-    for recipe in _yaml_files(run_path):
+    for recipe in _yaml_files(run_path) + _beside(run_path, root):
         for target in _named_checkpoints(recipe):
             refs.setdefault(target, []).append(recipe)
     return refs
+
+
+def _beside(run_path: Path, root: Path | None) -> list[Path]:
+    """The recipe a merge wrote into each folder beside the run (``MERGE_RECIPE``), within ``root`` if set."""
+    try:
+        siblings = sorted(p for p in run_path.parent.iterdir() if p.is_dir() and p != run_path)
+    except OSError:
+        return []
+    found = [s / MERGE_RECIPE for s in siblings if (s / MERGE_RECIPE).is_file()]
+    return [f for f in found if root is None or is_within(f, root)]
 
 
 def _yaml_files(root: Path) -> list[Path]:

@@ -79,13 +79,15 @@ class PrunePlan:
 _Want = tuple[int, int, str]
 
 
-def plan_prune(run: Run, policy: PrunePolicy, recommendation: Recommendation | None = None) -> PrunePlan:
+def plan_prune(run: Run, policy: PrunePolicy, recommendation: Recommendation | None = None, *,
+               root: Path | None = None) -> PrunePlan:
     """Plan a prune of ``run`` under ``policy``: every checkpoint kept or deleted, with its reasons.
 
     Args:
         run: the open run (its checkpoints, unreadable files and merged outputs).
         policy: from :func:`analysis.prune.parse_policy`.
         recommendation: the run's current recommendation; needed by the ``window`` term.
+        root: the app's ``--root``: a recipe beside the run is read only within it (None: no limit).
 
     Raises:
         InvalidArgument: a ``window`` term without a recommendation.
@@ -97,7 +99,7 @@ def plan_prune(run: Run, policy: PrunePolicy, recommendation: Recommendation | N
     units = [move_units(ref) for ref in refs]
     sizes = [disk_bytes(u) for u in units]
     notes: list[str] = []
-    musts = _safety_reasons(run, refs, units)
+    musts = _safety_reasons(run, refs, units, recipe_references(run.path, root))
     wants = _policy_wants(refs, policy, recommendation, notes)
     keep, dropped = _fit(musts, wants, sizes, policy.budget_bytes, notes)
     items = [_item(ref, u, size, i in keep, musts.get(i, []) + keep.get(i, []) or dropped.get(i, []), policy)
@@ -121,10 +123,10 @@ def _untouched(run: Run) -> list[PruneItem]:
             for u in run.unreadable if u.kind == "checkpoint"]
 
 
-def _safety_reasons(run: Run, refs: list[CheckpointRef], units: list[tuple[Path, ...]]) -> dict[int, list[str]]:
+def _safety_reasons(run: Run, refs: list[CheckpointRef], units: list[tuple[Path, ...]],
+                    recipes: dict[Path, list[Path]]) -> dict[int, list[str]]:
     """Index -> why a checkpoint is never deleted, whatever the policy and the budget."""
     musts: dict[int, list[str]] = {}
-    recipes = recipe_references(run.path)
     for i, (ref, unit) in enumerate(zip(refs, units)):
         reasons = [reason for reason in (
             "newest checkpoint: never deleted (training resumes from it)" if i == len(refs) - 1 else None,
@@ -230,11 +232,9 @@ def _fit(musts: dict[int, list[str]], wants: dict[int, list[_Want]], sizes: list
     Wishes are granted in the policy's order (term position, then rank within the term); the
     never-deleted checkpoints are paid for first.
     """
-    keep = {i: [] for i in musts}
+    keep: dict[int, list[str]] = {i: [] for i in musts}
     if budget is None:
-        keep.update({i: [] for i in wants})
-        for i, ws in wants.items():
-            keep[i] = [r for _, _, r in sorted(ws)]
+        keep.update({i: [r for _, _, r in sorted(ws)] for i, ws in wants.items()})
         return keep, {}
     used = sum(sizes[i] for i in musts)
     if used > budget:

@@ -92,7 +92,7 @@ def prune_section(now: cached.Current) -> None:
     rec = state.searched_recommendation(now.path, now.stamp) or now.recommendation
     try:
         policy = parse_policy(text, budget.strip() or None)
-        plan = plan_prune(now.run, policy, rec if policy.has("window") else None)
+        plan = plan_prune(now.run, policy, rec if policy.has("window") else None, root=state.root())
     except AnalysisError as e:
         st.error(str(e))
         return
