@@ -469,6 +469,77 @@ def storage(params: float | None, config_path: Path | None, dtype: str | None, o
                    f"{100 * measured.overhead_fraction:.2f}% of wall time")
 
 
+@cli.command("prune")
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--keep", "keep", multiple=True, metavar="POLICY",
+              help="What to keep, most important first: window[+N] (the recommended averaging window, N more on "
+                   "each side), newest:K, every:M (milestone steps), optimizer[:K] (newest with optimizer state); "
+                   "e.g. --keep window+2,newest:3,every:1000,optimizer (docs/prune.md).")
+@click.option("--budget", help="Keep at most this many bytes, e.g. 2TB: the --keep terms fill it in their order.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and change nothing (the default).")
+@click.option("--yes", is_flag=True, help="Delete: move to the trash, then empty it once every move succeeded.")
+@click.option("--trash", type=click.Path(path_type=Path),
+              help="Trash folder, on the run's disk (default RUN/.ckpt-select-trash); each prune in a <UTC time> subfolder.")
+@click.option("--keep-trash", is_flag=True, help="With --yes: leave the checkpoints in the trash (restorable), free nothing yet.")
+@click.option("--restore", "restore", type=click.Path(path_type=Path), metavar="TRASH_DIR",
+              help="Move the checkpoints of an earlier prune's trash folder back into the run.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@_naming_a_file_run
+def prune_cmd(run_path: Path, keep: tuple[str, ...], budget: str | None, dry_run: bool, yes: bool, trash: Path | None,
+              keep_trash: bool, restore: Path | None, as_json: bool) -> None:
+    """Delete the checkpoints a keep policy does not need (a dry run unless --yes), with a reason for each."""
+    from .prune import apply_prune, parse_policy, plan_prune, prune_report, restore_trash
+    from .run import open_run
+    if restore is not None:
+        done = restore_trash(restore)
+        for path, why in done.left:
+            click.echo(f"ckpt-select: note: {path}: {why}", err=True)
+        click.echo(f"restored {len(done.restored)} items from {done.trash_dir}")
+        return
+    if dry_run and yes:
+        raise InvalidArgument("give --dry-run or --yes, not both")
+    policy = parse_policy(keep, budget)   # before the run is read: a bad policy is said at once
+    run = open_run(run_path)
+    _note_unreadable(run)
+    plan = plan_prune(run, policy, _recommendation(run) if policy.has("window") else None)
+    result = apply_prune(plan, trash, keep_trash=keep_trash) if yes else None
+    doc = prune_report(plan, result)
+    if as_json:
+        _emit(doc)
+        return
+    _print_prune(doc)
+
+
+def _recommendation(run: Run):
+    """The run's current default recommendation (what ``recommend RUN`` prints)."""
+    from .selection import recommend
+    from .signals import assess_run
+    return recommend(assess_run(run))
+
+
+def _print_prune(doc: dict) -> None:
+    """The plan, one line per checkpoint, then what was done (or that nothing was)."""
+    from .run import printable
+    click.echo(printable(f"{doc['run']}: {doc['summary']} (--keep {doc['policy']})"))
+    for note in doc["notes"]:
+        click.echo(f"  note: {note}")
+    for row in doc["checkpoints"]:
+        step = "-" if row["step"] is None else row["step"]
+        click.echo(printable(f"  {row['action']:<6} step {step:>8}  {row['size']:>10}  {row['path']}: "
+                             f"{'; '.join(row['reasons'])}"))
+    result = doc.get("result")
+    if result is None:
+        click.echo("Dry run: nothing was changed. Add --yes to delete.")
+        return
+    for left in result["left_in_place"]:
+        click.echo(printable(f"  left in place: {left['path']}: {left['reason']}"))
+    if result["trash_emptied"]:
+        click.echo(f"Deleted {len(result['moved'])} checkpoints, freed {result['bytes_freed']:,} bytes.")
+    elif result["trash"]:
+        click.echo(f"Moved {len(result['moved'])} checkpoints to {result['trash']} (nothing freed yet: delete that "
+                   f"folder to free it). Restore with: {result['restore_command']}")
+
+
 @cli.command("stop")
 @click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
 @click.option("--params", type=float, help="Parameter count, for the Chinchilla reference.")
@@ -554,8 +625,9 @@ def logs(paths: tuple[Path, ...], fmt: str | None, as_json: bool) -> None:
 @click.option("--address", help="Interface to listen on, e.g. 127.0.0.1 (default: Streamlit's, every interface).")
 @click.option("--open-browser", is_flag=True,
               help="Open a browser tab (Streamlit may first ask for an e-mail on the terminal).")
+@click.option("--allow-prune", is_flag=True, help="With --root: let the Storage page delete checkpoints (docs/prune.md).")
 def ui(run_path: Path | None, root: Path | None, evaluators: tuple[str, ...], port: int, address: str | None,
-       open_browser: bool) -> None:
+       open_browser: bool, allow_prune: bool) -> None:
     """Serve the web app (Streamlit) on RUN.
 
     Headless unless --open-browser: nothing is asked on the terminal, so it also runs from
@@ -572,6 +644,9 @@ def ui(run_path: Path | None, root: Path | None, evaluators: tuple[str, ...], po
     if missing is not None:
         raise InvalidArgument(f"ui --eval {missing}: no such file")
     env["CKPT_SELECT_EVALUATORS"] = json.dumps(allowed)
+    env.pop("CKPT_SELECT_ALLOW_PRUNE", None)   # only this flag allows it, never an inherited variable
+    if allow_prune:
+        env["CKPT_SELECT_ALLOW_PRUNE"] = "1"
     click.echo(f"Serving CkptSelect at http://{address or 'localhost'}:{port}", err=True)
     command = _streamlit_command(port, address, open_browser)
     # The server replaces this process, so a signal sent to `ckpt-select ui` (kill, a service

@@ -32,6 +32,11 @@ def root() -> Path | None:
     return Path(value).resolve() if value else None
 
 
+def allow_prune() -> bool:
+    """Whether the server was started with ``ui --allow-prune``: needed to delete checkpoints under ``--root``."""
+    return os.environ.get("CKPT_SELECT_ALLOW_PRUNE") == "1"
+
+
 def allowed_evaluators() -> list[str]:
     """Evaluators the server was started with (``ui --eval FILE.py:FUNC``): allowed even outside the root."""
     try:
