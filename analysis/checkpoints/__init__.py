@@ -13,6 +13,7 @@ from ..errors import CheckpointReadError
 from .base import (CheckpointHandle, CheckpointReader, TensorInfo, TrainingStateAccess, dtype_name, ema_tensors,
                    optimizer_state)
 from .dcp import DCPReader
+from .deepspeed import SKIPPED_NOTE, DeepSpeedReader
 from .hf_folder import HFFolderReader
 from .keys import original_name
 from .safetensors_file import SafetensorsFileReader
@@ -21,7 +22,7 @@ from .torch_pickle import TorchPickleReader
 
 # Folder layouts first (a folder is claimed whole before its files are looked at), then files.
 CHECKPOINT_READERS: dict[str, CheckpointReader] = {r.name: r for r in (
-    HFFolderReader(), DCPReader(), ShardedIndexReader(), SafetensorsFileReader(), TorchPickleReader(),
+    DeepSpeedReader(), HFFolderReader(), DCPReader(), ShardedIndexReader(), SafetensorsFileReader(), TorchPickleReader(),
 )}
 
 
@@ -51,6 +52,7 @@ def open_checkpoint(path: str | Path, layout: str | None = None) -> CheckpointHa
 
 __all__ = [
     "CHECKPOINT_READERS",
+    "SKIPPED_NOTE",
     "CheckpointHandle",
     "CheckpointReader",
     "TensorInfo",
