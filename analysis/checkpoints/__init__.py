@@ -16,13 +16,14 @@ from .dcp import DCPReader
 from .deepspeed import SKIPPED_NOTE, DeepSpeedReader
 from .hf_folder import HFFolderReader
 from .keys import original_name
+from .megatron import MegatronReader
 from .safetensors_file import SafetensorsFileReader
 from .sharded import ShardedIndexReader
 from .torch_pickle import TorchPickleReader
 
 # Folder layouts first (a folder is claimed whole before its files are looked at), then files.
 CHECKPOINT_READERS: dict[str, CheckpointReader] = {r.name: r for r in (
-    DeepSpeedReader(), HFFolderReader(), DCPReader(), ShardedIndexReader(), SafetensorsFileReader(), TorchPickleReader(),
+    DeepSpeedReader(), MegatronReader(), HFFolderReader(), DCPReader(), ShardedIndexReader(), SafetensorsFileReader(), TorchPickleReader(),
 )}
 
 

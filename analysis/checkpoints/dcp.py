@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 METADATA_FILE = ".metadata"
+MEGATRON_COMMON = "common.pt"   # Megatron-LM torch_dist: the non-sharded state (iteration, args)
 # Top-level keys under which trainers save optimizer state next to the model.
 OPTIMIZER_PREFIXES = ("optimizer.", "optim.", "optimizer_state.")
 _ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
@@ -111,7 +112,7 @@ class DCPHandle:
         self._infos = [_info(self.keys.normalize(k.removeprefix(self._group)), v) for k, v in model.items()]
         self._optim_names = {_moment_name(k): k for k in optim}
         self._optim_infos = [_info(name, entries[k]) for name, k in self._optim_names.items()]
-        self._metadata = self._scalar_metadata(rest)
+        self._metadata = {**_megatron_common(folder), **self._scalar_metadata(rest)}
         self._lr_item = _saved_lr_item(metadata)   # read on the first metadata() call
 
     @staticmethod
@@ -190,6 +191,25 @@ class DCPHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _megatron_common(folder: Path) -> dict[str, str]:
+    """Megatron-LM ``torch_dist``: the ``iteration`` (the step) in the folder's ``common.pt``, weights-only (issue 21).
+
+    A ``common.pt`` that cannot be read plainly costs only that metadata: the step then comes from the
+    ``iter_NNNNNNN`` folder name.
+    """
+    from .torch_pickle import checkpoint_metadata, safe_torch_load
+
+    path = folder / MEGATRON_COMMON
+    if not path.is_file():
+        return {}
+    try:
+        payload = safe_torch_load(path, plain_numpy=True)
+    except CheckpointReadError:
+        return {}
+    meta = checkpoint_metadata(payload) if isinstance(payload, dict) else {}
+    return {k: meta[k] for k in ("step", "iteration", "checkpoint_version") if k in meta}
 
 
 def _last_line(error: BaseException) -> str:

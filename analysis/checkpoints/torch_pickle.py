@@ -56,8 +56,17 @@ def _data_only_globals() -> list:
     return [argparse.Namespace, scalar, np.dtype, *dtypes]
 
 
-def safe_torch_load(path: Path) -> object:
+def _numpy_array_globals() -> list:
+    """What a pickled numpy array needs (Megatron saves ``np.random.get_state()``): plain data, no code."""
+    import numpy as np
+    from numpy._core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray]
+
+
+def safe_torch_load(path: Path, plain_numpy: bool = False) -> object:
     """``torch.load(weights_only=True)``, memory-mapped when the file's format allows.
+
+    ``plain_numpy`` also allows numpy arrays (for layouts that pickle an RNG state beside the weights).
 
     Raises:
         CheckpointReadError: the file is truncated, not a torch file, or needs a global
@@ -66,7 +75,8 @@ def safe_torch_load(path: Path) -> object:
     import torch   # late: reading safetensors inputs never needs torch (its import is ~1.3 s)
 
     try:
-        with torch.serialization.safe_globals(_data_only_globals()):
+        allowed = _data_only_globals() + (_numpy_array_globals() if plain_numpy else [])
+        with torch.serialization.safe_globals(allowed):
             try:
                 return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
             except RuntimeError as e:
