@@ -32,24 +32,43 @@ DS_VERSION = "0.16.4"
 STEPS = (10, 20, 30)
 
 
+# Stand-ins for the DeepSpeed classes real shards pickle, at DeepSpeed's module paths (class bodies as DeepSpeed's).
+STANDINS = {
+    "deepspeed/runtime/fp16/loss_scaler.py":
+        "class LossScaler:\n    def __init__(self, scale):\n        self.cur_scale = scale\n",
+    "deepspeed/utils/tensor_fragment.py":
+        "from dataclasses import dataclass\n@dataclass\nclass fragment_address:\n    numel: int\n    start: int\n",
+    "deepspeed/runtime/zero/config.py":
+        "from enum import IntEnum\nclass ZeroStageEnum(IntEnum):\n    disabled = 0\n    optimizer_states = 1\n"
+        "    gradients = 2\n    weights = 3\n",
+}
+
+
 @pytest.fixture
-def loss_scaler_class(tmp_path: Path) -> Iterator[type]:
-    """A stand-in ``deepspeed.runtime.fp16.loss_scaler.LossScaler``, importable only during the test."""
+def deepspeed_standins(tmp_path: Path) -> Iterator[None]:
+    """The stand-in ``deepspeed`` package on ``sys.path`` for the test only, removed after."""
     root = tmp_path / "standin"
-    package = root / "deepspeed" / "runtime" / "fp16"
-    package.mkdir(parents=True)
-    for folder in (root / "deepspeed", root / "deepspeed" / "runtime", package):
-        (folder / "__init__.py").write_text("")
-    (package / "loss_scaler.py").write_text(
-        "class LossScaler:\n    def __init__(self, scale):\n        self.cur_scale = scale\n")
+    for relative, source in STANDINS.items():
+        target = root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(source)
+        for folder in target.relative_to(root).parents:
+            if folder != Path("."):
+                (root / folder / "__init__.py").touch()
     sys.path.insert(0, str(root))
     try:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler   # the stand-in just written
-        yield LossScaler
+        yield
     finally:
         sys.path.remove(str(root))
         for name in [n for n in sys.modules if n == "deepspeed" or n.startswith("deepspeed.")]:
             del sys.modules[name]
+
+
+@pytest.fixture
+def loss_scaler_class(deepspeed_standins: None) -> type:
+    """The stand-in ``deepspeed.runtime.fp16.loss_scaler.LossScaler``."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    return LossScaler
 
 
 def _partitions(flat: torch.Tensor, world: int) -> tuple[list[torch.Tensor], list[int]]:
@@ -63,7 +82,8 @@ def _partitions(flat: torch.Tensor, world: int) -> tuple[list[torch.Tensor], lis
     return parts, pads
 
 
-def write_deepspeed_tag(tag: Path, step: int, seed: int, world: int = 1, scaler: object | None = None) -> dict:
+def write_deepspeed_tag(tag: Path, step: int, seed: int, world: int = 1, scaler: object | None = None,
+                        bf16_optimizer: bool = False, stage: object = 2) -> dict:
     """A ``global_stepN/`` folder as DeepSpeed's engine saves it; returns the weights and moments written."""
     model, opt = trained(seed)
     named = dict(model.named_parameters())
@@ -90,13 +110,22 @@ def write_deepspeed_tag(tag: Path, step: int, seed: int, world: int = 1, scaler:
                 "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": wd, "params": [g]}
                                  for g, wd in enumerate((0.1, 0.0))]}
         lean = [master[g][0][rank][:master[g][0][rank].numel() - pads[g]].clone() for g in range(len(groups))]
-        state = {"dynamic_loss_scale": False, "overflow": False, "clip_grad": 1.0, "base_optimizer_state": base,
-                 "single_partition_of_fp32_groups": lean, "zero_stage": 2, "group_paddings": pads,
-                 "partition_count": [world] * len(groups), "ds_version": DS_VERSION}
+        if bf16_optimizer:   # BF16_Optimizer.state_dict(): padded fp32 partitions, fragment addresses, no stage
+            from deepspeed.utils.tensor_fragment import fragment_address
+            state = {"clip_grad": 1.0, "base_optimizer_state": base,
+                     "single_partition_of_fp32_groups": [master[g][0][rank] for g in range(len(groups))],
+                     "group_paddings": pads, "partition_count": [world] * len(groups), "ds_version": DS_VERSION,
+                     "param_slice_mappings": [OrderedDict((n, fragment_address(numel=named[n].numel(), start=0))
+                                                          for n in g) for g in groups]}
+        else:
+            state = {"dynamic_loss_scale": False, "overflow": False, "clip_grad": 1.0, "base_optimizer_state": base,
+                     "single_partition_of_fp32_groups": lean, "zero_stage": stage, "group_paddings": pads,
+                     "partition_count": [world] * len(groups), "ds_version": DS_VERSION}
         if scaler is not None:
             state = {"loss_scaler": scaler, **state}
+        prefix = "bf16_" if bf16_optimizer else ""
         torch.save({"optimizer_state_dict": state, "ds_config": {"train_batch_size": 8}, "ds_version": DS_VERSION},
-                   tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+                   tag / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
     return {"module": module, "moments": moments, "lr": 1e-3}
 
 
@@ -150,6 +179,21 @@ def test_deepspeed_moments_equal_adams_own_state(tmp_path: Path) -> None:
                 for key in ("exp_avg", "exp_avg_sq"):
                     assert torch.equal(handle.read_optimizer(f"{name}.{key}"), moments[key])
             assert float(handle.metadata()["optimizer.lr"]) == 1e-3
+
+
+def test_bf16_optimizer_shards_with_plain_data_globals_are_read(tmp_path: Path, deepspeed_standins: None) -> None:
+    """Issue 21: BF16_Optimizer shards pickle fragment_address (and ZeRO-1/2 a ZeroStageEnum): plain data, read."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    bf16 = tmp_path / "bf16" / "global_step40"
+    zero2 = tmp_path / "zero2" / "global_step40"
+    written = write_deepspeed_tag(bf16, 40, seed=7, world=2, bf16_optimizer=True)
+    assert written["moments"].keys() == write_deepspeed_tag(zero2, 40, seed=7, world=2,
+                                                            stage=ZeroStageEnum.gradients)["moments"].keys()
+    for tag in (bf16, zero2):
+        with open_checkpoint(tag) as handle:
+            assert "ckpt_select_skipped" not in handle.metadata()
+            for name, moments in written["moments"].items():
+                assert torch.equal(handle.read_optimizer(f"{name}.exp_avg_sq"), moments["exp_avg_sq"])
 
 
 def test_hf_trainer_zero2_folder_uses_the_adam_state_in_global_step(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ weights are still read. Moments are sliced out one parameter at a time from memo
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,23 @@ LATEST_FILE = "latest"
 # Metadata key carrying why a part of a checkpoint was passed over; the run lists it as a note.
 SKIPPED_NOTE = "ckpt_select_skipped"
 _TAG = re.compile(r"global_step(\d+)")
+
+
+@dataclass
+class FragmentAddress:
+    """Plain-data stand-in for DeepSpeed's ``fragment_address`` (numel, start), pickled in every
+    ``param_slice_mappings``: fields only, so a shard that needs nothing else still loads weights-only."""
+
+    numel: int = 0
+    start: int = 0
+
+
+# DeepSpeed globals that are plain data, and what stands in for them. ``LossScaler`` is not one: a shard that
+# pickles it skips the optimizer part (issue 21).
+PLAIN_DATA: tuple[tuple[type, str], ...] = (
+    (FragmentAddress, "deepspeed.utils.tensor_fragment.fragment_address"),
+    (int, "deepspeed.runtime.zero.config.ZeroStageEnum"),   # an IntEnum: pickled as ZeroStageEnum(2)
+)
 _RANK = re.compile(r"zero_pp_rank_(\d+)_")
 
 
@@ -183,10 +201,13 @@ def _group_moments(states: list[dict], key: str) -> list[list["torch.Tensor"]]:
 
 
 def _lean_length(state: dict, group: int, moment: "torch.Tensor") -> int:
-    """This rank's elements of ``group`` without the alignment padding DeepSpeed adds at the end."""
-    masters = state.get("single_partition_of_fp32_groups")
-    if isinstance(masters, (list, tuple)) and group < len(masters) and is_tensor(masters[group]):
-        return min(int(masters[group].numel()), int(moment.numel()))
+    """This rank's elements of ``group`` without the alignment padding DeepSpeed adds at the end.
+
+    A rigid save (the inner optimizer's whole state dict, ZeRO-1/2's default and BF16_Optimizer's) keeps the
+    padding of the last rank, counted in ``group_paddings``; an elastic save's list is cut already.
+    """
+    if _rigid(state) is None:
+        return int(moment.numel())
     paddings = state.get("group_paddings") or []
     return int(moment.numel()) - int(paddings[group] if group < len(paddings) else 0)
 
@@ -238,7 +259,7 @@ class DeepSpeedHandle:
         if not shards or not isinstance(shapes, list):
             return None
         try:
-            payloads = [safe_torch_load(shard) for shard in shards]
+            payloads = [safe_torch_load(shard, plain_data=PLAIN_DATA) for shard in shards]
             keys = KeyMap(str(n) for group in shapes for n in group)
             optimizer = ZeroOptimizer(payloads, shapes, keys)
         except CheckpointReadError as e:

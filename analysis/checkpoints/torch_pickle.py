@@ -14,7 +14,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from ..errors import CheckpointReadError, NotACheckpoint
 from .base import TensorInfo, is_tensor, tensor_info
@@ -63,10 +63,12 @@ def _numpy_array_globals() -> list:
     return [_reconstruct, np.ndarray]
 
 
-def safe_torch_load(path: Path, plain_numpy: bool = False) -> object:
+def safe_torch_load(path: Path, plain_numpy: bool = False, plain_data: Sequence[tuple[type, str]] = ()) -> object:
     """``torch.load(weights_only=True)``, memory-mapped when the file's format allows.
 
-    ``plain_numpy`` also allows numpy arrays (for layouts that pickle an RNG state beside the weights).
+    ``plain_numpy`` also allows numpy arrays (for layouts that pickle an RNG state beside the weights);
+    ``plain_data`` maps a library's global name to a plain-data class of ours that stands in for it (the
+    library's code never runs, only our class, which holds fields and nothing else).
 
     Raises:
         CheckpointReadError: the file is truncated, not a torch file, or needs a global
@@ -75,7 +77,7 @@ def safe_torch_load(path: Path, plain_numpy: bool = False) -> object:
     import torch   # late: reading safetensors inputs never needs torch (its import is ~1.3 s)
 
     try:
-        allowed = _data_only_globals() + (_numpy_array_globals() if plain_numpy else [])
+        allowed = _data_only_globals() + (_numpy_array_globals() if plain_numpy else []) + list(plain_data)
         with torch.serialization.safe_globals(allowed):
             try:
                 return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
