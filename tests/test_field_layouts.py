@@ -148,6 +148,10 @@ def test_deepspeed_run_with_a_pickled_loss_scaler_opens_with_folder_steps(tmp_pa
     assert [(c.step, c.layout, c.path.name) for c in run.checkpoints] == [
         (s, "deepspeed", f"global_step{s}") for s in STEPS]
     assert not any("optim_states" in str(f) for c in run.checkpoints for f in c.files)
+    from analysis.run import checkpoint_ref   # the model states file named alone: its step is global_steps
+    assert checkpoint_ref(run_dir / "global_step20" / "mp_rank_00_model_states.pt").step == 20
+    # Even a tag folder whose model states are gone does not turn its optimizer shard into a checkpoint.
+    assert detect_layout(run_dir / "global_step10" / "zero_pp_rank_0_mp_rank_00_optim_states.pt") is None
     assert not run.unreadable
     skipped = [n for n in run.notes if "optimizer state skipped" in n]
     assert len(skipped) == 3 and "deepspeed.runtime.fp16.loss_scaler.LossScaler" in skipped[0]
@@ -196,7 +200,8 @@ def test_bf16_optimizer_shards_with_plain_data_globals_are_read(tmp_path: Path, 
                 assert torch.equal(handle.read_optimizer(f"{name}.exp_avg_sq"), moments["exp_avg_sq"])
 
 
-def test_hf_trainer_zero2_folder_uses_the_adam_state_in_global_step(tmp_path: Path) -> None:
+def test_hf_trainer_zero2_folder_uses_the_adam_state_in_global_step(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
     """Issue 21: HF Trainer + ZeRO-2 (model.safetensors beside global_stepN/) reads the moments for the noise."""
     run_dir = tmp_path / "hf_ds"
     for step in STEPS:
@@ -210,6 +215,8 @@ def test_hf_trainer_zero2_folder_uses_the_adam_state_in_global_step(tmp_path: Pa
     assert [(c.step, c.layout) for c in run.checkpoints] == [(s, "deepspeed") for s in STEPS]
     assert all(c.path.name == f"checkpoint-{c.step}" for c in run.checkpoints)
     assert [f.name for f in run.checkpoints[0].files][:1] == ["model.safetensors"]
+    assert main(["recommend", str(run_dir)]) == 0
+    assert "keep the optimizer state" not in capsys.readouterr().out   # it was kept, in global_stepN/
     noise = iterate_noise(run.checkpoints[-1])
     assert noise is not None and noise.step == STEPS[-1]
     expected = sum(float(m["exp_avg_sq"].double().sqrt().sum()) for m in written["moments"].values())
@@ -319,7 +326,10 @@ def test_megatron_torch_dist_folders_read_through_dcp(tmp_path: Path) -> None:
         folder = run_dir / f"iter_{it:07d}"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dcp.save(mcore_state_dict(seed=it), checkpoint_id=str(folder), no_dist=True)
+            weights = mcore_state_dict(seed=it)
+            moments = {m: {n: t.square() if m == "exp_avg_sq" else t / 10 for n, t in weights.items()}
+                       for m in ("exp_avg", "exp_avg_sq")}
+            dcp.save({**weights, "optimizer": {"state": moments}}, checkpoint_id=str(folder), no_dist=True)
         torch.save({"args": argparse.Namespace(num_layers=2, lr=3e-4), "checkpoint_version": 3.0, "iteration": it},
                    folder / "common.pt")
         (folder / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
@@ -331,8 +341,10 @@ def test_megatron_torch_dist_folders_read_through_dcp(tmp_path: Path) -> None:
     with open_checkpoint(run.checkpoints[1].path) as handle:
         assert handle.metadata()["iteration"] == "200"
         expected = mcore_state_dict(seed=200)
-        assert torch.equal(handle.read("decoder.layers.1.mlp.linear_fc2.weight"),
-                           expected["decoder.layers.1.mlp.linear_fc2.weight"])
+        fc2 = "decoder.layers.1.mlp.linear_fc2.weight"
+        assert torch.equal(handle.read(fc2), expected[fc2])
+        assert {i.name for i in handle.tensors()} == set(expected)
+        assert torch.equal(handle.read_optimizer(f"{fc2}.exp_avg_sq"), expected[fc2].square())
 
 
 def test_merge_of_deepspeed_and_megatron_legacy_is_the_float32_average(tmp_path: Path,

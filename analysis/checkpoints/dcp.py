@@ -255,10 +255,19 @@ def _read_saved_lr(folder: Path, item: object) -> float | None:
     return as_learning_rate(value)
 
 
+# Megatron-LM's torch_dist puts the moment first: ``optimizer.state.exp_avg.decoder.layers.0....weight``.
+_MOMENT_FIRST = ("exp_avg.", "exp_avg_sq.", "fp32_param.")
+
+
 def _moment_name(key: str) -> str:
-    """``optimizer.state.layer.weight.exp_avg`` -> ``layer.weight.exp_avg`` (the handle's optimizer naming)."""
+    """``optimizer.state.layer.weight.exp_avg`` -> ``layer.weight.exp_avg`` (the handle's optimizer naming);
+    Megatron's ``optimizer.state.exp_avg.layer.weight`` -> ``layer.weight.exp_avg`` (issue 21)."""
     group, _, rest = key.partition(".")
-    return rest.removeprefix("state.") if rest.startswith("state.") else key
+    if not rest.startswith("state."):
+        return key
+    rest = rest.removeprefix("state.")
+    first = next((m for m in _MOMENT_FIRST if rest.startswith(m)), None)
+    return f"{rest.removeprefix(first)}.{first[:-1]}" if first else rest
 
 
 def _info(name: str, entry: "TensorStorageMetadata") -> TensorInfo:
