@@ -365,3 +365,20 @@ def test_merge_of_deepspeed_and_megatron_legacy_is_the_float32_average(tmp_path:
     assert set(merged) == set(a)
     for name in a:
         assert torch.equal(merged[name], (a[name] + b[name]) / 2), name
+
+
+def test_zero3_partitioned_weights_are_refused_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Issue 21: a ZeRO-3 tag (weights partitioned over the ranks, no HF weights beside) is refused clearly."""
+    tag = tmp_path / "global_step50"
+    tag.mkdir()
+    model, _ = trained(3)
+    for rank in range(2):   # ZeRO-3 writes one model states file per rank, its parameters as empty placeholders
+        torch.save({"module": OrderedDict((k, torch.empty(0)) for k in model.state_dict()), "buffer_names": [],
+                    "param_shapes": [OrderedDict((n, p.shape) for n, p in model.named_parameters())],
+                    "global_steps": 50, "ds_version": DS_VERSION},
+                   tag / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
+    assert detect_layout(tag) == "deepspeed"
+    assert main(["merge", "--checkpoints", str(tag), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ZeRO-3" in err and "zero_to_fp32.py" in err
+    assert not (tmp_path / "out").exists()
