@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 import yaml
 
-from .checkpoints import CHECKPOINT_READERS, detect_layout, open_checkpoint
+from .checkpoints import CHECKPOINT_READERS, SKIPPED_NOTE, detect_layout, open_checkpoint
 from .errors import AnalysisError, CheckpointReadError, NotACheckpoint, RunNotFound
 from .paths import is_within, resolve_within
 
@@ -439,6 +439,8 @@ def _describe_checkpoints(paths: list[Path], notes: list[str],
         if MERGE_MARKER_KEY in meta:
             merged.append(path)
             continue
+        if SKIPPED_NOTE in meta:   # a part passed over (a DeepSpeed optimizer shard's pickle), never the run (issue 21)
+            notes.append(f"{path.name}: {meta[SKIPPED_NOTE]}")
         step, source = _step_of(path, meta)
         if step is None:
             unnumbered.append((path, layout, files, size))
