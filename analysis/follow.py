@@ -169,6 +169,92 @@ class RunFollower:
         return RunUpdate(run, max(rows, 0), new, writing, changed)
 
 
+@dataclass
+class Watcher:
+    """The recommendation of a followed run, reported each time it changes (``ckpt-select watch``)."""
+
+    follower: RunFollower
+    config: object = None            # a RecommendConfig (default: the recommend command's defaults)
+    last_step: int | None = None     # the newest step seen by the last poll
+    _shown: tuple | None = field(default=None, init=False)
+    _spikes: set = field(default_factory=set, init=False)
+
+    def poll(self) -> dict | None:
+        """Refresh the run; the event (a JSON-ready dict) if the recommendation changed or a spike is new, else None.
+
+        A run without a checkpoint or log yet, or too few checkpoints to recommend from, gives None.
+        """
+        from .selection import RecommendConfig, recommend
+        from .signals import assess_run
+        try:
+            update = self.follower.refresh()
+        except RunNotFound:
+            return None   # nothing written yet
+        self.last_step = update.last_step
+        if not update.changed and self._shown is not None:
+            return None
+        signals = assess_run(update.run)
+        try:
+            rec = recommend(signals, self.config or RecommendConfig())
+        except AnalysisError:
+            return None
+        return self._event(update, signals, rec)
+
+    def _event(self, update: RunUpdate, signals, rec) -> dict | None:
+        """The event for ``rec``, or None when it repeats the last one shown and no spike is new."""
+        new_spikes = [s for s in signals.spikes if (s.metric, s.start_step) not in self._spikes]
+        self._spikes |= {(s.metric, s.start_step) for s in signals.spikes}
+        shown = (tuple(r.step for r in rec.checkpoints), tuple(round(w, 6) for w in rec.weights))
+        if shown == self._shown and not new_spikes:
+            return None
+        self._shown = shown
+        measured = rec.last_score - rec.score if rec.score is not None and rec.last_score is not None else None
+        return {
+            "step": update.last_step, "method": rec.method, "summary": rec.summary,
+            "checkpoints": [{"step": r.step, "path": str(r.path), "weight": w} for r, w in zip(rec.checkpoints, rec.weights)],
+            "predicted_gain_nats": _finite(rec.predicted_gain), "measured_gain_nats": _finite(measured),
+            "new_spikes": [{"metric": s.metric, "start_step": s.start_step, "end_step": s.end_step,
+                            "ratio": _finite(s.ratio), "describe": s.describe()} for s in new_spikes],
+            "being_written": [str(u.path) for u in update.being_written],
+        }
+
+
+def _finite(value: float | None) -> float | None:
+    """``value`` if a finite number, else None (JSON has no NaN)."""
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def describe_event(event: dict) -> str:
+    """One line for a watch event: the step, the chosen checkpoints and weights, the gain, new spikes."""
+    chosen = ", ".join(f"{c['step']} x{c['weight']:.3f}" for c in event["checkpoints"])
+    gain = event["measured_gain_nats"] if event["measured_gain_nats"] is not None else event["predicted_gain_nats"]
+    kind = "measured" if event["measured_gain_nats"] is not None else "predicted"
+    line = f"step {event['step']}: average {chosen} ({event['method']})"
+    line += f"; {kind} gain {gain:.4f} nats" if gain is not None else ""
+    line += "".join(f"; new {s['describe']}" for s in event["new_spikes"])
+    return line + (f"; being written: {len(event['being_written'])}" if event["being_written"] else "")
+
+
+def idle_seconds(path: str | Path) -> float:
+    """Seconds since any file of the run folder was modified (stat only): a run idle past IDLE_SECONDS is finished."""
+    import time
+    root = Path(path).expanduser().resolve()
+    newest = root.stat().st_mtime if root.exists() else 0.0
+    for dirpath, dirnames, filenames in os.walk(root) if root.is_dir() else ():
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            try:
+                newest = max(newest, os.stat(os.path.join(dirpath, name)).st_mtime)
+            except OSError:
+                continue
+    return max(time.time() - newest, 0.0)
+
+
+def log_rows(run: Run) -> int:
+    """Log records the run holds, over all its logs."""
+    return sum(t.rows for t in run.logs)
+
+
 def _assemble_run(root: Path, name: str, refs: list[CheckpointRef], merged: list[Path], tables: list,
                   parts: list[dict[str, MetricPart]], notes: list[str], unreadable: list[UnreadableFile]) -> Run:
     """The :class:`Run`, its metrics merged per metric (as ``open_run`` merges them, without pandas' sort)."""
@@ -226,4 +312,4 @@ def _checkpoint_look(path: Path) -> tuple:
         return ("missing",)
 
 
-__all__ = ["IDLE_SECONDS", "RunFollower", "RunUpdate"]
+__all__ = ["IDLE_SECONDS", "RunFollower", "RunUpdate", "Watcher", "describe_event", "idle_seconds", "log_rows"]
