@@ -70,11 +70,18 @@ class LogFollower:
         settled = look == self._look or time.time_ns() - look[1] > SETTLED_NS
         self._look = look
         if self._whole:
-            from . import LOG_READERS
-            self._table = LOG_READERS[self.format].read(self.path)
+            self._read_whole(look[0], settled)
         else:
             self._read_new(look[0], settled)
         return self._table
+
+    def _read_whole(self, size: int, settled: bool) -> None:
+        """Read the file whole, unless it ends in a partial line: then the last table stays until the line ends."""
+        from . import LOG_READERS
+        partial = size > 0 and not settled and _read_range(self.path, size - 1, 1) != b"\n"
+        self._held = int(partial)
+        if self._table is None or not partial:
+            self._table = LOG_READERS[self.format].read(self.path)
 
     def _replaced(self, size: int) -> bool:
         """True when the file is shorter than what was read, or its first bytes are not those read."""
