@@ -185,10 +185,11 @@ def tidy_frame(parts: dict[str, MetricPart]) -> pd.DataFrame:
         return empty_frame()
     names = np.array(list(parts), dtype=object)
     parts = list(parts.values())
-    codes = np.concatenate([np.full(len(p[0]), i, dtype=np.int64) for i, p in enumerate(parts)])
+    # The one costly column (an object per row): built once by np.repeat, handed to pandas without a copy.
+    metric = np.repeat(names, [len(p[0]) for p in parts])
     frame = pd.DataFrame({
         "step": np.concatenate([p[0] for p in parts]),
-        "metric": pd.Series(names[codes], dtype=object),   # object, like empty_frame(); 2x faster than str
+        "metric": pd.Series(metric, dtype=object, copy=False),   # object, like empty_frame(); 2x faster than str
         "value": np.concatenate([p[1] for p in parts]),
         "wall_time": np.concatenate([p[2] for p in parts]),
     }, copy=False)
