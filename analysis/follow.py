@@ -15,6 +15,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from .logs.follow import LogFollower
 from .paths import resolve_within
 from .run import (CONFIG_FILE, CheckpointRef, Run, UnreadableFile, _describe_checkpoints, _fingerprint, _outside,
                   _problem, _read_config, _walk, open_run)
+
+if TYPE_CHECKING:
+    from .selection import RecommendConfig
 
 # A run that changed nothing for this long is taken as finished: the app stops following it.
 IDLE_SECONDS = 30 * 60
@@ -174,7 +178,7 @@ class Watcher:
     """The recommendation of a followed run, reported each time it changes (``ckpt-select watch``)."""
 
     follower: RunFollower
-    config: object = None            # a RecommendConfig (default: the recommend command's defaults)
+    config: RecommendConfig | None = None   # default: the recommend command's defaults
     last_step: int | None = None     # the newest step seen by the last poll
     _shown: tuple | None = field(default=None, init=False)
     _spikes: set = field(default_factory=set, init=False)
