@@ -168,7 +168,9 @@ def test_watch_follows_a_run_written_by_a_child_process_issue23(tmp_path: Path) 
     events = [json.loads(line) for line in [first, *rest.splitlines()]]
     chosen = {tuple(c["step"] for c in e["checkpoints"]) for e in events}
     assert len(chosen) >= 2, events
-    assert events[-1]["step"] >= 900 and any(s > 600 for e in events for s in (c["step"] for c in e["checkpoints"]))
+    # A line only when the recommendation changed: the last one may come before step 900, where watch exits.
+    assert [e["step"] for e in events] == sorted(e["step"] for e in events) and events[-1]["step"] > 600
+    assert any(c["step"] > 600 for e in events for c in e["checkpoints"])
     assert all(abs(sum(c["weight"] for c in e["checkpoints"]) - 1) < 1e-6 for e in events)
 
 
