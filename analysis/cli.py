@@ -193,6 +193,34 @@ def analyze(run_path: Path, similarity: bool, as_json: bool) -> None:
         click.echo("  train: the run logs no val loss; the mean train loss logged since the checkpoint before stands in")
 
 
+@cli.command("watch")
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--every", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              help="Seconds between two looks at the run (only what is new is read).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--until-step", type=int, help="Exit once the run has logged or saved this step.")
+def watch_cmd(run_path: Path, every: float, as_json: bool, until_step: int | None) -> None:
+    """Follow a run while it trains: a line each time the recommendation changes (issue 23).
+
+    For a training job's side-car or a cron line; exits on Ctrl-C or --until-step.
+    """
+    import time
+
+    from .follow import RunFollower, Watcher, describe_event
+    watcher = Watcher(RunFollower(run_path))
+    try:
+        while True:
+            event = watcher.poll()
+            if event is not None:
+                click.echo(json.dumps(event, allow_nan=False) if as_json else describe_event(event))
+                sys.stdout.flush()
+            if until_step is not None and watcher.last_step is not None and watcher.last_step >= until_step:
+                return
+            time.sleep(every)
+    except KeyboardInterrupt:   # the way to stop it: no traceback, exit 0
+        return
+
+
 @cli.command("recommend")
 @click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
 @click.option("--eval", "eval_spec", metavar="FILE.py:FUNC",

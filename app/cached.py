@@ -17,7 +17,8 @@ from analysis.merge import MergeResult, merge_recipe
 from analysis.recipe import Recipe, dump_mergekit, dump_recipe, recipe_for_selection
 from analysis.selection import Recommendation, RecommendConfig, recommend
 from analysis.report import analysis_report, timing_report
-from analysis.run import Run, folder_stamp, open_run
+from analysis.follow import RunFollower
+from analysis.run import Run, folder_stamp
 from analysis.scaling import StopSignal, run_stop_signal
 from analysis.storage import RunStorageInputs, storage_inputs_from_run
 from analysis.signals import (DisplaySeries, RunSignals, SimilarityReport, StepTiming, analyze_step_times,
@@ -37,8 +38,23 @@ def run(path: str, stamp: str) -> Run:
 def _run(path: str, stamp: str, root: str | None) -> Run:
     """A shared resource, not cache_data: the Run is frozen and never changed, and cache_data
     would unpickle a copy of its metrics (7 million rows for a million-step log) on every rerun.
+
+    Read by the run's follower: a new stamp (a run still training) reads only the new log bytes and
+    checkpoints, not every log from the start (issue 23).
     """
-    return open_run(path, root)
+    return _follower(path, root).refresh().run
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _follower(path: str, root: str | None) -> RunFollower:
+    """One follower per run (and root), shared by every session: it remembers where each log was read to."""
+    return RunFollower(Path(path), Path(root) if root is not None else None)
+
+
+def stamp(path: Path) -> str:
+    """The cache key of the run at ``path`` as it is now: its folder stamp, and the root it is confined to."""
+    allowed = state.root()
+    return folder_stamp(path) + (f"|root={allowed}" if allowed is not None else "")
 
 
 @st.cache_data(max_entries=8, show_spinner="Checking every checkpoint (health, spikes, validation)...")
@@ -120,10 +136,8 @@ def current(path: Path) -> Current:
 
     The stamp names the root too: every cache keyed by it then holds results of the run as confined.
     """
-    allowed = state.root()
-    stamp = folder_stamp(path) + (f"|root={allowed}" if allowed is not None else "")
-    key = str(path)
-    return Current(key, stamp, run(key, stamp), signals(key, stamp), recommendation(key, stamp, RecommendConfig()))
+    key, now = str(path), stamp(path)
+    return Current(key, now, run(key, now), signals(key, now), recommendation(key, now, RecommendConfig()))
 
 
 @st.cache_data(max_entries=32, show_spinner="Hashing the selected checkpoints for the recipe...")

@@ -54,7 +54,8 @@ def loss_figure(run: Run, signals: RunSignals, selected: set[int], smoothing: fl
     _add_checkpoint_markers(fig, run, signals, selected, axis)
     fig.update_layout(xaxis_title=AXIS_TITLES[axis], yaxis_title="loss (nats)", hovermode="closest",
                       legend={"orientation": "h", "y": -0.2}, margin={"t": 30, "b": 10},
-                      yaxis_type="log" if log_y else "linear")
+                      yaxis_type="log" if log_y else "linear",
+                      uirevision=f"{run.path}|{axis}|{log_y}")   # a followed run's new rows keep the user's zoom (issue 23)
     return fig
 
 
@@ -157,7 +158,8 @@ def training_figure(run: Run, axis: str = "step", slow_steps: tuple[int, ...] = 
             fig.add_trace(go.Scatter(x=step_to_axis(run, np.array(hits), axis), y=values.loc[hits], mode="markers",
                                      name="slow (eval/checkpoint)", marker={"color": COLORS["spike"], "size": 6}),
                           row=index, col=1)
-    fig.update_layout(height=170 * len(rows) + 50, showlegend=False, margin={"t": 30, "b": 10})
+    fig.update_layout(height=170 * len(rows) + 50, showlegend=False, margin={"t": 30, "b": 10},
+                      uirevision=f"{run.path}|{axis}")   # zoom kept while a followed run grows (issue 23)
     fig.update_xaxes(title_text=AXIS_TITLES[axis], row=len(rows), col=1)
     return fig
 
