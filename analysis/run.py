@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 
 from .checkpoints import CHECKPOINT_READERS, detect_layout, open_checkpoint
-from .errors import AnalysisError, CheckpointReadError, NotACheckpoint, RunNotFound, SeveralRuns
+from .errors import AnalysisError, CheckpointReadError, InvalidArgument, NotACheckpoint, RunNotFound, SeveralRuns
 from .paths import is_within, resolve_within
 from .run_groups import RunFiles, RunInfo, choose, group_by_folder, join_resumed, split_by_name, starts_over
 
@@ -181,7 +181,7 @@ def open_run(path: str | Path, root: str | Path | None = None, run_name: str | N
     ckpt_paths, log_candidates, notes = _walk(root, config, allowed)
     notes = config_notes + notes
     groups = _grouped(root, ckpt_paths, log_candidates)
-    chosen = choose(root, [_info(g) for g in groups], run_name) if len(groups) > 1 or run_name else None
+    chosen = choose(root, [_info(g) for g in groups], run_name) if len(groups) > 1 else None
     files = next((g for g in groups if chosen is not None and g.name == chosen.name), groups[0])
     name = str(config.get("name") or (root.name if len(groups) == 1 else f"{root.name}/{files.name}"))
     run = _run_from_files(root, list(files.checkpoints), list(files.logs), name, notes)
@@ -262,6 +262,8 @@ def _one_run(root: Path, run: Run, run_name: str | None) -> Run:
             f"{root}: checkpoints share steps {repeated[:5]} and their names do not tell the runs apart; "
             f"never averaged together. Put each run in a folder of its own, or list one run's files in {CONFIG_FILE}."))
     if len(parts) == 1 and not restarted:
+        if run_name not in (None, run.name, root.name):
+            raise InvalidArgument(f"{root}: no run named '{run_name}' here; it holds one run, '{run.name}'")
         return run
     why = "".join(f"; {t.path.name} starts over at step {t.segments[0][0]}" for t in restarted)
     chosen = next((p for p in parts if p.name == run_name), None) if len(parts) > 1 else None

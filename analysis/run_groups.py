@@ -68,8 +68,8 @@ class RunInfo:
         """One clause: name, folder, checkpoints and steps, logs."""
         steps = f"steps {self.steps[0]}-{self.steps[-1]}" if self.steps else "no steps"
         logs = ", ".join(_shown(p, base) for p in self.logs) or "no log"
-        return (f"'{self.name}' ({_shown(self.path, base)}: {len(self.checkpoints)} checkpoints, {steps}; "
-                f"logs: {logs})")
+        where = f"{_shown(self.path, base)}: " if self.path != base else ""
+        return f"'{self.name}' ({where}{len(self.checkpoints)} checkpoints, {steps}; logs: {logs})"
 
 
 def _shown(path: Path, base: Path | None) -> str:
