@@ -213,3 +213,30 @@ def test_log_resumed_past_step_0_stays_one_run_issue21(tmp_path: Path) -> None:
         save_file({"w": torch.full((8, 8), step / 100)}, str(tmp_path / f"step_{step}.safetensors"))
     run = open_run(tmp_path)
     assert [c.step for c in run.checkpoints] == [50, 100] and len(run.logs) == 1
+
+
+def test_app_offers_the_runs_of_a_folder_and_shows_the_chosen_one_issue21(
+        two_launches: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    from conftest import REPO
+    monkeypatch.setenv("CKPT_SELECT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("CKPT_SELECT_RUN", str(two_launches))
+    monkeypatch.delenv("CKPT_SELECT_ROOT", raising=False)
+    at = AppTest.from_file(str(REPO / "app" / "streamlit_app.py"), default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    assert "holds 2 runs" in at.error[0].value   # never one run of 12 checkpoints
+    choice = at.selectbox(key="run_in_folder")
+    versions = [two_launches / "lightning_logs" / f"version_{i}" for i in (0, 1)]
+    assert choice.options == [f"version_{i} (6 checkpoints)" for i in (0, 1)]
+    choice.set_value(str(versions[1])).run()
+    assert not at.exception, at.exception
+    assert not at.error and at.title[0].value == "version_1"
+    assert at.selectbox(key="run_in_folder").value == str(versions[1])   # the folder's runs stay offered
+    overlay = at.multiselect(key="overlay_pick")
+    assert str(versions[0]) in overlay.options
+    overlay.set_value([str(versions[0])]).run()
+    assert not at.exception, at.exception
+    traces = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
+    assert any("version_0" in (t.get("name") or "") for t in traces), [t.get("name") for t in traces]
