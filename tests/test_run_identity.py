@@ -240,3 +240,15 @@ def test_app_offers_the_runs_of_a_folder_and_shows_the_chosen_one_issue21(
     assert not at.exception, at.exception
     traces = json.loads(at.get("plotly_chart")[0].proto.spec)["data"]
     assert any("version_0" in (t.get("name") or "") for t in traces), [t.get("name") for t in traces]
+
+
+def test_logs_stop_and_storage_take_the_run_too_issue21(two_launches: Path, capsys) -> None:
+    version_1 = two_launches / "lightning_logs" / "version_1"
+    assert main(["logs", str(two_launches), "--run", "version_1", "--json"]) == 0
+    assert [d["path"] for d in json.loads(capsys.readouterr().out)["logs"]] == [str(version_1 / "metrics.csv")]
+    assert main(["storage", "--run", str(two_launches), "--params", "1e6"]) == 2
+    assert "holds 2 runs" in capsys.readouterr().err
+    assert main(["storage", "--run", str(two_launches), "--run-name", "version_1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"] > 0
+    assert main(["stop", str(two_launches)]) == 2
+    assert "version_0" in capsys.readouterr().err
