@@ -78,11 +78,14 @@ def _shown(path: Path, base: Path | None) -> str:
 
 def group_by_folder(root: Path, checkpoints: Sequence[Path], logs: Sequence[Path]) -> list[RunFiles]:
     """Rule 1: the runs the folder layout names (one group when it names fewer than two)."""
+    claimed = set(checkpoints)
+    holders = {c.parent for c in checkpoints if _HF_STEP_DIR.fullmatch(c.name)}
+    holders |= {c.parent.parent for c in checkpoints if _HF_STEP_DIR.fullmatch(c.parent.name)}
     keyed: dict[Path | None, tuple[list[Path], list[Path]]] = defaultdict(lambda: ([], []))
     for path in checkpoints:
-        keyed[_run_folder(root, path, checkpoints)][0].append(path)
+        keyed[_run_folder(root, path, claimed, holders)][0].append(path)
     for path in logs:
-        keyed[_run_folder(root, path, checkpoints)][1].append(path)
+        keyed[_run_folder(root, path, claimed, holders)][1].append(path)
     folders = sorted((k for k in keyed if k is not None), key=_natural)
     if len(folders) < 2:
         return [RunFiles(root.name, root, tuple(checkpoints), tuple(logs), "the whole folder")]
@@ -93,18 +96,19 @@ def group_by_folder(root: Path, checkpoints: Sequence[Path], logs: Sequence[Path
     return groups
 
 
-def _run_folder(root: Path, path: Path, checkpoints: Sequence[Path]) -> Path | None:
-    """The folder below ``root`` that makes ``path``'s run by convention, or None."""
+def _run_folder(root: Path, path: Path, claimed: set[Path], holders: set[Path]) -> Path | None:
+    """The folder below ``root`` that makes ``path``'s run by convention, or None.
+
+    ``claimed``: every checkpoint path; ``holders``: the folders that hold ``checkpoint-N/`` folders.
+    """
     relative = path.relative_to(root).parts if path.is_relative_to(root) else ()
     for depth in range(len(relative) - 1, 0, -1):
         if _VERSION_DIR.fullmatch(relative[depth - 1]):
             return root.joinpath(*relative[:depth])
     holder = path.parent if _HF_STEP_DIR.fullmatch(path.parent.name) else path
-    holder = holder.parent if _HF_STEP_DIR.fullmatch(holder.name) or holder.is_file() or holder in checkpoints else holder
-    if holder != root and holder.is_relative_to(root) and any(_HF_STEP_DIR.fullmatch(c.name) and c.parent == holder
-                                                              for c in checkpoints):
-        return holder
-    return None
+    if _HF_STEP_DIR.fullmatch(holder.name) or holder in claimed or holder.is_file():
+        holder = holder.parent
+    return holder if holder != root and holder in holders else None
 
 
 def _why(folder: Path) -> str:
