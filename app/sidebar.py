@@ -8,7 +8,7 @@ from pathlib import Path
 import streamlit as st
 
 import state
-from analysis.errors import AnalysisError
+from analysis.errors import AnalysisError, SeveralRuns
 from analysis.paths import resolve_within
 from analysis.run import find_run_folders
 
@@ -104,6 +104,8 @@ def current_or_stop():
         current = cached.current(path)
     except AnalysisError as e:
         st.error(str(e))
+        if isinstance(e, SeveralRuns):
+            st.info("Choose one of this folder's runs in the sidebar: runs are never averaged together.")
         st.stop()
     # An evaluator search on the Merge page replaces the logs' recommendation on every page, for this run as it is.
     searched = state.searched_recommendation(current.path, current.stamp)

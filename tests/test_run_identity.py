@@ -227,6 +227,7 @@ def test_app_offers_the_runs_of_a_folder_and_shows_the_chosen_one_issue21(
     at.run()
     assert not at.exception, at.exception
     assert "holds 2 runs" in at.error[0].value   # never one run of 12 checkpoints
+    assert "Choose one of this folder's runs in the sidebar" in at.info[0].value
     choice = at.selectbox(key="run_in_folder")
     versions = [two_launches / "lightning_logs" / f"version_{i}" for i in (0, 1)]
     assert choice.options == [f"version_{i} (6 checkpoints)" for i in (0, 1)]
