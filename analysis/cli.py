@@ -145,13 +145,15 @@ def _quiet_libraries() -> None:
 @click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
 @click.option("--similarity/--no-similarity", default=True, show_default=True,
               help="Sketch every checkpoint for update norms, cosines and the trajectory (cached on disk).")
+@click.option("--run", "run_name", metavar="NAME",
+              help="When RUN holds several runs (Lightning version_N, several output folders): the one to read.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def analyze(run_path: Path, similarity: bool, as_json: bool) -> None:
+def analyze(run_path: Path, similarity: bool, as_json: bool, run_name: str | None = None) -> None:
     """Discover a run's logs and checkpoints and judge every checkpoint."""
     from .report import analysis_report
     from .run import open_run, printable
     from .signals import assess_run, compare_checkpoints
-    run = open_run(run_path)
+    run = open_run(run_path, run_name=run_name)
     update, close = _progress_bar("checking checkpoints")
     try:
         signals = assess_run(run, progress=update)
@@ -243,12 +245,15 @@ def watch_cmd(run_path: Path, every: float, as_json: bool, until_step: int | Non
               default="same", show_default=True, help="Dtype of the merged model.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the recipe YAML here.")
 @click.option("--force", is_flag=True, help="-o may replace an existing file CkptSelect did not write (never a checkpoint).")
+@click.option("--run", "run_name", metavar="NAME",
+              help="When RUN holds several runs (Lightning version_N, several output folders): the one to read.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @_naming_a_file_run
 def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: bool, eval_tokens: int,
                   eval_cache: bool, method: str,
                   window: int | None, ema_alpha: float, max_evals: int | None, include_contaminated: bool,
-                  before_step: int | None, output_dtype: str, output: Path | None, force: bool, as_json: bool) -> None:
+                  before_step: int | None, output_dtype: str, output: Path | None, force: bool, as_json: bool,
+                  run_name: str | None = None) -> None:
     """Recommend which checkpoints to average, with a reason for each."""
     from .evaluate import load_evaluator
     from .recipe import recipe_for_selection, write_recipe
@@ -257,7 +262,7 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
     from .run import open_run
     from .signals import assess_run
     from .targets import check_file_target
-    run = open_run(run_path)
+    run = open_run(run_path, run_name=run_name)
     _note_unreadable(run)
     protected = [*(c.path for c in run.checkpoints), *(log.path for log in run.logs), *(u.path for u in run.unreadable)]
     if output:   # before the search, which may take long: a refused target is said at once
@@ -450,12 +455,14 @@ def export(recipe_path: Path, fmt: str, output: Path | None, force: bool) -> Non
 @click.option("--run", "run_path", type=click.Path(path_type=Path),
               help="A run: parameters, dtype, save interval, step time and window from it (what the app's "
                    "Storage page starts from); checkpoint stalls measured from its step times.")
+@click.option("--run-name", "run_name", metavar="NAME",
+              help="When --run holds several runs (Lightning version_N, several output folders): the one to read.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def storage(params: float | None, config_path: Path | None, dtype: str | None, optimizer: str, keep: int, policy: str,
             keep_every: int | None, top_k: int | None, budget_tb: float | None, total_steps: int | None,
             full_state_last: int | None, ema: bool, bandwidth_gbps: float, asynchronous: bool, snapshot_gbps: float,
             step_time_s: float | None, every: int | None, price_per_tb_month: float, window: int | None,
-            run_path: Path | None, as_json: bool) -> None:
+            run_path: Path | None, as_json: bool, run_name: str | None = None) -> None:
     """What keeping checkpoints costs in bytes, money and training time."""
     from .model_size import count_parameters
     from .report import storage_report
@@ -464,7 +471,7 @@ def storage(params: float | None, config_path: Path | None, dtype: str | None, o
     count = count_parameters(config_path) if config_path else None
     if params is not None and count is not None:
         raise InvalidArgument("give --params N or --config config.json, not both")
-    given = storage_inputs_from_run(open_run(run_path)) if run_path is not None else None
+    given = storage_inputs_from_run(open_run(run_path, run_name=run_name)) if run_path is not None else None
     measured = given.measured if given else None
     if given is not None:   # what the command line names wins; the rest comes from the run
         params = params if params is not None or count is not None else given.params
@@ -578,16 +585,18 @@ def _print_prune(doc: dict) -> None:
 @click.option("--gain-target", type=float, default=DEFAULT_GAIN_TARGET, show_default=True,
               help="Report the tokens/steps needed to gain this much more.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@click.option("--run", "run_name", metavar="NAME",
+              help="When RUN holds several runs (Lightning version_N, several output folders): the one to read.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @_naming_a_file_run
 def stop_cmd(run_path: Path, params: float | None, config_path: Path | None, tokens_per_step: float | None,
-             plateau_gain: float, gain_target: float, seed: int, as_json: bool) -> None:
+             plateau_gain: float, gain_target: float, seed: int, as_json: bool, run_name: str | None = None) -> None:
     """Should I keep training? Fit the loss curve, forecast it, flag a plateau."""
     from .model_size import count_parameters
     from .report import stop_report
     from .run import open_run
     from .scaling import StopConfig, run_stop_signal
-    run = open_run(run_path)
+    run = open_run(run_path, run_name=run_name)
     _note_unreadable(run)
     if config_path is not None:
         params = float(count_parameters(config_path).total)
@@ -614,8 +623,10 @@ def stop_cmd(run_path: Path, params: float | None, config_path: Path | None, tok
 @cli.command()
 @click.argument("paths", metavar="FILE_OR_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=_LazyChoice(".logs", "LOG_READERS", sort=True), help="Skip sniffing.")
+@click.option("--run", "run_name", metavar="NAME",
+              help="When RUN holds several runs (Lightning version_N, several output folders): the one to read.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def logs(paths: tuple[Path, ...], fmt: str | None, as_json: bool) -> None:
+def logs(paths: tuple[Path, ...], fmt: str | None, as_json: bool, run_name: str | None = None) -> None:
     """Read training logs and summarise every metric."""
     from .logs import read_log
     from .report import log_report, unreadable_report
@@ -623,7 +634,7 @@ def logs(paths: tuple[Path, ...], fmt: str | None, as_json: bool) -> None:
     tables, unreadable = [], []
     for path in paths:
         if path.is_dir():
-            run = open_run(path)
+            run = open_run(path, run_name=run_name)
             tables.extend(run.logs)
             unreadable.extend(unreadable_report(run))
             if not as_json:

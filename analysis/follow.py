@@ -23,8 +23,9 @@ from .errors import AnalysisError, RunNotFound
 from .logs.builder import MetricPart
 from .logs.follow import LogFollower
 from .paths import resolve_within
-from .run import (CONFIG_FILE, CheckpointRef, Run, UnreadableFile, _describe_checkpoints, _fingerprint, _outside,
-                  _problem, _read_config, _walk, open_run)
+from .run import (CONFIG_FILE, CheckpointRef, Run, UnreadableFile, _describe_checkpoints, _fingerprint, _grouped,
+                  _info, _one_run, _outside, _problem, _read_config, _walk, open_run)
+from .run_groups import choose
 
 if TYPE_CHECKING:
     from .selection import RecommendConfig
@@ -101,12 +102,16 @@ class RunFollower:
         notes: list[str] = []
         config = {} if _outside(self.path, [self.path / CONFIG_FILE], self.root, notes) else _read_config(self.path)
         ckpt_paths, log_paths, walk_notes = _walk(self.path, config, self.root)
+        groups = _grouped(self.path, ckpt_paths, log_paths)
+        if len(groups) > 1:   # several runs: refused as open_run refuses them, never followed as one (issue 21)
+            choose(self.path, [_info(g) for g in groups], None)
         notes += walk_notes
         unreadable: list[UnreadableFile] = []
         tables, parts = self._read_logs(log_paths, notes, unreadable)
         refs, merged = self._describe(ckpt_paths, notes, unreadable)
-        return _assemble_run(self.path, str(config.get("name") or self.path.name), refs, merged, tables, parts,
-                             notes, unreadable)
+        run = _assemble_run(self.path, str(config.get("name") or self.path.name), refs, merged, tables, parts,
+                            notes, unreadable)
+        return _one_run(self.path, run, None)
 
     def _read_logs(self, paths: list[Path], notes: list[str], unreadable: list[UnreadableFile]):
         """(tables, per-metric rows of each) of the logs among ``paths``; a new file is sniffed once per change."""

@@ -18,7 +18,7 @@ from analysis.recipe import Recipe, dump_mergekit, dump_recipe, recipe_for_selec
 from analysis.selection import Recommendation, RecommendConfig, recommend
 from analysis.report import analysis_report, timing_report
 from analysis.follow import RunFollower
-from analysis.run import Run, folder_stamp
+from analysis.run import Run, RunInfo, find_runs, folder_stamp
 from analysis.scaling import StopSignal, run_stop_signal
 from analysis.storage import RunStorageInputs, storage_inputs_from_run
 from analysis.signals import (DisplaySeries, RunSignals, SimilarityReport, StepTiming, analyze_step_times,
@@ -55,6 +55,17 @@ def stamp(path: Path) -> str:
     """The cache key of the run at ``path`` as it is now: its folder stamp, and the root it is confined to."""
     allowed = state.root()
     return folder_stamp(path) + (f"|root={allowed}" if allowed is not None else "")
+
+
+def runs_in(folder: Path) -> list[RunInfo]:
+    """The runs the folder holds (issue 21), cached until a file under it changes."""
+    allowed = state.root()
+    return _runs_in(str(folder), folder_stamp(folder), str(allowed) if allowed is not None else None)
+
+
+@st.cache_data(max_entries=16, show_spinner="Looking for the runs in this folder...")
+def _runs_in(folder: str, stamp: str, root: str | None) -> list[RunInfo]:
+    return find_runs(folder, root)
 
 
 @st.cache_data(max_entries=8, show_spinner="Checking every checkpoint (health, spikes, validation)...")

@@ -8,7 +8,7 @@ from pathlib import Path
 import streamlit as st
 
 import state
-from analysis.errors import AnalysisError
+from analysis.errors import AnalysisError, SeveralRuns
 from analysis.follow import IDLE_SECONDS, idle_seconds, log_rows
 from analysis.paths import resolve_within
 from analysis.run import find_run_folders
@@ -33,6 +33,7 @@ def run_picker() -> None:
         st.button("Open run", key="open_run", on_click=lambda: _open(st.session_state.get("run_input")))
         if st.session_state.get(_ERROR_KEY):
             st.error(st.session_state[_ERROR_KEY])
+        _run_choice(current)
         if current is not None:
             st.caption(f"Open: `{current}`")
 
@@ -43,9 +44,53 @@ def _open(path: str | None) -> None:
     if not path:
         return
     try:
-        state.set_run_path(resolve_within(path, state.root()))
+        folder = resolve_within(path, state.root())
+        state.set_run_path(folder)
+        state.set_runs_folder(folder)
     except AnalysisError as e:
         st.session_state[_ERROR_KEY] = str(e)
+
+
+def _runs_here() -> list:
+    """The runs of the folder opened, each with a folder of its own (issue 21); [] for a one-run folder."""
+    import cached
+
+    folder = state.runs_folder()
+    if folder is None or not folder.is_dir():
+        return []
+    try:
+        runs = cached.runs_in(folder)
+    except AnalysisError:
+        return []
+    return [r for r in runs if r.path != folder] if len(runs) > 1 else []
+
+
+def _run_choice(current) -> None:
+    """A folder holding several runs: pick one (never averaged together); the Run page can overlay the others."""
+    runs = _runs_here()
+    if not runs:
+        return
+    paths = [str(r.path) for r in runs]
+    index = paths.index(str(current)) if str(current) in paths else None
+    labels = {str(r.path): f"{r.name} ({len(r.checkpoints)} checkpoints)" for r in runs}
+    st.selectbox(f"Runs in {state.runs_folder().name}", paths, index=index, key="run_in_folder",
+                 format_func=labels.get, placeholder="This folder holds several runs: choose one...",
+                 help="Each launch is its own run: its checkpoints are never averaged with another's",
+                 on_change=lambda: _choose_run(st.session_state.get("run_in_folder")))
+
+
+def _choose_run(path: str | None) -> None:
+    """Callback: open one run of the folder, keeping the folder's run list in the sidebar."""
+    if path:
+        folder = state.runs_folder()
+        state.set_run_path(Path(path))
+        state.set_runs_folder(folder)
+
+
+def sibling_runs() -> list[str]:
+    """The other runs of the opened folder, for the Run page's overlay (issue 21)."""
+    current = str(state.run_path())
+    return [str(r.path) for r in _runs_here() if str(r.path) != current]
 
 
 def current_or_stop():
@@ -60,6 +105,8 @@ def current_or_stop():
         current = cached.current(path)
     except AnalysisError as e:
         st.error(str(e))
+        if isinstance(e, SeveralRuns):
+            st.info("Choose one of this folder's runs in the sidebar: runs are never averaged together.")
         st.stop()
     # An evaluator search on the Merge page replaces the logs' recommendation on every page, for this run as it is.
     follow_panel(current)

@@ -21,6 +21,7 @@ SELECTION_KEY = "selected_steps"
 SELECTION_GEN_KEY = "selection_generation"
 JOB_KEY = "merge_job_id"
 OVERLAY_KEY = "overlay_runs"
+FOLDER_KEY = "runs_folder"
 EVALUATOR_KEY = "evaluator_spec"
 SEARCH_KEY = "evaluator_search"
 RECENT_LIMIT = 10
@@ -66,6 +67,17 @@ def set_run_path(path: Path) -> None:
     st.query_params.pop("sel", None)
     bump_selection_generation()
     remember_run(path)
+
+
+def runs_folder() -> Path | None:
+    """The folder last opened, which may hold several runs (issue 21); else the run's own folder."""
+    value = st.session_state.get(FOLDER_KEY)
+    return Path(value) if value else run_path()
+
+
+def set_runs_folder(path: Path) -> None:
+    """The folder the user opened: its runs are offered in the sidebar."""
+    st.session_state[FOLDER_KEY] = str(path)
 
 
 def selected_steps() -> list[int] | None:

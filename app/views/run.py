@@ -32,9 +32,9 @@ axis = middle.segmented_control("X axis", axes, default="step", key="x_axis",
                                 format_func=lambda a: charts.AXIS_TITLES[a]) or "step"
 log_y = right.toggle("Log-scale loss", value=False, key="logy")
 
-others = [p for p in state.recent_runs() if p != str(run.path)]
+others = [p for p in dict.fromkeys(sidebar.sibling_runs() + state.recent_runs()) if p != str(run.path)]
 overlay = st.multiselect("Overlay other runs", others, default=[p for p in state.overlay_runs() if p in others],
-                         key="overlay_pick", help="Recently opened runs, drawn in other colours")
+                         key="overlay_pick", help="The folder's other runs and recently opened runs, drawn in other colours")
 state.set_overlay_runs(overlay)
 overlays = []
 for other in overlay:
