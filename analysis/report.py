@@ -121,6 +121,7 @@ def analysis_report(run: Run, signals: RunSignals, similarity: SimilarityReport 
             "val_loss": _num(item.val.value) if item.val else None,
             "val_loss_source": item.val.source if item.val else None,
             "val_loss_step": item.val.source_step if item.val else None,
+            "val_loss_logged_at": item.val.logged_at if item.val else None,
             "val_loss_between": list(item.val.between) if item.val and item.val.between else None,
             "val_loss_stderr": _num(item.val.stderr) if item.val and item.val.stderr is not None else None,
             "lr": _num(item.lr) if item.lr is not None else None,

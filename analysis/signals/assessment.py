@@ -15,7 +15,7 @@ from ..run import CheckpointRef, Run, UnreadableFile
 from .health import CheckpointHealth, check_health
 from .noise import IterateNoise, newest_iterate_noise
 from .spikes import LossSpike, SpikeConfig, detect_spikes, sparse_config
-from .validation import ValScore, logged_val_scores, train_interval_scores
+from .validation import ValScore, checkpoint_aligned_val, logged_val_scores, train_interval_scores
 
 # Metrics whose spikes contaminate checkpoints. A grad-norm spike the loss never felt is
 # reported but harmless (clipping absorbed it); one that comes with a loss spike widens it.
@@ -116,7 +116,7 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
     spikes = find_spikes(run, spike_config)
     contaminating = [s for s in spikes if s.metric in CONTAMINATING_METRICS]
     steps = [c.step for c in run.checkpoints]
-    logged_val = run.metric("val_loss")
+    logged_val = checkpoint_aligned_val(run.logs) if run.logs else run.metric("val_loss")
     vals = (logged_val_scores(logged_val, steps) if len(logged_val)
             else train_interval_scores(run.metric("train_loss"), steps,   # no val logged: the train loss stands in
                                        [(e.onset_after_step, e.end_step) for e in contaminating]))
