@@ -177,7 +177,7 @@ def analyze(run_path: Path, similarity: bool, as_json: bool) -> None:
     noise = doc["iterate_noise"]
     if noise is not None and noise["excess_nats"] is not None:
         click.echo(f"  iterate noise {noise['excess_nats']:.4f} nats at LR {noise['lr']:.3g} "
-                   f"(Adam second moments of step {noise['step']}: what averaging can win back)")
+                   f"({noise['source']}: what averaging can win back)")
     for c in doc["checkpoints"]:
         flags = [f for f, on in (("NaN/Inf", not c["finite"]), ("spike", c["spike_contaminated"]),
                                  ("spike cleared by its val loss", c["spike_cleared"]),

@@ -150,7 +150,11 @@ def _noise_report(signals: RunSignals) -> dict | None:
         return None
     lr = signals.at(noise.step).lr
     return {"step": noise.step, "sqrt_v_sum": noise.sqrt_v_sum, "elements": noise.elements, "lr": _num(lr),
-            "excess_nats": _num(noise.excess_at(lr)) if lr else None}
+            "excess_nats": _num(noise.excess_at(lr)) if lr else None,
+            "bias_correction": {"optimizer_steps": noise.adam_step, "steps_from": noise.adam_step_source or None,
+                                "beta2": noise.beta2, "beta2_from": noise.beta2_source or None,
+                                "factor": noise.bias_correction},
+            "source": noise.source()}
 
 
 def recommendation_report(rec: Recommendation, recipe: Recipe | None) -> dict:

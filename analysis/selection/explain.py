@@ -32,7 +32,8 @@ def describe_basis(signals: RunSignals, config: RecommendConfig, window: Window,
     luck = _stand_in_luck(stand_in_error, window.noise)
     if window.weights is not None:
         asked = "" if method == "predicted" else f" The {method} weights over that window were asked for (--method)."
-        return "predicted", (f"From logged {losses}, LRs and the optimizer's second moments, a model's prediction."
+        moments = f" ({signals.noise.source()})" if signals.noise is not None else ""
+        return "predicted", (f"From logged {losses}, LRs and the optimizer's second moments{moments}, a model's prediction."
                              f"{asked}{luck} --eval FILE.py:FUNC measures candidate averages instead.")
     if window.sigma is not None:
         basis, lead = "val band", f"From logged {losses} and LRs, a heuristic"
