@@ -54,6 +54,7 @@ def timing_report(timing: StepTiming) -> dict:
         "eval_checkpoint_cost_ms": _num(timing.eval_checkpoint_cost_ms), "total_ms": _num(timing.total_ms),
         "eval_share": _num(timing.eval_share), "checkpoint_share": _num(timing.checkpoint_share),
         "eval_checkpoint_share": _num(timing.eval_checkpoint_share),
+        "shares": timing.describe_shares(),
         "other_slow_share": _num(timing.other_slow_share), "warmup_ms": _num(timing.warmup_ms),
         "slow_iterations": [{"step": s.step, "step_ms": _num(s.step_ms), "extra_ms": _num(s.extra_ms), "kind": s.kind}
                             for s in timing.slow],

@@ -76,6 +76,7 @@ class RunSignals:
     spikes: tuple[LossSpike, ...]
     noise: IterateNoise | None = None   # from the Adam state of the newest eligible checkpoint that saved one
     unreadable: tuple[UnreadableFile, ...] = ()   # the run's files that could not be read (issue 19)
+    logged_saves: tuple[int, ...] = ()   # steps at which the logs say a checkpoint was saved (nanoGPT's stdout)
 
     @property
     def loss_spikes(self) -> tuple[LossSpike, ...]:
@@ -140,7 +141,13 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
                                        cleared, lr is None and saved_lr is not None))
     eligible = [item for item in items if item.eligible]
     noise = newest_iterate_noise([item.ref for item in eligible], progress)
-    return RunSignals(tuple(items), spikes, noise, run.unreadable)
+    return RunSignals(tuple(items), spikes, noise, run.unreadable, logged_saves(run))
+
+
+def logged_saves(run: Run) -> tuple[int, ...]:
+    """The steps at which the run's logs say a checkpoint was saved (``checkpoint_saved`` rows), in order."""
+    saved = run.metric("checkpoint_saved")
+    return tuple(int(step) for step in saved["step"][saved["value"] > 0].drop_duplicates())
 
 
 def _contamination(step: int, val: ValScore | None, events: list[LossSpike],

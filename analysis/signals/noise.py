@@ -75,7 +75,7 @@ class IterateNoise:
         bias-corrected for 60 optimizer steps (from the optimizer state) at β2 0.999: x4.10'."""
         if self.adam_step is None:
             return f"Adam second moments of step {self.step}"
-        return (f"Adam second moments of step {self.step}, bias-corrected for {self.adam_step} optimizer steps "
+        return (f"Adam second moments of step {self.step}, bias-corrected for {self.adam_step} optimizer step{'' if self.adam_step == 1 else 's'} "
                 f"(from the {self.adam_step_source}) at β2 {self.beta2:g} ({self.beta2_source}): "
                 f"x{self.bias_correction:.3g}")
 
