@@ -173,13 +173,11 @@ def analyze(run_path: Path, similarity: bool, as_json: bool, run_name: str | Non
         click.echo(f"  spike: {spike.describe()}")
     timing = doc["timing"]
     if timing["steady_step_ms"] is not None:
-        click.echo(f"  steady step {timing['steady_step_ms']:.1f} ms; eval {100 * (timing['eval_share'] or 0):.1f}%, "
-                   f"checkpoint {100 * (timing['checkpoint_share'] or 0):.1f}%, "
-                   f"both {100 * (timing['eval_checkpoint_share'] or 0):.1f}% of wall time")
+        click.echo(f"  steady step {timing['steady_step_ms']:.1f} ms; {timing['shares']}")
     noise = doc["iterate_noise"]
     if noise is not None and noise["excess_nats"] is not None:
         click.echo(f"  iterate noise {noise['excess_nats']:.4f} nats at LR {noise['lr']:.3g} "
-                   f"(Adam second moments of step {noise['step']}: what averaging can win back)")
+                   f"({noise['source']}: what averaging can win back)")
     for c in doc["checkpoints"]:
         flags = [f for f, on in (("NaN/Inf", not c["finite"]), ("spike", c["spike_contaminated"]),
                                  ("spike cleared by its val loss", c["spike_cleared"]),
@@ -350,7 +348,7 @@ def merge(paths: tuple[Path, ...], checkpoints_given: int, weights: tuple[float,
     if as_json:
         _emit(doc)
     else:
-        click.echo(f"Merged {len(result.steps)} checkpoints into {result.model_file} ({result.size_bytes / 1e6:.2f} MB)")
+        click.echo(f"Merged {len(result.steps)} checkpoint{'' if len(result.steps) == 1 else 's'} into {result.model_file} ({result.size_bytes / 1e6:.2f} MB)")
     if result.stale.paths:
         click.echo(f"ckpt-select: {result.stale.describe()}", err=True)
 

@@ -54,6 +54,7 @@ def timing_report(timing: StepTiming) -> dict:
         "eval_checkpoint_cost_ms": _num(timing.eval_checkpoint_cost_ms), "total_ms": _num(timing.total_ms),
         "eval_share": _num(timing.eval_share), "checkpoint_share": _num(timing.checkpoint_share),
         "eval_checkpoint_share": _num(timing.eval_checkpoint_share),
+        "shares": timing.describe_shares(),
         "other_slow_share": _num(timing.other_slow_share), "warmup_ms": _num(timing.warmup_ms),
         "slow_iterations": [{"step": s.step, "step_ms": _num(s.step_ms), "extra_ms": _num(s.extra_ms), "kind": s.kind}
                             for s in timing.slow],
@@ -121,6 +122,7 @@ def analysis_report(run: Run, signals: RunSignals, similarity: SimilarityReport 
             "val_loss": _num(item.val.value) if item.val else None,
             "val_loss_source": item.val.source if item.val else None,
             "val_loss_step": item.val.source_step if item.val else None,
+            "val_loss_logged_at": item.val.logged_at if item.val else None,
             "val_loss_between": list(item.val.between) if item.val and item.val.between else None,
             "val_loss_stderr": _num(item.val.stderr) if item.val and item.val.stderr is not None else None,
             "lr": _num(item.lr) if item.lr is not None else None,
@@ -149,7 +151,11 @@ def _noise_report(signals: RunSignals) -> dict | None:
         return None
     lr = signals.at(noise.step).lr
     return {"step": noise.step, "sqrt_v_sum": noise.sqrt_v_sum, "elements": noise.elements, "lr": _num(lr),
-            "excess_nats": _num(noise.excess_at(lr)) if lr else None}
+            "excess_nats": _num(noise.excess_at(lr)) if lr else None,
+            "bias_correction": {"optimizer_steps": noise.adam_step, "steps_from": noise.adam_step_source or None,
+                                "beta2": noise.beta2, "beta2_from": noise.beta2_source or None,
+                                "factor": noise.bias_correction},
+            "source": noise.source()}
 
 
 def recommendation_report(rec: Recommendation, recipe: Recipe | None) -> dict:

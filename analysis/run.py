@@ -400,8 +400,29 @@ def _walk(root: Path, config: dict, allowed: Path | None = None) -> tuple[list[P
             elif _log_candidate(file_path) and not log_globs:
                 logs.append(file_path)
     ckpts = [p for p in ckpts if not _outside(root, _checkpoint_reads(p), allowed, notes)]
-    logs = [p for p in logs if not _outside(root, [p], allowed, notes)]
+    logs = [p for p in _newest_trainer_states(logs) if not _outside(root, [p], allowed, notes)]
     return ckpts, logs, notes
+
+
+def _newest_trainer_states(logs: list[Path]) -> list[Path]:
+    """``logs`` with, of the ``checkpoint-N/trainer_state.json`` files beside each other, only the newest (issue 21).
+
+    The Trainer writes its whole log history into every checkpoint's trainer_state.json: the newest holds
+    all the others do, and listing twenty copies of one history reads as twenty logs.
+    """
+    newest: dict[Path, tuple[int, Path]] = {}
+    for path in logs:
+        step = _trainer_state_step(path)
+        if step is not None and (path.parent.parent not in newest or step > newest[path.parent.parent][0]):
+            newest[path.parent.parent] = (step, path)
+    kept = {path for _, path in newest.values()}
+    return [p for p in logs if _trainer_state_step(p) is None or p in kept]
+
+
+def _trainer_state_step(path: Path) -> int | None:
+    """N of a ``checkpoint-N/trainer_state.json`` path, else None."""
+    folder = re.fullmatch(r"checkpoint-(\d+)", path.parent.name)
+    return int(folder.group(1)) if path.name == "trainer_state.json" and folder else None
 
 
 def _outside(root: Path, paths: Iterable[Path], allowed: Path | None, notes: list[str]) -> bool:

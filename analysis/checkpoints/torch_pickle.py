@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Sequence
 from ..errors import CheckpointReadError, NotACheckpoint
 from .base import TensorInfo, is_tensor, tensor_info
 from .keys import KeyMap
-from .optim import SAVED_LR, moments_by_name, saved_learning_rate
+from .optim import SAVED_LR, moments_by_name, saved_adam_counters, saved_learning_rate
 
 if TYPE_CHECKING:
     import torch
@@ -141,6 +141,7 @@ def split_payload(payload: object, path: Path) -> tuple[dict, dict, object, dict
     lr = saved_learning_rate(optimizer)
     if lr is not None:
         meta[SAVED_LR] = repr(lr)
+    meta.update(saved_adam_counters(optimizer))
     return flatten_tensors(payload[weights_key]), ema, optimizer, meta
 
 

@@ -32,7 +32,8 @@ def describe_basis(signals: RunSignals, config: RecommendConfig, window: Window,
     luck = _stand_in_luck(stand_in_error, window.noise)
     if window.weights is not None:
         asked = "" if method == "predicted" else f" The {method} weights over that window were asked for (--method)."
-        return "predicted", (f"From logged {losses}, LRs and the optimizer's second moments, a model's prediction."
+        moments = f" ({signals.noise.source()})" if signals.noise is not None else ""
+        return "predicted", (f"From logged {losses}, LRs and the optimizer's second moments{moments}, a model's prediction."
                              f"{asked}{luck} --eval FILE.py:FUNC measures candidate averages instead.")
     if window.sigma is not None:
         basis, lead = "val band", f"From logged {losses} and LRs, a heuristic"
@@ -51,6 +52,28 @@ def describe_basis(signals: RunSignals, config: RecommendConfig, window: Window,
         fix = "log a val loss at each save for predicted weights"
     return basis, (f"{lead}: {missing}, and such windows hold too few checkpoints of bigger models.{luck} To do "
                    f"better, {fix}, or pass --eval FILE.py:FUNC to measure candidate averages.")
+
+
+def only_checkpoint(signals: RunSignals) -> tuple[str, str] | None:
+    """(summary, note) for a run with one checkpoint, which nothing can be averaged with; None otherwise.
+
+    nanoGPT overwrites ``out/ckpt.pt`` at every eval that improves: its log shows several saves and one
+    file is left. Saying "the next older one" or offering an average's gain would describe checkpoints
+    that do not exist (issue 21); what the user can do is keep one file per save.
+    """
+    if len(signals.checkpoints) != 1:
+        return None
+    step = signals.checkpoints[0].ref.step
+    saves = signals.logged_saves
+    how = ("keep one file per save (e.g. save to ckpt_{iter}.pt instead of ckpt.pt, or copy it after each save) "
+           "so that later runs can be averaged")
+    if len(saves) > 1:
+        shown = ", ".join(str(s) for s in saves[:8]) + (", ..." if len(saves) > 8 else "")
+        return (f"Keep the only checkpoint (step {step}): the logs show {len(saves)} saves (steps {shown}) but one "
+                f"file is kept, each save having overwritten the one before, so there is nothing to average.",
+                f"One checkpoint file holds the newest of {len(saves)} saves. To average checkpoints, {how}.")
+    return (f"Keep the only checkpoint (step {step}): the run has one checkpoint, so there is nothing to average.",
+            f"One checkpoint: nothing to choose. To average checkpoints, {how}.")
 
 
 def stand_in_sampling_error(signals: RunSignals) -> float | None:

@@ -13,7 +13,7 @@ from ..errors import InvalidArgument, NotEnoughCheckpoints
 from ..evaluate import Evaluator
 from ..signals import RunSignals
 from .eligibility import Cutoff, Window, choose_window, is_eligible, predicted_choice, recovery_cutoff, why_none_eligible
-from .explain import describe_basis, explain_decision, stand_in_sampling_error, summarize
+from .explain import describe_basis, explain_decision, only_checkpoint, stand_in_sampling_error, summarize
 from .recommendation import METHODS, Choice, Decision, Recommendation, RecommendConfig
 from .search import search_with_evaluator
 from .weights import policy_weights
@@ -77,6 +77,9 @@ def _finish(signals: RunSignals, config: RecommendConfig, choice: Choice, *, win
     gain = window.predicted_gain if evaluator is None and method == "predicted" else None
     stand_in_error = stand_in_sampling_error(signals)
     basis, note = describe_basis(signals, config, window, evaluator, method, calls, stand_in_error)
+    single = only_checkpoint(signals)
+    if single is not None:   # one file: no "next older one", no gain on offer (issue 21)
+        summary, note = single
     return Recommendation(name, tuple(s.ref for s in chosen), tuple(weights), decisions, calls, score,
                           last_score, summary, noise, gain, evaluations_cached=choice.evaluations_cached,
                           basis=basis, basis_note=note, stand_in_error=stand_in_error)

@@ -15,7 +15,7 @@ from ..run import CheckpointRef, Run, UnreadableFile
 from .health import CheckpointHealth, check_health
 from .noise import IterateNoise, newest_iterate_noise
 from .spikes import LossSpike, SpikeConfig, detect_spikes, sparse_config
-from .validation import ValScore, logged_val_scores, train_interval_scores
+from .validation import ValScore, checkpoint_aligned_val, logged_val_scores, train_interval_scores
 
 # Metrics whose spikes contaminate checkpoints. A grad-norm spike the loss never felt is
 # reported but harmless (clipping absorbed it); one that comes with a loss spike widens it.
@@ -76,6 +76,7 @@ class RunSignals:
     spikes: tuple[LossSpike, ...]
     noise: IterateNoise | None = None   # from the Adam state of the newest eligible checkpoint that saved one
     unreadable: tuple[UnreadableFile, ...] = ()   # the run's files that could not be read (issue 19)
+    logged_saves: tuple[int, ...] = ()   # steps at which the logs say a checkpoint was saved (nanoGPT's stdout)
 
     @property
     def loss_spikes(self) -> tuple[LossSpike, ...]:
@@ -116,7 +117,7 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
     spikes = find_spikes(run, spike_config)
     contaminating = [s for s in spikes if s.metric in CONTAMINATING_METRICS]
     steps = [c.step for c in run.checkpoints]
-    logged_val = run.metric("val_loss")
+    logged_val = checkpoint_aligned_val(run.logs) if run.logs else run.metric("val_loss")
     vals = (logged_val_scores(logged_val, steps) if len(logged_val)
             else train_interval_scores(run.metric("train_loss"), steps,   # no val logged: the train loss stands in
                                        [(e.onset_after_step, e.end_step) for e in contaminating]))
@@ -140,7 +141,13 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
                                        cleared, lr is None and saved_lr is not None))
     eligible = [item for item in items if item.eligible]
     noise = newest_iterate_noise([item.ref for item in eligible], progress)
-    return RunSignals(tuple(items), spikes, noise, run.unreadable)
+    return RunSignals(tuple(items), spikes, noise, run.unreadable, logged_saves(run))
+
+
+def logged_saves(run: Run) -> tuple[int, ...]:
+    """The steps at which the run's logs say a checkpoint was saved (``checkpoint_saved`` rows), in order."""
+    saved = run.metric("checkpoint_saved")
+    return tuple(int(step) for step in saved["step"][saved["value"] > 0].drop_duplicates())
 
 
 def _contamination(step: int, val: ValScore | None, events: list[LossSpike],

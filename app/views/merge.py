@@ -160,7 +160,7 @@ def merge_progress() -> None:
         st.error(current.error)
     elif current.result is not None:
         result = current.result
-        st.success(f"Merged {len(result.steps)} checkpoints into `{result.model_file}` "
+        st.success(f"Merged {len(result.steps)} checkpoint{'' if len(result.steps) == 1 else 's'} into `{result.model_file}` "
                    f"({result.size_bytes / 1e6:,.2f} MB, {result.n_tensors} tensors).")
         if result.stale.paths:
             st.caption(result.stale.describe().capitalize() + ".")

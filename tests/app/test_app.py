@@ -113,7 +113,8 @@ def test_checkpoints_page_shows_iterate_noise_from_a_real_adam_state(tmp_path: P
     run, sqrt_v_sum, _ = adam_run(tmp_path / "adam", [5, 10, 15])
     at = _page(_open(run, monkeypatch), "checkpoints")
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["Iterate noise at the newest LR"] == f"{1e-3 * sqrt_v_sum / 4:.4f} nats"
+    corrected = sqrt_v_sum / (1 - 0.999 ** 15) ** 0.5   # Adam's bias correction after 15 steps (issue 21)
+    assert metrics["Iterate noise at the newest LR"] == f"{1e-3 * corrected / 4:.4f} nats"
     assert metrics["Predicted gain vs the last checkpoint"].endswith(" nats")
 
 
