@@ -101,6 +101,21 @@ def state_dict_pickle(layout: list[TensorInfo], wrap_key: str | None = None) -> 
     return b"\x80\x02" + body + b"."
 
 
+def read_merge_metadata(path: Path) -> dict[str, str]:
+    """The metadata a :class:`TorchWriter` stored beside the pickle ({} for any other torch file).
+
+    Run discovery tells a merge's output from a checkpoint by the recipe marker in it, as it
+    does for safetensors headers; a torch file has no header, so the marker has a record of its own.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("/" + METADATA_RECORD)), None)
+            doc = json.loads(archive.read(name)) if name else {}
+    except (OSError, zipfile.BadZipFile, ValueError, KeyError):
+        return {}
+    return {str(k): str(v) for k, v in doc.items()} if isinstance(doc, dict) else {}
+
+
 def _check_layout(path: Path, layout: list[TensorInfo]) -> None:
     """Refuse, before a byte is written, what torch could not load back."""
     for info in layout:
