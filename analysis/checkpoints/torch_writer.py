@@ -148,7 +148,6 @@ class TorchWriter:
         self._record("byteorder", sys.byteorder.encode())
         if metadata:
             self._record(METADATA_RECORD, json.dumps(metadata, sort_keys=True).encode())
-        self._skip_empty()
 
     @property
     def remaining(self) -> int:
@@ -200,13 +199,6 @@ class TorchWriter:
     def _finish_tensor(self) -> None:
         self._entry.close()
         self._entry, self._next, self._filled = None, self._next + 1, 0
-        self._skip_empty()
-
-    def _skip_empty(self) -> None:
-        """Tensors of no elements get their (empty) record at once: no block ever comes for them."""
-        while self._next < len(self._layout) and self._layout[self._next].numel == 0:
-            self._record(f"data/{self._next}", b"")
-            self._next += 1
 
     def close(self) -> None:
         """Write ``version`` and the central directory, flush to disk; raise if tensors are missing."""
