@@ -7,7 +7,7 @@ then each storage as its own ``archive/data/N`` record, then ``archive/version``
 and dtype is known from the input headers before any data is read, so the pickle goes first
 and each storage is appended as its blocks are averaged: memory holds a block, never a tensor.
 Record data starts 64-byte aligned (an ``FB`` padding extra field, as torch writes it), so
-``torch.load(mmap=True)`` maps the storages in place. The merge's metadata (the recipe marker run
+``torch.load(weights_only=True, mmap=True)`` maps the storages in place. The merge's metadata (the recipe marker run
 discovery tells merges apart by) goes into a record of its own, ``archive/.data/ckpt_select.json``,
 which torch does not read: the pickle stays a plain dict of tensors.
 """
