@@ -20,7 +20,7 @@ recommendation, the best uniform average of a contiguous window of the newest ``
 
     python benchmarks/field_runs.py --out benchmarks/results/field_runs.json --doc docs/field-benchmark.md
 
-About 5 minutes on 2 CPU cores. Runs are trained into ``--work`` (a temporary folder by default).
+19 minutes on a 2-core machine under a load average of ~13 (other jobs); less when idle. Runs are trained into ``--work`` (a temporary folder by default).
 """
 
 from __future__ import annotations
@@ -408,7 +408,7 @@ What `recommend` printed first for each run:
 
 These numbers are measured as CkptSelect stood at that commit, with issue 21's open bugs (run identity, the
 Lightning eval alignment, the val band on a falling loss, DeepSpeed/Megatron readers) fixed or not as they
-were then. Rerun after a change (about {doc['total_minutes']:.0f} minutes on 2 cores):
+were then. Rerun after a change ({doc['total_minutes']:.0f} minutes here, on the shared machine above):
 
     python benchmarks/field_runs.py --out benchmarks/results/field_runs.json --doc docs/field-benchmark.md
 """)
