@@ -314,15 +314,19 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
 @click.option("--force", is_flag=True, help="Replace an existing output folder that an earlier merge wrote, or an empty one "
               "(atomically, once the merge is complete); never anything else.")
 @click.option("--out-shard-size", help="Shard the output at this size, e.g. 2GB (default: as the newest input).")
+@click.option("--out-format", "out_format", type=click.Choice(["safetensors", "torch", "lightning"]), default=None,
+              help="safetensors (default: the recipe's, else this), torch (model.pt, a torch.save dict of tensors) "
+                   "or lightning (model.ckpt holding {'state_dict': ...}).")
 @click.option("--dry-run", is_flag=True, help="Print what would be read and written, peak memory and time; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def merge(paths: tuple[Path, ...], checkpoints_given: int, weights: tuple[float, ...],
           output_dtype: str | None, out_dir: Path, verify: str, no_verify: bool, force: bool,
-          out_shard_size: str | None, dry_run: bool, as_json: bool) -> None:
+          out_shard_size: str | None, out_format: str | None, dry_run: bool, as_json: bool) -> None:
     """Average checkpoints (from a recipe, a mergekit linear config, or --checkpoints) into a new folder."""
     from .merge import dry_run as plan_of, merge as merge_into, parse_size
     recipe_path, checkpoint_paths = _split_merge_paths(paths, checkpoints_given)
     recipe = _merge_inputs(recipe_path, checkpoint_paths, weights, output_dtype)
+    recipe = replace(recipe, output_format=out_format) if out_format else recipe
     shard_size = parse_size(out_shard_size)
     if dry_run:
         plan = plan_of(recipe, out_dir, force=force, out_shard_size=shard_size)
@@ -340,7 +344,7 @@ def merge(paths: tuple[Path, ...], checkpoints_given: int, weights: tuple[float,
     doc = {"out_dir": str(result.out_dir), "model_file": str(result.model_file),
            "recipe_file": str(result.recipe_file), "bytes": result.size_bytes, "tensors": result.n_tensors,
            "steps": list(result.steps), "weights": list(result.weights), "files": list(result.files),
-           "sharded": result.sharded, "warnings": list(result.warnings)}
+           "sharded": result.sharded, "warnings": list(result.warnings), "out_format": result.out_format}
     doc["stale_removed"] = [str(p) for p in result.stale.paths]
     doc["stale_freed_bytes"] = result.stale.freed_bytes
     for line in result.warnings:
@@ -349,6 +353,8 @@ def merge(paths: tuple[Path, ...], checkpoints_given: int, weights: tuple[float,
         _emit(doc)
     else:
         click.echo(f"Merged {len(result.steps)} checkpoint{'' if len(result.steps) == 1 else 's'} into {result.model_file} ({result.size_bytes / 1e6:.2f} MB)")
+    if result.suggestion:
+        click.echo(f"ckpt-select: note: {result.suggestion}", err=True)
     if result.stale.paths:
         click.echo(f"ckpt-select: {result.stale.describe()}", err=True)
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 import yaml
 
 from . import __version__
-from .inputs import OUTPUT_DTYPES, duplicate_inputs, normalize_weights
+from .inputs import OUTPUT_DTYPES, OUTPUT_FORMATS, duplicate_inputs, normalize_weights
 from .checkpoints.base import main_floating_dtype
 from .errors import AnalysisError, InvalidArgument, RecipeError
 from .hashing import checkpoint_quick_hash, checkpoint_sha256
@@ -55,6 +55,7 @@ class Recipe:
     reasons: dict[str, str] = field(default_factory=dict)   # str(step) -> why taken / left out
     created_by: str = f"ckpt-select {__version__}"
     source_run: Path | None = None
+    output_format: str = "safetensors"   # the merged file's format, one of OUTPUT_FORMATS (issue 21)
 
     @property
     def weights(self) -> tuple[float, ...]:
@@ -121,6 +122,7 @@ def recipe_to_dict(recipe: Recipe, relative_to: Path | None = None) -> dict:
         RECIPE_KEY: RECIPE_VERSION,
         "method": recipe.method,
         "output_dtype": recipe.output_dtype,
+        "output_format": recipe.output_format,
         "checkpoints": [
             {"path": show(e.path), "step": e.step, "weight": round(e.weight, 12), "sha256": e.sha256,
              **({"quick_hash": e.quick_hash} if e.quick_hash else {}), "bytes": e.size_bytes}
@@ -194,6 +196,9 @@ def recipe_from_dict(doc: object, path: Path) -> Recipe:
     dtype = str(doc.get("output_dtype", "same"))
     if dtype not in OUTPUT_DTYPES:
         problems.append(f"output_dtype {dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
+    out_format = str(doc.get("output_format", "safetensors"))   # recipes before issue 21 have none
+    if out_format not in OUTPUT_FORMATS:
+        problems.append(f"output_format {out_format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
     raw = doc.get("checkpoints")
     if not isinstance(raw, list) or not raw:
         problems.append("'checkpoints' must be a non-empty list")
@@ -213,7 +218,7 @@ def recipe_from_dict(doc: object, path: Path) -> Recipe:
         raise RecipeError(path, "; ".join(problems))
     source = doc.get("source_run")
     return Recipe(method, tuple(entries), dtype, {str(k): str(v) for k, v in (doc.get("reasons") or {}).items()},
-                  str(doc.get("created_by", "")), (path.parent / source).resolve() if source else None)
+                  str(doc.get("created_by", "")), (path.parent / source).resolve() if source else None, out_format)
 
 
 def _entry_path(item: object) -> str:
@@ -376,4 +381,4 @@ def with_hashes(recipe: Recipe) -> Recipe:
         entries.append(RecipeEntry(e.path, e.step, e.weight, e.sha256 or checkpoint_sha256(ref.files),
                                    ref.size_bytes, e.quick_hash or checkpoint_quick_hash(ref.files)))
     return Recipe(recipe.method, tuple(entries), recipe.output_dtype, recipe.reasons, recipe.created_by,
-                  recipe.source_run)
+                  recipe.source_run, recipe.output_format)

@@ -20,6 +20,7 @@ from ..errors import CheckpointReadError, NotACheckpoint
 from .base import TensorInfo, is_tensor, tensor_info
 from .keys import KeyMap
 from .optim import SAVED_LR, moments_by_name, saved_adam_counters, saved_learning_rate
+from .torch_writer import read_merge_metadata
 
 if TYPE_CHECKING:
     import torch
@@ -236,6 +237,7 @@ class TorchPickleHandle:
     def __init__(self, path: Path, normalize: bool = True) -> None:
         self.path = path
         weights, ema, optimizer, self._metadata = split_payload(safe_torch_load(path), path)
+        self._metadata.update(read_merge_metadata(path))   # a CkptSelect merge written as torch (issue 21)
         self._weights = TensorTable(path, weights, normalize)
         self._ema = TensorTable(path, ema)
         params = [i for i in self._weights.infos if i.is_floating]
