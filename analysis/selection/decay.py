@@ -1,0 +1,123 @@
+"""Decay-emulating weights (WSM): the average of constant-LR checkpoints that acts like an LR decay.
+
+Checkpoint j of a constant-LR stretch is θ_j = θ_0 − η Σ (updates up to it). The average Σ c_j θ_j with
+c_0 = 1 − w_1, c_j = w_j − w_{j+1}, c_k = w_k (Tian et al., WSM, arXiv 2507.17634) scales the updates made
+between checkpoints j−1 and j by Σ_{i≥j} c_i = w_j: it is the run as if its LR had followed w, piecewise
+constant, and Σ c = w_0 = 1. A decay schedule w(x), x in [0, 1] through the decay, gives w_j = w(x_j).
+
+Where x_j comes from decides everything. Megatron-LM's ``weighted_merge.py`` assumes equal spacing and
+reads w at x_j = j / n for the n checkpoints (``linspace(0, 1, n, endpoint=False)``): the decay runs from
+the oldest checkpoint to one interval past the newest, and each checkpoint's w is read at its own
+position. This module keeps that convention but places the checkpoints where they were saved, in
+TOKENS (steps when the run logs no token count): x_j = (t_j − t_0) / (t_k − t_0 + mean spacing). On equal
+spacing that is exactly j / n (so 1 − √x, n = 5 gives Megatron's 0.447, 0.185, 0.142, 0.120, 0.106);
+a run that saved more often somewhere gets the weights the schedule implies there, not j / n.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InvalidArgument, NotEnoughCheckpoints
+from ..signals import CheckpointSignals
+from .span import positions
+
+SCHEDULES = ("linear", "1-sqrt", "cosine", "exp")
+DEFAULT_EXP_RATE = 5.0   # exp: w(1) = e^-5 ≈ 0.007, a decay that ends near zero like the others
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """A decay curve w(x) on x in [0, 1], w(0) = 1, non-increasing, so every coefficient is ≥ 0."""
+
+    name: str             # linear | 1-sqrt | cosine | exp
+    rate: float = DEFAULT_EXP_RATE   # exp only: w(x) = exp(-rate x)
+
+    @property
+    def spec(self) -> str:
+        """The text that parses back to this schedule (``exp:3`` keeps its rate)."""
+        return f"exp:{self.rate:g}" if self.name == "exp" else self.name
+
+    def at(self, x: np.ndarray) -> np.ndarray:
+        """w(x): the LR multiplier a fraction ``x`` of the way through the decay."""
+        x = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
+        if self.name == "linear":
+            return 1.0 - x
+        if self.name == "1-sqrt":
+            return 1.0 - np.sqrt(x)
+        if self.name == "cosine":
+            return 0.5 * (1.0 + np.cos(math.pi * x))
+        return np.exp(-self.rate * x)
+
+
+def parse_schedule(spec: str) -> Schedule:
+    """``linear``, ``1-sqrt`` (also ``minus-sqrt``, Megatron's name), ``cosine`` or ``exp[:RATE]``.
+
+    Raises:
+        InvalidArgument: an unknown name, or an exp rate that is not a positive number.
+    """
+    name, _, rate = str(spec).strip().lower().partition(":")
+    name = {"minus-sqrt": "1-sqrt", "sqrt": "1-sqrt"}.get(name, name)
+    if name not in SCHEDULES:
+        raise InvalidArgument(f"schedule must be one of linear, 1-sqrt, cosine, exp[:RATE], got {spec!r}")
+    if name != "exp":
+        if rate:
+            raise InvalidArgument(f"only the exp schedule takes a rate, got {spec!r}")
+        return Schedule(name)
+    try:
+        value = float(rate) if rate else DEFAULT_EXP_RATE
+    except ValueError:
+        raise InvalidArgument(f"exp schedule rate must be a number, got {rate!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidArgument(f"exp schedule rate must be positive, got {rate!r}")
+    return Schedule("exp", value)
+
+
+def decay_fractions(positions: np.ndarray | list[float]) -> np.ndarray:
+    """x_j of checkpoints at ``positions`` (tokens or steps, oldest first): how far through the decay each sits.
+
+    The decay runs from the oldest to one mean spacing past the newest (Megatron's j / n on equal spacing).
+    """
+    t = np.asarray(positions, dtype=np.float64)
+    if len(t) < 2:
+        return np.zeros(len(t))
+    span = float(t[-1] - t[0])
+    if not span > 0 or np.any(np.diff(t) <= 0):
+        raise InvalidArgument("decay weights need checkpoints at strictly increasing positions")
+    return (t - t[0]) / (span * len(t) / (len(t) - 1))
+
+
+def decay_coefficients(schedule: Schedule, positions: np.ndarray | list[float]) -> tuple[float, ...]:
+    """The WSM coefficients c_0 = 1 − w_1, c_j = w_j − w_{j+1}, c_k = w_k of checkpoints at ``positions``.
+
+    Oldest first; they sum to 1 (w_0 = w(0) = 1) and are ≥ 0 (w does not increase).
+
+    Raises:
+        NotEnoughCheckpoints: no position. InvalidArgument: positions not strictly increasing.
+    """
+    if len(positions) < 1:
+        raise NotEnoughCheckpoints("no checkpoint to weight")
+    w = schedule.at(decay_fractions(positions))
+    w[0] = 1.0
+    c = np.append(w[:-1] - w[1:], w[-1])
+    return tuple(float(v) for v in c / c.sum())
+
+
+def emulated_lr(schedule: Schedule, positions: np.ndarray | list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """The LR multiplier the merge applies, as (positions, multiplier) for a step chart (plotly ``hv``).
+
+    The updates between checkpoint j−1 and j count w_j (the multiplier at position j−1 holds until j);
+    those after the newest not at all (0). Updates before the oldest count fully (1, not returned).
+    """
+    t = np.asarray(positions, dtype=np.float64)
+    w = schedule.at(decay_fractions(t))
+    return t, np.append(w[1:], 0.0)
+
+
+def decay_weights(schedule: Schedule, items: list[CheckpointSignals] | tuple[CheckpointSignals, ...]) -> tuple[float, ...]:
+    """The coefficients of checkpoints ``items`` (oldest first) at their positions in tokens, else steps."""
+    where, _ = positions(list(items))
+    return decay_coefficients(schedule, where)
