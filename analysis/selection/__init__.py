@@ -21,7 +21,7 @@ order. Imports go one way, from ``recommender`` down to ``recommendation``, so t
 """
 
 from .cooldown import CooldownReport, CooldownRow, cooldown_report
-from .decay import SCHEDULES, Schedule, decay_coefficients, emulated_lr, parse_schedule
+from .decay import SCHEDULES, DecaySelection, Schedule, decay_coefficients, decay_selection, emulated_lr, parse_schedule
 from .explain import stand_in_sampling_error
 from .recommendation import METHODS, Choice, Decision, Recommendation, RecommendConfig
 from .recommender import recommend
@@ -32,7 +32,9 @@ __all__ = [
     "CooldownReport",
     "CooldownRow",
     "Schedule",
+    "DecaySelection",
     "cooldown_report",
+    "decay_selection",
     "decay_coefficients",
     "emulated_lr",
     "parse_schedule",

@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..errors import NotEnoughCheckpoints
 from ..evaluate import Evaluator
 from ..signals import CheckpointSignals, RunSignals
 from .decay import decay_weights, parse_schedule
-from .eligibility import predicted_excess
+from .eligibility import predicted_excess, why_none_eligible
 from .span import format_tokens, positions
 
 COOLDOWN_SCHEDULES = ("linear", "1-sqrt", "cosine")
@@ -57,6 +58,8 @@ def cooldown_report(signals: RunSignals, evaluator: Evaluator | None = None, *, 
                     fractions: tuple[float, ...] = COOLDOWN_FRACTIONS) -> CooldownReport:
     """Emulated-decay losses of the stable phase's checkpoints, per schedule and window."""
     eligible = [s for s in signals.checkpoints if s.eligible]
+    if not eligible:
+        raise NotEnoughCheckpoints(why_none_eligible(signals))
     stable, decayed = stable_phase(eligible)
     where, unit = positions(stable)
     rows = []

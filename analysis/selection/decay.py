@@ -121,3 +121,35 @@ def decay_weights(schedule: Schedule, items: list[CheckpointSignals] | tuple[Che
     """The coefficients of checkpoints ``items`` (oldest first) at their positions in tokens, else steps."""
     where, _ = positions(list(items))
     return decay_coefficients(schedule, where)
+
+
+@dataclass(frozen=True, slots=True)
+class DecaySelection:
+    """Decay-emulating weights of a selection of checkpoints, and the LR curve they emulate (for the app)."""
+
+    steps: tuple[int, ...]          # the checkpoints weighted, oldest first (those of the selection in the window)
+    weights: tuple[float, ...]
+    where: tuple[float, ...]        # their positions in ``unit``
+    multiplier: tuple[float, ...]   # the emulated LR multiplier from each position on (:func:`emulated_lr`)
+    unit: str                       # tokens | steps
+    lr_at_start: float | None       # the LR at the oldest, to put the multiplier in LR units
+    describe: str                   # the window in words, or "" when the whole selection is weighted
+
+
+def decay_selection(items: list[CheckpointSignals], schedule: str, window_tokens: float | None = None,
+                    window_steps: int | None = None) -> DecaySelection:
+    """WSM weights of ``items`` (a selection, oldest first), within a window in tokens or steps when given.
+
+    Raises:
+        InvalidArgument: a bad schedule or window. NotEnoughCheckpoints: an empty selection.
+    """
+    from .span import resolve_span
+    if not items:
+        raise NotEnoughCheckpoints("no checkpoint to weight")
+    parsed = parse_schedule(schedule)
+    span = resolve_span(items, window_tokens, window_steps)
+    taken = items[len(items) - span.size:] if span is not None else items
+    where, unit = positions(taken)
+    x, multiplier = emulated_lr(parsed, where)
+    return DecaySelection(tuple(s.ref.step for s in taken), decay_weights(parsed, taken), tuple(map(float, x)),
+                          tuple(map(float, multiplier)), unit, taken[0].lr, span.describe if span else "")

@@ -89,3 +89,17 @@ else:
     cols[1].metric("exponent β", f"{fit.beta:.3f}")
     cols[2].metric(f"loss at 2x the {fit.x_unit}", f"{signal.forecasts[0].value:.4f}")
     st.plotly_chart(charts.stop_figure(run, signal), key="stop_chart")
+
+with st.expander("What would a cooldown give? Decay-emulating merges of the stable phase (`recommend --cooldown`)"):
+    try:
+        cooldown = cached.cooldown(now.path, now.stamp)
+    except AnalysisError as e:
+        st.info(f"No cooldown estimate: {e}")
+    else:
+        st.caption(cooldown.basis)
+        st.dataframe([{"schedule": r.schedule, "window": r.describe.split(": ", 1)[-1], "predicted loss": r.predicted_loss,
+                       "vs newest stable": (r.predicted_loss - cooldown.stable_loss
+                                            if r.predicted_loss is not None and cooldown.stable_loss is not None else None),
+                       "vs real decay's end": (r.predicted_loss - cooldown.decay_loss
+                                               if r.predicted_loss is not None and cooldown.decay_loss is not None else None)}
+                      for r in cooldown.rows], hide_index=True, key="cooldown_table")
