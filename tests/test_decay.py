@@ -203,3 +203,45 @@ def test_cooldown_takes_the_stable_phase_and_compares_with_a_real_decay_issue_24
     assert all(max(r.steps) == 450 for r in report.rows)
     assert all(r.predicted_loss is None for r in report.rows)   # no Adam state: nothing to predict from
     assert "real decay ending at step 600" in report.basis
+
+
+def _app(run_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The app on ``run_path`` through Streamlit's AppTest, with its own state folder."""
+    from streamlit.testing.v1 import AppTest
+    from conftest import REPO
+    monkeypatch.setenv("CKPT_SELECT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("CKPT_SELECT_RUN", str(run_path))
+    monkeypatch.delenv("CKPT_SELECT_ROOT", raising=False)
+    at = AppTest.from_file(str(REPO / "app" / "streamlit_app.py"), default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_merge_page_decay_weights_chart_and_recipe_issue_24(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _with_tokens(write_tiny_run(tmp_path / "run", list(range(50, 650, 50))), _two_speed)
+    at = _app(run, tmp_path, monkeypatch)
+    at.session_state["selected_steps"] = [350, 400, 450, 500, 550, 600]
+    at.switch_page("views/merge.py").run()
+    at.segmented_control(key="weights_method").set_value("decay").run()
+    assert not at.exception, at.exception
+    charts = {c.proto.id: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
+    bars = next(spec for spec in charts.values() if spec["data"][0]["type"] == "bar")["data"][0]
+    assert len(bars["y"]) == 6
+    assert bars["y"] == pytest.approx(_one_minus_sqrt([_two_speed(s) for s in range(350, 650, 50)]))
+    lr = next(spec for spec in charts.values() if any(t.get("name") == "emulated LR (merge)" for t in spec["data"]))
+    assert [t["name"] for t in lr["data"]] == ["real LR", "emulated LR (merge)"]
+    at.number_input(key="decay_window").set_value(300e3).run()   # 700K..1M tokens: steps 500-600
+    charts = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    bars = next(spec for spec in charts if spec["data"][0]["type"] == "bar")["data"][0]
+    assert bars["x"] == ["500", "550", "600"]
+    assert any("window 300K tokens (asked 300K): steps 500–600, 3 checkpoints" in c.value for c in at.caption)
+
+
+def test_run_page_cooldown_panel_on_the_sample_run_issue_24(sample_run: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    at = _app(sample_run, tmp_path, monkeypatch)
+    assert any("Adam's second moments" in c.value for c in at.caption)
+    table = at.dataframe[-1].value
+    assert len(table) == 9 and list(table["schedule"])[:3] == ["linear", "1-sqrt", "cosine"]
+    assert (table["vs newest stable"] < 0).all()
