@@ -185,7 +185,7 @@ def cooldown_doc(report: CooldownReport) -> dict:
 
     rows = [{"schedule": r.schedule, "window": r.window, "unit": r.unit, "steps": list(r.steps),
              "weights": list(r.weights), "predicted_loss": _num(r.predicted_loss), "measured_loss": _num(r.measured_loss),
-             "predicted_gap_to_decay_nats": gap(r.predicted_loss, report.decay_loss),
+             "predicted_vs_stable_nats": _num(r.vs_stable), "predicted_gap_to_decay_nats": _num(r.vs_decay),
              "measured_gap_to_decay_nats": gap(r.measured_loss, report.decay_measured), "describe": r.describe}
             for r in report.rows]
     return {"rows": rows, "stable_step": report.stable_step, "stable_loss": _num(report.stable_loss),

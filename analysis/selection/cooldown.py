@@ -37,6 +37,8 @@ class CooldownRow:
     predicted_loss: float | None    # from the logs and Adam's state (None without them)
     measured_loss: float | None     # the evaluator's score, where one was given
     describe: str               # "1-sqrt over 576K tokens: steps 2400–2880, 4 checkpoints"
+    vs_stable: float | None = None  # predicted loss minus the newest stable checkpoint's (negative: the merge is lower)
+    vs_decay: float | None = None   # predicted loss minus the real decay's end, where the run has one
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +65,12 @@ def cooldown_report(signals: RunSignals, evaluator: Evaluator | None = None, *, 
     stable, decayed = stable_phase(eligible)
     where, unit = positions(stable)
     rows = []
+    end = _val(decayed) if decayed is not None else None
     for fraction in fractions:
         length = fraction * float(where[-1])
         span = [s for s, p in zip(stable, where) if p >= where[-1] - length * (1 + 1e-9)]
         for name in schedules:
-            rows.append(_row(parse_schedule(name), span, length, unit, signals, evaluator, dtype))
+            rows.append(_row(parse_schedule(name), span, length, unit, signals, evaluator, dtype, end))
     score = (lambda item: evaluator.score([item.ref], (1.0,), dtype)) if evaluator is not None else (lambda _: None)
     return CooldownReport(tuple(rows), stable[-1].ref.step, _val(stable[-1]), score(stable[-1]),
                           decayed.ref.step if decayed else None, _val(decayed) if decayed else None,
@@ -90,7 +93,7 @@ def stable_phase(eligible: list[CheckpointSignals]) -> tuple[list[CheckpointSign
 
 
 def _row(schedule, span: list[CheckpointSignals], length: float, unit: str, signals: RunSignals,
-         evaluator: Evaluator | None, dtype: str) -> CooldownRow:
+         evaluator: Evaluator | None, dtype: str, end: float | None) -> CooldownRow:
     """The merge of ``span`` with ``schedule``'s coefficients, predicted and (with an evaluator) measured."""
     weights = decay_weights(schedule, span)
     predicted = None
@@ -101,8 +104,10 @@ def _row(schedule, span: list[CheckpointSignals], length: float, unit: str, sign
     shown = format_tokens(length) if unit == "tokens" else f"{length:g}"
     describe = (f"{schedule.spec} over {shown} {unit}: steps {span[0].ref.step}–{span[-1].ref.step}, "
                 f"{len(span)} checkpoint{'s' if len(span) != 1 else ''}")
+    newest = _val(span[-1])
     return CooldownRow(schedule.spec, length, unit, tuple(s.ref.step for s in span), weights, predicted, measured,
-                       describe)
+                       describe, predicted - newest if predicted is not None else None,
+                       predicted - end if predicted is not None and end is not None else None)
 
 
 def _val(item: CheckpointSignals) -> float | None:

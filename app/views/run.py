@@ -97,9 +97,6 @@ with st.expander("What would a cooldown give? Decay-emulating merges of the stab
         st.info(f"No cooldown estimate: {e}")
     else:
         st.caption(cooldown.basis)
-        st.dataframe([{"schedule": r.schedule, "window": r.describe.split(": ", 1)[-1], "predicted loss": r.predicted_loss,
-                       "vs newest stable": (r.predicted_loss - cooldown.stable_loss
-                                            if r.predicted_loss is not None and cooldown.stable_loss is not None else None),
-                       "vs real decay's end": (r.predicted_loss - cooldown.decay_loss
-                                               if r.predicted_loss is not None and cooldown.decay_loss is not None else None)}
-                      for r in cooldown.rows], hide_index=True, key="cooldown_table")
+        st.dataframe([{"schedule": r.schedule, "window": r.describe.split(" over ", 1)[-1],
+                       "predicted loss": r.predicted_loss, "vs newest stable": r.vs_stable,
+                       "vs real decay's end": r.vs_decay} for r in cooldown.rows], hide_index=True, key="cooldown_table")
