@@ -23,6 +23,7 @@ from .checkpoints.base import main_floating_dtype
 from .errors import AnalysisError, InvalidArgument, RecipeError
 from .hashing import checkpoint_quick_hash, checkpoint_sha256
 from .run import CheckpointRef, checkpoint_ref
+from .schedules import parse_schedule
 from .targets import MERGEKIT_MARKER, RECIPE_KEY, write_text_atomic
 
 if TYPE_CHECKING:
@@ -223,7 +224,6 @@ def recipe_from_dict(doc: object, path: Path) -> Recipe:
 
 def _settings(raw: object, method: str, problems: list[str]) -> dict[str, object]:
     """The recipe's settings (decay schedule, window length; issue 24), noting what is wrong in ``problems``."""
-    from .selection.decay import parse_schedule
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
