@@ -289,7 +289,8 @@ def _print_cooldown(signals: object, evaluator: object, output_dtype: str, as_js
         _emit(doc)
         return
     click.echo(f"What a cooldown would give: {doc['basis']}")
-    show = lambda v: f"{v:.4f}" if v is not None else "-"   # noqa: E731
+    def show(value: float | None) -> str:
+        return f"{value:.4f}" if value is not None else "-"
     click.echo(f"  newest stable checkpoint (step {doc['stable_step']}): {show(doc['stable_loss'])}"
                + (f"; real decay's end (step {doc['decay_step']}): {show(doc['decay_loss'])}" if doc['decay_step'] else ""))
     for row in doc["rows"]:

@@ -11,6 +11,7 @@ run's TEST split (which neither the logs nor any evaluator the recommender uses 
 - the newest stable checkpoint alone, and the real end of the decay (the run's newest checkpoint).
 
     .venv/bin/python benchmarks/decay_emulation.py [--scale cpu] [--optimizer-state] [--runs wsd]
+    .venv/bin/python benchmarks/decay_emulation.py --run-dir RUN   # a WSD run made by make_sample_run.py
 
 Writes ``benchmarks/out/decay/SET/RUN.json`` and prints a table for docs/decay-emulation.md.
 """
@@ -112,11 +113,13 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "selection")
     p.add_argument("--runs", default=",".join(WSD_RUNS), help="comma-separated WSD run names")
     p.add_argument("--optimizer-state", action="store_true", help="runs whose checkpoints hold the AdamW state")
+    p.add_argument("--run-dir", type=Path, action="append",
+                   help="judge this WSD run folder (made by sample_runs/make_sample_run.py) instead of making runs")
     a = p.parse_args()
     runs = RunSet(a.scale, 0, a.optimizer_state)
-    results = REPO / "benchmarks" / "out" / "decay" / runs.name
+    results = REPO / "benchmarks" / "out" / "decay" / ("given" if a.run_dir else runs.name)
     results.mkdir(parents=True, exist_ok=True)
-    for run_dir in make_runs(runs, a.out, a.runs.split(",")):
+    for run_dir in a.run_dir or make_runs(runs, a.out, a.runs.split(",")):
         result = judge_run(run_dir)
         result["machine"] = f"{platform.machine()}, {platform.processor() or 'cpu'}"
         result["date"] = date.today().isoformat()
