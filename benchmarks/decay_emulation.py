@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from analysis import RecommendConfig, assess_run, open_run, recommend  # noqa: E402
+from analysis import RecommendConfig, assess_run, load_evaluator, open_run, recommend  # noqa: E402
 from analysis.selection import cooldown_report, decay_coefficients, parse_schedule, policy_weights  # noqa: E402
 from analysis.selection.cooldown import stable_phase  # noqa: E402
 from analysis.selection.span import format_tokens, positions  # noqa: E402
@@ -68,14 +68,16 @@ def judge_run(run_dir: Path) -> dict:
                              noise=newest_iterate_noise([s.ref for s in stable]))
     rec = recommend(stable_signals, RecommendConfig())
     predicted = scorer.score([index[r.step] for r in rec.checkpoints], rec.weights)
-    cooldown = cooldown_report(stable_signals)
+    evaluator = load_evaluator(f"{run_dir / 'evaluate.py'}:evaluate")   # the val split: what --cooldown --eval measures
+    cooldown = cooldown_report(stable_signals, evaluator)
     return {"run": run_dir.name, "unit": unit, "stable_steps": [s.ref.step for s in stable],
             "stable_tokens": float(where[-1]), "decay_step": decayed.ref.step,
             "last_stable": scorer.score(members[-1:]), "real_decay_end": scorer.score([index[decayed.ref.step]]),
             "decay_rows": rows, "sma": smas, "ema": emas,
             "predicted": {"method": rec.method, "steps": [r.step for r in rec.checkpoints], "test": predicted},
-            "cooldown_predicted_val": [{"schedule": r.schedule, "window": r.window, "predicted_val": r.predicted_loss}
-                                       for r in cooldown.rows]}
+            "cooldown_val": [{"schedule": r.schedule, "window": r.window, "checkpoints": len(r.steps),
+                              "predicted_val": r.predicted_loss, "measured_val": r.measured_loss} for r in cooldown.rows],
+            "cooldown_stable_val": cooldown.stable_measured}
 
 
 def markdown(result: dict) -> str:
@@ -104,6 +106,11 @@ def markdown(result: dict) -> str:
     for name in SCHEDULES:
         cells = [next(r for r in result["decay_rows"] if r["schedule"] == name and r["fraction"] == f) for f in FRACTIONS]
         lines.append(f"| {name} | " + " | ".join(f"{c['test']:.4f} ({c['checkpoints']})" for c in cells) + " |")
+    lines += ["", f"`recommend --cooldown` on the stable phase, val split (newest stable alone: "
+              f"{result['cooldown_stable_val']:.4f}): predicted from logs + Adam state / measured with the evaluator", "",
+              "| schedule | window (tokens) | checkpoints | predicted val | measured val |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['schedule']} | {r['window']:,.0f} | {r['checkpoints']} | {r['predicted_val']:.4f} | "
+              f"{r['measured_val']:.4f} |" for r in result["cooldown_val"]]
     return "\n".join(lines)
 
 
