@@ -24,9 +24,12 @@ class Span:
 
 
 def positions(items: list[CheckpointSignals]) -> tuple[np.ndarray, str]:
-    """Where the checkpoints were saved: (tokens, "tokens") when every one has a token count, else steps."""
+    """Where the checkpoints were saved: (tokens, "tokens") when every one has a token count and the counts
+    rise with the steps (a reset counter after a restart does not), else steps."""
     if items and all(item.tokens is not None for item in items):
-        return np.array([item.tokens for item in items], dtype=np.float64), "tokens"
+        tokens = np.array([item.tokens for item in items], dtype=np.float64)
+        if np.all(np.isfinite(tokens)) and np.all(tokens[1:] > tokens[:-1]):
+            return tokens, "tokens"
     return np.array([item.ref.step for item in items], dtype=np.float64), "steps"
 
 
