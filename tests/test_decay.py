@@ -245,3 +245,22 @@ def test_run_page_cooldown_panel_on_the_sample_run_issue_24(sample_run: Path, tm
     table = at.dataframe[-1].value
     assert len(table) == 9 and list(table["schedule"])[:3] == ["linear", "1-sqrt", "cosine"]
     assert (table["vs newest stable"] < 0).all()
+
+
+def test_the_evaluator_search_scores_decay_candidates_issue_24(tiny_run: Path, tmp_path: Path) -> None:
+    """auto with --eval scores 1-sqrt and cosine decay weights like any candidate; method decay keeps them."""
+    from analysis.evaluate import load_evaluator
+    source = tmp_path / "ev.py"
+    source.write_text("def evaluate(state):\n    return float(state['layer.bias'].float().abs().mean())\n")
+    signals = assess_run(open_run(tiny_run))
+    messages: list[str] = []
+    recommend(signals, RecommendConfig(max_evals=60), load_evaluator(f"{source}:evaluate"),
+              lambda fraction, message: messages.append(message))
+    assert any(m.startswith("decay-emulating 1-sqrt of the newest") for m in messages)
+    assert any(m.startswith("decay-emulating cosine of the newest") for m in messages)
+    rec = recommend(signals, RecommendConfig(method="decay", schedule="cosine", window_steps=150),
+                    load_evaluator(f"{source}:evaluate"))
+    steps = [r.step for r in rec.checkpoints]
+    assert rec.method == "decay" and steps == [450, 500, 550, 600]   # the older, smaller biases score lower
+    assert rec.settings == {"schedule": "cosine", "window_steps": 150} and rec.score < rec.last_score
+    assert rec.weights == pytest.approx(decay_coefficients(parse_schedule("cosine"), steps))

@@ -49,7 +49,8 @@ def search_with_evaluator(signals: RunSignals, eligible: list[CheckpointSignals]
         weights = _weights(method, eligible[-k:], alpha)
         score = evaluator.score(refs[-k:], weights, config.output_dtype)
         if progress is not None:
-            label = f"EMA (alpha {alpha:g})" if method == "ema" else method.upper()
+            label = (f"EMA (alpha {alpha:g})" if method == "ema" else f"decay-emulating {method[6:]}"
+                     if method.startswith("decay:") else method.upper())
             progress((index + 1) / max(len(candidates), 1), f"{label} of the newest {k}: {score:.4f}")
         if score < best[0]:
             best = (score, method, eligible[-k:], weights)
