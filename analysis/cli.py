@@ -234,6 +234,15 @@ def watch_cmd(run_path: Path, every: float, as_json: bool, until_step: int | Non
                    "an evaluator that reads data which changes between runs.")
 @click.option("--method", type=_LazyChoice(".selection", "METHODS"), default="auto", show_default=True)
 @click.option("--window", type=int, help="Average the newest N eligible checkpoints instead of choosing.")
+@click.option("--window-tokens", type=float, metavar="TOKENS",
+              help="Average the eligible checkpoints within this many tokens of the newest (e.g. 50e9), any method.")
+@click.option("--window-steps", type=int, metavar="STEPS",
+              help="Average the eligible checkpoints within this many steps of the newest, any method.")
+@click.option("--schedule", default="1-sqrt", show_default=True, metavar="linear|1-sqrt|cosine|exp[:RATE]",
+              help="Method decay: the LR decay the merge emulates (WSM weights at the checkpoints' token positions).")
+@click.option("--cooldown", is_flag=True,
+              help="Report what a cooldown would give: the emulated-decay loss per schedule and window "
+                   "(predicted from logs and Adam's state; measured with --eval), against a real decay if the run has one.")
 @click.option("--ema-alpha", type=float, default=0.3, show_default=True, help="Weight of the newest under EMA.")
 @click.option("--max-evals", type=int, help="Evaluator calls allowed (default 2 x checkpoints).")
 @click.option("--include-contaminated", is_flag=True, help="Also average checkpoints saved inside a spike.")
@@ -248,10 +257,10 @@ def watch_cmd(run_path: Path, every: float, as_json: bool, until_step: int | Non
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @_naming_a_file_run
 def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: bool, eval_tokens: int,
-                  eval_cache: bool, method: str,
-                  window: int | None, ema_alpha: float, max_evals: int | None, include_contaminated: bool,
-                  before_step: int | None, output_dtype: str, output: Path | None, force: bool, as_json: bool,
-                  run_name: str | None = None) -> None:
+                  eval_cache: bool, method: str, window: int | None, window_tokens: float | None,
+                  window_steps: int | None, schedule: str, cooldown: bool, ema_alpha: float, max_evals: int | None,
+                  include_contaminated: bool, before_step: int | None, output_dtype: str, output: Path | None,
+                  force: bool, as_json: bool, run_name: str | None = None) -> None:
     """Recommend which checkpoints to average, with a reason for each."""
     from .evaluate import load_evaluator
     from .recipe import recipe_for_selection, write_recipe
@@ -270,16 +279,19 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
         evaluator.persist()
     config = RecommendConfig(method=method, window=window, ema_alpha=ema_alpha, max_evals=max_evals,
                              output_dtype=output_dtype, include_contaminated=include_contaminated,
-                             before_step=before_step)
+                             before_step=before_step, schedule=schedule, window_tokens=window_tokens,
+                             window_steps=window_steps)
     update, close = _progress_bar("recommending")
     try:
         signals = assess_run(run, progress=update)
+        if cooldown:
+            return _print_cooldown(signals, evaluator, output_dtype, as_json)
         rec = recommend(signals, config, evaluator, update)
     finally:
         close()
     # Hashed only when written or shown (issue 20): the text output below does not show it.
     recipe = (recipe_for_selection(run, [r.step for r in rec.checkpoints], rec.weights, rec.method, output_dtype,
-                                   rec.reasons) if output or as_json else None)
+                                   rec.reasons, settings=rec.settings) if output or as_json else None)
     recipe_path = write_recipe(recipe, output, force=force, protected=protected) if output else None
     if as_json:
         doc = recommendation_report(rec, recipe)
@@ -297,6 +309,25 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
         click.echo(f"  {'+' if d.taken else '-'} step {d.step:>8}  {d.reason}")
     if recipe_path:
         click.echo(f"Recipe written to {recipe_path}. Merge with: python -m analysis merge {recipe_path} -o OUT_DIR")
+
+
+def _print_cooldown(signals: object, evaluator: object, output_dtype: str, as_json: bool) -> None:
+    """``recommend --cooldown``: the emulated-decay loss per schedule and window (issue 24)."""
+    from .report import cooldown_doc
+    from .selection import cooldown_report
+    doc = cooldown_doc(cooldown_report(signals, evaluator, dtype=output_dtype))
+    if as_json:
+        _emit(doc)
+        return
+    click.echo(f"What a cooldown would give: {doc['basis']}")
+    def show(value: float | None) -> str:
+        return f"{value:.4f}" if value is not None else "-"
+    click.echo(f"  newest stable checkpoint (step {doc['stable_step']}): {show(doc['stable_loss'])}"
+               + (f"; real decay's end (step {doc['decay_step']}): {show(doc['decay_loss'])}" if doc['decay_step'] else ""))
+    for row in doc["rows"]:
+        gap = f"  vs real decay {row['predicted_gap_to_decay_nats']:+.4f}" if row["predicted_gap_to_decay_nats"] is not None else ""
+        click.echo(f"  {row['describe']:<60} predicted {show(row['predicted_loss'])}  "
+                   f"measured {show(row['measured_loss'])}{gap}")
 
 
 @cli.command()

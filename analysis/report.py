@@ -9,7 +9,7 @@ import math
 
 from .logs import LogTable
 from .recipe import Recipe, recipe_to_dict
-from .selection import Recommendation
+from .selection import CooldownReport, Recommendation
 from .run import Run
 from .model_size import ParamCount
 from .scaling import ComputeOptimal, Forecast, StopSignal
@@ -176,8 +176,28 @@ def recommendation_report(rec: Recommendation, recipe: Recipe | None) -> dict:
         "stand_in_sampling_error_nats": _num(rec.stand_in_error),
         "score": _num(rec.score),
         "last_score": _num(rec.last_score),
+        "settings": dict(rec.settings),
         "recipe": recipe_to_dict(recipe) if recipe is not None else None,
     }
+
+
+def cooldown_doc(report: CooldownReport) -> dict:
+    """The `recommend --cooldown --json` document (issue 24): a row per schedule and window, and the real decay.
+
+    ``gap_to_decay_nats``: the row's loss minus the real decay's end (negative: the merge is lower).
+    """
+    def gap(value: float | None, end: float | None) -> float | None:
+        return _num(value - end) if value is not None and end is not None else None
+
+    rows = [{"schedule": r.schedule, "window": r.window, "unit": r.unit, "steps": list(r.steps),
+             "weights": list(r.weights), "predicted_loss": _num(r.predicted_loss), "measured_loss": _num(r.measured_loss),
+             "predicted_vs_stable_nats": _num(r.vs_stable), "predicted_gap_to_decay_nats": _num(r.vs_decay),
+             "measured_gap_to_decay_nats": gap(r.measured_loss, report.decay_measured), "describe": r.describe}
+            for r in report.rows]
+    return {"rows": rows, "stable_step": report.stable_step, "stable_loss": _num(report.stable_loss),
+            "stable_measured": _num(report.stable_measured), "decay_step": report.decay_step,
+            "decay_loss": _num(report.decay_loss), "decay_measured": _num(report.decay_measured),
+            "basis": report.basis}
 
 
 def storage_report(est: StorageEstimate, measured: MeasuredOverhead | None = None,

@@ -15,7 +15,7 @@ from analysis.errors import AnalysisError
 from analysis.evaluate import Evaluator, check_evaluator_allowed, load_evaluator
 from analysis.merge import MergeResult, merge_recipe
 from analysis.recipe import Recipe, dump_mergekit, dump_recipe, recipe_for_selection
-from analysis.selection import Recommendation, RecommendConfig, recommend
+from analysis.selection import CooldownReport, Recommendation, RecommendConfig, cooldown_report, recommend
 from analysis.report import analysis_report, timing_report
 from analysis.follow import RunFollower
 from analysis.run import Run, RunInfo, find_runs, folder_stamp
@@ -153,20 +153,32 @@ def current(path: Path) -> Current:
 
 @st.cache_data(max_entries=32, show_spinner="Hashing the selected checkpoints for the recipe...")
 def selection_recipe(path: str, stamp: str, steps: tuple[int, ...], weights: tuple[float, ...], method: str,
-                     output_dtype: str, reasons: tuple[tuple[str, str], ...]) -> Recipe:
-    """The selection's recipe, hashed once: the page's downloads and its merge share it (issue 20)."""
-    return recipe_for_selection(run(path, stamp), steps, weights, method, output_dtype, dict(reasons))
+                     output_dtype: str, reasons: tuple[tuple[str, str], ...],
+                     settings: tuple[tuple[str, object], ...] = ()) -> Recipe:
+    """The selection's recipe, hashed once: the page's downloads and its merge share it (issue 20).
+
+    ``settings``: what the recipe records besides weights, e.g. a decay's schedule (issue 24).
+    """
+    return recipe_for_selection(run(path, stamp), steps, weights, method, output_dtype, dict(reasons),
+                                settings=dict(settings))
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def recipe_texts(path: str, stamp: str, steps: tuple[int, ...], weights: tuple[float, ...], method: str,
-                 output_dtype: str, reasons: tuple[tuple[str, str], ...]) -> tuple[str, str]:
+                 output_dtype: str, reasons: tuple[tuple[str, str], ...],
+                 settings: tuple[tuple[str, object], ...] = ()) -> tuple[str, str]:
     """(our recipe YAML, mergekit YAML) of :func:`selection_recipe`; paths absolute so they work anywhere.
 
     The recipe text is the one the merge writes beside its output, byte for byte.
     """
-    recipe = selection_recipe(path, stamp, steps, weights, method, output_dtype, reasons)
+    recipe = selection_recipe(path, stamp, steps, weights, method, output_dtype, reasons, settings)
     return dump_recipe(recipe), dump_mergekit(recipe)
+
+
+@st.cache_data(max_entries=8, show_spinner="Predicting what a cooldown would give...")
+def cooldown(path: str, stamp: str) -> CooldownReport:
+    """The Run page's "what would a cooldown give?" panel: ``recommend --cooldown`` from the logs (issue 24)."""
+    return cooldown_report(signals(path, stamp))
 
 
 @st.cache_data(max_entries=8, show_spinner=False)

@@ -172,6 +172,24 @@ def weights_figure(steps: list[int], weights: list[float]) -> go.Figure:
     return fig
 
 
+def decay_figure(run: Run, where: list[float], multiplier: list[float], unit: str, lr_at_start: float | None) -> go.Figure:
+    """The LR the decay-emulating merge acts like (issue 24), next to the run's real LR, on tokens (or steps).
+
+    ``where``/``multiplier``: :func:`analysis.selection.emulated_lr`; scaled by the LR at the window's start.
+    """
+    fig = go.Figure()
+    lr = run.metric("lr")
+    scale = lr_at_start if lr_at_start else 1.0
+    if len(lr):
+        x = step_to_axis(run, lr["step"].to_numpy(), "tokens" if unit == "tokens" else "step")
+        fig.add_trace(go.Scatter(x=x, y=lr["value"], name="real LR", line={"color": COLORS["train"]}))
+    fig.add_trace(go.Scatter(x=where, y=[scale * m for m in multiplier], name="emulated LR (merge)",
+                             line={"color": COLORS["selected"], "shape": "hv", "dash": "dash"}))
+    fig.update_layout(xaxis_title=unit, yaxis_title="learning rate" if lr_at_start else "LR multiplier",
+                      height=260, margin={"t": 20, "b": 10})
+    return fig
+
+
 def stop_figure(run: Run, signal: StopSignal) -> go.Figure:
     """The loss the fit used, the fitted curve, and its forecasts with their bands."""
     frame = run.metric(signal.metric)

@@ -20,6 +20,7 @@ from ..signals import CheckpointSignals, IterateNoise, RunSignals
 from ..signals.spikes import diff_sigma
 from .recommendation import RecommendConfig
 from .trend import descent_per_checkpoint, trend_noise
+from .span import resolve_span
 from .weights import optimal_weights
 
 
@@ -47,6 +48,7 @@ class Window:
     unweighted: tuple[tuple[int, str], ...] = ()  # (step, why) of checkpoints inside the window given no weight
     trend_sigma: float | None = None     # val-loss noise around the local trend (the falling-curve guard's)
     descent: float | None = None         # nats the val loss falls per checkpoint, where that exceeds the guard
+    span: str | None = None   # a window asked in tokens or steps, in words (issue 24)
 
 
 def recovery_cutoff(signals: RunSignals, config: RecommendConfig) -> Cutoff:
@@ -86,6 +88,11 @@ def why_none_eligible(signals: RunSignals, cutoff: Cutoff | None = None) -> str:
 def choose_window(eligible: list[CheckpointSignals], config: RecommendConfig,
                   noise: IterateNoise | None = None) -> Window:
     """How many of the newest eligible checkpoints to average, from logged val losses, LRs and iterate noise."""
+    span = resolve_span(eligible, config.window_tokens, config.window_steps)
+    if span is not None:
+        if config.window is not None:
+            raise InvalidArgument("give --window or a window length (--window-tokens, --window-steps), not both")
+        return Window(span.size, None, None, span.describe, span=span.describe)
     if config.window is not None:
         if config.window < 1:
             raise InvalidArgument(f"window must be at least 1, got {config.window}")
@@ -177,6 +184,22 @@ def _predicted_window(in_regime: list[CheckpointSignals], noise: IterateNoise, r
         return Window(size, None, None, f"no val loss or LR was logged for step {unjudged.ref.step} to judge it by",
                        unjudged.ref.step, **fields)
     return Window(size, None, None, regime.why_stop, regime.stop_step, **fields)
+
+
+def predicted_excess(items: list[CheckpointSignals], weights: tuple[float, ...] | np.ndarray,
+                     noise: IterateNoise) -> float | None:
+    """Predicted loss of the average of ``items`` (oldest first) with ``weights``, relative to the newest alone.
+
+    The model of :func:`_predicted_window`, for any weighting (a decay-emulating one, say): Σ w_k (val_k −
+    val_newest − V_k) + Σ w_k² V_k. None when a checkpoint with weight lacks a val loss or an LR.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    known = [(s.val.value, noise.excess_at(s.lr)) for s in items
+             if s.val is not None and math.isfinite(s.val.value) and s.lr is not None and s.lr > 0]
+    if len(known) != len(items):
+        return None
+    val, excess = np.array([v for v, _ in known]), np.array([e for _, e in known])
+    return float(w @ (val - val[-1] - excess) + (w ** 2) @ excess)
 
 
 def predicted_choice(eligible: list[CheckpointSignals],

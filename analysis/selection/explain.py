@@ -27,6 +27,8 @@ def describe_basis(signals: RunSignals, config: RecommendConfig, window: Window,
                              "them) and the best was kept.")
     if config.window is not None:
         return "window", f"The newest {config.window} eligible checkpoints, as asked (--window)."
+    if window.span is not None:
+        return "window", f"The eligible checkpoints of the {window.span}, as asked (--window-tokens/--window-steps)."
     losses = ("train losses (the run logs no val loss)"
               if any(c.val is not None and c.val.source == "train" for c in signals.checkpoints) else "val losses")
     luck = _stand_in_luck(stand_in_error, window.noise)
@@ -122,6 +124,8 @@ def explain_decision(item: CheckpointSignals, weight_of: dict[int, float], oldes
     unweighted = dict(window.unweighted).get(item.ref.step) if predicted else None
     if unweighted is not None:
         return f"Left out: {unweighted}."
+    if window.span is not None and item.ref.step < oldest_taken and not evaluated:
+        return f"Left out: older than the {window.span}{val}."
     if item.ref.step > oldest_taken:
         return f"Left out: the evaluator found averages without it score better{val}."
     if window.stop_step == item.ref.step and window.noise is not None and (predicted or not evaluated):
@@ -146,7 +150,8 @@ def summarize(method: str, chosen: list[CheckpointSignals], weights: tuple[float
         return (f"Keep the last checkpoint (step {steps}) alone: the next older one was left out because "
                 f"{window.why_stop or 'the window holds one checkpoint'}.")
     head = (f"Predicted weights over {len(chosen)} checkpoints (steps {steps})" if method == "predicted"
-            else f"{method.upper()} of {len(chosen)} checkpoints (steps {steps})")
+            else f"Decay-emulating weights ({method[6:]}, WSM) over {len(chosen)} checkpoints (steps {steps})"
+            if method.startswith("decay:") else f"{method.upper()} of {len(chosen)} checkpoints (steps {steps})")
     if score is not None and last_score is not None:
         return f"{head}: {evaluator.name} scores {score:.4f} vs {last_score:.4f} for the last checkpoint alone."
     if method == "predicted" and window.predicted_gain is not None:

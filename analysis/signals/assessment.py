@@ -61,6 +61,7 @@ class CheckpointSignals:
     lr: float | None = None        # the learning rate logged at (or last before) its step, else its optimizer's
     cleared: ClearedSpike | None = None  # a train-loss event it was saved in that its own val loss clears
     lr_saved: bool = False         # ``lr`` came from its saved optimizer state: the logs hold no LR for it
+    tokens: float | None = None    # tokens seen at its step, from the logs' token count (issue 24), if logged
 
     @property
     def eligible(self) -> bool:
@@ -122,6 +123,7 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
             else train_interval_scores(run.metric("train_loss"), steps,   # no val logged: the train loss stands in
                                        [(e.onset_after_step, e.end_step) for e in contaminating]))
     lrs = learning_rates(run.metric("lr"), steps)
+    tokens = tokens_seen(run.metric("tokens"), steps)
     # (step, val loss) of the checkpoints outside every event whose eval was logged at their own step.
     clean_vals = [(c.step, v.value) for c, v in zip(run.checkpoints, vals)
                   if v is not None and v.source == "logged" and not any(e.contains(c.step) for e in contaminating)]
@@ -129,7 +131,7 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
     reference = headers[-1][0] if headers else []
     items = []
     total = max(len(run.checkpoints), 1)
-    for index, (ref, val, lr, (layout, saved_lr)) in enumerate(zip(run.checkpoints, vals, lrs, headers)):
+    for index, (ref, val, lr, (layout, saved_lr), seen) in enumerate(zip(run.checkpoints, vals, lrs, headers, tokens)):
         def step_progress(frac: float, msg: str, index: int = index) -> None:
             if progress is not None:
                 progress((index + frac) / total, msg)
@@ -138,7 +140,7 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
         spike, cleared = _contamination(ref.step, val, contaminating, clean_vals)
         items.append(CheckpointSignals(ref, health, val, spike, _mismatch(reference, layout),
                                        lr if lr is not None else saved_lr,
-                                       cleared, lr is None and saved_lr is not None))
+                                       cleared, lr is None and saved_lr is not None, seen))
     eligible = [item for item in items if item.eligible]
     noise = newest_iterate_noise([item.ref for item in eligible], progress)
     return RunSignals(tuple(items), spikes, noise, run.unreadable, logged_saves(run))
@@ -185,6 +187,24 @@ def learning_rates(lr: pd.DataFrame, ckpt_steps: list[int]) -> list[float | None
     steps, values = lr["step"].to_numpy(), lr["value"].to_numpy(dtype=np.float64)
     at = np.searchsorted(steps, np.asarray(ckpt_steps, dtype=np.int64), side="right") - 1
     return [float(values[i]) if i >= 0 and np.isfinite(values[i]) else None for i in at]
+
+
+def tokens_seen(tokens: pd.DataFrame, ckpt_steps: list[int]) -> list[float | None]:
+    """Tokens seen at each checkpoint's step, interpolated from the logged count (issue 24).
+
+    Extrapolated at the logged tokens per step beyond the logged range (a count logged every few steps
+    misses the last save); None for all when fewer than two finite counts at distinct steps were logged.
+    """
+    frame = tokens.sort_values("step").drop_duplicates("step", keep="last")
+    frame = frame[np.isfinite(frame["value"].to_numpy(dtype=np.float64))]
+    if len(frame) < 2:
+        return [None] * len(ckpt_steps)
+    x, y = frame["step"].to_numpy(dtype=np.float64), frame["value"].to_numpy(dtype=np.float64)
+    at = np.asarray(ckpt_steps, dtype=np.float64)
+    inside = np.interp(at, x, y)
+    low = y[0] + (at - x[0]) * (y[1] - y[0]) / (x[1] - x[0])
+    high = y[-1] + (at - x[-1]) * (y[-1] - y[-2]) / (x[-1] - x[-2])
+    return [float(v) for v in np.where(at < x[0], low, np.where(at > x[-1], high, inside))]
 
 
 def _headers(ref: CheckpointRef) -> tuple[list[TensorInfo], float | None]:

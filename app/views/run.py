@@ -89,3 +89,14 @@ else:
     cols[1].metric("exponent β", f"{fit.beta:.3f}")
     cols[2].metric(f"loss at 2x the {fit.x_unit}", f"{signal.forecasts[0].value:.4f}")
     st.plotly_chart(charts.stop_figure(run, signal), key="stop_chart")
+
+with st.expander("What would a cooldown give? Decay-emulating merges of the stable phase (`recommend --cooldown`)"):
+    try:
+        cooldown = cached.cooldown(now.path, now.stamp)
+    except AnalysisError as e:
+        st.info(f"No cooldown estimate: {e}")
+    else:
+        st.caption(cooldown.basis)
+        st.dataframe([{"schedule": r.schedule, "window": r.describe.split(" over ", 1)[-1],
+                       "predicted loss": r.predicted_loss, "vs newest stable": r.vs_stable,
+                       "vs real decay's end": r.vs_decay} for r in cooldown.rows], hide_index=True, key="cooldown_table")
