@@ -21,7 +21,8 @@ order. Imports go one way, from ``recommender`` down to ``recommendation``, so t
 """
 
 from .cooldown import CooldownReport, CooldownRow, cooldown_report
-from .decay import SCHEDULES, DecaySelection, Schedule, decay_coefficients, decay_selection, emulated_lr, parse_schedule
+from ..schedules import SCHEDULES, Schedule, parse_schedule
+from .decay import DecaySelection, decay_coefficients, decay_selection, emulated_lr
 from .explain import stand_in_sampling_error
 from .recommendation import METHODS, Choice, Decision, Recommendation, RecommendConfig
 from .recommender import recommend

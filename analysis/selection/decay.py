@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidArgument, NotEnoughCheckpoints
-from ..schedules import SCHEDULES, Schedule, parse_schedule
+from ..schedules import Schedule, parse_schedule
 from ..signals import CheckpointSignals
 from .span import positions
 
