@@ -12,8 +12,11 @@ from ..checkpoints import TensorInfo, open_checkpoint
 from ..checkpoints.compare import compare_layouts
 from ..checkpoints.optim import metadata_learning_rate
 from ..run import CheckpointRef, Run, UnreadableFile
-from .health import CheckpointHealth, check_health
+from .health import CheckpointHealth, health_from_sketch
+from .layer_report import LayerReport, build_layer_report, norm_placement
+from .layers import LayerTracker
 from .noise import IterateNoise, newest_iterate_noise
+from .sketch import sketch_checkpoint
 from .spikes import LossSpike, SpikeConfig, detect_spikes, sparse_config
 from .validation import ValScore, logged_val_scores, train_interval_scores
 
@@ -61,11 +64,12 @@ class CheckpointSignals:
     lr: float | None = None        # the learning rate logged at (or last before) its step, else its optimizer's
     cleared: ClearedSpike | None = None  # a train-loss event it was saved in that its own val loss clears
     lr_saved: bool = False         # ``lr`` came from its saved optimizer state: the logs hold no LR for it
+    abnormal: str | None = None    # why a layer's weights are in an abnormal state here (issue 25), if they are
 
     @property
     def eligible(self) -> bool:
         """True if it may be averaged without the user forcing it."""
-        return self.health.finite and self.spike is None and self.mismatch is None
+        return self.health.finite and self.spike is None and self.mismatch is None and self.abnormal is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,7 @@ class RunSignals:
     spikes: tuple[LossSpike, ...]
     noise: IterateNoise | None = None   # from the Adam state of the newest eligible checkpoint that saved one
     unreadable: tuple[UnreadableFile, ...] = ()   # the run's files that could not be read (issue 19)
+    layers: LayerReport | None = None   # per-layer statistics and flags, from the same read pass (issue 25)
 
     @property
     def loss_spikes(self) -> tuple[LossSpike, ...]:
@@ -110,8 +115,10 @@ def find_spikes(run: Run, config: SpikeConfig = SpikeConfig()) -> tuple[LossSpik
 def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Progress | None = None) -> RunSignals:
     """Health, validation, spike contamination and key agreement of every checkpoint, and the iterate noise.
 
-    Reads every tensor of every checkpoint once (for health), one tensor at a time, then the Adam second moments
-    of the newest eligible checkpoint that saved them (``progress`` restarts from 0 for those).
+    Reads every tensor of every checkpoint once, one tensor at a time, in the sketch pass (cached on disk, so
+    the similarity signals then read nothing): health and the per-layer statistics and flags come from it.
+    Then the Adam second moments of the newest eligible checkpoint that saved them (``progress`` restarts
+    from 0 for those).
     """
     spikes = find_spikes(run, spike_config)
     contaminating = [s for s in spikes if s.metric in CONTAMINATING_METRICS]
@@ -127,20 +134,34 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
     headers = [_headers(ref) for ref in run.checkpoints]   # every checkpoint opened once for its layout and LR
     reference = headers[-1][0] if headers else []
     items = []
+    tracker = LayerTracker()
     total = max(len(run.checkpoints), 1)
     for index, (ref, val, lr, (layout, saved_lr)) in enumerate(zip(run.checkpoints, vals, lrs, headers)):
         def step_progress(frac: float, msg: str, index: int = index) -> None:
             if progress is not None:
                 progress((index + frac) / total, msg)
 
-        health = check_health(ref, step_progress)
+        sketch = sketch_checkpoint(ref, progress=step_progress)
+        tracker.add(sketch)
+        health = health_from_sketch(sketch)
         spike, cleared = _contamination(ref.step, val, contaminating, clean_vals)
         items.append(CheckpointSignals(ref, health, val, spike, _mismatch(reference, layout),
                                        lr if lr is not None else saved_lr,
                                        cleared, lr is None and saved_lr is not None))
+    layers = _layer_report(run, tracker, contaminating, reference)
+    abnormal = layers.abnormal()
+    items = [replace(item, abnormal=abnormal.get(item.ref.step)) for item in items]
     eligible = [item for item in items if item.eligible]
     noise = newest_iterate_noise([item.ref for item in eligible], progress)
-    return RunSignals(tuple(items), spikes, noise, run.unreadable)
+    return RunSignals(tuple(items), spikes, noise, run.unreadable, layers)
+
+
+def _layer_report(run: Run, tracker: LayerTracker, spikes: list[LossSpike],
+                  reference: list[TensorInfo]) -> LayerReport:
+    """The layer view: config.json beside the newest checkpoint or in the run folder says pre- or post-norm."""
+    newest = run.checkpoints[-1].path if run.checkpoints else run.path
+    folders = [newest if newest.is_dir() else newest.parent, run.path, run.path / "model_config"]
+    return build_layer_report(tracker, spikes, norm_placement(folders, [info.name for info in reference]))
 
 
 def _contamination(step: int, val: ValScore | None, events: list[LossSpike],
