@@ -92,6 +92,14 @@ class RunSignals:
         """Grad-norm events: reported, never contaminating."""
         return tuple(s for s in self.spikes if s.metric not in CONTAMINATING_METRICS)
 
+    def first_abnormal(self, before_step: int | None = None, lead: int = 5) -> CheckpointSignals | None:
+        """The first checkpoint whose weights a layer flag calls abnormal (issue 25): among all of them, or, given
+        ``before_step`` (a loss spike's first hit), among the ``lead`` checkpoints saved just before it."""
+        if before_step is None:
+            return next((c for c in self.checkpoints if c.abnormal is not None), None)
+        earlier = [c for c in self.checkpoints if c.ref.step < before_step][-lead:]
+        return next((c for c in earlier if c.abnormal is not None), None)
+
     def at(self, step: int) -> CheckpointSignals:
         """The signals of the checkpoint saved at ``step``."""
         for item in self.checkpoints:

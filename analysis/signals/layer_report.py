@@ -158,3 +158,39 @@ def _placement_from_keys(names: list[str]) -> NormPlacement:
     if any(role.role == "norm" and "output" in name.lower() for name, role in roles):
         return NormPlacement("post-norm", "key layout: block norms applied to sublayer outputs and no final norm")
     return NormPlacement("unknown", "no config.json says, and the key layout does not tell")
+
+
+HEATMAP_METRICS = {
+    "relative_update": "relative update size |Δ| / |θ|",
+    "rms_growth": "RMS growth since the previous checkpoint",
+    "max_abs_growth": "max |w| growth since the previous checkpoint",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LayerHeatmap:
+    """A layer × checkpoint grid of one metric, with the steps to mark on its axis."""
+
+    metric: str                               # a key of HEATMAP_METRICS
+    title: str
+    layers: tuple[str, ...]                   # rows
+    steps: tuple[int, ...]                    # columns
+    values: tuple[tuple[float, ...], ...]     # rows × columns, NaN where undefined
+    flagged: tuple[tuple[str, int], ...]      # (layer, step) of every flagged cell
+    spike_steps: tuple[int, ...]              # first checkpoint each loss spike could hit
+
+
+def layer_heatmap(report: LayerReport, metric: str = "relative_update") -> LayerHeatmap:
+    """The grid the app draws: relative update size as is, growth as value_i / value_(i−1) − 1."""
+    rows = []
+    for layer in report.layers:
+        if metric == "relative_update":
+            rows.append(layer.relative_update)
+        else:
+            series = layer.rms if metric == "rms_growth" else layer.max_abs
+            rows.append(tuple(math.nan if i == 0 or not b else v / b - 1 for i, (v, b) in
+                              enumerate(zip(series, (math.nan, *series[:-1])))))
+    flagged = tuple((f.layer, step) for f in report.flags for step in report.steps
+                    if f.start_step <= step <= f.end_step)
+    return LayerHeatmap(metric, HEATMAP_METRICS[metric], tuple(layer.name for layer in report.layers),
+                        report.steps, tuple(rows), flagged, tuple(lead.first_hit_step for lead in report.leads))
