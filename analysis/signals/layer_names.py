@@ -22,7 +22,7 @@ _QUERY = ("q_proj", "wq", "query", "q", "q_lin")
 _KEY = ("k_proj", "wk", "key", "k", "k_lin")
 _VALUE = ("v_proj", "wv", "value", "v", "v_lin")
 _ATTN = ("attn", "attention", "self_attn", "self_attention", "selfattention")
-_MLP = ("mlp", "feed_forward", "ffn", "feedforward", "fc1", "fc2", "c_fc", "gate_proj", "up_proj", "down_proj",
+_MLP = ("mlp", "feed_forward", "ffn", "feedforward", "fc", "fc1", "fc2", "c_fc", "gate_proj", "up_proj", "down_proj",
         "w1", "w2", "w3", "dense_h_to_4h", "dense_4h_to_h", "intermediate", "experts")
 # Group of a role: the heatmap's row within a block.
 GROUPS = {"q": "attn", "k": "attn", "v": "attn", "qkv": "attn", "o": "attn", "mlp": "mlp", "norm": "norm",
