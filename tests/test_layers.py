@@ -254,3 +254,33 @@ def test_heatmap_grid_and_flagged_cells(tmp_path: Path) -> None:
     grid = layer_heatmap(report, "rms_growth")
     assert len(grid.values) == len(grid.layers) == len(report.layers) and all(len(r) == 14 for r in grid.values)
     assert ("model.layers.1 attn", 800) in layer_heatmap(report).flagged
+
+
+def test_layers_view_draws_the_heatmap_and_a_chosen_layers_curves(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 25: the Layers page draws layers × checkpoints cells, names the flag, and shows a layer's curves."""
+    from streamlit.testing.v1 import AppTest
+
+    import charts
+    from conftest import REPO
+
+    run, _ = planted_run(tmp_path / "r", llama_state, kick("model.layers.1.self_attn.", 7))
+    monkeypatch.setenv("CKPT_SELECT_RUN", str(run))
+    monkeypatch.setenv("CKPT_SELECT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.delenv("CKPT_SELECT_ROOT", raising=False)
+    at = AppTest.from_file(str(REPO / "app" / "streamlit_app.py"), default_timeout=120)
+    at.run()
+    at.switch_page("views/layers.py").run()
+    assert not at.exception, at.exception
+    heatmap, curves = (json.loads(c.proto.spec) for c in at.get("plotly_chart"))
+    cells = heatmap["data"][0]
+    assert cells["type"] == "heatmap" and len(cells["y"]) == 4 * 3 + 3 and len(cells["x"]) == len(STEPS)
+    assert len(cells["z"]) == len(cells["y"]) and all(len(row) == len(STEPS) for row in cells["z"])
+    assert any("model.layers.1 attn" in w.value and "Left out of averages" in w.value for w in at.warning)
+    assert curves["layout"]["title"]["text"] == "model.layers.1 attn"   # the flagged layer first
+    at.session_state["layers_chosen"] = "model.layers.2 mlp"
+    at.run()
+    assert json.loads(at.get("plotly_chart")[1].proto.spec)["layout"]["title"]["text"] == "model.layers.2 mlp"
+    selection = {"points": [{"x": "800", "y": "model.layers.0 norm"}]}
+    assert charts.layer_from_selection(selection, tuple(cells["y"])) == "model.layers.0 norm"
+    assert charts.layer_from_selection({"points": []}, tuple(cells["y"])) is None
