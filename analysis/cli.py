@@ -145,15 +145,17 @@ def _quiet_libraries() -> None:
 @click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
 @click.option("--similarity/--no-similarity", default=True, show_default=True,
               help="Sketch every checkpoint for update norms, cosines and the trajectory (cached on disk).")
+@click.option("--run", "run_name", metavar="NAME",
+              help="When RUN holds several runs (Lightning version_N, several output folders): the one to read.")
 @click.option("--layers", is_flag=True,
               help="Per-layer RMS, max |w|, relative update sizes and cosines, flags and spike leads (same read pass).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def analyze(run_path: Path, similarity: bool, layers: bool, as_json: bool) -> None:
+def analyze(run_path: Path, similarity: bool, as_json: bool, run_name: str | None = None, layers: bool = False) -> None:
     """Discover a run's logs and checkpoints and judge every checkpoint."""
     from .report import analysis_report
     from .run import open_run, printable
     from .signals import assess_run, compare_checkpoints
-    run = open_run(run_path)
+    run = open_run(run_path, run_name=run_name)
     update, close = _progress_bar("checking checkpoints")
     try:
         signals = assess_run(run, progress=update)
@@ -173,13 +175,11 @@ def analyze(run_path: Path, similarity: bool, layers: bool, as_json: bool) -> No
         click.echo(f"  spike: {spike.describe()}")
     timing = doc["timing"]
     if timing["steady_step_ms"] is not None:
-        click.echo(f"  steady step {timing['steady_step_ms']:.1f} ms; eval {100 * (timing['eval_share'] or 0):.1f}%, "
-                   f"checkpoint {100 * (timing['checkpoint_share'] or 0):.1f}%, "
-                   f"both {100 * (timing['eval_checkpoint_share'] or 0):.1f}% of wall time")
+        click.echo(f"  steady step {timing['steady_step_ms']:.1f} ms; {timing['shares']}")
     noise = doc["iterate_noise"]
     if noise is not None and noise["excess_nats"] is not None:
         click.echo(f"  iterate noise {noise['excess_nats']:.4f} nats at LR {noise['lr']:.3g} "
-                   f"(Adam second moments of step {noise['step']}: what averaging can win back)")
+                   f"({noise['source']}: what averaging can win back)")
     for c in doc["checkpoints"]:
         flags = [f for f, on in (("NaN/Inf", not c["finite"]), ("spike", c["spike_contaminated"]),
                                  ("spike cleared by its val loss", c["spike_cleared"]),
@@ -222,6 +222,34 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
+@cli.command("watch")
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--every", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              help="Seconds between two looks at the run (only what is new is read).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--until-step", type=int, help="Exit once the run has logged or saved this step.")
+def watch_cmd(run_path: Path, every: float, as_json: bool, until_step: int | None) -> None:
+    """Follow a run while it trains: a line each time the recommendation changes (issue 23).
+
+    For a training job's side-car or a cron line; exits on Ctrl-C or --until-step.
+    """
+    import time
+
+    from .follow import RunFollower, Watcher, describe_event
+    watcher = Watcher(RunFollower(run_path))
+    try:
+        while True:
+            event = watcher.poll()
+            if event is not None:
+                click.echo(json.dumps(event, allow_nan=False) if as_json else describe_event(event))
+                sys.stdout.flush()
+            if until_step is not None and watcher.last_step is not None and watcher.last_step >= until_step:
+                return
+            time.sleep(every)
+    except KeyboardInterrupt:   # the way to stop it: no traceback, exit 0
+        return
+
+
 @cli.command("recommend")
 @click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
 @click.option("--eval", "eval_spec", metavar="FILE.py:FUNC",
@@ -235,6 +263,15 @@ def _cell(value: float | None) -> str:
                    "an evaluator that reads data which changes between runs.")
 @click.option("--method", type=_LazyChoice(".selection", "METHODS"), default="auto", show_default=True)
 @click.option("--window", type=int, help="Average the newest N eligible checkpoints instead of choosing.")
+@click.option("--window-tokens", type=float, metavar="TOKENS",
+              help="Average the eligible checkpoints within this many tokens of the newest (e.g. 50e9), any method.")
+@click.option("--window-steps", type=int, metavar="STEPS",
+              help="Average the eligible checkpoints within this many steps of the newest, any method.")
+@click.option("--schedule", default="1-sqrt", show_default=True, metavar="linear|1-sqrt|cosine|exp[:RATE]",
+              help="Method decay: the LR decay the merge emulates (WSM weights at the checkpoints' token positions).")
+@click.option("--cooldown", is_flag=True,
+              help="Report what a cooldown would give: the emulated-decay loss per schedule and window "
+                   "(predicted from logs and Adam's state; measured with --eval), against a real decay if the run has one.")
 @click.option("--ema-alpha", type=float, default=0.3, show_default=True, help="Weight of the newest under EMA.")
 @click.option("--max-evals", type=int, help="Evaluator calls allowed (default 2 x checkpoints).")
 @click.option("--include-contaminated", is_flag=True, help="Also average checkpoints saved inside a spike.")
@@ -244,12 +281,15 @@ def _cell(value: float | None) -> str:
               default="same", show_default=True, help="Dtype of the merged model.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the recipe YAML here.")
 @click.option("--force", is_flag=True, help="-o may replace an existing file CkptSelect did not write (never a checkpoint).")
+@click.option("--run", "run_name", metavar="NAME",
+              help="When RUN holds several runs (Lightning version_N, several output folders): the one to read.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @_naming_a_file_run
 def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: bool, eval_tokens: int,
-                  eval_cache: bool, method: str,
-                  window: int | None, ema_alpha: float, max_evals: int | None, include_contaminated: bool,
-                  before_step: int | None, output_dtype: str, output: Path | None, force: bool, as_json: bool) -> None:
+                  eval_cache: bool, method: str, window: int | None, window_tokens: float | None,
+                  window_steps: int | None, schedule: str, cooldown: bool, ema_alpha: float, max_evals: int | None,
+                  include_contaminated: bool, before_step: int | None, output_dtype: str, output: Path | None,
+                  force: bool, as_json: bool, run_name: str | None = None) -> None:
     """Recommend which checkpoints to average, with a reason for each."""
     from .evaluate import load_evaluator
     from .recipe import recipe_for_selection, write_recipe
@@ -258,7 +298,7 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
     from .run import open_run
     from .signals import assess_run
     from .targets import check_file_target
-    run = open_run(run_path)
+    run = open_run(run_path, run_name=run_name)
     _note_unreadable(run)
     protected = [*(c.path for c in run.checkpoints), *(log.path for log in run.logs), *(u.path for u in run.unreadable)]
     if output:   # before the search, which may take long: a refused target is said at once
@@ -268,16 +308,19 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
         evaluator.persist()
     config = RecommendConfig(method=method, window=window, ema_alpha=ema_alpha, max_evals=max_evals,
                              output_dtype=output_dtype, include_contaminated=include_contaminated,
-                             before_step=before_step)
+                             before_step=before_step, schedule=schedule, window_tokens=window_tokens,
+                             window_steps=window_steps)
     update, close = _progress_bar("recommending")
     try:
         signals = assess_run(run, progress=update)
+        if cooldown:
+            return _print_cooldown(signals, evaluator, output_dtype, as_json)
         rec = recommend(signals, config, evaluator, update)
     finally:
         close()
     # Hashed only when written or shown (issue 20): the text output below does not show it.
     recipe = (recipe_for_selection(run, [r.step for r in rec.checkpoints], rec.weights, rec.method, output_dtype,
-                                   rec.reasons) if output or as_json else None)
+                                   rec.reasons, settings=rec.settings) if output or as_json else None)
     recipe_path = write_recipe(recipe, output, force=force, protected=protected) if output else None
     if as_json:
         doc = recommendation_report(rec, recipe)
@@ -297,6 +340,25 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
         click.echo(f"Recipe written to {recipe_path}. Merge with: python -m analysis merge {recipe_path} -o OUT_DIR")
 
 
+def _print_cooldown(signals: object, evaluator: object, output_dtype: str, as_json: bool) -> None:
+    """``recommend --cooldown``: the emulated-decay loss per schedule and window (issue 24)."""
+    from .report import cooldown_doc
+    from .selection import cooldown_report
+    doc = cooldown_doc(cooldown_report(signals, evaluator, dtype=output_dtype))
+    if as_json:
+        _emit(doc)
+        return
+    click.echo(f"What a cooldown would give: {doc['basis']}")
+    def show(value: float | None) -> str:
+        return f"{value:.4f}" if value is not None else "-"
+    click.echo(f"  newest stable checkpoint (step {doc['stable_step']}): {show(doc['stable_loss'])}"
+               + (f"; real decay's end (step {doc['decay_step']}): {show(doc['decay_loss'])}" if doc['decay_step'] else ""))
+    for row in doc["rows"]:
+        gap = f"  vs real decay {row['predicted_gap_to_decay_nats']:+.4f}" if row["predicted_gap_to_decay_nats"] is not None else ""
+        click.echo(f"  {row['describe']:<60} predicted {show(row['predicted_loss'])}  "
+                   f"measured {show(row['measured_loss'])}{gap}")
+
+
 @cli.command()
 @click.argument("paths", metavar="RECIPE.yaml | --checkpoints A B ...", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--checkpoints", "checkpoints_given", count=True,
@@ -312,15 +374,19 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
 @click.option("--force", is_flag=True, help="Replace an existing output folder that an earlier merge wrote, or an empty one "
               "(atomically, once the merge is complete); never anything else.")
 @click.option("--out-shard-size", help="Shard the output at this size, e.g. 2GB (default: as the newest input).")
+@click.option("--out-format", "out_format", type=click.Choice(["safetensors", "torch", "lightning"]), default=None,
+              help="safetensors (default: the recipe's, else this), torch (model.pt, a torch.save dict of tensors) "
+                   "or lightning (model.ckpt holding {'state_dict': ...}).")
 @click.option("--dry-run", is_flag=True, help="Print what would be read and written, peak memory and time; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def merge(paths: tuple[Path, ...], checkpoints_given: int, weights: tuple[float, ...],
           output_dtype: str | None, out_dir: Path, verify: str, no_verify: bool, force: bool,
-          out_shard_size: str | None, dry_run: bool, as_json: bool) -> None:
+          out_shard_size: str | None, out_format: str | None, dry_run: bool, as_json: bool) -> None:
     """Average checkpoints (from a recipe, a mergekit linear config, or --checkpoints) into a new folder."""
     from .merge import dry_run as plan_of, merge as merge_into, parse_size
     recipe_path, checkpoint_paths = _split_merge_paths(paths, checkpoints_given)
     recipe = _merge_inputs(recipe_path, checkpoint_paths, weights, output_dtype)
+    recipe = replace(recipe, output_format=out_format) if out_format else recipe
     shard_size = parse_size(out_shard_size)
     if dry_run:
         plan = plan_of(recipe, out_dir, force=force, out_shard_size=shard_size)
@@ -338,7 +404,7 @@ def merge(paths: tuple[Path, ...], checkpoints_given: int, weights: tuple[float,
     doc = {"out_dir": str(result.out_dir), "model_file": str(result.model_file),
            "recipe_file": str(result.recipe_file), "bytes": result.size_bytes, "tensors": result.n_tensors,
            "steps": list(result.steps), "weights": list(result.weights), "files": list(result.files),
-           "sharded": result.sharded, "warnings": list(result.warnings)}
+           "sharded": result.sharded, "warnings": list(result.warnings), "out_format": result.out_format}
     doc["stale_removed"] = [str(p) for p in result.stale.paths]
     doc["stale_freed_bytes"] = result.stale.freed_bytes
     for line in result.warnings:
@@ -346,7 +412,9 @@ def merge(paths: tuple[Path, ...], checkpoints_given: int, weights: tuple[float,
     if as_json:
         _emit(doc)
     else:
-        click.echo(f"Merged {len(result.steps)} checkpoints into {result.model_file} ({result.size_bytes / 1e6:.2f} MB)")
+        click.echo(f"Merged {len(result.steps)} checkpoint{'' if len(result.steps) == 1 else 's'} into {result.model_file} ({result.size_bytes / 1e6:.2f} MB)")
+    if result.suggestion:
+        click.echo(f"ckpt-select: note: {result.suggestion}", err=True)
     if result.stale.paths:
         click.echo(f"ckpt-select: {result.stale.describe()}", err=True)
 
@@ -451,12 +519,14 @@ def export(recipe_path: Path, fmt: str, output: Path | None, force: bool) -> Non
 @click.option("--run", "run_path", type=click.Path(path_type=Path),
               help="A run: parameters, dtype, save interval, step time and window from it (what the app's "
                    "Storage page starts from); checkpoint stalls measured from its step times.")
+@click.option("--run-name", "run_name", metavar="NAME",
+              help="When --run holds several runs (Lightning version_N, several output folders): the one to read.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def storage(params: float | None, config_path: Path | None, dtype: str | None, optimizer: str, keep: int, policy: str,
             keep_every: int | None, top_k: int | None, budget_tb: float | None, total_steps: int | None,
             full_state_last: int | None, ema: bool, bandwidth_gbps: float, asynchronous: bool, snapshot_gbps: float,
             step_time_s: float | None, every: int | None, price_per_tb_month: float, window: int | None,
-            run_path: Path | None, as_json: bool) -> None:
+            run_path: Path | None, as_json: bool, run_name: str | None = None) -> None:
     """What keeping checkpoints costs in bytes, money and training time."""
     from .model_size import count_parameters
     from .report import storage_report
@@ -465,7 +535,7 @@ def storage(params: float | None, config_path: Path | None, dtype: str | None, o
     count = count_parameters(config_path) if config_path else None
     if params is not None and count is not None:
         raise InvalidArgument("give --params N or --config config.json, not both")
-    given = storage_inputs_from_run(open_run(run_path)) if run_path is not None else None
+    given = storage_inputs_from_run(open_run(run_path, run_name=run_name)) if run_path is not None else None
     measured = given.measured if given else None
     if given is not None:   # what the command line names wins; the rest comes from the run
         params = params if params is not None or count is not None else given.params
@@ -498,6 +568,77 @@ def storage(params: float | None, config_path: Path | None, dtype: str | None, o
                    f"{100 * measured.overhead_fraction:.2f}% of wall time")
 
 
+@cli.command("prune")
+@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.option("--keep", "keep", multiple=True, metavar="POLICY",
+              help="What to keep, most important first: window[+N] (the recommended averaging window, N more on "
+                   "each side), newest:K, every:M (milestone steps), optimizer[:K] (newest with optimizer state); "
+                   "e.g. --keep window+2,newest:3,every:1000,optimizer (docs/prune.md).")
+@click.option("--budget", help="Keep at most this many bytes, e.g. 2TB: the --keep terms fill it in their order.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and change nothing (the default).")
+@click.option("--yes", is_flag=True, help="Delete: move to the trash, then empty it once every move succeeded.")
+@click.option("--trash", type=click.Path(path_type=Path),
+              help="Trash folder, on the run's disk (default RUN/.ckpt-select-trash); each prune in a <UTC time> subfolder.")
+@click.option("--keep-trash", is_flag=True, help="With --yes: leave the checkpoints in the trash (restorable), free nothing yet.")
+@click.option("--restore", "restore", type=click.Path(path_type=Path), metavar="TRASH_DIR",
+              help="Move the checkpoints of an earlier prune's trash folder back into the run.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@_naming_a_file_run
+def prune_cmd(run_path: Path, keep: tuple[str, ...], budget: str | None, dry_run: bool, yes: bool, trash: Path | None,
+              keep_trash: bool, restore: Path | None, as_json: bool) -> None:
+    """Delete the checkpoints a keep policy does not need (a dry run unless --yes), with a reason for each."""
+    from .prune import apply_prune, parse_policy, plan_prune, prune_report, restore_trash
+    from .run import open_run
+    if restore is not None:
+        done = restore_trash(restore)
+        for path, why in done.left:
+            click.echo(f"ckpt-select: note: {path}: {why}", err=True)
+        click.echo(f"restored {len(done.restored)} items from {done.trash_dir}")
+        return
+    if dry_run and yes:
+        raise InvalidArgument("give --dry-run or --yes, not both")
+    policy = parse_policy(keep, budget)   # before the run is read: a bad policy is said at once
+    run = open_run(run_path)
+    _note_unreadable(run)
+    plan = plan_prune(run, policy, _recommendation(run) if policy.has("window") else None)
+    result = apply_prune(plan, trash, keep_trash=keep_trash) if yes else None
+    doc = prune_report(plan, result)
+    if as_json:
+        _emit(doc)
+        return
+    _print_prune(doc)
+
+
+def _recommendation(run: Run):
+    """The run's current default recommendation (what ``recommend RUN`` prints)."""
+    from .selection import recommend
+    from .signals import assess_run
+    return recommend(assess_run(run))
+
+
+def _print_prune(doc: dict) -> None:
+    """The plan, one line per checkpoint, then what was done (or that nothing was)."""
+    from .run import printable
+    click.echo(printable(f"{doc['run']}: {doc['summary']} (--keep {doc['policy']})"))
+    for note in doc["notes"]:
+        click.echo(f"  note: {note}")
+    for row in doc["checkpoints"]:
+        step = "-" if row["step"] is None else row["step"]
+        click.echo(printable(f"  {row['action']:<6} step {step:>8}  {row['size']:>10}  {row['path']}: "
+                             f"{'; '.join(row['reasons'])}"))
+    result = doc.get("result")
+    if result is None:
+        click.echo("Dry run: nothing was changed. Add --yes to delete.")
+        return
+    for left in result["left_in_place"]:
+        click.echo(printable(f"  left in place: {left['path']}: {left['reason']}"))
+    if result["trash_emptied"]:
+        click.echo(f"Deleted {len(result['moved'])} checkpoints, freed {result['bytes_freed']:,} bytes.")
+    elif result["trash"]:
+        click.echo(f"Moved {len(result['moved'])} checkpoints to {result['trash']} (nothing freed yet: delete that "
+                   f"folder to free it). Restore with: {result['restore_command']}")
+
+
 @cli.command("stop")
 @click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
 @click.option("--params", type=float, help="Parameter count, for the Chinchilla reference.")
@@ -508,16 +649,18 @@ def storage(params: float | None, config_path: Path | None, dtype: str | None, o
 @click.option("--gain-target", type=float, default=DEFAULT_GAIN_TARGET, show_default=True,
               help="Report the tokens/steps needed to gain this much more.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")
+@click.option("--run", "run_name", metavar="NAME",
+              help="When RUN holds several runs (Lightning version_N, several output folders): the one to read.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @_naming_a_file_run
 def stop_cmd(run_path: Path, params: float | None, config_path: Path | None, tokens_per_step: float | None,
-             plateau_gain: float, gain_target: float, seed: int, as_json: bool) -> None:
+             plateau_gain: float, gain_target: float, seed: int, as_json: bool, run_name: str | None = None) -> None:
     """Should I keep training? Fit the loss curve, forecast it, flag a plateau."""
     from .model_size import count_parameters
     from .report import stop_report
     from .run import open_run
     from .scaling import StopConfig, run_stop_signal
-    run = open_run(run_path)
+    run = open_run(run_path, run_name=run_name)
     _note_unreadable(run)
     if config_path is not None:
         params = float(count_parameters(config_path).total)
@@ -544,8 +687,10 @@ def stop_cmd(run_path: Path, params: float | None, config_path: Path | None, tok
 @cli.command()
 @click.argument("paths", metavar="FILE_OR_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=_LazyChoice(".logs", "LOG_READERS", sort=True), help="Skip sniffing.")
+@click.option("--run", "run_name", metavar="NAME",
+              help="When RUN holds several runs (Lightning version_N, several output folders): the one to read.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def logs(paths: tuple[Path, ...], fmt: str | None, as_json: bool) -> None:
+def logs(paths: tuple[Path, ...], fmt: str | None, as_json: bool, run_name: str | None = None) -> None:
     """Read training logs and summarise every metric."""
     from .logs import read_log
     from .report import log_report, unreadable_report
@@ -553,7 +698,7 @@ def logs(paths: tuple[Path, ...], fmt: str | None, as_json: bool) -> None:
     tables, unreadable = [], []
     for path in paths:
         if path.is_dir():
-            run = open_run(path)
+            run = open_run(path, run_name=run_name)
             tables.extend(run.logs)
             unreadable.extend(unreadable_report(run))
             if not as_json:
@@ -583,8 +728,9 @@ def logs(paths: tuple[Path, ...], fmt: str | None, as_json: bool) -> None:
 @click.option("--address", help="Interface to listen on, e.g. 127.0.0.1 (default: Streamlit's, every interface).")
 @click.option("--open-browser", is_flag=True,
               help="Open a browser tab (Streamlit may first ask for an e-mail on the terminal).")
+@click.option("--allow-prune", is_flag=True, help="With --root: let the Storage page delete checkpoints (docs/prune.md).")
 def ui(run_path: Path | None, root: Path | None, evaluators: tuple[str, ...], port: int, address: str | None,
-       open_browser: bool) -> None:
+       open_browser: bool, allow_prune: bool) -> None:
     """Serve the web app (Streamlit) on RUN.
 
     Headless unless --open-browser: nothing is asked on the terminal, so it also runs from
@@ -601,6 +747,9 @@ def ui(run_path: Path | None, root: Path | None, evaluators: tuple[str, ...], po
     if missing is not None:
         raise InvalidArgument(f"ui --eval {missing}: no such file")
     env["CKPT_SELECT_EVALUATORS"] = json.dumps(allowed)
+    env.pop("CKPT_SELECT_ALLOW_PRUNE", None)   # only this flag allows it, never an inherited variable
+    if allow_prune:
+        env["CKPT_SELECT_ALLOW_PRUNE"] = "1"
     click.echo(f"Serving CkptSelect at http://{address or 'localhost'}:{port}", err=True)
     command = _streamlit_command(port, address, open_browser)
     # The server replaces this process, so a signal sent to `ckpt-select ui` (kill, a service

@@ -112,3 +112,20 @@ class ModelConfigError(AnalysisError):
 
 class FitError(AnalysisError):
     """The loss curve has too few usable points, or the power law does not fit it."""
+
+
+class SeveralRuns(AnalysisError):
+    """A folder holds several runs: analysing them as one would average across runs (issue 21).
+
+    Names each run found (name, folder, checkpoints, steps, logs) and how to pick one.
+    """
+
+    def __init__(self, path: Path, runs: list, reason: str = "", message: str | None = None) -> None:
+        if message is None:
+            listed = "; ".join(r.describe(path) for r in runs)
+            example = next((r for r in runs[1:] if r.path != path), None) or runs[-1]
+            by_path = f"give its folder (e.g. {example.path}) or " if example.path != path else ""
+            message = (f"{path}: holds {len(runs)} runs{reason}: {listed}. They are never averaged together: "
+                       f"pick one: {by_path}--run NAME (e.g. --run '{example.name}').")
+        super().__init__(message)
+        self.path, self.runs = path, runs

@@ -14,6 +14,9 @@ from .errors import InvalidArgument
 
 # Output dtypes a merge writes ("same": each tensor keeps the newest input's dtype).
 OUTPUT_DTYPES = ("same", "float32", "bfloat16", "float16")
+# File formats a merge writes: safetensors (the default; an HF folder when the input is one), a plain
+# torch.save dict of tensors (model.pt) or a Lightning {"state_dict": ...} (model.ckpt) (issue 21).
+OUTPUT_FORMATS = ("safetensors", "torch", "lightning")
 
 
 def normalize_weights(weights: Sequence[float], count: int, labels: Sequence[str] | None = None) -> tuple[float, ...]:

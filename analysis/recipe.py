@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 import yaml
 
 from . import __version__
-from .inputs import OUTPUT_DTYPES, duplicate_inputs, normalize_weights
+from .inputs import OUTPUT_DTYPES, OUTPUT_FORMATS, duplicate_inputs, normalize_weights
 from .checkpoints.base import main_floating_dtype
 from .errors import AnalysisError, InvalidArgument, RecipeError
 from .hashing import checkpoint_quick_hash, checkpoint_sha256
 from .run import CheckpointRef, checkpoint_ref
+from .schedules import parse_schedule
 from .targets import MERGEKIT_MARKER, RECIPE_KEY, write_text_atomic
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from .run import Run
 
 RECIPE_VERSION = 1
-METHODS = ("sma", "ema", "wma", "soup", "manual", "recovery", "predicted")
+METHODS = ("sma", "ema", "wma", "soup", "manual", "recovery", "predicted", "decay")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,8 @@ class Recipe:
     reasons: dict[str, str] = field(default_factory=dict)   # str(step) -> why taken / left out
     created_by: str = f"ckpt-select {__version__}"
     source_run: Path | None = None
+    output_format: str = "safetensors"   # the merged file's format, one of OUTPUT_FORMATS (issue 21)
+    settings: dict[str, object] = field(default_factory=dict)   # decay schedule, window length (issue 24)
 
     @property
     def weights(self) -> tuple[float, ...]:
@@ -63,7 +66,7 @@ class Recipe:
 
 def build_recipe(method: str, refs: list[CheckpointRef], weights: tuple[float, ...], output_dtype: str = "same",
                  reasons: dict[str, str] | None = None, source_run: Path | None = None, *,
-                 hashes: bool = True) -> Recipe:
+                 hashes: bool = True, settings: Mapping[str, object] | None = None) -> Recipe:
     """A recipe for ``refs`` with ``weights``, hashing every input file (``hashes=False``: a dry run's, unhashed).
 
     The inputs are hashed in parallel, one per core: hashlib releases the GIL, and sha256 of every
@@ -76,12 +79,13 @@ def build_recipe(method: str, refs: list[CheckpointRef], weights: tuple[float, .
         quick = [checkpoint_quick_hash(ref.files) for ref in refs]
     entries = tuple(RecipeEntry(ref.path, ref.step, float(w), sha, ref.size_bytes, q)
                     for ref, w, sha, q in zip(refs, weights, sha256s, quick))
-    return Recipe(method, entries, output_dtype, dict(reasons or {}), source_run=source_run)
+    return Recipe(method, entries, output_dtype, dict(reasons or {}), source_run=source_run,
+                  settings=dict(settings or {}))
 
 
 def recipe_for_selection(run: Run, steps: Sequence[int], weights: Sequence[float], method: str,
                          output_dtype: str = "same", reasons: Mapping[object, str] | None = None, *,
-                         hashes: bool = True) -> Recipe:
+                         hashes: bool = True, settings: Mapping[str, object] | None = None) -> Recipe:
     """The recipe for checkpoints ``steps`` of ``run``: the one builder of both front ends (issue 20).
 
     ``recommend`` writes or shows it, the app offers it as a download and merges it, so the recipe a
@@ -96,7 +100,7 @@ def recipe_for_selection(run: Run, steps: Sequence[int], weights: Sequence[float
     refs = [run.checkpoint_at(step) for step in steps]
     weights = normalize_weights(tuple(weights), len(refs))
     why = {str(step): str(text) for step, text in (reasons or {}).items()}
-    return build_recipe(method, refs, weights, output_dtype, why, run.path, hashes=hashes)
+    return build_recipe(method, refs, weights, output_dtype, why, run.path, hashes=hashes, settings=settings)
 
 
 def default_merge_folder(run_path: Path, method: str, steps: Sequence[int]) -> Path:
@@ -121,6 +125,7 @@ def recipe_to_dict(recipe: Recipe, relative_to: Path | None = None) -> dict:
         RECIPE_KEY: RECIPE_VERSION,
         "method": recipe.method,
         "output_dtype": recipe.output_dtype,
+        "output_format": recipe.output_format,
         "checkpoints": [
             {"path": show(e.path), "step": e.step, "weight": round(e.weight, 12), "sha256": e.sha256,
              **({"quick_hash": e.quick_hash} if e.quick_hash else {}), "bytes": e.size_bytes}
@@ -129,6 +134,8 @@ def recipe_to_dict(recipe: Recipe, relative_to: Path | None = None) -> dict:
         "reasons": dict(recipe.reasons),
         "created_by": recipe.created_by,
     }
+    if recipe.settings:
+        doc["settings"] = dict(recipe.settings)
     if recipe.source_run is not None:
         doc["source_run"] = show(recipe.source_run)
     return doc
@@ -194,6 +201,9 @@ def recipe_from_dict(doc: object, path: Path) -> Recipe:
     dtype = str(doc.get("output_dtype", "same"))
     if dtype not in OUTPUT_DTYPES:
         problems.append(f"output_dtype {dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
+    out_format = str(doc.get("output_format", "safetensors"))   # recipes before issue 21 have none
+    if out_format not in OUTPUT_FORMATS:
+        problems.append(f"output_format {out_format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
     raw = doc.get("checkpoints")
     if not isinstance(raw, list) or not raw:
         problems.append("'checkpoints' must be a non-empty list")
@@ -209,11 +219,34 @@ def recipe_from_dict(doc: object, path: Path) -> Recipe:
     total = math.fsum(e.weight for e in entries)
     if entries and abs(total - 1.0) > 1e-6:
         problems.append(f"weights sum to {total:.8f}, not 1")
+    settings = _settings(doc.get("settings"), method, problems)
     if problems:
         raise RecipeError(path, "; ".join(problems))
     source = doc.get("source_run")
     return Recipe(method, tuple(entries), dtype, {str(k): str(v) for k, v in (doc.get("reasons") or {}).items()},
-                  str(doc.get("created_by", "")), (path.parent / source).resolve() if source else None)
+                  str(doc.get("created_by", "")), (path.parent / source).resolve() if source else None, out_format,
+                  settings)
+
+
+
+def _settings(raw: object, method: str, problems: list[str]) -> dict[str, object]:
+    """The recipe's settings (decay schedule, window length; issue 24), noting what is wrong in ``problems``."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append("'settings' must be a mapping")
+        return {}
+    settings = {str(k): v for k, v in raw.items()}
+    if method == "decay" or "schedule" in settings:
+        try:
+            settings["schedule"] = parse_schedule(str(settings.get("schedule", ""))).spec
+        except AnalysisError as e:
+            problems.append(f"settings: {e}")
+    for key in ("window_tokens", "window_steps"):
+        value = settings.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            problems.append(f"settings: {key} must be a positive number, got {value!r}")
+    return settings
 
 
 def _entry_path(item: object) -> str:
@@ -376,4 +409,4 @@ def with_hashes(recipe: Recipe) -> Recipe:
         entries.append(RecipeEntry(e.path, e.step, e.weight, e.sha256 or checkpoint_sha256(ref.files),
                                    ref.size_bytes, e.quick_hash or checkpoint_quick_hash(ref.files)))
     return Recipe(recipe.method, tuple(entries), recipe.output_dtype, recipe.reasons, recipe.created_by,
-                  recipe.source_run)
+                  recipe.source_run, recipe.output_format, recipe.settings)

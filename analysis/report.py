@@ -9,7 +9,7 @@ import math
 
 from .logs import LogTable
 from .recipe import Recipe, recipe_to_dict
-from .selection import Recommendation
+from .selection import CooldownReport, Recommendation
 from .run import Run
 from .model_size import ParamCount
 from .scaling import ComputeOptimal, Forecast, StopSignal
@@ -55,6 +55,7 @@ def timing_report(timing: StepTiming) -> dict:
         "eval_checkpoint_cost_ms": _num(timing.eval_checkpoint_cost_ms), "total_ms": _num(timing.total_ms),
         "eval_share": _num(timing.eval_share), "checkpoint_share": _num(timing.checkpoint_share),
         "eval_checkpoint_share": _num(timing.eval_checkpoint_share),
+        "shares": timing.describe_shares(),
         "other_slow_share": _num(timing.other_slow_share), "warmup_ms": _num(timing.warmup_ms),
         "slow_iterations": [{"step": s.step, "step_ms": _num(s.step_ms), "extra_ms": _num(s.extra_ms), "kind": s.kind}
                             for s in timing.slow],
@@ -124,6 +125,7 @@ def analysis_report(run: Run, signals: RunSignals, similarity: SimilarityReport 
             "val_loss": _num(item.val.value) if item.val else None,
             "val_loss_source": item.val.source if item.val else None,
             "val_loss_step": item.val.source_step if item.val else None,
+            "val_loss_logged_at": item.val.logged_at if item.val else None,
             "val_loss_between": list(item.val.between) if item.val and item.val.between else None,
             "val_loss_stderr": _num(item.val.stderr) if item.val and item.val.stderr is not None else None,
             "lr": _num(item.lr) if item.lr is not None else None,
@@ -184,7 +186,11 @@ def _noise_report(signals: RunSignals) -> dict | None:
         return None
     lr = signals.at(noise.step).lr
     return {"step": noise.step, "sqrt_v_sum": noise.sqrt_v_sum, "elements": noise.elements, "lr": _num(lr),
-            "excess_nats": _num(noise.excess_at(lr)) if lr else None}
+            "excess_nats": _num(noise.excess_at(lr)) if lr else None,
+            "bias_correction": {"optimizer_steps": noise.adam_step, "steps_from": noise.adam_step_source or None,
+                                "beta2": noise.beta2, "beta2_from": noise.beta2_source or None,
+                                "factor": noise.bias_correction},
+            "source": noise.source()}
 
 
 def recommendation_report(rec: Recommendation, recipe: Recipe | None) -> dict:
@@ -205,8 +211,28 @@ def recommendation_report(rec: Recommendation, recipe: Recipe | None) -> dict:
         "stand_in_sampling_error_nats": _num(rec.stand_in_error),
         "score": _num(rec.score),
         "last_score": _num(rec.last_score),
+        "settings": dict(rec.settings),
         "recipe": recipe_to_dict(recipe) if recipe is not None else None,
     }
+
+
+def cooldown_doc(report: CooldownReport) -> dict:
+    """The `recommend --cooldown --json` document (issue 24): a row per schedule and window, and the real decay.
+
+    ``gap_to_decay_nats``: the row's loss minus the real decay's end (negative: the merge is lower).
+    """
+    def gap(value: float | None, end: float | None) -> float | None:
+        return _num(value - end) if value is not None and end is not None else None
+
+    rows = [{"schedule": r.schedule, "window": r.window, "unit": r.unit, "steps": list(r.steps),
+             "weights": list(r.weights), "predicted_loss": _num(r.predicted_loss), "measured_loss": _num(r.measured_loss),
+             "predicted_vs_stable_nats": _num(r.vs_stable), "predicted_gap_to_decay_nats": _num(r.vs_decay),
+             "measured_gap_to_decay_nats": gap(r.measured_loss, report.decay_measured), "describe": r.describe}
+            for r in report.rows]
+    return {"rows": rows, "stable_step": report.stable_step, "stable_loss": _num(report.stable_loss),
+            "stable_measured": _num(report.stable_measured), "decay_step": report.decay_step,
+            "decay_loss": _num(report.decay_loss), "decay_measured": _num(report.decay_measured),
+            "basis": report.basis}
 
 
 def storage_report(est: StorageEstimate, measured: MeasuredOverhead | None = None,

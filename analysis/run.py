@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 import numpy as np
 import yaml
 
-from .checkpoints import CHECKPOINT_READERS, detect_layout, open_checkpoint
-from .errors import AnalysisError, CheckpointReadError, NotACheckpoint, RunNotFound
+from .checkpoints import CHECKPOINT_READERS, SKIPPED_NOTE, detect_layout, open_checkpoint
+from .errors import AnalysisError, CheckpointReadError, InvalidArgument, NotACheckpoint, RunNotFound, SeveralRuns
 from .paths import is_within, resolve_within
+from .run_groups import RunFiles, RunInfo, choose, group_by_folder, join_resumed, split_by_name, starts_over
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -145,7 +146,7 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
-def open_run(path: str | Path, root: str | Path | None = None) -> Run:
+def open_run(path: str | Path, root: str | Path | None = None, run_name: str | None = None) -> Run:
     """Discover the logs and checkpoints of a run folder.
 
     A file that cannot be read (a save still being written, a corrupt or unsafe checkpoint, a dangling
@@ -158,12 +159,16 @@ def open_run(path: str | Path, root: str | Path | None = None) -> Run:
             must lie in it, and every file the run would read that resolves outside it (a symlink pointing
             out: a log, a checkpoint, a shard, ``ckpt-select.yaml``) is left out with a note (issue 19).
             None, as on the command line: no limit.
+        run_name: which run to open when the folder holds several (``--run NAME``, a name
+            :func:`find_runs` lists); None: the folder must hold one run (issue 21).
 
     Raises:
         InvalidArgument: ``path`` resolves outside ``root``.
         RunNotFound: the path does not exist, or holds no log or checkpoint that can be read.
         CheckpointReadError: a single checkpoint file that cannot be read or holds no weights.
         AnalysisError: the run's ckpt-select.yaml is malformed.
+        SeveralRuns: the folder holds several runs and ``run_name`` names none (issue 21).
+        InvalidArgument: ``run_name`` is not a run of the folder.
     """
     allowed = Path(root).expanduser().resolve() if root is not None else None
     root = resolve_within(path, allowed)
@@ -175,8 +180,12 @@ def open_run(path: str | Path, root: str | Path | None = None) -> Run:
     config = _read_config(root) if not _outside(root, [root / CONFIG_FILE], allowed, config_notes) else {}
     ckpt_paths, log_candidates, notes = _walk(root, config, allowed)
     notes = config_notes + notes
-    name = str(config.get("name") or root.name)
-    run = _run_from_files(root, ckpt_paths, log_candidates, name, notes)
+    groups = _grouped(root, ckpt_paths, log_candidates)
+    chosen = choose(root, [_info(g) for g in groups], run_name) if len(groups) > 1 else None
+    files = next((g for g in groups if chosen is not None and g.name == chosen.name), groups[0])
+    name = str(config.get("name") or (root.name if len(groups) == 1 else f"{root.name}/{files.name}"))
+    run = _run_from_files(root, list(files.checkpoints), list(files.logs), name, notes)
+    run = _one_run(root, run, run_name if len(groups) == 1 else None)
     if not run.checkpoints and not run.logs and run.unreadable:
         raise RunNotFound(root, "nothing here could be read: " + "; ".join(u.describe() for u in run.unreadable))
     if not run.checkpoints and not run.logs:
@@ -185,6 +194,97 @@ def open_run(path: str | Path, root: str | Path | None = None) -> Run:
                                 f"Hint: CkptSelect reads logs ({', '.join(LOG_READERS)}) and checkpoints "
                                 f"({', '.join(CHECKPOINT_READERS)}); list yours in {CONFIG_FILE}.")
     return run
+
+
+def find_runs(path: str | Path, root: str | Path | None = None) -> list[RunInfo]:
+    """The runs a folder holds (issue 21): one for most folders, several for Lightning's ``version_N``
+    folders, sibling Hugging Face output folders, or checkpoints whose steps repeat under other names.
+
+    Cheap: names, and a small weight sample where a resume must be told from a relaunch. Each
+    :class:`RunInfo` opens with ``open_run(info.path)`` when its folder is its own, else with
+    ``open_run(path, run_name=info.name)``.
+    """
+    allowed = Path(root).expanduser().resolve() if root is not None else None
+    folder = resolve_within(path, allowed)
+    if not folder.is_dir():
+        return []
+    ckpt_paths, log_candidates, _ = _walk(folder, _read_config(folder), allowed)
+    runs: list[RunInfo] = []
+    for group in _grouped(folder, ckpt_paths, log_candidates):
+        info = _info(group)
+        runs.extend(split_by_name(folder, info, [_name_step(p) for p in info.checkpoints], info.checkpoints) or [info])
+    return runs
+
+
+def _grouped(root: Path, ckpt_paths: list[Path], log_paths: list[Path]) -> list[RunFiles]:
+    """Rules 1 and 2 of :mod:`analysis.run_groups`: runs by folder convention, resumes joined."""
+    return join_resumed(group_by_folder(root, ckpt_paths, log_paths), _name_step, _first_logged_step)
+
+
+def _name_step(path: Path) -> int:
+    """A checkpoint's step from its name (no file is opened); -1 when the name has none."""
+    step = _step_of(path, {})[0]
+    return -1 if step is None else step
+
+
+def _first_logged_step(path: Path) -> int | None:
+    """The first step a log records, or None when it is not a log CkptSelect reads."""
+    from .logs import read_log, sniff_format
+    try:
+        fmt = sniff_format(path)
+        table = read_log(path, fmt) if fmt is not None else None
+    except (AnalysisError, OSError):
+        return None
+    return table.segments[0][0] if table is not None and table.segments else None
+
+
+def _info(group: RunFiles) -> RunInfo:
+    """A group described from names alone (steps from the checkpoints' names)."""
+    ordered = sorted(group.checkpoints, key=lambda p: (_name_step(p), p.as_posix()))
+    return RunInfo(group.name, group.path, tuple(ordered), tuple(_name_step(p) for p in ordered),
+                   tuple(group.logs), group.reason)
+
+
+def _one_run(root: Path, run: Run, run_name: str | None) -> Run:
+    """Rule 3 on a run read: steps that repeat, or a log that starts over, mean several runs (issue 21).
+
+    Raises:
+        SeveralRuns: they cannot be told apart, or ``run_name`` names none of them.
+    """
+    refs = run.checkpoints
+    info = RunInfo(run.name, root, tuple(r.path for r in refs), tuple(r.step for r in refs),
+                   tuple(t.path for t in run.logs), "the whole folder")
+    parts = split_by_name(root, info, [r.step for r in refs], [r.path for r in refs])
+    restarted = [t for t in run.logs if starts_over(t)]
+    if parts is None:
+        repeated = sorted({r.step for r in refs if [x.step for x in refs].count(r.step) > 1})
+        raise SeveralRuns(root, [info], message=(
+            f"{root}: checkpoints share steps {repeated[:5]} and their names do not tell the runs apart; "
+            f"never averaged together. Put each run in a folder of its own, or list one run's files in {CONFIG_FILE}."))
+    if len(parts) == 1 and not restarted:
+        if run_name not in (None, run.name, root.name):
+            raise InvalidArgument(f"{root}: no run named '{run_name}' here; it holds one run, '{run.name}'")
+        return run
+    why = "".join(f"; {t.path.name} starts over at step {t.segments[0][0]}" for t in restarted)
+    chosen = next((p for p in parts if p.name == run_name), None) if len(parts) > 1 else None
+    if chosen is None:
+        if len(parts) == 1:
+            raise SeveralRuns(root, parts, message=(
+                f"{root}: holds several runs{why} (a resume restarts past step 0: this log starts again). "
+                f"Never averaged together: keep each launch in a folder of its own, or list one run's files "
+                f"in {CONFIG_FILE}."))
+        raise SeveralRuns(root, parts, reason=f" (checkpoints whose steps repeat{why})")
+    return _restricted(run, chosen, restarted)
+
+
+def _restricted(run: Run, chosen: RunInfo, restarted: list) -> Run:
+    """``run`` with only ``chosen``'s checkpoints; logs holding several runs are left out with a note."""
+    keep = set(chosen.checkpoints)
+    left_out = {id(t) for t in restarted}
+    logs = tuple(t for t in run.logs if id(t) not in left_out)
+    notes = run.notes + tuple(f"{t.path.name}: left out: it holds several runs (it starts over)" for t in restarted)
+    return replace(run, name=f"{run.name}/{chosen.name}", checkpoints=tuple(c for c in run.checkpoints if c.path in keep),
+                   logs=logs, metrics=_merge_metrics(list(logs)), notes=notes)
 
 
 def checkpoint_ref(path: str | Path, step: int | None = None) -> CheckpointRef:
@@ -300,8 +400,29 @@ def _walk(root: Path, config: dict, allowed: Path | None = None) -> tuple[list[P
             elif _log_candidate(file_path) and not log_globs:
                 logs.append(file_path)
     ckpts = [p for p in ckpts if not _outside(root, _checkpoint_reads(p), allowed, notes)]
-    logs = [p for p in logs if not _outside(root, [p], allowed, notes)]
+    logs = [p for p in _newest_trainer_states(logs) if not _outside(root, [p], allowed, notes)]
     return ckpts, logs, notes
+
+
+def _newest_trainer_states(logs: list[Path]) -> list[Path]:
+    """``logs`` with, of the ``checkpoint-N/trainer_state.json`` files beside each other, only the newest (issue 21).
+
+    The Trainer writes its whole log history into every checkpoint's trainer_state.json: the newest holds
+    all the others do, and listing twenty copies of one history reads as twenty logs.
+    """
+    newest: dict[Path, tuple[int, Path]] = {}
+    for path in logs:
+        step = _trainer_state_step(path)
+        if step is not None and (path.parent.parent not in newest or step > newest[path.parent.parent][0]):
+            newest[path.parent.parent] = (step, path)
+    kept = {path for _, path in newest.values()}
+    return [p for p in logs if _trainer_state_step(p) is None or p in kept]
+
+
+def _trainer_state_step(path: Path) -> int | None:
+    """N of a ``checkpoint-N/trainer_state.json`` path, else None."""
+    folder = re.fullmatch(r"checkpoint-(\d+)", path.parent.name)
+    return int(folder.group(1)) if path.name == "trainer_state.json" and folder else None
 
 
 def _outside(root: Path, paths: Iterable[Path], allowed: Path | None, notes: list[str]) -> bool:
@@ -439,6 +560,8 @@ def _describe_checkpoints(paths: list[Path], notes: list[str],
         if MERGE_MARKER_KEY in meta:
             merged.append(path)
             continue
+        if SKIPPED_NOTE in meta:   # a part passed over (a DeepSpeed optimizer shard's pickle), never the run (issue 21)
+            notes.append(f"{path.name}: {meta[SKIPPED_NOTE]}")
         step, source = _step_of(path, meta)
         if step is None:
             unnumbered.append((path, layout, files, size))

@@ -15,9 +15,10 @@ from analysis.errors import AnalysisError
 from analysis.evaluate import Evaluator, check_evaluator_allowed, load_evaluator
 from analysis.merge import MergeResult, merge_recipe
 from analysis.recipe import Recipe, dump_mergekit, dump_recipe, recipe_for_selection
-from analysis.selection import Recommendation, RecommendConfig, recommend
+from analysis.selection import CooldownReport, Recommendation, RecommendConfig, cooldown_report, recommend
 from analysis.report import analysis_report, timing_report
-from analysis.run import Run, folder_stamp, open_run
+from analysis.follow import RunFollower
+from analysis.run import Run, RunInfo, find_runs, folder_stamp
 from analysis.scaling import StopSignal, run_stop_signal
 from analysis.storage import RunStorageInputs, storage_inputs_from_run
 from analysis.signals import (DisplaySeries, RunSignals, SimilarityReport, StepTiming, analyze_step_times,
@@ -37,8 +38,34 @@ def run(path: str, stamp: str) -> Run:
 def _run(path: str, stamp: str, root: str | None) -> Run:
     """A shared resource, not cache_data: the Run is frozen and never changed, and cache_data
     would unpickle a copy of its metrics (7 million rows for a million-step log) on every rerun.
+
+    Read by the run's follower: a new stamp (a run still training) reads only the new log bytes and
+    checkpoints, not every log from the start (issue 23).
     """
-    return open_run(path, root)
+    return _follower(path, root).refresh().run
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _follower(path: str, root: str | None) -> RunFollower:
+    """One follower per run (and root), shared by every session: it remembers where each log was read to."""
+    return RunFollower(Path(path), Path(root) if root is not None else None)
+
+
+def stamp(path: Path) -> str:
+    """The cache key of the run at ``path`` as it is now: its folder stamp, and the root it is confined to."""
+    allowed = state.root()
+    return folder_stamp(path) + (f"|root={allowed}" if allowed is not None else "")
+
+
+def runs_in(folder: Path) -> list[RunInfo]:
+    """The runs the folder holds (issue 21), cached until a file under it changes."""
+    allowed = state.root()
+    return _runs_in(str(folder), folder_stamp(folder), str(allowed) if allowed is not None else None)
+
+
+@st.cache_data(max_entries=16, show_spinner="Looking for the runs in this folder...")
+def _runs_in(folder: str, stamp: str, root: str | None) -> list[RunInfo]:
+    return find_runs(folder, root)
 
 
 @st.cache_data(max_entries=8, show_spinner="Checking every checkpoint (health, spikes, validation)...")
@@ -120,28 +147,38 @@ def current(path: Path) -> Current:
 
     The stamp names the root too: every cache keyed by it then holds results of the run as confined.
     """
-    allowed = state.root()
-    stamp = folder_stamp(path) + (f"|root={allowed}" if allowed is not None else "")
-    key = str(path)
-    return Current(key, stamp, run(key, stamp), signals(key, stamp), recommendation(key, stamp, RecommendConfig()))
+    key, now = str(path), stamp(path)
+    return Current(key, now, run(key, now), signals(key, now), recommendation(key, now, RecommendConfig()))
 
 
 @st.cache_data(max_entries=32, show_spinner="Hashing the selected checkpoints for the recipe...")
 def selection_recipe(path: str, stamp: str, steps: tuple[int, ...], weights: tuple[float, ...], method: str,
-                     output_dtype: str, reasons: tuple[tuple[str, str], ...]) -> Recipe:
-    """The selection's recipe, hashed once: the page's downloads and its merge share it (issue 20)."""
-    return recipe_for_selection(run(path, stamp), steps, weights, method, output_dtype, dict(reasons))
+                     output_dtype: str, reasons: tuple[tuple[str, str], ...],
+                     settings: tuple[tuple[str, object], ...] = ()) -> Recipe:
+    """The selection's recipe, hashed once: the page's downloads and its merge share it (issue 20).
+
+    ``settings``: what the recipe records besides weights, e.g. a decay's schedule (issue 24).
+    """
+    return recipe_for_selection(run(path, stamp), steps, weights, method, output_dtype, dict(reasons),
+                                settings=dict(settings))
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def recipe_texts(path: str, stamp: str, steps: tuple[int, ...], weights: tuple[float, ...], method: str,
-                 output_dtype: str, reasons: tuple[tuple[str, str], ...]) -> tuple[str, str]:
+                 output_dtype: str, reasons: tuple[tuple[str, str], ...],
+                 settings: tuple[tuple[str, object], ...] = ()) -> tuple[str, str]:
     """(our recipe YAML, mergekit YAML) of :func:`selection_recipe`; paths absolute so they work anywhere.
 
     The recipe text is the one the merge writes beside its output, byte for byte.
     """
-    recipe = selection_recipe(path, stamp, steps, weights, method, output_dtype, reasons)
+    recipe = selection_recipe(path, stamp, steps, weights, method, output_dtype, reasons, settings)
     return dump_recipe(recipe), dump_mergekit(recipe)
+
+
+@st.cache_data(max_entries=8, show_spinner="Predicting what a cooldown would give...")
+def cooldown(path: str, stamp: str) -> CooldownReport:
+    """The Run page's "what would a cooldown give?" panel: ``recommend --cooldown`` from the logs (issue 24)."""
+    return cooldown_report(signals(path, stamp))
 
 
 @st.cache_data(max_entries=8, show_spinner=False)

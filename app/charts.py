@@ -54,7 +54,8 @@ def loss_figure(run: Run, signals: RunSignals, selected: set[int], smoothing: fl
     _add_checkpoint_markers(fig, run, signals, selected, axis)
     fig.update_layout(xaxis_title=AXIS_TITLES[axis], yaxis_title="loss (nats)", hovermode="closest",
                       legend={"orientation": "h", "y": -0.2}, margin={"t": 30, "b": 10},
-                      yaxis_type="log" if log_y else "linear")
+                      yaxis_type="log" if log_y else "linear",
+                      uirevision=f"{run.path}|{axis}|{log_y}")   # a followed run's new rows keep the user's zoom (issue 23)
     return fig
 
 
@@ -157,7 +158,8 @@ def training_figure(run: Run, axis: str = "step", slow_steps: tuple[int, ...] = 
             fig.add_trace(go.Scatter(x=step_to_axis(run, np.array(hits), axis), y=values.loc[hits], mode="markers",
                                      name="slow (eval/checkpoint)", marker={"color": COLORS["spike"], "size": 6}),
                           row=index, col=1)
-    fig.update_layout(height=170 * len(rows) + 50, showlegend=False, margin={"t": 30, "b": 10})
+    fig.update_layout(height=170 * len(rows) + 50, showlegend=False, margin={"t": 30, "b": 10},
+                      uirevision=f"{run.path}|{axis}")   # zoom kept while a followed run grows (issue 23)
     fig.update_xaxes(title_text=AXIS_TITLES[axis], row=len(rows), col=1)
     return fig
 
@@ -167,6 +169,24 @@ def weights_figure(steps: list[int], weights: list[float]) -> go.Figure:
     fig = go.Figure(go.Bar(x=[str(s) for s in steps], y=weights, marker_color=COLORS["selected"],
                            hovertemplate="step %{x}<br>weight %{y:.3f}<extra></extra>"))
     fig.update_layout(xaxis_title="checkpoint step", yaxis_title="weight", height=260, margin={"t": 20, "b": 10})
+    return fig
+
+
+def decay_figure(run: Run, where: list[float], multiplier: list[float], unit: str, lr_at_start: float | None) -> go.Figure:
+    """The LR the decay-emulating merge acts like (issue 24), next to the run's real LR, on tokens (or steps).
+
+    ``where``/``multiplier``: :func:`analysis.selection.emulated_lr`; scaled by the LR at the window's start.
+    """
+    fig = go.Figure()
+    lr = run.metric("lr")
+    scale = lr_at_start if lr_at_start else 1.0
+    if len(lr):
+        x = step_to_axis(run, lr["step"].to_numpy(), "tokens" if unit == "tokens" else "step")
+        fig.add_trace(go.Scatter(x=x, y=lr["value"], name="real LR", line={"color": COLORS["train"]}))
+    fig.add_trace(go.Scatter(x=where, y=[scale * m for m in multiplier], name="emulated LR (merge)",
+                             line={"color": COLORS["selected"], "shape": "hv", "dash": "dash"}))
+    fig.update_layout(xaxis_title=unit, yaxis_title="learning rate" if lr_at_start else "LR multiplier",
+                      height=260, margin={"t": 20, "b": 10})
     return fig
 
 

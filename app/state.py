@@ -21,6 +21,7 @@ SELECTION_KEY = "selected_steps"
 SELECTION_GEN_KEY = "selection_generation"
 JOB_KEY = "merge_job_id"
 OVERLAY_KEY = "overlay_runs"
+FOLDER_KEY = "runs_folder"
 EVALUATOR_KEY = "evaluator_spec"
 SEARCH_KEY = "evaluator_search"
 LAYER_KEY = "layers_chosen"
@@ -31,6 +32,11 @@ def root() -> Path | None:
     """The folder the app is confined to (``ui --root``), or None."""
     value = os.environ.get("CKPT_SELECT_ROOT")
     return Path(value).resolve() if value else None
+
+
+def allow_prune() -> bool:
+    """Whether the server was started with ``ui --allow-prune``: needed to delete checkpoints under ``--root``."""
+    return os.environ.get("CKPT_SELECT_ALLOW_PRUNE") == "1"
 
 
 def allowed_evaluators() -> list[str]:
@@ -62,6 +68,17 @@ def set_run_path(path: Path) -> None:
     st.query_params.pop("sel", None)
     bump_selection_generation()
     remember_run(path)
+
+
+def runs_folder() -> Path | None:
+    """The folder last opened, which may hold several runs (issue 21); else the run's own folder."""
+    value = st.session_state.get(FOLDER_KEY)
+    return Path(value) if value else run_path()
+
+
+def set_runs_folder(path: Path) -> None:
+    """The folder the user opened: its runs are offered in the sidebar."""
+    st.session_state[FOLDER_KEY] = str(path)
 
 
 def selected_steps() -> list[int] | None:

@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-embd", type=int, default=64)
     p.add_argument("--seed", type=int, default=21)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--save-only-model", action="store_true",
+                   help="checkpoints hold the weights only (no optimizer.pt): the Trainer's save_only_model")
     return p.parse_args(argv)
 
 
@@ -143,7 +145,8 @@ def train(args: argparse.Namespace) -> None:
         per_device_train_batch_size=args.batch_size // args.grad_accum, gradient_accumulation_steps=args.grad_accum,
         per_device_eval_batch_size=64, eval_strategy="steps", eval_steps=args.ckpt_every,
         save_strategy="steps", save_steps=args.ckpt_every, logging_steps=args.log_every, seed=args.seed,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, report_to=[], disable_tqdm=True)
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, report_to=[], disable_tqdm=True,
+        save_only_model=args.save_only_model)
     started = time.time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

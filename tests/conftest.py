@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def update_golden(request: pytest.FixtureRequest) -> bool:
     """True when the run was started with --update-golden."""
     return bool(request.config.getoption("--update-golden"))
+
+
+def wait_for_merge(at, seconds: float = 60) -> None:
+    """Rerun an AppTest until the Merge page's background merge reports (AppTest does not tick
+    run_every fragments, so the page's progress fragment never polls by itself)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        at.run()
+        if any("Merged" in s.value for s in at.success) or at.error:
+            return
+        time.sleep(0.2)
+    raise AssertionError("merge did not finish")

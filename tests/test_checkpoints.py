@@ -50,7 +50,8 @@ def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) ->
 # ---- layouts -----------------------------------------------------------------------------------
 
 def test_registry_lists_folder_layouts_before_file_layouts() -> None:
-    assert list(CHECKPOINT_READERS)[:3] == ["hf_folder", "dcp", "sharded_index"]
+    # deepspeed first: it claims an HF checkpoint-N/ holding a global_stepN/ (issue 21)
+    assert list(CHECKPOINT_READERS)[:5] == ["deepspeed", "megatron", "hf_folder", "dcp", "sharded_index"]
     assert all(r.description for r in CHECKPOINT_READERS.values())
 
 

@@ -9,7 +9,6 @@ each checked here through both front ends as a user drives them.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +26,7 @@ from analysis.selection import recommend
 from analysis.run import open_run
 from analysis.signals import assess_run
 from analysis.storage import storage_inputs_from_run
-from conftest import REPO
+from conftest import REPO, wait_for_merge
 
 APP = str(REPO / "app" / "streamlit_app.py")
 
@@ -65,17 +64,6 @@ def _page(run: Path, page: str, monkeypatch: pytest.MonkeyPatch, selected: list[
     return at
 
 
-def _wait_for_merge(at: AppTest, seconds: float = 60) -> None:
-    """Rerun until the background merge reports (AppTest does not tick run_every fragments)."""
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        at.run()
-        if any("Merged" in s.value for s in at.success) or at.error:
-            return
-        time.sleep(0.2)
-    raise AssertionError("merge did not finish")
-
-
 # --- one recipe builder ----------------------------------------------------------------------
 
 def test_issue20_app_download_is_the_recipe_written_beside_its_merge(tiny_run: Path, tmp_path: Path,
@@ -87,7 +75,7 @@ def test_issue20_app_download_is_the_recipe_written_beside_its_merge(tiny_run: P
     at.selectbox(key="out_dtype").set_value("bfloat16").run()
     at.text_input(key="out_dir").set_value(str(out)).run()
     at.button(key="merge_button").click().run()
-    _wait_for_merge(at)
+    wait_for_merge(at)
     assert not at.error, [e.value for e in at.error]
     assert downloads["recipe.yaml"].decode() == (out / "recipe.yaml").read_text()
     assert downloads["mergekit_config.yml"].decode() == (out / "mergekit_config.yml").read_text()

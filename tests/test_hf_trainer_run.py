@@ -121,7 +121,9 @@ def test_trainer_checkpoints_logs_and_adam_state_are_read(hf_run: Path) -> None:
     assert signals.noise is not None and signals.noise.step == STEPS
     assert signals.noise.sqrt_v_sum == pytest.approx(sqrt_v_sum, rel=1e-9) and signals.noise.elements == elements
     rec = recommend(signals, RecommendConfig())
-    assert rec.iterate_noise == pytest.approx(LR * sqrt_v_sum / 4, rel=1e-9)
+    corrected = sqrt_v_sum / math.sqrt(1 - 0.999 ** STEPS)   # Adam's bias correction, the Trainer's β2 (issue 21)
+    assert rec.iterate_noise == pytest.approx(LR * corrected / 4, rel=1e-9)
+    assert (signals.noise.adam_step, signals.noise.adam_step_source) == (STEPS, "optimizer state")
     assert rec.checkpoints[-1].step == STEPS and math.isclose(sum(rec.weights), 1.0)
 
 

@@ -45,6 +45,11 @@ def _with_noise(root: Path, excess_at_newest: float):
     return replace(signals, noise=IterateNoise(signals.checkpoints[-1].ref.step, 4.0 * excess_at_newest / lr, 1000))
 
 
+def _bias_corrected(sqrt_v_sum: float, steps: int, beta2: float = 0.999) -> float:
+    """Σ√v with Adam's bias correction: each v over 1 − β2^t (issue 21)."""
+    return sqrt_v_sum / math.sqrt(1.0 - beta2 ** steps)
+
+
 def test_iterate_noise_is_lr_over_4_times_the_sum_of_root_second_moments(tmp_path: Path) -> None:
     root, sqrt_v_sum, elements = adam_run(tmp_path / "adam", [5, 10])
     heard: list[str] = []
@@ -53,11 +58,12 @@ def test_iterate_noise_is_lr_over_4_times_the_sum_of_root_second_moments(tmp_pat
     assert signals.noise is not None and signals.noise.step == 10
     assert signals.noise.sqrt_v_sum == pytest.approx(sqrt_v_sum, rel=1e-12)
     assert signals.noise.elements == elements == 6 * 5 + 5 + 5 * 3 + 3
-    assert signals.noise.excess_at(1e-3) == pytest.approx(1e-3 * sqrt_v_sum / 4)
+    corrected = _bias_corrected(sqrt_v_sum, 10)   # AdamW's own step count, 10, from its state (issue 21)
+    assert signals.noise.excess_at(1e-3) == pytest.approx(1e-3 * corrected / 4)
     report = analysis_report(open_run(root), signals)["iterate_noise"]
-    assert report["excess_nats"] == pytest.approx(1e-3 * sqrt_v_sum / 4) and report["lr"] == 1e-3
+    assert report["excess_nats"] == pytest.approx(1e-3 * corrected / 4) and report["lr"] == 1e-3
     rec = recommendation_report(recommend(signals), None)
-    assert rec["iterate_noise_nats"] == pytest.approx(1e-3 * sqrt_v_sum / 4)
+    assert rec["iterate_noise_nats"] == pytest.approx(1e-3 * corrected / 4)
 
 
 def test_noise_comes_from_the_newest_checkpoint_that_saved_adam_state(tmp_path: Path) -> None:
@@ -221,7 +227,7 @@ def test_without_a_logged_lr_each_checkpoint_takes_the_lr_its_optimizer_state_wa
     assert [(c.ref.step, c.lr, c.lr_saved) for c in signals.checkpoints] == [
         (2, 1e-3, True), (4, 1e-3, True), (6, 1e-3, True), (8, 1e-4, True), (10, 1e-4, True)]
     rec = recommend(signals)
-    assert rec.iterate_noise == pytest.approx(1e-4 * sqrt_v_sum / 4, rel=1e-12)
+    assert rec.iterate_noise == pytest.approx(1e-4 * _bias_corrected(sqrt_v_sum, 10) / 4, rel=1e-12)
     # With a V (1 nat) that outweighs the val lag, the weights reach back to the decay and stop there.
     loud = recommend(replace(signals, noise=IterateNoise(10, 4.0 / 1e-4, 1000)))
     assert [r.step for r in loud.checkpoints] == [8, 10] and loud.method == "predicted"
@@ -355,7 +361,8 @@ def test_trainer_saves_adam_state_that_recommend_reads_end_to_end(tmp_path: Path
     sqrt_v_sum, _ = sqrt_second_moments(saved["optimizer"])
     doc = json.loads(subprocess.run([sys.executable, "-m", "analysis", "recommend", str(out), "--json"], check=True,
                                     capture_output=True, text=True, cwd=REPO).stdout)
-    assert doc["iterate_noise_nats"] == pytest.approx(3e-3 * sqrt_v_sum / 4, rel=1e-9)
+    beta2 = saved["optimizer"]["param_groups"][0]["betas"][1]
+    assert doc["iterate_noise_nats"] == pytest.approx(3e-3 * _bias_corrected(sqrt_v_sum, 40, beta2) / 4, rel=1e-9)
     assert doc["checkpoints"][-1]["path"].endswith("step_000040.pt")
     text = subprocess.run([sys.executable, "-m", "analysis", "analyze", str(out)], check=True, capture_output=True,
                           text=True, cwd=REPO).stdout
@@ -385,7 +392,7 @@ def test_a_run_that_logs_no_val_loss_gets_predicted_weights_from_its_train_loss(
     newest = signals.checkpoints[-1]
     assert newest.val.source == "train" and newest.val.between == (110, 120)
     assert newest.val.value == pytest.approx(np.mean([r["train_loss"] for r in rows if 110 < r["step"] <= 120]))
-    assert recommend(signals).iterate_noise == pytest.approx(1e-3 * sqrt_v_sum / 4)
+    assert recommend(signals).iterate_noise == pytest.approx(1e-3 * _bias_corrected(sqrt_v_sum, 120) / 4)
     # This toy's jitter is tiny next to its batch-to-batch loss; with a V worth averaging for, several are taken.
     rec = recommend(replace(signals, noise=IterateNoise(120, 4.0 * 0.5 / 1e-3, 1000)))
     assert rec.method == "predicted" and len(rec.checkpoints) > 2 and "logged train losses lie" in rec.summary

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from streamlit.testing.v1 import AppTest
 
-from analysis.merge.plan import average_state_dict
+from analysis.merge.in_memory import average_state_dict
 from analysis.cli import main
 from analysis.errors import CheckpointReadError, InvalidArgument
 from analysis.evaluate import check_evaluator_allowed, load_evaluator

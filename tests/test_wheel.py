@@ -105,7 +105,7 @@ def test_sdist_holds_the_app_the_kernel_source_and_the_requirements(installed) -
     _, sdist, _ = installed
     with tarfile.open(sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
-    assert {"app/streamlit_app.py", "app/views/merge.py", "analysis/_fused.c", "requirements.txt",
+    assert {"app/streamlit_app.py", "app/views/merge.py", "analysis/merge/_fused.c", "requirements.txt",
             "setup.py", "MANIFEST.in"} <= names
     assert not [n for n in names if "__pycache__" in n or n.endswith((".pyc", ".so"))]
 

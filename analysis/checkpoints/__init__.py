@@ -13,15 +13,17 @@ from ..errors import CheckpointReadError
 from .base import (CheckpointHandle, CheckpointReader, TensorInfo, TrainingStateAccess, dtype_name, ema_tensors,
                    optimizer_state)
 from .dcp import DCPReader
+from .deepspeed import SKIPPED_NOTE, DeepSpeedReader
 from .hf_folder import HFFolderReader
 from .keys import original_name
+from .megatron import MegatronReader
 from .safetensors_file import SafetensorsFileReader
 from .sharded import ShardedIndexReader
 from .torch_pickle import TorchPickleReader
 
 # Folder layouts first (a folder is claimed whole before its files are looked at), then files.
 CHECKPOINT_READERS: dict[str, CheckpointReader] = {r.name: r for r in (
-    HFFolderReader(), DCPReader(), ShardedIndexReader(), SafetensorsFileReader(), TorchPickleReader(),
+    DeepSpeedReader(), MegatronReader(), HFFolderReader(), DCPReader(), ShardedIndexReader(), SafetensorsFileReader(), TorchPickleReader(),
 )}
 
 
@@ -51,6 +53,7 @@ def open_checkpoint(path: str | Path, layout: str | None = None) -> CheckpointHa
 
 __all__ = [
     "CHECKPOINT_READERS",
+    "SKIPPED_NOTE",
     "CheckpointHandle",
     "CheckpointReader",
     "TensorInfo",

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 METADATA_FILE = ".metadata"
+MEGATRON_COMMON = "common.pt"   # Megatron-LM torch_dist: the non-sharded state (iteration, args)
 # Top-level keys under which trainers save optimizer state next to the model.
 OPTIMIZER_PREFIXES = ("optimizer.", "optim.", "optimizer_state.")
 _ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
@@ -111,7 +112,7 @@ class DCPHandle:
         self._infos = [_info(self.keys.normalize(k.removeprefix(self._group)), v) for k, v in model.items()]
         self._optim_names = {_moment_name(k): k for k in optim}
         self._optim_infos = [_info(name, entries[k]) for name, k in self._optim_names.items()]
-        self._metadata = self._scalar_metadata(rest)
+        self._metadata = {**_megatron_common(folder), **self._scalar_metadata(rest)}
         self._lr_item = _saved_lr_item(metadata)   # read on the first metadata() call
 
     @staticmethod
@@ -192,6 +193,25 @@ class DCPHandle:
         self.close()
 
 
+def _megatron_common(folder: Path) -> dict[str, str]:
+    """Megatron-LM ``torch_dist``: the ``iteration`` (the step) in the folder's ``common.pt``, weights-only (issue 21).
+
+    A ``common.pt`` that cannot be read plainly costs only that metadata: the step then comes from the
+    ``iter_NNNNNNN`` folder name.
+    """
+    from .torch_pickle import checkpoint_metadata, safe_torch_load
+
+    path = folder / MEGATRON_COMMON
+    if not path.is_file():
+        return {}
+    try:
+        payload = safe_torch_load(path, plain_numpy=True)
+    except CheckpointReadError:
+        return {}
+    meta = checkpoint_metadata(payload) if isinstance(payload, dict) else {}
+    return {k: meta[k] for k in ("step", "iteration", "checkpoint_version") if k in meta}
+
+
 def _last_line(error: BaseException) -> str:
     """The innermost cause of a DCP failure (its message embeds a remote-style traceback)."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
@@ -235,10 +255,19 @@ def _read_saved_lr(folder: Path, item: object) -> float | None:
     return as_learning_rate(value)
 
 
+# Megatron-LM's torch_dist puts the moment first: ``optimizer.state.exp_avg.decoder.layers.0....weight``.
+_MOMENT_FIRST = ("exp_avg.", "exp_avg_sq.", "fp32_param.")
+
+
 def _moment_name(key: str) -> str:
-    """``optimizer.state.layer.weight.exp_avg`` -> ``layer.weight.exp_avg`` (the handle's optimizer naming)."""
+    """``optimizer.state.layer.weight.exp_avg`` -> ``layer.weight.exp_avg`` (the handle's optimizer naming);
+    Megatron's ``optimizer.state.exp_avg.layer.weight`` -> ``layer.weight.exp_avg`` (issue 21)."""
     group, _, rest = key.partition(".")
-    return rest.removeprefix("state.") if rest.startswith("state.") else key
+    if not rest.startswith("state."):
+        return key
+    rest = rest.removeprefix("state.")
+    first = next((m for m in _MOMENT_FIRST if rest.startswith(m)), None)
+    return f"{rest.removeprefix(first)}.{first[:-1]}" if first else rest
 
 
 def _info(name: str, entry: "TensorStorageMetadata") -> TensorInfo:

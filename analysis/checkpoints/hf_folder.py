@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from ..errors import CheckpointReadError
 from .base import CheckpointHandle, TensorInfo
 from .safetensors_file import SafetensorsHandle
-from .optim import moments_by_name
+from .optim import moments_by_name, saved_adam_counters
 from .sharded import ShardedHandle, shard_files
 from .torch_pickle import TensorTable, TorchPickleHandle, safe_torch_load
 
@@ -139,6 +139,7 @@ class HFFolderHandle:
                 payload = safe_torch_load(path)
                 params = parameter_order(self.path) or [i for i in self.tensors() if i.is_floating]
                 moments = moments_by_name(payload, params) if isinstance(payload, dict) else {}
+                self._metadata.update(saved_adam_counters(payload))   # known once optimizer.pt is read
             self._optimizer = TensorTable(path, moments, normalize=False)
         return self._optimizer
 

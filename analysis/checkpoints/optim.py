@@ -107,6 +107,44 @@ def saved_learning_rate(optimizer: object) -> float | None:
     return None
 
 
+ADAM_STEP = "optimizer.adam_step"   # metadata key: the optimizer's own step count (its state's ``step``)
+ADAM_BETA2 = "optimizer.beta2"      # metadata key: the first group's second-moment decay ``betas[1]``
+
+
+def saved_adam_counters(optimizer: object) -> dict[str, str]:
+    """``{ADAM_STEP, ADAM_BETA2}`` of an Adam-style state dict, as strings, where it holds them.
+
+    Adam's ``exp_avg_sq`` starts at zero and is a (1 − β2^t)-weighted average after t steps; reading it
+    as the gradient's second moment needs t, the optimizer's count (torch keeps it per parameter as
+    ``step``), which can differ from the trainer's step (gradient accumulation, a resumed run, skipped
+    fp16 steps).
+    """
+    out: dict[str, str] = {}
+    state = optimizer.get("state") if isinstance(optimizer, dict) else None
+    entries = [e for e in state.values() if isinstance(e, dict)] if isinstance(state, dict) else []
+    steps = [_as_number(e.get("step")) for e in entries]
+    steps = [s for s in steps if s is not None and s >= 1]
+    if steps:
+        out[ADAM_STEP] = str(int(max(steps)))
+    groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
+    for group in groups if isinstance(groups, list) else ():
+        betas = group.get("betas") if isinstance(group, dict) else None
+        if isinstance(betas, (list, tuple)) and len(betas) == 2 and _as_number(betas[1]) is not None:
+            if 0.0 <= float(_as_number(betas[1])) < 1.0:
+                out[ADAM_BETA2] = repr(float(_as_number(betas[1])))
+            break
+    return out
+
+
+def _as_number(value: object) -> float | None:
+    """A finite int/float or one-element tensor as a float, else None."""
+    if is_tensor(value) and value.numel() == 1:   # type: ignore[union-attr]
+        value = value.item()   # type: ignore[union-attr]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 def metadata_learning_rate(metadata: dict[str, str]) -> float | None:
     """The :data:`SAVED_LR` of a handle's metadata as a number; None when absent or not a finite positive
     number (safetensors metadata is free text anyone can write)."""

@@ -14,24 +14,26 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from ..errors import CheckpointReadError, NotACheckpoint
 from .base import TensorInfo, is_tensor, tensor_info
 from .keys import KeyMap
-from .optim import SAVED_LR, moments_by_name, saved_learning_rate
+from .optim import SAVED_LR, moments_by_name, saved_adam_counters, saved_learning_rate
+from .torch_writer import read_merge_metadata
 
 if TYPE_CHECKING:
     import torch
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".tar"}
 # Files that sit beside weights but are not a model (HF Trainer, Lightning).
+OPTIMIZER_SHARD_SUFFIX = "_optim_states.pt"   # DeepSpeed's zero_pp_rank_R_mp_rank_00_optim_states.pt
 NOT_A_MODEL = {"optimizer.pt", "scheduler.pt", "training_args.bin", "rng_state.pth", "scaler.pt"}
 # Where the model weights live in a checkpoint dict, most specific first.
 WEIGHT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "params")
 EMA_KEYS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema", "ema_model")
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_states", "optim")
-STEP_KEYS = ("step", "global_step", "iter_num", "iteration", "num_updates", "steps")
+STEP_KEYS = ("step", "global_step", "iter_num", "iteration", "num_updates", "steps", "global_steps")
 TOKEN_KEYS = ("tokens", "tokens_seen", "num_input_tokens_seen", "consumed_tokens", "num_tokens")
 BEST_KEYS = ("best_val_loss", "best_metric", "best_model_score", "best_loss", "best_acc", "best_score", "metric")
 # Enough of a file's head to see torch's zip entry name or legacy magic number (protocol 4+ frames it).
@@ -56,8 +58,19 @@ def _data_only_globals() -> list:
     return [argparse.Namespace, scalar, np.dtype, *dtypes]
 
 
-def safe_torch_load(path: Path) -> object:
+def _numpy_array_globals() -> list:
+    """What a pickled numpy array needs (Megatron saves ``np.random.get_state()``): plain data, no code."""
+    import numpy as np
+    from numpy._core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray]
+
+
+def safe_torch_load(path: Path, plain_numpy: bool = False, plain_data: Sequence[tuple[type, str]] = ()) -> object:
     """``torch.load(weights_only=True)``, memory-mapped when the file's format allows.
+
+    ``plain_numpy`` also allows numpy arrays (for layouts that pickle an RNG state beside the weights);
+    ``plain_data`` maps a library's global name to a plain-data class of ours that stands in for it (the
+    library's code never runs, only our class, which holds fields and nothing else).
 
     Raises:
         CheckpointReadError: the file is truncated, not a torch file, or needs a global
@@ -66,7 +79,8 @@ def safe_torch_load(path: Path) -> object:
     import torch   # late: reading safetensors inputs never needs torch (its import is ~1.3 s)
 
     try:
-        with torch.serialization.safe_globals(_data_only_globals()):
+        allowed = _data_only_globals() + (_numpy_array_globals() if plain_numpy else []) + list(plain_data)
+        with torch.serialization.safe_globals(allowed):
             try:
                 return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
             except RuntimeError as e:
@@ -128,6 +142,7 @@ def split_payload(payload: object, path: Path) -> tuple[dict, dict, object, dict
     lr = saved_learning_rate(optimizer)
     if lr is not None:
         meta[SAVED_LR] = repr(lr)
+    meta.update(saved_adam_counters(optimizer))
     return flatten_tensors(payload[weights_key]), ema, optimizer, meta
 
 
@@ -222,6 +237,7 @@ class TorchPickleHandle:
     def __init__(self, path: Path, normalize: bool = True) -> None:
         self.path = path
         weights, ema, optimizer, self._metadata = split_payload(safe_torch_load(path), path)
+        self._metadata.update(read_merge_metadata(path))   # a CkptSelect merge written as torch (issue 21)
         self._weights = TensorTable(path, weights, normalize)
         self._ema = TensorTable(path, ema)
         params = [i for i in self._weights.infos if i.is_floating]
@@ -271,7 +287,9 @@ class TorchPickleReader:
     def matches(self, path: Path) -> bool:
         if not path.is_file() or path.suffix not in PICKLE_SUFFIXES or path.name in NOT_A_MODEL:
             return False
-        if path.name.startswith("rng_state") or ("-of-" in path.name and _sharded_sibling(path)):
+        if path.name.startswith("rng_state") or path.name.endswith(OPTIMIZER_SHARD_SUFFIX):
+            return False   # a DeepSpeed optimizer shard is never a checkpoint, even outside its tag folder (issue 21)
+        if "-of-" in path.name and _sharded_sibling(path):
             return False
         try:
             with path.open("rb") as handle:

@@ -22,6 +22,8 @@ MAX_STEP = 2**62
 
 # One block of records: (record steps, record wall times, {metric: (values, present mask)}).
 _Block = tuple[np.ndarray, np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]
+# One metric's rows: (steps, values, wall times).
+MetricPart = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 class TableBuilder:
@@ -104,21 +106,31 @@ class TableBuilder:
 
     def build(self) -> LogTable:
         """The finished table, with superseded rows of earlier segments removed."""
+        blocks = self.blocks()
+        if not blocks:
+            return self.table({}, 0, ())
+        parts, restarts = metric_parts(blocks)
+        return self.table(parts, restarts, step_segments(np.concatenate([b[0] for b in blocks])))
+
+    def blocks(self) -> list[_Block]:
+        """The records added so far, as blocks in file order (a follower adds to what it read: issue 23)."""
         self._flush()
-        restarts, segments = 0, ()
-        if self._blocks:
-            frame, restarts = _assemble(self._blocks)
-            segments = _segments(np.concatenate([b[0] for b in self._blocks]))
-        else:
-            frame = empty_frame()
+        return self._blocks
+
+    def table(self, parts: dict[str, MetricPart], restarts: int, segments: tuple[tuple[int, int], ...]) -> LogTable:
+        """A :class:`LogTable` of this builder's counts and notes holding ``parts`` (see :func:`metric_parts`)."""
         return LogTable(
-            path=self.path, format=self.format, frame=frame, rows=self.rows,
+            path=self.path, format=self.format, frame=tidy_frame(parts), rows=self.rows,
             skipped_lines=self.skipped_lines, restarts=restarts, notes=tuple(self.notes), segments=segments,
         )
 
 
-def _assemble(blocks: list[_Block]) -> tuple[pd.DataFrame, int]:
-    """One tidy frame from the blocks (numpy only: this runs on millions of rows)."""
+def metric_parts(blocks: list[_Block]) -> tuple[dict[str, MetricPart], int]:
+    """({canonical metric: (steps, values, wall times)} in order of first appearance, restarts) of the blocks.
+
+    Rows a later segment supersedes are removed, and a step repeated within a metric keeps its last row
+    (numpy only: this runs on millions of rows).
+    """
     rec_steps = np.concatenate([b[0] for b in blocks])
     segments = np.zeros(len(rec_steps), dtype=np.int64)
     if len(rec_steps) > 1:
@@ -136,21 +148,55 @@ def _assemble(blocks: list[_Block]) -> tuple[pd.DataFrame, int]:
             elif mask.any():
                 columns.setdefault(canonical_metric(name), []).append((steps[mask], values[mask], walls[mask]))
         offset += len(steps)
-    if not columns:
-        return empty_frame(), restarts
-    parts = [_dedupe(*(p[0] if len(p) == 1 else np.concatenate(p) for p in zip(*chunks))) for chunks in columns.values()]
-    names = np.array(list(columns), dtype=object)
-    codes = np.concatenate([np.full(len(p[0]), i, dtype=np.int64) for i, p in enumerate(parts)])
+    return {name: _dedupe(*(p[0] if len(p) == 1 else np.concatenate(p) for p in zip(*chunks)))
+            for name, chunks in columns.items()}, restarts
+
+
+def extend_parts(parts: dict[str, MetricPart], blocks: list[_Block]) -> dict[str, MetricPart]:
+    """:func:`metric_parts` of old blocks plus ``blocks``, given the old blocks' result ``parts``.
+
+    Only for blocks that do not restart (their steps never go below the last step before them, see
+    :func:`continues`): then no old row is superseded, and this equals :func:`metric_parts` of all blocks
+    at the cost of the new rows alone (a followed log, issue 23).
+    """
+    columns: dict[str, list[MetricPart]] = {}
+    for steps, walls, metrics in blocks:
+        for name, (values, mask) in metrics.items():
+            if mask.any():
+                columns.setdefault(canonical_metric(name), []).append((steps[mask], values[mask], walls[mask]))
+    extended = dict(parts)
+    for name, chunks in columns.items():
+        chunks = ([parts[name]] if name in parts else []) + chunks
+        extended[name] = _dedupe(*(np.concatenate(p) for p in zip(*chunks)))
+    return extended
+
+
+def continues(last_step: int | None, blocks: list[_Block]) -> bool:
+    """True when the records of ``blocks`` never step back, from ``last_step`` (the step of the record before)."""
+    steps = np.concatenate([b[0] for b in blocks]) if blocks else np.empty(0, dtype=np.int64)
+    if last_step is not None and len(steps):
+        steps = np.concatenate([[last_step], steps])
+    return bool(np.all(steps[1:] >= steps[:-1]))
+
+
+def tidy_frame(parts: dict[str, MetricPart]) -> pd.DataFrame:
+    """The tidy frame of :func:`metric_parts`' result: each metric's rows in turn, in the dict's order."""
+    if not parts:
+        return empty_frame()
+    names = np.array(list(parts), dtype=object)
+    parts = list(parts.values())
+    # The one costly column (an object per row): built once by np.repeat, handed to pandas without a copy.
+    metric = np.repeat(names, [len(p[0]) for p in parts])
     frame = pd.DataFrame({
         "step": np.concatenate([p[0] for p in parts]),
-        "metric": pd.Series(names[codes], dtype=object),   # object, like empty_frame(); 2x faster than str
+        "metric": pd.Series(metric, dtype=object, copy=False),   # object, like empty_frame(); 2x faster than str
         "value": np.concatenate([p[1] for p in parts]),
         "wall_time": np.concatenate([p[2] for p in parts]),
     }, copy=False)
-    return frame, restarts
+    return frame
 
 
-def _segments(rec_steps: np.ndarray) -> tuple[tuple[int, int], ...]:
+def step_segments(rec_steps: np.ndarray) -> tuple[tuple[int, int], ...]:
     """(first, last) step of each stretch between restarts, in file order."""
     if not len(rec_steps):
         return ()

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import math
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -189,7 +190,32 @@ def read_csv_records(path: Path, fmt: str, fast: bool = True) -> LogTable:
         text = path.read_bytes().decode("utf-8", errors="replace")
     except OSError as e:
         raise LogParseError(path, None, e.strerror or str(e)) from e
-    reader = csv.reader(io.StringIO(text.replace("\x00", "")))
+    layout = csv_layout(path, text, builder)
+    body = text[text.find("\n") + 1:] if "\n" in text else ""
+    if not body.strip():
+        builder.note(f"{path.name}: a header and no rows yet")
+    add_csv_body(body, layout, builder, fast and len(text) >= MIN_FAST_BYTES)
+    return builder.build()
+
+
+@dataclass(frozen=True)
+class CsvLayout:
+    """What a CSV's header says: its width, the columns kept, their metric names, the step and time columns."""
+
+    width: int
+    keep: list[int]
+    names: list[str]
+    step_key: str | None
+    wall_key: str | None
+
+
+def csv_layout(path: Path, text: str, builder: TableBuilder) -> CsvLayout:
+    """The layout of the CSV whose text starts with ``text`` (its first line is the header).
+
+    Raises:
+        LogParseError: there is no header row.
+    """
+    reader = csv.reader(io.StringIO(text[:text.find("\n") + 1 or None].replace("\x00", "")))
     try:
         header = [h.strip() for h in next(reader)]
     except (StopIteration, csv.Error) as e:
@@ -199,28 +225,34 @@ def read_csv_records(path: Path, fmt: str, fast: bool = True) -> LogTable:
         builder.note(f"{path.name}: one unnamed column, read as train_loss by row number")
     keep = [i for i, h in enumerate(header) if not h.endswith(_WANDB_ENVELOPE)]
     names = [_metric_name(header[i]) for i in keep]
-    step_key, wall_key = find_step_key(names), find_wall_time_key(names)
-    body = text[text.find("\n") + 1:] if "\n" in text else ""
-    if not body.strip():
-        builder.note(f"{path.name}: a header and no rows yet")
-    if (fast and len(text) >= MIN_FAST_BYTES and "train_runtime" not in names
-            and len(set(names)) == len(names) and uniform_fields(body, len(header))):
-        read_csv_columns(body, len(header), keep, names, step_key, wall_key, builder)
-        return builder.build()
+    return CsvLayout(len(header), keep, names, find_step_key(names), find_wall_time_key(names))
+
+
+def add_csv_body(body: str, layout: CsvLayout, builder: TableBuilder, fast: bool) -> None:
+    """Add the rows of ``body`` (CSV text after the header): column-wise when ``fast`` and it is safe, else row by row.
+
+    A follower (analysis.follow) calls it once per stretch of new complete lines, so a table read in
+    pieces equals one read whole (issue 23).
+    """
+    names = layout.names
+    if (fast and "train_runtime" not in names and len(set(names)) == len(names)
+            and uniform_fields(body, layout.width)):
+        read_csv_columns(body, layout.width, layout.keep, names, layout.step_key, layout.wall_key, builder)
+        return
+    reader = csv.reader(io.StringIO(body.replace("\x00", "")))
     for row_no, row in enumerate(_safe_rows(reader, builder)):
-        if len(row) != len(header):
+        if len(row) != layout.width:
             if any(cell.strip() for cell in row):
                 builder.skip()
             continue
-        record = {names[j]: row[i] for j, i in enumerate(keep) if row[i].strip() != ""}
-        if step_key is None:
+        record = {names[j]: row[i] for j, i in enumerate(layout.keep) if row[i].strip() != ""}
+        if layout.step_key is None:
             record["step"] = str(row_no)
-        step, metrics, wall = _split_record(record, step_key or "step", wall_key)
+        step, metrics, wall = _split_record(record, layout.step_key or "step", layout.wall_key)
         if step is None:
             builder.skip()
             continue
         builder.add(step, metrics, wall)
-    return builder.build()
 
 
 def _safe_rows(reader, builder: TableBuilder):

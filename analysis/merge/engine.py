@@ -42,7 +42,8 @@ from ..recipe import Recipe, dump_mergekit, dump_recipe
 from ..run import MERGE_MARKER_KEY, CheckpointRef, checkpoint_ref
 from ..targets import storage_errors
 from .average import arithmetic, stream_average
-from .output import INDEX_FILE, MERGEKIT_FILE, MODEL_FILE, RECIPE_FILE, OutputPlan, plan_output, write_output
+from .output import (MERGEKIT_FILE, MODEL_FILE, RECIPE_FILE, OutputPlan, format_suggestion, plan_output,
+                     write_output)
 from ..inputs import normalize_weights
 from .plan import check_same_layout, output_layout
 from .read import ReadHashes
@@ -88,6 +89,8 @@ class MergeResult:
     sharded: bool = False
     stale: StaleFolders = StaleFolders()   # what killed merges had left in out_dir's folder, removed first
     warnings: tuple[str, ...] = ()   # one line each: inputs holding NaN/Inf, averages that overflow
+    out_format: str = "safetensors"  # safetensors | torch | lightning (issue 21)
+    suggestion: str = ""             # another output format that suits these inputs better, in a sentence
 
 
 def merge(recipe: Recipe, out_dir: Path, *, verify: bool | str = "quick", progress: Progress | None = None,
@@ -105,7 +108,8 @@ def merge(recipe: Recipe, out_dir: Path, *, verify: bool | str = "quick", progre
     verify_inputs(recipe, _scaled(progress, 0.0, share), mode, refs)
     found = [ref or checkpoint_ref(e.path, e.step) for ref, e in zip(refs, recipe.checkpoints)]
     return merge_checkpoints(found, recipe.weights, out_dir, recipe.output_dtype, recipe,
-                             _scaled(progress, share, 1.0), force=force, out_shard_size=out_shard_size)
+                             _scaled(progress, share, 1.0), force=force, out_shard_size=out_shard_size,
+                             out_format=recipe.output_format)
 
 
 def merge_recipe(recipe: Recipe, out_dir: Path, verify: bool | str = "quick", progress: Progress | None = None,
@@ -117,7 +121,8 @@ def merge_recipe(recipe: Recipe, out_dir: Path, verify: bool | str = "quick", pr
 def dry_run(recipe: Recipe, out_dir: Path, *, force: bool = False, out_shard_size: int | None = None) -> MergePlan:
     """:func:`plan_merge` for a recipe: what ``merge --dry-run`` reports; writes nothing."""
     refs = [checkpoint_ref(e.path, e.step) for e in recipe.checkpoints]
-    return plan_merge(refs, recipe.weights, out_dir, recipe.output_dtype, force=force, out_shard_size=out_shard_size)
+    return plan_merge(refs, recipe.weights, out_dir, recipe.output_dtype, force=force, out_shard_size=out_shard_size,
+                      out_format=recipe.output_format)
 
 
 def _scaled(progress: Progress | None, low: float, high: float) -> Progress | None:
@@ -130,11 +135,12 @@ def _scaled(progress: Progress | None, low: float, high: float) -> Progress | No
 def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], out_dir: Path,
                       output_dtype: str = "same", recipe: Recipe | None = None,
                       progress: Progress | None = None, *, force: bool = False,
-                      out_shard_size: int | None = None) -> MergeResult:
+                      out_shard_size: int | None = None, out_format: str | None = None) -> MergeResult:
     """Average ``refs`` with ``weights`` into ``out_dir``, in the layout of the newest input.
 
     The last of ``refs`` counts as the newest input: its non-floating tensors, its tensor
-    names and its side files (config, tokenizer) are what the output gets.
+    names and its side files (config, tokenizer) are what the output gets. ``out_format``
+    (default: the recipe's, else safetensors): "torch" or "lightning" write one torch file instead.
 
     Raises:
         MergeError: the target exists (without ``force``; with it, holds what no merge wrote), is,
@@ -149,10 +155,12 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
     out_dir = Path(out_dir).expanduser().resolve()
     check_target(out_dir, refs, force)
     recipe = recipe if recipe is not None else Recipe("manual", (), output_dtype)
+    out_format = out_format or recipe.output_format
+    recipe = replace(recipe, output_format=out_format)   # the recipe beside the merge says which file it holds
     nonfinite = _NonFinite(refs)
     with ExitStack() as stack:
         handles = [stack.enter_context(open_checkpoint(r.path, r.layout)) for r in refs]
-        layout, plan = _plan(handles, refs, output_dtype, out_shard_size)
+        layout, plan = _plan(handles, refs, output_dtype, out_shard_size, out_format)
         stale = remove_stale_hidden_folders(out_dir)
         if stale.paths and progress is not None:
             progress(0.0, stale.describe())
@@ -165,11 +173,11 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    model_file = out_dir / (INDEX_FILE if plan.sharded else MODEL_FILE)
+    model_file = out_dir / plan.model_file
     files = tuple(sorted(p.name for p in out_dir.iterdir()))
     return MergeResult(out_dir, model_file, out_dir / RECIPE_FILE, size, len(layout),
                        tuple(r.step for r in refs), weights, files, plan.sharded, stale,
-                       nonfinite.warnings(output_dtype))
+                       nonfinite.warnings(output_dtype), out_format, format_suggestion(refs[-1].path, out_format))
 
 
 def _make_partial(out_dir: Path) -> Path:
@@ -286,7 +294,8 @@ def _alive(pid: int) -> bool:
 
 
 def plan_merge(refs: Sequence[CheckpointRef], weights: Sequence[float], out_dir: Path, output_dtype: str = "same",
-               *, force: bool = False, out_shard_size: int | None = None) -> MergePlan:
+               *, force: bool = False, out_shard_size: int | None = None,
+               out_format: str = "safetensors") -> MergePlan:
     """What :func:`merge_checkpoints` would read and write, its peak memory and time; writes nothing.
 
     Raises the same errors as the merge would before writing (target, mismatch, disk).
@@ -296,7 +305,7 @@ def plan_merge(refs: Sequence[CheckpointRef], weights: Sequence[float], out_dir:
     check_target(out_dir, refs, force)
     with ExitStack() as stack:
         handles = [stack.enter_context(open_checkpoint(r.path, r.layout)) for r in refs]
-        layout, plan = _plan(handles, refs, output_dtype, out_shard_size)
+        layout, plan = _plan(handles, refs, output_dtype, out_shard_size, out_format)
         free = check_disk(out_dir, plan.size_bytes)
         adder = arithmetic(handles, layout)     # first: loading the kernel is not the probe's to time
         peak, projected = project(handles, weights, layout, plan)
@@ -305,12 +314,12 @@ def plan_merge(refs: Sequence[CheckpointRef], weights: Sequence[float], out_dir:
                      out_dir.exists(), free, peak, projected, adder)
 
 
-def _plan(handles, refs: Sequence[CheckpointRef], output_dtype: str,
-          out_shard_size: int | None) -> tuple[list[TensorInfo], OutputPlan]:
+def _plan(handles, refs: Sequence[CheckpointRef], output_dtype: str, out_shard_size: int | None,
+          out_format: str = "safetensors") -> tuple[list[TensorInfo], OutputPlan]:
     """The output's headers (matched names) and its files (stored names of the newest input)."""
     layout = output_layout(check_same_layout(handles), output_dtype)
     stored = [replace(info, name=original_name(handles[-1], info.name)) for info in layout]
-    return layout, plan_output(handles[-1], refs[-1].path, stored, out_shard_size)
+    return layout, plan_output(handles[-1], refs[-1].path, stored, out_shard_size, out_format)
 
 
 def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPlan, refs, recipe: Recipe,

@@ -6,6 +6,10 @@ another, each complete before the next starts, with ``model.safetensors.index.js
 last. A Hugging Face folder also gets its ``config.json``, ``generation_config.json`` and
 tokenizer files copied from the newest input, so ``from_pretrained(OUT)`` loads the merge.
 Everything goes into the temporary folder the caller renames into place.
+
+``out_format`` "torch" writes one ``model.pt`` instead (a plain ``torch.save`` dict of tensors),
+"lightning" one ``model.ckpt`` holding ``{"state_dict": ...}``: both streamed by
+:class:`analysis.checkpoints.torch_writer.TorchWriter`, one block at a time, never sharded (issue 21).
 """
 
 from __future__ import annotations
@@ -21,9 +25,13 @@ import numpy as np
 
 from ..checkpoints import TensorInfo
 from ..checkpoints.safetensors_writer import SafetensorsWriter
+from ..checkpoints.torch_writer import TorchWriter
 from ..errors import InvalidArgument, MergeError
+from ..inputs import OUTPUT_FORMATS
 
 MODEL_FILE = "model.safetensors"
+# The single file of each torch output format, and the key its state dict sits under (None: at the top).
+TORCH_FILES = {"torch": ("model.pt", None), "lightning": ("model.ckpt", "state_dict")}
 INDEX_FILE = "model.safetensors.index.json"
 RECIPE_FILE = "recipe.yaml"
 MERGEKIT_FILE = "mergekit_config.yml"
@@ -44,6 +52,7 @@ class OutputPlan:
     shards: tuple[tuple[str, tuple[TensorInfo, ...]], ...]   # file name, its tensors (stored names) in order
     side_files: tuple[Path, ...]                            # copied from the newest input
     data_bytes: int
+    out_format: str = "safetensors"                         # or a key of TORCH_FILES
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -54,8 +63,14 @@ class OutputPlan:
     @property
     def size_bytes(self) -> int:
         """Upper bound of the output's size (data + header allowance + side files)."""
-        return (self.data_bytes + HEADER_ALLOWANCE * len(self.shards)
+        per_tensor = 512 * sum(len(infos) for _, infos in self.shards) if self.out_format in TORCH_FILES else 0
+        return (self.data_bytes + HEADER_ALLOWANCE * len(self.shards) + per_tensor
                 + sum(p.stat().st_size for p in self.side_files))
+
+    @property
+    def model_file(self) -> str:
+        """The file a loader opens: the single weights file, or the shards' index."""
+        return INDEX_FILE if self.sharded else self.shards[0][0]
 
 
 def parse_size(text: str | int | None) -> int | None:
@@ -75,7 +90,7 @@ def parse_size(text: str | int | None) -> int | None:
 
 
 def plan_output(newest: object, newest_path: Path, stored: list[TensorInfo],
-                out_shard_size: int | None = None) -> OutputPlan:
+                out_shard_size: int | None = None, out_format: str = "safetensors") -> OutputPlan:
     """Decide single file or shards, and the side files, from the newest input's layout.
 
     Args:
@@ -83,7 +98,19 @@ def plan_output(newest: object, newest_path: Path, stored: list[TensorInfo],
         newest_path: its path (a file, an index file or a folder).
         stored: the output's tensors under the names they are stored with, in write order.
         out_shard_size: bytes per shard; default: the newest input's largest shard, if sharded.
+        out_format: "safetensors", or "torch"/"lightning": one torch file, no side files (a state
+            dict is loaded into a model the user builds).
+
+    Raises:
+        InvalidArgument: an unknown format, or a shard size with a torch format (one file only).
     """
+    if out_format in TORCH_FILES:
+        if out_shard_size is not None:
+            raise InvalidArgument(f"--out-shard-size applies to safetensors output only; {out_format} output is one file")
+        data_bytes = sum(i.size_bytes for i in stored)
+        return OutputPlan(False, ((TORCH_FILES[out_format][0], tuple(stored)),), (), data_bytes, out_format)
+    if out_format not in OUTPUT_FORMATS:
+        raise InvalidArgument(f"output format must be one of {', '.join(OUTPUT_FORMATS)}, got {out_format!r}")
     weights = getattr(newest, "weights", newest)
     shard_sizes = getattr(weights, "shard_sizes", None)
     data_bytes = sum(i.size_bytes for i in stored)
@@ -124,7 +151,7 @@ def write_output(tmp: Path, plan: OutputPlan, blocks: Iterable[tuple[str, int, n
     weight_map: dict[str, str] = {}
     pending: tuple[str, int, np.ndarray] | None = None
     for file_name, infos in plan.shards:
-        with SafetensorsWriter(tmp / file_name, list(infos), metadata) as writer:
+        with _writer(plan, tmp / file_name, list(infos), metadata) as writer:
             wanted = {i.name for i in infos}
             while writer.remaining:
                 pending = pending or next(stream, None)
@@ -142,6 +169,22 @@ def write_output(tmp: Path, plan: OutputPlan, blocks: Iterable[tuple[str, int, n
     for source in plan.side_files:
         _copy_side_file(source, tmp / source.name, output_dtype)
     return total
+
+
+def format_suggestion(newest_path: Path, out_format: str) -> str:
+    """A sentence offering ``--out-format lightning`` when Lightning ``.ckpt`` inputs were merged to another format."""
+    if newest_path.suffix != ".ckpt" or out_format == "lightning":
+        return ""
+    return ("the inputs are Lightning checkpoints: --out-format lightning writes model.ckpt, whose "
+            "[\"state_dict\"] LightningModule.load_state_dict accepts")
+
+
+def _writer(plan: OutputPlan, path: Path, infos: list[TensorInfo],
+            metadata: dict[str, str]) -> SafetensorsWriter | TorchWriter:
+    """The streaming writer of the plan's format for one file."""
+    if plan.out_format in TORCH_FILES:
+        return TorchWriter(path, infos, metadata, TORCH_FILES[plan.out_format][1])
+    return SafetensorsWriter(path, infos, metadata)
 
 
 def _copy_side_file(source: Path, target: Path, output_dtype: str) -> None:

@@ -23,7 +23,7 @@ from ..recipe import Recipe
 from ..run import MERGE_MARKER_KEY, CheckpointRef, checkpoint_ref
 from ..targets import storage_errors, written_by_ckpt_select
 from .average import stream_average
-from .output import INDEX_FILE, MODEL_FILE, RECIPE_FILE, OutputPlan
+from .output import INDEX_FILE, MODEL_FILE, RECIPE_FILE, TORCH_FILES, OutputPlan
 from .read import BLOCK_ELEMENTS, buffer_bytes
 
 VERIFY_MODES = ("full", "quick", "none")
@@ -134,7 +134,8 @@ def foreign_contents(folder: Path) -> str | None:
 
 def _is_merge_output(folder: Path) -> bool:
     """Whether ``folder``'s weights carry the merge marker and its recipe (if any) is ours."""
-    weights = folder / INDEX_FILE if (folder / INDEX_FILE).is_file() else folder / MODEL_FILE
+    candidates = [folder / INDEX_FILE, folder / MODEL_FILE, *(folder / name for name, _ in TORCH_FILES.values())]
+    weights = next((path for path in candidates if path.is_file()), folder / MODEL_FILE)
     recipe = folder / RECIPE_FILE
     if not weights.is_file() or (recipe.exists() and not written_by_ckpt_select(recipe)):
         return False

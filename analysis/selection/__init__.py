@@ -15,16 +15,29 @@ Recommendation, Decision, and Choice, what a rule or the search settled on); ``w
 policies (sma, ema, wma, and the predicted weights' exact optimum); ``eligibility`` which
 checkpoints may be averaged and the window rules (LR regime, val band, predicted window, recovery
 cutoff); ``search`` the evaluator search; ``explain`` the reasons, summary and basis sentences; and
-``recommender`` the entry ``recommend(signals, config, evaluator, progress)`` that runs them in that
+``decay`` the decay-emulating (WSM) coefficients and ``span`` windows in tokens or steps (issue 24);
+``cooldown`` what a cooldown would give, per schedule and window; ``recommender`` the entry ``recommend(signals, config, evaluator, progress)`` that runs them in that
 order. Imports go one way, from ``recommender`` down to ``recommendation``, so there is no cycle.
 """
 
+from .cooldown import CooldownReport, CooldownRow, cooldown_report
+from .decay import SCHEDULES, DecaySelection, Schedule, decay_coefficients, decay_selection, emulated_lr, parse_schedule
 from .explain import stand_in_sampling_error
 from .recommendation import METHODS, Choice, Decision, Recommendation, RecommendConfig
 from .recommender import recommend
 from .weights import optimal_weights, policy_weights
 
 __all__ = [
+    "SCHEDULES",
+    "CooldownReport",
+    "CooldownRow",
+    "Schedule",
+    "DecaySelection",
+    "cooldown_report",
+    "decay_selection",
+    "decay_coefficients",
+    "emulated_lr",
+    "parse_schedule",
     "METHODS",
     "Choice",
     "Decision",

@@ -4,7 +4,8 @@ A checkpoint is eligible when its weights are finite, match the newest checkpoin
 were not saved inside a loss spike (unless forced); a recovery also leaves out those saved at or
 after its cutoff. Of the eligible ones, the window is the newest stretch worth averaging: within
 the newest LR regime, then the predicted weights when Adam's second moments give the iterate
-noise, else those whose logged val loss lies within noise of the newest level.
+noise, else those whose logged val loss lies within noise of the newest level and, on a curve still
+falling by more than its noise per checkpoint, within noise of the trend (issue 21).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from ..errors import InvalidArgument
 from ..signals import CheckpointSignals, IterateNoise, RunSignals
 from ..signals.spikes import diff_sigma
 from .recommendation import RecommendConfig
+from .trend import descent_per_checkpoint, trend_noise
+from .span import resolve_span
 from .weights import optimal_weights
 
 
@@ -43,6 +46,9 @@ class Window:
     lag_cost: float | None = None        # weighted mean logged val excess of the window over the newest
     weights: tuple[float, ...] | None = None  # predicted weights of the newest ``size``, oldest first (zeros too)
     unweighted: tuple[tuple[int, str], ...] = ()  # (step, why) of checkpoints inside the window given no weight
+    trend_sigma: float | None = None     # val-loss noise around the local trend (the falling-curve guard's)
+    descent: float | None = None         # nats the val loss falls per checkpoint, where that exceeds the guard
+    span: str | None = None   # a window asked in tokens or steps, in words (issue 24)
 
 
 def recovery_cutoff(signals: RunSignals, config: RecommendConfig) -> Cutoff:
@@ -88,6 +94,11 @@ def why_none_eligible(signals: RunSignals, cutoff: Cutoff | None = None) -> str:
 def choose_window(eligible: list[CheckpointSignals], config: RecommendConfig,
                   noise: IterateNoise | None = None) -> Window:
     """How many of the newest eligible checkpoints to average, from logged val losses, LRs and iterate noise."""
+    span = resolve_span(eligible, config.window_tokens, config.window_steps)
+    if span is not None:
+        if config.window is not None:
+            raise InvalidArgument("give --window or a window length (--window-tokens, --window-steps), not both")
+        return Window(span.size, None, None, span.describe, span=span.describe)
     if config.window is not None:
         if config.window < 1:
             raise InvalidArgument(f"window must be at least 1, got {config.window}")
@@ -105,15 +116,40 @@ def choose_window(eligible: list[CheckpointSignals], config: RecommendConfig,
         return Window(min(len(eligible), 3), None, None, "too few logged val losses to see a plateau")
     sigma = _noise(known)
     level = float(np.nanmin(vals[-3:])) if any(math.isfinite(v) for v in vals[-3:]) else float(known[-1])
+    guard = _falling_guard(known, config.band_sigmas)
     ceiling = level + config.band_sigmas * sigma
     size = 0
     for value, stop_step in zip(reversed(vals), reversed([s.ref.step for s in in_regime])):
         if math.isfinite(value) and value > ceiling:
             return Window(max(size, 1), level, sigma,
                            f"{loss_kind(in_regime)} {value:.4f} is {value - level:.4f} above the newest level {level:.4f}, "
-                           f"more than {config.band_sigmas:g} x noise ({sigma:.4f})", stop_step)
+                           f"more than {config.band_sigmas:g} x noise ({sigma:.4f})", stop_step, **guard)
+        if guard and math.isfinite(value) and value > level + config.band_sigmas * guard["trend_sigma"]:
+            return Window(max(size, 1), level, sigma, _why_falling(value, level, guard, config, in_regime),
+                           stop_step, **guard)
         size += 1
-    return Window(size, level, sigma, regime.why_stop, regime.stop_step)
+    return Window(size, level, sigma, regime.why_stop, regime.stop_step, **guard)
+
+
+def _falling_guard(known: np.ndarray, band_sigmas: float) -> dict[str, float]:
+    """``{trend_sigma, descent}`` when the val loss still falls by more than ``band_sigmas`` x its noise around
+    the trend per checkpoint (the window must then not reach back across a descent larger than that), else {}.
+
+    On a plateau the band's own noise decides alone, as before: the guard changes nothing there.
+    """
+    noise = trend_noise(known)
+    descent = descent_per_checkpoint(known)
+    if noise is None or descent <= band_sigmas * noise:
+        return {}
+    return {"trend_sigma": noise, "descent": descent}
+
+
+def _why_falling(value: float, level: float, guard: dict[str, float], config: RecommendConfig,
+                 items: list[CheckpointSignals]) -> str:
+    """Why the falling-curve guard stopped the window, with the numbers."""
+    return (f"{loss_kind(items)} {value:.4f} is {value - level:.4f} above the newest level {level:.4f} while the "
+            f"loss still falls {guard['descent']:.4f} per checkpoint: more than {config.band_sigmas:g} x its noise "
+            f"around the trend ({guard['trend_sigma']:.4f}), a descent that averaging would undo")
 
 
 def _predicted_window(in_regime: list[CheckpointSignals], noise: IterateNoise, regime: Window) -> Window | None:
@@ -154,6 +190,22 @@ def _predicted_window(in_regime: list[CheckpointSignals], noise: IterateNoise, r
         return Window(size, None, None, f"no val loss or LR was logged for step {unjudged.ref.step} to judge it by",
                        unjudged.ref.step, **fields)
     return Window(size, None, None, regime.why_stop, regime.stop_step, **fields)
+
+
+def predicted_excess(items: list[CheckpointSignals], weights: tuple[float, ...] | np.ndarray,
+                     noise: IterateNoise) -> float | None:
+    """Predicted loss of the average of ``items`` (oldest first) with ``weights``, relative to the newest alone.
+
+    The model of :func:`_predicted_window`, for any weighting (a decay-emulating one, say): Σ w_k (val_k −
+    val_newest − V_k) + Σ w_k² V_k. None when a checkpoint with weight lacks a val loss or an LR.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    known = [(s.val.value, noise.excess_at(s.lr)) for s in items
+             if s.val is not None and math.isfinite(s.val.value) and s.lr is not None and s.lr > 0]
+    if len(known) != len(items):
+        return None
+    val, excess = np.array([v for v, _ in known]), np.array([e for _, e in known])
+    return float(w @ (val - val[-1] - excess) + (w ** 2) @ excess)
 
 
 def predicted_choice(eligible: list[CheckpointSignals],

@@ -27,12 +27,15 @@ def describe_basis(signals: RunSignals, config: RecommendConfig, window: Window,
                              "them) and the best was kept.")
     if config.window is not None:
         return "window", f"The newest {config.window} eligible checkpoints, as asked (--window)."
+    if window.span is not None:
+        return "window", f"The eligible checkpoints of the {window.span}, as asked (--window-tokens/--window-steps)."
     losses = ("train losses (the run logs no val loss)"
               if any(c.val is not None and c.val.source == "train" for c in signals.checkpoints) else "val losses")
     luck = _stand_in_luck(stand_in_error, window.noise)
     if window.weights is not None:
         asked = "" if method == "predicted" else f" The {method} weights over that window were asked for (--method)."
-        return "predicted", (f"From logged {losses}, LRs and the optimizer's second moments, a model's prediction."
+        moments = f" ({signals.noise.source()})" if signals.noise is not None else ""
+        return "predicted", (f"From logged {losses}, LRs and the optimizer's second moments{moments}, a model's prediction."
                              f"{asked}{luck} --eval FILE.py:FUNC measures candidate averages instead.")
     if window.sigma is not None:
         basis, lead = "val band", f"From logged {losses} and LRs, a heuristic"
@@ -51,6 +54,28 @@ def describe_basis(signals: RunSignals, config: RecommendConfig, window: Window,
         fix = "log a val loss at each save for predicted weights"
     return basis, (f"{lead}: {missing}, and such windows hold too few checkpoints of bigger models.{luck} To do "
                    f"better, {fix}, or pass --eval FILE.py:FUNC to measure candidate averages.")
+
+
+def only_checkpoint(signals: RunSignals) -> tuple[str, str] | None:
+    """(summary, note) for a run with one checkpoint, which nothing can be averaged with; None otherwise.
+
+    nanoGPT overwrites ``out/ckpt.pt`` at every eval that improves: its log shows several saves and one
+    file is left. Saying "the next older one" or offering an average's gain would describe checkpoints
+    that do not exist (issue 21); what the user can do is keep one file per save.
+    """
+    if len(signals.checkpoints) != 1:
+        return None
+    step = signals.checkpoints[0].ref.step
+    saves = signals.logged_saves
+    how = ("keep one file per save (e.g. save to ckpt_{iter}.pt instead of ckpt.pt, or copy it after each save) "
+           "so that later runs can be averaged")
+    if len(saves) > 1:
+        shown = ", ".join(str(s) for s in saves[:8]) + (", ..." if len(saves) > 8 else "")
+        return (f"Keep the only checkpoint (step {step}): the logs show {len(saves)} saves (steps {shown}) but one "
+                f"file is kept, each save having overwritten the one before, so there is nothing to average.",
+                f"One checkpoint file holds the newest of {len(saves)} saves. To average checkpoints, {how}.")
+    return (f"Keep the only checkpoint (step {step}): the run has one checkpoint, so there is nothing to average.",
+            f"One checkpoint: nothing to choose. To average checkpoints, {how}.")
 
 
 def stand_in_sampling_error(signals: RunSignals) -> float | None:
@@ -101,6 +126,8 @@ def explain_decision(item: CheckpointSignals, weight_of: dict[int, float], oldes
     unweighted = dict(window.unweighted).get(item.ref.step) if predicted else None
     if unweighted is not None:
         return f"Left out: {unweighted}."
+    if window.span is not None and item.ref.step < oldest_taken and not evaluated:
+        return f"Left out: older than the {window.span}{val}."
     if item.ref.step > oldest_taken:
         return f"Left out: the evaluator found averages without it score better{val}."
     if window.stop_step == item.ref.step and window.noise is not None and (predicted or not evaluated):
@@ -125,7 +152,8 @@ def summarize(method: str, chosen: list[CheckpointSignals], weights: tuple[float
         return (f"Keep the last checkpoint (step {steps}) alone: the next older one was left out because "
                 f"{window.why_stop or 'the window holds one checkpoint'}.")
     head = (f"Predicted weights over {len(chosen)} checkpoints (steps {steps})" if method == "predicted"
-            else f"{method.upper()} of {len(chosen)} checkpoints (steps {steps})")
+            else f"Decay-emulating weights ({method[6:]}, WSM) over {len(chosen)} checkpoints (steps {steps})"
+            if method.startswith("decay:") else f"{method.upper()} of {len(chosen)} checkpoints (steps {steps})")
     if score is not None and last_score is not None:
         return f"{head}: {evaluator.name} scores {score:.4f} vs {last_score:.4f} for the last checkpoint alone."
     if method == "predicted" and window.predicted_gain is not None:

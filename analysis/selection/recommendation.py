@@ -6,20 +6,20 @@ package can name them without importing one another.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..evaluate import Evaluator
 from ..run import CheckpointRef
 from ..signals import CheckpointSignals
 
-METHODS = ("auto", "sma", "ema", "wma", "soup", "recovery")
+METHODS = ("auto", "sma", "ema", "wma", "soup", "recovery", "decay")
 
 
 @dataclass(frozen=True, slots=True)
 class RecommendConfig:
     """Parameters of a recommendation (no logic here)."""
 
-    method: str = "auto"          # auto | sma | ema | wma | soup
+    method: str = "auto"          # auto | sma | ema | wma | soup | recovery | decay
     window: int | None = None     # average the newest N eligible checkpoints instead of choosing
     ema_alpha: float = 0.3        # weight of the newest checkpoint under EMA
     band_sigmas: float = 2.0      # val-loss noise units that still count as "on the plateau"
@@ -28,6 +28,9 @@ class RecommendConfig:
     include_contaminated: bool = False  # average spike-contaminated checkpoints too (forced)
     lr_ratio_limit: float = 2.0   # checkpoints saved at more than this x the newest LR are another regime
     before_step: int | None = None  # recovery: only checkpoints saved before this step (default: the last spike)
+    schedule: str = "1-sqrt"      # decay: the LR decay the weights emulate (linear | 1-sqrt | cosine | exp[:RATE])
+    window_tokens: float | None = None  # average the eligible checkpoints within this many tokens of the newest
+    window_steps: int | None = None     # ... or within this many steps (issue 24)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,7 @@ class Recommendation:
     basis: str = ""                          # how the weights were chosen: evaluator | predicted | val band | window | default
     basis_note: str = ""                     # that in a sentence, with what would choose better when anything would
     stand_in_error: float | None = None      # nats of sampling error of a train-loss stand-in (a run without val)
+    settings: dict[str, object] = field(default_factory=dict)  # what the recipe records besides weights: schedule, window
 
     @property
     def reasons(self) -> dict[str, str]:
@@ -74,7 +78,7 @@ class Choice:
     The evaluator fields stay at their defaults when no evaluator scored anything.
     """
 
-    method: str                                # how the weights were made: sma, ema, wma, soup, predicted
+    method: str                                # how the weights were made: sma, ema, wma, soup, predicted, decay
     checkpoints: tuple[CheckpointSignals, ...]  # oldest first
     weights: tuple[float, ...]
     score: float | None = None                 # evaluator score of this choice
@@ -82,3 +86,4 @@ class Choice:
     evaluations: int = 0                       # evaluator calls the search made
     evaluations_cached: int = 0                # of those, scores read from the evaluator's disk cache
     evaluator: Evaluator | None = None         # the evaluator that scored it, if any
+    schedule: str | None = None                # decay: the schedule the weights emulate

@@ -13,9 +13,10 @@ from ..errors import InvalidArgument, NotEnoughCheckpoints
 from ..evaluate import Evaluator
 from ..signals import RunSignals
 from .eligibility import Cutoff, Window, choose_window, is_eligible, predicted_choice, recovery_cutoff, why_none_eligible
-from .explain import describe_basis, explain_decision, stand_in_sampling_error, summarize
+from .explain import describe_basis, explain_decision, only_checkpoint, stand_in_sampling_error, summarize
 from .recommendation import METHODS, Choice, Decision, Recommendation, RecommendConfig
 from .search import search_with_evaluator
+from .decay import decay_weights, parse_schedule
 from .weights import policy_weights
 
 
@@ -29,6 +30,8 @@ def recommend(signals: RunSignals, config: RecommendConfig = RecommendConfig(), 
     """
     if config.method not in METHODS:
         raise InvalidArgument(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
+    if config.method == "decay":
+        parse_schedule(config.schedule)   # a bad schedule is said before any checkpoint is read
     if config.method == "soup" and evaluator is None:
         raise InvalidArgument("the soup method adds checkpoints only when an evaluator says it helps: pass --eval")
     cutoff = recovery_cutoff(signals, config) if config.method == "recovery" else None
@@ -43,6 +46,11 @@ def recommend(signals: RunSignals, config: RecommendConfig = RecommendConfig(), 
             choice = Choice(method="predicted", checkpoints=tuple(chosen), weights=weights)
             return _finish(signals, config, choice, window=window, cutoff=cutoff)
         span = eligible[len(eligible) - window.size:]
+        if config.method == "decay":
+            schedule = parse_schedule(config.schedule)
+            choice = Choice(method="decay", checkpoints=tuple(span), weights=decay_weights(schedule, span),
+                            schedule=schedule.spec)
+            return _finish(signals, config, choice, window=window, cutoff=cutoff)
         method = config.method if config.method in ("sma", "ema", "wma") else "sma"
         weights = policy_weights(method, len(span), config.ema_alpha)
         return _finish(signals, config, Choice(method=method, checkpoints=tuple(span), weights=weights),
@@ -68,7 +76,10 @@ def _finish(signals: RunSignals, config: RecommendConfig, choice: Choice, *, win
                                   method == "predicted", cutoff))
         for s in signals.checkpoints
     ))
-    summary = summarize(method, chosen, weights, score, last_score, window, evaluator, config.window is not None)
+    label = f"decay:{choice.schedule}" if method == "decay" else method
+    summary = summarize(label, chosen, weights, score, last_score, window, evaluator, config.window is not None)
+    if method == "decay":
+        summary += _recomputed(signals, chosen)
     if cutoff is not None:
         summary = f"Recovery from before step {cutoff.step}: {summary}"
     name = "recovery" if cutoff is not None else method
@@ -77,9 +88,38 @@ def _finish(signals: RunSignals, config: RecommendConfig, choice: Choice, *, win
     gain = window.predicted_gain if evaluator is None and method == "predicted" else None
     stand_in_error = stand_in_sampling_error(signals)
     basis, note = describe_basis(signals, config, window, evaluator, method, calls, stand_in_error)
+    single = only_checkpoint(signals)
+    if single is not None:   # one file: no "next older one", no gain on offer (issue 21)
+        summary, note = single
     return Recommendation(name, tuple(s.ref for s in chosen), tuple(weights), decisions, calls, score,
                           last_score, summary, noise, gain, evaluations_cached=choice.evaluations_cached,
-                          basis=basis, basis_note=note, stand_in_error=stand_in_error)
+                          basis=basis, basis_note=note, stand_in_error=stand_in_error,
+                          settings=_settings(config, choice))
+
+
+def _settings(config: RecommendConfig, choice: Choice) -> dict[str, object]:
+    """What a recipe records besides the weights (issue 24): the decay schedule, the window length asked."""
+    settings: dict[str, object] = {}
+    if choice.schedule is not None:
+        settings["schedule"] = choice.schedule
+    if config.window_tokens is not None:
+        settings["window_tokens"] = float(config.window_tokens)
+    if config.window_steps is not None:
+        settings["window_steps"] = int(config.window_steps)
+    return settings
+
+
+def _recomputed(signals: RunSignals, chosen: tuple) -> str:
+    """For decay weights, a sentence naming the checkpoints inside their span that were left out, whose
+    coefficients were recomputed over the positions of those that remain (empty when none was)."""
+    first, last = chosen[0].ref.step, chosen[-1].ref.step
+    taken = {s.ref.step for s in chosen}
+    out = [s.ref.step for s in signals.checkpoints if first < s.ref.step < last and s.ref.step not in taken]
+    if not out:
+        return ""
+    return (f" Step{'s' if len(out) > 1 else ''} {', '.join(map(str, out))} inside that span "
+            f"{'were' if len(out) > 1 else 'was'} left out (see its reason), so the coefficients were recomputed "
+            f"over the positions of the {len(chosen)} that remain.")
 
 
 def _with_unreadable(signals: RunSignals, decisions: tuple[Decision, ...]) -> tuple[Decision, ...]:

@@ -13,12 +13,14 @@ from ..evaluate import Evaluator
 from ..signals import CheckpointSignals, RunSignals
 from .eligibility import Window, predicted_choice
 from .recommendation import Choice, RecommendConfig
+from .decay import decay_weights, parse_schedule
 from .weights import policy_weights
 
 # Window sizes an evaluator search tries first (after the predicted weights and the log-chosen window), newest-first suffixes;
 # then every other size, then EMA over all eligible checkpoints, then a greedy soup, budget allowing.
 _SEARCH_WINDOWS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 _SEARCH_EMA_ALPHAS = (0.5, 0.3, 0.2, 0.1)
+_SEARCH_DECAYS = ("1-sqrt", "cosine")   # linear decay weights are SMA's, which the windows already try
 
 
 def search_with_evaluator(signals: RunSignals, eligible: list[CheckpointSignals], window: Window,
@@ -37,15 +39,18 @@ def search_with_evaluator(signals: RunSignals, eligible: list[CheckpointSignals]
         candidates: list[tuple[str, int, float]] = []
     elif config.method in ("auto", "recovery"):
         candidates = _search_candidates(len(eligible), window.size)
+    elif config.method == "decay":
+        candidates = [(f"decay:{parse_schedule(config.schedule).spec}", window.size, 0.0)] if window.size > 1 else []
     else:
         candidates = [(config.method, window.size, config.ema_alpha)] if window.size > 1 else []
     for index, (method, k, alpha) in enumerate(candidates):
         if evaluator.calls - start_calls >= budget:
             break
-        weights = policy_weights(method, k, alpha)
+        weights = _weights(method, eligible[-k:], alpha)
         score = evaluator.score(refs[-k:], weights, config.output_dtype)
         if progress is not None:
-            label = f"EMA (alpha {alpha:g})" if method == "ema" else method.upper()
+            label = (f"EMA (alpha {alpha:g})" if method == "ema" else f"decay-emulating {method[6:]}"
+                     if method.startswith("decay:") else method.upper())
             progress((index + 1) / max(len(candidates), 1), f"{label} of the newest {k}: {score:.4f}")
         if score < best[0]:
             best = (score, method, eligible[-k:], weights)
@@ -54,9 +59,17 @@ def search_with_evaluator(signals: RunSignals, eligible: list[CheckpointSignals]
         if soup[0] < best[0]:
             best = soup
     score, method, chosen, weights = best
+    method, _, schedule = method.partition(":")
     return Choice(method=method, checkpoints=tuple(chosen), weights=weights, score=score, last_score=last_score,
                   evaluations=evaluator.calls - start_calls, evaluations_cached=evaluator.from_store - start_cached,
-                  evaluator=evaluator)
+                  evaluator=evaluator, schedule=schedule or None)
+
+
+def _weights(method: str, chosen: list[CheckpointSignals], alpha: float) -> tuple[float, ...]:
+    """A candidate's weights: a policy's, or for ``decay:SCHEDULE`` the coefficients at the checkpoints' positions."""
+    if method.startswith("decay:"):
+        return decay_weights(parse_schedule(method[6:]), chosen)
+    return policy_weights(method, len(chosen), alpha)
 
 
 def _score_predicted(eligible: list[CheckpointSignals], window: Window, evaluator: Evaluator, dtype: str,
@@ -84,7 +97,11 @@ def _search_candidates(count: int, val_window: int) -> list[tuple[str, int, floa
     sizes = [val_window] + list(_SEARCH_WINDOWS) + list(range(2, count + 1))
     ordered = [k for i, k in enumerate(sizes) if 1 < k <= count and k not in sizes[:i]]
     emas = [("ema", count, a) for a in _SEARCH_EMA_ALPHAS] if count > 2 else []
-    return [("sma", k, 0.0) for k in ordered] + emas
+    # Decay emulation (issue 24) over the windows most likely to matter: the val window, all, and a few between.
+    decays = [(f"decay:{name}", k, 0.0) for name in _SEARCH_DECAYS
+              for k in dict.fromkeys([val_window, count, *ordered[:4]]) if 2 < k <= count]
+    smas = [("sma", k, 0.0) for k in ordered]
+    return smas[:4] + decays + smas[4:] + emas
 
 
 def _greedy_soup(eligible: list[CheckpointSignals], evaluator: Evaluator, last_score: float, budget: int,

@@ -18,7 +18,7 @@ from .layers import LayerTracker
 from .noise import IterateNoise, newest_iterate_noise
 from .sketch import sketch_checkpoint
 from .spikes import LossSpike, SpikeConfig, detect_spikes, sparse_config
-from .validation import ValScore, logged_val_scores, train_interval_scores
+from .validation import ValScore, checkpoint_aligned_val, logged_val_scores, train_interval_scores
 
 # Metrics whose spikes contaminate checkpoints. A grad-norm spike the loss never felt is
 # reported but harmless (clipping absorbed it); one that comes with a loss spike widens it.
@@ -64,6 +64,7 @@ class CheckpointSignals:
     lr: float | None = None        # the learning rate logged at (or last before) its step, else its optimizer's
     cleared: ClearedSpike | None = None  # a train-loss event it was saved in that its own val loss clears
     lr_saved: bool = False         # ``lr`` came from its saved optimizer state: the logs hold no LR for it
+    tokens: float | None = None    # tokens seen at its step, from the logs' token count (issue 24), if logged
     abnormal: str | None = None    # why a layer's weights are in an abnormal state here (issue 25), if they are
 
     @property
@@ -80,6 +81,7 @@ class RunSignals:
     spikes: tuple[LossSpike, ...]
     noise: IterateNoise | None = None   # from the Adam state of the newest eligible checkpoint that saved one
     unreadable: tuple[UnreadableFile, ...] = ()   # the run's files that could not be read (issue 19)
+    logged_saves: tuple[int, ...] = ()   # steps at which the logs say a checkpoint was saved (nanoGPT's stdout)
     layers: LayerReport | None = None   # per-layer statistics and flags, from the same read pass (issue 25)
 
     @property
@@ -131,11 +133,12 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
     spikes = find_spikes(run, spike_config)
     contaminating = [s for s in spikes if s.metric in CONTAMINATING_METRICS]
     steps = [c.step for c in run.checkpoints]
-    logged_val = run.metric("val_loss")
+    logged_val = checkpoint_aligned_val(run.logs) if run.logs else run.metric("val_loss")
     vals = (logged_val_scores(logged_val, steps) if len(logged_val)
             else train_interval_scores(run.metric("train_loss"), steps,   # no val logged: the train loss stands in
                                        [(e.onset_after_step, e.end_step) for e in contaminating]))
     lrs = learning_rates(run.metric("lr"), steps)
+    tokens = tokens_seen(run.metric("tokens"), steps)
     # (step, val loss) of the checkpoints outside every event whose eval was logged at their own step.
     clean_vals = [(c.step, v.value) for c, v in zip(run.checkpoints, vals)
                   if v is not None and v.source == "logged" and not any(e.contains(c.step) for e in contaminating)]
@@ -144,7 +147,7 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
     items = []
     tracker = LayerTracker()
     total = max(len(run.checkpoints), 1)
-    for index, (ref, val, lr, (layout, saved_lr)) in enumerate(zip(run.checkpoints, vals, lrs, headers)):
+    for index, (ref, val, lr, (layout, saved_lr), seen) in enumerate(zip(run.checkpoints, vals, lrs, headers, tokens)):
         def step_progress(frac: float, msg: str, index: int = index) -> None:
             if progress is not None:
                 progress((index + frac) / total, msg)
@@ -155,13 +158,13 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
         spike, cleared = _contamination(ref.step, val, contaminating, clean_vals)
         items.append(CheckpointSignals(ref, health, val, spike, _mismatch(reference, layout),
                                        lr if lr is not None else saved_lr,
-                                       cleared, lr is None and saved_lr is not None))
+                                       cleared, lr is None and saved_lr is not None, seen))
     layers = _layer_report(run, tracker, contaminating, reference)
     abnormal = layers.abnormal()
     items = [replace(item, abnormal=abnormal.get(item.ref.step)) for item in items]
     eligible = [item for item in items if item.eligible]
     noise = newest_iterate_noise([item.ref for item in eligible], progress)
-    return RunSignals(tuple(items), spikes, noise, run.unreadable, layers)
+    return RunSignals(tuple(items), spikes, noise, run.unreadable, logged_saves(run), layers)
 
 
 def _layer_report(run: Run, tracker: LayerTracker, spikes: list[LossSpike],
@@ -207,6 +210,24 @@ def learning_rates(lr: pd.DataFrame, ckpt_steps: list[int]) -> list[float | None
     steps, values = lr["step"].to_numpy(), lr["value"].to_numpy(dtype=np.float64)
     at = np.searchsorted(steps, np.asarray(ckpt_steps, dtype=np.int64), side="right") - 1
     return [float(values[i]) if i >= 0 and np.isfinite(values[i]) else None for i in at]
+
+
+def tokens_seen(tokens: pd.DataFrame, ckpt_steps: list[int]) -> list[float | None]:
+    """Tokens seen at each checkpoint's step, interpolated from the logged count (issue 24).
+
+    Extrapolated at the logged tokens per step beyond the logged range (a count logged every few steps
+    misses the last save); None for all when fewer than two finite counts at distinct steps were logged.
+    """
+    frame = tokens.sort_values("step").drop_duplicates("step", keep="last")
+    frame = frame[np.isfinite(frame["value"].to_numpy(dtype=np.float64))]
+    if len(frame) < 2:
+        return [None] * len(ckpt_steps)
+    x, y = frame["step"].to_numpy(dtype=np.float64), frame["value"].to_numpy(dtype=np.float64)
+    at = np.asarray(ckpt_steps, dtype=np.float64)
+    inside = np.interp(at, x, y)
+    low = y[0] + (at - x[0]) * (y[1] - y[0]) / (x[1] - x[0])
+    high = y[-1] + (at - x[-1]) * (y[-1] - y[-2]) / (x[-1] - x[-2])
+    return [float(v) for v in np.where(at < x[0], low, np.where(at > x[-1], high, inside))]
 
 
 def _headers(ref: CheckpointRef) -> tuple[list[TensorInfo], float | None]:

@@ -41,7 +41,37 @@ def layer_of(name: str) -> str:
     return ".".join(parts[:-1]) or name
 
 
+# Health of the checkpoints checked in this process, by file identity: a followed run checks only its new
+# checkpoints on each refresh (issue 23). Bounded; a rewritten file has a new identity.
+_MEMO: dict[tuple, CheckpointHealth] = {}
+MEMO_ENTRIES = 4096
+
+
 def check_health(ref: CheckpointRef, progress: Callable[[float, str], None] | None = None) -> CheckpointHealth:
+    """Stream every tensor of ``ref`` once and summarise its numeric health (memoised by file identity)."""
+    key = _identity(ref)
+    if key is not None and key in _MEMO:
+        if progress is not None:
+            progress(1.0, f"{ref.name}: checked before")
+        return _MEMO[key]
+    health = _check_health(ref, progress)
+    if key is not None:
+        if len(_MEMO) >= MEMO_ENTRIES:
+            _MEMO.pop(next(iter(_MEMO)))
+        _MEMO[key] = health
+    return health
+
+
+def _identity(ref: CheckpointRef) -> tuple | None:
+    """(layout, (path, size, mtime_ns, inode) of every file): changes when any file is rewritten; None if one is gone."""
+    try:
+        looks = tuple((str(f), s.st_size, s.st_mtime_ns, s.st_ino) for f in ref.files for s in [f.stat()])
+    except OSError:
+        return None
+    return (str(ref.path), ref.layout, looks)
+
+
+def _check_health(ref: CheckpointRef, progress: Callable[[float, str], None] | None = None) -> CheckpointHealth:
     """Stream every tensor of ``ref`` once and summarise its numeric health."""
     bad: list[str] = []
     n_params = 0

@@ -49,6 +49,20 @@ class StepTiming:
     other_slow_share: float | None    # slow iterations with no logged event (data loading, GC...)
     warmup_ms: float | None           # the first timed iteration's extra (compilation), not in the shares
 
+    def describe_shares(self) -> str:
+        """The shares of wall time measured, in words; a share never measured is said so, not printed as 0.0 %.
+
+        Where every save ran in an eval's iteration, the save's own cost cannot be told apart (issue 21).
+        """
+        parts = [f"{label} {100 * (share or 0.0):.1f}%" for label, cost, share in (
+            ("eval", self.eval_cost_ms, self.eval_share), ("checkpoint", self.checkpoint_cost_ms, self.checkpoint_share),
+            ("eval and checkpoint together", self.eval_checkpoint_cost_ms, self.eval_checkpoint_share))
+            if cost is not None]
+        text = f"{', '.join(parts)} of wall time" if parts else "no slow iteration ran an eval or a save"
+        if self.checkpoint_cost_ms is None and self.eval_checkpoint_cost_ms is not None:
+            text += "; checkpoint time not separable: every save coincided with an eval"
+        return text
+
 
 def analyze_step_times(run_or_metrics_frame, *, slow_factor: float = 2.0) -> StepTiming:
     """Split step times into steady iterations and eval/checkpoint/other slow ones.

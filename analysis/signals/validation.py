@@ -7,6 +7,14 @@ which is what the recommender compares checkpoints by (a neighbour's value would
 by a whole eval interval of descent). Otherwise the nearest eval is used only when it is closer than
 half the spacing between checkpoints. The steps the value came from are always reported.
 
+Each framework writes an eval at a step of its own: the step is first mapped to that of the
+checkpoint whose weights it scored, per the format's convention (:data:`EVAL_STEP_SHIFT`), so that
+a checkpoint gets its own eval rather than an interpolation between its eval and the next one.
+Lightning's CSVLogger writes the validation run that precedes the checkpoint saved at step N with
+step N − 1 (the counter is not yet advanced when the epoch loop's validation logs), so its evals
+move one step on; the Hugging Face Trainer evaluates at the save step and nanoGPT evaluates at
+``iter_num`` just before saving that iter's checkpoint, so theirs stay (issue 21).
+
 A run that logs no val loss at all (the Hugging Face Trainer evaluates nothing unless told to) gets
 a stand-in from its train loss: the mean of the train losses logged since the checkpoint before.
 Those were measured on batches the weights had not yet trained on (in a first epoch), around the
@@ -18,12 +26,13 @@ the batches were seen before and the stand-in reads low.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from ..logs.base import LogTable
 from .spikes import diff_sigma
 
 
@@ -36,6 +45,7 @@ class ValScore:
     source: str          # "logged" (same step), "interpolated", "logged-nearest", "train" or "evaluator"
     between: tuple[int, int] | None = None   # an interpolation's two eval steps; of "train", the interval (lo, hi]
     stderr: float | None = None   # of "train": the mean's sampling error, from its rows' scatter (3 rows or more)
+    logged_at: int | None = None  # the step the log wrote the eval at, where its format's convention differs
 
     @property
     def kind(self) -> str:
@@ -52,14 +62,38 @@ class ValScore:
         if self.between is not None:
             return f"val loss {self.value:.4f}, interpolated between the evals at steps {self.between[0]} and {self.between[1]}"
         where = "logged at this step" if self.source == "logged" else f"nearest eval at step {self.source_step}"
+        if self.logged_at is not None and self.source == "logged":
+            where = f"logged for this checkpoint (the log writes it at step {self.logged_at})"
         return f"val loss {self.value:.4f}, {where}"
+
+
+# Steps from where a log format writes an eval to the step of the checkpoint whose weights it scored.
+# Formats not named here evaluate at the save step (HF Trainer) or just before saving it (nanoGPT): 0.
+EVAL_STEP_SHIFT: dict[str, int] = {"lightning_csv": 1}
+
+
+def checkpoint_aligned_val(logs: Sequence[LogTable]) -> pd.DataFrame:
+    """The ``val_loss`` rows of ``logs`` at the step of the checkpoint each eval scored (``step``, ``value``,
+    ``logged_step``); where two logs give the same step the first wins, as in the run's merged metrics."""
+    frames = []
+    for log in logs:
+        rows = log.frame[log.frame["metric"] == "val_loss"][["step", "value"]].copy()
+        rows["logged_step"] = rows["step"]
+        rows["step"] = rows["step"] + EVAL_STEP_SHIFT.get(log.format, 0)
+        frames.append(rows)
+    if not frames:
+        return pd.DataFrame({"step": pd.Series([], dtype="int64"), "value": pd.Series([], dtype="float64"),
+                             "logged_step": pd.Series([], dtype="int64")})
+    merged = pd.concat(frames, ignore_index=True).drop_duplicates("step", keep="first")
+    return merged.sort_values("step", kind="stable").reset_index(drop=True)
 
 
 def logged_val_scores(val: pd.DataFrame, ckpt_steps: list[int]) -> list[ValScore | None]:
     """The logged val loss for each checkpoint step, or None where no eval is close enough.
 
     Args:
-        val: rows of the ``val_loss`` metric (``step``, ``value``), any order.
+        val: rows of the ``val_loss`` metric (``step``, ``value``, optionally ``logged_step`` where the log
+            wrote it, from :func:`checkpoint_aligned_val`), any order.
         ckpt_steps: checkpoint steps, increasing.
     """
     if val.empty or not ckpt_steps:
@@ -67,10 +101,20 @@ def logged_val_scores(val: pd.DataFrame, ckpt_steps: list[int]) -> list[ValScore
     val = val.sort_values("step").drop_duplicates("step", keep="last")
     eval_steps = val["step"].to_numpy(dtype=np.int64)
     values = val["value"].to_numpy(dtype=np.float64)
+    logged = val["logged_step"].to_numpy(dtype=np.int64) if "logged_step" in val else eval_steps
     spacing = np.diff(ckpt_steps)
     tolerance = (float(np.median(spacing)) / 2.0) if len(spacing) else float("inf")
     cadence = float(np.median(np.diff(eval_steps))) if len(eval_steps) > 1 else 0.0
-    return [_score_at(step, eval_steps, values, tolerance, cadence) for step in ckpt_steps]
+    scores = [_score_at(step, eval_steps, values, tolerance, cadence) for step in ckpt_steps]
+    return [_with_logged_step(score, eval_steps, logged) for score in scores]
+
+
+def _with_logged_step(score: ValScore | None, eval_steps: np.ndarray, logged: np.ndarray) -> ValScore | None:
+    """``score`` noting the step its own-step eval was written at in the log, where that differs."""
+    if score is None or score.source != "logged":
+        return score
+    at = int(logged[int(np.searchsorted(eval_steps, score.source_step))])
+    return score if at == score.source_step else replace(score, logged_at=at)
 
 
 def _score_at(step: int, eval_steps: np.ndarray, values: np.ndarray, tolerance: float,

@@ -16,7 +16,7 @@ from analysis.merge import plan_merge
 from analysis.merge.verify import ARITHMETIC
 from analysis.paths import resolve_within
 from analysis.recipe import default_merge_folder
-from analysis.selection import RecommendConfig, policy_weights, recommend
+from analysis.selection import RecommendConfig, decay_selection, policy_weights, recommend
 
 now = sidebar.current_or_stop()
 run, signals, rec = now.run, now.signals, now.recommendation
@@ -30,7 +30,7 @@ if not chosen:
 reasons = {d.step: d.reason for d in rec.decisions}
 taken = tuple((str(s), reasons[s]) for s in chosen)
 
-options = (["recommended"] if chosen == rec_steps else []) + ["sma", "ema", "wma", "manual"]
+options = (["recommended"] if chosen == rec_steps else []) + ["sma", "ema", "wma", "decay", "manual"]
 method = st.segmented_control("Weights", options, default=options[0], key="weights_method") or options[0]
 if method == "recommended":
     weights = tuple(rec.weights)
@@ -43,10 +43,33 @@ elif method == "manual":
     except AnalysisError as e:
         st.error(f"Manual weights: {e}. Give at least one checkpoint a positive weight.")
         st.stop()
+elif method == "decay":   # WSM: the merge of constant-LR checkpoints that acts like an LR decay (issue 24)
+    left, right = st.columns(2)
+    schedule = left.selectbox("Decay schedule", ["1-sqrt", "linear", "cosine", "exp"], key="decay_schedule",
+                              help="The LR decay the merge emulates; weights from the checkpoints' positions in tokens.")
+    unit = "tokens" if all(signals.at(s).tokens is not None for s in chosen) else "steps"
+    length = right.number_input(f"Window in {unit} (0: the whole selection)", min_value=0.0, value=0.0,
+                                key="decay_window", format="%g")
+    try:
+        decay = decay_selection([signals.at(s) for s in chosen], schedule,
+                                length if length and unit == "tokens" else None,
+                                int(length) if length and unit == "steps" else None)
+    except AnalysisError as e:
+        st.error(f"Decay weights: {e}")
+        st.stop()
+    chosen, weights = list(decay.steps), decay.weights
+    taken = tuple((str(s), reasons[s]) for s in chosen)
+    settings = (("schedule", schedule),) + ((("window_" + unit, length),) if length else ())
+    if decay.describe:
+        st.caption(f"The selection's {decay.describe}.")
+    st.plotly_chart(charts.decay_figure(run, list(decay.where), list(decay.multiplier), decay.unit, decay.lr_at_start),
+                    key="decay_lr_chart")
 else:
     alpha = st.slider("EMA alpha (weight of the newest)", 0.05, 1.0, 0.3, 0.05, key="ema_alpha") if method == "ema" else 0.3
     weights = policy_weights(method, len(chosen), alpha)
 recipe_method = rec.method if method == "recommended" else method
+if method != "decay":
+    settings = tuple(rec.settings.items()) if method == "recommended" else ()
 st.plotly_chart(charts.weights_figure(chosen, list(weights)), key="weights_chart")
 
 with st.expander("Score the selection, or search for the best average, with an evaluator",
@@ -138,7 +161,8 @@ running = job is not None and not job.done.is_set()
 if st.button("Merge", type="primary", key="merge_button", disabled=running):
     try:
         out_dir = resolve_within(out_text, state.root())
-        recipe = cached.selection_recipe(now.path, now.stamp, tuple(chosen), tuple(weights), recipe_method, dtype, taken)
+        recipe = cached.selection_recipe(now.path, now.stamp, tuple(chosen), tuple(weights), recipe_method, dtype, taken,
+                                         settings)
         state.set_job_id(cached.start_merge(recipe, out_dir))
         running = True
     except AnalysisError as e:
@@ -160,7 +184,7 @@ def merge_progress() -> None:
         st.error(current.error)
     elif current.result is not None:
         result = current.result
-        st.success(f"Merged {len(result.steps)} checkpoints into `{result.model_file}` "
+        st.success(f"Merged {len(result.steps)} checkpoint{'' if len(result.steps) == 1 else 's'} into `{result.model_file}` "
                    f"({result.size_bytes / 1e6:,.2f} MB, {result.n_tensors} tensors).")
         if result.stale.paths:
             st.caption(result.stale.describe().capitalize() + ".")
@@ -172,7 +196,7 @@ merge_progress()
 
 # The recipe the Merge button merges, byte for byte (issue 20): same cache entry, same dtype.
 recipe_yaml, mergekit_yaml = cached.recipe_texts(now.path, now.stamp, tuple(chosen), tuple(weights), recipe_method,
-                                                 dtype, taken)
+                                                 dtype, taken, settings)
 left, right = st.columns(2)
 left.download_button("Download recipe (YAML)", recipe_yaml, file_name="recipe.yaml", mime="application/x-yaml",
                      on_click="ignore", key="dl_recipe")

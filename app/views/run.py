@@ -32,9 +32,9 @@ axis = middle.segmented_control("X axis", axes, default="step", key="x_axis",
                                 format_func=lambda a: charts.AXIS_TITLES[a]) or "step"
 log_y = right.toggle("Log-scale loss", value=False, key="logy")
 
-others = [p for p in state.recent_runs() if p != str(run.path)]
+others = [p for p in dict.fromkeys(sidebar.sibling_runs() + state.recent_runs()) if p != str(run.path)]
 overlay = st.multiselect("Overlay other runs", others, default=[p for p in state.overlay_runs() if p in others],
-                         key="overlay_pick", help="Recently opened runs, drawn in other colours")
+                         key="overlay_pick", help="The folder's other runs and recently opened runs, drawn in other colours")
 state.set_overlay_runs(overlay)
 overlays = []
 for other in overlay:
@@ -89,3 +89,14 @@ else:
     cols[1].metric("exponent β", f"{fit.beta:.3f}")
     cols[2].metric(f"loss at 2x the {fit.x_unit}", f"{signal.forecasts[0].value:.4f}")
     st.plotly_chart(charts.stop_figure(run, signal), key="stop_chart")
+
+with st.expander("What would a cooldown give? Decay-emulating merges of the stable phase (`recommend --cooldown`)"):
+    try:
+        cooldown = cached.cooldown(now.path, now.stamp)
+    except AnalysisError as e:
+        st.info(f"No cooldown estimate: {e}")
+    else:
+        st.caption(cooldown.basis)
+        st.dataframe([{"schedule": r.schedule, "window": r.describe.split(" over ", 1)[-1],
+                       "predicted loss": r.predicted_loss, "vs newest stable": r.vs_stable,
+                       "vs real decay's end": r.vs_decay} for r in cooldown.rows], hide_index=True, key="cooldown_table")

@@ -8,11 +8,13 @@ import cached
 import charts
 import state
 from analysis.errors import AnalysisError
+from analysis.prune import POLICY_SYNTAX, apply_prune, parse_policy, plan_prune, prune_rows
 from analysis.storage import KeepPolicy, estimate_storage, human_bytes
 
 st.title("Storage planner")
 defaults = {"params": 7e9, "dtype": "bf16", "every": 1000, "step_time": 1.5, "window": None}
 measured = None
+now = None
 path = state.run_path()
 if path is not None:
     try:
@@ -25,6 +27,7 @@ if path is not None:
         st.caption(f"Pre-filled from {now.run.name}: {defaults['params']:,.0f} parameters, a checkpoint every "
                    f"{defaults['every']} steps, {defaults['step_time']:.3f} s per step.")
     except AnalysisError as e:
+        now = None
         st.caption(f"Could not pre-fill from the open run: {e}")
 
 left, right = st.columns(2)
@@ -76,3 +79,46 @@ series = [estimate_storage(params, dtype, optimizer, n, bandwidth, step_time, in
 right.plotly_chart(charts.retention_figure(series), key="storage_retention")
 with st.expander("The arithmetic", expanded=True):
     st.code("\n".join(est.arithmetic), language="text")
+
+
+def prune_section(now: cached.Current) -> None:
+    """The same plan as `ckpt-select prune` on the run's real files, applied only behind a confirmation."""
+    st.header("Keep only what matters")
+    st.caption(f"Policy terms, most important first: {POLICY_SYNTAX}. The newest checkpoint, one being written or "
+               "modified in the last minute, and one a recipe in the run names are always kept (docs/prune.md).")
+    left, right = st.columns(2)
+    text = left.text_input("Keep", "window+1,newest:2,optimizer", key="prune_keep")
+    budget = right.text_input("Byte budget (optional, e.g. 2TB)", "", key="prune_budget")
+    rec = state.searched_recommendation(now.path, now.stamp) or now.recommendation
+    try:
+        policy = parse_policy(text, budget.strip() or None)
+        plan = plan_prune(now.run, policy, rec if policy.has("window") else None, root=state.root())
+    except AnalysisError as e:
+        st.error(str(e))
+        return
+    m = st.columns(3)
+    m[0].metric("checkpoints now", human_bytes(plan.bytes_now))
+    m[1].metric("after the prune", human_bytes(plan.bytes_after))
+    m[2].metric(f"freed ({len(plan.deleted)} deleted)", human_bytes(plan.bytes_freed))
+    for note in plan.notes:
+        st.caption(note)
+    rows = [{"step": r["step"], "checkpoint": r["path"], "size": r["size"], "action": r["action"],
+             "why": "; ".join(r["reasons"])} for r in prune_rows(plan)]
+    st.dataframe(rows, key="prune_table", hide_index=True)
+    if state.root() is not None and not state.allow_prune():
+        st.caption("This server was started with --root and without --allow-prune: it will not delete checkpoints.")
+    confirm = st.checkbox(f"Delete the {len(plan.deleted)} checkpoints marked delete ({human_bytes(plan.bytes_freed)})",
+                          key="prune_confirm")
+    if st.button("Delete them", key="prune_button", disabled=not (confirm and plan.deleted)):
+        try:
+            result = apply_prune(plan, root=state.root(), allow_prune=state.allow_prune())
+        except AnalysisError as e:
+            st.error(str(e))
+            return
+        st.success(f"Deleted {len(result.moved)} checkpoints, freed {human_bytes(result.bytes_freed)}.")
+        for item, why in result.skipped:
+            st.warning(f"{item.path.name}: {why}")
+
+
+if now is not None:
+    prune_section(now)

@@ -1,0 +1,383 @@
+"""DeepSpeed ZeRO checkpoints: ``global_stepN/`` folders, alone or inside an HF ``checkpoint-N/`` (issue 21).
+
+``engine.save_checkpoint`` writes, per tag folder ``global_stepN/``, ``mp_rank_00_model_states.pt`` (the
+16-bit weights under ``module``, ``global_steps``, ``param_shapes``: one ordered name -> shape mapping per
+optimizer parameter group) and one ``*_optim_states.pt`` per data-parallel rank, whose
+``optimizer_state_dict`` holds each group flattened into one vector and cut into equal partitions, one per
+rank (the fp32 master in ``single_partition_of_fp32_groups``, Adam's moments in ``base_optimizer_state``);
+a ``latest`` file beside the tags names the newest. The layout is the one DeepSpeed's own
+``zero_to_fp32.py`` reverses: the ranks' partitions of a group, padding cut, concatenated, hold the group's
+parameters one after another in ``param_shapes`` order.
+
+An optimizer shard is never a checkpoint of its own. Real shards pickle DeepSpeed objects (``LossScaler``,
+``ZeroStageEnum``) that weights-only loading refuses: then the optimizer part is skipped with a note and the
+weights are still read. Moments are sliced out one parameter at a time from memory-mapped shards.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import CheckpointReadError, NotACheckpoint
+from .base import CheckpointHandle, TensorInfo, is_tensor
+from .hf_folder import HFFolderHandle, MARKER_FILES, SIDE_FILES, weights_file
+from .keys import KeyMap
+from .optim import SAVED_LR, saved_learning_rate
+from .sharded import shard_files
+from .torch_pickle import TensorTable, checkpoint_metadata, flatten_tensors, safe_torch_load
+
+if TYPE_CHECKING:
+    import torch
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+OPTIM_GLOB = "*_optim_states.pt"
+LATEST_FILE = "latest"
+# Metadata key carrying why a part of a checkpoint was passed over; the run lists it as a note.
+SKIPPED_NOTE = "ckpt_select_skipped"
+_TAG = re.compile(r"global_step(\d+)")
+
+
+@dataclass
+class FragmentAddress:
+    """Plain-data stand-in for DeepSpeed's ``fragment_address`` (numel, start), pickled in every
+    ``param_slice_mappings``: fields only, so a shard that needs nothing else still loads weights-only."""
+
+    numel: int = 0
+    start: int = 0
+
+
+# DeepSpeed globals that are plain data, and what stands in for them. ``LossScaler`` is not one: a shard that
+# pickles it skips the optimizer part (issue 21).
+PLAIN_DATA: tuple[tuple[type, str], ...] = (
+    (FragmentAddress, "deepspeed.utils.tensor_fragment.fragment_address"),
+    (int, "deepspeed.runtime.zero.config.ZeroStageEnum"),   # an IntEnum: pickled as ZeroStageEnum(2)
+)
+_RANK = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+def tag_folder(path: Path) -> Path | None:
+    """The ``global_stepN/`` folder ``path`` is (or, for an HF ``checkpoint-N/``, holds); None if neither."""
+    if (path / MODEL_STATES).is_file() or (path / ZERO3_MODEL_STATES).is_file():
+        return path
+    if not any((path / m).is_file() for m in MARKER_FILES) and weights_file(path) is None:
+        return None   # a folder of several DeepSpeed saves is a run, not one checkpoint
+    latest = path / LATEST_FILE
+    named = latest.read_text(errors="replace").strip() if latest.is_file() else ""
+    if named and "/" not in named and tag_folder_of(path / named):
+        return path / named
+    tags = sorted((p for p in path.glob("global_step*") if tag_folder_of(p)), key=_tag_number)
+    return tags[-1] if tags else None
+
+
+def tag_folder_of(path: Path) -> bool:
+    """True if ``path`` is a DeepSpeed tag folder (it holds the model states file)."""
+    return path.is_dir() and ((path / MODEL_STATES).is_file() or (path / ZERO3_MODEL_STATES).is_file())
+
+
+def _tag_number(path: Path) -> int:
+    match = _TAG.fullmatch(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def optimizer_shards(tag: Path) -> list[Path]:
+    """The tag's optimizer shards in rank order (``zero_pp_rank_10`` after ``zero_pp_rank_9``)."""
+    def rank(p: Path) -> int:
+        match = _RANK.search(p.name)
+        return int(match.group(1)) if match else 0
+    return sorted(tag.glob(OPTIM_GLOB), key=lambda p: (rank(p), p.name))
+
+
+class FlatGroups:
+    """One moment (or the fp32 master) of every parameter group, as the ranks' partitions concatenated.
+
+    Nothing is concatenated up front: a parameter's slice is cut from the one or two partitions it spans.
+    """
+
+    def __init__(self, partitions: list[list["torch.Tensor"]]) -> None:
+        self._partitions = partitions   # [group][rank] -> 1-D tensor, padding already cut
+
+    def numel(self, group: int) -> int:
+        """Elements of ``group`` over all ranks."""
+        return sum(p.numel() for p in self._partitions[group])
+
+    def slice(self, group: int, offset: int, numel: int) -> "torch.Tensor":
+        """Elements ``[offset, offset + numel)`` of ``group``'s flat vector."""
+        import torch
+        pieces, start = [], 0
+        for part in self._partitions[group]:
+            end = start + part.numel()
+            lo, hi = max(offset, start), min(offset + numel, end)
+            if lo < hi:
+                pieces.append(part[lo - start:hi - start])
+            start = end
+        return pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces)
+
+
+class ZeroOptimizer:
+    """Adam moments of a ZeRO-1/2 tag, named ``"{param}.{moment}"``, read lazily (one parameter per call).
+
+    Raises:
+        ValueError: the shards do not fit the layout (its message says how; the caller turns it into a note).
+    """
+
+    def __init__(self, payloads: list[dict], param_shapes: list[dict], names: KeyMap) -> None:
+        states = [p.get("optimizer_state_dict") if isinstance(p, dict) else None for p in payloads]
+        if not all(isinstance(s, dict) for s in states):
+            raise ValueError("an optimizer shard holds no optimizer_state_dict")
+        stage = states[0].get("zero_stage", 1)
+        if int(stage) > 2:
+            raise ValueError("ZeRO-3 optimizer partitions are not read (run DeepSpeed's zero_to_fp32.py)")
+        world = _world_size(states[0])
+        if world != len(states):
+            raise ValueError(f"the partition count is {world} but {len(states)} optimizer shards were found "
+                             "(a shard was not saved or an older save was overwritten)")
+        self.lr = saved_learning_rate(_rigid(states[0]))
+        self._moments = {key: FlatGroups(_group_moments(states, key)) for key in _moment_keys(states[0])}
+        self._where: dict[str, tuple[int, int, tuple[int, ...]]] = {}
+        for group, shapes in enumerate(param_shapes):
+            offset = 0
+            for name, shape in shapes.items():
+                dims = tuple(int(d) for d in shape)
+                self._where[names.normalize(str(name))] = (group, offset, dims)
+                offset += _numel(dims)
+            _check_fits(group, offset, self._moments, world)
+        self.infos = [TensorInfo(f"{name}.{key}", dims, "float32", 4 * _numel(dims))
+                      for key in self._moments for name, (_, _, dims) in self._where.items()]
+
+    def read(self, name: str) -> "torch.Tensor":
+        """One moment of one parameter, shaped like the parameter."""
+        param, _, key = name.rpartition(".")
+        if key not in self._moments or param not in self._where:
+            raise KeyError(name)
+        group, offset, dims = self._where[param]
+        return self._moments[key].slice(group, offset, _numel(dims)).reshape(dims)
+
+
+def _world_size(state: dict) -> int:
+    """Data-parallel ranks the groups were cut into (a list: one count per group, expert groups differ)."""
+    count = state.get("partition_count", 1)
+    return int(max(count)) if isinstance(count, (list, tuple)) else int(count)
+
+
+def _rigid(state: dict) -> dict | None:
+    """The inner torch optimizer's state dict when saved whole (DeepSpeed's default, non-elastic save)."""
+    base = state.get("base_optimizer_state")
+    return base if isinstance(base, dict) and "state" in base else None
+
+
+def _group_states(state: dict) -> list[dict]:
+    """Per group, this rank's moment tensors: from the rigid save (by the group's one index) or the elastic list."""
+    base = state.get("base_optimizer_state")
+    rigid = _rigid(state)
+    if rigid is not None:
+        groups = rigid.get("param_groups") or []
+        return [rigid["state"].get(g["params"][0], {}) if g.get("params") else {} for g in groups]
+    if isinstance(base, (list, tuple)):
+        return [g if isinstance(g, dict) else {} for g in base]
+    raise ValueError("no base_optimizer_state in the optimizer shard")
+
+
+def _moment_keys(state: dict) -> list[str]:
+    """Moments every group carries as a flat tensor (``exp_avg``, ``exp_avg_sq``)."""
+    groups = _group_states(state)
+    keys = [k for k, v in (groups[0] if groups else {}).items() if is_tensor(v) and v.dim() == 1]
+    return [k for k in keys if all(is_tensor(g.get(k)) for g in groups)]
+
+
+def _group_moments(states: list[dict], key: str) -> list[list["torch.Tensor"]]:
+    """[group][rank] partitions of moment ``key``, cut to each rank's unpadded length (its fp32 master's)."""
+    per_rank = [_group_states(s) for s in states]
+    out: list[list] = []
+    for group in range(len(per_rank[0])):
+        parts = []
+        for state, groups in zip(states, per_rank):
+            parts.append(groups[group][key][:_lean_length(state, group, groups[group][key])])
+        out.append(parts)
+    return out
+
+
+def _lean_length(state: dict, group: int, moment: "torch.Tensor") -> int:
+    """This rank's elements of ``group`` without the alignment padding DeepSpeed adds at the end.
+
+    A rigid save (the inner optimizer's whole state dict, ZeRO-1/2's default and BF16_Optimizer's) keeps the
+    padding of the last rank, counted in ``group_paddings``; an elastic save's list is cut already.
+    """
+    if _rigid(state) is None:
+        return int(moment.numel())
+    paddings = state.get("group_paddings") or []
+    return int(moment.numel()) - int(paddings[group] if group < len(paddings) else 0)
+
+
+def _check_fits(group: int, consumed: int, moments: dict[str, FlatGroups], world: int) -> None:
+    """As zero_to_fp32 checks: the parameters fill the group up to DeepSpeed's 2 x world-size alignment."""
+    align = 2 * world
+    for flat in moments.values():
+        have = flat.numel(group)
+        if -(-consumed // align) * align != -(-have // align) * align:
+            raise ValueError(f"parameter group {group} holds {have} elements but its parameters need {consumed}")
+
+
+def _numel(dims: tuple[int, ...]) -> int:
+    count = 1
+    for d in dims:
+        count *= d
+    return count
+
+
+class DeepSpeedHandle:
+    """Weights of one DeepSpeed tag (or of the HF folder holding it), its step, and its Adam moments."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        tag = tag_folder(path)
+        if tag is None:
+            raise CheckpointReadError(path, f"no DeepSpeed global_stepN/ folder with {MODEL_STATES}")
+        self.tag = tag
+        hf = weights_file(path) is not None
+        states_file = tag / MODEL_STATES
+        if not states_file.is_file():
+            if not hf:
+                raise CheckpointReadError(tag, "ZeRO-3 checkpoint: the weights are partitioned over the ranks' "
+                                               "optimizer shards, which CkptSelect does not gather; run DeepSpeed's "
+                                               "zero_to_fp32.py, or save with stage3_gather_16bit_weights_on_model_save")
+            states_file = tag / ZERO3_MODEL_STATES
+        states = safe_torch_load(states_file)
+        if not isinstance(states, dict):
+            raise NotACheckpoint(states_file, f"holds a {type(states).__name__}, not DeepSpeed model states")
+        self._weights: CheckpointHandle | TensorTable = HFFolderHandle(path) if hf else _module_table(states_file, states)
+        self._metadata = {**_ds_metadata(tag, states), **(self._weights.metadata() if hf else {})}
+        self._optimizer = self._open_optimizer(tag, states)
+
+    def _open_optimizer(self, tag: Path, states: dict) -> ZeroOptimizer | None:
+        """The moments, or None with a note in the metadata saying why they were skipped."""
+        shards = optimizer_shards(tag)
+        shapes = states.get("param_shapes")
+        if not shards or not isinstance(shapes, list):
+            return None
+        try:
+            payloads = [safe_torch_load(shard, plain_data=PLAIN_DATA) for shard in shards]
+            keys = KeyMap(str(n) for group in shapes for n in group)
+            optimizer = ZeroOptimizer(payloads, shapes, keys)
+        except CheckpointReadError as e:
+            self._skip(f"optimizer state skipped, the weights are read: {e.path.name}: {_first_sentence(e.reason)}")
+            return None
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            self._skip(f"optimizer state skipped, the weights are read: {tag.name}: {e}")
+            return None
+        if optimizer.lr is not None:
+            self._metadata[SAVED_LR] = repr(optimizer.lr)
+        return optimizer
+
+    def _skip(self, note: str) -> None:
+        self._metadata[SKIPPED_NOTE] = note
+
+    def tensors(self) -> list[TensorInfo]:
+        return list(self._weights.tensors() if not isinstance(self._weights, TensorTable) else self._weights.infos)
+
+    def read(self, name: str) -> "torch.Tensor":
+        return self._weights.read(name)
+
+    def original_name(self, name: str) -> str:
+        if isinstance(self._weights, TensorTable):
+            return self._weights.keys.original(name)
+        return self._weights.original_name(name)  # type: ignore[union-attr]
+
+    def locate(self, name: str):
+        """Raw location of a weight (HF safetensors weights only; None otherwise)."""
+        method = getattr(self._weights, "locate", None)
+        return method(name) if callable(method) else None
+
+    @property
+    def weights(self) -> object:
+        """The handle of the weight file(s) the merge mirrors (HF weights), else this handle."""
+        return getattr(self._weights, "weights", self)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
+
+    def optimizer_state(self) -> list[TensorInfo]:
+        return list(self._optimizer.infos) if self._optimizer else []
+
+    def read_optimizer(self, name: str) -> "torch.Tensor":
+        try:
+            if self._optimizer is None:
+                raise KeyError(name)
+            return self._optimizer.read(name)
+        except KeyError:
+            raise CheckpointReadError(self.tag, f"no optimizer tensor named {name!r}") from None
+
+    def ema_tensors(self) -> list[TensorInfo]:
+        return []
+
+    def close(self) -> None:
+        if not isinstance(self._weights, TensorTable):
+            self._weights.close()
+        self._optimizer = None
+
+    def __enter__(self) -> "DeepSpeedHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _module_table(path: Path, states: dict) -> TensorTable:
+    """The 16-bit weights DeepSpeed keeps under ``module``."""
+    module = states.get("module")
+    tensors = flatten_tensors(module) if isinstance(module, dict) else {}
+    if not tensors:
+        raise NotACheckpoint(path, "holds no weights under 'module'")
+    if all(t.numel() == 0 for t in tensors.values()):
+        raise CheckpointReadError(path, "ZeRO-3 placeholders only: the weights are partitioned over the optimizer "
+                                        "shards; run DeepSpeed's zero_to_fp32.py first")
+    return TensorTable(path, tensors)
+
+
+def _ds_metadata(tag: Path, states: dict) -> dict[str, str]:
+    """Scalars of the model states, with ``step`` from ``global_steps`` (else the tag's number)."""
+    meta = checkpoint_metadata({k: v for k, v in states.items() if k not in ("module", "param_shapes")})
+    steps = meta.get("global_steps")
+    number = _tag_number(tag)
+    if steps is not None and steps.isdigit():
+        meta["step"] = steps
+    elif number >= 0:
+        meta["step"] = str(number)
+    meta["deepspeed_tag"] = tag.name
+    return meta
+
+
+def _first_sentence(text: str) -> str:
+    """A refusal's reason without the re-save hint, which points at the wrong remedy for an optimizer shard."""
+    return text.split(" Hint:", 1)[0]
+
+
+class DeepSpeedReader:
+    """A DeepSpeed ``global_stepN/`` tag folder, or an HF ``checkpoint-N/`` folder holding one."""
+
+    name = "deepspeed"
+    description = ("DeepSpeed ZeRO 1/2 checkpoint: global_stepN/ (mp_rank_00_model_states.pt weights under 'module', "
+                   "*_optim_states.pt Adam moments), alone or in an HF checkpoint-N/ with model.safetensors")
+
+    def matches(self, path: Path) -> bool:
+        try:
+            return path.is_dir() and tag_folder(path) is not None
+        except OSError:
+            return False
+
+    def files(self, path: Path) -> list[Path]:
+        source = weights_file(path)
+        if source is not None:   # HF weights: hashed like hf_folder's; the DeepSpeed states are training state
+            weights = shard_files(source) if source.name.endswith(".index.json") else [source]
+            return weights + [path / f for f in SIDE_FILES if (path / f).is_file()]
+        tag = tag_folder(path)
+        return [tag / MODEL_STATES] if tag is not None else []
+
+    def open(self, path: Path) -> DeepSpeedHandle:
+        return DeepSpeedHandle(path)
+
+
+__all__ = ["DeepSpeedHandle", "DeepSpeedReader", "SKIPPED_NOTE"]
