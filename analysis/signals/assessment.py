@@ -175,6 +175,12 @@ def _layer_report(run: Run, tracker: LayerTracker, spikes: list[LossSpike],
     return build_layer_report(tracker, spikes, norm_placement(folders, [info.name for info in reference]))
 
 
+def logged_saves(run: Run) -> tuple[int, ...]:
+    """The steps at which the run's logs say a checkpoint was saved (``checkpoint_saved`` rows), in order."""
+    saved = run.metric("checkpoint_saved")
+    return tuple(int(step) for step in saved["step"][saved["value"] > 0].drop_duplicates())
+
+
 def _contamination(step: int, val: ValScore | None, events: list[LossSpike],
                    clean_vals: list[tuple[int, float]]) -> tuple[LossSpike | None, ClearedSpike | None]:
     """The event that contaminates the checkpoint saved at ``step`` (None if none does), and a train-loss event
