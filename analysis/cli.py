@@ -147,8 +147,10 @@ def _quiet_libraries() -> None:
               help="Sketch every checkpoint for update norms, cosines and the trajectory (cached on disk).")
 @click.option("--run", "run_name", metavar="NAME",
               help="When RUN holds several runs (Lightning version_N, several output folders): the one to read.")
+@click.option("--layers", is_flag=True,
+              help="Per-layer RMS, max |w|, relative update sizes and cosines, flags and spike leads (same read pass).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def analyze(run_path: Path, similarity: bool, as_json: bool, run_name: str | None = None) -> None:
+def analyze(run_path: Path, similarity: bool, as_json: bool, run_name: str | None = None, layers: bool = False) -> None:
     """Discover a run's logs and checkpoints and judge every checkpoint."""
     from .report import analysis_report
     from .run import open_run, printable
@@ -160,7 +162,7 @@ def analyze(run_path: Path, similarity: bool, as_json: bool, run_name: str | Non
         sim = compare_checkpoints(run.checkpoints, progress=update) if similarity and run.checkpoints else None
     finally:
         close()
-    doc = analysis_report(run, signals, sim)
+    doc = analysis_report(run, signals, sim, layers=layers)
     if as_json:
         _emit(doc)
         return
@@ -191,6 +193,33 @@ def analyze(run_path: Path, similarity: bool, as_json: bool, run_name: str | Non
         click.echo("  * LR read from the checkpoint's optimizer state: the logs hold none for it")
     if any(c["val_loss_source"] == "train" for c in doc["checkpoints"]):
         click.echo("  train: the run logs no val loss; the mean train loss logged since the checkpoint before stands in")
+    if "layers" in doc:
+        _echo_layers(doc["layers"])
+
+
+def _echo_layers(doc: dict) -> None:
+    """The text form of `analyze --layers` (issue 25): kind of model, flags, spike leads, one line per layer."""
+    from .run import printable
+    placement = doc["norm_placement"]
+    click.echo(f"  layers: {placement['kind']} ({placement['evidence']})")
+    for kind, line in placement["meaning"].items():
+        click.echo(f"    {kind}: {line}")
+    for flag in doc["flags"]:
+        click.echo(printable(f"  layer flag [{flag['kind']}]: {flag['reason']}" + ("; left out of averages"
+                                                                                    if flag["excludes"] else "")))
+    for lead in doc["spike_leads"]:
+        movers = ", ".join(f"{x['layer']} ({x['lead_checkpoints']} ckpt, {x['lead_steps']} steps before)"
+                           for x in lead["leaders"][:5]) or "no layer moved beforehand"
+        click.echo(printable(f"  {lead['spike']['metric']} spike at step {lead['spike']['start_step']}: "
+                             f"first hit checkpoint {lead['first_hit_step']}; moved first: {movers}"))
+    click.echo(f"  {'layer':<40} {'rms':>9} {'max|w|':>9} {'rel.update':>10} {'upd.cos':>8}   (newest checkpoint)")
+    for layer in doc["layers"]:
+        cells = [_cell(layer[key][-1]) for key in ("rms", "max_abs", "relative_update", "update_cosine")]
+        click.echo(printable(f"  {layer['name']:<40} {cells[0]:>9} {cells[1]:>9} {cells[2]:>10} {cells[3]:>8}"))
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 @cli.command("watch")

@@ -13,7 +13,8 @@ from .selection import CooldownReport, Recommendation
 from .run import Run
 from .model_size import ParamCount
 from .scaling import ComputeOptimal, Forecast, StopSignal
-from .signals import ClearedSpike, LossSpike, RunSignals, SimilarityReport, StepTiming, analyze_step_times
+from .signals import (ClearedSpike, LayerReport, LayerSeries, LossSpike, RunSignals, SimilarityReport, StepTiming,
+                      analyze_step_times)
 from .storage import MeasuredOverhead, StorageEstimate
 
 
@@ -103,8 +104,9 @@ def _similarity_fields(sim: SimilarityReport | None, step: int) -> dict:
 
 
 def analysis_report(run: Run, signals: RunSignals, similarity: SimilarityReport | None = None,
-                    timing: StepTiming | None = None) -> dict:
-    """The `analyze --json` document (``timing``: ``analyze_step_times(run)``, when the caller has it)."""
+                    timing: StepTiming | None = None, layers: bool = False) -> dict:
+    """The `analyze --json` document (``timing``: ``analyze_step_times(run)``, when the caller has it;
+    ``layers``: add the per-layer view, issue 25)."""
     checkpoints = []
     for item in signals.checkpoints:
         ref, health = item.ref, item.health
@@ -119,6 +121,7 @@ def analysis_report(run: Run, signals: RunSignals, similarity: SimilarityReport 
             "spike": spike_report(item.spike, run) if item.spike is not None else None,
             "spike_cleared": _cleared_report(item.cleared, run) if item.cleared is not None else None,
             "mismatch": item.mismatch,
+            "abnormal": item.abnormal,
             "val_loss": _num(item.val.value) if item.val else None,
             "val_loss_source": item.val.source if item.val else None,
             "val_loss_step": item.val.source_step if item.val else None,
@@ -141,7 +144,39 @@ def analysis_report(run: Run, signals: RunSignals, similarity: SimilarityReport 
         "evaluator_hint": run.evaluator_hint,
         "notes": list(run.notes),
         "unreadable": unreadable_report(run),
+        **({"layers": layers_report(signals.layers)} if layers and signals.layers is not None else {}),
     }
+
+
+def layers_report(report: LayerReport) -> dict:
+    """The ``layers`` record of `analyze --layers --json`: per-layer series (one value per checkpoint, null where
+    none), flags with reasons, spike leads, and pre- or post-norm with what each flag kind means for it."""
+    return {
+        "steps": list(report.steps),
+        "norm_placement": {"kind": report.placement.kind, "evidence": report.placement.evidence,
+                           "meaning": {kind: report.meaning(kind) for kind in ("growth", "max_abs", "update_jump")}},
+        "exact": report.exact, "update_error": report.update_error, "cosine_error": report.cosine_error,
+        "layers": [_layer_series(layer) for layer in report.layers],
+        "flags": [{"kind": f.kind, "layer": f.layer, "start_step": f.start_step, "end_step": f.end_step,
+                   "previous_step": f.previous_step, "value": _num(f.value), "baseline": _num(f.baseline),
+                   "excludes": f.excludes, "reason": f.reason, "meaning": report.meaning(f.kind)}
+                  for f in report.flags],
+        "abnormal_checkpoints": [{"step": step, "reason": why} for step, why in report.abnormal().items()],
+        "spike_leads": [{"spike": {"metric": lead.spike.metric, "start_step": lead.spike.start_step,
+                                   "end_step": lead.spike.end_step},
+                         "first_hit_step": lead.first_hit_step,
+                         "leaders": [{"layer": x.layer, "step": x.step, "lead_checkpoints": x.lead_checkpoints,
+                                      "lead_steps": x.lead_steps, "ratio": _num(x.ratio)} for x in lead.leaders]}
+                        for lead in report.leads],
+    }
+
+
+def _layer_series(layer: LayerSeries) -> dict:
+    return {"name": layer.name, "block": layer.block, "group": layer.group, "tensors": list(layer.tensors),
+            "exact": layer.exact, "rms": [_num(v) for v in layer.rms], "max_abs": [_num(v) for v in layer.max_abs],
+            "relative_update": [_num(v) for v in layer.relative_update],
+            "update_cosine": [_num(v) for v in layer.update_cosine],
+            "qk_norm_product": [_num(v) for v in layer.qk_norm_product] or None}
 
 
 def _noise_report(signals: RunSignals) -> dict | None:

@@ -10,7 +10,7 @@ from plotly.subplots import make_subplots
 
 from analysis.run import Run
 from analysis.scaling import StopSignal
-from analysis.signals import DisplaySeries, RunSignals, display_series, step_to_axis
+from analysis.signals import DisplaySeries, LayerHeatmap, LayerReport, RunSignals, display_series, step_to_axis
 from analysis.storage import StorageEstimate
 
 COLORS = {
@@ -277,3 +277,51 @@ def steps_from_selection(selection: dict, steps: list[int]) -> list[int]:
     """Checkpoint steps picked by a box or lasso on the trajectory chart (trace 0), sorted."""
     points = selection.get("selection", {}).get("points", [])
     return sorted({steps[p["point_index"]] for p in points if p.get("curve_number", 0) == 0})
+
+
+def layer_heatmap_figure(grid: LayerHeatmap) -> go.Figure:
+    """Layers × checkpoints (issue 25): a cell per (layer, step); flagged cells outlined, loss spikes marked on
+    the step axis. Cells are selectable points (x = step, y = layer) so a click can pick a layer."""
+    labels = [str(step) for step in grid.steps]
+    fig = go.Figure(go.Heatmap(z=[list(row) for row in grid.values], x=labels, y=list(grid.layers),
+                               colorscale="Viridis", colorbar={"title": grid.metric},
+                               hovertemplate="%{y}<br>step %{x}<br>%{z:.4g}<extra></extra>"))
+    flagged = [(layer, str(step)) for layer, step in grid.flagged]
+    if flagged:
+        fig.add_trace(go.Scatter(x=[s for _, s in flagged], y=[layer for layer, _ in flagged], mode="markers",
+                                 name="flagged", marker={"symbol": "square-open", "size": 14, "color": COLORS["spike"],
+                                                         "line": {"width": 2}}))
+    for step in grid.spike_steps:
+        fig.add_vline(x=labels.index(str(step)), line={"color": COLORS["spike"], "dash": "dash"},
+                      annotation_text="loss spike", annotation_position="top")
+    fig.update_layout(title=grid.title, xaxis={"title": "checkpoint step", "type": "category"},
+                      yaxis={"autorange": "reversed", "type": "category"}, height=max(300, 22 * len(grid.layers) + 150),
+                      margin={"l": 10, "r": 10, "t": 50, "b": 10}, showlegend=False)
+    return fig
+
+
+def layer_curves_figure(report: LayerReport, name: str) -> go.Figure:
+    """One layer's RMS, max |w|, relative update size and update cosine (and q·k product) across checkpoints."""
+    layer = report.layer(name)
+    panels = [("RMS", layer.rms), ("max |w|", layer.max_abs), ("relative update", layer.relative_update),
+              ("update cosine", layer.update_cosine)]
+    if layer.qk_norm_product:
+        panels.append(("|W_q|·|W_k|", layer.qk_norm_product))
+    fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, subplot_titles=[p[0] for p in panels])
+    for row, (title, values) in enumerate(panels, start=1):
+        fig.add_trace(go.Scatter(x=list(report.steps), y=[v for v in values], mode="lines+markers", name=title),
+                      row=row, col=1)
+    for flag in report.flags:
+        if flag.layer == name:
+            fig.add_vrect(x0=flag.previous_step, x1=flag.end_step, fillcolor=COLORS["spike"], opacity=0.12, line_width=0)
+    fig.update_layout(title=name, height=170 * len(panels), showlegend=False, margin={"l": 10, "r": 10, "t": 60, "b": 10})
+    fig.update_xaxes(title_text="step", row=len(panels), col=1)
+    return fig
+
+
+def layer_from_selection(selection: dict, layers: tuple[str, ...]) -> str | None:
+    """The layer of the first selected heatmap cell, if any."""
+    for point in (selection or {}).get("points", []):
+        if point.get("y") in layers:
+            return point["y"]
+    return None

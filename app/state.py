@@ -24,6 +24,7 @@ OVERLAY_KEY = "overlay_runs"
 FOLDER_KEY = "runs_folder"
 EVALUATOR_KEY = "evaluator_spec"
 SEARCH_KEY = "evaluator_search"
+LAYER_KEY = "layers_chosen"
 RECENT_LIMIT = 10
 
 
@@ -151,6 +152,15 @@ def overlay_runs() -> list[str]:
 
 def set_overlay_runs(paths: list[str]) -> None:
     st.session_state[OVERLAY_KEY] = list(paths)
+
+
+def chosen_layer() -> str | None:
+    """The layer whose curves the Layers page shows (issue 25), if one was clicked."""
+    return st.session_state.get(LAYER_KEY)
+
+
+def set_chosen_layer(name: str) -> None:
+    st.session_state[LAYER_KEY] = name
 
 
 def _recent_file() -> Path:

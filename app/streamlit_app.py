@@ -9,6 +9,7 @@ sidebar.run_picker()
 st.navigation([
     st.Page("views/run.py", title="Run", icon=":material/monitoring:", default=True),
     st.Page("views/checkpoints.py", title="Checkpoints", icon=":material/table_rows:"),
+    st.Page("views/layers.py", title="Layers", icon=":material/stacked_bar_chart:"),
     st.Page("views/merge.py", title="Merge", icon=":material/merge:"),
     st.Page("views/storage.py", title="Storage", icon=":material/storage:"),
 ]).run()

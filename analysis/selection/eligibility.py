@@ -60,6 +60,11 @@ def recovery_cutoff(signals: RunSignals, config: RecommendConfig) -> Cutoff:
     if config.before_step is not None:
         return Cutoff(config.before_step, f"at or after step {config.before_step}, where the recovery was asked to start")
     spikes = signals.loss_spikes
+    limit = spikes[-1].onset_after_step + 1 if spikes else None
+    abnormal = signals.first_abnormal(before_step=limit)   # a layer's weights went wrong first (issue 25)
+    if abnormal is not None:
+        return Cutoff(abnormal.ref.step, f"at or after step {abnormal.ref.step}, the first checkpoint whose weights "
+                                         f"are abnormal ({abnormal.abnormal})")
     if not spikes:
         raise InvalidArgument("recovery restarts from before a loss spike, and the logs show none: "
                               "pass --before STEP to say where the run went wrong")
@@ -68,10 +73,11 @@ def recovery_cutoff(signals: RunSignals, config: RecommendConfig) -> Cutoff:
 
 
 def is_eligible(item: CheckpointSignals, config: RecommendConfig) -> bool:
-    """Whether a checkpoint may be averaged: finite, matching the newest, and outside a spike unless forced."""
+    """Whether a checkpoint may be averaged: finite, matching the newest, and outside a spike and with no layer in
+    an abnormal state (issue 25) unless forced."""
     if not item.health.finite or item.mismatch is not None:
         return False
-    return item.spike is None or config.include_contaminated
+    return (item.spike is None and item.abnormal is None) or config.include_contaminated
 
 
 def why_none_eligible(signals: RunSignals, cutoff: Cutoff | None = None) -> str:

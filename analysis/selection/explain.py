@@ -116,6 +116,8 @@ def explain_decision(item: CheckpointSignals, weight_of: dict[int, float], oldes
         return f"Left out: its tensors differ from the newest checkpoint's: {item.mismatch}."
     if item.spike is not None and not config.include_contaminated:
         return f"Left out: saved inside a {item.spike.describe()}; its weights carry the spike."
+    if item.abnormal is not None and not config.include_contaminated:
+        return f"Left out: a layer's weights are in an abnormal state: {item.abnormal}."
     if item.ref.step in weight_of:
         weight = weight_of[item.ref.step]
         forced = " Forced in despite a spike." if item.spike is not None else ""

@@ -4,6 +4,10 @@ from .assessment import CheckpointSignals, ClearedSpike, RunSignals, assess_run,
 from .axes import AXES, available_axes, step_to_axis
 from .decimate import MAX_POINTS, DisplaySeries, display_series, minmax_decimate, minmax_indices
 from .health import CheckpointHealth, check_health
+from .layer_flags import LayerFlag, LayerFlagConfig, LayerLead, SpikeLeads
+from .layer_names import TensorRole, tensor_role
+from .layer_report import HEATMAP_METRICS, LayerHeatmap, LayerReport, NormPlacement, layer_heatmap
+from .layers import LayerSeries
 from .noise import IterateNoise, iterate_noise, newest_iterate_noise
 from .similarity import CheckpointSimilarity, SimilarityReport, compare_checkpoints, layer_of
 from .sketch import CheckpointSketch, sketch_checkpoint
@@ -20,14 +24,24 @@ __all__ = [
     "CheckpointSketch",
     "ClearedSpike",
     "DisplaySeries",
+    "HEATMAP_METRICS",
     "IterateNoise",
+    "LayerFlag",
+    "LayerFlagConfig",
+    "LayerHeatmap",
+    "LayerLead",
+    "LayerReport",
+    "LayerSeries",
     "LossSpike",
     "MAX_POINTS",
+    "NormPlacement",
     "RunSignals",
     "SimilarityReport",
     "SlowIteration",
     "SpikeConfig",
+    "SpikeLeads",
     "StepTiming",
+    "TensorRole",
     "ValScore",
     "analyze_step_times",
     "assess_run",
@@ -39,6 +53,7 @@ __all__ = [
     "display_series",
     "find_spikes",
     "iterate_noise",
+    "layer_heatmap",
     "layer_of",
     "logged_val_scores",
     "minmax_decimate",
@@ -46,4 +61,5 @@ __all__ = [
     "newest_iterate_noise",
     "sketch_checkpoint",
     "step_to_axis",
+    "tensor_role",
 ]

@@ -12,8 +12,11 @@ from ..checkpoints import TensorInfo, open_checkpoint
 from ..checkpoints.compare import compare_layouts
 from ..checkpoints.optim import metadata_learning_rate
 from ..run import CheckpointRef, Run, UnreadableFile
-from .health import CheckpointHealth, check_health
+from .health import CheckpointHealth, health_from_sketch
+from .layer_report import LayerReport, build_layer_report, norm_placement
+from .layers import LayerTracker
 from .noise import IterateNoise, newest_iterate_noise
+from .sketch import sketch_checkpoint
 from .spikes import LossSpike, SpikeConfig, detect_spikes, sparse_config
 from .validation import ValScore, checkpoint_aligned_val, logged_val_scores, train_interval_scores
 
@@ -62,11 +65,12 @@ class CheckpointSignals:
     cleared: ClearedSpike | None = None  # a train-loss event it was saved in that its own val loss clears
     lr_saved: bool = False         # ``lr`` came from its saved optimizer state: the logs hold no LR for it
     tokens: float | None = None    # tokens seen at its step, from the logs' token count (issue 24), if logged
+    abnormal: str | None = None    # why a layer's weights are in an abnormal state here (issue 25), if they are
 
     @property
     def eligible(self) -> bool:
         """True if it may be averaged without the user forcing it."""
-        return self.health.finite and self.spike is None and self.mismatch is None
+        return self.health.finite and self.spike is None and self.mismatch is None and self.abnormal is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +82,7 @@ class RunSignals:
     noise: IterateNoise | None = None   # from the Adam state of the newest eligible checkpoint that saved one
     unreadable: tuple[UnreadableFile, ...] = ()   # the run's files that could not be read (issue 19)
     logged_saves: tuple[int, ...] = ()   # steps at which the logs say a checkpoint was saved (nanoGPT's stdout)
+    layers: LayerReport | None = None   # per-layer statistics and flags, from the same read pass (issue 25)
 
     @property
     def loss_spikes(self) -> tuple[LossSpike, ...]:
@@ -88,6 +93,14 @@ class RunSignals:
     def grad_norm_spikes(self) -> tuple[LossSpike, ...]:
         """Grad-norm events: reported, never contaminating."""
         return tuple(s for s in self.spikes if s.metric not in CONTAMINATING_METRICS)
+
+    def first_abnormal(self, before_step: int | None = None, lead: int = 5) -> CheckpointSignals | None:
+        """The first checkpoint whose weights a layer flag calls abnormal (issue 25): among all of them, or, given
+        ``before_step`` (a loss spike's first hit), among the ``lead`` checkpoints saved just before it."""
+        if before_step is None:
+            return next((c for c in self.checkpoints if c.abnormal is not None), None)
+        earlier = [c for c in self.checkpoints if c.ref.step < before_step][-lead:]
+        return next((c for c in earlier if c.abnormal is not None), None)
 
     def at(self, step: int) -> CheckpointSignals:
         """The signals of the checkpoint saved at ``step``."""
@@ -112,8 +125,10 @@ def find_spikes(run: Run, config: SpikeConfig = SpikeConfig()) -> tuple[LossSpik
 def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Progress | None = None) -> RunSignals:
     """Health, validation, spike contamination and key agreement of every checkpoint, and the iterate noise.
 
-    Reads every tensor of every checkpoint once (for health), one tensor at a time, then the Adam second moments
-    of the newest eligible checkpoint that saved them (``progress`` restarts from 0 for those).
+    Reads every tensor of every checkpoint once, one tensor at a time, in the sketch pass (cached on disk, so
+    the similarity signals then read nothing): health and the per-layer statistics and flags come from it.
+    Then the Adam second moments of the newest eligible checkpoint that saved them (``progress`` restarts
+    from 0 for those).
     """
     spikes = find_spikes(run, spike_config)
     contaminating = [s for s in spikes if s.metric in CONTAMINATING_METRICS]
@@ -130,20 +145,34 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
     headers = [_headers(ref) for ref in run.checkpoints]   # every checkpoint opened once for its layout and LR
     reference = headers[-1][0] if headers else []
     items = []
+    tracker = LayerTracker()
     total = max(len(run.checkpoints), 1)
     for index, (ref, val, lr, (layout, saved_lr), seen) in enumerate(zip(run.checkpoints, vals, lrs, headers, tokens)):
         def step_progress(frac: float, msg: str, index: int = index) -> None:
             if progress is not None:
                 progress((index + frac) / total, msg)
 
-        health = check_health(ref, step_progress)
+        sketch = sketch_checkpoint(ref, progress=step_progress)
+        tracker.add(sketch)
+        health = health_from_sketch(sketch)
         spike, cleared = _contamination(ref.step, val, contaminating, clean_vals)
         items.append(CheckpointSignals(ref, health, val, spike, _mismatch(reference, layout),
                                        lr if lr is not None else saved_lr,
                                        cleared, lr is None and saved_lr is not None, seen))
+    layers = _layer_report(run, tracker, contaminating, reference)
+    abnormal = layers.abnormal()
+    items = [replace(item, abnormal=abnormal.get(item.ref.step)) for item in items]
     eligible = [item for item in items if item.eligible]
     noise = newest_iterate_noise([item.ref for item in eligible], progress)
-    return RunSignals(tuple(items), spikes, noise, run.unreadable, logged_saves(run))
+    return RunSignals(tuple(items), spikes, noise, run.unreadable, logged_saves(run), layers)
+
+
+def _layer_report(run: Run, tracker: LayerTracker, spikes: list[LossSpike],
+                  reference: list[TensorInfo]) -> LayerReport:
+    """The layer view: config.json beside the newest checkpoint or in the run folder says pre- or post-norm."""
+    newest = run.checkpoints[-1].path if run.checkpoints else run.path
+    folders = [newest if newest.is_dir() else newest.parent, run.path, run.path / "model_config"]
+    return build_layer_report(tracker, spikes, norm_placement(folders, [info.name for info in reference]))
 
 
 def logged_saves(run: Run) -> tuple[int, ...]:

@@ -14,6 +14,7 @@ import torch
 
 from ..checkpoints import open_checkpoint
 from ..run import CheckpointRef
+from .sketch import CheckpointSketch
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,5 +102,25 @@ def _check_health(ref: CheckpointRef, progress: Callable[[float, str], None] | N
     return CheckpointHealth(
         finite=not bad, nonfinite_tensors=tuple(bad), n_params=n_params, n_tensors=len(infos),
         norm=math.sqrt(square_sum), max_abs=max_abs, bytes_by_dtype=tuple(sorted(by_dtype.items())),
+        layer_norms=tuple((layer, math.sqrt(sq)) for layer, sq in layer_squares.items()),
+    )
+
+
+def health_from_sketch(sketch: CheckpointSketch) -> CheckpointHealth:
+    """The health of a checkpoint from the exact per-tensor statistics its sketch pass kept (issue 25).
+
+    The same numbers as :func:`check_health` (sums in float64 rather than float32), without a read of its own:
+    ``assess_run`` sketches each checkpoint once and derives health, the layer view and similarity from it.
+    """
+    stats = sketch.stats
+    layer_squares: dict[str, float] = {}
+    for name, item in stats.items():
+        layer_squares[layer_of(name)] = layer_squares.get(layer_of(name), 0.0) + item.sum_squares
+    return CheckpointHealth(
+        finite=all(s.finite for s in stats.values()),
+        nonfinite_tensors=tuple(name for name, s in stats.items() if not s.finite),
+        n_params=sum(s.numel for s in stats.values()), n_tensors=sketch.n_tensors,
+        norm=math.sqrt(sum(s.sum_squares for s in stats.values())),
+        max_abs=max((s.max_abs for s in stats.values()), default=0.0), bytes_by_dtype=sketch.bytes_by_dtype,
         layer_norms=tuple((layer, math.sqrt(sq)) for layer, sq in layer_squares.items()),
     )

@@ -12,6 +12,10 @@ has a standard error of at most sqrt(2 / K) with K the total number of buckets.
 Tensors with at most ``buckets`` elements are stored exactly (no error at all), which
 makes the signals exact for small models. One streaming pass per checkpoint, one chunk
 of one tensor in memory; results are cached on disk keyed by the file's identity.
+
+The same pass keeps each tensor's exact statistics (:class:`.tensor_stats.TensorStats`: sum of
+squares, max |w|, finiteness) and the header's tensor count and bytes per dtype, so the health check
+and the layer view (issue 25) are derived from it: every tensor of a checkpoint is read once in all.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from __future__ import annotations
 import hashlib
 import os
 import zlib
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -29,8 +34,9 @@ from safetensors.torch import save_file
 from ..checkpoints import open_checkpoint
 from ..checkpoints.base import optimizer_state
 from ..run import CheckpointRef
+from .tensor_stats import TensorStats, tensor_stats
 
-SKETCH_VERSION = 1
+SKETCH_VERSION = 2   # 2: exact per-tensor statistics and header counts kept beside the sketches (issue 25)
 DEFAULT_BUCKETS = 4096
 CHUNK_ELEMENTS = 1 << 22   # hashes generated per chunk: bounds memory for a huge embedding
 
@@ -44,6 +50,9 @@ class CheckpointSketch:
     exp_avg: dict[str, torch.Tensor]     # param name -> sketch of its Adam first moment
     exact: bool                          # every weight tensor stored exactly
     buckets: int
+    stats: dict[str, TensorStats] = field(default_factory=dict)   # name -> exact statistics, in file order
+    n_tensors: int = 0                   # every tensor of the checkpoint, floating or not
+    bytes_by_dtype: tuple[tuple[str, int], ...] = ()
 
 
 def cache_dir() -> Path:
@@ -76,11 +85,15 @@ def sketch_checkpoint(ref: CheckpointRef, buckets: int = DEFAULT_BUCKETS, seed: 
         return _load(cached, ref.step, buckets)
     weights: dict[str, torch.Tensor] = {}
     moments: dict[str, torch.Tensor] = {}
+    stats: dict[str, TensorStats] = {}
     exact = True
     with open_checkpoint(ref.path, ref.layout) as handle:
-        infos = [i for i in handle.tensors() if i.is_floating]
+        every = handle.tensors()
+        infos = [i for i in every if i.is_floating]
         for index, info in enumerate(infos):
-            weights[info.name] = sketch_tensor(info.name, handle.read(info.name), buckets, seed)
+            tensor = handle.read(info.name)
+            weights[info.name] = sketch_tensor(info.name, tensor, buckets, seed)
+            stats[info.name] = tensor_stats(info.name, tensor)
             exact &= info.numel <= buckets
             if progress is not None:
                 progress((index + 1) / len(infos), f"sketching {ref.name}")
@@ -88,10 +101,18 @@ def sketch_checkpoint(ref: CheckpointRef, buckets: int = DEFAULT_BUCKETS, seed: 
             if info.name.endswith(".exp_avg"):
                 moments[info.name.removesuffix(".exp_avg")] = sketch_tensor(
                     info.name.removesuffix(".exp_avg"), handle.read_optimizer(info.name), buckets, seed)
-    result = CheckpointSketch(ref.step, weights, moments, exact, buckets)
+    result = CheckpointSketch(ref.step, weights, moments, exact, buckets, stats, len(every), _bytes_by_dtype(every))
     if use_cache:
         _store(cached, result)
     return result
+
+
+def _bytes_by_dtype(infos) -> tuple[tuple[str, int], ...]:
+    """Bytes per dtype over every tensor of the header, sorted by dtype name."""
+    totals: dict[str, int] = {}
+    for info in infos:
+        totals[info.dtype] = totals.get(info.dtype, 0) + info.size_bytes
+    return tuple(sorted(totals.items()))
 
 
 def _cache_path(ref: CheckpointRef, buckets: int, seed: int) -> Path:
@@ -107,10 +128,13 @@ def _store(path: Path, sketch: CheckpointSketch) -> None:
     """Write atomically; a cache that cannot be written only costs speed."""
     tensors = {f"w/{k}": v for k, v in sketch.weights.items()}
     tensors.update({f"m/{k}": v for k, v in sketch.exp_avg.items()})
+    tensors.update({f"s/{k}": v.to_tensor() for k, v in sketch.stats.items()})
+    header = {"n_tensors": sketch.n_tensors, "bytes_by_dtype": sketch.bytes_by_dtype,
+              "order": list(sketch.stats)}   # file order: safetensors sorts names on disk
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"exact": str(int(sketch.exact))})
+        save_file(tensors, str(tmp), metadata={"exact": str(int(sketch.exact)), "header": json.dumps(header)})
         tmp.replace(path)
     except OSError:
         pass
@@ -120,8 +144,11 @@ def _load(path: Path, step: int, buckets: int) -> CheckpointSketch:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as handle:   # one open for the metadata and the tensors
-        exact = (handle.metadata() or {}).get("exact") == "1"
+        metadata = handle.metadata() or {}
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    header = json.loads(metadata.get("header", "{}"))
     weights = {k[2:]: v for k, v in tensors.items() if k.startswith("w/")}
     moments = {k[2:]: v for k, v in tensors.items() if k.startswith("m/")}
-    return CheckpointSketch(step, weights, moments, exact, buckets)
+    stats = {name: TensorStats.from_tensor(tensors[f"s/{name}"]) for name in header.get("order", [])}
+    return CheckpointSketch(step, weights, moments, metadata.get("exact") == "1", buckets, stats,
+                            int(header.get("n_tensors", 0)), tuple((d, int(b)) for d, b in header.get("bytes_by_dtype", ())))

@@ -24,6 +24,8 @@ now = sidebar.current_or_stop()
 run, signals, rec = now.run, now.signals, now.recommendation
 report = cached.report(now.path, now.stamp)
 st.title("Checkpoints")
+st.page_link("views/layers.py", label="Layer by layer: which layers grow, which move, and what came before a spike",
+             icon=":material/stacked_bar_chart:")
 st.success(f"**Recommendation:** {rec.summary}", icon=":material/recommend:")
 if rec.predicted_gain is not None:
     noise_col, gain_col = st.columns(2)
