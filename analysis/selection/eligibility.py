@@ -116,7 +116,7 @@ def choose_window(eligible: list[CheckpointSignals], config: RecommendConfig,
         return Window(min(len(eligible), 3), None, None, "too few logged val losses to see a plateau")
     sigma = _noise(known)
     level = float(np.nanmin(vals[-3:])) if any(math.isfinite(v) for v in vals[-3:]) else float(known[-1])
-    guard = _falling_guard(known)
+    guard = _falling_guard(known, config.band_sigmas)
     ceiling = level + config.band_sigmas * sigma
     size = 0
     for value, stop_step in zip(reversed(vals), reversed([s.ref.step for s in in_regime])):
@@ -131,20 +131,15 @@ def choose_window(eligible: list[CheckpointSignals], config: RecommendConfig,
     return Window(size, level, sigma, regime.why_stop, regime.stop_step, **guard)
 
 
-def _falling_guard(known: np.ndarray) -> dict[str, float]:
-    """``{trend_sigma, descent}`` when the val loss still falls by more than its noise around the trend per
-    checkpoint (the window must then not reach back across a descent larger than ``band_sigmas`` x that
-    noise), else {}.
+def _falling_guard(known: np.ndarray, band_sigmas: float) -> dict[str, float]:
+    """``{trend_sigma, descent}`` when the val loss still falls by more than ``band_sigmas`` x its noise around
+    the trend per checkpoint (the window must then not reach back across a descent larger than that), else {}.
 
-    Why one noise per checkpoint and not two: the slope of a line through five evals has a standard error
-    of about 0.32 x the noise, so a descent of one noise per checkpoint is a real one; with two, a 300-step
-    Trainer run falling 0.023 nats per checkpoint against a noise of 0.013 kept the band's own rule, which
-    averaged five checkpoints 0.09 nats apart and came out 0.011 nats worse than the last (field benchmark,
-    issue 21). On a plateau the band's own noise decides alone, as before: the guard changes nothing there.
+    On a plateau the band's own noise decides alone, as before: the guard changes nothing there.
     """
     noise = trend_noise(known)
     descent = descent_per_checkpoint(known)
-    if noise is None or descent <= noise:
+    if noise is None or descent <= band_sigmas * noise:
         return {}
     return {"trend_sigma": noise, "descent": descent}
 
@@ -153,8 +148,8 @@ def _why_falling(value: float, level: float, guard: dict[str, float], config: Re
                  items: list[CheckpointSignals]) -> str:
     """Why the falling-curve guard stopped the window, with the numbers."""
     return (f"{loss_kind(items)} {value:.4f} is {value - level:.4f} above the newest level {level:.4f} while the "
-            f"loss still falls {guard['descent']:.4f} per checkpoint, more than its noise around the trend "
-            f"({guard['trend_sigma']:.4f}): older checkpoints would pull the average back up that descent")
+            f"loss still falls {guard['descent']:.4f} per checkpoint: more than {config.band_sigmas:g} x its noise "
+            f"around the trend ({guard['trend_sigma']:.4f}), a descent that averaging would undo")
 
 
 def _predicted_window(in_regime: list[CheckpointSignals], noise: IterateNoise, regime: Window) -> Window | None:
