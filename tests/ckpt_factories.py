@@ -249,3 +249,24 @@ def tied_llama_run(root: Path, tokenizer: bool = True) -> Path:
         byte_tokenizer().save_pretrained(folder)
     (root / "val.txt").write_text(LLAMA_TEXT)
     return root
+
+
+def stdlib_bytes(count: int) -> torch.Tensor:
+    """The first ``count`` bytes of the standard library's a*-d* modules: local text, nothing downloaded."""
+    lib = Path(json.__file__).parent.parent
+    text = b"".join(p.read_bytes() for p in sorted(lib.glob("[a-d]*.py")))[:count]
+    return torch.tensor(list(text), dtype=torch.long)
+
+
+class ByteChunks(torch.utils.data.Dataset):
+    """Consecutive ``context``-byte chunks of ``data`` as causal-LM examples (labels = inputs), for a Trainer."""
+
+    def __init__(self, data: torch.Tensor, context: int) -> None:
+        self.data, self.context = data, context
+
+    def __len__(self) -> int:
+        return len(self.data) // self.context
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        chunk = self.data[index * self.context:(index + 1) * self.context]
+        return {"input_ids": chunk, "labels": chunk}

@@ -29,7 +29,7 @@ from analysis.report import analysis_report
 from analysis.run import CheckpointRef, open_run
 from analysis.selection import recommend
 from analysis.signals import assess_run, iterate_noise
-from ckpt_factories import byte_tokenizer, nanogpt_ckpt
+from ckpt_factories import ByteChunks, byte_tokenizer, nanogpt_ckpt, stdlib_bytes
 from conftest import REPO
 
 CONTEXT = 64
@@ -104,34 +104,16 @@ def test_issue21_analyze_json_names_the_step_lightning_wrote_the_eval_at(lightni
 
 # --- The HF Trainer: GPT-2 at constant LR, weights only, still falling steeply -------------------------------
 
-def _stdlib_bytes(count: int) -> torch.Tensor:
-    """The first ``count`` bytes of the standard library's a*-d* modules: local text, nothing downloaded."""
-    lib = Path(json.__file__).parent.parent
-    text = b"".join(p.read_bytes() for p in sorted(lib.glob("[a-d]*.py")))[:count]
-    return torch.tensor(list(text), dtype=torch.long)
-
-
-class _Chunks(torch.utils.data.Dataset):
-    def __init__(self, data: torch.Tensor) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data) // CONTEXT
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        chunk = self.data[index * CONTEXT:(index + 1) * CONTEXT]
-        return {"input_ids": chunk, "labels": chunk}
-
-
 def _trainer(model, output_dir: Path, **kwargs):
     """A Trainer over the run's split: train on the first 180 kB, evaluate on the next 20 kB."""
     from transformers import Trainer, TrainingArguments, default_data_collator
 
-    data = _stdlib_bytes(200_000)
+    data = stdlib_bytes(200_000)
     args = TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=8, learning_rate=LR,
                              lr_scheduler_type="constant", per_device_eval_batch_size=32, report_to=[], use_cpu=True,
                              seed=0, dataloader_num_workers=0, disable_tqdm=True, **kwargs)
-    return Trainer(model=model, args=args, train_dataset=_Chunks(data[:180_000]), eval_dataset=_Chunks(data[180_000:]),
+    return Trainer(model=model, args=args, train_dataset=ByteChunks(data[:180_000], CONTEXT),
+                   eval_dataset=ByteChunks(data[180_000:], CONTEXT),
                    processing_class=byte_tokenizer(), data_collator=default_data_collator)
 
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from analysis.selection import RecommendConfig, recommend
 from analysis.run import open_run
 from analysis.signals import assess_run
-from ckpt_factories import byte_tokenizer, sqrt_second_moments
+from ckpt_factories import ByteChunks, byte_tokenizer, sqrt_second_moments, stdlib_bytes
 from conftest import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("hf_trainer_run")]
@@ -52,25 +52,6 @@ def evaluate(state_dict):
 '''
 
 
-def _stdlib_bytes(count: int) -> torch.Tensor:
-    """The first ``count`` bytes of the standard library's a*-d* modules: local text, nothing downloaded."""
-    lib = Path(json.__file__).parent.parent
-    text = b"".join(p.read_bytes() for p in sorted(lib.glob("[a-d]*.py")))[:count]
-    return torch.tensor(list(text), dtype=torch.long)
-
-
-class _Chunks(torch.utils.data.Dataset):
-    def __init__(self, data: torch.Tensor) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data) // CONTEXT
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        chunk = self.data[index * CONTEXT:(index + 1) * CONTEXT]
-        return {"input_ids": chunk, "labels": chunk}
-
-
 @pytest.fixture(scope="module")
 def hf_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``output_dir`` of a 60-step Trainer run at a constant LR: checkpoint-10 ... checkpoint-60, eval every 10."""
@@ -79,7 +60,7 @@ def hf_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     transformers.logging.set_verbosity_error()
     root = tmp_path_factory.mktemp("hf_trainer") / "output"
-    data = _stdlib_bytes(200_000)
+    data = stdlib_bytes(200_000)
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=256, n_positions=CONTEXT, n_embd=32, n_layer=2, n_head=2,
                         bos_token_id=0, eos_token_id=0)
@@ -89,11 +70,11 @@ def hf_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
                              dataloader_num_workers=0, disable_tqdm=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=_Chunks(data[:180_000]),
-                eval_dataset=_Chunks(data[180_000:]), processing_class=byte_tokenizer(),
+        Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=ByteChunks(data[:180_000], CONTEXT),
+                eval_dataset=ByteChunks(data[180_000:], CONTEXT), processing_class=byte_tokenizer(),
                 data_collator=default_data_collator).train()
     # The user's evaluator: loss on bytes the Trainer never saw, through the model class it trained.
-    held_out = _stdlib_bytes(200_000 + 32 * CONTEXT)[200_000:].reshape(32, CONTEXT)
+    held_out = stdlib_bytes(200_000 + 32 * CONTEXT)[200_000:].reshape(32, CONTEXT)
     torch.save(held_out, root / "val_bytes.pt")
     (root / "val.txt").write_bytes(bytes(held_out.reshape(-1).tolist()))
     config.save_pretrained(root / "model_config")

@@ -9,9 +9,11 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Protocol
+from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
 
 import numpy as np
+
+from ..errors import MergeError
 
 if TYPE_CHECKING:   # torch is imported only where a tensor is made (a merge of safetensors never does)
     import torch
@@ -174,3 +176,23 @@ def main_floating_dtype(infos: Iterable[TensorInfo]) -> str | None:
         if info.is_floating:
             counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
     return max(counts, key=counts.__getitem__) if counts else None
+
+
+def expected_block(path: Path, layout: Sequence[TensorInfo], index: int, filled: int, name: str, start: int,
+                   block: np.ndarray) -> TensorInfo:
+    """The tensor a streaming writer (safetensors or torch zip) expects this block to continue.
+
+    Both writers take blocks strictly in layout order, each the next elements of the current tensor,
+    as wide as its declared dtype (raw bits where numpy lacks the dtype): anything else is a bug in the
+    caller that would write a file whose bytes do not match its header, so it is refused before a byte is written.
+
+    Raises:
+        MergeError: the block is not the next part of ``layout[index]`` (from element ``filled``).
+    """
+    info = layout[index] if index < len(layout) else None
+    fits = info is not None and block.itemsize == DTYPE_BYTES[info.dtype] and (
+        block.dtype.kind != "f" or block.dtype.name == info.dtype)
+    if info is None or not fits or name != info.name or start != filled or start + block.size > info.numel:
+        expected = f"{info.name!r} from element {filled} as {info.dtype}" if info else "no more tensors"
+        raise MergeError(f"{path}: expected {expected}, got {name!r} from element {start} as {block.dtype}")
+    return info

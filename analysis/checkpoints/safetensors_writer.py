@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 
 from ..errors import MergeError
-from .base import DTYPE_BYTES, TensorInfo, raw_bits
+from .base import DTYPE_BYTES, TensorInfo, expected_block, raw_bits
 from .safetensors_file import TORCH_TO_SAFETENSORS
 
 if TYPE_CHECKING:
@@ -133,12 +133,7 @@ class SafetensorsWriter:
         dtype itself where numpy has it, else raw bits (bfloat16 as uint16). A merge writes
         each block as it is averaged, so no whole output tensor is ever held.
         """
-        info = self._layout[self._next] if self._next < len(self._layout) else None
-        fits = info is not None and block.itemsize == DTYPE_BYTES[info.dtype] and (
-            block.dtype.kind != "f" or block.dtype.name == info.dtype)
-        if info is None or not fits or name != info.name or start != self._filled or start + block.size > info.numel:
-            expected = f"{info.name!r} from element {self._filled} as {info.dtype}" if info else "no more tensors"
-            raise MergeError(f"{self.path}: expected {expected}, got {name!r} from element {start} as {block.dtype}")
+        info = expected_block(self.path, self._layout, self._next, self._filled, name, start, block)
         assert self._handle is not None, "write after close"
         data = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
         self._handle.write(memoryview(data))

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MergeError
-from .base import DTYPE_BYTES, TensorInfo
+from .base import DTYPE_BYTES, TensorInfo, expected_block
 
 ARCHIVE = "archive"
 ALIGNMENT = 64                            # torch's .storage_alignment: where each record's data starts
@@ -181,12 +181,7 @@ class TorchWriter:
         ``block`` is a flat numpy array as wide as the declared dtype (raw bits for bfloat16 and
         float8): its bytes are the storage's bytes, as torch lays them out.
         """
-        info = self._layout[self._next] if self._next < len(self._layout) else None
-        fits = info is not None and block.itemsize == DTYPE_BYTES[info.dtype] and (
-            block.dtype.kind != "f" or block.dtype.name == info.dtype)
-        if info is None or not fits or name != info.name or start != self._filled or start + block.size > info.numel:
-            expected = f"{info.name!r} from element {self._filled} as {info.dtype}" if info else "no more tensors"
-            raise MergeError(f"{self.path}: expected {expected}, got {name!r} from element {start} as {block.dtype}")
+        info = expected_block(self.path, self._layout, self._next, self._filled, name, start, block)
         if self._entry is None:
             self._entry = self._open(f"data/{self._next}", info.numel * DTYPE_BYTES[info.dtype])
         data = np.ascontiguousarray(block).reshape(-1).view(np.uint8)
