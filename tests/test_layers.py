@@ -248,6 +248,20 @@ def test_analyze_layers_json_on_hf_and_dcp_runs(tmp_path: Path, capsys: pytest.C
     assert {layer["name"] for layer in doc["layers"]} >= {"embedding", "h.0 mlp", "h.1 norm", "head"}
 
 
+def test_analyze_layers_json_on_a_deepspeed_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 25's done-when names DeepSpeed runs too: weights under ``module`` in ``global_stepN/`` folders."""
+    from test_field_layouts import write_deepspeed_run
+    written = write_deepspeed_run(tmp_path / "ds")
+    doc = _analyze_layers(tmp_path / "ds", capsys)
+    assert doc["steps"] == [10, 20, 30]
+    names = {layer["name"] for layer in doc["layers"]}
+    assert {"embedding", "h.0 mlp", "h.1 norm", "head"} <= names, names
+    head = next(layer for layer in doc["layers"] if layer["name"] == "head")
+    weight = written[30]["module"]["lm_head.weight"].float()
+    assert head["rms"][-1] == pytest.approx(float(weight.square().mean().sqrt()), rel=1e-6)
+    assert head["max_abs"][-1] == pytest.approx(float(weight.abs().max()), rel=1e-6)
+
+
 def test_heatmap_grid_and_flagged_cells(tmp_path: Path) -> None:
     run, _ = planted_run(tmp_path / "r", llama_state, kick("model.layers.1.self_attn.", 7))
     report = assess_run(open_run(run)).layers
