@@ -118,13 +118,13 @@ def _bytes_read_by_this_process() -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux's /proc/self/io")
-def test_an_ad_hoc_merge_records_sha256sum_and_reads_each_input_once_issue_20(
+def test_an_ad_hoc_merge_with_sha256_records_sha256sum_and_reads_each_input_once_issue_20(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     paths = _inputs(tmp_path)
     main(["merge", "--checkpoints", *map(str, paths), "-o", str(tmp_path / "warm-up")])   # imports, first calls
     reads = _ReadCounter(monkeypatch)
     before = _bytes_read_by_this_process()
-    assert main(["merge", "--checkpoints", *map(str, paths), "-o", str(tmp_path / "out")]) == 0
+    assert main(["merge", "--checkpoints", *map(str, paths), "-o", str(tmp_path / "out"), "--sha256"]) == 0
     read = _bytes_read_by_this_process() - before
     monkeypatch.undo()
     # all reads of the process, however made (a separate sha256 pass read every input a second time)
@@ -140,11 +140,33 @@ def test_an_ad_hoc_merge_records_sha256sum_and_reads_each_input_once_issue_20(
     assert main(["merge", str(tmp_path / "out" / "recipe.yaml"), "-o", str(tmp_path / "again"), "--verify", "full"]) == 0
 
 
+def test_an_ad_hoc_merge_records_quick_hashes_by_default_and_full_verify_checks_them_issue_20(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Without --sha256 no input is hashed in full (sha256 at ~1 GB/s a core would be most of the merge's time):
+    the recipe beside it records each input's size and quick hash, and --verify full falls back to them."""
+    paths = _inputs(tmp_path)
+    assert main(["merge", "--checkpoints", *map(str, paths), "-o", str(tmp_path / "out")]) == 0
+    doc = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    for entry, path in zip(doc["checkpoints"], paths):
+        assert entry["sha256"] == "" and entry["quick_hash"] == checkpoint_quick_hash([path.resolve()])
+        assert entry["bytes"] == path.stat().st_size
+    recipe = tmp_path / "out" / "recipe.yaml"
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "again"), "--verify", "full"]) == 0
+    with open(paths[0], "r+b") as handle:   # the same size, other bytes where the quick hash samples: the header
+        handle.seek(8)
+        first = handle.read(1)
+        handle.seek(8)
+        handle.write(b" " if first != b" " else b"{")
+    capsys.readouterr()
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "changed"), "--verify", "full"]) == 2
+    assert "quick hash differs" in capsys.readouterr().err
+
+
 def test_an_ad_hoc_merge_of_sharded_folders_records_their_checkpoint_sha256_issue_20(tmp_path: Path) -> None:
     folders = [tmp_path / f"checkpoint-{s}" for s in (10, 20)]
     for seed, folder in enumerate(folders):
         hf_checkpoint(folder, (seed + 1) * 10, seed=seed, shard=True)
-    assert main(["merge", "--checkpoints", *map(str, folders), "-o", str(tmp_path / "out")]) == 0
+    assert main(["merge", "--checkpoints", *map(str, folders), "-o", str(tmp_path / "out"), "--sha256"]) == 0
     doc = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
     for entry, folder in zip(doc["checkpoints"], folders):
         ref = checkpoint_ref(folder)

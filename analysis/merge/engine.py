@@ -9,7 +9,12 @@ or empty (see :func:`analysis.merge.verify.check_target`): the old one is rename
 new one renamed in, then the old one deleted. Each merge first removes what killed merges
 left in the target's folder, and says so in its result.
 
-Hashes: an input the recipe has no sha256 for (``merge --checkpoints``, a mergekit config) is
+Hashes: an input the recipe has no sha256 for (``merge --checkpoints``, a mergekit config) gets its
+size and quick hash in the recipe written beside the merge (a few sampled blocks: cheap), and its
+sha256 only when asked (``hash_inputs``, ``merge --sha256``): sha256 runs at about 1 GB/s on one
+core, so 8 x 220M bf16 inputs (3.5 GB) cost 3.2 s of hashing against a 1.3 s merge, 0.34x mergekit
+instead of 0.14x (``benchmarks/merge_paths.py``); ``export --format ckpt-select`` and ``--sha256``
+record it later, and ``--verify full`` checks such an entry by its quick hash. When asked, it is
 hashed in the merge's own read pass, not in a pass of its own before it. The reader hands every
 range it reads to a per-file sha256 on a thread of its own (:class:`analysis.merge.read.ReadHashes`);
 what the reader never reads (the header, side files like config.json, the integer tensors of the
@@ -37,7 +42,7 @@ import numpy as np
 
 from ..checkpoints import TensorInfo, open_checkpoint, original_name
 from ..errors import MergeError
-from ..hashing import combine_quick_hash, combine_sha256
+from ..hashing import checkpoint_quick_hash, combine_quick_hash, combine_sha256
 from ..recipe import Recipe, dump_mergekit, dump_recipe
 from ..run import MERGE_MARKER_KEY, CheckpointRef, checkpoint_ref
 from ..targets import storage_errors
@@ -94,12 +99,13 @@ class MergeResult:
 
 
 def merge(recipe: Recipe, out_dir: Path, *, verify: bool | str = "quick", progress: Progress | None = None,
-          force: bool = False, out_shard_size: int | None = None) -> MergeResult:
+          force: bool = False, out_shard_size: int | None = None, hash_inputs: bool = False) -> MergeResult:
     """Merge what ``recipe`` says into ``out_dir`` after checking the inputs (``verify``: full|quick|none).
 
     Each input's reference is resolved once, here, and used by the check and the merge. Inputs
-    the recipe has no sha256 for (an ad-hoc ``merge --checkpoints``, a mergekit config) are hashed
-    in the merge's own read pass, and the recipe written beside the merge carries those hashes.
+    the recipe has no sha256 for (an ad-hoc ``merge --checkpoints``, a mergekit config) get their
+    quick hash in the recipe written beside the merge, and with ``hash_inputs`` their sha256 too,
+    hashed in the merge's own read pass.
     Progress runs from 0 to 1 once: a full check (hashing every byte) takes the first half.
     """
     mode = verify_mode(verify)
@@ -109,7 +115,7 @@ def merge(recipe: Recipe, out_dir: Path, *, verify: bool | str = "quick", progre
     found = [ref or checkpoint_ref(e.path, e.step) for ref, e in zip(refs, recipe.checkpoints)]
     return merge_checkpoints(found, recipe.weights, out_dir, recipe.output_dtype, recipe,
                              _scaled(progress, share, 1.0), force=force, out_shard_size=out_shard_size,
-                             out_format=recipe.output_format)
+                             out_format=recipe.output_format, hash_inputs=hash_inputs)
 
 
 def merge_recipe(recipe: Recipe, out_dir: Path, verify: bool | str = "quick", progress: Progress | None = None,
@@ -135,7 +141,8 @@ def _scaled(progress: Progress | None, low: float, high: float) -> Progress | No
 def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], out_dir: Path,
                       output_dtype: str = "same", recipe: Recipe | None = None,
                       progress: Progress | None = None, *, force: bool = False,
-                      out_shard_size: int | None = None, out_format: str | None = None) -> MergeResult:
+                      out_shard_size: int | None = None, out_format: str | None = None,
+                      hash_inputs: bool = False) -> MergeResult:
     """Average ``refs`` with ``weights`` into ``out_dir``, in the layout of the newest input.
 
     The last of ``refs`` counts as the newest input: its non-floating tensors, its tensor
@@ -168,7 +175,8 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
         try:
             check_disk(out_dir, plan.size_bytes)
             with storage_errors(out_dir):
-                size = _write(tmp, handles, weights, layout, plan, refs, recipe, output_dtype, progress, nonfinite)
+                size = _write(tmp, handles, weights, layout, plan, refs, recipe, output_dtype, progress, nonfinite,
+                              hash_inputs)
                 _publish(tmp, out_dir, force)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -323,7 +331,8 @@ def _plan(handles, refs: Sequence[CheckpointRef], output_dtype: str, out_shard_s
 
 
 def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPlan, refs, recipe: Recipe,
-           output_dtype: str, progress: Progress | None, nonfinite: "_NonFinite | None" = None) -> int:
+           output_dtype: str, progress: Progress | None, nonfinite: "_NonFinite | None" = None,
+           hash_inputs: bool = False) -> int:
     """Write the model, our recipe and the mergekit config into ``tmp``; return the weights' bytes."""
     recipe_text = dump_recipe(recipe) if recipe.checkpoints else ""
     metadata = {
@@ -335,10 +344,10 @@ def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPl
     }
     # Inputs are matched under normalised names (module./_orig_mod./model. stripped); the output
     # keeps the newest input's own names so it loads where that checkpoint loaded.
-    with ReadHashes(_unhashed_files(recipe, refs)) as hashes:
+    with ReadHashes(_unhashed_files(recipe, refs) if hash_inputs else []) as hashes:
         blocks = _stored_blocks(handles, weights, layout, progress, hashes, nonfinite)
         size = write_output(tmp, plan, blocks, metadata, output_dtype)
-        recipe = _with_read_hashes(recipe, refs, hashes.finish())
+        recipe = _with_read_hashes(recipe, refs, hashes.finish()) if hash_inputs else _with_quick_hashes(recipe, refs)
     if recipe_text:
         (tmp / RECIPE_FILE).write_text(dump_recipe(recipe))
         (tmp / MERGEKIT_FILE).write_text(dump_mergekit(recipe, newest=handles[-1].tensors()))
@@ -356,6 +365,14 @@ def _stored_blocks(handles, weights, layout: list[TensorInfo], progress: Progres
 def _unhashed_files(recipe: Recipe, refs: Sequence[CheckpointRef]) -> list[Path]:
     """The files of the inputs the recipe has no sha256 for: the read pass hashes them."""
     return [f for entry, ref in zip(recipe.checkpoints, refs) if not entry.sha256 for f in ref.files]
+
+
+def _with_quick_hashes(recipe: Recipe, refs: Sequence[CheckpointRef]) -> Recipe:
+    """The recipe with the quick hash and size of each input it has no sha256 for (see the module docstring)."""
+    entries = [entry if entry.sha256 else replace(entry, quick_hash=entry.quick_hash or checkpoint_quick_hash(ref.files),
+                                                  size_bytes=ref.size_bytes)
+               for entry, ref in zip(recipe.checkpoints, refs)]
+    return replace(recipe, checkpoints=tuple(entries))
 
 
 def _with_read_hashes(recipe: Recipe, refs: Sequence[CheckpointRef],

@@ -55,7 +55,8 @@ def verify_inputs(recipe: Recipe, progress: Progress | None = None, mode: str = 
     """Check every input against the recipe: present, same size, same hash.
 
     ``quick`` compares the quick hash; a recipe written before quick hashes existed falls
-    back to its sha256, so old recipes are checked as thoroughly as before. ``refs``: the
+    back to its sha256, so old recipes are checked as thoroughly as before. ``full`` compares the
+    sha256, or the quick hash of an entry recorded without one (a merge without ``--sha256``). ``refs``: the
     inputs as :func:`resolve_inputs` found them (resolved here when not given).
 
     Raises:
@@ -71,7 +72,7 @@ def verify_inputs(recipe: Recipe, progress: Progress | None = None, mode: str = 
             continue
         if entry.size_bytes and ref.size_bytes != entry.size_bytes:
             problems.append(f"{entry.path}: {ref.size_bytes} bytes, the recipe says {entry.size_bytes} (the file changed)")
-        elif mode == "quick" and entry.quick_hash:
+        elif (mode == "quick" or not entry.sha256) and entry.quick_hash:   # full, no sha256 recorded: quick
             if checkpoint_quick_hash(ref.files) != entry.quick_hash:
                 problems.append(f"{entry.path}: quick hash differs from the recipe (the file changed)")
         elif entry.sha256 and checkpoint_sha256(ref.files, _part(progress, index, len(recipe.checkpoints))) != entry.sha256:
