@@ -19,6 +19,7 @@ from typing import Callable
 
 from ..errors import AnalysisError, InvalidArgument, OutputError
 from ..paths import resolve_within
+from ..targets import fsync_folder
 from .guards import TRASH_FOLDER, recently_changed, stamp
 from .plan import PruneItem, PrunePlan
 
@@ -129,7 +130,7 @@ def _move_all(moves: list[tuple[Path, Path]], trash_dir: Path, restore: str,
                 raise FileExistsError(f"{dest} exists")
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.rename(source, dest)
-            _sync_folder(dest.parent)
+            fsync_folder(dest.parent)
         except OSError as e:
             raise OutputError(source, f"could not move it to the trash ({e.strerror or e}); {done} of {len(moves)} "
                                       f"moves done, nothing deleted; restore with: {restore}") from e
@@ -168,16 +169,9 @@ def _write_manifest(trash_dir: Path, run: Path, moves: list[tuple[Path, Path]], 
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, trash_dir / MANIFEST)
-    _sync_folder(trash_dir)
+    fsync_folder(trash_dir)
 
 
-def _sync_folder(folder: Path) -> None:
-    """fsync a folder, so the renames into it survive a crash of the machine too."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)
