@@ -24,7 +24,7 @@ from .logs.builder import MetricPart
 from .logs.follow import LogFollower
 from .paths import resolve_within
 from .run import (CONFIG_FILE, CheckpointRef, Run, UnreadableFile, _describe_checkpoints, _fingerprint, _grouped,
-                  _info, _one_run, _outside, _problem, _read_config, _walk, open_run)
+                  _info, _log_note, _one_run, _outside, _problem, _read_config, _walk, open_run)
 from .run_groups import choose
 
 if TYPE_CHECKING:
@@ -136,13 +136,10 @@ class RunFollower:
                 unreadable.append(UnreadableFile(path, _problem(path, e), "log"))
                 continue
             names = follower.metric_parts()
-            if table.rows == 0:
-                notes.append(f"{path.name}: recognised as {table.format} but holds no metric rows")
-                continue
-            notes.append(f"{path.name}: read as {table.format}: {table.rows} rows, {len(names)} metrics, "
-                         f"{table.skipped_lines} lines skipped, {table.restarts} restarts")
-            tables.append(table)
-            parts.append(names)
+            notes.append(_log_note(path, table, len(names)))
+            if table.rows:
+                tables.append(table)
+                parts.append(names)
         return tables, parts
 
     def _describe(self, paths: list[Path], notes: list[str],

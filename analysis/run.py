@@ -528,13 +528,18 @@ def _read_logs(paths: list[Path], notes: list[str], unreadable: list[UnreadableF
             continue
         if table is None:
             continue
-        if table.rows == 0:
-            notes.append(f"{path.name}: recognised as {fmt} but holds no metric rows")
-            continue
-        notes.append(f"{path.name}: read as {fmt}: {table.rows} rows, {len(table.metric_names())} metrics, "
-                     f"{table.skipped_lines} lines skipped, {table.restarts} restarts")
-        tables.append(table)
+        notes.append(_log_note(path, table, len(table.metric_names())))
+        if table.rows:
+            tables.append(table)
     return tables
+
+
+def _log_note(path: Path, table: LogTable, metric_count: int) -> str:
+    """The run's note on one log it read: what it was read as, or that it holds no rows yet (then it is left out)."""
+    if table.rows == 0:
+        return f"{path.name}: recognised as {table.format} but holds no metric rows"
+    return (f"{path.name}: read as {table.format}: {table.rows} rows, {metric_count} metrics, "
+            f"{table.skipped_lines} lines skipped, {table.restarts} restarts")
 
 
 def _describe_checkpoints(paths: list[Path], notes: list[str],
