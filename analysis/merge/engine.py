@@ -33,7 +33,7 @@ import re
 import shutil
 import socket
 import uuid
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -344,10 +344,12 @@ def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPl
     }
     # Inputs are matched under normalised names (module./_orig_mod./model. stripped); the output
     # keeps the newest input's own names so it loads where that checkpoint loaded.
-    with ReadHashes(_unhashed_files(recipe, refs) if hash_inputs else []) as hashes:
+    # A hashing thread only when there is something to hash (--sha256 and inputs the recipe has no sha256 for).
+    unhashed = _unhashed_files(recipe, refs) if hash_inputs else []
+    with ReadHashes(unhashed) if unhashed else nullcontext() as hashes:
         blocks = _stored_blocks(handles, weights, layout, progress, hashes, nonfinite)
         size = write_output(tmp, plan, blocks, metadata, output_dtype)
-        recipe = _with_read_hashes(recipe, refs, hashes.finish()) if hash_inputs else _with_quick_hashes(recipe, refs)
+        recipe = _with_read_hashes(recipe, refs, hashes.finish()) if hashes else _with_quick_hashes(recipe, refs)
     if recipe_text:
         (tmp / RECIPE_FILE).write_text(dump_recipe(recipe))
         (tmp / MERGEKIT_FILE).write_text(dump_mergekit(recipe, newest=handles[-1].tensors()))
