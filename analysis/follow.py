@@ -23,7 +23,7 @@ from .errors import AnalysisError, RunNotFound
 from .logs.builder import MetricPart
 from .logs.follow import LogFollower
 from .paths import resolve_within
-from .run import (CONFIG_FILE, CheckpointRef, Run, UnreadableFile, _describe_checkpoints, _fingerprint, _grouped,
+from .run import (CONFIG_FILE, CheckpointRef, Run, UnreadableFile, _assemble, _describe_checkpoints, _grouped,
                   _info, _log_note, _one_run, _outside, _problem, _read_config, _walk, open_run)
 from .run_groups import choose
 
@@ -269,14 +269,7 @@ def _assemble_run(root: Path, name: str, refs: list[CheckpointRef], merged: list
                           + ("; " + "; ".join(u.describe() for u in unreadable) if unreadable else ""))
     merged_parts = _merge_parts(parts)
     from .logs.builder import tidy_frame
-    used = [p for ref in refs for p in ref.files] + [t.path for t in tables] + [u.path for u in unreadable]
-    if (root / CONFIG_FILE).is_file():
-        used.append(root / CONFIG_FILE)
-    hint = root / "evaluate.py"
-    run = Run(path=root, name=name, checkpoints=tuple(refs), logs=tuple(tables), metrics=tidy_frame(merged_parts),
-              fingerprint=_fingerprint(root, used), merged_outputs=tuple(merged),
-              evaluator_hint=f"{hint}:evaluate" if hint.is_file() else None, notes=tuple(notes),
-              unreadable=tuple(unreadable))
+    run = _assemble(root, name, refs, merged, tables, tidy_frame(merged_parts), notes, unreadable)
     run._memo["metrics"] = _metric_frames(merged_parts)   # what Run.metric would split out of the frame
     return run
 

@@ -497,7 +497,12 @@ def _run_from_files(root: Path, ckpt_paths: list[Path], log_paths: list[Path], n
     unreadable: list[UnreadableFile] = []
     logs = _read_logs(log_paths, notes, unreadable)
     refs, merged = _describe_checkpoints(ckpt_paths, notes, unreadable)
-    metrics = _merge_metrics(logs)
+    return _assemble(root, name, refs, merged, logs, _merge_metrics(logs), notes, unreadable)
+
+
+def _assemble(root: Path, name: str, refs: list[CheckpointRef], merged: list[Path], logs: list[LogTable],
+              metrics: pd.DataFrame, notes: list[str], unreadable: list[UnreadableFile]) -> Run:
+    """The :class:`Run` of what was read, with the fingerprint of every file it read (``open_run`` and the follower)."""
     # Unreadable files count too: the cache must reload once a save in progress is complete.
     used = [p for ref in refs for p in ref.files] + [t.path for t in logs] + [u.path for u in unreadable]
     if (root / CONFIG_FILE).is_file():
