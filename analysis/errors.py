@@ -129,3 +129,10 @@ class SeveralRuns(AnalysisError):
                        f"pick one: {by_path}--run NAME (e.g. --run '{example.name}').")
         super().__init__(message)
         self.path, self.runs = path, runs
+
+class RemoteError(AnalysisError):
+    """Object storage refused or failed a request for good: missing, forbidden, truncated, or out of retries."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"{url}: {reason}")
+        self.url, self.reason = url, reason

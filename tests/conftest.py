@@ -115,3 +115,57 @@ def wait_for_merge(at, seconds: float = 60) -> None:
             return
         time.sleep(0.2)
     raise AssertionError("merge did not finish")
+
+
+# --- object storage (issue 22): one moto S3 server per test session, a fresh bucket per test ---------
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 HTTP server on 127.0.0.1, started once per session (per xdist worker) and stopped after it.
+
+    Credentials are dummies in the environment, as a user's would be; the endpoint reaches s3fs
+    through the same ``--storage-options`` a user with a non-AWS endpoint passes.
+    """
+    from s3_server import S3Server
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(key, value)
+    os.environ.pop("AWS_PROFILE", None)
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A new empty bucket on the session's server, the stores reset and the server's counters zeroed.
+
+    Yields the bucket name; ``s3_server.counts`` holds what the server served during the test.
+    """
+    import re
+
+    import boto3
+
+    from analysis.remote import reset_stores, set_storage_options
+
+    name = "t-" + re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{os.getpid()}"
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=name)
+    set_storage_options({"s3": {"endpoint_url": s3_server.endpoint, "key": "testing", "secret": "testing"}})
+    reset_stores()
+    s3_server.counts.reset()
+    yield name
+    set_storage_options(None)
+    reset_stores()
+
+
+def upload_tree(local: Path, endpoint: str, bucket: str, prefix: str) -> str:
+    """Upload a local folder to ``s3://bucket/prefix`` with boto3 (not our code); returns the URL."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
+    return f"s3://{bucket}/{prefix}"

@@ -1,0 +1,328 @@
+"""``RemotePath``: the part of ``pathlib.Path`` the readers use, over a store and one listing per prefix.
+
+Why a path-like object: run discovery, the log readers and the checkpoint readers were written
+against ``Path`` (``exists``, ``is_dir``, ``iterdir``, ``glob``, ``stat``, ``open``). A
+``RemotePath`` answers the questions about names and sizes from a listing of the run's prefix,
+made once (object stores have no folders: a "folder" is a key prefix), and reads bytes through
+:class:`RangedFile`, which fetches exact ranges. It has no ``__fspath__`` on purpose: code that
+would hand it to ``os.open`` or a memory map fails loudly instead of opening a local file with
+a URL for a name.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import posixpath
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Iterator
+
+from ..errors import RemoteError
+from .store import Store
+from .urls import store_for
+
+# The first request of a ranged read fetches at least this many bytes, so a safetensors header
+# (8-byte length + JSON) usually costs one request and never more than two (issue 22).
+FIRST_READ_BYTES = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteStat:
+    """What ``Path.stat()`` tells the readers: size and time, plus the object's ETag for recipes."""
+
+    st_size: int
+    st_mtime: float
+    etag: str | None
+
+
+class Listing:
+    """The objects known below some prefixes of one store, from one listing each."""
+
+    def __init__(self) -> None:
+        self._prefixes: dict[str, dict[str, dict]] = {}
+
+    def covered(self, path: str) -> dict[str, dict] | None:
+        """The listing of the longest listed prefix holding ``path``, or None when none does."""
+        best = None
+        for prefix, objects in self._prefixes.items():
+            if (path == prefix or path.startswith(prefix + "/")) and (best is None or len(prefix) > len(best)):
+                best = prefix
+        return self._prefixes[best] if best is not None else None
+
+    def add(self, prefix: str, objects: dict[str, dict]) -> None:
+        self._prefixes[prefix] = objects
+
+    def forget(self, prefix: str) -> None:
+        """Drop listings at or below ``prefix`` (a live run is listed again on the next look)."""
+        for key in [k for k in self._prefixes if k == prefix or k.startswith(prefix + "/")]:
+            del self._prefixes[key]
+
+
+_listings: dict[int, Listing] = {}
+
+
+def listing_of(store: Store) -> Listing:
+    """The listing cache of one store (kept as long as the store)."""
+    return _listings.setdefault(id(store), Listing())
+
+
+class RemotePath:
+    """A file or "folder" (key prefix) in object storage, used where the readers use a ``Path``."""
+
+    __slots__ = ("store", "key")
+
+    def __init__(self, url: str, *, store: Store | None = None, key: str | None = None) -> None:
+        if store is None or key is None:
+            store, key = store_for(str(url))
+        self.store, self.key = store, key.rstrip("/")
+
+    # --- names -------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return self.store.url(self.key)
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"RemotePath({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RemotePath) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    def __lt__(self, other: "RemotePath") -> bool:
+        return self.url < str(other)
+
+    def __truediv__(self, part: str) -> "RemotePath":
+        return self._at(posixpath.join(self.key, str(part)))
+
+    def joinpath(self, *parts: str) -> "RemotePath":
+        result = self
+        for part in parts:
+            result = result / part
+        return result
+
+    def _at(self, key: str) -> "RemotePath":
+        return RemotePath(self.url, store=self.store, key=posixpath.normpath(key))
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.key)
+
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(self.name).suffix
+
+    @property
+    def suffixes(self) -> list[str]:
+        return PurePosixPath(self.name).suffixes
+
+    @property
+    def stem(self) -> str:
+        return PurePosixPath(self.name).stem
+
+    @property
+    def parent(self) -> "RemotePath":
+        parent = posixpath.dirname(self.key)
+        return self._at(parent) if parent else self
+
+    @property
+    def parents(self) -> list["RemotePath"]:
+        result, current = [], self
+        while current.parent != current:
+            current = current.parent
+            result.append(current)
+        return result
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return (f"{self.store.protocol}://", *self.key.split("/"))
+
+    def with_name(self, name: str) -> "RemotePath":
+        return self.parent / name
+
+    def with_suffix(self, suffix: str) -> "RemotePath":
+        return self.parent / (self.stem + suffix)
+
+    def is_absolute(self) -> bool:
+        return True
+
+    def resolve(self, strict: bool = False) -> "RemotePath":
+        return self
+
+    def expanduser(self) -> "RemotePath":
+        return self
+
+    def absolute(self) -> "RemotePath":
+        return self
+
+    def is_relative_to(self, other: object) -> bool:
+        other_key = other.key if isinstance(other, RemotePath) and other.store is self.store else None
+        return other_key is not None and (self.key == other_key or self.key.startswith(other_key + "/"))
+
+    def relative_to(self, other: "RemotePath") -> PurePosixPath:
+        if not self.is_relative_to(other):
+            raise ValueError(f"{self} is not below {other}")
+        return PurePosixPath(self.key[len(other.key):].lstrip("/") or ".")
+
+    # --- what is there (from the listing) ------------------------------------------------------
+    def list(self) -> dict[str, dict]:
+        """Every object below this prefix, listed once and cached: what discovery walks."""
+        listing = listing_of(self.store)
+        objects = listing.covered(self.key)
+        if objects is None:
+            objects = self.store.list_prefix(self.key)
+            listing.add(self.key, objects)
+        prefix = self.key + "/"
+        return {k: v for k, v in objects.items() if k.startswith(prefix) or k == self.key}
+
+    def refresh(self) -> None:
+        """Forget the cached listing at and below this prefix (a live run may have new objects)."""
+        listing_of(self.store).forget(self.key)
+
+    def _entry(self) -> dict | None:
+        """This object's listing entry (None: not an object), listing the parent prefix if nothing covers it."""
+        objects = listing_of(self.store).covered(self.key)
+        if objects is None:
+            objects = self.parent.list() if self.parent != self else self.list()
+        return objects.get(self.key)
+
+    def is_file(self) -> bool:
+        return self._entry() is not None
+
+    def is_dir(self) -> bool:
+        objects = listing_of(self.store).covered(self.key)
+        if objects is None:
+            objects = self.list()
+        prefix = self.key + "/"
+        return any(k.startswith(prefix) for k in objects)
+
+    def exists(self) -> bool:
+        return self.is_file() or self.is_dir()
+
+    def iterdir(self) -> Iterator["RemotePath"]:
+        """Direct children: objects and "folders" (distinct next key parts)."""
+        prefix, seen = self.key + "/", set()
+        for key in sorted(self.list()):
+            if key.startswith(prefix):
+                child = key[len(prefix):].split("/", 1)[0]
+                if child not in seen:
+                    seen.add(child)
+                    yield self / child
+
+    def walk(self) -> Iterator[tuple["RemotePath", list[str], list[str]]]:
+        """``os.walk`` over the listing, top-down: (folder, child folder names, file names)."""
+        tree: dict[str, tuple[set[str], set[str]]] = {}
+        for key in self.list():
+            parts = key[len(self.key) + 1:].split("/")
+            for depth in range(len(parts)):
+                folder = "/".join(parts[:depth])
+                dirs, files = tree.setdefault(folder, (set(), set()))
+                (files if depth == len(parts) - 1 else dirs).add(parts[depth])
+        stack = [""]
+        while stack:
+            folder = stack.pop()
+            dirs, files = tree.get(folder, (set(), set()))
+            names = sorted(dirs)
+            yield (self / folder if folder else self), names, sorted(files)
+            stack.extend(reversed([f"{folder}/{d}" if folder else d for d in names]))
+
+    def glob(self, pattern: str) -> Iterator["RemotePath"]:
+        """Children matching ``pattern`` (``**/`` patterns match at any depth), as ``Path.glob``."""
+        if pattern.startswith("**/"):
+            yield from self.rglob(pattern[3:])
+            return
+        for child in self.iterdir():
+            if fnmatch.fnmatchcase(child.name, pattern):
+                yield child
+
+    def rglob(self, pattern: str) -> Iterator["RemotePath"]:
+        prefix = self.key + "/"
+        found = {self._at(k) for k in self.list() if k.startswith(prefix) and fnmatch.fnmatchcase(posixpath.basename(k), pattern)}
+        yield from sorted(found)
+
+    def stat(self) -> RemoteStat:
+        """Size, time and ETag from the listing (no request when the prefix was listed)."""
+        entry = self._entry()
+        if entry is None:
+            raise RemoteError(self.url, "no such object")
+        mtime = entry.get("LastModified") or entry.get("mtime") or entry.get("created") or 0
+        return RemoteStat(int(entry.get("size") or 0), getattr(mtime, "timestamp", lambda: float(mtime))(),
+                          str(entry.get("ETag") or entry.get("etag") or "").strip('"') or None)
+
+    # --- bytes -----------------------------------------------------------------------------------
+    def open(self, mode: str = "rb", *args: object, **kwargs: object) -> io.IOBase:
+        """A read-only binary file reading exact ranges (:class:`RangedFile`): a small file costs one request."""
+        if mode not in ("rb", "r"):
+            raise RemoteError(self.url, f"opened with mode {mode!r}: remote inputs are read-only")
+        raw = RangedFile(self, self.stat().st_size)
+        return raw if mode == "rb" else io.TextIOWrapper(raw, encoding=kwargs.get("encoding") or "utf-8",  # type: ignore[arg-type]
+                                                         errors=kwargs.get("errors") or "strict")  # type: ignore[arg-type]
+
+    def read_bytes(self) -> bytes:
+        with self.open("rb") as f:
+            return f.read()
+
+    def read_text(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return self.read_bytes().decode(encoding, errors)
+
+    def read_range(self, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` in one exact request."""
+        return self.store.read_range(self.key, start, end)
+
+
+class RangedFile(io.RawIOBase):
+    """A seekable read-only view of a large object: each read is one exact range, no read-ahead cache.
+
+    The first read fetches at least :data:`FIRST_READ_BYTES` and keeps them, so that a header
+    read as "8 bytes, then N bytes" costs one request when it is short and two when it is long.
+    """
+
+    def __init__(self, path: RemotePath, size: int) -> None:
+        super().__init__()
+        self._path, self._size, self._pos = path, size, 0
+        self._head: bytes | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: memoryview) -> int:   # type: ignore[override]
+        data = self._fetch(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._fetch(self._size - self._pos if size is None or size < 0 else size)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def _fetch(self, n: int) -> bytes:
+        end = min(self._size, self._pos + n)
+        if end <= self._pos:
+            return b""
+        if self._head is None and self._pos == 0:
+            self._head = self._path.read_range(0, min(self._size, max(end, FIRST_READ_BYTES)))
+        if self._head is not None and end <= len(self._head):
+            data = self._head[self._pos:end]
+        elif self._head is not None and self._pos < len(self._head):
+            data = self._head[self._pos:] + self._path.read_range(len(self._head), end)
+        else:
+            data = self._path.read_range(self._pos, end)
+        self._pos = end
+        return data

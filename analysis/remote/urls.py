@@ -1,0 +1,107 @@
+"""URLs and the stores behind them: which strings are remote, and one counted store per protocol.
+
+Credentials never travel in a recipe or a message: fsspec and the cloud SDKs read them from the
+environment and profiles (``AWS_*``, ``GOOGLE_APPLICATION_CREDENTIALS``, ``HF_TOKEN``), and
+``--storage-options JSON`` adds per-protocol options (an endpoint, a profile, anonymous access)
+for the process. ``FSSPEC_<PROTOCOL>_<OPTION>`` environment variables work as fsspec documents.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from typing import Any
+
+from ..errors import InvalidArgument
+from .store import Store
+
+# "s3://bucket/key", "gs://...", "hf://...", "memory://...": a scheme of 2+ letters (so "C:\\x" stays a path).
+_URL = re.compile(r"^(?P<protocol>[a-zA-Z][a-zA-Z0-9+.-]+)://")
+# Protocols read as local paths (memory-mapped, preadv) rather than through the remote layer.
+LOCAL_PROTOCOLS = frozenset({"file", "local"})
+
+_options: dict[str, dict[str, Any]] = {}
+_stores: dict[str, Store] = {}
+_lock = threading.Lock()
+
+
+def protocol_of(text: str) -> str | None:
+    """The URL's protocol (``"s3"``), or None for a plain path."""
+    match = _URL.match(str(text))
+    return match.group("protocol").lower() if match else None
+
+
+def is_url(text: object) -> bool:
+    """True for a remote URL (``s3://``, ``gs://``, ``hf://``, ``memory://`` ...); ``file://`` and paths are local."""
+    protocol = protocol_of(str(text)) if isinstance(text, str) else None
+    return protocol is not None and protocol not in LOCAL_PROTOCOLS
+
+
+def local_part(text: str) -> str:
+    """A ``file://`` URL's path; anything else unchanged."""
+    return text[len("file://"):] if text.lower().startswith("file://") else text
+
+
+def set_storage_options(options: dict[str, Any] | str | None) -> None:
+    """Options for the process's stores: ``{"s3": {"endpoint_url": ...}}`` or flat options for every protocol.
+
+    Raises:
+        InvalidArgument: the text is not a JSON object.
+    """
+    if isinstance(options, str):
+        try:
+            options = json.loads(options)
+        except ValueError as e:
+            raise InvalidArgument(f"--storage-options: not valid JSON ({e})") from None
+    if options is not None and not isinstance(options, dict):
+        raise InvalidArgument("--storage-options: must be a JSON object")
+    with _lock:
+        _options.clear()
+        _options.update(options or {})
+        _stores.clear()
+
+
+def storage_options(protocol: str) -> dict[str, Any]:
+    """The options set for ``protocol``: its own entry, else the flat options (entries named after protocols left out)."""
+    with _lock:
+        return storage_options_unlocked(protocol)
+
+
+def store_for(url: str) -> tuple[Store, str]:
+    """The counted store that serves ``url`` and the URL's path inside it (``bucket/key``).
+
+    Raises:
+        InvalidArgument: no fsspec implementation for the protocol is installed.
+    """
+    import fsspec
+
+    protocol = protocol_of(url) or "file"
+    with _lock:
+        store = _stores.get(protocol)
+        if store is None:
+            try:
+                fs = fsspec.filesystem(protocol, **storage_options_unlocked(protocol))
+            except (ImportError, ValueError) as e:
+                raise InvalidArgument(f"{url}: cannot open {protocol}:// URLs ({e}); install its fsspec package "
+                                      f"(s3fs for s3://, gcsfs for gs://, huggingface_hub for hf://)") from None
+            store = _stores[protocol] = Store(fs, protocol)
+    return store, store.fs._strip_protocol(url).rstrip("/")
+
+
+def storage_options_unlocked(protocol: str) -> dict[str, Any]:
+    """:func:`storage_options` for callers already holding the lock."""
+    own = _options.get(protocol)
+    return dict(own) if isinstance(own, dict) else {k: v for k, v in _options.items() if not isinstance(v, dict)}
+
+
+def all_stats() -> dict[str, dict[str, int]]:
+    """Every store's counters by protocol (what ``--json`` reports as ``io``)."""
+    with _lock:
+        return {protocol: store.stats.snapshot() for protocol, store in _stores.items()}
+
+
+def reset_stores() -> None:
+    """Forget the stores (and their counters and listing caches): tests and a new command start clean."""
+    with _lock:
+        _stores.clear()
