@@ -87,3 +87,17 @@ def test_transient_errors_are_retried_and_counted() -> None:
     assert store.stats.retries == 2 and store.stats.requests == 1
     assert is_transient(ConnectionResetError()) and not is_transient(PermissionError("403 AccessDenied"))
     assert not is_transient(FileNotFoundError("b/k"))
+
+
+def test_open_checkpoint_by_url_reads_exact_tensors(tmp_path, s3_server, s3_bucket) -> None:
+    """open_checkpoint takes a URL; each tensor is its own exact range (issue 22)."""
+    from analysis.checkpoints import open_checkpoint
+
+    tensors = {"a": torch.arange(12, dtype=torch.bfloat16).reshape(3, 4), "b": torch.ones(5, dtype=torch.int64)}
+    save_file(tensors, tmp_path / "m.safetensors")
+    url = upload_tree(tmp_path, s3_server.endpoint, s3_bucket, "run") + "/m.safetensors"
+    with open_checkpoint(url) as handle:
+        assert sorted(i.name for i in handle.tensors()) == ["a", "b"]
+        s3_server.counts.reset()
+        assert torch.equal(handle.read("a"), tensors["a"]) and torch.equal(handle.read("b"), tensors["b"])
+        assert s3_server.counts.gets == 2 and s3_server.counts.get_bytes == 24 + 40

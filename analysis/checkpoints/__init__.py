@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CheckpointReadError
+from ..remote import RemotePath, as_path
 from .base import (CheckpointHandle, CheckpointReader, TensorInfo, TrainingStateAccess, dtype_name, ema_tensors,
                    optimizer_state)
 from .dcp import DCPReader
@@ -27,21 +28,21 @@ CHECKPOINT_READERS: dict[str, CheckpointReader] = {r.name: r for r in (
 )}
 
 
-def detect_layout(path: Path) -> str | None:
-    """The name of the reader that claims ``path``, or None."""
+def detect_layout(path: "Path | RemotePath") -> str | None:
+    """The name of the reader that claims ``path`` (a local path or a ``RemotePath``), or None."""
     for name, reader in CHECKPOINT_READERS.items():
         if reader.matches(path):
             return name
     return None
 
 
-def open_checkpoint(path: str | Path, layout: str | None = None) -> CheckpointHandle:
-    """Open a checkpoint lazily.
+def open_checkpoint(path: "str | Path | RemotePath", layout: str | None = None) -> CheckpointHandle:
+    """Open a checkpoint lazily: a local path, or a URL (``s3://...``) read by exact byte ranges.
 
     Raises:
         CheckpointReadError: missing path, unknown layout, or an unreadable file.
     """
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         raise CheckpointReadError(path, "no such file or folder")
     name = layout or detect_layout(path)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointReadError
+from ..remote import RemotePath
 from .base import DTYPE_BYTES, TensorInfo
 from .keys import KeyMap
 from .location import TensorLocation
@@ -227,12 +228,28 @@ class SafetensorsHandle:
         return TensorLocation(self.path, offset, dtype)
 
     def read(self, name: str) -> "torch.Tensor":
+        if isinstance(self.path, RemotePath):
+            return self._read_remote(name)
         try:
             if self._file is None:
                 self._file = safe_open(str(self.path), framework="pt", device="cpu")
             return self._file.get_tensor(self.keys.original(name))
         except (SafetensorError, OSError) as e:
             raise CheckpointReadError(self.path, f"tensor {name!r}: {e}") from e
+
+    def _read_remote(self, name: str) -> "torch.Tensor":
+        """One tensor of a remote file: its exact byte range, one request (``safe_open`` maps local files only)."""
+        import torch
+
+        info = next((i for i in self._infos if i.name == name), None)
+        if info is None:
+            raise CheckpointReadError(self.path, f"no tensor {name!r}")
+        offset, dtype = self._offsets[self.keys.original(name)]
+        torch_dtype = getattr(torch, dtype)
+        if info.size_bytes == 0:
+            return torch.empty(info.shape, dtype=torch_dtype)
+        blob = bytearray(self.path.read_range(offset, offset + info.size_bytes))
+        return torch.frombuffer(blob, dtype=torch_dtype).reshape(info.shape)
 
     def metadata(self) -> dict[str, str]:
         return dict(self._metadata)
