@@ -45,6 +45,7 @@ from ..checkpoints import TensorInfo, open_checkpoint, original_name
 from ..errors import MergeError
 from ..hashing import checkpoint_etag, checkpoint_quick_hash, combine_quick_hash, combine_sha256
 from ..remote import RemotePath, as_path, is_remote
+from ..remote.outputs import incomplete_output
 from ..recipe import Recipe, RecipeEntry, dump_mergekit, dump_recipe
 from ..run import MERGE_MARKER_KEY, CheckpointRef, checkpoint_ref
 from ..targets import storage_errors
@@ -192,7 +193,15 @@ def output_target(out_dir: "str | Path | RemotePath") -> "Path | RemotePath":
 
 
 def _check_any_target(out_dir: "Path | RemotePath", refs: Sequence[CheckpointRef], force: bool) -> tuple[str, ...]:
-    """:func:`check_target` for a folder, :func:`check_bucket_target` for a prefix; the keys a forced merge replaces."""
+    """:func:`check_target` for a folder, :func:`check_bucket_target` for a prefix; the keys a forced merge replaces.
+
+    Also refuses a remote sharded input that is an incomplete merge output (a killed merge's shards).
+    """
+    for ref in refs:
+        if isinstance(ref.path, RemotePath) and len(ref.files) > 1:
+            note = incomplete_output(ref.path if ref.path.is_dir() else ref.path.parent)
+            if note:
+                raise MergeError(note)
     if isinstance(out_dir, RemotePath):
         return check_bucket_target(out_dir, [p for r in refs for p in (r.path, *r.files)], force)
     check_target(out_dir, refs, force)
