@@ -8,7 +8,9 @@ bit-identical to the same merge of local copies.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -120,23 +122,31 @@ def test_issue22_local_inputs_merge_to_s3_single_file(tmp_path, s3_server, s3_bu
     assert incomplete_output(RemotePath(f"s3://{s3_bucket}/merged")) is None
 
 
-def test_issue22_s3_to_s3_sharded_index_and_recipe_last(tmp_path, s3_server, s3_bucket, capsys) -> None:
+def put_order(caplog: pytest.LogCaptureFixture, bucket: str, prefix: str) -> list[str]:
+    """The object names PUT under ``prefix``, in the order the server logged them (werkzeug's request log)."""
+    found = [re.search(rf'"PUT /{bucket}/{prefix}/([^ ?]+)', r.getMessage()) for r in caplog.records]
+    return [m.group(1) for m in found if m]
+
+
+def test_issue22_s3_to_s3_sharded_index_and_recipe_last(tmp_path, s3_server, s3_bucket, capsys, caplog) -> None:
     """S3 -> S3 sharded: every shard, then the index, then the recipe (upload order seen at the server);
     a recipe read from its URL merges again to the same bits, and --verify checks size + ETag."""
     paths = write_run(tmp_path / "run")
     url = upload_tree(tmp_path / "run", s3_server.endpoint, s3_bucket, "run")
     assert main(["merge", "--checkpoints", *map(str, paths), "-o", str(tmp_path / "local"),
                  "--out-shard-size", "400KB"]) == 0
-    assert main(["merge", "--checkpoints", f"{url}/step_*.safetensors", "-o", f"s3://{s3_bucket}/merged",
+    caplog.set_level(logging.INFO, logger="werkzeug")
+    caplog.clear()
+    # --verbose: the CLI otherwise turns logging off for the command, the server's request log with it
+    assert main(["--verbose", "merge", "--checkpoints", f"{url}/step_*.safetensors", "-o", f"s3://{s3_bucket}/merged",
                  "--out-shard-size", "400KB"]) == 0
     listed = objects(s3_server, s3_bucket, "merged")
     shards = sorted(n for n in listed if n.startswith("model-"))
     assert len(shards) >= 3 and "model.safetensors.index.json" in listed
-    by_time = sorted(listed, key=lambda n: (listed[n]["LastModified"], n))
-    # LastModified has 1 s resolution: the recipe is never older than anything, the index never older than a shard
+    # the order the server received them: every shard, then the index, the mergekit config, the recipe last
+    assert put_order(caplog, s3_bucket, "merged") == [*shards, "model.safetensors.index.json",
+                                                      "mergekit_config.yml", "recipe.yaml"]
     assert all(listed["recipe.yaml"]["LastModified"] >= o["LastModified"] for o in listed.values())
-    assert all(listed["model.safetensors.index.json"]["LastModified"] >= listed[s]["LastModified"] for s in shards)
-    assert by_time[-1] in ("recipe.yaml",) or listed[by_time[-1]]["LastModified"] == listed["recipe.yaml"]["LastModified"]
     back = download(s3_server, s3_bucket, "merged", tmp_path / "back")
     assert_same_model(tmp_path / "local", back)
     index = json.loads((back / "model.safetensors.index.json").read_text())
@@ -294,3 +304,25 @@ def test_issue22_merge_refuses_an_incomplete_merge_output_as_input(tmp_path, s3_
                  "-o", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "an incomplete merge output (no recipe.yaml" in err and not (tmp_path / "out").exists()
+
+
+def test_issue22_sha256_of_remote_inputs_from_ranged_reads(tmp_path, s3_server, s3_bucket, capsys) -> None:
+    """--sha256 on remote inputs: the recipe's sha256 equals sha256sum of each file, hashed from the merge's own
+    ranged reads plus the gaps (headers), never a second download; --verify full then checks it."""
+    import hashlib
+
+    paths = write_run(tmp_path / "run")
+    url = upload_tree(tmp_path / "run", s3_server.endpoint, s3_bucket, "run")
+    capsys.readouterr()
+    assert main(["merge", "--checkpoints", f"{url}/step_*.safetensors", "-o", str(tmp_path / "m"), "--sha256",
+                 "--json"]) == 0
+    io = json.loads(capsys.readouterr().out)["io"]["s3"]
+    recipe = yaml.safe_load((tmp_path / "m" / "recipe.yaml").read_text())
+    assert [c["sha256"] for c in recipe["checkpoints"]] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    assert io["bytes_read"] <= sum(p.stat().st_size for p in paths) + 3 * 2 * 100_000
+    recipe_url = upload_tree(tmp_path / "m", s3_server.endpoint, s3_bucket, "m") + "/recipe.yaml"
+    reset_stores()
+    assert main(["merge", recipe_url, "-o", str(tmp_path / "again"), "--verify", "full"]) == 0
+    assert_same_model(tmp_path / "m", tmp_path / "again")
+    assert main(["export", recipe_url]) == 0
+    assert f"model: {url}/step_300.safetensors" in capsys.readouterr().out
