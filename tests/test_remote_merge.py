@@ -12,8 +12,10 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from analysis.cli import main
+from analysis.merge.bucket import remove_stale_scratch
 from analysis.remote import RemotePath, reset_stores
 from analysis.remote.outputs import incomplete_output
 from conftest import REPO, upload_tree
@@ -264,6 +267,14 @@ def test_issue22_killed_merge_to_s3_leaves_no_index_or_recipe(tmp_path, s3_serve
     reset_stores()
     note = incomplete_output(RemotePath(f"s3://{s3_bucket}/killed"))
     assert note is not None and "incomplete merge output" in note and "recipe.yaml" in note
+    # its local scratch (one shard at most) goes with the next bucket merge on this host
+    scratch = list(Path(tempfile.gettempdir()).glob(f"ckpt-select-merge-{socket.gethostname()}-{proc.pid}-*"))
+    assert scratch and set(remove_stale_scratch()) >= set(scratch) and not any(p.exists() for p in scratch)
+    # the killed merge's shards carry our marker: --force replaces them, and the result is complete
+    assert main(["merge", "--checkpoints", *names, "-o", f"s3://{s3_bucket}/killed", "--force",
+                 "--out-shard-size", "2MB"]) == 0
+    reset_stores()
+    assert incomplete_output(RemotePath(f"s3://{s3_bucket}/killed")) is None
 
 
 def test_issue22_failed_merge_removes_the_shards_it_uploaded(tmp_path, s3_server, s3_bucket) -> None:

@@ -19,8 +19,10 @@ cannot work there. Instead (issue 22):
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -35,6 +37,8 @@ from .output import MERGEKIT_FILE, MODEL_FILE, SIDE_FILES, TORCH_FILES
 _OUR_NAMES = frozenset({MODEL_FILE, INDEX_FILE, RECIPE_FILE, MERGEKIT_FILE, *SIDE_FILES,
                         *(name for name, _ in TORCH_FILES.values())})
 _SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+# Local scratch folders of bucket merges: PREFIX-HOST-PID-random, so a later merge can tell its writer died.
+SCRATCH_PREFIX = "ckpt-select-merge-"
 # Objects removed first when --force replaces an earlier output: the commit marker, then the index.
 _DECOMMIT_ORDER = (RECIPE_FILE, INDEX_FILE)
 
@@ -85,7 +89,8 @@ class BucketUpload:
     def __init__(self, prefix: RemotePath, replaced: Sequence[str] = ()) -> None:
         self.prefix, self.store = prefix, prefix.store
         self.replaced = tuple(replaced)
-        self.scratch = Path(tempfile.mkdtemp(prefix="ckpt-select-merge-"))
+        remove_stale_scratch()
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{socket.gethostname()}-{os.getpid()}-"))
         self.sent: list[str] = []            # keys, in upload order
         self.sizes: dict[str, int] = {}      # name -> bytes
 
@@ -127,6 +132,29 @@ class BucketUpload:
             pass
 
 
-def largest_file(sizes: Sequence[int]) -> int:
-    """The most local scratch the upload needs at once: the largest single file of the output."""
-    return max(sizes, default=0)
+def remove_stale_scratch(root: Path | None = None) -> list[Path]:
+    """Delete the scratch folders of bucket merges killed on this host (their pid is gone); return them.
+
+    A killed merge leaves at most one output file there; the next bucket merge removes it, as a local
+    merge removes the hidden folders killed merges left beside their target.
+    """
+    root = Path(root or tempfile.gettempdir())
+    mine = re.compile(rf"^{re.escape(SCRATCH_PREFIX)}{re.escape(socket.gethostname())}-(\d+)-")
+    removed = []
+    for folder in root.glob(f"{SCRATCH_PREFIX}*"):
+        match = mine.match(folder.name)
+        if match and folder.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host (one we may not signal counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

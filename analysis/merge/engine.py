@@ -87,7 +87,7 @@ class StaleFolders:
 class MergeResult:
     """Where the merge went and what it holds."""
 
-    out_dir: Path
+    out_dir: Path               # a RemotePath for a bucket output (issue 22)
     model_file: Path            # model.safetensors, or model.safetensors.index.json when sharded
     recipe_file: Path
     size_bytes: int             # of the weight files

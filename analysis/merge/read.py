@@ -58,7 +58,7 @@ BUFFER_SETS = 3
 # Remote inputs (issue 22): bytes fetched ahead per window over all inputs, the least per input, and the
 # most per request (see RemoteWindows).
 REMOTE_WINDOW_BYTES = 64 << 20
-MIN_WINDOW_BYTES = 4 << 20
+MIN_WINDOW_BYTES = 1 << 20
 REMOTE_PART_BYTES = 8 << 20
 
 
