@@ -4,7 +4,9 @@ Memory holds a few blocks of every input, never a whole tensor of the output
 (see :mod:`analysis.merge.arithmetic`). The output is written into a hidden temporary folder
 beside the target and renamed into place at the end, so an interrupted merge (even
 ``kill -9``) leaves either no output or a complete one at the target path; inputs are
-never written to. ``force`` replaces an existing target, when it is an earlier merge's output
+never written to. A URL target (``s3://bucket/merged``) has no rename: :mod:`analysis.merge.bucket`
+uploads the files one by one with the recipe last, as the commit marker (issue 22).
+``force`` replaces an existing target, when it is an earlier merge's output
 or empty (see :func:`analysis.merge.verify.check_target`): the old one is renamed aside, the
 new one renamed in, then the old one deleted. Each merge first removes what killed merges
 left in the target's folder, and says so in its result.
