@@ -337,3 +337,25 @@ def test_issue22_sha256_of_remote_inputs_from_ranged_reads(tmp_path, s3_server, 
     assert_same_model(tmp_path / "m", tmp_path / "again")
     assert main(["export", recipe_url]) == 0
     assert f"model: {url}/step_300.safetensors" in capsys.readouterr().out
+
+
+def test_issue22_hf_sharded_folders_s3_to_s3_load_with_from_pretrained(tmp_path, s3_server, s3_bucket) -> None:
+    """Sharded Hugging Face folders in a bucket merged into a bucket: side files copied by range reads, the
+    downloaded output loads with from_pretrained and equals the local merge bit for bit."""
+    import transformers
+
+    from ckpt_factories import hf_checkpoint
+
+    for step in (10, 20):
+        hf_checkpoint(tmp_path / "run" / f"checkpoint-{step}", step, seed=step, shard=True)
+    url = upload_tree(tmp_path / "run", s3_server.endpoint, s3_bucket, "run")
+    local = [str(tmp_path / "run" / f"checkpoint-{s}") for s in (10, 20)]
+    assert main(["merge", "--checkpoints", *local, "-o", str(tmp_path / "local")]) == 0
+    assert main(["merge", "--checkpoints", f"{url}/checkpoint-*", "-o", f"s3://{s3_bucket}/out"]) == 0
+    listed = objects(s3_server, s3_bucket, "out")
+    assert {"config.json", "model.safetensors.index.json", "recipe.yaml"} <= set(listed)
+    back = download(s3_server, s3_bucket, "out", tmp_path / "back")
+    assert_same_model(tmp_path / "local", back)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(back))
+    expected = tensors_of(tmp_path / "local")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items() if k in model.state_dict())
