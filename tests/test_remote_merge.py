@@ -359,3 +359,22 @@ def test_issue22_hf_sharded_folders_s3_to_s3_load_with_from_pretrained(tmp_path,
     model = transformers.AutoModelForCausalLM.from_pretrained(str(back))
     expected = tensors_of(tmp_path / "local")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items() if k in model.state_dict())
+
+
+def test_issue22_many_windows_mixed_local_remote_and_dtypes(tmp_path, s3_server, s3_bucket, monkeypatch) -> None:
+    """Small windows and request parts (tensors span many windows, windows many requests), a local input
+    beside remote ones, a float32 input beside bfloat16 ones: still bit-identical to the local merge."""
+    from analysis.merge import read
+
+    monkeypatch.setattr(read, "REMOTE_WINDOW_BYTES", 600_000)
+    monkeypatch.setattr(read, "MIN_WINDOW_BYTES", 200_000)
+    monkeypatch.setattr(read, "REMOTE_PART_BYTES", 100_000)
+    paths = write_run(tmp_path / "run")
+    wide = {k: (v.float() if v.is_floating_point() else v) for k, v in state(400).items()}
+    save_file(wide, tmp_path / "run" / "step_400.safetensors")
+    paths.append(tmp_path / "run" / "step_400.safetensors")
+    url = upload_tree(tmp_path / "run", s3_server.endpoint, s3_bucket, "run")
+    assert main(["merge", "--checkpoints", *map(str, paths), "-o", str(tmp_path / "local"), "--dtype", "float32"]) == 0
+    mixed = [str(paths[0]), f"{url}/step_200.safetensors", f"{url}/step_300.safetensors", f"{url}/step_400.safetensors"]
+    assert main(["merge", "--checkpoints", *mixed, "-o", f"s3://{s3_bucket}/mixed", "--dtype", "float32"]) == 0
+    assert_same_model(tmp_path / "local", download(s3_server, s3_bucket, "mixed", tmp_path / "back"))

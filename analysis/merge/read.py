@@ -17,8 +17,9 @@ reader thread was tried and was slower (contention on 2 cores); a memory map plu
 conversion cost as much as read plus conversion.
 
 Remote inputs (``s3://`` ..., issue 22) have no file descriptor: their blocks come from
-:class:`RemoteWindows`, which fetches every remote input's next few MiB of the tensor in one
-concurrent batch of exact ranges, on the same reader thread into the same buffer sets.
+:class:`RemotePrefetch`, a thread that fetches every remote input's next few MiB of the tensors
+ahead of the reader, in concurrent batches of exact ranges; the reader copies them into the
+same buffer sets.
 
 Blocks hold raw bits: unsigned integers as wide as the stored dtype (bfloat16 as
 ``uint16``), whatever the input's layout, so this module never needs torch. Inputs without
@@ -38,7 +39,7 @@ import numpy as np
 
 from ..checkpoints.base import DTYPE_BYTES, RAW_BITS, dtype_name, raw_bits
 from ..checkpoints.location import TensorLocation, locate
-from ..errors import CheckpointReadError
+from ..errors import CheckpointReadError, MergeError
 from ..hashing import StreamDigest
 from ..remote import RemotePath
 
@@ -55,11 +56,12 @@ MIN_BLOCK_ELEMENTS = 1 << 16
 BUFFER_BUDGET_BYTES = 64 << 20
 # Buffer sets in rotation between the reader thread and the adder (one being read, one being added, one spare).
 BUFFER_SETS = 3
-# Remote inputs (issue 22): bytes fetched ahead per window over all inputs, the least per input, and the
-# most per request (see RemoteWindows).
-REMOTE_WINDOW_BYTES = 64 << 20
+# Remote inputs (issue 22): bytes per window over all inputs, the least per input, the most per request,
+# and windows waiting ready (see RemotePrefetch): memory ~ (PREFETCH_WINDOWS + 2) windows.
+REMOTE_WINDOW_BYTES = 32 << 20
 MIN_WINDOW_BYTES = 1 << 20
 REMOTE_PART_BYTES = 8 << 20
+PREFETCH_WINDOWS = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +196,7 @@ class BlockReader:
         self._stop = threading.Event()
         self._widest = widest_input(handles)
         self.block = block_elements(len(handles), self._widest)
-        self._windows = RemoteWindows(len(handles))
+        self._prefetch: RemotePrefetch | None = None   # started at the first remote block
         self._buffers = [np.empty(len(handles) * self.block * self._widest, dtype=np.uint8)
                          for _ in range(BUFFER_SETS)]
         for index in range(BUFFER_SETS):
@@ -225,6 +227,8 @@ class BlockReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        if self._prefetch is not None:
+            self._prefetch.close()
 
     def _run(self) -> None:
         try:
@@ -317,10 +321,18 @@ class BlockReader:
 
     def _fetch(self, reads: Sequence[tuple[int, TensorLocation, np.ndarray]], info: "TensorInfo", start: int,
                stop: int, buffer_set: int | None) -> None:
-        """Elements [start, stop) of remote inputs (input index, location, target) into their targets, from
-        :class:`RemoteWindows`, and hand the bytes to the hashing like a local read."""
-        self._windows.fill([(i, loc, target, *_span(loc, start, stop), _span(loc, 0, info.numel)[1])
-                            for i, loc, target in reads])
+        """Elements [start, stop) of remote inputs (input index, location, target) into their targets, and the
+        bytes to the hashing like a local read. Index -1 (a copied tensor, read once): one request now;
+        else from the windows :class:`RemotePrefetch` fetches ahead on its own thread."""
+        if not reads:
+            return
+        if len(reads) == 1 and reads[0][0] == -1:
+            _, loc, target = reads[0]
+            target[:] = np.frombuffer(loc.path.read_range(*_span(loc, start, stop)), dtype=np.uint8)   # type: ignore[union-attr]
+        else:
+            if self._prefetch is None:
+                self._prefetch = RemotePrefetch(self._handles, self._layout, self.block)
+            self._prefetch.fill(info, start, [(i, target) for i, _, target in reads])
         if self._hashes is not None:
             for _, loc, target in reads:
                 self._hashes.feed(loc.path, _span(loc, start, stop)[0], target, buffer_set)
@@ -332,42 +344,103 @@ def _span(loc: TensorLocation, start: int, stop: int) -> tuple[int, int]:
     return loc.offset + start * itemsize, loc.offset + stop * itemsize
 
 
-class RemoteWindows:
-    """Each remote input's bytes ahead of the block being read: several blocks per request (issue 22).
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Elements [start, stop) of one tensor, as bytes, for each remote input (by input index)."""
+
+    name: str
+    start: int
+    stop: int
+    data: dict[int, bytes]
+
+
+class RemotePrefetch:
+    """Remote inputs' bytes fetched ahead, window by window, on a thread of its own (issue 22).
 
     A block (256 KiB of a bf16 input) per request would pay a round trip (10-50 ms on S3) per
-    256 KiB; a window of :data:`REMOTE_WINDOW_BYTES` over all remote inputs is fetched at once instead,
-    every input's part of it in one concurrent batch per store (:meth:`Store.read_spans`), split into
-    requests of at most :data:`REMOTE_PART_BYTES`. A window never reaches past its tensor, so the bytes
-    fetched are exactly the bytes merged. Memory: one window (plus the next while it is fetched).
+    256 KiB, and fetching in the reader thread would leave the adder idle while the network works.
+    So a thread walks the layout the reader will ask for, in the same order, and fetches windows of
+    whole blocks (:data:`REMOTE_WINDOW_BYTES` over all remote inputs, at least :data:`MIN_WINDOW_BYTES`
+    per input, never past a tensor's end, so the bytes fetched are exactly the bytes merged): every
+    remote input's range of a window in one concurrent batch per store (:meth:`Store.read_spans`),
+    in requests of at most :data:`REMOTE_PART_BYTES`. At most :data:`PREFETCH_WINDOWS` windows wait
+    ready, one is being fetched and one read: memory stays a few windows, whatever the model.
     """
 
-    def __init__(self, n_inputs: int) -> None:
-        self._per_input = max(REMOTE_WINDOW_BYTES // max(n_inputs, 1), MIN_WINDOW_BYTES)
-        self._held: dict[int, tuple[RemotePath, int, bytes]] = {}   # input index -> (object, first byte, bytes)
+    def __init__(self, handles: Sequence["CheckpointHandle"], layout: Sequence["TensorInfo"], block: int) -> None:
+        self._handles, self._layout, self._block = handles, layout, block
+        self._ready: queue.Queue[Window | BaseException] = queue.Queue(maxsize=PREFETCH_WINDOWS)
+        self._stop = threading.Event()
+        self._held: Window | None = None
+        self._thread = threading.Thread(target=self._run, name="merge-prefetch", daemon=True)
+        self._thread.start()
 
-    def fill(self, reads: Sequence[tuple[int, TensorLocation, np.ndarray, int, int, int]]) -> None:
-        """Copy bytes [first, end) of each read's object into its target, fetching windows for those not held."""
-        missing = [r for r in reads if not self._holds(r[0], r[1].path, r[3], r[4])]   # type: ignore[arg-type]
-        self._load(missing)
-        for index, _, target, first, end, _ in reads:
-            _, base, blob = self._held[index]
-            target[:] = np.frombuffer(blob, dtype=np.uint8, count=end - first, offset=first - base)
+    def fill(self, info: "TensorInfo", start: int, targets: Sequence[tuple[int, np.ndarray]]) -> None:
+        """Copy elements [start, start + block) of ``info`` of each (input index, target) from the windows."""
+        while self._held is None or self._held.name != info.name or not self._held.start <= start < self._held.stop:
+            item = self._ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            self._held = item
+        held = self._held
+        for index, target in targets:
+            offset = (start - held.start) * (len(held.data[index]) // (held.stop - held.start))
+            target[:] = np.frombuffer(held.data[index], dtype=np.uint8, count=target.nbytes, offset=offset)
 
-    def _holds(self, index: int, path: RemotePath, first: int, end: int) -> bool:
-        held = self._held.get(index)
-        return held is not None and held[0] == path and held[1] <= first and end <= held[1] + len(held[2])
+    def close(self) -> None:
+        """Stop fetching (the merge ended or failed)."""
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._ready.get(timeout=0.05)
+            except queue.Empty:
+                pass
 
-    def _load(self, reads: Sequence[tuple[int, TensorLocation, np.ndarray, int, int, int]]) -> None:
-        """Fetch a window from each read's first byte (to its tensor's end at most), all inputs at once."""
-        by_store: dict[int, list[tuple[int, RemotePath, int, int]]] = {}
-        for index, loc, _, first, end, tensor_end in reads:
-            path: RemotePath = loc.path   # type: ignore[assignment]
-            by_store.setdefault(id(path.store), []).append((index, path, first, max(end, min(tensor_end, first + self._per_input))))
-        for group in by_store.values():
-            spans = [(path.key, s, min(s + REMOTE_PART_BYTES, last)) for _, path, first, last in group
-                     for s in range(first, last, REMOTE_PART_BYTES)]
-            blobs = iter(group[0][1].store.read_spans(spans))
-            for index, path, first, last in group:
-                parts = [next(blobs) for _ in range(first, last, REMOTE_PART_BYTES)]
-                self._held[index] = (path, first, parts[0] if len(parts) == 1 else b"".join(parts))
+    def _run(self) -> None:
+        try:
+            for info in self._layout:
+                if not info.is_floating:
+                    continue
+                remote = {i: loc for i, h in enumerate(self._handles)
+                          if (loc := locate(h, info.name)) is not None and isinstance(loc.path, RemotePath)}
+                if remote:
+                    self._tensor(info, remote)
+            self._put(MergeError("the merge asked for remote bytes past the last window (a bug: please report it)"))
+        except BaseException as e:  # noqa: BLE001 - handed to the reader, which re-raises it
+            self._put(e)
+
+    def _tensor(self, info: "TensorInfo", remote: dict[int, TensorLocation]) -> None:
+        """Fetch and queue the windows of one tensor, in order."""
+        widest = max(DTYPE_BYTES[loc.dtype] for loc in remote.values())
+        per_input = max(REMOTE_WINDOW_BYTES // len(remote), MIN_WINDOW_BYTES)
+        step = max(self._block, per_input // widest // self._block * self._block)
+        for start in range(0, info.numel, step):
+            if self._stop.is_set():
+                return
+            stop = min(start + step, info.numel)
+            self._put(Window(info.name, start, stop, _fetch_window(remote, start, stop)))
+
+    def _put(self, item: Window | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+
+def _fetch_window(remote: dict[int, TensorLocation], start: int, stop: int) -> dict[int, bytes]:
+    """Elements [start, stop) of each remote input's tensor: one batch of requests per store."""
+    by_store: dict[int, list[tuple[int, TensorLocation]]] = {}
+    for index, loc in remote.items():
+        by_store.setdefault(id(loc.path.store), []).append((index, loc))   # type: ignore[union-attr]
+    data: dict[int, bytes] = {}
+    for group in by_store.values():
+        parts = [(index, loc.path.key, s, min(s + REMOTE_PART_BYTES, last))   # type: ignore[union-attr]
+                 for index, loc in group for first, last in [_span(loc, start, stop)]
+                 for s in range(first, last, REMOTE_PART_BYTES)]
+        blobs = group[0][1].path.store.read_spans([(key, s, e) for _, key, s, e in parts])   # type: ignore[union-attr]
+        for index, _ in group:
+            mine = [blob for (i, _, _, _), blob in zip(parts, blobs) if i == index]
+            data[index] = mine[0] if len(mine) == 1 else b"".join(mine)
+    return data
