@@ -378,3 +378,21 @@ def test_issue22_many_windows_mixed_local_remote_and_dtypes(tmp_path, s3_server,
     mixed = [str(paths[0]), f"{url}/step_200.safetensors", f"{url}/step_300.safetensors", f"{url}/step_400.safetensors"]
     assert main(["merge", "--checkpoints", *mixed, "-o", f"s3://{s3_bucket}/mixed", "--dtype", "float32"]) == 0
     assert_same_model(tmp_path / "local", download(s3_server, s3_bucket, "mixed", tmp_path / "back"))
+
+
+def test_issue22_incomplete_output_names_a_missing_or_resized_shard(tmp_path, s3_server, s3_bucket) -> None:
+    """The completeness rule: recipe present is not enough, every shard the index names must be there at its size."""
+    paths = [str(p) for p in write_run(tmp_path / "run")]
+    assert main(["merge", "--checkpoints", *paths, "-o", f"s3://{s3_bucket}/m", "--out-shard-size", "400KB"]) == 0
+    reset_stores()
+    prefix = RemotePath(f"s3://{s3_bucket}/m")
+    assert incomplete_output(prefix) is None
+    client(s3_server).put_object(Bucket=s3_bucket, Key="m/model-00002-of-00005.safetensors", Body=b"short")
+    reset_stores()
+    note = incomplete_output(RemotePath(f"s3://{s3_bucket}/m"))
+    assert note is not None and "shard model-00002-of-00005.safetensors named by the index" in note
+    client(s3_server).delete_object(Bucket=s3_bucket, Key="m/model-00002-of-00005.safetensors")
+    reset_stores()
+    assert "missing or of the wrong size" in incomplete_output(RemotePath(f"s3://{s3_bucket}/m"))
+    # a folder that is no merge output (no marker anywhere) is not called incomplete
+    assert incomplete_output(RemotePath(upload_tree(tmp_path / "run", s3_server.endpoint, s3_bucket, "plain"))) is None

@@ -30,16 +30,20 @@ MERGE_MARKER_KEY = "ckpt_select_recipe_sha256"
 HEADER_LIMIT = 100_000_000
 
 
-def incomplete_output(prefix: RemotePath) -> str | None:
+def incomplete_output(prefix: RemotePath, index_doc: dict | None = None) -> str | None:
     """None when ``prefix`` holds a complete merge output (or is no merge output); else why it is incomplete.
 
     Complete: ``recipe.yaml`` present and, when an index is present, every shard it names present
     with the size it records. A prefix without the recipe counts as a merge output being written or
     killed when it holds weights carrying the merge marker or an index written by a merge.
+    ``index_doc``: the index's parsed JSON when the caller has read it (saves its request).
+
+    Where discovery calls it: for a remote HF or sharded folder whose index metadata carries
+    :data:`MERGE_MARKER_KEY` (a merge's output), so an ordinary checkpoint costs no request.
     """
     objects = {key.rsplit("/", 1)[-1]: info for key, info in prefix.list().items()
                if key.rsplit("/", 1)[0] == prefix.key}
-    index = _index(prefix, objects)
+    index = _merge_index(index_doc) if index_doc is not None else _index(prefix, objects)
     if RECIPE_FILE not in objects:
         if index is None and not _holds_merge_weights(prefix, objects):
             return None
@@ -58,6 +62,11 @@ def _index(prefix: RemotePath, objects: dict[str, dict]) -> dict | None:
         doc = json.loads((prefix / INDEX_FILE).read_bytes())
     except (ValueError, RemoteError):
         return None
+    return _merge_index(doc)
+
+
+def _merge_index(doc: object) -> dict | None:
+    """The index document when a merge wrote it (its metadata carries the merge marker), else None."""
     meta = doc.get("metadata") if isinstance(doc, dict) else None
     return doc if isinstance(meta, dict) and MERGE_MARKER_KEY in meta else None
 
