@@ -136,7 +136,10 @@ class Store:
         try:
             blobs = self.call(self.url(paths[0]), "read", fetch)
         except RemoteError as e:
-            raise RemoteError(self.url(failed[0]), e.reason) from e.__cause__
+            reason = e.reason
+            if "not satisfiable" in reason or "InvalidRange" in reason:   # HTTP 416: the object got shorter
+                reason = f"truncated object: a range past its end was asked ({reason})"
+            raise RemoteError(self.url(failed[0]), reason) from e.__cause__
         for blob, (path, start, end) in zip(blobs, spans):
             if len(blob) != end - start:
                 raise RemoteError(self.url(path), f"truncated object: bytes {start}-{end} asked, {len(blob)} returned")
