@@ -277,9 +277,10 @@ def test_issue22_killed_merge_to_s3_leaves_no_index_or_recipe(tmp_path, s3_serve
     assert incomplete_output(RemotePath(f"s3://{s3_bucket}/killed")) is None
 
 
-def test_issue22_failed_merge_removes_the_shards_it_uploaded(tmp_path, s3_server, s3_bucket) -> None:
-    """An input object truncated mid-merge (after shards were uploaded): RemoteError naming its URL, and
-    every object this merge uploaded is deleted again, so the prefix is empty."""
+@pytest.mark.parametrize("target", ["s3", "local"])
+def test_issue22_failed_merge_removes_the_shards_it_uploaded(tmp_path, s3_server, s3_bucket, target) -> None:
+    """An input object truncated mid-merge (after shards were written): RemoteError naming its URL, and
+    every object this merge uploaded is deleted again (the prefix is empty), or no local folder is left."""
     from analysis.errors import RemoteError
     from analysis.merge import merge_checkpoints
     from analysis.run import checkpoint_ref
@@ -291,17 +292,22 @@ def test_issue22_failed_merge_removes_the_shards_it_uploaded(tmp_path, s3_server
     refs = [checkpoint_ref(f"{url}/s{step}.safetensors") for step in (1, 2)]
     seen: list[str] = []
 
+    out = tmp_path / "merged"
+    out.mkdir()
+
     def progress(fraction: float, message: str) -> None:
-        if fraction > 0.4 and not seen:   # shards already uploaded: truncate the newest input
-            seen.extend(objects(s3_server, s3_bucket, "out"))
+        if fraction > 0.4 and not seen:   # shards already written: truncate the newest input
+            seen.extend(objects(s3_server, s3_bucket, "out") if target == "s3" else
+                        [p.name for p in out.rglob("model-*")])
             client(s3_server).put_object(Bucket=s3_bucket, Key="run/s2.safetensors",
                                          Body=(tmp_path / "s2.safetensors").read_bytes()[:3_000_000])
 
+    destination = f"s3://{s3_bucket}/out" if target == "s3" else out / "m"
     with pytest.raises(RemoteError) as caught:
-        merge_checkpoints(refs, [0.5, 0.5], f"s3://{s3_bucket}/out", progress=progress, out_shard_size=2_000_000)
+        merge_checkpoints(refs, [0.5, 0.5], destination, progress=progress, out_shard_size=2_000_000)
     assert caught.value.url == f"{url}/s2.safetensors" and "truncated object" in caught.value.reason
     assert any(name.startswith("model-") for name in seen)
-    assert objects(s3_server, s3_bucket, "out") == {}
+    assert objects(s3_server, s3_bucket, "out") == {} and list(out.iterdir()) == []
 
 
 def test_issue22_merge_refuses_an_incomplete_merge_output_as_input(tmp_path, s3_server, s3_bucket, capsys) -> None:
