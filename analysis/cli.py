@@ -360,14 +360,15 @@ def _print_cooldown(signals: object, evaluator: object, output_dtype: str, as_js
 
 
 @cli.command()
-@click.argument("paths", metavar="RECIPE.yaml | --checkpoints A B ...", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("paths", metavar="RECIPE.yaml | --checkpoints A B ...", nargs=-1)
 @click.option("--checkpoints", "checkpoints_given", count=True,
               help="Average the checkpoints named after it, oldest first, instead of a recipe: --checkpoints A B C "
                    "(or --checkpoints A --checkpoints B).")
 @click.option("--weights", multiple=True, type=float, help="One weight per checkpoint (default uniform).")
 @click.option("--dtype", "output_dtype", type=click.Choice(["same", "float32", "bfloat16", "float16"]),
               default=None, help="Dtype of the merged model (default: the recipe's, else same).")
-@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path), help="New output folder.")
+@click.option("-o", "--output", "out_dir", required=True,
+              help="New output folder, or a prefix in object storage (s3://bucket/merged: the recipe is written last).")
 @click.option("--verify", "verify", type=click.Choice(["full", "quick", "none"]), default="quick", show_default=True,
               help="Check inputs against the recipe: full (sha256), quick (size, header, sampled blocks), none.")
 @click.option("--no-verify", "no_verify", is_flag=True, help="Same as --verify none.")
@@ -382,13 +383,25 @@ def _print_cooldown(signals: object, evaluator: object, output_dtype: str, as_js
               help="safetensors (default: the recipe's, else this), torch (model.pt, a torch.save dict of tensors) "
                    "or lightning (model.ckpt holding {'state_dict': ...}).")
 @click.option("--dry-run", is_flag=True, help="Print what would be read and written, peak memory and time; write nothing.")
+@click.option("--storage-options", "storage_options", metavar="JSON",
+              help='Options for object storage URLs, e.g. \'{"s3": {"endpoint_url": "http://..."}}\' (credentials '
+                   "come from the environment or profiles and are never written to a recipe).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def merge(paths: tuple[Path, ...], checkpoints_given: int, weights: tuple[float, ...],
-          output_dtype: str | None, out_dir: Path, verify: str, no_verify: bool, hash_inputs: bool, force: bool,
-          out_shard_size: str | None, out_format: str | None, dry_run: bool, as_json: bool) -> None:
-    """Average checkpoints (from a recipe, a mergekit linear config, or --checkpoints) into a new folder."""
+def merge(paths: tuple[str, ...], checkpoints_given: int, weights: tuple[float, ...],
+          output_dtype: str | None, out_dir: str, verify: str, no_verify: bool, hash_inputs: bool, force: bool,
+          out_shard_size: str | None, out_format: str | None, dry_run: bool, storage_options: str | None,
+          as_json: bool) -> None:
+    """Average checkpoints (from a recipe, a mergekit linear config, or --checkpoints) into a new folder or prefix.
+
+    Any of them may be a URL (s3://, gs://, hf://, ...): inputs are read by exact byte ranges, a
+    wildcard in a URL's last part is matched against one listing.
+    """
     from .merge import dry_run as plan_of, merge as merge_into, parse_size
-    recipe_path, checkpoint_paths = _split_merge_paths(paths, checkpoints_given)
+    from .remote import all_stats, set_storage_options
+    from .remote.globs import expand_url_globs
+    if storage_options:
+        set_storage_options(storage_options)
+    recipe_path, checkpoint_paths = _split_merge_paths(tuple(expand_url_globs(paths)), checkpoints_given)
     recipe = _merge_inputs(recipe_path, checkpoint_paths, weights, output_dtype)
     recipe = replace(recipe, output_format=out_format) if out_format else recipe
     shard_size = parse_size(out_shard_size)
@@ -409,7 +422,8 @@ def merge(paths: tuple[Path, ...], checkpoints_given: int, weights: tuple[float,
     doc = {"out_dir": str(result.out_dir), "model_file": str(result.model_file),
            "recipe_file": str(result.recipe_file), "bytes": result.size_bytes, "tensors": result.n_tensors,
            "steps": list(result.steps), "weights": list(result.weights), "files": list(result.files),
-           "sharded": result.sharded, "warnings": list(result.warnings), "out_format": result.out_format}
+           "sharded": result.sharded, "warnings": list(result.warnings), "out_format": result.out_format,
+           "io": all_stats()}
     doc["stale_removed"] = [str(p) for p in result.stale.paths]
     doc["stale_freed_bytes"] = result.stale.freed_bytes
     for line in result.warnings:
@@ -424,10 +438,10 @@ def merge(paths: tuple[Path, ...], checkpoints_given: int, weights: tuple[float,
         click.echo(f"ckpt-select: {result.stale.describe()}", err=True)
 
 
-def _split_merge_paths(paths: tuple[Path, ...], checkpoints_given: int) -> tuple[Path | None, tuple[Path, ...]]:
+def _split_merge_paths(paths: tuple[str, ...], checkpoints_given: int) -> tuple[str | None, tuple[str, ...]]:
     """(recipe, checkpoints) from ``merge``'s paths: all checkpoints after ``--checkpoints``, else one recipe."""
     if checkpoints_given:
-        if paths and paths[0].suffix in (".yaml", ".yml"):
+        if paths and paths[0].lower().endswith((".yaml", ".yml")):
             raise InvalidArgument("give a recipe or --checkpoints, not both")
         return None, paths
     if len(paths) > 1:
@@ -435,7 +449,7 @@ def _split_merge_paths(paths: tuple[Path, ...], checkpoints_given: int) -> tuple
     return (paths[0] if paths else None), ()
 
 
-def _merge_inputs(recipe_path: Path | None, paths: tuple[Path, ...], weights: tuple[float, ...],
+def _merge_inputs(recipe_path: str | None, paths: tuple[str, ...], weights: tuple[float, ...],
                   output_dtype: str | None) -> Recipe:
     """The recipe to merge: loaded (ours or mergekit's), or built for checkpoints named on the command line.
 
@@ -444,6 +458,7 @@ def _merge_inputs(recipe_path: Path | None, paths: tuple[Path, ...], weights: tu
     """
     from .inputs import check_distinct, normalize_weights
     from .recipe import build_recipe, load_any_recipe
+    from .remote import as_path
     from .run import checkpoint_ref
     if recipe_path is not None:
         if paths:
@@ -455,7 +470,7 @@ def _merge_inputs(recipe_path: Path | None, paths: tuple[Path, ...], weights: tu
     if weights and len(weights) != len(paths):
         raise InvalidArgument(f"got {len(weights)} --weights for {len(paths)} checkpoints")
     normalized = normalize_weights(weights or [1.0] * len(paths), len(paths), [str(p) for p in paths])
-    check_distinct(paths, "--checkpoints")
+    check_distinct([as_path(p) for p in paths], "--checkpoints")
     refs = [checkpoint_ref(p) for p in paths]
     return build_recipe("manual", refs, normalized, output_dtype or "same",
                         {str(r.step): "given on the command line" for r in refs}, hashes=False)
@@ -472,11 +487,11 @@ def _plan_doc(plan: MergePlan) -> dict:
 
 
 @cli.command()
-@click.argument("recipe_path", metavar="RECIPE.yaml", type=click.Path(path_type=Path))
+@click.argument("recipe_path", metavar="RECIPE.yaml")
 @click.option("--format", "fmt", type=click.Choice(["mergekit", "ckpt-select"]), default="mergekit", show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here instead of stdout.")
 @click.option("--force", is_flag=True, help="-o may replace an existing file CkptSelect did not write (never a checkpoint).")
-def export(recipe_path: Path, fmt: str, output: Path | None, force: bool) -> None:
+def export(recipe_path: str, fmt: str, output: Path | None, force: bool) -> None:
     """Convert a recipe: ours -> mergekit linear config, or a mergekit linear config -> ours (with hashes)."""
     from .recipe import dump_mergekit, dump_recipe, load_any_recipe, with_hashes
     from .targets import check_file_target, write_text_atomic

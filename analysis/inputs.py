@@ -71,6 +71,8 @@ def check_distinct(paths: Sequence[Path], label: str = "checkpoints") -> None:
 
 def _file_identity(path: Path) -> object:
     """What makes two paths the same checkpoint: device and inode where it exists, else the resolved path."""
+    if not isinstance(path, Path):
+        return str(path)   # a URL (RemotePath, issue 22): its full URL
     try:
         stat = path.stat()
     except OSError:

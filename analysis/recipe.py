@@ -21,7 +21,8 @@ from . import __version__
 from .inputs import OUTPUT_DTYPES, OUTPUT_FORMATS, duplicate_inputs, normalize_weights
 from .checkpoints.base import main_floating_dtype
 from .errors import AnalysisError, InvalidArgument, RecipeError
-from .hashing import checkpoint_quick_hash, checkpoint_sha256
+from .hashing import checkpoint_etag, checkpoint_quick_hash, checkpoint_sha256
+from .remote import RemotePath, as_path, is_remote
 from .run import CheckpointRef, checkpoint_ref
 from .schedules import parse_schedule
 from .targets import MERGEKIT_MARKER, RECIPE_KEY, write_text_atomic
@@ -38,12 +39,13 @@ METHODS = ("sma", "ema", "wma", "soup", "manual", "recovery", "predicted", "deca
 class RecipeEntry:
     """One input of a merge."""
 
-    path: Path          # absolute once loaded
+    path: Path          # absolute once loaded; a RemotePath for a URL (issue 22)
     step: int
     weight: float
     sha256: str
     size_bytes: int
     quick_hash: str = ""   # see checkpoint_quick_hash; empty in recipes written before it existed
+    etag: str = ""         # a remote input's ETag (see checkpoint_etag); empty for local files
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +79,7 @@ def build_recipe(method: str, refs: list[CheckpointRef], weights: tuple[float, .
         with ThreadPoolExecutor(max_workers=min(len(refs), os.cpu_count() or 1)) as pool:
             sha256s = list(pool.map(lambda ref: checkpoint_sha256(ref.files), refs))
         quick = [checkpoint_quick_hash(ref.files) for ref in refs]
-    entries = tuple(RecipeEntry(ref.path, ref.step, float(w), sha, ref.size_bytes, q)
+    entries = tuple(RecipeEntry(ref.path, ref.step, float(w), sha, ref.size_bytes, q, checkpoint_etag(ref.files))
                     for ref, w, sha, q in zip(refs, weights, sha256s, quick))
     return Recipe(method, entries, output_dtype, dict(reasons or {}), source_run=source_run,
                   settings=dict(settings or {}))
@@ -114,7 +116,7 @@ def default_merge_folder(run_path: Path, method: str, steps: Sequence[int]) -> P
 def recipe_to_dict(recipe: Recipe, relative_to: Path | None = None) -> dict:
     """The YAML document of the contract; paths relative to ``relative_to`` when below it."""
     def show(path: Path) -> str:
-        if relative_to is not None:
+        if relative_to is not None and isinstance(path, RemotePath) is isinstance(relative_to, RemotePath):
             try:
                 return path.relative_to(relative_to).as_posix()
             except ValueError:
@@ -128,7 +130,8 @@ def recipe_to_dict(recipe: Recipe, relative_to: Path | None = None) -> dict:
         "output_format": recipe.output_format,
         "checkpoints": [
             {"path": show(e.path), "step": e.step, "weight": round(e.weight, 12), "sha256": e.sha256,
-             **({"quick_hash": e.quick_hash} if e.quick_hash else {}), "bytes": e.size_bytes}
+             **({"quick_hash": e.quick_hash} if e.quick_hash else {}), "bytes": e.size_bytes,
+             **({"etag": e.etag} if e.etag else {})}
             for e in recipe.checkpoints
         ],
         "reasons": dict(recipe.reasons),
@@ -185,9 +188,21 @@ def load_recipe(path: str | Path) -> Recipe:
     Raises:
         RecipeError: not YAML, wrong version, missing fields, bad weights or dtype.
     """
-    path = Path(path).expanduser().resolve()
+    path = _located(path)
     doc = _read_yaml(path)
     return recipe_from_dict(doc, path)
+
+
+def _located(path: "str | Path | RemotePath") -> "Path | RemotePath":
+    """A recipe's own location: a RemotePath for a URL (read by ranges), else the resolved local path."""
+    return as_path(path) if is_remote(path) else Path(path).expanduser().resolve()
+
+
+def _beside(base: "Path | RemotePath", name: str) -> "Path | RemotePath":
+    """A path a recipe names: a URL as it is, else relative to the recipe's folder (local or remote)."""
+    if is_remote(name):
+        return as_path(name)
+    return base / name if isinstance(base, RemotePath) else (base / name).resolve()
 
 
 def recipe_from_dict(doc: object, path: Path) -> Recipe:
@@ -224,7 +239,7 @@ def recipe_from_dict(doc: object, path: Path) -> Recipe:
         raise RecipeError(path, "; ".join(problems))
     source = doc.get("source_run")
     return Recipe(method, tuple(entries), dtype, {str(k): str(v) for k, v in (doc.get("reasons") or {}).items()},
-                  str(doc.get("created_by", "")), (path.parent / source).resolve() if source else None, out_format,
+                  str(doc.get("created_by", "")), _beside(path.parent, str(source)) if source else None, out_format,
                   settings)
 
 
@@ -268,8 +283,9 @@ def _entry(item: dict, base: Path) -> RecipeEntry:
     if not isinstance(item, dict):
         raise TypeError("each checkpoint must be a mapping with path, step, weight, sha256, bytes")
     weight = parse_weight(item["weight"])
-    return RecipeEntry((base / str(item["path"])).resolve(), int(item["step"]), weight,
-                       str(item.get("sha256", "")), int(item.get("bytes", 0)), str(item.get("quick_hash", "")))
+    return RecipeEntry(_beside(base, str(item["path"])), int(item["step"]), weight,  # type: ignore[arg-type]
+                       str(item.get("sha256", "")), int(item.get("bytes", 0)), str(item.get("quick_hash", "")),
+                       str(item.get("etag", "")))
 
 
 def to_mergekit(recipe: Recipe, relative_to: Path | None = None, same_dtype: str | None = None) -> dict:
@@ -381,6 +397,8 @@ def _mergekit_model(item: object, base: Path) -> tuple[Path, float]:
     model = item["model"]
     name = model.get("model") if isinstance(model, dict) else model
     weight = parse_weight((item.get("parameters") or {})["weight"])
+    if is_remote(str(name)):
+        return as_path(str(name)), weight   # type: ignore[return-value]
     path = Path(str(name)).expanduser()
     if not path.is_absolute():
         path = base / path if (base / path).exists() or not path.exists() else path.resolve()
@@ -393,7 +411,7 @@ def load_any_recipe(path: str | Path) -> Recipe:
     Raises:
         RecipeError: unreadable, or neither kind of file.
     """
-    path = Path(path).expanduser().resolve()
+    path = _located(path)
     doc = _read_yaml(path)
     return recipe_from_mergekit(doc, path) if is_mergekit_config(doc) else recipe_from_dict(doc, path)
 
@@ -407,6 +425,7 @@ def with_hashes(recipe: Recipe) -> Recipe:
             continue
         ref = checkpoint_ref(e.path, e.step)
         entries.append(RecipeEntry(e.path, e.step, e.weight, e.sha256 or checkpoint_sha256(ref.files),
-                                   ref.size_bytes, e.quick_hash or checkpoint_quick_hash(ref.files)))
+                                   ref.size_bytes, e.quick_hash or checkpoint_quick_hash(ref.files),
+                                   e.etag or checkpoint_etag(ref.files)))
     return Recipe(recipe.method, tuple(entries), recipe.output_dtype, recipe.reasons, recipe.created_by,
                   recipe.source_run, recipe.output_format, recipe.settings)

@@ -295,7 +295,8 @@ def checkpoint_ref(path: str | Path, step: int | None = None) -> CheckpointRef:
     Raises:
         CheckpointReadError: the path is missing or not a known checkpoint layout.
     """
-    path = Path(path).expanduser().resolve()
+    from .remote import as_path, is_remote   # a URL names an object (issue 22): nothing to resolve
+    path = as_path(path) if is_remote(path) else Path(path).expanduser().resolve()
     layout = detect_layout(path)
     if layout is None:
         reason = "not a checkpoint layout CkptSelect knows" if path.exists() else "no such file or folder"

@@ -7,8 +7,9 @@ merge (``merge --checkpoints A B C`` builds one first). Its stages, a module eac
 read ahead on a thread, and the sha256 of inputs the recipe has none for, taken from those same
 reads), ``arithmetic`` (the contract and the numpy adder; ``fused`` with ``_fused.c`` the compiled
 one, ``torch_adder`` the float8 one; ``average`` picks one and runs the stream), ``output`` (the
-files the newest input's layout calls for, written into a hidden folder) and ``engine`` (the
-stages in order, then the rename into place). ``in_memory`` builds the same average as a state
+files the newest input's layout calls for, written into a hidden folder), ``bucket`` (a target in
+object storage: files uploaded one by one, the recipe last) and ``engine`` (the stages in order,
+then the rename into place). ``in_memory`` builds the same average as a state
 dict for evaluators.
 """
 

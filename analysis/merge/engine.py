@@ -4,7 +4,9 @@ Memory holds a few blocks of every input, never a whole tensor of the output
 (see :mod:`analysis.merge.arithmetic`). The output is written into a hidden temporary folder
 beside the target and renamed into place at the end, so an interrupted merge (even
 ``kill -9``) leaves either no output or a complete one at the target path; inputs are
-never written to. ``force`` replaces an existing target, when it is an earlier merge's output
+never written to. A URL target (``s3://bucket/merged``) has no rename: :mod:`analysis.merge.bucket`
+uploads the files one by one with the recipe last, as the commit marker (issue 22).
+``force`` replaces an existing target, when it is an earlier merge's output
 or empty (see :func:`analysis.merge.verify.check_target`): the old one is renamed aside, the
 new one renamed in, then the old one deleted. Each merge first removes what killed merges
 left in the target's folder, and says so in its result.
@@ -32,6 +34,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import uuid
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
@@ -42,11 +45,14 @@ import numpy as np
 
 from ..checkpoints import TensorInfo, open_checkpoint, original_name
 from ..errors import MergeError
-from ..hashing import checkpoint_quick_hash, combine_quick_hash, combine_sha256
-from ..recipe import Recipe, dump_mergekit, dump_recipe
+from ..hashing import checkpoint_etag, checkpoint_quick_hash, combine_quick_hash, combine_sha256
+from ..remote import RemotePath, as_path, is_remote
+from ..remote.outputs import incomplete_output
+from ..recipe import Recipe, RecipeEntry, dump_mergekit, dump_recipe
 from ..run import MERGE_MARKER_KEY, CheckpointRef, checkpoint_ref
 from ..targets import storage_errors
 from .average import arithmetic, stream_average
+from .bucket import BucketUpload, check_bucket_target
 from .output import (MERGEKIT_FILE, MODEL_FILE, RECIPE_FILE, OutputPlan, format_suggestion, plan_output,
                      write_output)
 from ..inputs import normalize_weights
@@ -83,7 +89,7 @@ class StaleFolders:
 class MergeResult:
     """Where the merge went and what it holds."""
 
-    out_dir: Path
+    out_dir: Path               # a RemotePath for a bucket output (issue 22)
     model_file: Path            # model.safetensors, or model.safetensors.index.json when sharded
     recipe_file: Path
     size_bytes: int             # of the weight files
@@ -159,8 +165,8 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
     if not refs:
         raise MergeError("nothing to merge: no checkpoints given")
     weights = normalize_weights(weights, len(refs), [str(r.path) for r in refs])
-    out_dir = Path(out_dir).expanduser().resolve()
-    check_target(out_dir, refs, force)
+    out_dir = output_target(out_dir)
+    replaced = _check_any_target(out_dir, refs, force)
     recipe = recipe if recipe is not None else Recipe("manual", (), output_dtype)
     out_format = out_format or recipe.output_format
     recipe = replace(recipe, output_format=out_format)   # the recipe beside the merge says which file it holds
@@ -168,24 +174,70 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
     with ExitStack() as stack:
         handles = [stack.enter_context(open_checkpoint(r.path, r.layout)) for r in refs]
         layout, plan = _plan(handles, refs, output_dtype, out_shard_size, out_format)
-        stale = remove_stale_hidden_folders(out_dir)
-        if stale.paths and progress is not None:
-            progress(0.0, stale.describe())
-        tmp = _make_partial(out_dir)
-        try:
-            check_disk(out_dir, plan.size_bytes)
-            with storage_errors(out_dir):
-                size = _write(tmp, handles, weights, layout, plan, refs, recipe, output_dtype, progress, nonfinite,
-                              hash_inputs)
-                _publish(tmp, out_dir, force)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        def write(folder: Path, on_file: Callable[[Path], None] | None = None) -> int:
+            return _write(folder, handles, weights, layout, plan, refs, recipe, output_dtype, progress, nonfinite,
+                          hash_inputs, on_file)
+
+        if isinstance(out_dir, RemotePath):
+            size, files, stale = *_write_to_bucket(out_dir, replaced, plan, write), StaleFolders()
+        else:
+            size, files, stale = _write_to_folder(out_dir, plan, write, force, progress)
     model_file = out_dir / plan.model_file
-    files = tuple(sorted(p.name for p in out_dir.iterdir()))
     return MergeResult(out_dir, model_file, out_dir / RECIPE_FILE, size, len(layout),
                        tuple(r.step for r in refs), weights, files, plan.sharded, stale,
                        nonfinite.warnings(output_dtype), out_format, format_suggestion(refs[-1].path, out_format))
+
+
+def output_target(out_dir: "str | Path | RemotePath") -> "Path | RemotePath":
+    """Where the merge goes: a prefix in object storage for a URL (issue 22), else the resolved local folder."""
+    return as_path(out_dir) if is_remote(out_dir) else Path(out_dir).expanduser().resolve()
+
+
+def _check_any_target(out_dir: "Path | RemotePath", refs: Sequence[CheckpointRef], force: bool) -> tuple[str, ...]:
+    """:func:`check_target` for a folder, :func:`check_bucket_target` for a prefix; the keys a forced merge replaces.
+
+    Also refuses a remote sharded input that is an incomplete merge output (a killed merge's shards).
+    """
+    for ref in refs:
+        if isinstance(ref.path, RemotePath) and len(ref.files) > 1:
+            note = incomplete_output(ref.path if ref.path.is_dir() else ref.path.parent)
+            if note:
+                raise MergeError(note)
+    if isinstance(out_dir, RemotePath):
+        return check_bucket_target(out_dir, [p for r in refs for p in (r.path, *r.files)], force)
+    check_target(out_dir, refs, force)
+    return ()
+
+
+def _write_to_folder(out_dir: Path, plan: OutputPlan, write: Callable[[Path], int], force: bool,
+                     progress: Progress | None) -> tuple[int, tuple[str, ...], StaleFolders]:
+    """Write into a hidden folder beside ``out_dir`` and rename it into place: (bytes, file names, stale removed)."""
+    stale = remove_stale_hidden_folders(out_dir)
+    if stale.paths and progress is not None:
+        progress(0.0, stale.describe())
+    tmp = _make_partial(out_dir)
+    try:
+        check_disk(out_dir, plan.size_bytes)
+        with storage_errors(out_dir):
+            size = write(tmp)
+            _publish(tmp, out_dir, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return size, tuple(sorted(p.name for p in out_dir.iterdir())), stale
+
+
+def _write_to_bucket(prefix: RemotePath, replaced: Sequence[str], plan: OutputPlan,
+                     write: Callable[[Path, Callable[[Path], None]], int]) -> tuple[int, tuple[str, ...]]:
+    """Write file by file into local scratch, each uploaded and deleted once written, the recipe last
+    (:mod:`analysis.merge.bucket`); on failure the uploaded objects are deleted. (bytes, object names)."""
+    with BucketUpload(prefix, replaced) as upload:
+        check_disk(upload.scratch / "output", plan.largest_file_bytes)
+        with storage_errors(upload.scratch):
+            size = write(upload.scratch, upload.send)
+        upload.commit()
+    return size, tuple(sorted(upload.sizes))
 
 
 def _make_partial(out_dir: Path) -> Path:
@@ -309,12 +361,15 @@ def plan_merge(refs: Sequence[CheckpointRef], weights: Sequence[float], out_dir:
     Raises the same errors as the merge would before writing (target, mismatch, disk).
     """
     weights = normalize_weights(weights, len(refs), [str(r.path) for r in refs])
-    out_dir = Path(out_dir).expanduser().resolve()
-    check_target(out_dir, refs, force)
+    out_dir = output_target(out_dir)
+    _check_any_target(out_dir, refs, force)
     with ExitStack() as stack:
         handles = [stack.enter_context(open_checkpoint(r.path, r.layout)) for r in refs]
         layout, plan = _plan(handles, refs, output_dtype, out_shard_size, out_format)
-        free = check_disk(out_dir, plan.size_bytes)
+        if isinstance(out_dir, RemotePath):   # local scratch holds one file of the output at a time
+            free = check_disk(Path(tempfile.gettempdir()) / "output", plan.largest_file_bytes)
+        else:
+            free = check_disk(out_dir, plan.size_bytes)
         adder = arithmetic(handles, layout)     # first: loading the kernel is not the probe's to time
         peak, projected = project(handles, weights, layout, plan)
     files = plan.files + (RECIPE_FILE, MERGEKIT_FILE)
@@ -332,8 +387,11 @@ def _plan(handles, refs: Sequence[CheckpointRef], output_dtype: str, out_shard_s
 
 def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPlan, refs, recipe: Recipe,
            output_dtype: str, progress: Progress | None, nonfinite: "_NonFinite | None" = None,
-           hash_inputs: bool = False) -> int:
-    """Write the model, our recipe and the mergekit config into ``tmp``; return the weights' bytes."""
+           hash_inputs: bool = False, on_file: Callable[[Path], None] | None = None) -> int:
+    """Write the model, our recipe and the mergekit config into ``tmp``; return the weights' bytes.
+
+    ``on_file`` is called with each weights file once it is complete (a bucket output uploads it then).
+    """
     recipe_text = dump_recipe(recipe) if recipe.checkpoints else ""
     metadata = {
         "format": "pt",
@@ -348,7 +406,7 @@ def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPl
     unhashed = _unhashed_files(recipe, refs) if hash_inputs else []
     with ReadHashes(unhashed) if unhashed else nullcontext() as hashes:
         blocks = _stored_blocks(handles, weights, layout, progress, hashes, nonfinite)
-        size = write_output(tmp, plan, blocks, metadata, output_dtype)
+        size = write_output(tmp, plan, blocks, metadata, output_dtype, on_file)
         recipe = _with_read_hashes(recipe, refs, hashes.finish()) if hashes else _with_quick_hashes(recipe, refs)
     if recipe_text:
         (tmp / RECIPE_FILE).write_text(dump_recipe(recipe))
@@ -371,10 +429,16 @@ def _unhashed_files(recipe: Recipe, refs: Sequence[CheckpointRef]) -> list[Path]
 
 def _with_quick_hashes(recipe: Recipe, refs: Sequence[CheckpointRef]) -> Recipe:
     """The recipe with the quick hash and size of each input it has no sha256 for (see the module docstring)."""
-    entries = [entry if entry.sha256 else replace(entry, quick_hash=entry.quick_hash or checkpoint_quick_hash(ref.files),
-                                                  size_bytes=ref.size_bytes)
-               for entry, ref in zip(recipe.checkpoints, refs)]
+    entries = [entry if entry.sha256 else _fingerprinted(entry, ref) for entry, ref in zip(recipe.checkpoints, refs)]
     return replace(recipe, checkpoints=tuple(entries))
+
+
+def _fingerprinted(entry: RecipeEntry, ref: CheckpointRef) -> RecipeEntry:
+    """The entry with its size and ETag (a remote input: from the listing, free) or else its quick hash
+    (~2 MiB read per file; for a remote object the ETag already fingerprints it, issue 22)."""
+    etag = entry.etag or checkpoint_etag(ref.files)
+    quick = entry.quick_hash or ("" if etag else checkpoint_quick_hash(ref.files))
+    return replace(entry, quick_hash=quick, size_bytes=ref.size_bytes, etag=etag)
 
 
 def _with_read_hashes(recipe: Recipe, refs: Sequence[CheckpointRef],
@@ -385,7 +449,7 @@ def _with_read_hashes(recipe: Recipe, refs: Sequence[CheckpointRef],
         if not entry.sha256:
             entry = replace(entry, sha256=combine_sha256({f: digests[f][0] for f in ref.files}),
                             quick_hash=entry.quick_hash or combine_quick_hash({f: digests[f][1] for f in ref.files}),
-                            size_bytes=ref.size_bytes)
+                            size_bytes=ref.size_bytes, etag=entry.etag or checkpoint_etag(ref.files))
         entries.append(entry)
     return replace(recipe, checkpoints=tuple(entries))
 

@@ -19,7 +19,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -28,6 +28,8 @@ from ..checkpoints.safetensors_writer import SafetensorsWriter
 from ..checkpoints.torch_writer import TorchWriter
 from ..errors import InvalidArgument, MergeError
 from ..inputs import OUTPUT_FORMATS
+from ..remote import RemotePath
+from ..remote.outputs import SHARD_BYTES_KEY
 
 MODEL_FILE = "model.safetensors"
 # The single file of each torch output format, and the key its state dict sits under (None: at the top).
@@ -66,6 +68,11 @@ class OutputPlan:
         per_tensor = 512 * sum(len(infos) for _, infos in self.shards) if self.out_format in TORCH_FILES else 0
         return (self.data_bytes + HEADER_ALLOWANCE * len(self.shards) + per_tensor
                 + sum(p.stat().st_size for p in self.side_files))
+
+    @property
+    def largest_file_bytes(self) -> int:
+        """Upper bound of the largest weights file: the local scratch a bucket output needs at once (issue 22)."""
+        return max(sum(i.size_bytes for i in infos) for _, infos in self.shards) + HEADER_ALLOWANCE
 
     @property
     def model_file(self) -> str:
@@ -140,8 +147,13 @@ def _pack(stored: list[TensorInfo], limit: int | None) -> list[list[TensorInfo]]
 
 
 def write_output(tmp: Path, plan: OutputPlan, blocks: Iterable[tuple[str, int, np.ndarray]],
-                 metadata: dict[str, str], output_dtype: str) -> int:
+                 metadata: dict[str, str], output_dtype: str,
+                 on_file: Callable[[Path], None] | None = None) -> int:
     """Write the shards in order from ``blocks`` (stored name, start element, block), then index and side files.
+
+    ``on_file`` gets each weights file once it is complete, before the next is written (a bucket
+    output uploads and deletes it there, so local scratch holds one shard at a time). The index
+    records each shard's size, so a reader can tell a complete output from a killed one (issue 22).
 
     Returns:
         Bytes of the weight files written.
@@ -149,6 +161,7 @@ def write_output(tmp: Path, plan: OutputPlan, blocks: Iterable[tuple[str, int, n
     stream = iter(blocks)
     total = 0
     weight_map: dict[str, str] = {}
+    shard_bytes: dict[str, int] = {}
     pending: tuple[str, int, np.ndarray] | None = None
     for file_name, infos in plan.shards:
         with _writer(plan, tmp / file_name, list(infos), metadata) as writer:
@@ -161,10 +174,14 @@ def write_output(tmp: Path, plan: OutputPlan, blocks: Iterable[tuple[str, int, n
                 pending = None
         total += writer.total_bytes
         weight_map.update({i.name: file_name for i in infos})
+        shard_bytes[file_name] = (tmp / file_name).stat().st_size
+        if on_file is not None:
+            on_file(tmp / file_name)
     for name, _, _ in stream:
         raise MergeError(f"{tmp}: tensor {name!r} was averaged but has no place in the output")
     if plan.sharded:
-        index = {"metadata": {"total_size": plan.data_bytes, **metadata}, "weight_map": weight_map}
+        index = {"metadata": {"total_size": plan.data_bytes, **metadata, SHARD_BYTES_KEY: shard_bytes},
+                 "weight_map": weight_map}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     for source in plan.side_files:
         _copy_side_file(source, tmp / source.name, output_dtype)
@@ -190,7 +207,10 @@ def _writer(plan: OutputPlan, path: Path, infos: list[TensorInfo],
 def _copy_side_file(source: Path, target: Path, output_dtype: str) -> None:
     """Copy a side file; a config.json gets the output dtype when the merge changed it."""
     if source.name != "config.json" or output_dtype == "same":
-        shutil.copyfile(source, target)
+        if isinstance(source, RemotePath):   # a side file of a remote input: a few KB, one request
+            target.write_bytes(source.read_bytes())
+        else:
+            shutil.copyfile(source, target)
         return
     try:
         config = json.loads(source.read_text())

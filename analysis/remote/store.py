@@ -113,6 +113,39 @@ class Store:
         self.stats.add(requests=len(ranges), read=sum(e - s for s, e in ranges))
         return list(blobs)
 
+    def read_spans(self, spans: Sequence[tuple[str, int, int]]) -> list[bytes]:
+        """The bytes of each ``(path, start, end)`` span, over several objects, in one concurrent batch.
+
+        What a merge block needs: the same range of every input, fetched at once (``cat_ranges``
+        runs them concurrently), so a block costs the slowest request, not the sum. A span an
+        object cannot fill is a :class:`RemoteError` naming that object's URL.
+        """
+        if not spans:
+            return []
+        paths, starts, ends = [p for p, _, _ in spans], [s for _, s, _ in spans], [e for _, _, e in spans]
+        failed = [paths[0]]
+
+        def fetch() -> list:
+            blobs = self.fs.cat_ranges(paths, starts, ends, on_error="return")
+            for path, blob in zip(paths, blobs):
+                if isinstance(blob, BaseException):   # raised, so that call() retries it when transient
+                    failed[0] = path
+                    raise blob
+            return blobs
+
+        try:
+            blobs = self.call(self.url(paths[0]), "read", fetch)
+        except RemoteError as e:
+            reason = e.reason
+            if "not satisfiable" in reason or "InvalidRange" in reason:   # HTTP 416: the object got shorter
+                reason = f"truncated object: a range past its end was asked ({reason})"
+            raise RemoteError(self.url(failed[0]), reason) from e.__cause__
+        for blob, (path, start, end) in zip(blobs, spans):
+            if len(blob) != end - start:
+                raise RemoteError(self.url(path), f"truncated object: bytes {start}-{end} asked, {len(blob)} returned")
+        self.stats.add(requests=len(spans), read=sum(e - s for _, s, e in spans))
+        return list(blobs)
+
     def read_range(self, path: str, start: int, end: int) -> bytes:
         """One exact ``[start, end)`` range."""
         return self.read_ranges(path, [(start, end)])[0]
