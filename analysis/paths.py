@@ -59,7 +59,8 @@ def is_within(path: str | Path, root: str | Path) -> bool:
 def normalized_url(path: "str | RemotePath") -> RemotePath:
     """A URL with its ``..`` and ``.`` parts and doubled slashes folded away (an object key never resolves them)."""
     remote = path if isinstance(path, RemotePath) else RemotePath(str(path))
-    key = posixpath.normpath("/" + remote.key).lstrip("/")
+    lead = "/" if remote.key.startswith("/") else ""   # memory:// keys start with one; s3 keys never do
+    key = lead + posixpath.normpath("/" + remote.key).lstrip("/")
     return RemotePath(remote.url, store=remote.store, key=key)
 
 

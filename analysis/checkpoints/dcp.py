@@ -80,7 +80,8 @@ def _safe_reader(folder: Path) -> object:
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     remote = isinstance(folder, RemotePath)
-    base = dcp.FsspecReader if remote else dcp.FileSystemReader
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+    base = FsspecReader if remote else dcp.FileSystemReader
 
     class SafeReader(base):   # type: ignore[misc, valid-type]
         def read_metadata(self, *args: object, **kwargs: object) -> object:
