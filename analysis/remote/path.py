@@ -96,6 +96,10 @@ class RemotePath:
     def __repr__(self) -> str:
         return f"RemotePath({self.url!r})"
 
+    def __reduce__(self) -> tuple:
+        """Pickled as its URL (caches pickle runs): unpickled onto this process's store for the protocol."""
+        return (RemotePath, (self.url,))
+
     def as_posix(self) -> str:
         """The URL (what sorting and messages use where a local path gives its POSIX form)."""
         return self.url
