@@ -79,7 +79,7 @@ def test_hf_trainer_run_by_url_equals_the_local_run(tmp_path, s3_server, s3_buck
 def test_torch_pt_run_by_url_equals_the_local_run(tmp_path, s3_server, s3_bucket) -> None:
     """issue 22: nanoGPT ckpt.pt and Lightning .ckpt files, read weights-only from fetched bytes."""
     run = tmp_path / "pt"
-    (run / "lightning" / "version_0" / "checkpoints").mkdir(parents=True)
+    run.mkdir()
     nanogpt_ckpt(run / "ckpt_250.pt", seed=0, iter_num=250)
     nanogpt_ckpt(run / "ckpt_500.pt", seed=1, iter_num=500)
     url = upload_tree(run, s3_server.endpoint, s3_bucket, "pt")
@@ -89,6 +89,29 @@ def test_torch_pt_run_by_url_equals_the_local_run(tmp_path, s3_server, s3_bucket
         [(250, "metadata", "torch_pickle"), (500, "metadata", "torch_pickle")]
     for a, b in zip(local.checkpoints, remote.checkpoints):
         _same_tensors(a, b)
+
+
+def test_lightning_versions_by_url_are_the_same_runs(tmp_path, s3_server, s3_bucket) -> None:
+    """issue 22: a folder of Lightning version_N runs: find_runs and open_run(run_name=) agree with the local copy."""
+    from analysis.run import find_runs
+
+    root = tmp_path / "lightning_logs"
+    for version, steps in ((0, (100, 200)), (1, (100, 300))):   # version_1 starts over: a run of its own
+        folder = root / f"version_{version}" / "checkpoints"
+        folder.mkdir(parents=True)
+        for index, step in enumerate(steps):
+            lightning_ckpt(folder / f"epoch={index}-step={step}.ckpt", seed=step + version, global_step=step)
+        (root / f"version_{version}" / "metrics.csv").write_text(
+            "epoch,step,train_loss\n" + "".join(f"0,{s},{2 - s / 1000}\n" for s in range(steps[0] - 50, steps[1])))
+    url = upload_tree(root, s3_server.endpoint, s3_bucket, "lightning_logs")
+    local, remote = find_runs(root), find_runs(url)
+    assert [(r.name, str(r.path.relative_to(root)), r.steps) for r in local] == \
+        [(r.name, str(r.path.relative_to(RemotePath(url))), r.steps) for r in remote]
+    assert [r.name for r in remote] == ["version_0", "version_1"]
+    a, b = open_run(root, run_name="version_1"), open_run(url, run_name="version_1")
+    _same_run(a, b)
+    assert [(r.step, r.layout) for r in b.checkpoints] == [(100, "torch_pickle"), (300, "torch_pickle")]
+    _same_tensors(a.checkpoints[0], b.checkpoints[0])
 
 
 def test_large_torch_file_is_read_lazily_each_tensor_by_its_own_range(tmp_path, s3_server, s3_bucket,
@@ -376,3 +399,17 @@ def test_url_roots_confine_by_whole_key_components(s3_bucket) -> None:
     assert is_within(f"{root}/x/y", root) and is_within(root, root) and not is_within("/tmp", root)
     with pytest.raises(InvalidArgument):
         open_run(f"s3://{s3_bucket}/elsewhere", root=root)
+
+
+def test_deepspeed_and_megatron_folders_by_url(tmp_path, s3_server, s3_bucket) -> None:
+    """issue 22: DeepSpeed global_stepN/ tags and Megatron iter_N/mp_rank_TT/ shards, read by URL as on disk."""
+    from test_field_layouts import mcore_state_dict, write_deepspeed_run, write_megatron_legacy
+
+    write_deepspeed_run(tmp_path / "ds")
+    write_megatron_legacy(tmp_path / "mg" / "iter_0000100", mcore_state_dict(seed=1), 100, tp=2)
+    for name in ("ds", "mg"):
+        url = upload_tree(tmp_path / name, s3_server.endpoint, s3_bucket, name)
+        local, remote = open_run(tmp_path / name), open_run(url)
+        _same_run(local, remote)
+        assert {r.layout for r in remote.checkpoints} == {"deepspeed" if name == "ds" else "megatron"}
+        _same_tensors(local.checkpoints[-1], remote.checkpoints[-1])
