@@ -413,3 +413,20 @@ def test_deepspeed_and_megatron_folders_by_url(tmp_path, s3_server, s3_bucket) -
         _same_run(local, remote)
         assert {r.layout for r in remote.checkpoints} == {"deepspeed" if name == "ds" else "megatron"}
         _same_tensors(local.checkpoints[-1], remote.checkpoints[-1])
+
+
+def test_refused_request_403_is_one_line_exit_2(tmp_path, s3_server, s3_bucket, capsys, monkeypatch) -> None:
+    """issue 22: a 403 (keys the server does not know: moto's IAM checks switched on) is exit 2 naming the URL."""
+    from moto import settings
+    from moto.core.authorization import ActionAuthenticatorMixin
+
+    run = write_tiny_run(tmp_path / "run", [50])
+    url = upload_tree(run, s3_server.endpoint, s3_bucket, "denied")
+    # What moto's /moto-api/reset-auth does: check every request's credentials from now on (the server is in-process).
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    monkeypatch.setattr(ActionAuthenticatorMixin, "request_count", 0)
+    assert main(["analyze", url]) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and url in err and "access denied" in err, err
+    assert "testing" not in err   # the key is not shown
