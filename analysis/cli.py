@@ -794,7 +794,6 @@ def ui(run_path: Path | None, root: Path | None, evaluators: tuple[str, ...], po
     if missing is not None:
         raise InvalidArgument(f"ui --eval {missing}: no such file")
     env["CKPT_SELECT_EVALUATORS"] = json.dumps(allowed)
-    env.pop("CKPT_SELECT_STORAGE_OPTIONS", None)
     if _OPTIONS.get("storage_options"):   # in the server's environment only, never on its command line
         env["CKPT_SELECT_STORAGE_OPTIONS"] = _OPTIONS["storage_options"]
     env.pop("CKPT_SELECT_ALLOW_PRUNE", None)   # only this flag allows it, never an inherited variable

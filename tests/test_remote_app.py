@@ -5,6 +5,7 @@ Streamlit's AppTest runs the real app script in this process, against moto's S3 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,10 @@ def test_app_opens_an_s3_run_by_url(tmp_path, s3_server, s3_bucket, monkeypatch)
     """issue 22: the Run and Checkpoints pages of a run read straight from the bucket."""
     run = write_tiny_run(tmp_path / "run", [50, 100, 150, 200])
     url = upload_tree(run, s3_server.endpoint, s3_bucket, "runs/tiny")
+    from analysis.remote import set_storage_options
+    set_storage_options(None)   # the server process gets them from `ui --storage-options`, in its environment
+    monkeypatch.setenv("CKPT_SELECT_STORAGE_OPTIONS", json.dumps(
+        {"s3": {"endpoint_url": s3_server.endpoint, "key": "testing", "secret": "testing"}}))
     at = _open(url, monkeypatch)
     assert at.title[0].value == "tiny"
     assert any(url in c.value for c in at.caption)   # "Open: `s3://...`" in the sidebar
@@ -61,3 +66,26 @@ def test_root_url_prefix_confines_the_app(tmp_path, s3_server, s3_bucket, monkey
     assert any("outside the allowed prefix" in e.value for e in refused.error)
     sneaky = _open(f"{root}/../runs2/a", monkeypatch, root=root)
     assert any("outside the allowed prefix" in e.value for e in sneaky.error)
+
+
+def test_ui_hands_a_url_root_and_the_storage_options_to_the_server_only_in_its_environment(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """issue 22: `ui --root s3://...` keeps the URL (click.Path would make it s3:/...); the options travel in the
+    server's environment, never on its command line or in the output."""
+    import os
+
+    from analysis.cli import main
+    from analysis.remote import set_storage_options
+
+    seen: list[tuple[list[str], dict]] = []
+    monkeypatch.setattr(os, "execve", lambda path, args, env: seen.append((args, env)))
+    options = '{"s3": {"endpoint_url": "http://127.0.0.1:9", "secret": "hush-hush"}}'
+    try:
+        assert main(["--storage-options", options, "ui", "s3://bucket/runs/a", "--root", "s3://bucket/runs"]) == 0
+    finally:
+        set_storage_options(None)
+    args, env = seen[0]
+    assert env["CKPT_SELECT_ROOT"] == "s3://bucket/runs" and env["CKPT_SELECT_RUN"] == "s3://bucket/runs/a"
+    assert env["CKPT_SELECT_STORAGE_OPTIONS"] == options
+    out, err = capsys.readouterr()
+    assert "hush-hush" not in " ".join(args) + out + err
