@@ -177,9 +177,8 @@ def _replaced(tree: object, values: dict[int, object]) -> object:
     """A copy of the containers of ``tree`` with the tensors in ``values`` (by id) replaced."""
     if id(tree) in values:
         return values[id(tree)]
-    if isinstance(tree, dict):
-        return type(tree)((k, _replaced(v, values)) for k, v in tree.items()) if type(tree) is not dict else \
-            {k: _replaced(v, values) for k, v in tree.items()}
+    if isinstance(tree, dict):   # dict or OrderedDict: all the weights-only unpickler builds
+        return type(tree)((k, _replaced(v, values)) for k, v in tree.items())
     if isinstance(tree, list):
         return [_replaced(v, values) for v in tree]
     if isinstance(tree, tuple) and type(tree) is tuple:
