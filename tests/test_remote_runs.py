@@ -173,6 +173,7 @@ def test_logs_by_url_jsonl_csv_trainer_state_and_text(tmp_path, s3_server, s3_bu
 
 
 def test_tensorboard_event_file_by_url(tmp_path, s3_server, s3_bucket) -> None:
+    """issue 22: tbparse opens files by name: a remote event file is fetched to a temporary copy."""
     tensorboard = pytest.importorskip("torch.utils.tensorboard")
     with tensorboard.SummaryWriter(str(tmp_path / "tb")) as writer:
         for step in range(1, 30):
@@ -366,6 +367,7 @@ def test_refused_credentials_are_exit_2_without_showing_them(tmp_path, s3_server
 
 
 def test_stop_storage_and_recommend_accept_urls(tmp_path, s3_server, s3_bucket, capsys) -> None:
+    """issue 22: stop, storage --run and recommend take a URL; --json reports the listing made."""
     run = write_tiny_run(tmp_path / "run", list(range(50, 650, 50)))
     url = upload_tree(run, s3_server.endpoint, s3_bucket, "cmds")
     assert main(["stop", url, "--json"]) == 0
@@ -377,6 +379,7 @@ def test_stop_storage_and_recommend_accept_urls(tmp_path, s3_server, s3_bucket, 
 
 
 def test_watch_follows_a_run_by_url(tmp_path, s3_server, s3_bucket, capsys) -> None:
+    """issue 22: watch takes a URL (each look: one listing; unchanged objects are not fetched again)."""
     run = write_tiny_run(tmp_path / "run", [50, 100, 150])
     url = upload_tree(run, s3_server.endpoint, s3_bucket, "watch")
     assert main(["watch", url, "--json", "--every", "0.1", "--until-step", "150"]) == 0
@@ -430,3 +433,15 @@ def test_refused_request_403_is_one_line_exit_2(tmp_path, s3_server, s3_bucket, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and url in err and "access denied" in err, err
     assert "testing" not in err   # the key is not shown
+
+
+def test_looking_again_at_an_unchanged_run_costs_one_listing(tmp_path, s3_server, s3_bucket) -> None:
+    """issue 22: what watch and the app do each look: the listing again; headers and small logs whose ETag
+    did not change are not fetched again."""
+    run = write_tiny_run(tmp_path / "run", list(range(50, 650, 50)))
+    url = upload_tree(run, s3_server.endpoint, s3_bucket, "again")
+    first = open_run(url)
+    s3_server.counts.reset()
+    second = open_run(url)
+    assert s3_server.counts.requests == {"GET": 1}
+    assert second.fingerprint == first.fingerprint and len(second.checkpoints) == 12
