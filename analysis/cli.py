@@ -89,12 +89,43 @@ class _LazyChoice(click.Choice):
         return self._loaded
 
 
+class _PathOrURL(click.ParamType):
+    """A local path, as ``click.Path(path_type=Path)`` gives it, or a URL kept as text (``s3://b/run``, issue 22).
+
+    ``click.Path`` would make ``s3://b/run`` the local path ``s3:/b/run``; a ``file://`` URL is its path.
+    """
+
+    name = "path"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> object:
+        from .remote import is_url, local_part
+        if isinstance(value, Path) or value is None:
+            return value
+        text = str(value)
+        return text if is_url(text) else Path(local_part(text))
+
+
+PATH_OR_URL = _PathOrURL()
+
+
 def _emit(doc: dict) -> None:
+    io = _io_this_command()
+    if io:   # what object storage served this command: requests, bytes, retries (issue 22)
+        doc = {**doc, "io": io}
     click.echo(json.dumps(doc, indent=2, allow_nan=False))
 
 
+def _io_this_command() -> dict[str, dict[str, int]]:
+    """The remote I/O counters of the stores used since the command started, per protocol (empty: none)."""
+    from .remote import all_stats
+    before = _OPTIONS["io_before"]
+    now = all_stats()
+    return {protocol: {k: v - before.get(protocol, {}).get(k, 0) for k, v in counts.items()}
+            for protocol, counts in now.items()}
+
+
 # Global options the entry point needs after the command returns (set by the group's callback).
-_OPTIONS: dict[str, bool] = {"verbose": False}
+_OPTIONS: dict = {"verbose": False, "io_before": {}}
 
 
 def _naming_a_file_run(command: Callable[..., None]) -> Callable[..., None]:
@@ -122,9 +153,18 @@ def _note_unreadable(run: Run, err: bool = True) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ckpt-select")
 @click.option("--verbose", is_flag=True, help="Show library warnings (torch, transformers) and, on an error, its cause.")
-def cli(verbose: bool) -> None:
+@click.option("--storage-options", metavar="JSON",
+              help='Options for object storage URLs (s3://, gs://, hf://...), e.g. \'{"s3": {"endpoint_url": '
+                   '"http://minio:9000"}}\'; credentials otherwise come from the environment (docs/remote-runs.md).')
+def cli(verbose: bool, storage_options: str | None = None) -> None:
     """CkptSelect: which checkpoints of a training run to average, why, and the merge."""
     _OPTIONS["verbose"] = verbose
+    _OPTIONS["storage_options"] = None
+    if storage_options is not None:   # never echoed: it may hold secrets
+        from .remote import set_storage_options
+        set_storage_options(storage_options)
+        _OPTIONS["io_before"] = {}
+        _OPTIONS["storage_options"] = storage_options   # `ui` hands them to its server process
     if not verbose:
         _quiet_libraries()
 
@@ -142,7 +182,7 @@ def _quiet_libraries() -> None:
 
 
 @cli.command()
-@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.argument("run_path", metavar="RUN", type=PATH_OR_URL)
 @click.option("--similarity/--no-similarity", default=True, show_default=True,
               help="Sketch every checkpoint for update norms, cosines and the trajectory (cached on disk).")
 @click.option("--run", "run_name", metavar="NAME",
@@ -223,7 +263,7 @@ def _cell(value: float | None) -> str:
 
 
 @cli.command("watch")
-@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.argument("run_path", metavar="RUN", type=PATH_OR_URL)
 @click.option("--every", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
               help="Seconds between two looks at the run (only what is new is read).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
@@ -251,7 +291,7 @@ def watch_cmd(run_path: Path, every: float, as_json: bool, until_step: int | Non
 
 
 @cli.command("recommend")
-@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.argument("run_path", metavar="RUN", type=PATH_OR_URL)
 @click.option("--eval", "eval_spec", metavar="FILE.py:FUNC",
               help="Evaluator: func(state_dict) -> loss, or hf-lm:VAL.txt (a Hugging Face causal LM's loss on a text file).")
 @click.option("--eval-higher-is-better", is_flag=True, help="The evaluator returns a score to maximise.")
@@ -536,7 +576,7 @@ def export(recipe_path: str, fmt: str, output: Path | None, force: bool) -> None
 @click.option("--price-per-tb-month", type=float, default=DEFAULT_PRICE_PER_TB_MONTH, show_default=True,
               help="USD per TB-month (S3 Standard list price).")
 @click.option("--window", type=int, help="Checkpoints the averaging window needs.")
-@click.option("--run", "run_path", type=click.Path(path_type=Path),
+@click.option("--run", "run_path", type=PATH_OR_URL,
               help="A run: parameters, dtype, save interval, step time and window from it (what the app's "
                    "Storage page starts from); checkpoint stalls measured from its step times.")
 @click.option("--run-name", "run_name", metavar="NAME",
@@ -660,7 +700,7 @@ def _print_prune(doc: dict) -> None:
 
 
 @cli.command("stop")
-@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.argument("run_path", metavar="RUN", type=PATH_OR_URL)
 @click.option("--params", type=float, help="Parameter count, for the Chinchilla reference.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="A model's config.json (instead of --params).")
 @click.option("--tokens-per-step", type=float, help="Tokens per step, when the run logs no token count.")
@@ -705,7 +745,7 @@ def stop_cmd(run_path: Path, params: float | None, config_path: Path | None, tok
 
 
 @cli.command()
-@click.argument("paths", metavar="FILE_OR_DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", metavar="FILE_OR_DIR...", nargs=-1, required=True, type=PATH_OR_URL)
 @click.option("--format", "fmt", type=_LazyChoice(".logs", "LOG_READERS", sort=True), help="Skip sniffing.")
 @click.option("--run", "run_name", metavar="NAME",
               help="When RUN holds several runs (Lightning version_N, several output folders): the one to read.")
@@ -713,11 +753,12 @@ def stop_cmd(run_path: Path, params: float | None, config_path: Path | None, tok
 def logs(paths: tuple[Path, ...], fmt: str | None, as_json: bool, run_name: str | None = None) -> None:
     """Read training logs and summarise every metric."""
     from .logs import read_log
+    from .remote import as_path
     from .report import log_report, unreadable_report
     from .run import open_run, printable
     tables, unreadable = [], []
     for path in paths:
-        if path.is_dir():
+        if as_path(path).is_dir():
             run = open_run(path, run_name=run_name)
             tables.extend(run.logs)
             unreadable.extend(unreadable_report(run))
@@ -738,9 +779,10 @@ def logs(paths: tuple[Path, ...], fmt: str | None, as_json: bool, run_name: str 
 
 
 @cli.command()
-@click.argument("run_path", metavar="RUN", required=False, type=click.Path(path_type=Path))
-@click.option("--root", type=click.Path(path_type=Path),
-              help="Confine the app to this folder: runs, every file they read, evaluators (docs/security.md).")
+@click.argument("run_path", metavar="RUN", required=False, type=PATH_OR_URL)
+@click.option("--root", type=PATH_OR_URL,
+              help="Confine the app to this folder or URL prefix (s3://bucket/runs): runs, every file they read, "
+                   "evaluators (docs/security.md).")
 @click.option("--eval", "evaluators", metavar="FILE.py:FUNC", multiple=True,
               help="With --root: an evaluator the app may also run although it lies outside the root "
                    "(repeatable). An evaluator runs with the server's rights.")
@@ -759,14 +801,16 @@ def ui(run_path: Path | None, root: Path | None, evaluators: tuple[str, ...], po
     from .evaluate import canonical_evaluator_spec, evaluator_file
     env = dict(os.environ)
     if run_path is not None:
-        env["CKPT_SELECT_RUN"] = str(run_path.expanduser().resolve())
+        env["CKPT_SELECT_RUN"] = _absolute_text(run_path)
     if root is not None:
-        env["CKPT_SELECT_ROOT"] = str(root.expanduser().resolve())
+        env["CKPT_SELECT_ROOT"] = _absolute_text(root)
     allowed = [canonical_evaluator_spec(spec) for spec in evaluators]
     missing = next((spec for spec in allowed if not evaluator_file(spec).is_file()), None)
     if missing is not None:
         raise InvalidArgument(f"ui --eval {missing}: no such file")
     env["CKPT_SELECT_EVALUATORS"] = json.dumps(allowed)
+    if _OPTIONS.get("storage_options"):   # in the server's environment only, never on its command line
+        env["CKPT_SELECT_STORAGE_OPTIONS"] = _OPTIONS["storage_options"]
     env.pop("CKPT_SELECT_ALLOW_PRUNE", None)   # only this flag allows it, never an inherited variable
     if allow_prune:
         env["CKPT_SELECT_ALLOW_PRUNE"] = "1"
@@ -777,6 +821,11 @@ def ui(run_path: Path | None, root: Path | None, evaluators: tuple[str, ...], po
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(command[0], command, env)
+
+
+def _absolute_text(path: "Path | str") -> str:
+    """A local path resolved, or a URL as given (what the app is told to open or confine itself to)."""
+    return str(path.expanduser().resolve()) if isinstance(path, Path) else str(path)
 
 
 def _streamlit_command(port: int, address: str | None, open_browser: bool) -> list[str]:
@@ -798,6 +847,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
+    from .remote import all_stats
+    _OPTIONS["io_before"] = all_stats()   # --json reports this command's remote I/O, not the process's
     try:
         cli.main(args=argv, prog_name="ckpt-select", standalone_mode=False)
     except AnalysisError as e:

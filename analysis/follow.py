@@ -23,7 +23,8 @@ from .errors import AnalysisError, RunNotFound
 from .logs.builder import MetricPart
 from .logs.follow import LogFollower
 from .paths import resolve_within
-from .run import (CONFIG_FILE, CheckpointRef, Run, UnreadableFile, _assemble, _describe_checkpoints, _grouped,
+from .remote import RemotePath, is_remote
+from .run import (CONFIG_FILE, CheckpointRef, Run, UnreadableFile, _allowed, _assemble, _describe_checkpoints, _grouped,
                   _info, _log_note, _one_run, _outside, _problem, _read_config, _walk, open_run)
 from .run_groups import choose
 
@@ -77,7 +78,7 @@ class RunFollower:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def __post_init__(self) -> None:
-        self.root = Path(self.root).expanduser().resolve() if self.root is not None else None
+        self.root = _allowed(self.root)
         self.path = resolve_within(self.path, self.root)
 
     def refresh(self) -> RunUpdate:
@@ -95,6 +96,8 @@ class RunFollower:
 
     def _read(self) -> Run:
         """The :class:`Run`, from the followers' tables and the checkpoints described so far."""
+        if isinstance(self.path, RemotePath):   # a bucket has no cheap "what changed": one listing, read anew (issue 22)
+            return open_run(self.path, self.root)   # (unchanged checkpoints' sketches come from the cache, keyed by ETag)
         if not self.path.exists():
             raise RunNotFound(self.path, "no such folder")
         if self.path.is_file():   # a single file: small, read whole (as open_run does)
@@ -244,6 +247,9 @@ def describe_event(event: dict) -> str:
 def idle_seconds(path: str | Path) -> float:
     """Seconds since any file of the run folder was modified (stat only): a run idle past IDLE_SECONDS is finished."""
     import time
+    if is_remote(path):   # an object's LastModified, from one listing of the prefix (issue 22)
+        objects = RemotePath(str(path)).relist()
+        return max(time.time() - max((_modified(v) for v in objects.values()), default=0.0), 0.0)
     root = Path(path).expanduser().resolve()
     newest = root.stat().st_mtime if root.exists() else 0.0
     for dirpath, dirnames, filenames in os.walk(root) if root.is_dir() else ():
@@ -254,6 +260,12 @@ def idle_seconds(path: str | Path) -> float:
             except OSError:
                 continue
     return max(time.time() - newest, 0.0)
+
+
+def _modified(entry: dict) -> float:
+    """An object listing entry's modification time, in seconds since the epoch."""
+    value = entry.get("LastModified") or entry.get("mtime") or entry.get("created") or 0
+    return float(value.timestamp()) if hasattr(value, "timestamp") else float(value)
 
 
 def log_rows(run: Run) -> int:

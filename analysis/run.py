@@ -22,7 +22,8 @@ import yaml
 
 from .checkpoints import CHECKPOINT_READERS, SKIPPED_NOTE, detect_layout, open_checkpoint
 from .errors import AnalysisError, CheckpointReadError, InvalidArgument, NotACheckpoint, RunNotFound, SeveralRuns
-from .paths import is_within, resolve_within
+from .paths import is_within, normalized_url, resolve_within
+from .remote import RemotePath, as_path, file_look, is_remote
 from .run_groups import RunFiles, RunInfo, choose, group_by_folder, join_resumed, split_by_name, starts_over
 
 if TYPE_CHECKING:
@@ -170,8 +171,8 @@ def open_run(path: str | Path, root: str | Path | None = None, run_name: str | N
         SeveralRuns: the folder holds several runs and ``run_name`` names none (issue 21).
         InvalidArgument: ``run_name`` is not a run of the folder.
     """
-    allowed = Path(root).expanduser().resolve() if root is not None else None
-    root = resolve_within(path, allowed)
+    allowed = _allowed(root)
+    root = _fresh(resolve_within(path, allowed))
     if not root.exists():
         raise RunNotFound(root, "no such folder")
     if root.is_file():
@@ -204,8 +205,8 @@ def find_runs(path: str | Path, root: str | Path | None = None) -> list[RunInfo]
     :class:`RunInfo` opens with ``open_run(info.path)`` when its folder is its own, else with
     ``open_run(path, run_name=info.name)``.
     """
-    allowed = Path(root).expanduser().resolve() if root is not None else None
-    folder = resolve_within(path, allowed)
+    allowed = _allowed(root)
+    folder = _fresh(resolve_within(path, allowed))
     if not folder.is_dir():
         return []
     ckpt_paths, log_candidates, _ = _walk(folder, _read_config(folder), allowed)
@@ -214,6 +215,33 @@ def find_runs(path: str | Path, root: str | Path | None = None) -> list[RunInfo]
         info = _info(group)
         runs.extend(split_by_name(folder, info, [_name_step(p) for p in info.checkpoints], info.checkpoints) or [info])
     return runs
+
+
+def _allowed(root: "str | Path | RemotePath | None") -> "Path | RemotePath | None":
+    """``ui --root`` as a resolved folder or a normalised URL prefix (issue 22); None: no limit."""
+    if root is None:
+        return None
+    return normalized_url(root) if is_remote(root) else Path(root).expanduser().resolve()   # type: ignore[arg-type]
+
+
+def _fresh(path: "Path | RemotePath") -> "Path | RemotePath":
+    """``path``; a URL's prefix listed anew first: every later question about the run is answered from
+    that ONE listing (issue 22), and a live run's new objects are seen."""
+    if isinstance(path, RemotePath):
+        path.relist()
+    return path
+
+
+def _tree(root: "Path | RemotePath") -> Iterator[tuple["Path | RemotePath", list[str], list[str]]]:
+    """``os.walk`` of a local folder; for a URL the same walk answered from ONE listing of the prefix (issue 22).
+
+    Both honour the caller pruning ``dirnames`` in place.
+    """
+    if isinstance(root, RemotePath):
+        yield from root.walk()
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        yield Path(dirpath), dirnames, filenames
 
 
 def _grouped(root: Path, ckpt_paths: list[Path], log_paths: list[Path]) -> list[RunFiles]:
@@ -295,8 +323,8 @@ def checkpoint_ref(path: str | Path, step: int | None = None) -> CheckpointRef:
     Raises:
         CheckpointReadError: the path is missing or not a known checkpoint layout.
     """
-    from .remote import as_path, is_remote   # a URL names an object (issue 22): nothing to resolve
-    path = as_path(path) if is_remote(path) else Path(path).expanduser().resolve()
+    path = as_path(path)
+    path = normalized_url(path) if isinstance(path, RemotePath) else path.expanduser().resolve()
     layout = detect_layout(path)
     if layout is None:
         reason = "not a checkpoint layout CkptSelect knows" if path.exists() else "no such file or folder"
@@ -316,14 +344,14 @@ def folder_stamp(path: str | Path) -> str:
     Caches key on it so that a run still being written (new checkpoints, longer logs)
     is re-read, while an unchanged one is not.
     """
-    root = Path(path).expanduser().resolve()
+    root = _fresh(_absolute(path))
     if root.is_file():
         return _fingerprint(root.parent, [root])
     files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        depth = len(Path(dirpath).relative_to(root).parts)
+    for current, dirnames, filenames in _tree(root):
+        depth = len(current.relative_to(root).parts)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS and depth < MAX_DEPTH)
-        files.extend(Path(dirpath) / f for f in filenames)
+        files.extend(current / f for f in filenames)
     return _fingerprint(root, files)
 
 
@@ -332,10 +360,9 @@ def find_run_folders(root: str | Path, max_depth: int = 3, limit: int = 200) -> 
 
     Cheap (names only, nothing is parsed): it feeds the app's run picker.
     """
-    base = Path(root).expanduser().resolve()
+    base = _fresh(_absolute(root))
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(base):
-        current = Path(dirpath)
+    for current, dirnames, filenames in _tree(base):
         depth = len(current.relative_to(base).parts)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS and depth < max_depth)
         has_ckpt = any(f.endswith((".safetensors", ".pt", ".pth", ".ckpt", ".bin")) for f in filenames)
@@ -346,6 +373,12 @@ def find_run_folders(root: str | Path, max_depth: int = 3, limit: int = 200) -> 
         if len(found) >= limit:
             break
     return found
+
+
+def _absolute(path: "str | Path | RemotePath") -> "Path | RemotePath":
+    """A local path resolved, or a URL normalised."""
+    path = as_path(path)
+    return normalized_url(path) if isinstance(path, RemotePath) else path.expanduser().resolve()
 
 
 def _read_config(root: Path) -> dict:
@@ -373,8 +406,7 @@ def _walk(root: Path, config: dict, allowed: Path | None = None) -> tuple[list[P
     ckpts: list[Path] = []
     logs: list[Path] = []
     notes: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        current = Path(dirpath)
+    for current, dirnames, filenames in _tree(root):
         depth = len(current.relative_to(root).parts)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS and depth < MAX_DEPTH)
         dirnames[:] = [d for d in dirnames if not _outside(root, [current / d], allowed, notes)]
@@ -512,7 +544,8 @@ def _assemble(root: Path, name: str, refs: list[CheckpointRef], merged: list[Pat
     return Run(
         path=root, name=name, checkpoints=tuple(refs), logs=tuple(logs), metrics=metrics,
         fingerprint=_fingerprint(root, used), merged_outputs=tuple(merged),
-        evaluator_hint=f"{hint}:evaluate" if hint.is_file() else None, notes=tuple(notes),
+        # Never a remote one: an evaluator is code, imported from a local file only.
+        evaluator_hint=f"{hint}:evaluate" if isinstance(hint, Path) and hint.is_file() else None, notes=tuple(notes),
         unreadable=tuple(unreadable),
     )
 
@@ -606,7 +639,7 @@ def _read_checkpoint_header(path: Path) -> tuple[str, tuple[Path, ...], int, dic
 def _problem(path: Path, error: Exception) -> str:
     """Why a file could not be read, without the path the message already names elsewhere."""
     reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or str(error)
-    if path.is_symlink():
+    if isinstance(path, Path) and path.is_symlink():
         reason = f"{reason} (a symlink to {os.readlink(path)})"
     return reason
 
@@ -681,13 +714,18 @@ def _fingerprint(root: Path, files: list[Path]) -> str:
 
     Names are hashed as the file system's bytes (a name that is not UTF-8 holds lone surrogates in
     ``str``), and a file that cannot be looked at (a dangling symlink) counts as "missing" (issue 19).
+    An object in a bucket counts by its size and ETag instead of a time (issue 22).
     """
     digest = hashlib.sha1()
     for f in sorted(set(files)):
         try:
-            stat = f.stat()
-            look = f"|{stat.st_size}|{stat.st_mtime_ns}\n"
-        except OSError:
+            if isinstance(f, RemotePath):
+                _, size, version = file_look(f)
+                look = f"|{size}|{version}\n"
+            else:
+                stat = f.stat()
+                look = f"|{stat.st_size}|{stat.st_mtime_ns}\n"
+        except (OSError, AnalysisError):
             look = "|missing\n"
         digest.update(os.fsencode(f.relative_to(root) if f.is_relative_to(root) else f) + look.encode())
     return digest.hexdigest()[:16]

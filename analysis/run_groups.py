@@ -138,6 +138,8 @@ def join_resumed(groups: list[RunFiles], step_of: Callable[[Path], int | None],
 
 
 def _common_parent(a: Path, b: Path) -> Path:
+    if not isinstance(a, Path):   # a URL (issue 22): the nearest prefix holding both
+        return next(p for p in (a, *a.parents) if b == p or b.is_relative_to(p))
     parts = []
     for x, y in zip(a.parts, b.parts):
         if x != y:

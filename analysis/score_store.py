@@ -23,6 +23,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
+from .remote import RemotePath, file_look
+
 if TYPE_CHECKING:
     from .run import CheckpointRef
 
@@ -48,7 +50,8 @@ def candidate_key(refs: Sequence[CheckpointRef], weights: Sequence[float], outpu
     members = []
     for ref, weight in zip(refs, weights):
         if weight > 0:
-            files = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in ref.files]
+            files = [list(file_look(f)) if isinstance(f, RemotePath) else   # an object: URL, size, ETag (issue 22)
+                     [str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in ref.files]
             members.append([str(ref.path.resolve()), files, round(float(weight), 10)])
     return json.dumps([output_dtype, members], separators=(",", ":"))
 

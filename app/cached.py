@@ -18,6 +18,7 @@ from analysis.recipe import Recipe, dump_mergekit, dump_recipe, recipe_for_selec
 from analysis.selection import CooldownReport, Recommendation, RecommendConfig, cooldown_report, recommend
 from analysis.report import analysis_report, timing_report
 from analysis.follow import RunFollower
+from analysis.remote import as_path
 from analysis.run import Run, RunInfo, find_runs, folder_stamp
 from analysis.scaling import StopSignal, run_stop_signal
 from analysis.storage import RunStorageInputs, storage_inputs_from_run
@@ -48,7 +49,7 @@ def _run(path: str, stamp: str, root: str | None) -> Run:
 @st.cache_resource(max_entries=8, show_spinner=False)
 def _follower(path: str, root: str | None) -> RunFollower:
     """One follower per run (and root), shared by every session: it remembers where each log was read to."""
-    return RunFollower(Path(path), Path(root) if root is not None else None)
+    return RunFollower(as_path(path), as_path(root) if root is not None else None)   # a URL stays one (issue 22)
 
 
 def stamp(path: Path) -> str:

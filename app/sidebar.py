@@ -11,6 +11,7 @@ import state
 from analysis.errors import AnalysisError, SeveralRuns
 from analysis.follow import IDLE_SECONDS, idle_seconds, log_rows
 from analysis.paths import resolve_within
+from analysis.remote import as_path
 from analysis.run import find_run_folders
 
 _ERROR_KEY = "run_picker_error"
@@ -83,7 +84,7 @@ def _choose_run(path: str | None) -> None:
     """Callback: open one run of the folder, keeping the folder's run list in the sidebar."""
     if path:
         folder = state.runs_folder()
-        state.set_run_path(Path(path))
+        state.set_run_path(as_path(path))
         state.set_runs_folder(folder)
 
 
@@ -139,7 +140,7 @@ def follow_panel(current) -> None:
 
         @st.fragment(run_every=float(every) if on and not finished else None)
         def look() -> None:
-            if cached.stamp(Path(current.path)) != current.stamp:
+            if cached.stamp(as_path(current.path)) != current.stamp:
                 st.rerun()   # the whole app: charts, table and recommendation redrawn from the new run
 
         look()

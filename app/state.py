@@ -14,7 +14,8 @@ from pathlib import Path
 import streamlit as st
 
 from analysis.errors import AnalysisError
-from analysis.paths import is_within, resolve_within
+from analysis.paths import is_within, normalized_url, resolve_within
+from analysis.remote import RemotePath, as_path, is_url, set_storage_options
 
 RUN_KEY = "run_path"
 SELECTION_KEY = "selected_steps"
@@ -28,10 +29,23 @@ LAYER_KEY = "layers_chosen"
 RECENT_LIMIT = 10
 
 
-def root() -> Path | None:
-    """The folder the app is confined to (``ui --root``), or None."""
+def root() -> Path | RemotePath | None:
+    """The folder or URL prefix (``s3://bucket/runs``, issue 22) the app is confined to (``ui --root``), or None."""
     value = os.environ.get("CKPT_SELECT_ROOT")
-    return Path(value).resolve() if value else None
+    if not value:
+        return None
+    return normalized_url(value) if is_url(value) else Path(value).resolve()
+
+
+_storage_options_applied: list[str] = []
+
+
+def apply_storage_options() -> None:
+    """``ui --storage-options`` reaches the server process in its environment; applied once (never shown)."""
+    value = os.environ.get("CKPT_SELECT_STORAGE_OPTIONS")
+    if value and value not in _storage_options_applied:
+        set_storage_options(value)
+        _storage_options_applied.append(value)
 
 
 def allow_prune() -> bool:
@@ -70,10 +84,10 @@ def set_run_path(path: Path) -> None:
     remember_run(path)
 
 
-def runs_folder() -> Path | None:
+def runs_folder() -> Path | RemotePath | None:
     """The folder last opened, which may hold several runs (issue 21); else the run's own folder."""
     value = st.session_state.get(FOLDER_KEY)
-    return Path(value) if value else run_path()
+    return as_path(value) if value else run_path()
 
 
 def set_runs_folder(path: Path) -> None:

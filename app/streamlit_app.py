@@ -3,8 +3,10 @@
 import streamlit as st
 
 import sidebar
+import state
 
 st.set_page_config(page_title="CkptSelect", page_icon=":material/layers:", layout="wide")
+state.apply_storage_options()
 sidebar.run_picker()
 st.navigation([
     st.Page("views/run.py", title="Run", icon=":material/monitoring:", default=True),

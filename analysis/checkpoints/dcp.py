@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CheckpointReadError
+from ..remote import RemotePath, as_path
 from .base import DTYPE_BYTES, TensorInfo, dtype_name
 from .keys import KeyMap
 from .optim import SAVED_LR, as_learning_rate
@@ -78,14 +79,42 @@ def _safe_reader(folder: Path) -> object:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import StorageMeta
 
-    class SafeReader(dcp.FileSystemReader):
+    remote = isinstance(folder, RemotePath)
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+    base = FsspecReader if remote else dcp.FileSystemReader
+
+    class SafeReader(base):   # type: ignore[misc, valid-type]
         def read_metadata(self, *args: object, **kwargs: object) -> object:
-            metadata = read_metadata(Path(self.path))
+            metadata = read_metadata(as_path(self.path) if remote else Path(self.path))
             metadata.storage_meta = metadata.storage_meta or StorageMeta()
             metadata.storage_meta.load_id = self.load_id
             return metadata
 
-    return SafeReader(folder)
+    if not remote:
+        return SafeReader(folder)
+    reader = SafeReader(folder.url)
+    reader.fs = _ranged_file_system()   # exact, counted ranges instead of fsspec's read-ahead (issue 22)
+    return reader
+
+
+def _ranged_file_system() -> object:
+    """torch's fsspec file system for DCP, opening each ``.distcp`` file as our ranged, counted file (issue 22).
+
+    torch's own opens it with fsspec's default cache, which reads ahead in large blocks.
+    """
+    from contextlib import contextmanager
+
+    from torch.distributed.checkpoint._fsspec_filesystem import FileSystem
+
+    class RangedFileSystem(FileSystem):
+        @contextmanager
+        def create_stream(self, path: object, mode: str):   # type: ignore[override]
+            if mode != "rb":
+                raise CheckpointReadError(Path(str(path)), "remote DCP checkpoints are read-only here")
+            with RemotePath(str(path)).open("rb") as stream:
+                yield stream
+
+    return RangedFileSystem()
 
 
 class DCPHandle:

@@ -66,7 +66,10 @@ def parameter_order(folder: Path) -> list[TensorInfo] | None:
             return None
         import torch
         import transformers   # imported late: a heavy import only optimizer access needs
-        config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        if isinstance(folder, Path):
+            config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        else:   # a URL (issue 22): transformers reads local folders and Hub ids; the config is already read
+            config = transformers.AutoConfig.for_model(**config_doc)
         with torch.device("meta"):
             for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
                 try:

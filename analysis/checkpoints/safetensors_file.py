@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,7 +67,39 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
 
 
 def _read_raw_header(path: Path) -> tuple[int, int, bytes]:
-    """(file size, header length, header bytes); the length must fit the file and the format's cap."""
+    """(file size, header length, header bytes); the length must fit the file and the format's cap.
+
+    A remote file's header is kept by URL, size and ETag (issue 22): discovery, the health check and the
+    sketch each open the file, and a header is fetched once, not once per open.
+    """
+    if isinstance(path, RemotePath):
+        stat = path.stat()
+        key = (path.url, stat.st_size, stat.etag)
+        found = _remote_headers.get(key)
+        if found is None:
+            found = _read_raw_header_of(path)
+            _remember_header(key, found)
+        return found
+    return _read_raw_header_of(path)
+
+
+# Remote headers kept (see _read_raw_header), at most this many bytes of them, oldest forgotten first.
+REMOTE_HEADERS_BYTES = 64 << 20
+_remote_headers: "OrderedDict[tuple, tuple[int, int, bytes]]" = OrderedDict()
+
+
+_headers_lock = threading.Lock()
+
+
+def _remember_header(key: tuple, value: tuple[int, int, bytes]) -> None:
+    with _headers_lock:
+        _remote_headers[key] = value
+        while sum(len(v[2]) for v in _remote_headers.values()) > REMOTE_HEADERS_BYTES:
+            _remote_headers.popitem(last=False)
+
+
+def _read_raw_header_of(path: Path) -> tuple[int, int, bytes]:
+    """:func:`_read_raw_header` without the cache."""
     try:
         size = path.stat().st_size
         with path.open("rb") as handle:

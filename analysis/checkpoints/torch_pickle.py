@@ -14,9 +14,10 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from ..errors import CheckpointReadError, NotACheckpoint
+from ..remote import RemotePath
 from .base import TensorInfo, is_tensor, tensor_info
 from .keys import KeyMap
 from .optim import SAVED_LR, moments_by_name, saved_adam_counters, saved_learning_rate
@@ -24,6 +25,8 @@ from .torch_writer import read_merge_metadata
 
 if TYPE_CHECKING:
     import torch
+
+    from .torch_remote import RemoteTorchFile
 
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".tar"}
 # Files that sit beside weights but are not a model (HF Trainer, Lightning).
@@ -65,8 +68,13 @@ def _numpy_array_globals() -> list:
     return [_reconstruct, np.ndarray]
 
 
-def safe_torch_load(path: Path, plain_numpy: bool = False, plain_data: Sequence[tuple[type, str]] = ()) -> object:
+def safe_torch_load(path: Path, plain_numpy: bool = False, plain_data: Sequence[tuple[type, str]] = (),
+                    remote: "RemoteTorchFile | None" = None) -> object:
     """``torch.load(weights_only=True)``, memory-mapped when the file's format allows.
+
+    A remote file (a ``RemotePath``) is fetched whole when small; given ``remote`` (a
+    :class:`~.torch_remote.RemoteTorchFile` of ``path``) a large one is loaded lazily, its tensors
+    on the meta device until ``remote.fetch`` reads each by its range (issue 22).
 
     ``plain_numpy`` also allows numpy arrays (for layouts that pickle an RNG state beside the weights);
     ``plain_data`` maps a library's global name to a plain-data class of ours that stands in for it (the
@@ -81,6 +89,9 @@ def safe_torch_load(path: Path, plain_numpy: bool = False, plain_data: Sequence[
     try:
         allowed = _data_only_globals() + (_numpy_array_globals() if plain_numpy else []) + list(plain_data)
         with torch.serialization.safe_globals(allowed):
+            if isinstance(path, RemotePath):
+                from .torch_remote import RemoteTorchFile
+                return (remote or RemoteTorchFile(path)).load(lazy=remote is not None)
             try:
                 return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
             except RuntimeError as e:
@@ -218,17 +229,20 @@ def _scalar(value: object) -> str | None:
 class TensorTable:
     """Named tensors already mapped into memory, shown under normalised names."""
 
-    def __init__(self, path: Path, tensors: dict[str, torch.Tensor], normalize: bool = True) -> None:
+    def __init__(self, path: Path, tensors: dict[str, torch.Tensor], normalize: bool = True,
+                 fetch: "Callable[[torch.Tensor], torch.Tensor] | None" = None) -> None:
         self.path = path
         self._tensors = tensors
+        self._fetch = fetch   # reads a meta tensor of a large remote file (issue 22)
         self.keys = KeyMap(tensors if normalize else ())
         self.infos = [tensor_info(self.keys.normalize(n), t) for n, t in tensors.items()]
 
     def read(self, name: str) -> torch.Tensor:
         try:
-            return self._tensors[self.keys.original(name)]
+            tensor = self._tensors[self.keys.original(name)]
         except KeyError:
             raise CheckpointReadError(self.path, f"no tensor named {name!r}") from None
+        return self._fetch(tensor) if self._fetch is not None and tensor.is_meta else tensor
 
 
 class TorchPickleHandle:
@@ -236,12 +250,16 @@ class TorchPickleHandle:
 
     def __init__(self, path: Path, normalize: bool = True) -> None:
         self.path = path
-        weights, ema, optimizer, self._metadata = split_payload(safe_torch_load(path), path)
-        self._metadata.update(read_merge_metadata(path))   # a CkptSelect merge written as torch (issue 21)
-        self._weights = TensorTable(path, weights, normalize)
-        self._ema = TensorTable(path, ema)
+        remote = _remote_file(path)
+        weights, ema, optimizer, self._metadata = split_payload(safe_torch_load(path, remote=remote), path)
+        # A CkptSelect merge written as torch (issue 21); a remote file's records come from the bytes fetched.
+        self._metadata.update(read_merge_metadata(remote.source() if remote else path))   # type: ignore[arg-type]
+        fetch = remote.fetch if remote is not None and remote.lazy else None
+        self._weights = TensorTable(path, weights, normalize, fetch)
+        self._ema = TensorTable(path, ema, fetch=fetch)
         params = [i for i in self._weights.infos if i.is_floating]
-        self._optimizer = TensorTable(path, moments_by_name(optimizer, params) if optimizer else {}, normalize=False)
+        self._optimizer = TensorTable(path, moments_by_name(optimizer, params) if optimizer else {}, normalize=False,
+                                      fetch=fetch)
 
     def tensors(self) -> list[TensorInfo]:
         return list(self._weights.infos)
@@ -277,6 +295,13 @@ class TorchPickleHandle:
         self.close()
 
 
+def _remote_file(path: Path) -> "RemoteTorchFile | None":
+    """A lazy reader for a remote torch file (None for a local one, which is memory-mapped instead)."""
+    from .torch_remote import RemoteTorchFile
+
+    return RemoteTorchFile(path) if isinstance(path, RemotePath) else None
+
+
 class TorchPickleReader:
     """``torch.save`` files: .pt/.pth/.bin state dicts, nanoGPT, Lightning, timm, fairseq."""
 
@@ -292,8 +317,12 @@ class TorchPickleReader:
         if "-of-" in path.name and _sharded_sibling(path):
             return False
         try:
-            with path.open("rb") as handle:
-                head = handle.read(TORCH_HEAD_BYTES)
+            if isinstance(path, RemotePath):   # 64 bytes, not the ranged file's first 100 KB (issue 22)
+                size = path.stat().st_size
+                head = path.read_range(0, min(TORCH_HEAD_BYTES, size)) if size else b""
+            else:
+                with path.open("rb") as handle:
+                    head = handle.read(TORCH_HEAD_BYTES)
         except OSError:   # unreadable: claimed, so that opening it names the problem
             return True
         return is_torch_file_head(head)

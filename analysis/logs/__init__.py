@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import LogParseError, UnknownLogFormat
+from ..remote import as_path
 from .base import LogReader, LogTable
 from .build_nanogpt import BuildNanoGPTLogTxtReader, BuildNanoGPTReader
 from .csv_jsonl import CsvReader, JsonlReader
@@ -140,7 +141,7 @@ def read_log(path: str | Path, fmt: str | None = None) -> LogTable:
         UnknownLogFormat: no reader recognises the file (the message lists those tried).
         LogParseError: the file cannot be read at all.
     """
-    path = Path(path)
+    path = as_path(path)   # a URL reads through the remote layer (issue 22)
     if not path.is_file():
         raise LogParseError(path, None, "no such file")
     name = fmt or sniff_format(path)

@@ -42,6 +42,18 @@ class TensorBoardReader:
         return builder.build()
 
 
+def _summary(path: Path, reader: type):
+    """tbparse's scalars of a local event file; a remote one (issue 22) is fetched in one request to a
+    temporary copy first (tbparse opens files by name), removed once read."""
+    if isinstance(path, Path):
+        return reader(str(path), extra_columns={"wall_time"}).scalars
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="ckpt-select-tfevents-") as folder:
+        local = Path(folder) / path.name
+        local.write_bytes(path.read_bytes())
+        return reader(str(local), extra_columns={"wall_time"}).scalars
+
+
 def _scalars(path: Path):
     """tbparse's long scalar frame (step, tag, value, wall_time); errors translated."""
     try:
@@ -50,7 +62,7 @@ def _scalars(path: Path):
         raise LogParseError(path, None, "reading TensorBoard files needs tbparse") from e
     logging.getLogger("tensorboard").setLevel(logging.ERROR)
     try:
-        frame = SummaryReader(str(path), extra_columns={"wall_time"}).scalars
+        frame = _summary(path, SummaryReader)
     except Exception as e:  # tbparse/protobuf raise many types on corrupt files
         raise LogParseError(path, None, f"not a readable TensorBoard event file ({e})") from e
     if frame is None or frame.empty:

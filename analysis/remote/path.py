@@ -14,6 +14,8 @@ from __future__ import annotations
 import fnmatch
 import io
 import posixpath
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Iterator
@@ -25,6 +27,12 @@ from .urls import store_for
 # The first request of a ranged read fetches at least this many bytes, so a safetensors header
 # (8-byte length + JSON) usually costs one request and never more than two (issue 22).
 FIRST_READ_BYTES = 100_000
+# Objects no larger than the first read are kept whole once fetched (by URL, size and ETag), up to this
+# many bytes in all: a log, a trainer_state.json or a config.json is sniffed, then read, then parsed
+# by several readers, and each look would otherwise cost a request.
+SMALL_OBJECTS_BYTES = 16 << 20
+_small_objects: "OrderedDict[tuple[str, int, str | None], bytes]" = OrderedDict()
+_small_lock = threading.Lock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +95,14 @@ class RemotePath:
 
     def __repr__(self) -> str:
         return f"RemotePath({self.url!r})"
+
+    def __reduce__(self) -> tuple:
+        """Pickled as its URL (caches pickle runs): unpickled onto this process's store for the protocol."""
+        return (RemotePath, (self.url,))
+
+    def as_posix(self) -> str:
+        """The URL (what sorting and messages use where a local path gives its POSIX form)."""
+        return self.url
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RemotePath) and other.url == self.url
@@ -184,6 +200,16 @@ class RemotePath:
         """Forget the cached listing at and below this prefix (a live run may have new objects)."""
         listing_of(self.store).forget(self.key)
 
+    def relist(self) -> dict[str, dict]:
+        """List this prefix anew (one request) and answer every later question below it from that listing.
+
+        Unlike :meth:`refresh`, a listing of a parent prefix made earlier cannot answer for it afterwards.
+        """
+        listing = listing_of(self.store)
+        listing.forget(self.key)
+        listing.add(self.key, self.store.list_prefix(self.key))
+        return self.list()
+
     def _entry(self) -> dict | None:
         """This object's listing entry (None: not an object), listing the parent prefix if nothing covers it."""
         objects = listing_of(self.store).covered(self.key)
@@ -203,6 +229,10 @@ class RemotePath:
 
     def exists(self) -> bool:
         return self.is_file() or self.is_dir()
+
+    def is_symlink(self) -> bool:
+        """Always False: object stores have no links (what ``ui --root`` checks a local file for)."""
+        return False
 
     def iterdir(self) -> Iterator["RemotePath"]:
         """Direct children: objects and "folders" (distinct next key parts)."""
@@ -259,7 +289,8 @@ class RemotePath:
         """A read-only binary file reading exact ranges (:class:`RangedFile`): a small file costs one request."""
         if mode not in ("rb", "r"):
             raise RemoteError(self.url, f"opened with mode {mode!r}: remote inputs are read-only")
-        raw = RangedFile(self, self.stat().st_size)
+        stat = self.stat()
+        raw = RangedFile(self, stat.st_size, (self.url, stat.st_size, stat.etag))
         return raw if mode == "rb" else io.TextIOWrapper(raw, encoding=kwargs.get("encoding") or "utf-8",  # type: ignore[arg-type]
                                                          errors=kwargs.get("errors") or "strict")  # type: ignore[arg-type]
 
@@ -282,10 +313,11 @@ class RangedFile(io.RawIOBase):
     read as "8 bytes, then N bytes" costs one request when it is short and two when it is long.
     """
 
-    def __init__(self, path: RemotePath, size: int) -> None:
+    def __init__(self, path: RemotePath, size: int, identity: tuple[str, int, str | None] | None = None) -> None:
         super().__init__()
         self._path, self._size, self._pos = path, size, 0
-        self._head: bytes | None = None
+        self._identity = identity if size <= FIRST_READ_BYTES else None
+        self._head: bytes | None = _small_objects.get(self._identity) if self._identity else None
 
     def readable(self) -> bool:
         return True
@@ -318,6 +350,7 @@ class RangedFile(io.RawIOBase):
             return b""
         if self._head is None and self._pos == 0:
             self._head = self._path.read_range(0, min(self._size, max(end, FIRST_READ_BYTES)))
+            _keep_small(self._identity, self._head)
         if self._head is not None and end <= len(self._head):
             data = self._head[self._pos:end]
         elif self._head is not None and self._pos < len(self._head):
@@ -326,3 +359,13 @@ class RangedFile(io.RawIOBase):
             data = self._path.read_range(self._pos, end)
         self._pos = end
         return data
+
+
+def _keep_small(identity: tuple[str, int, str | None] | None, data: bytes) -> None:
+    """Remember a whole small object (see SMALL_OBJECTS_BYTES), forgetting the oldest past the bound."""
+    if identity is None or len(data) != identity[1]:
+        return
+    with _small_lock:
+        _small_objects[identity] = data
+        while sum(len(v) for v in _small_objects.values()) > SMALL_OBJECTS_BYTES:
+            _small_objects.popitem(last=False)

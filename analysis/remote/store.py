@@ -196,5 +196,7 @@ def _problem(error: BaseException, what: str, attempts: int) -> str:
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     if isinstance(error, PermissionError) or "403" in text or "AccessDenied" in text:
         return f"access denied ({text}); check the credentials in the environment or --storage-options"
+    if "not satisfiable" in text or "InvalidRange" in text:   # HTTP 416: the object ended before the range asked
+        return f"truncated object: a range past its end ({text})"
     tail = f" after {attempts} attempts" if attempts > 1 else ""
     return f"{what} failed{tail}: {text}"

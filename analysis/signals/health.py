@@ -64,9 +64,12 @@ def check_health(ref: CheckpointRef, progress: Callable[[float, str], None] | No
 
 def _identity(ref: CheckpointRef) -> tuple | None:
     """(layout, (path, size, mtime_ns, inode) of every file): changes when any file is rewritten; None if one is gone."""
-    try:
-        looks = tuple((str(f), s.st_size, s.st_mtime_ns, s.st_ino) for f in ref.files for s in [f.stat()])
-    except OSError:
+    from ..errors import AnalysisError
+    from ..remote import RemotePath, file_look
+    try:   # an object has no inode or ns time: its URL, size and ETag say when it changed (issue 22)
+        looks = tuple(file_look(f) if isinstance(f, RemotePath) else (str(f), s.st_size, s.st_mtime_ns, s.st_ino)
+                      for f in ref.files for s in [f.stat()])
+    except (OSError, AnalysisError):
         return None
     return (str(ref.path), ref.layout, looks)
 

@@ -116,11 +116,14 @@ def _bytes_by_dtype(infos) -> tuple[tuple[str, int], ...]:
 
 
 def _cache_path(ref: CheckpointRef, buckets: int, seed: int) -> Path:
-    """Content identity: every file's path, size and mtime, plus the sketch parameters."""
+    """Content identity: every file's path, size and mtime (an object's URL, size and ETag: issue 22),
+    plus the sketch parameters."""
+    from ..remote import file_look
+
     parts = [f"v{SKETCH_VERSION}", str(buckets), str(seed)]
     for f in sorted(ref.files):
-        stat = f.stat()
-        parts.append(f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}")
+        name, size, version = file_look(f)
+        parts.append(f"{name}|{size}|{version}")
     return cache_dir() / (hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32] + ".safetensors")
 
 

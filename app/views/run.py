@@ -11,6 +11,7 @@ import charts
 import sidebar
 import state
 from analysis.errors import AnalysisError
+from analysis.remote import as_path
 from analysis.run import printable
 from analysis.signals import available_axes
 
@@ -39,7 +40,7 @@ state.set_overlay_runs(overlay)
 overlays = []
 for other in overlay:
     try:
-        overlays.append(cached.current(Path(other)).run)
+        overlays.append(cached.current(as_path(other)).run)
     except AnalysisError as e:
         st.warning(f"Cannot overlay {other}: {e}")
 
