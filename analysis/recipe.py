@@ -69,18 +69,25 @@ class Recipe:
 def build_recipe(method: str, refs: list[CheckpointRef], weights: tuple[float, ...], output_dtype: str = "same",
                  reasons: dict[str, str] | None = None, source_run: Path | None = None, *,
                  hashes: bool = True, settings: Mapping[str, object] | None = None) -> Recipe:
-    """A recipe for ``refs`` with ``weights``, hashing every input file (``hashes=False``: a dry run's, unhashed).
+    """A recipe for ``refs`` with ``weights``, hashing every local input file (``hashes=False``: a dry run's, unhashed).
 
     The inputs are hashed in parallel, one per core: hashlib releases the GIL, and sha256 of every
-    byte is most of ``merge --checkpoints``'s time otherwise (3.5 GB: about 3 s on one core).
+    byte is most of ``merge --checkpoints``'s time otherwise (3.5 GB: about 3 s on one core). A
+    remote input with an ETag is recorded by ETag and size instead, free from the listing: hashing it
+    would download the whole checkpoint just to write a recipe (issue 22; ``merge --sha256`` records
+    its sha256 from the merge's own reads).
     """
+    etags = [checkpoint_etag(ref.files) for ref in refs]
+    hashed = [i for i, tag in enumerate(etags) if hashes and not tag]
     sha256s, quick = [""] * len(refs), [""] * len(refs)
-    if hashes and refs:
-        with ThreadPoolExecutor(max_workers=min(len(refs), os.cpu_count() or 1)) as pool:
-            sha256s = list(pool.map(lambda ref: checkpoint_sha256(ref.files), refs))
-        quick = [checkpoint_quick_hash(ref.files) for ref in refs]
-    entries = tuple(RecipeEntry(ref.path, ref.step, float(w), sha, ref.size_bytes, q, checkpoint_etag(ref.files))
-                    for ref, w, sha, q in zip(refs, weights, sha256s, quick))
+    if hashed:
+        with ThreadPoolExecutor(max_workers=min(len(hashed), os.cpu_count() or 1)) as pool:
+            for i, sha in zip(hashed, pool.map(lambda i: checkpoint_sha256(refs[i].files), hashed)):
+                sha256s[i] = sha
+        for i in hashed:
+            quick[i] = checkpoint_quick_hash(refs[i].files)
+    entries = tuple(RecipeEntry(ref.path, ref.step, float(w), sha, ref.size_bytes, q, tag)
+                    for ref, w, sha, q, tag in zip(refs, weights, sha256s, quick, etags))
     return Recipe(method, entries, output_dtype, dict(reasons or {}), source_run=source_run,
                   settings=dict(settings or {}))
 
@@ -417,13 +424,17 @@ def load_any_recipe(path: str | Path) -> Recipe:
 
 
 def with_hashes(recipe: Recipe) -> Recipe:
-    """The recipe with sha256, quick hash and size filled in for entries that lack them."""
+    """The recipe with sha256, quick hash and size filled in for local entries that lack them (remote: ETag and size)."""
     entries = []
     for e in recipe.checkpoints:
         if e.sha256 and e.quick_hash:
             entries.append(e)
             continue
         ref = checkpoint_ref(e.path, e.step)
+        etag = e.etag or checkpoint_etag(ref.files)
+        if etag:   # a remote input: its ETag and size say whether it changed, without downloading it
+            entries.append(RecipeEntry(e.path, e.step, e.weight, e.sha256, ref.size_bytes, e.quick_hash, etag))
+            continue
         entries.append(RecipeEntry(e.path, e.step, e.weight, e.sha256 or checkpoint_sha256(ref.files),
                                    ref.size_bytes, e.quick_hash or checkpoint_quick_hash(ref.files),
                                    e.etag or checkpoint_etag(ref.files)))

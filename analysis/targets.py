@@ -26,6 +26,7 @@ from typing import Iterable, Iterator
 import yaml
 
 from .errors import OutputError
+from .remote import RemotePath
 
 # The first line of every mergekit config CkptSelect writes (YAML ignores it; we recognise it).
 MERGEKIT_MARKER = "# written by ckpt-select"
@@ -84,6 +85,8 @@ def check_file_target(path: str | Path, protected: Iterable[Path] = (), force: b
     """
     path = Path(path).expanduser().resolve()
     for item in protected:
+        if isinstance(item, RemotePath):   # a local file is never inside an object store
+            continue
         item = Path(item).expanduser().resolve()
         if path == item or path.is_relative_to(item):
             what = "is" if path == item else f"lies inside {item},"

@@ -445,3 +445,41 @@ def test_looking_again_at_an_unchanged_run_costs_one_listing(tmp_path, s3_server
     second = open_run(url)
     assert s3_server.counts.requests == {"GET": 1}
     assert second.fingerprint == first.fingerprint and len(second.checkpoints) == 12
+
+
+# --- the whole story: a run in a bucket, recommended and merged by URL --------------------------------------
+
+def test_remote_run_recommended_and_merged_to_bucket_and_disk(tmp_path, s3_server, s3_bucket, capsys) -> None:
+    """issue 22 "done when": a run uploaded to S3 is analyzed, recommended (the recipe records URLs, ETags and
+    sizes, without downloading the checkpoints to hash them) and merged to S3 and to local disk, bit-identical
+    to the same recipe merged from the local copy."""
+    from analysis.recipe import load_recipe
+
+    run = write_tiny_run(tmp_path / "run", list(range(50, 650, 50)))
+    url = upload_tree(run, s3_server.endpoint, s3_bucket, "story")
+    assert main(["analyze", url, "--json"]) == 0
+    capsys.readouterr()
+    s3_server.counts.reset()
+    recipe = tmp_path / "recipe.yaml"
+    assert main(["recommend", url, "-o", str(recipe)]) == 0
+    capsys.readouterr()
+    # analyzed before, so the recommendation costs one listing: no checkpoint is downloaded to hash it
+    assert s3_server.counts.requests == {"GET": 1} and s3_server.counts.ranged_gets == 0
+    entries = load_recipe(recipe).checkpoints
+    assert entries and all(str(e.path).startswith(f"s3://{s3_bucket}/story/") for e in entries)
+    assert all(e.etag and e.size_bytes > 0 and not e.sha256 for e in entries)
+
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "on-disk")]) == 0
+    assert main(["merge", str(recipe), "-o", f"s3://{s3_bucket}/merged"]) == 0
+    local_recipe = tmp_path / "local.yaml"
+    local_recipe.write_text(recipe.read_text().replace(f"s3://{s3_bucket}/story", str(run)))
+    assert main(["merge", str(local_recipe), "-o", str(tmp_path / "from-local"), "--verify", "none"]) == 0
+    capsys.readouterr()
+    expected = open_checkpoint(next((tmp_path / "from-local").glob("*.safetensors")))
+    for merged in (open_checkpoint(next((tmp_path / "on-disk").glob("*.safetensors"))),
+                   open_checkpoint(f"s3://{s3_bucket}/merged/model.safetensors")):
+        with merged:
+            assert merged.tensors() == expected.tensors()
+            for info in expected.tensors():
+                assert torch.equal(merged.read(info.name), expected.read(info.name)), info.name
+    expected.close()
