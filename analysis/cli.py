@@ -319,7 +319,7 @@ def watch_cmd(run_path: Path, every: float, as_json: bool, until_step: int | Non
               help="Method recovery: only checkpoints saved before this step (default: before the newest loss spike).")
 @click.option("--dtype", "output_dtype", type=click.Choice(["same", "float32", "bfloat16", "float16"]),
               default="same", show_default=True, help="Dtype of the merged model.")
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write the recipe YAML here.")
+@click.option("-o", "--output", type=PATH_OR_URL, help="Write the recipe YAML here (a path or a URL).")
 @click.option("--force", is_flag=True, help="-o may replace an existing file CkptSelect did not write (never a checkpoint).")
 @click.option("--run", "run_name", metavar="NAME",
               help="When RUN holds several runs (Lightning version_N, several output folders): the one to read.")
@@ -529,7 +529,7 @@ def _plan_doc(plan: MergePlan) -> dict:
 @cli.command()
 @click.argument("recipe_path", metavar="RECIPE.yaml")
 @click.option("--format", "fmt", type=click.Choice(["mergekit", "ckpt-select"]), default="mergekit", show_default=True)
-@click.option("-o", "--output", type=click.Path(path_type=Path), help="Write here instead of stdout.")
+@click.option("-o", "--output", type=PATH_OR_URL, help="Write here (a path or a URL) instead of stdout.")
 @click.option("--force", is_flag=True, help="-o may replace an existing file CkptSelect did not write (never a checkpoint).")
 def export(recipe_path: str, fmt: str, output: Path | None, force: bool) -> None:
     """Convert a recipe: ours -> mergekit linear config, or a mergekit linear config -> ours (with hashes)."""

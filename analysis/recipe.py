@@ -166,7 +166,8 @@ def write_recipe(recipe: Recipe, path: Path, *, force: bool = False, protected: 
     Raises:
         OutputError: the target is refused, or the storage refuses the write.
     """
-    path = Path(path).expanduser().resolve()
+    path = as_path(path)
+    path = path if isinstance(path, RemotePath) else path.expanduser().resolve()
     inputs = (*protected, *(e.path for e in recipe.checkpoints))
     return write_text_atomic(path, dump_recipe(recipe, path.parent), inputs, force)
 

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 import yaml
 
 from .errors import OutputError
-from .remote import RemotePath
+from .remote import RemotePath, as_path, is_remote
 
 # The first line of every mergekit config CkptSelect writes (YAML ignores it; we recognise it).
 MERGEKIT_MARKER = "# written by ckpt-select"
@@ -72,7 +72,7 @@ def written_by_ckpt_select(path: Path) -> bool:
     return isinstance(doc, dict) and RECIPE_KEY in doc
 
 
-def check_file_target(path: str | Path, protected: Iterable[Path] = (), force: bool = False) -> Path:
+def check_file_target(path: "str | Path | RemotePath", protected: Iterable[object] = (), force: bool = False) -> "Path | RemotePath":
     """``path`` resolved, once writing a recipe or config there is known to destroy nothing (rules 1-3).
 
     Args:
@@ -83,6 +83,8 @@ def check_file_target(path: str | Path, protected: Iterable[Path] = (), force: b
     Raises:
         OutputError: the target is or lies in a checkpoint, is a folder, or exists and is not ours (without force).
     """
+    if is_remote(path):
+        return _check_remote_file_target(as_path(path), protected, force)
     path = Path(path).expanduser().resolve()
     for item in protected:
         if isinstance(item, RemotePath):   # a local file is never inside an object store
@@ -101,6 +103,22 @@ def check_file_target(path: str | Path, protected: Iterable[Path] = (), force: b
     return path
 
 
+def _check_remote_file_target(path: RemotePath, protected: Iterable[object], force: bool) -> RemotePath:
+    """:func:`check_file_target` for an object: the same rules, answered from one listing of its prefix."""
+    for item in protected:
+        if isinstance(item, RemotePath) and (path == item or path.is_relative_to(item)):
+            raise OutputError(path, "is or lies inside a checkpoint or log of the run or an input of the recipe; "
+                                    "CkptSelect never writes over or into a checkpoint, not even with --force")
+    if path.suffix in WEIGHT_SUFFIXES:
+        raise OutputError(path, "is a checkpoint file name; CkptSelect never writes over a checkpoint")
+    if path.is_dir():
+        raise OutputError(path, "is a prefix holding objects; give the name of a file to write")
+    if path.is_file() and not force and not written_by_ckpt_select(path):
+        raise OutputError(path, "exists and is not a recipe or mergekit config CkptSelect wrote; choose "
+                                "another name, or pass --force to replace it")
+    return path
+
+
 def _refuse_checkpoint(path: Path) -> None:
     """Rule 1 beyond ``protected``: a file a checkpoint reader claims, a weights file by its suffix (a
     shard, an optimizer state), or anything inside a checkpoint folder, wherever it is."""
@@ -114,7 +132,7 @@ def _refuse_checkpoint(path: Path) -> None:
                                 "writes into a checkpoint, not even with --force")
 
 
-def write_text_atomic(path: str | Path, text: str, protected: Iterable[Path] = (), force: bool = False) -> Path:
+def write_text_atomic(path: "str | Path | RemotePath", text: str, protected: Iterable[object] = (), force: bool = False) -> "Path | RemotePath":
     """Write ``text`` to ``path`` after :func:`check_file_target`, atomically (rule 4); return the path.
 
     The temporary file lies in the target's folder (the rename must not cross file systems) and
@@ -124,6 +142,10 @@ def write_text_atomic(path: str | Path, text: str, protected: Iterable[Path] = (
         OutputError: the target is refused (see :func:`check_file_target`), or the storage refuses the write.
     """
     path = check_file_target(path, protected, force)
+    if isinstance(path, RemotePath):   # one PUT: an object store shows the whole object or none of it
+        path.store.write_bytes(path.key, text.encode("utf-8"))
+        path.refresh()
+        return path
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     with storage_errors(path):
         path.parent.mkdir(parents=True, exist_ok=True)

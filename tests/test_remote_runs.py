@@ -483,3 +483,28 @@ def test_remote_run_recommended_and_merged_to_bucket_and_disk(tmp_path, s3_serve
             for info in expected.tensors():
                 assert torch.equal(merged.read(info.name), expected.read(info.name)), info.name
     expected.close()
+
+
+def test_recipes_written_to_a_bucket_and_foreign_objects_kept(tmp_path, s3_server, s3_bucket, capsys) -> None:
+    """issue 22: recommend -o and export -o take URLs (one PUT, whole or nothing); an object CkptSelect did not
+    write is never replaced without --force, a checkpoint name never at all; the URL recipe merges."""
+    import boto3
+
+    run = write_tiny_run(tmp_path / "run", list(range(50, 650, 50)))
+    url = upload_tree(run, s3_server.endpoint, s3_bucket, "rec")
+    recipe_url = f"s3://{s3_bucket}/recipes/rec.yaml"
+    assert main(["recommend", url, "-o", recipe_url]) == 0
+    assert main(["export", recipe_url, "--format", "mergekit", "-o", f"s3://{s3_bucket}/recipes/mk.yaml"]) == 0
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
+    body = client.get_object(Bucket=s3_bucket, Key="recipes/rec.yaml")["Body"].read().decode()
+    assert "ckpt_select_recipe" in body and f"s3://{s3_bucket}/rec/" in body and "testing" not in body
+    assert "merge_method: linear" in client.get_object(Bucket=s3_bucket, Key="recipes/mk.yaml")["Body"].read().decode()
+    assert main(["recommend", url, "-o", recipe_url]) == 0          # our own recipe: replaced
+    client.put_object(Bucket=s3_bucket, Key="recipes/notes.yaml", Body=b"my notes\n")
+    capsys.readouterr()
+    assert main(["recommend", url, "-o", f"s3://{s3_bucket}/recipes/notes.yaml"]) == 2
+    assert "exists and is not a recipe" in capsys.readouterr().err
+    assert client.get_object(Bucket=s3_bucket, Key="recipes/notes.yaml")["Body"].read() == b"my notes\n"
+    assert main(["recommend", url, "-o", f"{url}/step_000600.safetensors"]) == 2
+    assert main(["merge", recipe_url, "-o", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()

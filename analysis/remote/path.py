@@ -62,8 +62,10 @@ class Listing:
         self._prefixes[prefix] = objects
 
     def forget(self, prefix: str) -> None:
-        """Drop listings at or below ``prefix`` (a live run is listed again on the next look)."""
-        for key in [k for k in self._prefixes if k == prefix or k.startswith(prefix + "/")]:
+        """Drop listings at, below or above ``prefix``: a live run is listed again on the next look, and an
+        object we just wrote is not missing from a listing of its parent made before it existed."""
+        for key in [k for k in self._prefixes
+                    if k == prefix or k.startswith(prefix + "/") or prefix.startswith(k + "/") or not k]:
             del self._prefixes[key]
 
 
