@@ -36,7 +36,7 @@ import uuid
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -52,11 +52,15 @@ from .output import (MERGEKIT_FILE, MODEL_FILE, RECIPE_FILE, OutputPlan, format_
 from ..inputs import normalize_weights
 from .plan import check_same_layout, output_layout
 from .read import ReadHashes
+from . import distributed
 from .verify import (DISK_MARGIN_BYTES, MergePlan, check_disk, check_target, project, resolve_inputs, verify_inputs,
                      verify_mode)
 
 # A hidden folder a merge leaves beside its target: .NAME.partial-HOST-PID-HEX (being written) or
 # .NAME.old-HOST-PID-HEX (an output --force set aside); see _hidden_name.
+if TYPE_CHECKING:
+    from ..executors import Executor
+
 _HIDDEN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<owner>.+)$")
 
 Progress = Callable[[float, str], None]
@@ -99,8 +103,12 @@ class MergeResult:
 
 
 def merge(recipe: Recipe, out_dir: Path, *, verify: bool | str = "quick", progress: Progress | None = None,
-          force: bool = False, out_shard_size: int | None = None, hash_inputs: bool = False) -> MergeResult:
+          force: bool = False, out_shard_size: int | None = None, hash_inputs: bool = False,
+          executor: "Executor | None" = None) -> MergeResult:
     """Merge what ``recipe`` says into ``out_dir`` after checking the inputs (``verify``: full|quick|none).
+
+    ``executor`` (issue 22): the output's shards are written by work units it runs (a Ray cluster), see
+    :mod:`analysis.merge.distributed`; None merges in this process.
 
     Each input's reference is resolved once, here, and used by the check and the merge. Inputs
     the recipe has no sha256 for (an ad-hoc ``merge --checkpoints``, a mergekit config) get their
@@ -115,7 +123,7 @@ def merge(recipe: Recipe, out_dir: Path, *, verify: bool | str = "quick", progre
     found = [ref or checkpoint_ref(e.path, e.step) for ref, e in zip(refs, recipe.checkpoints)]
     return merge_checkpoints(found, recipe.weights, out_dir, recipe.output_dtype, recipe,
                              _scaled(progress, share, 1.0), force=force, out_shard_size=out_shard_size,
-                             out_format=recipe.output_format, hash_inputs=hash_inputs)
+                             out_format=recipe.output_format, hash_inputs=hash_inputs, executor=executor)
 
 
 def merge_recipe(recipe: Recipe, out_dir: Path, verify: bool | str = "quick", progress: Progress | None = None,
@@ -142,7 +150,7 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
                       output_dtype: str = "same", recipe: Recipe | None = None,
                       progress: Progress | None = None, *, force: bool = False,
                       out_shard_size: int | None = None, out_format: str | None = None,
-                      hash_inputs: bool = False) -> MergeResult:
+                      hash_inputs: bool = False, executor: "Executor | None" = None) -> MergeResult:
     """Average ``refs`` with ``weights`` into ``out_dir``, in the layout of the newest input.
 
     The last of ``refs`` counts as the newest input: its non-floating tensors, its tensor
@@ -164,10 +172,12 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
     recipe = recipe if recipe is not None else Recipe("manual", (), output_dtype)
     out_format = out_format or recipe.output_format
     recipe = replace(recipe, output_format=out_format)   # the recipe beside the merge says which file it holds
+    if executor is not None:
+        distributed.check_supported(out_format, hash_inputs)
     nonfinite = _NonFinite(refs)
     with ExitStack() as stack:
         handles = [stack.enter_context(open_checkpoint(r.path, r.layout)) for r in refs]
-        layout, plan = _plan(handles, refs, output_dtype, out_shard_size, out_format)
+        layout, plan = _plan(handles, refs, output_dtype, out_shard_size, out_format, executor)
         stale = remove_stale_hidden_folders(out_dir)
         if stale.paths and progress is not None:
             progress(0.0, stale.describe())
@@ -176,7 +186,7 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
             check_disk(out_dir, plan.size_bytes)
             with storage_errors(out_dir):
                 size = _write(tmp, handles, weights, layout, plan, refs, recipe, output_dtype, progress, nonfinite,
-                              hash_inputs)
+                              hash_inputs, executor)
                 _publish(tmp, out_dir, force)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -323,16 +333,22 @@ def plan_merge(refs: Sequence[CheckpointRef], weights: Sequence[float], out_dir:
 
 
 def _plan(handles, refs: Sequence[CheckpointRef], output_dtype: str, out_shard_size: int | None,
-          out_format: str = "safetensors") -> tuple[list[TensorInfo], OutputPlan]:
-    """The output's headers (matched names) and its files (stored names of the newest input)."""
+          out_format: str = "safetensors", executor: "Executor | None" = None) -> tuple[list[TensorInfo], OutputPlan]:
+    """The output's headers (matched names) and its files (stored names of the newest input);
+    with an executor, shards balanced by bytes for its units (:func:`distributed.group_plan`)."""
     layout = output_layout(check_same_layout(handles), output_dtype)
     stored = [replace(info, name=original_name(handles[-1], info.name)) for info in layout]
-    return layout, plan_output(handles[-1], refs[-1].path, stored, out_shard_size, out_format)
+    plan = plan_output(handles[-1], refs[-1].path, stored, out_shard_size, out_format)
+    if executor is not None:
+        dtypes = [{i.name: i.dtype for i in h.tensors()} for h in handles]
+        plan = distributed.group_plan(plan, {s.name: [d[i.name] for d in dtypes] for s, i in zip(stored, layout)},
+                                      executor.slots)
+    return layout, plan
 
 
 def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPlan, refs, recipe: Recipe,
            output_dtype: str, progress: Progress | None, nonfinite: "_NonFinite | None" = None,
-           hash_inputs: bool = False) -> int:
+           hash_inputs: bool = False, executor: "Executor | None" = None) -> int:
     """Write the model, our recipe and the mergekit config into ``tmp``; return the weights' bytes."""
     recipe_text = dump_recipe(recipe) if recipe.checkpoints else ""
     metadata = {
@@ -347,8 +363,14 @@ def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPl
     # A hashing thread only when there is something to hash (--sha256 and inputs the recipe has no sha256 for).
     unhashed = _unhashed_files(recipe, refs) if hash_inputs else []
     with ReadHashes(unhashed) if unhashed else nullcontext() as hashes:
-        blocks = _stored_blocks(handles, weights, layout, progress, hashes, nonfinite)
-        size = write_output(tmp, plan, blocks, metadata, output_dtype)
+        if executor is None:
+            blocks = _stored_blocks(handles, weights, layout, progress, hashes, nonfinite)
+            size = write_output(tmp, plan, blocks, metadata, output_dtype)
+        else:   # the units write the shards; the index is written once all of them succeeded
+            units = distributed.plan_units([(str(r.path), r.layout) for r in refs], weights, output_dtype, layout,
+                                           [original_name(handles[-1], i.name) for i in layout], plan, tmp, metadata)
+            size, _ = distributed.write_shards(executor, tmp, units, plan, layout, metadata, output_dtype, progress,
+                                               nonfinite)
         recipe = _with_read_hashes(recipe, refs, hashes.finish()) if hashes else _with_quick_hashes(recipe, refs)
     if recipe_text:
         (tmp / RECIPE_FILE).write_text(dump_recipe(recipe))
