@@ -22,6 +22,7 @@ import torch
 
 from .merge.in_memory import average_of_inputs, average_state_dict
 from .errors import EvaluatorError, InvalidArgument
+from .executors import driver_threads, intra_op_threads
 from .paths import is_within
 from .run import CheckpointRef, Run
 from .score_store import ScoreStore, candidate_key, file_digest
@@ -53,6 +54,7 @@ class EvalUnit:
     weights: tuple[float, ...]
     output_dtype: str
     tag: int                      # the candidate's place in the batch, to match the result to it
+    threads: int = 1              # torch's intra-op threads on the driver: the evaluator runs with as many
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +125,7 @@ class Evaluator:
         assert self._runner is not None and self.source is not None
         executor, resources, progress = self._runner
         units = [EvalUnit(self.source, tuple((str(r.path), r.layout) for r, w in zip(refs, weights) if w > 0),
-                          tuple(float(w) for w in weights if w > 0), output_dtype, tag)
+                          tuple(float(w) for w in weights if w > 0), output_dtype, tag, driver_threads())
                  for tag, (_, refs, weights) in enumerate(todo)]
         for result in executor.map(evaluate_unit, units, resources, progress):
             key, refs, weights = todo[result.tag]
@@ -256,9 +258,11 @@ def evaluate_unit(unit: EvalUnit) -> EvalResult:
             run = open_run(Path(unit.source.run_path), run_name=unit.source.run_name)
         evaluator = _LOADED[unit.source] = load_evaluator(unit.source.spec, unit.source.higher_is_better, run,
                                                           unit.source.max_tokens)
-    state = average_of_inputs(unit.inputs, unit.weights, unit.output_dtype)
+    with intra_op_threads(unit.threads):
+        state = average_of_inputs(unit.inputs, unit.weights, unit.output_dtype)
+        value = evaluator.raw(state)
     read = sum(int(t.numel() * t.element_size()) for t in state.values()) * len(unit.inputs)
-    return EvalResult(unit.tag, evaluator.raw(state), read)
+    return EvalResult(unit.tag, value, read)
 
 
 def _split_spec(spec: str) -> tuple[str, str]:

@@ -7,7 +7,7 @@ runs units. Ray is an optional extra: only :mod:`.ray_cluster` imports it, and o
 
 from __future__ import annotations
 
-from .base import Executor, Resources, TaskProgress, Tally, bytes_of
+from .base import Executor, Resources, TaskProgress, Tally, bytes_of, driver_threads, intra_op_threads
 from .local import LocalExecutor
 
 EXECUTORS = ("local", "ray")
@@ -35,4 +35,4 @@ def make_executor(name: str = "local", address: str = "auto") -> Executor:
 
 
 __all__ = ["EXECUTORS", "Executor", "LocalExecutor", "RAY_MISSING", "Resources", "TaskProgress", "Tally", "bytes_of",
-           "make_executor"]
+           "driver_threads", "intra_op_threads", "make_executor"]

@@ -8,6 +8,7 @@ in the units imports Ray (only :mod:`analysis.executors.ray_cluster` does).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Protocol, TypeVar
 
@@ -61,3 +62,28 @@ class Tally:
         self.bytes_read += bytes_of(result)
         if self._progress is not None:
             self._progress(self.done, self.total, self.bytes_read)
+
+
+def driver_threads() -> int:
+    """torch's intra-op threads in this process: what units run with, wherever they run (see :func:`intra_op_threads`)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+@contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """Run with torch's intra-op threads set to ``count``, then restore them.
+
+    A float64 sum over a tensor splits its work by thread count, so its last bits depend on it; Ray gives
+    each task ``OMP_NUM_THREADS`` = its CPUs. Units that reduce with torch (the sketch statistics, an
+    evaluator) run with the driver's count, so the cluster's numbers equal the local ones exactly.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

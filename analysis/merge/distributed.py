@@ -140,6 +140,8 @@ def write_shards(executor: Executor, tmp: Path, units: list[MergeUnit], plan: Ou
         for name, inputs in result.nonfinite:
             if nonfinite is not None:
                 nonfinite(by_name[name], inputs)
+    for leftover in tmp.glob(".*.part-*"):   # what a unit whose worker died had begun; its retry wrote the shard
+        leftover.unlink(missing_ok=True)
     write_index(tmp, plan, metadata)
     for source in plan.side_files:
         _copy_side_file(source, tmp / source.name, output_dtype)

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from ..checkpoints import open_checkpoint
 from ..checkpoints.base import optimizer_state
+from ..executors import driver_threads, intra_op_threads
 from ..run import CheckpointRef
 from .tensor_stats import TensorStats, tensor_stats
 
@@ -171,6 +172,7 @@ class SketchUnit:
     buckets: int
     seed: int
     moments: bool = False
+    threads: int = 1                 # torch's intra-op threads on the driver: the unit's sums use as many
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,8 +189,7 @@ def sketch_unit(unit: SketchUnit) -> SketchPart:
     """Sketch one group of tensors, exactly as :func:`sketch_checkpoint` does each (the work unit; pure)."""
     sketches: dict[str, torch.Tensor] = {}
     stats: dict[str, TensorStats] = {}
-    read = 0
-    with open_checkpoint(unit.path, unit.layout) as handle:
+    with intra_op_threads(unit.threads), open_checkpoint(unit.path, unit.layout) as handle:
         for name in unit.names:
             if unit.moments:
                 sketches[name] = sketch_tensor(name, handle.read_optimizer(f"{name}.exp_avg"), unit.buckets, unit.seed)
@@ -202,9 +203,11 @@ def sketch_unit(unit: SketchUnit) -> SketchPart:
 
 
 def plan_sketch_units(index: int, ref: CheckpointRef, buckets: int = DEFAULT_BUCKETS, seed: int = 0,
-                      group_bytes: int = GROUP_BYTES) -> list[SketchUnit]:
+                      group_bytes: int | None = None) -> list[SketchUnit]:
     """The units of one checkpoint, from its header only: consecutive floating tensors up to ``group_bytes``
-    a unit (a larger tensor alone), and one unit for the Adam first moments if it saved them."""
+    (default :data:`GROUP_BYTES`) a unit (a larger tensor alone), and one unit for the Adam first moments if
+    it saved them."""
+    group_bytes = group_bytes or GROUP_BYTES
     with open_checkpoint(ref.path, ref.layout) as handle:
         infos = [i for i in handle.tensors() if i.is_floating]
         moments = tuple(i.name.removesuffix(".exp_avg") for i in optimizer_state(handle) if i.name.endswith(".exp_avg"))
@@ -216,8 +219,10 @@ def plan_sketch_units(index: int, ref: CheckpointRef, buckets: int = DEFAULT_BUC
             filled = 0
         groups[-1].append(info.name)
         filled += info.size_bytes
-    units = [SketchUnit(index, str(ref.path), ref.layout, tuple(g), buckets, seed) for g in groups]
-    return units + ([SketchUnit(index, str(ref.path), ref.layout, moments, buckets, seed, True)] if moments else [])
+    threads = driver_threads()
+    units = [SketchUnit(index, str(ref.path), ref.layout, tuple(g), buckets, seed, False, threads) for g in groups]
+    return units + ([SketchUnit(index, str(ref.path), ref.layout, moments, buckets, seed, True, threads)]
+                    if moments else [])
 
 
 def sketch_run(refs: list[CheckpointRef], executor, buckets: int = DEFAULT_BUCKETS, seed: int = 0,
