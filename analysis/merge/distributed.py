@@ -31,9 +31,11 @@ from ..checkpoints import TensorInfo, open_checkpoint, original_name
 from ..checkpoints.base import DTYPE_BYTES
 from ..errors import InvalidArgument
 from ..executors import Executor, Resources
+from ..remote import all_stats
 from .average import stream_average
 from .output import INDEX_FILE, OutputPlan, _copy_side_file, write_output
 from .plan import check_same_layout, output_layout
+from .read import block_elements, widest_input
 
 Progress = Callable[[float, str], None]
 NonFinite = Callable[[TensorInfo, tuple[int, ...]], None]
@@ -64,6 +66,7 @@ class UnitResult:
     size_bytes: int                         # of the shard written
     bytes_read: int                         # tensor bytes read from the inputs
     reads: int                              # reads issued (one per block and input)
+    requests: int                           # requests to object storage (0 for local files), from the I/O layer's counters
     nonfinite: tuple[tuple[str, tuple[int, ...]], ...]   # (tensor, inputs holding NaN/Inf) as the local merge reports
     pid: int
     peak_rss: int                           # bytes, of the worker process so far
@@ -170,7 +173,7 @@ def _task_progress(progress: Progress | None) -> Callable[[int, int, int], None]
 
 def merge_unit(unit: MergeUnit) -> UnitResult:
     """Average one group of tensors from every input and write it as one shard (the work unit; pure, retryable)."""
-    began = time.perf_counter()
+    began, requests = time.perf_counter(), _requests()
     with ExitStack() as stack:
         handles = [stack.enter_context(open_checkpoint(path, layout)) for path, layout in unit.inputs]
         wanted = set(unit.names)
@@ -189,13 +192,17 @@ def merge_unit(unit: MergeUnit) -> UnitResult:
             part.unlink(missing_ok=True)
         read, reads = _read_bytes(handles, group)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return UnitResult(str(target), size, read, reads, tuple(found), os.getpid(), peak, time.perf_counter() - began)
+    return UnitResult(str(target), size, read, reads, _requests() - requests, tuple(found), os.getpid(), peak,
+                      time.perf_counter() - began)
+
+
+def _requests() -> int:
+    """Requests this process sent to object storage so far (every protocol)."""
+    return sum(stats.get("requests", 0) for stats in all_stats().values())
 
 
 def _read_bytes(handles, group: Sequence[TensorInfo]) -> tuple[int, int]:
     """Tensor bytes the unit read and reads it issued: every input's floating tensors, the newest's others."""
-    from .read import block_elements, widest_input
-
     block = block_elements(len(handles), widest_input(handles))
     stored = [{i.name: i for i in h.tensors()} for h in handles]
     total = reads = 0
