@@ -114,6 +114,24 @@ def group_plan(plan: OutputPlan, stored_dtypes: dict[str, list[str]], slots: int
     return replace(plan, sharded=True, shards=shards)
 
 
+def balanced_plan(plan: OutputPlan, handles: Sequence, layout: Sequence[TensorInfo], slots: int) -> OutputPlan:
+    """:func:`group_plan` for open input ``handles`` (newest last) and the output ``layout`` (matched names)."""
+    stored_dtypes = [{i.name: i.dtype for i in h.tensors()} for h in handles]
+    stored = [info for _, infos in plan.shards for info in infos]
+    by_stored = {s.name: [d[i.name] for d in stored_dtypes] for s, i in zip(stored, layout)}
+    return group_plan(plan, by_stored, slots)
+
+
+def run_units(executor: Executor, tmp: Path, handles: Sequence, refs: Sequence, weights: Sequence[float],
+              layout: Sequence[TensorInfo], plan: OutputPlan, metadata: dict[str, str], output_dtype: str,
+              progress: Progress | None, nonfinite: NonFinite | None) -> int:
+    """The engine's hook: plan a unit per shard of ``plan``, run them, write the index; the shards' bytes."""
+    inputs = [(str(r.path), r.layout) for r in refs]
+    stored = [original_name(handles[-1], i.name) for i in layout]
+    units = plan_units(inputs, weights, output_dtype, layout, stored, plan, tmp, metadata)
+    return write_shards(executor, tmp, units, plan, layout, metadata, output_dtype, progress, nonfinite)[0]
+
+
 def plan_units(inputs: Sequence[tuple[str, str]], weights: Sequence[float], output_dtype: str,
                layout: Sequence[TensorInfo], stored_names: Sequence[str], plan: OutputPlan, tmp: Path,
                metadata: dict[str, str]) -> list[MergeUnit]:

@@ -56,11 +56,11 @@ from . import distributed
 from .verify import (DISK_MARGIN_BYTES, MergePlan, check_disk, check_target, project, resolve_inputs, verify_inputs,
                      verify_mode)
 
-# A hidden folder a merge leaves beside its target: .NAME.partial-HOST-PID-HEX (being written) or
-# .NAME.old-HOST-PID-HEX (an output --force set aside); see _hidden_name.
 if TYPE_CHECKING:
     from ..executors import Executor
 
+# A hidden folder a merge leaves beside its target: .NAME.partial-HOST-PID-HEX (being written) or
+# .NAME.old-HOST-PID-HEX (an output --force set aside); see _hidden_name.
 _HIDDEN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<owner>.+)$")
 
 Progress = Callable[[float, str], None]
@@ -340,9 +340,7 @@ def _plan(handles, refs: Sequence[CheckpointRef], output_dtype: str, out_shard_s
     stored = [replace(info, name=original_name(handles[-1], info.name)) for info in layout]
     plan = plan_output(handles[-1], refs[-1].path, stored, out_shard_size, out_format)
     if executor is not None:
-        dtypes = [{i.name: i.dtype for i in h.tensors()} for h in handles]
-        plan = distributed.group_plan(plan, {s.name: [d[i.name] for d in dtypes] for s, i in zip(stored, layout)},
-                                      executor.slots)
+        plan = distributed.balanced_plan(plan, handles, layout, executor.slots)
     return layout, plan
 
 
@@ -367,10 +365,8 @@ def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPl
             blocks = _stored_blocks(handles, weights, layout, progress, hashes, nonfinite)
             size = write_output(tmp, plan, blocks, metadata, output_dtype)
         else:   # the units write the shards; the index is written once all of them succeeded
-            units = distributed.plan_units([(str(r.path), r.layout) for r in refs], weights, output_dtype, layout,
-                                           [original_name(handles[-1], i.name) for i in layout], plan, tmp, metadata)
-            size, _ = distributed.write_shards(executor, tmp, units, plan, layout, metadata, output_dtype, progress,
-                                               nonfinite)
+            size = distributed.run_units(executor, tmp, handles, refs, weights, layout, plan, metadata, output_dtype,
+                                         progress, nonfinite)
         recipe = _with_read_hashes(recipe, refs, hashes.finish()) if hashes else _with_quick_hashes(recipe, refs)
     if recipe_text:
         (tmp / RECIPE_FILE).write_text(dump_recipe(recipe))
