@@ -212,3 +212,26 @@ def test_issue22_eval_scores_on_ray_equal_the_local_ones(tmp_path: Path, monkeyp
     assert docs[1]["evaluations"] == 6
     stores = [json.loads(next((tmp_path / f"scores-{n}").glob("*.json")).read_text())["scores"] for n in ("local", "ray")]
     assert len(stores[1]) >= 6 and all(stores[1][k] == v for k, v in stores[0].items())
+
+
+def test_issue22_sketch_units_read_checkpoints_from_s3_on_the_workers(tmp_path: Path, s3_server, s3_bucket,
+                                                                     monkeypatch) -> None:
+    """The units take URLs: workers open the bucket with the driver's storage options (the endpoint)."""
+    from conftest import upload_tree
+
+    from analysis.executors import LocalExecutor
+
+    run = open_run(_sketch_run(tmp_path / "run"))
+    url = upload_tree(tmp_path / "run" / "ckpt", s3_server.endpoint, s3_bucket, "ckpt")
+    monkeypatch.setattr(sketch_module, "GROUP_BYTES", 30_000)
+    units = [unit for i, ref in enumerate(run.checkpoints) for unit in sketch_module.plan_sketch_units(i, ref)]
+    remote_units = [sketch_module.SketchUnit(u.checkpoint, f"{url}/{Path(u.path).name}", u.layout, u.names,
+                                             u.buckets, u.seed, u.moments, u.threads) for u in units]
+    s3_server.counts.reset()
+    remote = {(p.checkpoint, tuple(p.sketches)): p for p in make_executor("ray").map(sketch_module.sketch_unit,
+                                                                                     remote_units)}
+    assert s3_server.counts.gets <= 2 * len(units) + sum(len(u.names) for u in units)   # headers + one range a tensor
+    for part in LocalExecutor().map(sketch_module.sketch_unit, units):
+        got = remote[(part.checkpoint, tuple(part.sketches))]
+        assert all(torch.equal(got.sketches[n], part.sketches[n]) for n in part.sketches) and got.stats == part.stats
+        assert got.bytes_read == part.bytes_read

@@ -5,6 +5,10 @@ reference (module and function name), so every node needs ckpt-select installed,
 unit opens its inputs by path or URL itself, so the inputs must be on storage every node reaches (a shared
 file system or object storage). A task whose worker dies (killed, out of memory, node lost) is run again
 up to ``Resources.max_retries`` times; an error our code raises (bad input) is not retried, it is the answer.
+
+Storage options (``--storage-options``: an endpoint, a profile) are per process, so each task carries the
+driver's and its worker applies them before the unit runs; credentials are better left to the nodes'
+environment (``AWS_*``, instance roles), which the workers read as the driver does.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import ray
 from ray.exceptions import RayError, RayTaskError
 
 from ..errors import ExecutorError
+from ..remote.urls import current_storage_options, set_storage_options
 from .base import Resources, TaskProgress, Tally
 
 U = TypeVar("U")
@@ -32,7 +37,7 @@ class RayExecutor:
         self.address = address
         connect(address)
         self.slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        self._remote: dict[tuple, object] = {}
+        self._remote: dict[Resources, object] = {}
 
     def map(self, fn: Callable[[U], R], units: Iterable[U], resources: Resources = Resources(),
             progress: TaskProgress | None = None) -> Iterator[R]:
@@ -42,8 +47,9 @@ class RayExecutor:
             AnalysisError: what a unit raised (the same one line as a local run).
             ExecutorError: a unit was lost more often than its retries allow.
         """
-        task = self._task(fn, resources)
-        pending = {task.remote(unit): unit for unit in units}  # type: ignore[attr-defined]
+        task = self._task(resources)
+        options = current_storage_options()
+        pending = {task.remote(fn, unit, options): unit for unit in units}  # type: ignore[attr-defined]
         tally = Tally(len(pending), progress)
         try:
             while pending:
@@ -56,16 +62,28 @@ class RayExecutor:
             for ref in pending:   # a failure or an abandoned generator: stop what still runs
                 ray.cancel(ref, force=True)
 
-    def _task(self, fn: Callable, resources: Resources) -> object:
-        """``fn`` as a Ray remote function with ``resources`` (made once per function and resources)."""
-        key = (fn.__module__, fn.__qualname__, resources)
-        if key not in self._remote:
+    def _task(self, resources: Resources) -> object:
+        """:func:`run_unit` as a Ray remote function with ``resources`` (made once per resources)."""
+        if resources not in self._remote:
             options = {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus,
                        "max_retries": resources.max_retries, "retry_exceptions": False}
             if resources.memory:
                 options["memory"] = int(resources.memory)
-            self._remote[key] = ray.remote(fn).options(**options)
-        return self._remote[key]
+            self._remote[resources] = ray.remote(run_unit).options(**options)
+        return self._remote[resources]
+
+
+# The storage options this worker process runs with (set_storage_options resets the stores: only on a change).
+_APPLIED: dict = {}
+
+
+def run_unit(fn: Callable[[U], R], unit: U, storage_options: dict) -> R:
+    """On a worker: apply the driver's storage options, then run the unit (``fn`` travels by reference)."""
+    global _APPLIED
+    if storage_options != _APPLIED:
+        set_storage_options(storage_options)
+        _APPLIED = storage_options
+    return fn(unit)
 
 
 def connect(address: str) -> None:
