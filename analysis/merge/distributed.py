@@ -35,7 +35,7 @@ from ..remote import all_stats
 from .average import stream_average
 from .output import INDEX_FILE, OutputPlan, _copy_side_file, write_output
 from .plan import check_same_layout, output_layout
-from .read import block_elements, widest_input
+from .read import BUFFER_BUDGET_BYTES, block_elements, widest_input
 
 Progress = Callable[[float, str], None]
 NonFinite = Callable[[TensorInfo, tuple[int, ...]], None]
@@ -154,7 +154,7 @@ def write_shards(executor: Executor, tmp: Path, units: list[MergeUnit], plan: Ou
         bytes of the shards written, and every unit's result.
     """
     by_name = {info.name: info for info in layout}
-    memory = 3 * max(_unit_memory(u, by_name) for u in units)
+    memory = max(_unit_memory(u, by_name) for u in units)
     results = []
     for result in executor.map(merge_unit, units, Resources(memory=memory), _task_progress(progress)):
         results.append(result)
@@ -177,9 +177,10 @@ def write_index(tmp: Path, plan: OutputPlan, metadata: dict[str, str]) -> None:
 
 
 def _unit_memory(unit: MergeUnit, by_name: dict[str, TensorInfo]) -> int:
-    """A unit's working memory hint: the reader's buffers (64 MiB) and the largest whole tensor it may copy."""
+    """A unit's memory for Ray to reserve: the reader's buffers and the adder's arrays (bounded by the buffer
+    budget, ~3x with headroom), the largest whole tensor it copies, and the interpreter (~150 MB measured)."""
     largest = max((by_name[n].size_bytes for n in unit.names if not by_name[n].is_floating), default=0)
-    return (64 << 20) + largest
+    return 3 * BUFFER_BUDGET_BYTES + largest + (150 << 20)
 
 
 def _task_progress(progress: Progress | None) -> Callable[[int, int, int], None] | None:
@@ -196,22 +197,32 @@ def merge_unit(unit: MergeUnit) -> UnitResult:
         handles = [stack.enter_context(open_checkpoint(path, layout)) for path, layout in unit.inputs]
         wanted = set(unit.names)
         group = [info for info in output_layout(check_same_layout(handles), unit.output_dtype) if info.name in wanted]
-        stored = tuple(replace(info, name=original_name(handles[-1], info.name)) for info in group)
-        target = Path(unit.target)
-        part = target.with_name(f".{target.name}.part-{os.getpid()}")
-        shard = OutputPlan(False, ((part.name, stored),), (), sum(i.size_bytes for i in stored))
         found: list[tuple[str, tuple[int, ...]]] = []
-        stream = stream_average(handles, unit.weights, group, None, None, lambda i, inputs: found.append((i.name, inputs)))
-        blocks = _held(((original_name(handles[-1], i.name), s, b) for i, s, b in stream), unit.hold)
-        try:
-            size = write_output(part.parent, shard, blocks, dict(unit.metadata), unit.output_dtype)
-            os.replace(part, target)
-        finally:
-            part.unlink(missing_ok=True)
+        size = _write_shard(unit, handles, group, lambda info, inputs: found.append((info.name, inputs)))
         read, reads = _read_bytes(handles, group)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return UnitResult(str(target), size, read, reads, _requests() - requests, tuple(found), os.getpid(), peak,
+    return UnitResult(unit.target, size, read, reads, _requests() - requests, tuple(found), os.getpid(), peak,
                       time.perf_counter() - began)
+
+
+def _write_shard(unit: MergeUnit, handles: Sequence, group: list[TensorInfo], nonfinite: NonFinite) -> int:
+    """Stream ``group``'s averages into a hidden part file, renamed to the shard when complete; its bytes.
+
+    The part file is named after this process, so a retry on another worker never writes into a dead
+    worker's file; the driver removes what dead workers left (:func:`write_shards`).
+    """
+    stored = tuple(replace(info, name=original_name(handles[-1], info.name)) for info in group)
+    target = Path(unit.target)
+    part = target.with_name(f".{target.name}.part-{os.getpid()}")
+    shard = OutputPlan(False, ((part.name, stored),), (), sum(i.size_bytes for i in stored))
+    stream = stream_average(handles, unit.weights, group, None, None, nonfinite)
+    blocks = _held(((original_name(handles[-1], i.name), s, b) for i, s, b in stream), unit.hold)
+    try:
+        size = write_output(part.parent, shard, blocks, dict(unit.metadata), unit.output_dtype)
+        os.replace(part, target)
+    finally:
+        part.unlink(missing_ok=True)
+    return size
 
 
 def _requests() -> int:
