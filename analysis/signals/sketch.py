@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from ..checkpoints import open_checkpoint
 from ..checkpoints.base import optimizer_state
-from ..executors import driver_threads, intra_op_threads
+from ..executors import Executor, driver_threads, intra_op_threads
 from ..run import CheckpointRef
 from .tensor_stats import TensorStats, tensor_stats
 
@@ -225,7 +225,7 @@ def plan_sketch_units(index: int, ref: CheckpointRef, buckets: int = DEFAULT_BUC
                     if moments else [])
 
 
-def sketch_run(refs: list[CheckpointRef], executor, buckets: int = DEFAULT_BUCKETS, seed: int = 0,
+def sketch_run(refs: list[CheckpointRef], executor: Executor, buckets: int = DEFAULT_BUCKETS, seed: int = 0,
                progress: Callable[[float, str], None] | None = None) -> list[CheckpointSketch]:
     """Sketch every checkpoint not cached yet as units on ``executor`` and cache each, as :func:`sketch_checkpoint`
     would have: the analysis that follows reads the cache. Returns every checkpoint's sketch, in order."""
@@ -236,9 +236,10 @@ def sketch_run(refs: list[CheckpointRef], executor, buckets: int = DEFAULT_BUCKE
         lambda done, total, read: progress(done / max(total, 1), f"tasks {done}/{total}, {read / 1e9:.2f} GB read"))
     for part in executor.map(sketch_unit, units, progress=report):
         parts[part.checkpoint].append(part)
-    for i in todo:
-        _store(_cache_path(refs[i], buckets, seed), _assemble(refs[i], parts[i], buckets))
-    return [sketch_checkpoint(ref, buckets, seed) for ref in refs]
+    made = {i: _assemble(refs[i], parts[i], buckets) for i in todo}
+    for i, sketch in made.items():
+        _store(_cache_path(refs[i], buckets, seed), sketch)
+    return [made[i] if i in made else sketch_checkpoint(ref, buckets, seed) for i, ref in enumerate(refs)]
 
 
 def _assemble(ref: CheckpointRef, parts: list[SketchPart], buckets: int) -> CheckpointSketch:
