@@ -100,7 +100,7 @@ def test_issue22_a_worker_killed_mid_merge_is_retried_and_the_output_is_complete
     thread = threading.Thread(target=lambda: done.setdefault("result", merge_checkpoints(
         refs, [1, 1, 1, 1], tmp_path / "ray", executor=make_executor("ray"))))
     thread.start()
-    pid = int(_wait_for(hold / "held"))
+    pid = int(_wait_for(hold / "held", 60))
     partial = [p for p in tmp_path.iterdir() if p.name.startswith(".ray.partial-")]
     assert len(partial) == 1 and not (partial[0] / "model.safetensors.index.json").exists()
     os.kill(pid, signal.SIGKILL)   # the worker dies mid-shard; Ray runs its task again on another worker
