@@ -237,3 +237,13 @@ def test_issue22_sketch_units_read_checkpoints_from_s3_on_the_workers(tmp_path: 
         got = remote[(part.checkpoint, tuple(part.sketches))]
         assert all(torch.equal(got.sketches[n], part.sketches[n]) for n in part.sketches) and got.stats == part.stats
         assert got.bytes_read == part.bytes_read
+
+
+def test_issue22_an_error_in_a_unit_comes_back_as_the_local_one_line(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    run = write_tiny_run(tmp_path / "run", [50, 100, 150, 200])
+    (tmp_path / "bad.py").write_text("def evaluate(sd):\n    raise ValueError('no validation data here')\n")
+    assert main(["recommend", str(run), "--eval", f"{tmp_path / 'bad.py'}:evaluate", "--executor", "ray"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert "evaluator bad.py:evaluate failed: ValueError: no validation data here" in err
