@@ -154,7 +154,7 @@ def write_shards(executor: Executor, tmp: Path, units: list[MergeUnit], plan: Ou
         bytes of the shards written, and every unit's result.
     """
     by_name = {info.name: info for info in layout}
-    memory = max(_unit_memory(u, by_name) for u in units)
+    memory = max((_unit_memory(u, by_name) for u in units), default=0)
     results = []
     for result in executor.map(merge_unit, units, Resources(memory=memory), _task_progress(progress)):
         results.append(result)
