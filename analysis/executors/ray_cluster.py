@@ -53,11 +53,13 @@ class RayExecutor:
         tally = Tally(len(pending), progress)
         try:
             while pending:
-                (ready,), _ = ray.wait(list(pending), num_returns=1)
-                pending.pop(ready)
-                result = _get(ready, fn, resources)
-                tally.add(result)
-                yield result
+                ray.wait(list(pending), num_returns=1)   # one finished; then take every one finished by now
+                ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+                for ref in ready:
+                    pending.pop(ref)
+                    result = _get(ref, fn, resources)
+                    tally.add(result)
+                    yield result
         finally:
             for ref in pending:   # a failure or an abandoned generator: stop what still runs
                 ray.cancel(ref, force=True)
