@@ -26,6 +26,7 @@ from .storage import DEFAULT_PRICE_PER_TB_MONTH, DEFAULT_SNAPSHOT_GBPS, OPTIMIZE
 from .scaling import DEFAULT_GAIN_TARGET, DEFAULT_PLATEAU_GAIN
 
 if TYPE_CHECKING:
+    from .executors import Executor
     from .merge import MergePlan
     from .recipe import Recipe
     from .run import Run
@@ -106,6 +107,20 @@ class _PathOrURL(click.ParamType):
 
 
 PATH_OR_URL = _PathOrURL()
+
+
+def _executor_options(command: Callable[..., None]) -> Callable[..., None]:
+    """``--executor local|ray`` and ``--ray-address`` (issue 22), handed to the command as ``executor``."""
+    @functools.wraps(command)
+    def wrapper(executor: str, ray_address: str, **kwargs: object) -> None:
+        from .executors import make_executor
+        command(executor=None if executor == "local" else make_executor(executor, ray_address), **kwargs)
+    wrapper = click.option("--ray-address", default="auto", show_default=True, metavar="ADDRESS",
+                           help="--executor ray: the cluster (auto: the one `ray start` runs here; local: start one "
+                                "in this process; HOST:PORT).")(wrapper)
+    return click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                        help="Where the heavy work runs: this process, or tasks on a Ray cluster "
+                             "(pip install ckpt-select[ray]; docs/cluster.md).")(wrapper)
 
 
 def _emit(doc: dict) -> None:
@@ -190,14 +205,18 @@ def _quiet_libraries() -> None:
 @click.option("--layers", is_flag=True,
               help="Per-layer RMS, max |w|, relative update sizes and cosines, flags and spike leads (same read pass).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
-def analyze(run_path: Path, similarity: bool, as_json: bool, run_name: str | None = None, layers: bool = False) -> None:
+@_executor_options
+def analyze(run_path: Path, similarity: bool, as_json: bool, run_name: str | None = None, layers: bool = False,
+            executor: Executor | None = None) -> None:
     """Discover a run's logs and checkpoints and judge every checkpoint."""
     from .report import analysis_report
     from .run import open_run, printable
-    from .signals import assess_run, compare_checkpoints
+    from .signals import assess_run, compare_checkpoints, sketch_run
     run = open_run(run_path, run_name=run_name)
     update, close = _progress_bar("checking checkpoints")
     try:
+        if executor is not None:   # the sketches on the cluster, into the cache the pass below reads
+            sketch_run(run.checkpoints, executor, progress=update)
         signals = assess_run(run, progress=update)
         sim = compare_checkpoints(run.checkpoints, progress=update) if similarity and run.checkpoints else None
     finally:
@@ -324,12 +343,16 @@ def watch_cmd(run_path: Path, every: float, as_json: bool, until_step: int | Non
 @click.option("--run", "run_name", metavar="NAME",
               help="When RUN holds several runs (Lightning version_N, several output folders): the one to read.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--eval-gpus", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="--executor ray: GPUs each candidate evaluation asks the cluster for.")
+@_executor_options
 @_naming_a_file_run
 def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: bool, eval_tokens: int,
                   eval_cache: bool, method: str, window: int | None, window_tokens: float | None,
                   window_steps: int | None, schedule: str, cooldown: bool, ema_alpha: float, max_evals: int | None,
                   include_contaminated: bool, before_step: int | None, output_dtype: str, output: Path | None,
-                  force: bool, as_json: bool, run_name: str | None = None) -> None:
+                  force: bool, as_json: bool, run_name: str | None = None, eval_gpus: float = 0,
+                  executor: Executor | None = None) -> None:
     """Recommend which checkpoints to average, with a reason for each."""
     from .evaluate import load_evaluator
     from .recipe import recipe_for_selection, write_recipe
@@ -346,6 +369,9 @@ def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: 
     evaluator = load_evaluator(eval_spec, eval_higher_is_better, run, eval_tokens) if eval_spec else None
     if evaluator is not None and eval_cache:
         evaluator.persist()
+    if evaluator is not None and executor is not None:
+        from .executors import Resources
+        evaluator.distribute(executor, Resources(num_gpus=eval_gpus))
     config = RecommendConfig(method=method, window=window, ema_alpha=ema_alpha, max_evals=max_evals,
                              output_dtype=output_dtype, include_contaminated=include_contaminated,
                              before_step=before_step, schedule=schedule, window_tokens=window_tokens,
@@ -427,10 +453,11 @@ def _print_cooldown(signals: object, evaluator: object, output_dtype: str, as_js
               help='Options for object storage URLs, e.g. \'{"s3": {"endpoint_url": "http://..."}}\' (credentials '
                    "come from the environment or profiles and are never written to a recipe).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@_executor_options
 def merge(paths: tuple[str, ...], checkpoints_given: int, weights: tuple[float, ...],
           output_dtype: str | None, out_dir: str, verify: str, no_verify: bool, hash_inputs: bool, force: bool,
           out_shard_size: str | None, out_format: str | None, dry_run: bool, storage_options: str | None,
-          as_json: bool) -> None:
+          as_json: bool, executor: Executor | None = None) -> None:
     """Average checkpoints (from a recipe, a mergekit linear config, or --checkpoints) into a new folder or prefix.
 
     Any of them may be a URL (s3://, gs://, hf://, ...): inputs are read by exact byte ranges, a
@@ -456,7 +483,7 @@ def merge(paths: tuple[str, ...], checkpoints_given: int, weights: tuple[float, 
     try:
         mode = "none" if no_verify or recipe_path is None else verify
         result = merge_into(recipe, out_dir, verify=mode, progress=update, force=force, out_shard_size=shard_size,
-                            hash_inputs=hash_inputs)
+                            hash_inputs=hash_inputs, executor=executor)
     finally:
         close()
     doc = {"out_dir": str(result.out_dir), "model_file": str(result.model_file),

@@ -136,3 +136,7 @@ class RemoteError(AnalysisError):
     def __init__(self, url: str, reason: str) -> None:
         super().__init__(f"{url}: {reason}")
         self.url, self.reason = url, reason
+
+
+class ExecutorError(AnalysisError):
+    """The cluster could not be reached, or a work unit failed on it after its retries (issue 22)."""

@@ -14,18 +14,56 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import torch
 
-from .merge.in_memory import average_state_dict
+from .merge.in_memory import average_of_inputs, average_state_dict
 from .errors import EvaluatorError, InvalidArgument
+from .executors import driver_threads, intra_op_threads
 from .paths import is_within
 from .run import CheckpointRef, Run
 from .score_store import ScoreStore, candidate_key, file_digest
 
+if TYPE_CHECKING:
+    from .executors import Executor, Resources
+
 StateDictScorer = Callable[[dict[str, torch.Tensor]], float]
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluatorSource:
+    """What a worker needs to load the same evaluator (issue 22): the spec (its file path), and for
+    ``hf-lm`` the run whose config and tokenizer it reads. The worker imports the file itself."""
+
+    spec: str
+    higher_is_better: bool = False
+    max_tokens: int | None = None
+    run_path: str | None = None
+    run_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EvalUnit:
+    """One candidate average to score on a worker: the evaluator, every input (path or URL, layout), weights."""
+
+    source: EvaluatorSource
+    inputs: tuple[tuple[str, str], ...]
+    weights: tuple[float, ...]
+    output_dtype: str
+    tag: int                      # the candidate's place in the batch, to match the result to it
+    threads: int = 1              # torch's intra-op threads on the driver: the evaluator runs with as many
+
+
+@dataclass(frozen=True, slots=True)
+class EvalResult:
+    """The evaluator's raw return value for unit ``tag`` (checked on the driver, as a local call is)."""
+
+    tag: int
+    value: float
+    bytes_read: int
 
 
 class Evaluator:
@@ -43,6 +81,61 @@ class Evaluator:
         self.from_store = 0
         self._cache: dict[tuple, float] = {}
         self._store: ScoreStore | None = None
+        self.source: EvaluatorSource | None = None     # set by load_evaluator: how a worker loads it
+        self._runner: tuple["Executor", "Resources", Callable[[int, int, int], None] | None] | None = None
+        self._prefetched: dict[tuple, float] = {}
+
+    def distribute(self, executor: "Executor", resources: "Resources",
+                   progress: Callable[[int, int, int], None] | None = None) -> None:
+        """Score candidates as work units on ``executor`` with ``resources`` (``--eval-gpus``) from now on.
+
+        Raises:
+            EvaluatorError: the evaluator was not loaded from a spec a worker can load too.
+        """
+        if self.source is None:
+            raise EvaluatorError(f"evaluator {self.name} was not loaded from a file, so a worker cannot load it")
+        self._runner = (executor, resources, progress)
+
+    def prefetch(self, candidates: Sequence[tuple[Sequence[CheckpointRef], Sequence[float]]], output_dtype: str,
+                 limit: int) -> None:
+        """Score the first ``limit`` distinct ``candidates`` not known yet, all at once on the executor.
+
+        Nothing without :meth:`distribute`. The scores are kept until :meth:`score` asks for them (and
+        count as calls then, so a search decides as it would one call at a time); each also goes to the
+        disk cache as it arrives, so a search that dies keeps what finished.
+        """
+        if self._runner is None:
+            return
+        wanted: dict[tuple, tuple[Sequence[CheckpointRef], Sequence[float]]] = {}
+        for refs, weights in candidates:
+            if len(wanted) >= max(limit, 1):
+                break
+            wanted.setdefault(self._key(refs, weights, output_dtype), (refs, weights))
+        todo = [(key, refs, weights) for key, (refs, weights) in wanted.items()
+                if key not in self._cache and key not in self._prefetched
+                and (self._store is None or self._store.get(candidate_key(refs, weights, output_dtype)) is None)]
+        for key, refs, weights, value in self._run_units(todo, output_dtype):
+            self._prefetched[key] = value
+            if self._store is not None:
+                self._store.put(candidate_key(refs, weights, output_dtype), value)
+
+    def _run_units(self, todo: list, output_dtype: str) -> Iterable[tuple[tuple, Sequence[CheckpointRef],
+                                                                           Sequence[float], float]]:
+        """Each (key, refs, weights) scored by a unit on the executor, checked, as the units finish."""
+        assert self._runner is not None and self.source is not None
+        executor, resources, progress = self._runner
+        units = [EvalUnit(self.source, tuple((str(r.path), r.layout) for r, w in zip(refs, weights) if w > 0),
+                          tuple(float(w) for w in weights if w > 0), output_dtype, tag, driver_threads())
+                 for tag, (_, refs, weights) in enumerate(todo)]
+        for result in executor.map(evaluate_unit, units, resources, progress):
+            key, refs, weights = todo[result.tag]
+            yield key, refs, weights, self._checked(result.value)
+
+    @staticmethod
+    def _key(refs: Sequence[CheckpointRef], weights: Sequence[float], output_dtype: str) -> tuple:
+        """The in-memory cache key of a candidate."""
+        return (output_dtype,) + tuple(
+            (str(r.path), r.size_bytes, round(float(w), 10)) for r, w in zip(refs, weights) if w > 0)
 
     def persist(self, folder: Path | None = None) -> Path:
         """Keep every score on disk from now on (and use those already there); returns the cache file.
@@ -57,10 +150,12 @@ class Evaluator:
 
     def score(self, refs: Sequence[CheckpointRef], weights: Sequence[float], output_dtype: str = "same") -> float:
         """Loss-like score (lower is better) of the average of ``refs`` with ``weights``."""
-        key = (output_dtype,) + tuple(
-            (str(r.path), r.size_bytes, round(float(w), 10)) for r, w in zip(refs, weights) if w > 0
-        )
+        key = self._key(refs, weights, output_dtype)
         if key in self._cache:
+            return self._cache[key]
+        if key in self._prefetched:   # scored on the cluster by prefetch (and stored then)
+            self.calls += 1
+            self._cache[key] = self._prefetched.pop(key)
             return self._cache[key]
         stored_key = candidate_key(refs, weights, output_dtype) if self._store is not None else None
         stored = self._store.get(stored_key) if self._store is not None else None
@@ -70,18 +165,33 @@ class Evaluator:
             self._cache[key] = stored
             return stored
         kept = [(r, w) for r, w in zip(refs, weights) if w > 0]
-        state = average_state_dict([r for r, _ in kept], [w for _, w in kept], output_dtype)
-        self._cache[key] = self._call(state)
+        if self._runner is not None:   # one unit on the cluster (the soup's trials depend on each other)
+            self.calls += 1
+            self._cache[key] = next(iter(self._run_units([(key, refs, weights)], output_dtype)))[3]
+        else:
+            state = average_state_dict([r for r, _ in kept], [w for _, w in kept], output_dtype)
+            self._cache[key] = self._call(state)
         if self._store is not None:
             self._store.put(stored_key, self._cache[key])
         return self._cache[key]
 
     def _call(self, state_dict: dict[str, torch.Tensor]) -> float:
         self.calls += 1
+        return self._checked(self.raw(state_dict))
+
+    def raw(self, state_dict: dict[str, torch.Tensor]) -> float:
+        """The function's own return value for ``state_dict``, as a float (what a work unit sends back)."""
         try:
-            value = float(self.func(state_dict))
+            return float(self.func(state_dict))
         except Exception as e:  # the user's code: any failure is reported, not a crash of ours
             raise EvaluatorError(f"evaluator {self.name} failed: {type(e).__name__}: {e}") from e
+
+    def _checked(self, value: float) -> float:
+        """A finite score, turned to lower-is-better.
+
+        Raises:
+            EvaluatorError: the value is NaN or infinite.
+        """
         if not math.isfinite(value):
             raise EvaluatorError(f"evaluator {self.name} returned {value}; it must return a finite number")
         return -value if self.higher_is_better else value
@@ -98,9 +208,11 @@ def load_evaluator(spec: str, higher_is_better: bool = False, run: Run | None = 
     """
     from .hf_lm_eval import DEFAULT_MAX_TOKENS, hf_lm_scorer, is_hf_lm_spec
 
+    source = EvaluatorSource(spec, higher_is_better, max_tokens, str(run.path) if run is not None else None,
+                             None)
     if is_hf_lm_spec(spec):
         func, name, identity = hf_lm_scorer(spec, run, max_tokens or DEFAULT_MAX_TOKENS)
-        return Evaluator(func, name, higher_is_better, identity)
+        return _with_source(Evaluator(func, name, higher_is_better, identity), source)
     path_text, func_name = _split_spec(spec)
     path = Path(path_text).expanduser().resolve()
     if not path.is_file():
@@ -119,7 +231,38 @@ def load_evaluator(spec: str, higher_is_better: bool = False, run: Run | None = 
     func = getattr(module, func_name, None)
     if not callable(func):
         raise EvaluatorError(f"{path}: has no function {func_name!r}")
-    return Evaluator(func, f"{path.name}:{func_name}", higher_is_better, f"{file_digest([path])}:{func_name}")
+    evaluator = Evaluator(func, f"{path.name}:{func_name}", higher_is_better, f"{file_digest([path])}:{func_name}")
+    return _with_source(evaluator, replace(source, spec=f"{path}:{func_name}", run_path=None, run_name=None))
+
+
+def _with_source(evaluator: Evaluator, source: EvaluatorSource) -> Evaluator:
+    evaluator.source = source
+    return evaluator
+
+
+# Evaluators a worker process has loaded, by source: a model or a tokenizer is loaded once per worker.
+_LOADED: dict[EvaluatorSource, Evaluator] = {}
+
+
+def evaluate_unit(unit: EvalUnit) -> EvalResult:
+    """Score one candidate average (the work unit of ``recommend --eval --executor ray``; runs on a worker).
+
+    Loads the evaluator from its file (once per worker process), averages the inputs exactly as the
+    merge would (:func:`analysis.merge.in_memory.average_of_inputs`) and returns the raw value.
+    """
+    evaluator = _LOADED.get(unit.source)
+    if evaluator is None:
+        run = None
+        if unit.source.run_path is not None:
+            from .run import open_run
+            run = open_run(Path(unit.source.run_path), run_name=unit.source.run_name)
+        evaluator = _LOADED[unit.source] = load_evaluator(unit.source.spec, unit.source.higher_is_better, run,
+                                                          unit.source.max_tokens)
+    with intra_op_threads(unit.threads):
+        state = average_of_inputs(unit.inputs, unit.weights, unit.output_dtype)
+        value = evaluator.raw(state)
+    read = sum(int(t.numel() * t.element_size()) for t in state.values()) * len(unit.inputs)
+    return EvalResult(unit.tag, value, read)
 
 
 def _split_spec(spec: str) -> tuple[str, str]:

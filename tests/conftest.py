@@ -169,3 +169,25 @@ def upload_tree(local: Path, endpoint: str, bucket: str, prefix: str) -> str:
     for path in sorted(p for p in local.rglob("*") if p.is_file()):
         client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local).as_posix()}")
     return f"s3://{bucket}/{prefix}"
+
+
+# --- Ray (issue 22): one local cluster per test session, held by one xdist worker (xdist_group "ray") ---------
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster (2 CPUs, loopback, no dashboard, usage stats off), started once per session.
+
+    Yields its GCS address (``HOST:PORT``), which a driver in another process joins with ``--ray-address``.
+    Its temp folder is short (Ray's socket paths must fit 107 characters) and removed at the end.
+    """
+    ray = pytest.importorskip("ray")
+    import logging
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp,
+             logging_level=logging.WARNING, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)

@@ -39,7 +39,7 @@ import uuid
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -58,8 +58,12 @@ from .output import (MERGEKIT_FILE, MODEL_FILE, RECIPE_FILE, OutputPlan, format_
 from ..inputs import normalize_weights
 from .plan import check_same_layout, output_layout
 from .read import ReadHashes
+from . import distributed
 from .verify import (DISK_MARGIN_BYTES, MergePlan, check_disk, check_target, project, resolve_inputs, verify_inputs,
                      verify_mode)
+
+if TYPE_CHECKING:
+    from ..executors import Executor
 
 # A hidden folder a merge leaves beside its target: .NAME.partial-HOST-PID-HEX (being written) or
 # .NAME.old-HOST-PID-HEX (an output --force set aside); see _hidden_name.
@@ -105,8 +109,12 @@ class MergeResult:
 
 
 def merge(recipe: Recipe, out_dir: Path, *, verify: bool | str = "quick", progress: Progress | None = None,
-          force: bool = False, out_shard_size: int | None = None, hash_inputs: bool = False) -> MergeResult:
+          force: bool = False, out_shard_size: int | None = None, hash_inputs: bool = False,
+          executor: "Executor | None" = None) -> MergeResult:
     """Merge what ``recipe`` says into ``out_dir`` after checking the inputs (``verify``: full|quick|none).
+
+    ``executor`` (issue 22): the output's shards are written by work units it runs (a Ray cluster), see
+    :mod:`analysis.merge.distributed`; None merges in this process.
 
     Each input's reference is resolved once, here, and used by the check and the merge. Inputs
     the recipe has no sha256 for (an ad-hoc ``merge --checkpoints``, a mergekit config) get their
@@ -121,7 +129,7 @@ def merge(recipe: Recipe, out_dir: Path, *, verify: bool | str = "quick", progre
     found = [ref or checkpoint_ref(e.path, e.step) for ref, e in zip(refs, recipe.checkpoints)]
     return merge_checkpoints(found, recipe.weights, out_dir, recipe.output_dtype, recipe,
                              _scaled(progress, share, 1.0), force=force, out_shard_size=out_shard_size,
-                             out_format=recipe.output_format, hash_inputs=hash_inputs)
+                             out_format=recipe.output_format, hash_inputs=hash_inputs, executor=executor)
 
 
 def merge_recipe(recipe: Recipe, out_dir: Path, verify: bool | str = "quick", progress: Progress | None = None,
@@ -148,7 +156,7 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
                       output_dtype: str = "same", recipe: Recipe | None = None,
                       progress: Progress | None = None, *, force: bool = False,
                       out_shard_size: int | None = None, out_format: str | None = None,
-                      hash_inputs: bool = False) -> MergeResult:
+                      hash_inputs: bool = False, executor: "Executor | None" = None) -> MergeResult:
     """Average ``refs`` with ``weights`` into ``out_dir``, in the layout of the newest input.
 
     The last of ``refs`` counts as the newest input: its non-floating tensors, its tensor
@@ -170,14 +178,16 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
     recipe = recipe if recipe is not None else Recipe("manual", (), output_dtype)
     out_format = out_format or recipe.output_format
     recipe = replace(recipe, output_format=out_format)   # the recipe beside the merge says which file it holds
+    if executor is not None:
+        distributed.check_supported(out_format, hash_inputs)
     nonfinite = _NonFinite(refs)
     with ExitStack() as stack:
         handles = [stack.enter_context(open_checkpoint(r.path, r.layout)) for r in refs]
-        layout, plan = _plan(handles, refs, output_dtype, out_shard_size, out_format)
+        layout, plan = _plan(handles, refs, output_dtype, out_shard_size, out_format, executor)
 
         def write(folder: Path, on_file: Callable[[Path], None] | None = None) -> int:
             return _write(folder, handles, weights, layout, plan, refs, recipe, output_dtype, progress, nonfinite,
-                          hash_inputs, on_file)
+                          hash_inputs, on_file, executor)
 
         if isinstance(out_dir, RemotePath):
             size, files, stale = *_write_to_bucket(out_dir, replaced, plan, write), StaleFolders()
@@ -378,19 +388,25 @@ def plan_merge(refs: Sequence[CheckpointRef], weights: Sequence[float], out_dir:
 
 
 def _plan(handles, refs: Sequence[CheckpointRef], output_dtype: str, out_shard_size: int | None,
-          out_format: str = "safetensors") -> tuple[list[TensorInfo], OutputPlan]:
-    """The output's headers (matched names) and its files (stored names of the newest input)."""
+          out_format: str = "safetensors", executor: "Executor | None" = None) -> tuple[list[TensorInfo], OutputPlan]:
+    """The output's headers (matched names) and its files (stored names of the newest input);
+    with an executor, shards balanced by bytes for its units (:func:`distributed.group_plan`)."""
     layout = output_layout(check_same_layout(handles), output_dtype)
     stored = [replace(info, name=original_name(handles[-1], info.name)) for info in layout]
-    return layout, plan_output(handles[-1], refs[-1].path, stored, out_shard_size, out_format)
+    plan = plan_output(handles[-1], refs[-1].path, stored, out_shard_size, out_format)
+    if executor is not None:
+        plan = distributed.balanced_plan(plan, handles, layout, executor.slots)
+    return layout, plan
 
 
 def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPlan, refs, recipe: Recipe,
            output_dtype: str, progress: Progress | None, nonfinite: "_NonFinite | None" = None,
-           hash_inputs: bool = False, on_file: Callable[[Path], None] | None = None) -> int:
+           hash_inputs: bool = False, on_file: Callable[[Path], None] | None = None,
+           executor: "Executor | None" = None) -> int:
     """Write the model, our recipe and the mergekit config into ``tmp``; return the weights' bytes.
 
-    ``on_file`` is called with each weights file once it is complete (a bucket output uploads it then).
+    ``on_file`` is called with each weights file once it is complete (a bucket output uploads it then);
+    with an ``executor`` the units write the shards and a bucket output uploads them at the commit.
     """
     recipe_text = dump_recipe(recipe) if recipe.checkpoints else ""
     metadata = {
@@ -405,8 +421,12 @@ def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPl
     # A hashing thread only when there is something to hash (--sha256 and inputs the recipe has no sha256 for).
     unhashed = _unhashed_files(recipe, refs) if hash_inputs else []
     with ReadHashes(unhashed) if unhashed else nullcontext() as hashes:
-        blocks = _stored_blocks(handles, weights, layout, progress, hashes, nonfinite)
-        size = write_output(tmp, plan, blocks, metadata, output_dtype, on_file)
+        if executor is None:
+            blocks = _stored_blocks(handles, weights, layout, progress, hashes, nonfinite)
+            size = write_output(tmp, plan, blocks, metadata, output_dtype, on_file)
+        else:   # the units write the shards; the index is written once all of them succeeded
+            size = distributed.run_units(executor, tmp, handles, refs, weights, layout, plan, metadata, output_dtype,
+                                         progress, nonfinite)
         recipe = _with_read_hashes(recipe, refs, hashes.finish()) if hashes else _with_quick_hashes(recipe, refs)
     if recipe_text:
         (tmp / RECIPE_FILE).write_text(dump_recipe(recipe))

@@ -54,8 +54,15 @@ def average_state_dict(refs: Sequence[CheckpointRef], weights: Sequence[float],
     model with tied embeddings saves every key under ``model.``, which the readers strip to compare
     checkpoints, and ``load_state_dict`` of the user's model needs it back.
     """
-    weights = normalize_weights(weights, len(refs))
+    return average_of_inputs([(r.path, r.layout) for r in refs], weights, output_dtype)
+
+
+def average_of_inputs(inputs: Sequence[tuple[object, str | None]], weights: Sequence[float],
+                      output_dtype: str = "same") -> dict[str, "torch.Tensor"]:
+    """:func:`average_state_dict` of inputs named by (path or URL, layout): what a work unit on another
+    machine is handed (issue 22), as it has no ``CheckpointRef``."""
+    weights = normalize_weights(weights, len(inputs))
     with ExitStack() as stack:
-        handles = [stack.enter_context(open_checkpoint(r.path, r.layout)) for r in refs]
+        handles = [stack.enter_context(open_checkpoint(path, layout)) for path, layout in inputs]
         layout = output_layout(check_same_layout(handles), output_dtype)
         return {original_name(handles[-1], name): tensor for name, tensor in iter_average(handles, weights, layout)}

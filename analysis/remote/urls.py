@@ -105,3 +105,9 @@ def reset_stores() -> None:
     """Forget the stores (and their counters and listing caches): tests and a new command start clean."""
     with _lock:
         _stores.clear()
+
+
+def current_storage_options() -> dict[str, Any]:
+    """A copy of the options :func:`set_storage_options` set: what an executor hands its workers (issue 22)."""
+    with _lock:
+        return json.loads(json.dumps(_options))

@@ -30,19 +30,15 @@ def search_with_evaluator(signals: RunSignals, eligible: list[CheckpointSignals]
     budget = config.max_evals if config.max_evals is not None else 2 * len(signals.checkpoints)
     refs = [s.ref for s in eligible]
     start_calls, start_cached = evaluator.calls, evaluator.from_store
+    candidates = _candidates(config, len(eligible), window.size)
+    # With a cluster (issue 22) the candidates known up front are scored at once, in parallel; the search
+    # below then takes their scores in its own order, so it decides exactly as a local search would.
+    evaluator.prefetch(_planned(eligible, window, config, candidates), config.output_dtype, budget)
     last_score = evaluator.score(refs[-1:], (1.0,), config.output_dtype)
     best: tuple[float, str, list[CheckpointSignals], tuple[float, ...]] = (last_score, "sma", eligible[-1:], (1.0,))
     if window.weights is not None and config.method in ("auto", "recovery"):
         best = min(best, _score_predicted(eligible, window, evaluator, config.output_dtype, progress),
                    key=lambda choice: choice[0])
-    if config.method == "soup":
-        candidates: list[tuple[str, int, float]] = []
-    elif config.method in ("auto", "recovery"):
-        candidates = _search_candidates(len(eligible), window.size)
-    elif config.method == "decay":
-        candidates = [(f"decay:{parse_schedule(config.schedule).spec}", window.size, 0.0)] if window.size > 1 else []
-    else:
-        candidates = [(config.method, window.size, config.ema_alpha)] if window.size > 1 else []
     for index, (method, k, alpha) in enumerate(candidates):
         if evaluator.calls - start_calls >= budget:
             break
@@ -63,6 +59,28 @@ def search_with_evaluator(signals: RunSignals, eligible: list[CheckpointSignals]
     return Choice(method=method, checkpoints=tuple(chosen), weights=weights, score=score, last_score=last_score,
                   evaluations=evaluator.calls - start_calls, evaluations_cached=evaluator.from_store - start_cached,
                   evaluator=evaluator, schedule=schedule or None)
+
+
+def _candidates(config: RecommendConfig, count: int, window_size: int) -> list[tuple[str, int, float]]:
+    """(method, newest N, alpha) the search scores after the last checkpoint and the predicted weights."""
+    if config.method == "soup":
+        return []
+    if config.method in ("auto", "recovery"):
+        return _search_candidates(count, window_size)
+    if config.method == "decay":
+        return [(f"decay:{parse_schedule(config.schedule).spec}", window_size, 0.0)] if window_size > 1 else []
+    return [(config.method, window_size, config.ema_alpha)] if window_size > 1 else []
+
+
+def _planned(eligible: list[CheckpointSignals], window: Window, config: RecommendConfig,
+             candidates: list[tuple[str, int, float]]) -> list[tuple[list, tuple[float, ...]]]:
+    """(refs, weights) of every average the search asks for before the soup, in the order it asks."""
+    refs = [s.ref for s in eligible]
+    planned = [(refs[-1:], (1.0,))]
+    if window.weights is not None and config.method in ("auto", "recovery"):
+        chosen, weights = predicted_choice(eligible, window)
+        planned.append(([s.ref for s in chosen], weights))
+    return planned + [(refs[-k:], _weights(method, eligible[-k:], alpha)) for method, k, alpha in candidates]
 
 
 def _weights(method: str, chosen: list[CheckpointSignals], alpha: float) -> tuple[float, ...]:

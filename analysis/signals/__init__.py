@@ -10,7 +10,7 @@ from .layer_report import HEATMAP_METRICS, LayerHeatmap, LayerReport, NormPlacem
 from .layers import LayerSeries
 from .noise import IterateNoise, iterate_noise, newest_iterate_noise
 from .similarity import CheckpointSimilarity, SimilarityReport, compare_checkpoints, layer_of
-from .sketch import CheckpointSketch, sketch_checkpoint
+from .sketch import CheckpointSketch, sketch_checkpoint, sketch_run
 from .smoothing import debiased_ema
 from .spikes import LossSpike, SpikeConfig, detect_spikes
 from .timing import SlowIteration, StepTiming, analyze_step_times
@@ -60,6 +60,7 @@ __all__ = [
     "minmax_indices",
     "newest_iterate_noise",
     "sketch_checkpoint",
+    "sketch_run",
     "step_to_axis",
     "tensor_role",
 ]

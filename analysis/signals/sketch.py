@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from ..checkpoints import open_checkpoint
 from ..checkpoints.base import optimizer_state
+from ..executors import Executor, driver_threads, intra_op_threads
 from ..run import CheckpointRef
 from .tensor_stats import TensorStats, tensor_stats
 
@@ -155,3 +156,104 @@ def _load(path: Path, step: int, buckets: int) -> CheckpointSketch:
     stats = {name: TensorStats.from_tensor(tensors[f"s/{name}"]) for name in header.get("order", [])}
     return CheckpointSketch(step, weights, moments, metadata.get("exact") == "1", buckets, stats,
                             int(header.get("n_tensors", 0)), tuple((d, int(b)) for d, b in header.get("bytes_by_dtype", ())))
+
+
+# --- the sketch pass as work units (issue 22): one per (checkpoint, tensor group), run by an executor ------------
+# Bytes of tensors one unit reads: units small enough to spread a checkpoint over a cluster, large enough
+# that opening the checkpoint (its headers) is a small part of a unit.
+GROUP_BYTES = 256 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class SketchUnit:
+    """Sketch these tensors of one checkpoint (by path or URL); ``moments``: its Adam first moments instead."""
+
+    checkpoint: int                  # the checkpoint's place in the batch
+    path: str
+    layout: str | None
+    names: tuple[str, ...]
+    buckets: int
+    seed: int
+    moments: bool = False
+    threads: int = 1                 # torch's intra-op threads on the driver: the unit's sums use as many
+
+
+@dataclass(frozen=True, slots=True)
+class SketchPart:
+    """A unit's sketches and exact statistics (small: ``buckets`` floats a tensor)."""
+
+    checkpoint: int
+    sketches: dict[str, torch.Tensor]
+    stats: dict[str, TensorStats]
+    bytes_read: int
+
+
+def sketch_unit(unit: SketchUnit) -> SketchPart:
+    """Sketch one group of tensors, exactly as :func:`sketch_checkpoint` does each (the work unit; pure)."""
+    sketches: dict[str, torch.Tensor] = {}
+    stats: dict[str, TensorStats] = {}
+    with intra_op_threads(unit.threads), open_checkpoint(unit.path, unit.layout) as handle:
+        for name in unit.names:
+            if unit.moments:
+                sketches[name] = sketch_tensor(name, handle.read_optimizer(f"{name}.exp_avg"), unit.buckets, unit.seed)
+            else:
+                tensor = handle.read(name)
+                sketches[name] = sketch_tensor(name, tensor, unit.buckets, unit.seed)
+                stats[name] = tensor_stats(name, tensor)
+        sizes = {i.name: i.size_bytes for i in (optimizer_state(handle) if unit.moments else handle.tensors())}
+        read = sum(sizes.get(f"{n}.exp_avg" if unit.moments else n, 0) for n in unit.names)
+    return SketchPart(unit.checkpoint, sketches, stats, read)
+
+
+def plan_sketch_units(index: int, ref: CheckpointRef, buckets: int = DEFAULT_BUCKETS, seed: int = 0,
+                      group_bytes: int | None = None) -> list[SketchUnit]:
+    """The units of one checkpoint, from its header only: consecutive floating tensors up to ``group_bytes``
+    (default :data:`GROUP_BYTES`) a unit (a larger tensor alone), and one unit for the Adam first moments if
+    it saved them."""
+    group_bytes = group_bytes or GROUP_BYTES
+    with open_checkpoint(ref.path, ref.layout) as handle:
+        infos = [i for i in handle.tensors() if i.is_floating]
+        moments = tuple(i.name.removesuffix(".exp_avg") for i in optimizer_state(handle) if i.name.endswith(".exp_avg"))
+    groups: list[list[str]] = []
+    filled = group_bytes
+    for info in infos:
+        if filled + info.size_bytes > group_bytes and (not groups or groups[-1]):
+            groups.append([])
+            filled = 0
+        groups[-1].append(info.name)
+        filled += info.size_bytes
+    threads = driver_threads()
+    units = [SketchUnit(index, str(ref.path), ref.layout, tuple(g), buckets, seed, False, threads) for g in groups]
+    return units + ([SketchUnit(index, str(ref.path), ref.layout, moments, buckets, seed, True, threads)]
+                    if moments else [])
+
+
+def sketch_run(refs: list[CheckpointRef], executor: Executor, buckets: int = DEFAULT_BUCKETS, seed: int = 0,
+               progress: Callable[[float, str], None] | None = None) -> list[CheckpointSketch]:
+    """Sketch every checkpoint not cached yet as units on ``executor`` and cache each, as :func:`sketch_checkpoint`
+    would have: the analysis that follows reads the cache. Returns every checkpoint's sketch, in order."""
+    todo = [i for i, ref in enumerate(refs) if not _cache_path(ref, buckets, seed).is_file()]
+    units = [unit for i in todo for unit in plan_sketch_units(i, refs[i], buckets, seed)]
+    parts: dict[int, list[SketchPart]] = {i: [] for i in todo}
+    report = None if progress is None else (
+        lambda done, total, read: progress(done / max(total, 1), f"tasks {done}/{total}, {read / 1e9:.2f} GB read"))
+    for part in executor.map(sketch_unit, units, progress=report):
+        parts[part.checkpoint].append(part)
+    made = {i: _assemble(refs[i], parts[i], buckets) for i in todo}
+    for i, sketch in made.items():
+        _store(_cache_path(refs[i], buckets, seed), sketch)
+    return [made[i] if i in made else sketch_checkpoint(ref, buckets, seed) for i, ref in enumerate(refs)]
+
+
+def _assemble(ref: CheckpointRef, parts: list[SketchPart], buckets: int) -> CheckpointSketch:
+    """One checkpoint's sketch from its units' parts, in file order, as :func:`sketch_checkpoint` builds it."""
+    with open_checkpoint(ref.path, ref.layout) as handle:
+        every = handle.tensors()
+    weights = {k: v for part in parts for k, v in part.sketches.items() if k in part.stats}
+    moments = {k: v for part in parts for k, v in part.sketches.items() if k not in part.stats}
+    stats = {k: v for part in parts for k, v in part.stats.items()}
+    floating = [i for i in every if i.is_floating]
+    order = [i.name for i in floating]
+    return CheckpointSketch(ref.step, {n: weights[n] for n in order}, moments,
+                            all(i.numel <= buckets for i in floating), buckets, {n: stats[n] for n in order},
+                            len(every), _bytes_by_dtype(every))

@@ -1,0 +1,249 @@
+"""Issue 22: the heavy jobs on a real local Ray cluster give what the local run gives, and survive faults.
+
+One cluster per session (``ray_cluster`` in conftest.py); every test here is in xdist group "ray", so one
+xdist worker holds it. Inputs are real safetensors files; outputs are compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from analysis.cli import main
+from analysis.executors import make_executor
+from analysis.merge import merge_checkpoints
+from analysis.merge.distributed import HOLD_ENV
+from analysis.run import checkpoint_ref, open_run
+from analysis.signals import sketch as sketch_module
+from analysis.signals.sketch import sketch_checkpoint, sketch_run
+from conftest import REPO, write_tiny_run
+
+pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.usefixtures("ray_cluster")]
+
+
+def make_inputs(folder: Path, count: int = 4) -> list[Path]:
+    """``count`` checkpoints of a small Llama-like layout: bf16 and fp32 tensors and an integer buffer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        gen = torch.Generator().manual_seed(i)
+        state = {f"model.layers.{j}.mlp.up_proj.weight": torch.randn(96, 640, generator=gen).to(torch.bfloat16)
+                 for j in range(4)}
+        state["model.embed_tokens.weight"] = torch.randn(500, 96, generator=gen).to(torch.bfloat16)
+        state["model.norm.weight"] = torch.randn(96, generator=gen)
+        state["step"] = torch.tensor([100 * (i + 1)], dtype=torch.int64)
+        paths.append(folder / f"step_{100 * (i + 1)}.safetensors")
+        save_file(state, str(paths[-1]))
+    return paths
+
+
+def merged_tensors(out: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a merge's output folder (one file or shards), as raw bytes to compare bit for bit."""
+    tensors = {}
+    for path in sorted(out.glob("*.safetensors")):
+        tensors.update({k: v.contiguous().view(torch.uint8) for k, v in load_file(str(path)).items()})
+    return tensors
+
+
+def assert_bit_identical(a: Path, b: Path) -> None:
+    left, right = merged_tensors(a), merged_tensors(b)
+    assert sorted(left) == sorted(right)
+    for name in left:
+        assert torch.equal(left[name], right[name]), name
+
+
+def test_issue22_a_ray_merge_is_bit_identical_to_the_local_merge(tmp_path: Path, ray_cluster: str,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    inputs = [str(p) for p in make_inputs(tmp_path / "in")]
+    weights = ["--weights", "0.1", "--weights", "0.2", "--weights", "0.3", "--weights", "0.4"]
+    assert main(["merge", "--checkpoints", *inputs, *weights, "-o", str(tmp_path / "local")]) == 0
+    capsys.readouterr()
+    assert main(["merge", "--checkpoints", *inputs, *weights, "-o", str(tmp_path / "ray"), "--json",
+                 "--executor", "ray", "--ray-address", ray_cluster]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["sharded"] and doc["model_file"].endswith("model.safetensors.index.json") and doc["tensors"] == 7
+    assert_bit_identical(tmp_path / "local", tmp_path / "ray")
+    index = json.loads((tmp_path / "ray" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 2 and len(index["weight_map"]) == 7   # one shard per CPU
+    assert (tmp_path / "ray" / "recipe.yaml").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "local", "ray"]   # nothing hidden left behind
+
+
+def _wait_for(path: Path, seconds: float = 30) -> str:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if path.is_file() and path.read_text():
+            return path.read_text()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not appear")
+
+
+def test_issue22_a_worker_killed_mid_merge_is_retried_and_the_output_is_complete(tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    paths = make_inputs(tmp_path / "in")
+    refs = [checkpoint_ref(p, step=100 * (i + 1)) for i, p in enumerate(paths)]
+    merge_checkpoints(refs, [1, 1, 1, 1], tmp_path / "local")
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    monkeypatch.setenv(HOLD_ENV, str(hold))
+    done: dict[str, object] = {}
+    thread = threading.Thread(target=lambda: done.setdefault("result", merge_checkpoints(
+        refs, [1, 1, 1, 1], tmp_path / "ray", executor=make_executor("ray"))))
+    thread.start()
+    pid = int(_wait_for(hold / "held", 60))
+    partial = [p for p in tmp_path.iterdir() if p.name.startswith(".ray.partial-")]
+    assert len(partial) == 1 and not (partial[0] / "model.safetensors.index.json").exists()
+    os.kill(pid, signal.SIGKILL)   # the worker dies mid-shard; Ray runs its task again on another worker
+    thread.join(timeout=60)
+    assert not thread.is_alive() and "result" in done
+    assert_bit_identical(tmp_path / "local", tmp_path / "ray")
+    index = json.loads((tmp_path / "ray" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in (tmp_path / "ray").glob("model-*.safetensors")}
+    assert not [p for p in (tmp_path / "ray").iterdir() if p.name.startswith(".")]   # no part file of the dead unit
+
+
+def test_issue22_a_driver_killed_mid_merge_leaves_nothing_finished_looking(tmp_path: Path, ray_cluster: str) -> None:
+    inputs = [str(p) for p in make_inputs(tmp_path / "in", 3)]
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    env = dict(os.environ, **{HOLD_ENV: str(hold), "PYTHONPATH": str(REPO)})
+    driver = subprocess.Popen([sys.executable, "-m", "analysis", "merge", "--checkpoints", *inputs, "-o",
+                               str(tmp_path / "out"), "--executor", "ray", "--ray-address", ray_cluster],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        worker = int(_wait_for(hold / "held", 60))
+    finally:
+        driver.kill()   # SIGKILL: no cleanup of its own runs
+        driver.wait(timeout=30)
+    try:
+        assert not (tmp_path / "out").exists()
+        for folder in (p for p in tmp_path.iterdir() if p.name.startswith(".out.partial-")):
+            assert not {"model.safetensors.index.json", "recipe.yaml"} & {p.name for p in folder.iterdir()}
+        assert not list(tmp_path.rglob("model.safetensors.index.json")) and not list(tmp_path.rglob("recipe.yaml"))
+        # The next merge to that name removes what the killed one left, and succeeds.
+        result = merge_checkpoints([checkpoint_ref(Path(p), step=i) for i, p in enumerate(inputs)], [1, 1, 1],
+                                   tmp_path / "out")
+        assert len(result.stale.paths) == 1 and result.model_file.is_file()
+    finally:
+        _end(worker)
+
+
+def _end(pid: int) -> None:
+    """Ray ends a dead driver's tasks; if the held worker still runs after 10 s, end it (it holds a CPU)."""
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+
+
+def _sketch_run(root: Path) -> Path:
+    """A run whose tensors are larger than the sketch (so CountSketch, not an exact copy, is compared)."""
+    run = write_tiny_run(root, [50, 100, 150, 200])
+    for index, path in enumerate(sorted((run / "ckpt").glob("*.safetensors"))):
+        gen = torch.Generator().manual_seed(index)
+        state = {f"h.{j}.w": torch.randn(64, 100 + j, generator=gen) for j in range(3)}
+        state["h.0.b"] = torch.randn(7, generator=gen)
+        save_file(state, str(path), metadata={"step": path.stem.split("_")[1].lstrip("0")})
+    return run
+
+
+def test_issue22_ray_sketches_equal_the_local_ones_exactly(tmp_path: Path, monkeypatch) -> None:
+    run = open_run(_sketch_run(tmp_path / "run"))
+    monkeypatch.setenv("CKPT_SELECT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(sketch_module, "GROUP_BYTES", 30_000)   # several units per checkpoint
+    units = sketch_module.plan_sketch_units(0, run.checkpoints[0])
+    assert [len(u.names) for u in units] == [2, 1, 1]
+    remote = sketch_run(list(run.checkpoints), make_executor("ray"))
+    for ref, got in zip(run.checkpoints, remote):
+        want = sketch_checkpoint(ref, use_cache=False)
+        assert list(got.weights) == list(want.weights) and list(got.stats) == list(want.stats)   # file order
+        cached = sketch_checkpoint(ref)   # and the cache holds the same
+        assert all(torch.equal(cached.weights[n], want.weights[n]) for n in want.weights) and cached.stats == want.stats
+        assert all(torch.equal(got.weights[n], want.weights[n]) for n in want.weights)
+        assert got.stats == want.stats and not got.exact and got.n_tensors == want.n_tensors == 4
+        assert got.bytes_by_dtype == want.bytes_by_dtype
+
+
+def test_issue22_analyze_on_ray_prints_what_the_local_analysis_prints(tmp_path: Path, monkeypatch,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    run = _sketch_run(tmp_path / "run")
+    outputs = []
+    for name, extra in (("local", []), ("ray", ["--executor", "ray"])):
+        monkeypatch.setenv("CKPT_SELECT_CACHE_DIR", str(tmp_path / f"cache-{name}"))
+        assert main(["analyze", str(run), "--json", *extra]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == outputs[1]
+    assert len(list((tmp_path / "cache-ray").glob("*.safetensors"))) == 4   # the cluster's sketches were cached
+
+
+EVALUATOR = '''
+import torch
+
+def evaluate(state_dict):
+    """Distance of the average from a fixed point: a loss that prefers some windows over others."""
+    return float(sum(((v.double() - 0.3) ** 2).sum() for v in state_dict.values() if v.is_floating_point()))
+'''
+
+
+def test_issue22_eval_scores_on_ray_equal_the_local_ones(tmp_path: Path, monkeypatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    run = write_tiny_run(tmp_path / "run", list(range(50, 450, 50)))
+    (tmp_path / "ev.py").write_text(EVALUATOR)
+    docs = []
+    for name, extra in (("local", []), ("ray", ["--executor", "ray", "--eval-gpus", "0"])):
+        monkeypatch.setenv("CKPT_SELECT_SCORES_DIR", str(tmp_path / f"scores-{name}"))
+        assert main(["recommend", str(run), "--eval", f"{tmp_path / 'ev.py'}:evaluate", "--eval-cache", "--json",
+                     "--max-evals", "6", *extra]) == 0
+        docs.append(json.loads(capsys.readouterr().out))
+    for key in ("method", "checkpoints", "decisions", "score", "last_score", "evaluations", "evaluations_cached"):
+        assert docs[0][key] == docs[1][key], key
+    assert docs[1]["evaluations"] == 6
+    stores = [json.loads(next((tmp_path / f"scores-{n}").glob("*.json")).read_text())["scores"] for n in ("local", "ray")]
+    assert len(stores[1]) >= 6 and all(stores[1][k] == v for k, v in stores[0].items())
+
+
+def test_issue22_sketch_units_read_checkpoints_from_s3_on_the_workers(tmp_path: Path, s3_server, s3_bucket,
+                                                                     monkeypatch) -> None:
+    """The units take URLs: workers open the bucket with the driver's storage options (the endpoint)."""
+    from conftest import upload_tree
+
+    from analysis.executors import LocalExecutor
+
+    run = open_run(_sketch_run(tmp_path / "run"))
+    url = upload_tree(tmp_path / "run" / "ckpt", s3_server.endpoint, s3_bucket, "ckpt")
+    monkeypatch.setattr(sketch_module, "GROUP_BYTES", 30_000)
+    units = [unit for i, ref in enumerate(run.checkpoints) for unit in sketch_module.plan_sketch_units(i, ref)]
+    remote_units = [sketch_module.SketchUnit(u.checkpoint, f"{url}/{Path(u.path).name}", u.layout, u.names,
+                                             u.buckets, u.seed, u.moments, u.threads) for u in units]
+    s3_server.counts.reset()
+    remote = {(p.checkpoint, tuple(p.sketches)): p for p in make_executor("ray").map(sketch_module.sketch_unit,
+                                                                                     remote_units)}
+    assert s3_server.counts.gets <= 2 * len(units) + sum(len(u.names) for u in units)   # headers + one range a tensor
+    for part in LocalExecutor().map(sketch_module.sketch_unit, units):
+        got = remote[(part.checkpoint, tuple(part.sketches))]
+        assert all(torch.equal(got.sketches[n], part.sketches[n]) for n in part.sketches) and got.stats == part.stats
+        assert got.bytes_read == part.bytes_read
+
+
+def test_issue22_an_error_in_a_unit_comes_back_as_the_local_one_line(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    run = write_tiny_run(tmp_path / "run", [50, 100, 150, 200])
+    (tmp_path / "bad.py").write_text("def evaluate(sd):\n    raise ValueError('no validation data here')\n")
+    assert main(["recommend", str(run), "--eval", f"{tmp_path / 'bad.py'}:evaluate", "--executor", "ray"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert "evaluator bad.py:evaluate failed: ValueError: no validation data here" in err
