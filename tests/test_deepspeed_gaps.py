@@ -1,0 +1,256 @@
+"""DeepSpeed ZeRO-3 tags and fp16 shards with a pickled loss scaler, written as DeepSpeed's saver writes them (issue 21).
+
+DeepSpeed is not installed: the files are ``torch.save`` of the very structures ``engine.save_checkpoint``
+writes for stage 3 (``zero_pp_rank_R_mp_rank_00_model_states.pt`` with empty parameter placeholders,
+``param_shapes`` per sub-group, frozen fragments; ``zero_pp_rank_R_mp_rank_00_optim_states.pt`` whose
+``optimizer_state_dict`` holds ``fp32_flat_groups`` and the inner Adam state dict, ``ZeroStageEnum.weights``
+and the ``LossScaler``). Each parameter is cut as ZeRO-3 cuts it: ceil(numel / world) elements per rank, the
+last rank padded. The DeepSpeed classes the pickles name are made in a module registered in ``sys.modules``
+only while the files are WRITTEN, and removed before reading: the reader needs no DeepSpeed import.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import pickle
+import sys
+import types
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from analysis.checkpoints import detect_layout, open_checkpoint, optimizer_state
+from analysis.checkpoints.deepspeed import SKIPPED_NOTE
+from analysis.cli import main
+from analysis.run import open_run
+from test_field_layouts import write_deepspeed_tag
+
+DS_VERSION = "0.16.4"
+WORLD = 2
+
+
+class OddNet(nn.Module):
+    """Every parameter has an odd element count, so a world of 2 pads each one; a buffer and a frozen matrix."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(7, 3)
+        self.ln = nn.LayerNorm(3)
+        self.fc = nn.Linear(3, 5)
+        self.head = nn.Linear(5, 7, bias=False)
+        self.frozen = nn.Parameter(torch.randn(3, 3), requires_grad=False)
+        self.register_buffer("pos", torch.arange(5, dtype=torch.float32) / 3)
+
+
+def _classes(module: types.ModuleType, names: dict[str, type]) -> None:
+    """Put ``names`` in ``module`` and ``module`` (with its parent packages) in ``sys.modules``."""
+    for name, cls in names.items():
+        cls.__module__, cls.__qualname__, cls.__name__ = module.__name__, name, name
+        setattr(module, name, cls)
+    parts = module.__name__.split(".")
+    for depth in range(1, len(parts)):
+        sys.modules.setdefault(".".join(parts[:depth]), types.ModuleType(".".join(parts[:depth])))
+    sys.modules[module.__name__] = module
+
+
+@pytest.fixture
+def deepspeed_writing() -> Iterator[dict[str, type]]:
+    """DeepSpeed's pickled classes at their module paths, in ``sys.modules`` only while the test writes files."""
+    class LossScaler:
+        def __init__(self, scale: float = 1) -> None:
+            self.cur_scale, self.dynamic = scale, False
+
+    class DynamicLossScaler:
+        def __init__(self, init_scale: float, scale_window: int, min_scale: float) -> None:
+            self.cur_scale, self.dynamic, self.cur_iter, self.last_overflow_iter = init_scale, True, 0, -1
+            self.scale_factor, self.scale_window, self.min_scale = 2.0, scale_window, min_scale
+            self.delayed_shift = self.cur_hysteresis = 2
+            self.consecutive_hysteresis, self.raise_error_at_min_scale, self.dtype = False, True, torch.half
+
+    ZeroStageEnum = enum.IntEnum("ZeroStageEnum", {"disabled": 0, "optimizer_states": 1, "gradients": 2, "weights": 3})
+    scaler = types.ModuleType("deepspeed.runtime.fp16.loss_scaler")
+    config = types.ModuleType("deepspeed.runtime.zero.config")
+    assert "deepspeed" not in sys.modules   # DeepSpeed is not installed here; nothing else made one
+    _classes(scaler, {"LossScaler": LossScaler, "DynamicLossScaler": DynamicLossScaler})
+    _classes(config, {"ZeroStageEnum": ZeroStageEnum})
+    try:
+        yield {"LossScaler": LossScaler, "DynamicLossScaler": DynamicLossScaler, "ZeroStageEnum": ZeroStageEnum}
+    finally:
+        forget_deepspeed()
+
+
+def forget_deepspeed() -> None:
+    """Take every ``deepspeed`` module out of ``sys.modules`` (reading must not need one)."""
+    for name in [n for n in sys.modules if n == "deepspeed" or n.startswith("deepspeed.")]:
+        del sys.modules[name]
+
+
+def trained_oddnet(seed: int, steps: int = 3) -> tuple[OddNet, torch.optim.Optimizer, list[list[str]], list[int]]:
+    """OddNet after ``steps`` AdamW steps; its ZeRO-3 sub-groups (names) and each sub-group's param group."""
+    torch.manual_seed(seed)
+    model = OddNet()
+    named = dict(model.named_parameters())
+    # Param group 0 (decay) split into two sub-groups as sub_group_size does; group 1 (no decay) is one.
+    sub_groups = [["wte.weight", "fc.weight"], ["head.weight"], ["ln.weight", "ln.bias", "fc.bias"]]
+    owner = [0, 0, 1]
+    opt = torch.optim.AdamW([{"params": [named[n] for g in sub_groups[:2] for n in g], "weight_decay": 0.1},
+                             {"params": [named[n] for n in sub_groups[2]], "weight_decay": 0.0}], lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        x = model.ln(model.wte(torch.arange(7)))
+        loss = model.head(model.fc(x) + model.pos).square().mean()
+        loss.backward()
+        opt.step()
+    return model, opt, sub_groups, owner
+
+
+def zero3_pieces(flat: torch.Tensor, world: int) -> list[torch.Tensor]:
+    """ZeRO-3's cut of one parameter: ceil(numel / world) elements per rank, the last padded with zeros."""
+    part = math.ceil(flat.numel() / world)
+    padded = torch.cat([flat, flat.new_zeros(part * world - flat.numel())])
+    return [padded[r * part:(r + 1) * part].clone() for r in range(world)]
+
+
+def _rank_flat(tensors: list[torch.Tensor], rank: int, world: int) -> torch.Tensor:
+    """One sub-group's flat partition on ``rank``: its parameters' pieces one after another."""
+    return torch.cat([zero3_pieces(t.detach().reshape(-1).float(), world)[rank] for t in tensors])
+
+
+def write_zero3_tag(tag: Path, step: int, seed: int, classes: dict[str, type], world: int = WORLD,
+                    scaler: object | None = None) -> dict:
+    """A ZeRO-3 ``global_stepN/`` folder as DeepSpeed's engine saves it; returns what was written."""
+    model, opt, sub_groups, owner = trained_oddnet(seed)
+    named = dict(model.named_parameters())
+    tag.mkdir(parents=True)
+    stage = classes["ZeroStageEnum"].weights
+    scaler = scaler if scaler is not None else classes["LossScaler"](1.0)
+    for rank in range(world):
+        module = OrderedDict((k, torch.empty(0, dtype=torch.bfloat16) if k in named else v.to(torch.bfloat16))
+                             for k, v in model.state_dict().items())   # placeholders; buffers are real
+        torch.save({"module": module, "buffer_names": ["pos"], "optimizer": None,
+                    "param_shapes": [OrderedDict((n, named[n].shape) for n in g) for g in sub_groups],
+                    "frozen_param_shapes": OrderedDict(frozen=named["frozen"].shape), "shared_params": {},
+                    "frozen_param_fragments": OrderedDict(
+                        frozen=zero3_pieces(named["frozen"].detach().reshape(-1).bfloat16(), world)[rank]),
+                    "lr_scheduler": None, "data_sampler": None, "random_ltd": None,
+                    "sparse_tensor_module_names": set(), "skipped_steps": 0, "global_steps": step,
+                    "global_samples": step * 8, "dp_world_size": world, "mp_world_size": 1,
+                    "ds_config": {"train_batch_size": 8, "zero_optimization": {"stage": 3}}, "ds_version": DS_VERSION},
+                   tag / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt")
+        inner = {"state": {i: {"step": torch.tensor(float(opt.state[named[g[0]]]["step"])),
+                               **{k: _rank_flat([opt.state[named[n]][k] for n in g], rank, world)
+                                  for k in ("exp_avg", "exp_avg_sq")}} for i, g in enumerate(sub_groups)},
+                 "param_groups": [{"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": wd,
+                                   "params": [i for i, o in enumerate(owner) if o == group]}
+                                  for group, wd in enumerate((0.1, 0.0))]}
+        state = {"zero_stage": stage, "loss_scaler": scaler, "dynamic_loss_scale": False, "overflow": False,
+                 "partition_count": world, "optimizer_state_dict": inner,
+                 "fp32_flat_groups": [_rank_flat([named[n] for n in g], rank, world) for g in sub_groups]}
+        torch.save({"optimizer_state_dict": state, "ds_config": {"train_batch_size": 8}, "ds_version": DS_VERSION},
+                   tag / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    (tag.parent / "latest").write_text(tag.name)
+    return {"weights": {**{n: p.detach().clone() for n, p in named.items()}, "pos": model.pos.clone()},
+            "moments": {n: {k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")}
+                        for n, p in named.items() if p.requires_grad},
+            "adam_step": int(opt.state[named["wte.weight"]]["step"])}
+
+
+def test_zero3_weights_and_moments_gather_exactly(tmp_path: Path, deepspeed_writing: dict[str, type]) -> None:
+    """Issue 21: a ZeRO-3 tag (world 2, every parameter padded, 3 sub-groups) reads back every tensor exactly."""
+    tag = tmp_path / "run" / "global_step30"
+    written = write_zero3_tag(tag, 30, seed=1, classes=deepspeed_writing)
+    forget_deepspeed()
+    assert detect_layout(tag) == "deepspeed"
+    with open_checkpoint(tag) as handle:
+        infos = {i.name: i for i in handle.tensors()}
+        assert set(infos) == set(written["weights"])
+        for name, tensor in written["weights"].items():
+            read = handle.read(name)
+            expected = tensor.bfloat16() if name in ("frozen", "pos") else tensor   # saved 16-bit, as DeepSpeed does
+            assert torch.equal(read, expected), name
+            assert infos[name].shape == tuple(tensor.shape)
+        names = {i.name for i in optimizer_state(handle)}
+        assert names == {f"{n}.{k}" for n in written["moments"] for k in ("exp_avg", "exp_avg_sq")}
+        for name, moments in written["moments"].items():
+            for key, value in moments.items():
+                assert torch.equal(handle.read_optimizer(f"{name}.{key}"), value), (name, key)
+        meta = handle.metadata()
+        assert meta["step"] == "30" and SKIPPED_NOTE not in meta
+        assert meta["optimizer.adam_step"] == str(written["adam_step"]) and float(meta["optimizer.lr"]) == 1e-2
+    assert "deepspeed" not in sys.modules
+
+
+def test_zero3_run_merges_to_the_float32_average(tmp_path: Path, deepspeed_writing: dict[str, type],
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """Issue 21: merge --checkpoints of two ZeRO-3 tags equals the float32 average of the gathered masters."""
+    from safetensors.torch import load_file
+    a = write_zero3_tag(tmp_path / "a" / "global_step10", 10, seed=2, classes=deepspeed_writing)
+    b = write_zero3_tag(tmp_path / "b" / "global_step20", 20, seed=3, classes=deepspeed_writing)
+    forget_deepspeed()
+    out = tmp_path / "merged"
+    assert main(["merge", "--checkpoints", str(tmp_path / "a" / "global_step10"),
+                 "--checkpoints", str(tmp_path / "b" / "global_step20"), "--dtype", "float32", "-o", str(out)]) == 0
+    merged = load_file(str(out / "model.safetensors"))
+    for name in ("wte.weight", "fc.bias", "head.weight"):
+        assert torch.equal(merged[name], (a["weights"][name] + b["weights"][name]) / 2), name
+
+
+def test_zero3_shard_that_does_not_fit_is_one_line(tmp_path: Path, deepspeed_writing: dict[str, type],
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """Issue 21: a ZeRO-3 shard cut for another world size is refused naming the rank and the counts."""
+    tag = tmp_path / "global_step5"
+    write_zero3_tag(tag, 5, seed=4, classes=deepspeed_writing, world=3)
+    (tag / "zero_pp_rank_2_mp_rank_00_optim_states.pt").unlink()
+    forget_deepspeed()
+    assert main(["merge", "--checkpoints", str(tag), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ZeRO-3" in err and "partition count is 3 but 2" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["LossScaler", "DynamicLossScaler"])
+def test_fp16_shard_with_pickled_loss_scaler_reads_its_moments(tmp_path: Path, deepspeed_writing: dict[str, type],
+                                                                kind: str) -> None:
+    """Issue 21: a shard pickling deepspeed.runtime.fp16.loss_scaler.(Dynamic)LossScaler is read as plain data."""
+    cls = deepspeed_writing[kind]
+    scaler = cls(1.0) if kind == "LossScaler" else cls(2.0 ** 16, 1000, 1.0)
+    tag = tmp_path / "global_step20"
+    written = write_deepspeed_tag(tag, 20, seed=5, world=2, scaler=scaler)
+    raw = (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").read_bytes()
+    assert b"deepspeed.runtime.fp16.loss_scaler" in raw and kind.encode() in raw
+    forget_deepspeed()
+    with pytest.raises(pickle.UnpicklingError, match=kind):   # plain weights-only loading refuses it
+        torch.load(tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=True)
+    with open_checkpoint(tag) as handle:
+        assert SKIPPED_NOTE not in handle.metadata()
+        for name, moments in written["moments"].items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(handle.read_optimizer(f"{name}.{key}"), moments[key])
+    assert "deepspeed" not in sys.modules
+
+
+def test_other_deepspeed_global_skips_only_the_optimizer(tmp_path: Path) -> None:
+    """Issue 21: a global we do not allow in an optimizer shard skips the moments with a note, never the run."""
+    module = types.ModuleType("deepspeed.runtime.custom_state")
+
+    class Unknown:
+        def __init__(self) -> None:
+            self.value = 1
+    _classes(module, {"Unknown": Unknown})
+    try:
+        tag = tmp_path / "run" / "global_step10"
+        write_deepspeed_tag(tag, 10, seed=6, world=1, scaler=Unknown())
+    finally:
+        forget_deepspeed()
+    (tag.parent / "latest").write_text(tag.name)
+    run = open_run(tag.parent)
+    assert [c.step for c in run.checkpoints] == [10] and not run.unreadable
+    notes = [n for n in run.notes if "optimizer state skipped" in n]
+    assert len(notes) == 1 and "deepspeed.runtime.custom_state.Unknown" in notes[0]
+    with open_checkpoint(tag) as handle:
+        assert optimizer_state(handle) == [] and handle.read("lm_head.weight").dtype == torch.bfloat16
