@@ -12,6 +12,9 @@ checkpoints) and a recommendation averages across runs. The rules, in order:
    the runs' own saves lie to each other (Lightning's relaunch with ``ckpt_path=`` writes ``version_1``).
 3. Inside one group: checkpoints with the same step are told apart by their name with the step left
    out (``seed1_step*`` vs ``seed2_step*``); a log that starts over at its first step is a second run.
+4. Inside one run's step order: two consecutive checkpoints whose weights lie further apart than the
+   neighbouring saves explain (:func:`trajectory_jumps`, on the sketches the assessment reads anyway)
+   split it: the checkpoints before the jump are another run, never averaged with those after it.
 
 This module decides from paths, steps and small weight samples; ``analysis.run`` reads the files.
 """
@@ -249,3 +252,66 @@ def starts_over(table: LogTable) -> bool:
     """
     segments = table.segments
     return len(segments) > 1 and any(first <= segments[0][0] for first, _ in segments[1:])
+
+
+# Rule 4 (issue 21): a weight-space jump inside one run's step order. A save-to-save distance more than this
+# many times what its neighbours' distances explain (scaled up to its step gap) is no training step: a relaunch
+# into the same folder with a new init. Measured (benchmarks/trajectory_jumps.py, docs/field-runs.md): on six
+# real runs (the sample run, the field benchmark's HF Trainer, Lightning, DCP and nanoGPT runs, the tests' resume)
+# the largest ratio of a genuine interval is 1.57 (early training, steps 20->40); the tests' fresh init at
+# step 501 stands at 29. 4 leaves a margin of 2.5x above the one and 7x below the other.
+TRAJECTORY_JUMP_FACTOR = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class TrajectoryJump:
+    """Two checkpoints consecutive by step whose weights lie further apart than training moves them."""
+
+    before_step: int
+    after_step: int
+    distance: float     # |θ_after − θ_before|
+    explained: float    # the most its neighbouring save-to-save distances explain over this step gap
+
+    @property
+    def ratio(self) -> float:
+        return self.distance / self.explained
+
+    def describe(self) -> str:
+        """Why the checkpoints up to ``before_step`` are another run: one clause for reasons."""
+        return (f"it belongs to another run: the weights jump {self.ratio:.1f}x further from step {self.before_step} to step "
+                f"{self.after_step} than the neighbouring saves move (|Δθ| {self.distance:.4g} against "
+                f"{self.explained:.4g}), which no training step explains (a relaunch into the same folder with a new "
+                f"init?); never averaged with the checkpoints from step {self.after_step} on")
+
+
+def trajectory_jumps(steps: Sequence[int], distances: Sequence[float | None],
+                     factor: float = TRAJECTORY_JUMP_FACTOR) -> list[TrajectoryJump]:
+    """Rule 4: the intervals whose distance exceeds ``factor`` x what their neighbours explain.
+
+    Args:
+        steps: the checkpoints' steps, sorted; distances: ``distances[i]`` is |θ_(i+1) − θ_i| (None: unknown,
+            e.g. the tensors differ).
+
+    Each interval is judged against the one before and the one after it: a neighbour's distance, scaled
+    up by the ratio of the step gaps where this interval is longer (distance grows at most linearly with
+    steps), is what training explains; the larger neighbour counts. An interval with no known neighbour
+    (two checkpoints) gets no verdict.
+    """
+    jumps = []
+    for i, distance in enumerate(distances):
+        explained = [_scaled(distances[j], steps, i, j) for j in (i - 1, i + 1) if 0 <= j < len(distances)]
+        explained = [e for e in explained if e is not None]
+        if distance is None or not explained:
+            continue
+        typical = max(max(explained), 1e-12)
+        if distance > factor * typical:
+            jumps.append(TrajectoryJump(steps[i], steps[i + 1], float(distance), float(typical)))
+    return jumps
+
+
+def _scaled(distance: float | None, steps: Sequence[int], i: int, j: int) -> float | None:
+    """Neighbour ``j``'s distance scaled to interval ``i``'s step gap (never scaled down)."""
+    if distance is None:
+        return None
+    gap_i, gap_j = steps[i + 1] - steps[i], steps[j + 1] - steps[j]
+    return distance * max(1.0, gap_i / gap_j) if gap_j > 0 else distance
