@@ -254,13 +254,16 @@ def starts_over(table: LogTable) -> bool:
     return len(segments) > 1 and any(first <= segments[0][0] for first, _ in segments[1:])
 
 
-# Rule 4 (issue 21): a weight-space jump inside one run's step order. A save-to-save distance more than this
-# many times what its neighbours' distances explain (scaled up to its step gap) is no training step: a relaunch
-# into the same folder with a new init. Measured (benchmarks/trajectory_jumps.py, docs/field-runs.md): on six
-# real runs (the sample run, the field benchmark's HF Trainer, Lightning, DCP and nanoGPT runs, the tests' resume)
-# the largest ratio of a genuine interval is 1.57 (early training, steps 20->40); the tests' fresh init at
-# step 501 stands at 29. 4 leaves a margin of 2.5x above the one and 7x below the other.
+# Rule 4 (issue 21): a weight-space jump inside one run's step order, no training step explains: a relaunch into
+# the same folder with a new init. Two conditions, both measured (benchmarks/trajectory_jumps.py, docs/field-runs.md):
+# 1. the save-to-save distance is over TRAJECTORY_JUMP_FACTOR times what its neighbours' distances explain
+#    (scaled up to its step gap): on six real runs the largest ratio of a genuine interval is 1.57 (early
+#    training), a fresh init at step 501 stands at 29;
+# 2. the two checkpoints are unrelated: cos(θ_before, θ_after) under NEW_INIT_COSINE. Consecutive saves of one
+#    run lie at 0.93 or more on the same runs; the fresh init at 0.02. A weight spike (one layer's update 20x, an
+#    outlier weight) can pass 1 but keeps the weights it hit (cosine near 1): a layer flag (issue 25), not a run.
 TRAJECTORY_JUMP_FACTOR = 4.0
+NEW_INIT_COSINE = 0.6
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +274,7 @@ class TrajectoryJump:
     after_step: int
     distance: float     # |θ_after − θ_before|
     explained: float    # the most its neighbouring save-to-save distances explain over this step gap
+    cosine: float | None = None   # cos(θ_before, θ_after)
 
     @property
     def ratio(self) -> float:
@@ -278,19 +282,22 @@ class TrajectoryJump:
 
     def describe(self) -> str:
         """Why the checkpoints up to ``before_step`` are another run: one clause for reasons."""
-        return (f"it belongs to another run: the weights jump {self.ratio:.1f}x further from step {self.before_step} to step "
-                f"{self.after_step} than the neighbouring saves move (|Δθ| {self.distance:.4g} against "
-                f"{self.explained:.4g}), which no training step explains (a relaunch into the same folder with a new "
-                f"init?); never averaged with the checkpoints from step {self.after_step} on")
+        cosine = f", cosine {self.cosine:.2f}" if self.cosine is not None else ""
+        return (f"it belongs to another run: the weights jump {self.ratio:.1f}x further from step {self.before_step} "
+                f"to step {self.after_step} than the neighbouring saves move (|Δθ| {self.distance:.4g} against "
+                f"{self.explained:.4g}{cosine}), which no training step explains (a relaunch into the same folder "
+                f"with a new init?); never averaged with the checkpoints from step {self.after_step} on")
 
 
 def trajectory_jumps(steps: Sequence[int], distances: Sequence[float | None],
-                     factor: float = TRAJECTORY_JUMP_FACTOR) -> list[TrajectoryJump]:
-    """Rule 4: the intervals whose distance exceeds ``factor`` x what their neighbours explain.
+                     cosines: Sequence[float | None] | None = None, factor: float = TRAJECTORY_JUMP_FACTOR,
+                     max_cosine: float = NEW_INIT_COSINE) -> list[TrajectoryJump]:
+    """Rule 4: the intervals whose distance exceeds ``factor`` x what their neighbours explain, between
+    checkpoints whose cosine is under ``max_cosine`` (unknown cosines: the distance decides alone).
 
     Args:
         steps: the checkpoints' steps, sorted; distances: ``distances[i]`` is |θ_(i+1) − θ_i| (None: unknown,
-            e.g. the tensors differ).
+            e.g. the tensors differ); cosines: ``cosines[i]`` is cos(θ_i, θ_(i+1)).
 
     Each interval is judged against the one before and the one after it: a neighbour's distance, scaled
     up by the ratio of the step gaps where this interval is longer (distance grows at most linearly with
@@ -301,11 +308,12 @@ def trajectory_jumps(steps: Sequence[int], distances: Sequence[float | None],
     for i, distance in enumerate(distances):
         explained = [_scaled(distances[j], steps, i, j) for j in (i - 1, i + 1) if 0 <= j < len(distances)]
         explained = [e for e in explained if e is not None]
-        if distance is None or not explained:
+        cosine = cosines[i] if cosines is not None else None
+        if distance is None or not explained or (cosine is not None and cosine >= max_cosine):
             continue
         typical = max(max(explained), 1e-12)
         if distance > factor * typical:
-            jumps.append(TrajectoryJump(steps[i], steps[i + 1], float(distance), float(typical)))
+            jumps.append(TrajectoryJump(steps[i], steps[i + 1], float(distance), float(typical), cosine))
     return jumps
 
 

@@ -22,17 +22,18 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from analysis.run import open_run  # noqa: E402
 from analysis.run_groups import trajectory_jumps  # noqa: E402
-from analysis.signals.assessment import sketch_distance  # noqa: E402
+from analysis.signals.assessment import sketch_geometry  # noqa: E402
 from analysis.signals.sketch import sketch_checkpoint  # noqa: E402
 
 
-def ratios(folder: Path) -> list[tuple[int, int, float]]:
-    """(before step, after step, distance / explained) of every interval with a neighbour."""
+def ratios(folder: Path) -> list[tuple[int, int, float, float]]:
+    """(before step, after step, distance / explained, cosine) of every interval with a neighbour."""
     run = open_run(folder)
     sketches = [sketch_checkpoint(ref) for ref in run.checkpoints]
-    distances = [sketch_distance(a, b) for a, b in zip(sketches, sketches[1:])]
+    geometry = [sketch_geometry(a, b) for a, b in zip(sketches, sketches[1:])]
     steps = [ref.step for ref in run.checkpoints]
-    return [(j.before_step, j.after_step, j.ratio) for j in trajectory_jumps(steps, distances, factor=0.0)]
+    jumps = trajectory_jumps(steps, [d for d, _ in geometry], [c for _, c in geometry], factor=0.0, max_cosine=2.0)
+    return [(j.before_step, j.after_step, j.ratio, j.cosine) for j in jumps]
 
 
 def test_runs(work: Path) -> list[Path]:
@@ -62,7 +63,9 @@ def main() -> None:
             worst = max(rows, key=lambda r: r[2]) if rows else None
             shown = f"{worst[2]:6.2f} at {worst[0]}->{worst[1]}" if worst else "   -  "
             second = sorted((r[2] for r in rows), reverse=True)[1:2]
-            print(f"{folder.name:<16} intervals {len(rows):3d}  largest ratio {shown}  next {second[0] if second else 0:.2f}")
+            cosine = f"cosine there {worst[3]:.3f}, lowest {min(r[3] for r in rows):.3f}" if rows else ""
+            print(f"{folder.name:<16} intervals {len(rows):3d}  largest ratio {shown}  next "
+                  f"{second[0] if second else 0:.2f}  {cosine}")
 
 
 if __name__ == "__main__":

@@ -114,6 +114,9 @@ def test_rule_judges_each_interval_by_its_neighbours_issue21() -> None:
     assert jumps[0].ratio == pytest.approx(9.0 / 0.8) and jumps[0].ratio > TRAJECTORY_JUMP_FACTOR
     assert trajectory_jumps([100, 200], [50.0]) == []                      # no neighbour, no verdict
     assert trajectory_jumps(steps, [1.0, None, 9.0, None]) == []           # unknown neighbours explain nothing
+    # A weight spike keeps the weights it hit (cosine near 1): a layer flag (issue 25), never another run.
+    assert trajectory_jumps(steps, [1.0, 0.8, 9.0, 0.6], [0.99, 0.99, 0.97, 0.99]) == []
+    assert len(trajectory_jumps(steps, [1.0, 0.8, 9.0, 0.6], [0.99, 0.99, 0.02, 0.99])) == 1
 
 
 def test_relaunch_with_new_init_is_never_averaged_across_issue21(relaunched: Path, tmp_path: Path,
@@ -125,6 +128,7 @@ def test_relaunch_with_new_init_is_never_averaged_across_issue21(relaunched: Pat
     older = [c for c in signals.checkpoints if c.ref.step <= 500]
     assert all(c.mismatch is not None and "another run" in c.mismatch and "step 500 to step 600" in c.mismatch
                for c in older)
+    assert "cosine 0.0" in older[0].mismatch   # unrelated weights: a new init
     # B's first save is not a "spike in weight space": the layer flags compare B's saves only.
     assert all(c.mismatch is None and c.abnormal is None for c in signals.checkpoints if c.ref.step >= 600)
     rec = recommend(signals)

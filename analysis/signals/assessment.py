@@ -149,6 +149,7 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
     items = []
     tracker = LayerTracker()
     distances: list[float | None] = []   # save-to-save |Δθ| from the sketches, for rule 4 of run_groups (issue 21)
+    cosines: list[float | None] = []     # ... and cos(θ_i, θ_(i+1))
     previous = None
     total = max(len(run.checkpoints), 1)
     for index, (ref, val, lr, (layout, saved_lr), seen) in enumerate(zip(run.checkpoints, vals, lrs, headers, tokens)):
@@ -159,14 +160,16 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
         sketch = sketch_checkpoint(ref, progress=step_progress)
         tracker.add(sketch)
         if previous is not None:
-            distances.append(sketch_distance(previous, sketch))
+            distance, cosine = sketch_geometry(previous, sketch)
+            distances.append(distance)
+            cosines.append(cosine)
         previous = sketch
         health = health_from_sketch(sketch)
         spike, cleared = _contamination(ref.step, val, contaminating, clean_vals)
         items.append(CheckpointSignals(ref, health, val, spike, _mismatch(reference, layout),
                                        lr if lr is not None else saved_lr,
                                        cleared, lr is None and saved_lr is not None, seen))
-    jumps = trajectory_jumps([item.ref.step for item in items], distances)
+    jumps = trajectory_jumps([item.ref.step for item in items], distances, cosines)
     if jumps:   # the layer flags compare the newest run's saves only, not the jump into it (issue 21)
         tracker = _tracker([ref for ref in run.checkpoints if ref.step > jumps[-1].before_step])
     layers = _layer_report(run, tracker, contaminating, reference)
@@ -178,12 +181,17 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
     return RunSignals(tuple(items), spikes, noise, run.unreadable, logged_saves(run), layers)
 
 
-def sketch_distance(a: CheckpointSketch, b: CheckpointSketch) -> float | None:
-    """|θ_a − θ_b| over the tensors both hold with one shape (CountSketch keeps differences); None if none."""
+def sketch_geometry(a: CheckpointSketch, b: CheckpointSketch) -> tuple[float | None, float | None]:
+    """(|θ_a − θ_b|, cos(θ_a, θ_b)) over the tensors both hold with one shape (a CountSketch keeps both);
+    (None, None) if they share none."""
     shared = [n for n in a.weights if n in b.weights and a.weights[n].shape == b.weights[n].shape]
     if not shared:
-        return None
-    return math.sqrt(sum(float((a.weights[n] - b.weights[n]).square().sum()) for n in shared))
+        return None, None
+    dot = sum(float(a.weights[n] @ b.weights[n]) for n in shared)
+    aa = sum(float(a.weights[n] @ a.weights[n]) for n in shared)
+    bb = sum(float(b.weights[n] @ b.weights[n]) for n in shared)
+    cosine = dot / math.sqrt(aa * bb) if aa > 0 and bb > 0 else None
+    return math.sqrt(max(aa + bb - 2 * dot, 0.0)), cosine
 
 
 def _apart_from_newest_run(items: list[CheckpointSignals], jump: TrajectoryJump) -> list[CheckpointSignals]:
