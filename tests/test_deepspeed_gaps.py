@@ -254,3 +254,71 @@ def test_other_deepspeed_global_skips_only_the_optimizer(tmp_path: Path) -> None
     assert len(notes) == 1 and "deepspeed.runtime.custom_state.Unknown" in notes[0]
     with open_checkpoint(tag) as handle:
         assert optimizer_state(handle) == [] and handle.read("lm_head.weight").dtype == torch.bfloat16
+
+
+# --- Megatron-LM legacy optimizer moments (model_optim_rng.pt, non-distributed optimizer) ---------------------
+
+def _megatron_order(names: list[str], model: dict[str, torch.Tensor]) -> list[str]:
+    """Megatron's _get_param_groups order: weight-decayed params (not bias, not 1-D) first, then the rest."""
+    decay = [n for n in names if not n.endswith(".bias") and model[n].dim() > 1]
+    return decay + [n for n in names if n not in decay]
+
+
+def add_megatron_optimizer(folder: Path, full_moments: dict[str, dict[str, torch.Tensor]], step: int,
+                           per_stage: int) -> None:
+    """Re-save each rank's model_optim_rng.pt with the optimizer state dict Megatron's mixed-precision optimizer
+    writes (``optimizer``: the Adam state of the rank's own slices, ``grad_scaler``, ``fp32_from_fp16_params``)."""
+    from test_field_layouts import _tp_slice
+    for shard in sorted(folder.glob("mp_rank_*/model_optim_rng.pt")):
+        parts = shard.parent.name.split("_")
+        rank, stage = int(parts[2]), int(parts[3]) if len(parts) > 3 else 0
+        payload = torch.load(shard, weights_only=False)   # our own file, written just before
+        tp = payload["args"].tensor_model_parallel_size
+        order = _megatron_order(list(payload["model"]), payload["model"])
+
+        def global_name(name: str) -> str:
+            if not name.startswith("decoder.layers."):
+                return name
+            index = int(name.split(".")[2])
+            return name.replace(f"layers.{index}.", f"layers.{index + stage * per_stage}.", 1)
+        state = {i: {"step": torch.tensor(float(step)),
+                     **{k: _tp_slice(n, full_moments[global_name(n)][k], rank, tp) for k in ("exp_avg", "exp_avg_sq")}}
+                 for i, n in enumerate(order)}
+        decay = [i for i, n in enumerate(order) if not n.endswith(".bias") and payload["model"][n].dim() > 1]
+        groups = [{"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": wd, "params": ids}
+                  for wd, ids in ((0.1, decay), (0.0, [i for i in range(len(order)) if i not in decay]))]
+        payload["optimizer"] = {"optimizer": {"state": state, "param_groups": groups},
+                                "grad_scaler": {"scale": torch.tensor(65536.0), "growth_factor": 2.0},
+                                "fp32_from_fp16_params": [[payload["model"][order[i]].float() for i in g["params"]]
+                                                          for g in groups]}
+        torch.save(payload, shard)
+
+
+def test_megatron_legacy_moments_stitch_back_and_feed_the_noise(tmp_path: Path) -> None:
+    """Issue 21: Megatron legacy Adam moments (TP=2 x PP=2, mixed-precision optimizer) read back equal to the unsplit
+    moments, named like the weights; the iterate noise reads them with Adam's own step count."""
+    from analysis.signals.noise import iterate_noise
+    from test_field_layouts import mcore_state_dict, write_megatron_legacy
+    run_dir = tmp_path / "megatron"
+    for it in (100, 200):
+        full = mcore_state_dict(seed=it)
+        gen = torch.Generator().manual_seed(it + 1)
+        moments = {n: {"exp_avg": torch.randn(t.shape, generator=gen) / 100,
+                       "exp_avg_sq": torch.rand(t.shape, generator=gen) / 1e4} for n, t in full.items()}
+        folder = run_dir / f"iter_{it:07d}"
+        write_megatron_legacy(folder, full, it, tp=2, pp=2)
+        add_megatron_optimizer(folder, moments, it, per_stage=1)
+    (run_dir / "latest_checkpointed_iteration.txt").write_text("200")
+    with open_checkpoint(folder) as handle:
+        infos = {i.name: i.shape for i in optimizer_state(handle)}
+        assert infos == {f"{n}.{k}": tuple(t.shape) for n, t in full.items() for k in ("exp_avg", "exp_avg_sq")}
+        for name, moment in moments.items():
+            for key, value in moment.items():
+                assert torch.equal(handle.read_optimizer(f"{name}.{key}"), value), (name, key)
+        assert handle.metadata()["optimizer.adam_step"] == "200" and float(handle.metadata()["optimizer.lr"]) == 3e-4
+    run = open_run(run_dir)
+    assert [(c.step, c.layout) for c in run.checkpoints] == [(100, "megatron"), (200, "megatron")]
+    noise = iterate_noise(run.checkpoints[-1])
+    assert noise is not None and noise.step == 200
+    expected = sum(float(m["exp_avg_sq"].double().sqrt().sum()) for m in moments.values())
+    assert noise.sqrt_v_sum == pytest.approx(expected, rel=1e-9)
