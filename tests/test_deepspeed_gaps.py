@@ -200,6 +200,37 @@ def test_zero3_run_merges_to_the_float32_average(tmp_path: Path, deepspeed_writi
         assert torch.equal(merged[name], (a["weights"][name] + b["weights"][name]) / 2), name
 
 
+def test_zero3_run_opens_and_its_moments_feed_the_noise(tmp_path: Path, deepspeed_writing: dict[str, type],
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """Issue 21: a folder of ZeRO-3 tags (and an HF checkpoint-N with ZeRO-3 shards beside model.safetensors) opens
+    as one run; the iterate noise reads the gathered second moments; recommend works."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from analysis.signals.noise import iterate_noise
+    run_dir = tmp_path / "zero3_run"
+    written = {s: write_zero3_tag(run_dir / f"global_step{s}", s, seed=s, classes=deepspeed_writing) for s in (10, 20, 30)}
+    rows = [{"step": s, "train/loss": 3.0 - 0.01 * s} for s in range(31)]
+    rows += [{"step": s, "val/loss": v} for s, v in ((10, 2.6), (20, 2.55), (30, 2.54))]
+    rows.sort(key=lambda r: r["step"])
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    hf = tmp_path / "hf" / "checkpoint-40"
+    moments = write_zero3_tag(hf / "global_step40", 40, seed=9, classes=deepspeed_writing)
+    save_file({k: v.contiguous() for k, v in moments["weights"].items()}, str(hf / "model.safetensors"))
+    forget_deepspeed()
+    run = open_run(run_dir)
+    assert [(c.step, c.layout) for c in run.checkpoints] == [(10, "deepspeed"), (20, "deepspeed"), (30, "deepspeed")]
+    assert not run.unreadable and not [n for n in run.notes if "optimizer" in n]
+    noise = iterate_noise(run.checkpoints[-1])
+    expected = sum(float(m["exp_avg_sq"].double().sqrt().sum()) for m in written[30]["moments"].values())
+    assert noise is not None and noise.sqrt_v_sum == pytest.approx(expected, rel=1e-9)
+    assert main(["recommend", str(run_dir)]) == 0 and "Adam second moments" in capsys.readouterr().out
+    with open_checkpoint(hf) as handle:   # HF weights, ZeRO-3 moments from the shards beside them
+        assert handle.read("head.weight").dtype == torch.float32
+        assert torch.equal(handle.read_optimizer("wte.weight.exp_avg_sq"), moments["moments"]["wte.weight"]["exp_avg_sq"])
+
+
 def test_zero3_shard_that_does_not_fit_is_one_line(tmp_path: Path, deepspeed_writing: dict[str, type],
                                                     capsys: pytest.CaptureFixture) -> None:
     """Issue 21: a ZeRO-3 shard cut for another world size is refused naming the rank and the counts."""
