@@ -244,6 +244,25 @@ def test_zero3_shard_that_does_not_fit_is_one_line(tmp_path: Path, deepspeed_wri
     assert not (tmp_path / "out").exists()
 
 
+def test_zero3_shard_with_a_global_we_do_not_allow_is_one_line(tmp_path: Path, deepspeed_writing: dict[str, type],
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """Issue 21: ZeRO-3's weights live in the shards, so a shard we may not unpickle refuses the checkpoint, in one
+    line naming the shard and the global, and pointing at zero_to_fp32.py."""
+    module = types.ModuleType("deepspeed.runtime.custom_state")
+
+    class Unknown:
+        pass
+    _classes(module, {"Unknown": Unknown})
+    tag = tmp_path / "global_step5"
+    write_zero3_tag(tag, 5, seed=4, classes=deepspeed_writing, scaler=Unknown())
+    forget_deepspeed()
+    assert main(["merge", "--checkpoints", str(tag), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "zero_pp_rank_0_mp_rank_00_optim_states.pt" in err
+    assert "deepspeed.runtime.custom_state.Unknown" in err and "zero_to_fp32.py" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("kind", ["LossScaler", "DynamicLossScaler"])
 def test_fp16_shard_with_pickled_loss_scaler_reads_its_moments(tmp_path: Path, deepspeed_writing: dict[str, type],
                                                                 kind: str) -> None:

@@ -303,7 +303,11 @@ class DeepSpeedHandle:
         if not shards:
             raise CheckpointReadError(tag, f"ZeRO-3 checkpoint without its {OPTIM_GLOB} files: the weights are "
                                            "partitioned over them")
-        payloads = [safe_torch_load(shard, plain_data=PLAIN_DATA) for shard in shards]
+        try:
+            payloads = [safe_torch_load(shard, plain_data=PLAIN_DATA) for shard in shards]
+        except CheckpointReadError as e:   # the weights live in the shards: no skipping here
+            raise CheckpointReadError(e.path, f"{_first_sentence(e.reason)} Hint: DeepSpeed's zero_to_fp32.py "
+                                              "writes these ZeRO-3 weights as a plain state dict") from None
         weights = Zero3Weights(tag, shards, payloads, _rank_states(tag, states, len(shards)))
         try:
             self._optimizer = Zero3Optimizer(payloads, weights.layout, weights.keys)
