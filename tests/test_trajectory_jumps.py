@@ -74,7 +74,7 @@ class Trainer:
             self.opt.zero_grad()
             loss.backward()
             self.opt.step()
-            rows.append({"step": step, "train/loss": float(loss)})
+            rows.append({"step": step, "train/loss": loss.item()})
             if step % EVERY == 0:
                 with torch.no_grad():
                     val = _loss(self.model, VAL, torch.arange(0, len(VAL) - 1, 7))
