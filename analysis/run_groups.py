@@ -12,6 +12,9 @@ checkpoints) and a recommendation averages across runs. The rules, in order:
    the runs' own saves lie to each other (Lightning's relaunch with ``ckpt_path=`` writes ``version_1``).
 3. Inside one group: checkpoints with the same step are told apart by their name with the step left
    out (``seed1_step*`` vs ``seed2_step*``); a log that starts over at its first step is a second run.
+4. Inside one run's step order: two consecutive checkpoints whose weights lie further apart than the
+   neighbouring saves explain (:func:`trajectory_jumps`, on the sketches the assessment reads anyway)
+   split it: the checkpoints before the jump are another run, never averaged with those after it.
 
 This module decides from paths, steps and small weight samples; ``analysis.run`` reads the files.
 """
@@ -251,3 +254,74 @@ def starts_over(table: LogTable) -> bool:
     """
     segments = table.segments
     return len(segments) > 1 and any(first <= segments[0][0] for first, _ in segments[1:])
+
+
+# Rule 4 (issue 21): a weight-space jump inside one run's step order, no training step explains: a relaunch into
+# the same folder with a new init. Two conditions, both measured (benchmarks/trajectory_jumps.py, docs/field-runs.md):
+# 1. the save-to-save distance is over TRAJECTORY_JUMP_FACTOR times what its neighbours' distances explain
+#    (scaled up to its step gap): on six real runs the largest ratio of a genuine interval is 1.57 (early
+#    training), a fresh init at step 501 stands at 29;
+# 2. the two checkpoints are unrelated: cos(θ_before, θ_after) under NEW_INIT_COSINE. Consecutive saves of one
+#    run lie at 0.93 or more on the same runs; the fresh init at 0.02. A weight spike (one layer's update 20x, an
+#    outlier weight) can pass 1 but keeps the weights it hit (cosine near 1): a layer flag (issue 25), not a run.
+TRAJECTORY_JUMP_FACTOR = 4.0
+NEW_INIT_COSINE = 0.6
+
+
+@dataclass(frozen=True, slots=True)
+class TrajectoryJump:
+    """Two checkpoints consecutive by step whose weights lie further apart than training moves them."""
+
+    before_step: int
+    after_step: int
+    distance: float     # |θ_after − θ_before|
+    explained: float    # the most its neighbouring save-to-save distances explain over this step gap
+    cosine: float | None = None   # cos(θ_before, θ_after)
+
+    @property
+    def ratio(self) -> float:
+        return self.distance / self.explained
+
+    def describe(self) -> str:
+        """Why the checkpoints up to ``before_step`` are another run: one clause for reasons."""
+        cosine = f", cosine {self.cosine:.2f}" if self.cosine is not None else ""
+        return (f"it belongs to another run: the weights jump {self.ratio:.1f}x further from step {self.before_step} "
+                f"to step {self.after_step} than the neighbouring saves move (|Δθ| {self.distance:.4g} against "
+                f"{self.explained:.4g}{cosine}), which no training step explains (a relaunch into the same folder "
+                f"with a new init?); never averaged with the checkpoints from step {self.after_step} on")
+
+
+def trajectory_jumps(steps: Sequence[int], distances: Sequence[float | None],
+                     cosines: Sequence[float | None] | None = None, factor: float = TRAJECTORY_JUMP_FACTOR,
+                     max_cosine: float = NEW_INIT_COSINE) -> list[TrajectoryJump]:
+    """Rule 4: the intervals whose distance exceeds ``factor`` x what their neighbours explain, between
+    checkpoints whose cosine is under ``max_cosine`` (unknown cosines: the distance decides alone).
+
+    Args:
+        steps: the checkpoints' steps, sorted; distances: ``distances[i]`` is |θ_(i+1) − θ_i| (None: unknown,
+            e.g. the tensors differ); cosines: ``cosines[i]`` is cos(θ_i, θ_(i+1)).
+
+    Each interval is judged against the one before and the one after it: a neighbour's distance, scaled
+    up by the ratio of the step gaps where this interval is longer (distance grows at most linearly with
+    steps), is what training explains; the larger neighbour counts. An interval with no known neighbour
+    (two checkpoints) gets no verdict.
+    """
+    jumps = []
+    for i, distance in enumerate(distances):
+        explained = [_scaled(distances[j], steps, i, j) for j in (i - 1, i + 1) if 0 <= j < len(distances)]
+        explained = [e for e in explained if e is not None]
+        cosine = cosines[i] if cosines is not None else None
+        if distance is None or not explained or (cosine is not None and cosine >= max_cosine):
+            continue
+        typical = max(max(explained), 1e-12)
+        if distance > factor * typical:
+            jumps.append(TrajectoryJump(steps[i], steps[i + 1], float(distance), float(typical), cosine))
+    return jumps
+
+
+def _scaled(distance: float | None, steps: Sequence[int], i: int, j: int) -> float | None:
+    """Neighbour ``j``'s distance scaled to interval ``i``'s step gap (never scaled down)."""
+    if distance is None:
+        return None
+    gap_i, gap_j = steps[i + 1] - steps[i], steps[j + 1] - steps[j]
+    return distance * max(1.0, gap_i / gap_j) if gap_j > 0 else distance

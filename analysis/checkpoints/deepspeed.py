@@ -9,9 +9,14 @@ a ``latest`` file beside the tags names the newest. The layout is the one DeepSp
 ``zero_to_fp32.py`` reverses: the ranks' partitions of a group, padding cut, concatenated, hold the group's
 parameters one after another in ``param_shapes`` order.
 
+ZeRO-3 (``zero_pp_rank_R_mp_rank_00_model_states.pt``, parameters as empty placeholders) partitions each
+parameter on its own; :mod:`.deepspeed_zero3` gathers the fp32 master (the weights) and the moments.
+
 An optimizer shard is never a checkpoint of its own. Real shards pickle DeepSpeed objects (``LossScaler``,
-``ZeroStageEnum``) that weights-only loading refuses: then the optimizer part is skipped with a note and the
-weights are still read. Moments are sliced out one parameter at a time from memory-mapped shards.
+``DynamicLossScaler``, ``ZeroStageEnum``, ``fragment_address``) that weights-only loading refuses; plain-data
+stand-ins of ours (:data:`PLAIN_DATA`) take their fields, and no DeepSpeed code runs. Any other global skips
+the optimizer part with a note and the weights are still read. Moments are sliced out one parameter at a
+time from memory-mapped shards.
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from typing import TYPE_CHECKING
 
 from ..errors import CheckpointReadError, NotACheckpoint
 from .base import CheckpointHandle, TensorInfo, is_tensor
+from .deepspeed_zero3 import FP32_FLAT_GROUPS, Zero3Layout, Zero3Optimizer, Zero3Weights, cut
 from .hf_folder import HFFolderHandle, MARKER_FILES, SIDE_FILES, weights_file
 from .keys import KeyMap
-from .optim import SAVED_LR, saved_learning_rate
+from .optim import SAVED_LR, saved_adam_counters, saved_learning_rate
 from .sharded import shard_files
 from .torch_pickle import TensorTable, checkpoint_metadata, flatten_tensors, safe_torch_load
 
@@ -41,6 +47,20 @@ SKIPPED_NOTE = "ckpt_select_skipped"
 _TAG = re.compile(r"global_step(\d+)")
 
 
+class LossScalerState:
+    """Plain-data stand-in for DeepSpeed's ``LossScaler``, pickled in every fp16 optimizer shard: the
+    unpickler only fills its fields (``cur_scale``, ``dynamic``...); no DeepSpeed code runs (issue 21)."""
+
+    cur_scale: float = 1.0
+    dynamic: bool = False
+
+
+class DynamicLossScalerState(LossScalerState):
+    """Plain-data stand-in for DeepSpeed's ``DynamicLossScaler`` (``scale_window``, ``min_scale``... as fields)."""
+
+    dynamic = True
+
+
 @dataclass
 class FragmentAddress:
     """Plain-data stand-in for DeepSpeed's ``fragment_address`` (numel, start), pickled in every
@@ -50,11 +70,13 @@ class FragmentAddress:
     start: int = 0
 
 
-# DeepSpeed globals that are plain data, and what stands in for them. ``LossScaler`` is not one: a shard that
-# pickles it skips the optimizer part (issue 21).
+# DeepSpeed globals that are plain data, and what stands in for them. A shard that pickles any other
+# DeepSpeed global skips the optimizer part with a note (issue 21).
 PLAIN_DATA: tuple[tuple[type, str], ...] = (
     (FragmentAddress, "deepspeed.utils.tensor_fragment.fragment_address"),
     (int, "deepspeed.runtime.zero.config.ZeroStageEnum"),   # an IntEnum: pickled as ZeroStageEnum(2)
+    (LossScalerState, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
+    (DynamicLossScalerState, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
 )
 _RANK = re.compile(r"zero_pp_rank_(\d+)_")
 
@@ -106,15 +128,7 @@ class FlatGroups:
 
     def slice(self, group: int, offset: int, numel: int) -> "torch.Tensor":
         """Elements ``[offset, offset + numel)`` of ``group``'s flat vector."""
-        import torch
-        pieces, start = [], 0
-        for part in self._partitions[group]:
-            end = start + part.numel()
-            lo, hi = max(offset, start), min(offset + numel, end)
-            if lo < hi:
-                pieces.append(part[lo - start:hi - start])
-            start = end
-        return pieces[0].clone() if len(pieces) == 1 else torch.cat(pieces)
+        return cut(self._partitions[group], offset, numel)
 
 
 class ZeroOptimizer:
@@ -130,12 +144,13 @@ class ZeroOptimizer:
             raise ValueError("an optimizer shard holds no optimizer_state_dict")
         stage = states[0].get("zero_stage", 1)
         if int(stage) > 2:
-            raise ValueError("ZeRO-3 optimizer partitions are not read (run DeepSpeed's zero_to_fp32.py)")
+            raise ValueError(f"ZeRO stage {stage} is not one CkptSelect reads")
         world = _world_size(states[0])
         if world != len(states):
             raise ValueError(f"the partition count is {world} but {len(states)} optimizer shards were found "
                              "(a shard was not saved or an older save was overwritten)")
         self.lr = saved_learning_rate(_rigid(states[0]))
+        self.counters = saved_adam_counters(_rigid(states[0]))
         self._moments = {key: FlatGroups(_group_moments(states, key)) for key in _moment_keys(states[0])}
         self._where: dict[str, tuple[int, int, tuple[int, ...]]] = {}
         for group, shapes in enumerate(param_shapes):
@@ -155,6 +170,29 @@ class ZeroOptimizer:
             raise KeyError(name)
         group, offset, dims = self._where[param]
         return self._moments[key].slice(group, offset, _numel(dims)).reshape(dims)
+
+
+def _zero_optimizer(payloads: list, shapes: list[dict], keys: KeyMap) -> ZeroOptimizer | Zero3Optimizer:
+    """ZeRO-3's moments (partitioned per parameter) or ZeRO-1/2's (per group), as the shards' stage says."""
+    state = payloads[0].get("optimizer_state_dict") if isinstance(payloads[0], dict) else None
+    if isinstance(state, dict) and FP32_FLAT_GROUPS in state:
+        return Zero3Optimizer(payloads, Zero3Layout(shapes, _world_size(state)), keys)
+    return ZeroOptimizer(payloads, shapes, keys)
+
+
+def _rank_states(tag: Path, states: dict, world: int) -> list[dict]:
+    """Every rank's ZeRO-3 model states where frozen parameters need their pieces; else rank 0's alone."""
+    if not states.get("frozen_param_shapes"):
+        return [states]
+    out = [states]
+    for rank in range(1, world):
+        path = tag / ZERO3_MODEL_STATES.replace("rank_0_", f"rank_{rank}_", 1)
+        loaded = safe_torch_load(path) if path.is_file() else None
+        if not isinstance(loaded, dict):
+            raise CheckpointReadError(path, "missing or not DeepSpeed model states: the frozen parameters' pieces "
+                                            "of this rank are needed")
+        out.append(loaded)
+    return out
 
 
 def _world_size(state: dict) -> int:
@@ -228,6 +266,10 @@ def _numel(dims: tuple[int, ...]) -> int:
     return count
 
 
+# Weights held as named tensors (the 16-bit module, ZeRO-3's gathered master) rather than an HF handle.
+_TABLES = (TensorTable, Zero3Weights)
+
+
 class DeepSpeedHandle:
     """Weights of one DeepSpeed tag (or of the HF folder holding it), its step, and its Adam moments."""
 
@@ -238,21 +280,43 @@ class DeepSpeedHandle:
             raise CheckpointReadError(path, f"no DeepSpeed global_stepN/ folder with {MODEL_STATES}")
         self.tag = tag
         hf = weights_file(path) is not None
-        states_file = tag / MODEL_STATES
-        if not states_file.is_file():
-            if not hf:
-                raise CheckpointReadError(tag, "ZeRO-3 checkpoint: the weights are partitioned over the ranks' "
-                                               "optimizer shards, which CkptSelect does not gather; run DeepSpeed's "
-                                               "zero_to_fp32.py, or save with stage3_gather_16bit_weights_on_model_save")
-            states_file = tag / ZERO3_MODEL_STATES
+        zero3 = not (tag / MODEL_STATES).is_file()
+        states_file = tag / (ZERO3_MODEL_STATES if zero3 else MODEL_STATES)
         states = safe_torch_load(states_file)
         if not isinstance(states, dict):
             raise NotACheckpoint(states_file, f"holds a {type(states).__name__}, not DeepSpeed model states")
-        self._weights: CheckpointHandle | TensorTable = HFFolderHandle(path) if hf else _module_table(states_file, states)
-        self._metadata = {**_ds_metadata(tag, states), **(self._weights.metadata() if hf else {})}
+        self._metadata = _ds_metadata(tag, states)
+        self._optimizer: ZeroOptimizer | Zero3Optimizer | None = None
+        if hf:
+            self._weights: CheckpointHandle | TensorTable | Zero3Weights = HFFolderHandle(path)
+            self._metadata.update(self._weights.metadata())
+        elif zero3:
+            self._weights = self._open_zero3(tag, states)
+            return
+        else:
+            self._weights = _module_table(states_file, states)
         self._optimizer = self._open_optimizer(tag, states)
 
-    def _open_optimizer(self, tag: Path, states: dict) -> ZeroOptimizer | None:
+    def _open_zero3(self, tag: Path, states: dict) -> Zero3Weights:
+        """ZeRO-3 without HF weights: the fp32 master in the optimizer shards is the weights (and the moments)."""
+        shards = optimizer_shards(tag)
+        if not shards:
+            raise CheckpointReadError(tag, f"ZeRO-3 checkpoint without its {OPTIM_GLOB} files: the weights are "
+                                           "partitioned over them")
+        try:
+            payloads = [safe_torch_load(shard, plain_data=PLAIN_DATA) for shard in shards]
+        except CheckpointReadError as e:   # the weights live in the shards: no skipping here
+            raise CheckpointReadError(e.path, f"{_first_sentence(e.reason)} Hint: DeepSpeed's zero_to_fp32.py "
+                                              "writes these ZeRO-3 weights as a plain state dict") from None
+        weights = Zero3Weights(tag, shards, payloads, _rank_states(tag, states, len(shards)))
+        try:
+            self._optimizer = Zero3Optimizer(payloads, weights.layout, weights.keys)
+            self._note_optimizer(self._optimizer)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            self._skip(f"optimizer moments skipped, the weights are read: {tag.name}: {e}")
+        return weights
+
+    def _open_optimizer(self, tag: Path, states: dict) -> ZeroOptimizer | Zero3Optimizer | None:
         """The moments, or None with a note in the metadata saying why they were skipped."""
         shards = optimizer_shards(tag)
         shapes = states.get("param_shapes")
@@ -261,28 +325,33 @@ class DeepSpeedHandle:
         try:
             payloads = [safe_torch_load(shard, plain_data=PLAIN_DATA) for shard in shards]
             keys = KeyMap(str(n) for group in shapes for n in group)
-            optimizer = ZeroOptimizer(payloads, shapes, keys)
+            optimizer = _zero_optimizer(payloads, shapes, keys)
         except CheckpointReadError as e:
             self._skip(f"optimizer state skipped, the weights are read: {e.path.name}: {_first_sentence(e.reason)}")
             return None
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             self._skip(f"optimizer state skipped, the weights are read: {tag.name}: {e}")
             return None
+        self._note_optimizer(optimizer)
+        return optimizer
+
+    def _note_optimizer(self, optimizer: ZeroOptimizer | Zero3Optimizer) -> None:
+        """The saved learning rate and Adam's step count and β2 (for the bias correction) in the metadata."""
         if optimizer.lr is not None:
             self._metadata[SAVED_LR] = repr(optimizer.lr)
-        return optimizer
+        self._metadata.update(optimizer.counters)
 
     def _skip(self, note: str) -> None:
         self._metadata[SKIPPED_NOTE] = note
 
     def tensors(self) -> list[TensorInfo]:
-        return list(self._weights.tensors() if not isinstance(self._weights, TensorTable) else self._weights.infos)
+        return list(self._weights.tensors() if not isinstance(self._weights, _TABLES) else self._weights.infos)
 
     def read(self, name: str) -> "torch.Tensor":
         return self._weights.read(name)
 
     def original_name(self, name: str) -> str:
-        if isinstance(self._weights, TensorTable):
+        if isinstance(self._weights, _TABLES):
             return self._weights.keys.original(name)
         return self._weights.original_name(name)  # type: ignore[union-attr]
 
@@ -314,7 +383,7 @@ class DeepSpeedHandle:
         return []
 
     def close(self) -> None:
-        if not isinstance(self._weights, TensorTable):
+        if not isinstance(self._weights, _TABLES):
             self._weights.close()
         self._optimizer = None
 
@@ -359,7 +428,8 @@ class DeepSpeedReader:
     """A DeepSpeed ``global_stepN/`` tag folder, or an HF ``checkpoint-N/`` folder holding one."""
 
     name = "deepspeed"
-    description = ("DeepSpeed ZeRO 1/2 checkpoint: global_stepN/ (mp_rank_00_model_states.pt weights under 'module', "
+    description = ("DeepSpeed ZeRO 1/2/3 checkpoint: global_stepN/ (mp_rank_00_model_states.pt weights under 'module'; "
+                   "ZeRO-3: the fp32 master gathered from the shards; "
                    "*_optim_states.pt Adam moments), alone or in an HF checkpoint-N/ with model.safetensors")
 
     def matches(self, path: Path) -> bool:
@@ -374,7 +444,11 @@ class DeepSpeedReader:
             weights = shard_files(source) if source.name.endswith(".index.json") else [source]
             return weights + [path / f for f in SIDE_FILES if (path / f).is_file()]
         tag = tag_folder(path)
-        return [tag / MODEL_STATES] if tag is not None else []
+        if tag is None:
+            return []
+        if (tag / MODEL_STATES).is_file():
+            return [tag / MODEL_STATES]
+        return [tag / ZERO3_MODEL_STATES, *optimizer_shards(tag)]   # ZeRO-3: the weights are in the shards
 
     def open(self, path: Path) -> DeepSpeedHandle:
         return DeepSpeedHandle(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -12,11 +13,12 @@ from ..checkpoints import TensorInfo, open_checkpoint
 from ..checkpoints.compare import compare_layouts
 from ..checkpoints.optim import metadata_learning_rate
 from ..run import CheckpointRef, Run, UnreadableFile
+from ..run_groups import TrajectoryJump, trajectory_jumps
 from .health import CheckpointHealth, health_from_sketch
 from .layer_report import LayerReport, build_layer_report, norm_placement
 from .layers import LayerTracker
 from .noise import IterateNoise, newest_iterate_noise
-from .sketch import sketch_checkpoint
+from .sketch import CheckpointSketch, sketch_checkpoint
 from .spikes import LossSpike, SpikeConfig, detect_spikes, sparse_config
 from .validation import ValScore, checkpoint_aligned_val, logged_val_scores, train_interval_scores
 
@@ -146,6 +148,9 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
     reference = headers[-1][0] if headers else []
     items = []
     tracker = LayerTracker()
+    distances: list[float | None] = []   # save-to-save |Δθ| from the sketches, for rule 4 of run_groups (issue 21)
+    cosines: list[float | None] = []     # ... and cos(θ_i, θ_(i+1))
+    previous = None
     total = max(len(run.checkpoints), 1)
     for index, (ref, val, lr, (layout, saved_lr), seen) in enumerate(zip(run.checkpoints, vals, lrs, headers, tokens)):
         def step_progress(frac: float, msg: str, index: int = index) -> None:
@@ -154,17 +159,53 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
 
         sketch = sketch_checkpoint(ref, progress=step_progress)
         tracker.add(sketch)
+        if previous is not None:
+            distance, cosine = sketch_geometry(previous, sketch)
+            distances.append(distance)
+            cosines.append(cosine)
+        previous = sketch
         health = health_from_sketch(sketch)
         spike, cleared = _contamination(ref.step, val, contaminating, clean_vals)
         items.append(CheckpointSignals(ref, health, val, spike, _mismatch(reference, layout),
                                        lr if lr is not None else saved_lr,
                                        cleared, lr is None and saved_lr is not None, seen))
+    jumps = trajectory_jumps([item.ref.step for item in items], distances, cosines)
+    if jumps:   # the layer flags compare the newest run's saves only, not the jump into it (issue 21)
+        tracker = _tracker([ref for ref in run.checkpoints if ref.step > jumps[-1].before_step])
     layers = _layer_report(run, tracker, contaminating, reference)
     abnormal = layers.abnormal()
     items = [replace(item, abnormal=abnormal.get(item.ref.step)) for item in items]
+    items = _apart_from_newest_run(items, jumps[-1]) if jumps else items
     eligible = [item for item in items if item.eligible]
     noise = newest_iterate_noise([item.ref for item in eligible], progress)
     return RunSignals(tuple(items), spikes, noise, run.unreadable, logged_saves(run), layers)
+
+
+def sketch_geometry(a: CheckpointSketch, b: CheckpointSketch) -> tuple[float | None, float | None]:
+    """(|θ_a − θ_b|, cos(θ_a, θ_b)) over the tensors both hold with one shape (a CountSketch keeps both);
+    (None, None) if they share none."""
+    shared = [n for n in a.weights if n in b.weights and a.weights[n].shape == b.weights[n].shape]
+    if not shared:
+        return None, None
+    dot = sum(float(a.weights[n] @ b.weights[n]) for n in shared)
+    aa = sum(float(a.weights[n] @ a.weights[n]) for n in shared)
+    bb = sum(float(b.weights[n] @ b.weights[n]) for n in shared)
+    cosine = dot / math.sqrt(aa * bb) if aa > 0 and bb > 0 else None
+    return math.sqrt(max(aa + bb - 2 * dot, 0.0)), cosine
+
+
+def _apart_from_newest_run(items: list[CheckpointSignals], jump: TrajectoryJump) -> list[CheckpointSignals]:
+    """Checkpoints before the newest weight-space jump belong to another run: left out like a mismatch (issue 21)."""
+    return [replace(item, mismatch=jump.describe()) if item.ref.step <= jump.before_step and item.mismatch is None
+            else item for item in items]
+
+
+def _tracker(refs: list[CheckpointRef]) -> LayerTracker:
+    """A layer tracker fed ``refs``' sketches (cached on disk by the pass that just made them)."""
+    tracker = LayerTracker()
+    for ref in refs:
+        tracker.add(sketch_checkpoint(ref))
+    return tracker
 
 
 def _layer_report(run: Run, tracker: LayerTracker, spikes: list[LossSpike],

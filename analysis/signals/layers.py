@@ -149,7 +149,7 @@ def _cosine(point: _Point) -> float:
 def _layer_order(layer: str) -> tuple[int, int, str]:
     """Embeddings first, then blocks by index (attn, mlp, norm), then the final norm and the head."""
     head = {"embedding": 0, "final norm": 2, "head": 3, "other": 4}
-    if layer in head:
+    if layer in head or " " not in layer:   # a kind outside any numbered block ("mlp" of a one-layer net)
         return head.get(layer, 4), 0, layer
     prefix, group = layer.rsplit(" ", 1)
     block = int(prefix.rsplit(".", 1)[-1])
