@@ -818,8 +818,12 @@ def logs(paths: tuple[Path, ...], fmt: str | None, as_json: bool, run_name: str 
 @click.option("--open-browser", is_flag=True,
               help="Open a browser tab (Streamlit may first ask for an e-mail on the terminal).")
 @click.option("--allow-prune", is_flag=True, help="With --root: let the Storage page delete checkpoints (docs/prune.md).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where the app's similarity pass runs: this process, or tasks on a Ray cluster (docs/cluster.md).")
+@click.option("--ray-address", default="auto", show_default=True, metavar="ADDRESS",
+              help="--executor ray: the cluster (auto, local, or HOST:PORT).")
 def ui(run_path: Path | None, root: Path | None, evaluators: tuple[str, ...], port: int, address: str | None,
-       open_browser: bool, allow_prune: bool) -> None:
+       open_browser: bool, allow_prune: bool, executor: str, ray_address: str) -> None:
     """Serve the web app (Streamlit) on RUN.
 
     Headless unless --open-browser: nothing is asked on the terminal, so it also runs from
@@ -838,6 +842,9 @@ def ui(run_path: Path | None, root: Path | None, evaluators: tuple[str, ...], po
     env["CKPT_SELECT_EVALUATORS"] = json.dumps(allowed)
     if _OPTIONS.get("storage_options"):   # in the server's environment only, never on its command line
         env["CKPT_SELECT_STORAGE_OPTIONS"] = _OPTIONS["storage_options"]
+    env.pop("CKPT_SELECT_EXECUTOR", None)
+    if executor == "ray":   # the server joins the cluster itself; this process only hands it the address
+        env["CKPT_SELECT_EXECUTOR"] = f"ray@{ray_address}"
     env.pop("CKPT_SELECT_ALLOW_PRUNE", None)   # only this flag allows it, never an inherited variable
     if allow_prune:
         env["CKPT_SELECT_ALLOW_PRUNE"] = "1"

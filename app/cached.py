@@ -12,6 +12,7 @@ import streamlit as st
 
 import state
 from analysis.errors import AnalysisError
+from analysis.executors import Executor, make_executor
 from analysis.evaluate import Evaluator, check_evaluator_allowed, load_evaluator
 from analysis.merge import MergeResult, merge_recipe
 from analysis.recipe import Recipe, dump_mergekit, dump_recipe, recipe_for_selection
@@ -23,7 +24,8 @@ from analysis.run import Run, RunInfo, find_runs, folder_stamp
 from analysis.scaling import StopSignal, run_stop_signal
 from analysis.storage import RunStorageInputs, storage_inputs_from_run
 from analysis.signals import (DisplaySeries, RunSignals, SimilarityReport, StepTiming, analyze_step_times,
-                              assess_run, compare_checkpoints, display_series, minmax_indices)
+                              assess_run, compare_checkpoints, display_series, minmax_indices, sketch_run)
+
 
 
 def run(path: str, stamp: str) -> Run:
@@ -149,7 +151,31 @@ def current(path: Path) -> Current:
     The stamp names the root too: every cache keyed by it then holds results of the run as confined.
     """
     key, now = str(path), stamp(path)
-    return Current(key, now, run(key, now), signals(key, now), recommendation(key, now, RecommendConfig()))
+    the_run = run(key, now)
+    sketch_on_cluster(key, now, the_run)
+    return Current(key, now, the_run, signals(key, now), recommendation(key, now, RecommendConfig()))
+
+
+@st.cache_resource(show_spinner="Joining the Ray cluster...")
+def cluster(address: str) -> Executor:
+    """The app's executor on the cluster of ``ui --executor ray`` (joined once per server)."""
+    return make_executor("ray", address)
+
+
+_sketched: set[tuple[str, str]] = set()
+
+
+def sketch_on_cluster(path: str, stamp: str, the_run: Run) -> None:
+    """With ``ui --executor ray`` (issue 22): sketch the run's new checkpoints as tasks on the cluster, into the
+    on-disk cache the analysis then reads, showing tasks done / total and bytes read while it runs."""
+    address = state.cluster_address()
+    if address is None or (path, stamp) in _sketched or not the_run.checkpoints:
+        return
+    bar = st.progress(0.0, text="Sketching the checkpoints on the Ray cluster...")
+    sketch_run(list(the_run.checkpoints), cluster(address), progress=lambda done, text: bar.progress(
+        min(done, 1.0), text=f"Sketching on the Ray cluster: {text}"))
+    bar.empty()
+    _sketched.add((path, stamp))
 
 
 @st.cache_data(max_entries=32, show_spinner="Hashing the selected checkpoints for the recipe...")

@@ -37,6 +37,12 @@ def root() -> Path | RemotePath | None:
     return normalized_url(value) if is_url(value) else Path(value).resolve()
 
 
+def cluster_address() -> str | None:
+    """The Ray cluster the app runs its similarity pass on (``ui --executor ray --ray-address``), or None: locally."""
+    value = os.environ.get("CKPT_SELECT_EXECUTOR") or ""
+    return value.removeprefix("ray@") if value.startswith("ray@") else None
+
+
 _storage_options_applied: list[str] = []
 
 

@@ -247,3 +247,59 @@ def test_issue22_an_error_in_a_unit_comes_back_as_the_local_one_line(tmp_path: P
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0, err
     assert "evaluator bad.py:evaluate failed: ValueError: no validation data here" in err
+
+
+def test_issue22_a_ray_merge_from_s3_into_s3_is_bit_identical_and_commits_last(tmp_path: Path, ray_cluster: str,
+                                                                             s3_server, s3_bucket,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    """Inputs in a bucket, output to a bucket: each unit reads its ranges and uploads its own shard from the worker
+    (workers share no folder with the driver); the driver writes the index and the recipe last."""
+    import boto3
+
+    from conftest import upload_tree
+
+    make_inputs(tmp_path / "in")
+    url = upload_tree(tmp_path / "in", s3_server.endpoint, s3_bucket, "in")
+    weights = ["--weights", "0.1", "--weights", "0.2", "--weights", "0.3", "--weights", "0.4"]
+    inputs = [str(p) for p in sorted((tmp_path / "in").glob("*.safetensors"), key=lambda p: int(p.stem[5:]))]
+    assert main(["merge", "--checkpoints", *inputs, *weights, "-o", str(tmp_path / "local")]) == 0
+    s3_server.counts.reset()
+    remote_inputs = [f"{url}/{Path(p).name}" for p in inputs]
+    assert main(["merge", "--checkpoints", *remote_inputs, *weights, "-o", f"s3://{s3_bucket}/merged",
+                 "--executor", "ray", "--ray-address", ray_cluster]) == 0
+    capsys.readouterr()
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
+    (tmp_path / "down").mkdir()
+    for key in [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="merged/")["Contents"]]:
+        client.download_file(s3_bucket, key, str(tmp_path / "down" / Path(key).name))
+    assert_bit_identical(tmp_path / "local", tmp_path / "down")
+    assert (tmp_path / "down" / "recipe.yaml").is_file() and (tmp_path / "down" / "model.safetensors.index.json").is_file()
+    assert s3_server.counts.requests.get("PUT", 0) >= 2 + 2     # two shards from the workers, then index and recipe
+
+
+def test_issue22_the_app_sketches_on_the_cluster_given_by_ui(tmp_path: Path, ray_cluster: str, monkeypatch) -> None:
+    """`ui --executor ray --ray-address A` hands the cluster to the server; the app's similarity pass runs there
+    (the sketches land in the on-disk cache) and the Checkpoints page shows what the local pass shows."""
+    from streamlit.testing.v1 import AppTest
+
+    from analysis.signals import compare_checkpoints
+
+    run = _sketch_run(tmp_path / "run")
+    monkeypatch.setenv("CKPT_SELECT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("CKPT_SELECT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CKPT_SELECT_RUN", str(run))
+    monkeypatch.setenv("CKPT_SELECT_EXECUTOR", f"ray@{ray_cluster}")
+    monkeypatch.delenv("CKPT_SELECT_ROOT", raising=False)
+    at = AppTest.from_file(str(REPO / "app" / "streamlit_app.py"), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    import cached   # the app's module, as the script imported it in this process
+
+    assert [path for path, _ in cached._sketched] == [str(run)]      # the pass went to the cluster's tasks
+    at.switch_page("views/checkpoints.py").run()
+    assert not at.exception, at.exception
+    shown = at.dataframe[0].value.sort_values("step")
+    monkeypatch.setenv("CKPT_SELECT_CACHE_DIR", str(tmp_path / "local-cache"))   # the local pass, from scratch
+    local = compare_checkpoints(open_run(run).checkpoints)
+    assert shown["step"].tolist() == [50, 100, 150, 200]
+    assert shown["dist. to newest"].tolist() == [c.distance_to_newest for c in local.checkpoints]

@@ -112,6 +112,16 @@ class BucketUpload:
         self.store.put_file(str(local), key)
         local.unlink()
 
+    def expect(self, name: str) -> str:
+        """The URL a work unit on another machine uploads ``name`` to; counted as sent, so a failure removes it."""
+        key = f"{self.prefix.key}/{name}"
+        self.sent.append(key)
+        return self.store.url(key)
+
+    def uploaded(self, name: str, size: int) -> None:
+        """Record a file a work unit uploaded itself (its size goes into the result like the driver's own)."""
+        self.sizes[name] = size
+
     def commit(self, last: Sequence[str] = (INDEX_FILE, MERGEKIT_FILE, RECIPE_FILE)) -> None:
         """Upload what scratch still holds: side files first, then ``last`` in order (the recipe at the end)."""
         rest = sorted(p.name for p in self.scratch.iterdir() if p.name not in last)

@@ -19,11 +19,13 @@ import heapq
 import json
 import os
 import resource
+import shutil
+import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -31,11 +33,14 @@ from ..checkpoints import TensorInfo, open_checkpoint, original_name
 from ..checkpoints.base import DTYPE_BYTES
 from ..errors import InvalidArgument
 from ..executors import Executor, Resources
-from ..remote import all_stats
+from ..remote import all_stats, is_url, store_for
 from .average import stream_average
 from .output import INDEX_FILE, OutputPlan, _copy_side_file, write_output
 from .plan import check_same_layout, output_layout
 from .read import BUFFER_BUDGET_BYTES, block_elements, widest_input
+
+if TYPE_CHECKING:
+    from .bucket import BucketUpload
 
 Progress = Callable[[float, str], None]
 NonFinite = Callable[[TensorInfo, tuple[int, ...]], None]
@@ -124,12 +129,23 @@ def balanced_plan(plan: OutputPlan, handles: Sequence, layout: Sequence[TensorIn
 
 def run_units(executor: Executor, tmp: Path, handles: Sequence, refs: Sequence, weights: Sequence[float],
               layout: Sequence[TensorInfo], plan: OutputPlan, metadata: dict[str, str], output_dtype: str,
-              progress: Progress | None, nonfinite: NonFinite | None) -> int:
-    """The engine's hook: plan a unit per shard of ``plan``, run them, write the index; the shards' bytes."""
+              progress: Progress | None, nonfinite: NonFinite | None, bucket: "BucketUpload | None" = None) -> int:
+    """The engine's hook: plan a unit per shard of ``plan``, run them, write the index; the shards' bytes.
+
+    With a ``bucket`` output each unit uploads its own shard under the final prefix (workers on other
+    machines share no folder with the driver); the driver's scratch then holds only the index, the
+    side files and the recipe, which :class:`~analysis.merge.bucket.BucketUpload` sends last.
+    """
     inputs = [(str(r.path), r.layout) for r in refs]
     stored = [original_name(handles[-1], i.name) for i in layout]
     units = plan_units(inputs, weights, output_dtype, layout, stored, plan, tmp, metadata)
-    return write_shards(executor, tmp, units, plan, layout, metadata, output_dtype, progress, nonfinite)[0]
+    if bucket is not None:
+        units = [replace(u, target=bucket.expect(Path(u.target).name)) for u in units]
+    size, results = write_shards(executor, tmp, units, plan, layout, metadata, output_dtype, progress, nonfinite)
+    if bucket is not None:
+        for result in results:
+            bucket.uploaded(result.target.rsplit("/", 1)[-1], result.size_bytes)
+    return size
 
 
 def plan_units(inputs: Sequence[tuple[str, str]], weights: Sequence[float], output_dtype: str,
@@ -212,7 +228,9 @@ def _write_shard(unit: MergeUnit, handles: Sequence, group: list[TensorInfo], no
     worker's file; the driver removes what dead workers left (:func:`write_shards`).
     """
     stored = tuple(replace(info, name=original_name(handles[-1], info.name)) for info in group)
-    target = Path(unit.target)
+    remote = is_url(unit.target)
+    scratch = Path(tempfile.mkdtemp(prefix="ckpt-select-unit-")) if remote else None
+    target = scratch / unit.target.rsplit("/", 1)[-1] if scratch is not None else Path(unit.target)
     part = target.with_name(f".{target.name}.part-{os.getpid()}")
     shard = OutputPlan(False, ((part.name, stored),), (), sum(i.size_bytes for i in stored))
     stream = stream_average(handles, unit.weights, group, None, None, nonfinite)
@@ -220,8 +238,13 @@ def _write_shard(unit: MergeUnit, handles: Sequence, group: list[TensorInfo], no
     try:
         size = write_output(part.parent, shard, blocks, dict(unit.metadata), unit.output_dtype)
         os.replace(part, target)
+        if scratch is not None:   # one PUT (multipart when large): the object appears whole or not at all
+            store, key = store_for(unit.target)
+            store.put_file(str(target), key)
     finally:
         part.unlink(missing_ok=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     return size
 
 

@@ -185,9 +185,10 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
         handles = [stack.enter_context(open_checkpoint(r.path, r.layout)) for r in refs]
         layout, plan = _plan(handles, refs, output_dtype, out_shard_size, out_format, executor)
 
-        def write(folder: Path, on_file: Callable[[Path], None] | None = None) -> int:
+        def write(folder: Path, on_file: Callable[[Path], None] | None = None,
+                  bucket: "BucketUpload | None" = None) -> int:
             return _write(folder, handles, weights, layout, plan, refs, recipe, output_dtype, progress, nonfinite,
-                          hash_inputs, on_file, executor)
+                          hash_inputs, on_file, executor, bucket)
 
         if isinstance(out_dir, RemotePath):
             size, files, stale = *_write_to_bucket(out_dir, replaced, plan, write), StaleFolders()
@@ -245,7 +246,7 @@ def _write_to_bucket(prefix: RemotePath, replaced: Sequence[str], plan: OutputPl
     with BucketUpload(prefix, replaced) as upload:
         check_disk(upload.scratch / "output", plan.largest_file_bytes)
         with storage_errors(upload.scratch):
-            size = write(upload.scratch, upload.send)
+            size = write(upload.scratch, upload.send, upload)
         upload.commit()
     return size, tuple(sorted(upload.sizes))
 
@@ -402,11 +403,11 @@ def _plan(handles, refs: Sequence[CheckpointRef], output_dtype: str, out_shard_s
 def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPlan, refs, recipe: Recipe,
            output_dtype: str, progress: Progress | None, nonfinite: "_NonFinite | None" = None,
            hash_inputs: bool = False, on_file: Callable[[Path], None] | None = None,
-           executor: "Executor | None" = None) -> int:
+           executor: "Executor | None" = None, bucket: "BucketUpload | None" = None) -> int:
     """Write the model, our recipe and the mergekit config into ``tmp``; return the weights' bytes.
 
     ``on_file`` is called with each weights file once it is complete (a bucket output uploads it then);
-    with an ``executor`` the units write the shards and a bucket output uploads them at the commit.
+    with an ``executor`` the units write the shards (to a bucket output, each unit uploads its own shard).
     """
     recipe_text = dump_recipe(recipe) if recipe.checkpoints else ""
     metadata = {
@@ -426,7 +427,7 @@ def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPl
             size = write_output(tmp, plan, blocks, metadata, output_dtype, on_file)
         else:   # the units write the shards; the index is written once all of them succeeded
             size = distributed.run_units(executor, tmp, handles, refs, weights, layout, plan, metadata, output_dtype,
-                                         progress, nonfinite)
+                                         progress, nonfinite, bucket)
         recipe = _with_read_hashes(recipe, refs, hashes.finish()) if hashes else _with_quick_hashes(recipe, refs)
     if recipe_text:
         (tmp / RECIPE_FILE).write_text(dump_recipe(recipe))
