@@ -16,6 +16,7 @@ writes ``benchmarks/results/scale_out.json`` and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import os
 import platform
@@ -147,10 +148,21 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--intermediate", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scale_out.json")
+    parser.add_argument("--moto", action="store_true",
+                        help="Upload the generated inputs to a local S3 server (moto, 127.0.0.1) and read them by URL.")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="Result JSON (default: benchmarks/results/scale_out[_s3].json).")
     args = parser.parse_args()
+    args.out = args.out or REPO / "benchmarks" / "results" / ("scale_out_s3.json" if args.moto else "scale_out.json")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    server = None
+    if args.moto:
+        server = start_moto()
+        config = llama_config(args.layers, args.hidden, args.intermediate, args.vocab)
+        args.inputs = upload(make_inputs(args.cache, args.count, config), server.endpoint)
+        args.storage_options = json.dumps({"s3": {"endpoint_url": server.endpoint}})
+        server.counts.reset()
     if args.storage_options:
         set_storage_options(args.storage_options)
     if args.inputs:
@@ -162,9 +174,11 @@ def main() -> None:
     refs = [checkpoint_ref(str(s) if args.inputs else s, step=100 * (i + 1)) for i, s in enumerate(sources)]
     work = Path(tempfile.mkdtemp(prefix="so-", dir=args.cache if args.cache.is_dir() else None))
     try:
-        results = measure(refs, work)
+        results = measure(refs, work, server)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if server is not None:
+            server.stop()
     doc = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other work while measured)",
            "inputs": args.inputs or f"{args.count} generated Llama-layout checkpoints", **results}
@@ -173,22 +187,54 @@ def main() -> None:
     print_table(doc)
 
 
-def measure(refs, work: Path) -> dict:
-    """The local merge, then 1 and 2 Ray workers; each compared with the local output bit for bit."""
+def start_moto():
+    """moto's S3 server on a free loopback port, counting what it serves (the tests' server, tests/s3_server.py)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from s3_server import S3Server
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(key, value)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)   # one log line per request otherwise
+    server = S3Server()
+    server.start()
+    return server
+
+
+def upload(folders: list[Path], endpoint: str, bucket: str = "scale-out") -> str:
+    """Upload the checkpoint folders with boto3 (not our code) and return their prefix URL."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=bucket)
+    for folder in folders:
+        for path in sorted(folder.iterdir()):
+            client.upload_file(str(path), bucket, f"run/{folder.name}/{path.name}")
+    return f"s3://{bucket}/run"
+
+
+def measure(refs, work: Path, server=None) -> dict:
+    """The local merge, then 1 and 2 Ray workers; each compared with the local output bit for bit.
+
+    With a local S3 ``server``, each row also gets the bytes and GET requests the server served for it.
+    """
     began = time.perf_counter()
     local = merge_checkpoints(refs, [1.0] * len(refs), work / "local")
     local_seconds = time.perf_counter() - began
     expected = tensors(work / "local")
     total_read = sum(r.size_bytes for r in refs)
     rows = [row("local (1 process)", local_seconds, None, local.n_tensors, total_read, True)]
+    rows[0].update(_served(server))
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     try:
         for workers in (1, 2):
             out = work / f"ray{workers}"
             seconds, recording = run_ray(refs, out, workers, temp)
+            served = _served(server)
             total_read = sum(r.bytes_read for r in recording.results)
             rows.append(row(f"ray, {workers} worker{'s' * (workers > 1)}", seconds, recording, local.n_tensors,
                             total_read, tensors(out) == expected))
+            rows[-1].update(served)
             shutil.rmtree(out)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
@@ -196,16 +242,29 @@ def measure(refs, work: Path) -> dict:
             "bytes_read": total_read, "rows": rows}
 
 
+def _served(server) -> dict:
+    """What the local S3 server served since the last call (GETs, bytes), then zeroed; {} without a server."""
+    if server is None:
+        return {}
+    served = {"server_gets": server.counts.gets, "server_get_bytes": server.counts.get_bytes}
+    server.counts.reset()
+    return served
+
+
 def print_table(doc: dict) -> None:
     print(f"{doc['checkpoints']} x {doc['bytes_per_checkpoint'] / 1e6:.0f} MB ({doc['tensors']} tensors), "
           f"{doc['machine']}, {doc['date']}")
-    print("| run | wall s | bytes read per worker (share) | peak RSS per worker | reads / tensor | bit-identical |")
-    print("|---|---|---|---|---|---|")
+    s3 = "server_gets" in doc["rows"][0]
+    extra = (" GETs at the server | GB served | requests / tensor |", "---|---|---|") if s3 else ("", "")
+    print(f"| run | wall s | bytes read per worker (share) | peak RSS per worker | reads / tensor | bit-identical |{extra[0]}")
+    print(f"|---|---|---|---|---|---|{extra[1]}")
     for r in doc["rows"]:
         shares = ", ".join(f"{b / 1e6:.0f} MB" for b in r["bytes_read_per_worker"]) or "-"
         rss = ", ".join(f"{m} MB" for m in r["peak_rss_per_worker_mb"]) or "-"
+        tail = (f" {r['server_gets']} | {r['server_get_bytes'] / 1e9:.3f} | {r['requests_per_tensor'] or '-'} |"
+                if s3 else "")
         print(f"| {r['run']} | {r['seconds']} | {shares} ({r['max_share_per_worker']:.2f}) | {rss} | "
-              f"{r['reads_per_tensor'] or '-'} | {'yes' if r['bit_identical_to_local'] else 'NO'} |")
+              f"{r['reads_per_tensor'] or '-'} | {'yes' if r['bit_identical_to_local'] else 'NO'} |{tail}")
 
 
 if __name__ == "__main__":
