@@ -17,6 +17,7 @@ import io
 from typing import TYPE_CHECKING
 
 from ..remote import RemotePath
+from ..remote.path import RangeView
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +32,7 @@ TAIL_BYTES = 256 << 10
 SCALAR_ELEMENTS = 1
 
 
-class EndsFile(io.RawIOBase):
+class EndsFile(RangeView):
     """A remote file seen through its head and tail (fetched once) and exact ranges for the rest.
 
     What torch's zip reader and :mod:`zipfile` read: the directory at the end, ``data.pkl`` at the
@@ -39,42 +40,14 @@ class EndsFile(io.RawIOBase):
     """
 
     def __init__(self, path: RemotePath, size: int) -> None:
-        super().__init__()
-        self._path, self._size, self._pos = path, size, 0
+        super().__init__(size)
+        self._path = path
         head_end = min(size, HEAD_BYTES)
         tail_start = max(head_end, size - TAIL_BYTES)
         ranges = [(0, head_end)] + ([(tail_start, size)] if tail_start < size else [])
         blobs = path.store.read_ranges(path.key, ranges)
         self._head, self._tail = blobs[0], (blobs[1] if len(blobs) > 1 else b"")
         self._tail_start = tail_start
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def read(self, size: int = -1) -> bytes:
-        end = self._size if size is None or size < 0 else min(self._size, self._pos + size)
-        data = self.range(self._pos, end) if end > self._pos else b""
-        self._pos = max(self._pos, end)
-        return data
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def readinto(self, buffer: memoryview) -> int:   # type: ignore[override]
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
 
     def range(self, start: int, end: int) -> bytes:
         """Bytes ``[start, end)``: from the cached ends when they hold them, else one exact request."""
@@ -83,6 +56,8 @@ class EndsFile(io.RawIOBase):
         if start >= self._tail_start:
             return self._tail[start - self._tail_start:end - self._tail_start]
         return self._path.read_range(start, end)
+
+    _bytes = range
 
 
 class RemoteTorchFile:

@@ -30,7 +30,7 @@ from typing import Sequence
 from ..errors import MergeError, RemoteError
 from ..remote import RemotePath
 from ..remote.outputs import INDEX_FILE, RECIPE_FILE, carries_merge_marker
-from ..targets import written_by_ckpt_select
+from ..targets import process_alive, written_by_ckpt_select
 from .output import MERGEKIT_FILE, MODEL_FILE, SIDE_FILES, TORCH_FILES
 
 # Every name a merge writes under its prefix; anything else there is someone else's.
@@ -153,18 +153,8 @@ def remove_stale_scratch(root: Path | None = None) -> list[Path]:
     removed = []
     for folder in root.glob(f"{SCRATCH_PREFIX}*"):
         match = mine.match(folder.name)
-        if match and folder.is_dir() and not _alive(int(match.group(1))):
+        if match and folder.is_dir() and not process_alive(int(match.group(1))):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
 
-
-def _alive(pid: int) -> bool:
-    """Whether a process with this id exists on this host (one we may not signal counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -50,7 +50,7 @@ from ..remote import RemotePath, as_path, is_remote
 from ..remote.outputs import incomplete_output
 from ..recipe import Recipe, RecipeEntry, dump_mergekit, dump_recipe
 from ..run import MERGE_MARKER_KEY, CheckpointRef, checkpoint_ref
-from ..targets import storage_errors
+from ..targets import process_alive, storage_errors
 from .average import arithmetic, stream_average
 from .bucket import BucketUpload, check_bucket_target
 from .output import (MERGEKIT_FILE, MODEL_FILE, RECIPE_FILE, OutputPlan, format_suggestion, plan_output,
@@ -328,7 +328,7 @@ def _is_stale(path: Path, out_name: str) -> bool:
     if match["kind"] == "old" and match["name"] != out_name:
         return False
     host, pid = _hidden_owner(match["owner"])
-    return host == socket.gethostname() and pid is not None and not _alive(pid)
+    return host == socket.gethostname() and pid is not None and not process_alive(pid)
 
 
 def _tree_bytes(folder: Path) -> int:
@@ -349,19 +349,6 @@ def _hidden_owner(suffix: str) -> tuple[str | None, int | None]:
     if len(parts) != 3 or not parts[1].isdigit() or not re.fullmatch(r"[0-9a-f]{8}", parts[2]):
         return None, None
     return parts[0], int(parts[1])
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process with this id exists on this host (one we may not signal still counts)."""
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def plan_merge(refs: Sequence[CheckpointRef], weights: Sequence[float], out_dir: Path, output_dtype: str = "same",

@@ -244,12 +244,7 @@ class BlockReader:
             self._put(e)
 
     def _put(self, item: object) -> None:
-        while not self._stop.is_set():
-            try:
-                self._ready.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        put_until_stopped(self._ready, item, self._stop)
 
     def _read_whole(self, handle: "CheckpointHandle", info: "TensorInfo") -> np.ndarray:
         """A non-floating tensor of the newest input, whole, as raw bits."""
@@ -421,12 +416,18 @@ class RemotePrefetch:
             self._put(Window(info.name, start, stop, _fetch_window(remote, start, stop)))
 
     def _put(self, item: Window | BaseException) -> None:
-        while not self._stop.is_set():
-            try:
-                self._ready.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        put_until_stopped(self._ready, item, self._stop)
+
+
+def put_until_stopped(ready: queue.Queue, item: object, stop: threading.Event) -> None:
+    """Hand ``item`` to the consumer through a bounded queue, giving up once ``stop`` is set (the consumer
+    left early, an error or a close): a reader thread must never block forever on a full queue."""
+    while not stop.is_set():
+        try:
+            ready.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
 
 
 def _fetch_window(remote: dict[int, TensorLocation], start: int, stop: int) -> dict[int, bytes]:

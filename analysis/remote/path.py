@@ -308,18 +308,16 @@ class RemotePath:
         return self.store.read_range(self.key, start, end)
 
 
-class RangedFile(io.RawIOBase):
-    """A seekable read-only view of a large object: each read is one exact range, no read-ahead cache.
+class RangeView(io.RawIOBase):
+    """A seekable read-only file over an object of ``size`` bytes whose reads :meth:`_bytes` answers.
 
-    The first read fetches at least :data:`FIRST_READ_BYTES` and keeps them, so that a header
-    read as "8 bytes, then N bytes" costs one request when it is short and two when it is long.
+    What torch's and Python's zip readers, ``json`` and the log readers need of a file; subclasses
+    decide where each ``[start, end)`` comes from (a kept head, an exact ranged request).
     """
 
-    def __init__(self, path: RemotePath, size: int, identity: tuple[str, int, str | None] | None = None) -> None:
+    def __init__(self, size: int) -> None:
         super().__init__()
-        self._path, self._size, self._pos = path, size, 0
-        self._identity = identity if size <= FIRST_READ_BYTES else None
-        self._head: bytes | None = _small_objects.get(self._identity) if self._identity else None
+        self._size, self._pos = size, 0
 
     def readable(self) -> bool:
         return True
@@ -336,31 +334,47 @@ class RangedFile(io.RawIOBase):
         return self._pos
 
     def readinto(self, buffer: memoryview) -> int:   # type: ignore[override]
-        data = self._fetch(len(buffer))
+        data = self.read(len(buffer))
         buffer[:len(data)] = data
         return len(data)
 
-    def read(self, size: int = -1) -> bytes:
-        return self._fetch(self._size - self._pos if size is None or size < 0 else size)
+    def read(self, size: int | None = -1) -> bytes:
+        end = self._size if size is None or size < 0 else min(self._size, self._pos + size)
+        if end <= self._pos:
+            return b""
+        data = self._bytes(self._pos, end)
+        self._pos = end
+        return data
 
     def readall(self) -> bytes:
         return self.read(-1)
 
-    def _fetch(self, n: int) -> bytes:
-        end = min(self._size, self._pos + n)
-        if end <= self._pos:
-            return b""
-        if self._head is None and self._pos == 0:
+    def _bytes(self, start: int, end: int) -> bytes:
+        raise NotImplementedError
+
+
+class RangedFile(RangeView):
+    """A view of a large object: each read is one exact range, no read-ahead cache.
+
+    The first read fetches at least :data:`FIRST_READ_BYTES` and keeps them, so that a header
+    read as "8 bytes, then N bytes" costs one request when it is short and two when it is long.
+    """
+
+    def __init__(self, path: RemotePath, size: int, identity: tuple[str, int, str | None] | None = None) -> None:
+        super().__init__(size)
+        self._path = path
+        self._identity = identity if size <= FIRST_READ_BYTES else None
+        self._head: bytes | None = _small_objects.get(self._identity) if self._identity else None
+
+    def _bytes(self, start: int, end: int) -> bytes:
+        if self._head is None and start == 0:
             self._head = self._path.read_range(0, min(self._size, max(end, FIRST_READ_BYTES)))
             _keep_small(self._identity, self._head)
         if self._head is not None and end <= len(self._head):
-            data = self._head[self._pos:end]
-        elif self._head is not None and self._pos < len(self._head):
-            data = self._head[self._pos:] + self._path.read_range(len(self._head), end)
-        else:
-            data = self._path.read_range(self._pos, end)
-        self._pos = end
-        return data
+            return self._head[start:end]
+        if self._head is not None and start < len(self._head):
+            return self._head[start:] + self._path.read_range(len(self._head), end)
+        return self._path.read_range(start, end)
 
 
 def _keep_small(identity: tuple[str, int, str | None] | None, data: bytes) -> None:
