@@ -61,23 +61,31 @@ def test_app_views_hold_no_analysis_logic() -> None:
 
 # --- front ends only draw (issue 20) ------------------------------------------------------------
 VIEWS = sorted((REPO / "app" / "views").glob("*.py"))
-CLI = ANALYSIS / "cli.py"
+CLI_MODULES = sorted((ANALYSIS / "cli").glob("*.py"))   # the command line: every module of the package
 # Arithmetic a front end would otherwise redo beside the core (weights normalised by hand, a median
 # of the run's step times, a total of sizes): the core has one function for each.
 _ARITHMETIC_CALLS = {"sum", "fsum", "mean", "median", "nanmedian", "nanmean", "diff", "average", "cumsum", "prod"}
 
 
 def _analysis_imports(path: Path) -> list[tuple[str, str]]:
-    """(module, name) of every ``from analysis... import name`` in ``path`` (relative imports of cli.py too)."""
+    """(module, name) of every ``from analysis... import name`` in ``path``, relative imports resolved
+    from the file's package."""
+    package = ".".join(path.relative_to(REPO).parent.parts)
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            module = ("analysis." * (node.level > 0)) + (node.module or "")
-            if node.level > 0 or module.split(".")[0] == "analysis":
-                found.extend((module.rstrip("."), alias.name) for alias in node.names)
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(part for part in (base, node.module or "") if part)
+            if module.split(".")[0] == "analysis":
+                found.extend((module, alias.name) for alias in node.names)
         elif isinstance(node, ast.Import):
             found.extend((a.name, "") for a in node.names if a.name.split(".")[0] == "analysis")
     return found
+
+
+def _is_cli(module: str) -> bool:
+    """A module of the command line itself: its helpers (``_emit``, ``_OPTIONS``...) are shared by its modules."""
+    return module == "analysis.cli" or module.startswith("analysis.cli.")
 
 
 def _calls(tree: ast.AST) -> set[str]:
@@ -91,20 +99,22 @@ def _calls(tree: ast.AST) -> set[str]:
 
 
 def test_front_ends_only_call_the_core_and_draw() -> None:
-    """The rule: a view (app/views/*.py) or a CLI command (analysis/cli.py) calls the core's public functions
-    and classes and draws or prints what they return; it decides nothing itself (issue 20: the two front ends
+    """The rule: a view (app/views/*.py) or a CLI command (any module of analysis/cli/) calls the core's public
+    functions and classes and draws or prints what they return; it decides nothing itself (issue 20: the two front ends
     had each rewritten weight validation, "same" dtype, storage defaults and the default merge folder, and
     disagreed). Checked as:
 
-    1. from ``analysis`` they import only public names of public modules (no ``_name``, no ``analysis._mod``);
+    1. from ``analysis`` they import only public names of public modules (no ``_name``, no ``analysis._mod``;
+       the CLI's modules share their own ``_helpers`` with each other);
     2. they import neither numpy nor pandas: arithmetic on run data is the core's;
     3. they call no summing or averaging function (``sum``, ``np.median``, ``.mean()`` ...): weights go
        through ``normalize_weights``, a run's medians through ``storage_inputs_from_run`` and the like.
     Formatting (``f"{x / 1e6:.2f} MB"``) and the range of a chart stay: that is drawing.
     """
-    for path in VIEWS + [CLI]:
-        private = [f"{m}.{n}" for m, n in _analysis_imports(path)
-                   if (n.startswith("_") and n != "__version__") or any(p.startswith("_") for p in m.split("."))]
+    assert len(CLI_MODULES) > 1, "the CLI package's modules were not found"
+    for path in VIEWS + CLI_MODULES:
+        private = [f"{m}.{n}" for m, n in _analysis_imports(path) if not _is_cli(m)
+                   and ((n.startswith("_") and n != "__version__") or any(p.startswith("_") for p in m.split(".")))]
         assert private == [], f"{path.name} imports private names of the core: {private}"
         assert not _imports(path) & {"numpy", "pandas"}, f"{path.name} imports numpy or pandas"
         tree = ast.parse(path.read_text())
@@ -123,7 +133,7 @@ def test_the_app_never_imports_private_core_modules() -> None:
 def test_the_front_ends_share_the_cores_rules() -> None:
     """Each rule issue 20 moved into the core is called by both front ends (or by the app's cache for them)."""
     app_code = "".join(p.read_text() for p in [REPO / "app" / "cached.py"] + VIEWS)
-    cli_code = CLI.read_text()
+    cli_code = "".join(p.read_text() for p in CLI_MODULES)
     for rule in ("recipe_for_selection", "dump_mergekit", "storage_inputs_from_run"):
         assert rule in app_code and rule in cli_code, rule
     assert "normalize_weights" in app_code and "default_merge_folder" in app_code

@@ -473,6 +473,6 @@ def test_a_one_line_note_is_still_not_a_log(tmp_path: Path, capsys: pytest.Captu
 
 def test_analysis_error_messages_never_span_lines(capsys: pytest.CaptureFixture) -> None:
     """Whatever a library put in an error's text, the CLI prints it on one line."""
-    from analysis.cli import _one_line
+    from analysis.cli.entry_point import _one_line
     assert _one_line("first\n  second\n\nthird") == "first second third"
     assert issubclass(CheckpointReadError, AnalysisError)

@@ -96,7 +96,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dic
     sdist = _sdist(tmp, env)
     wheel = _wheel(sdist, tmp, env)
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"ckpt_select_app/streamlit_app.py", "ckpt_select_app/views/run.py", "analysis/cli.py"} <= set(names)
+    assert {"ckpt_select_app/streamlit_app.py", "ckpt_select_app/views/run.py", "analysis/cli/__init__.py"} <= set(names)
     assert not [n for n in names if n.startswith("app/")], "the app must not install as a top-level `app`"
     return _venv_with_wheel(wheel, tmp, env), sdist, env
 
@@ -112,7 +112,7 @@ def test_sdist_holds_the_app_the_kernel_source_and_the_requirements(installed) -
 
 def test_analysis_and_the_app_are_imported_from_the_venv(installed, tmp_path: Path) -> None:
     venv, _, env = installed
-    probe = "import analysis, analysis.cli as c; print(analysis.__file__); print(c.app_script())"
+    probe = "import analysis, analysis.cli.app_command as c; print(analysis.__file__); print(c.app_script())"
     module, script = _run([venv / "bin" / "python", "-c", probe], tmp_path, env).splitlines()[-2:]
     # The checkout's editable install (a .pth + finder in the outer site-packages) must lose to the wheel.
     assert Path(module).is_relative_to(venv) and not Path(module).is_relative_to(REPO), module
@@ -129,7 +129,7 @@ def test_installed_cli_helps(installed, tmp_path: Path) -> None:
 def test_installed_app_runs_its_first_page(installed, tmp_path: Path) -> None:
     """The pages run from the installed copy (health alone runs no page): AppTest, as `streamlit run` would."""
     venv, _, env = installed
-    probe = ("import sys; from analysis.cli import app_script; from streamlit.testing.v1 import AppTest\n"
+    probe = ("import sys; from analysis.cli.app_command import app_script; from streamlit.testing.v1 import AppTest\n"
              "script = app_script(); sys.path.insert(0, str(script.parent))\n"
              "at = AppTest.from_file(str(script), default_timeout=60); at.run()\n"
              "assert not at.exception, at.exception; import state; print(state.__file__); print(at.title[0].value)")
