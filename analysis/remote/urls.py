@@ -81,12 +81,28 @@ def store_for(url: str) -> tuple[Store, str]:
         store = _stores.get(protocol)
         if store is None:
             try:
-                fs = fsspec.filesystem(protocol, **storage_options_unlocked(protocol))
+                fs = fsspec.filesystem(protocol, **one_retry_layer(protocol, storage_options_unlocked(protocol)))
             except (ImportError, ValueError) as e:
                 raise InvalidArgument(f"{url}: cannot open {protocol}:// URLs ({e}); install its fsspec package "
                                       f"(s3fs for s3://, gcsfs for gs://, huggingface_hub for hf://)") from None
+            if protocol in ("s3", "s3a"):
+                fs.retries = 1   # s3fs's own retry loop (5 attempts of SlowDown and read errors): one attempt
             store = _stores[protocol] = Store(fs, protocol)
     return store, store.fs._strip_protocol(url).rstrip("/")
+
+
+def one_retry_layer(protocol: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with botocore's retries off for ``s3://`` unless the user set them: :class:`Store` retries, counted.
+
+    Why: botocore (5 attempts), s3fs (5) and our store (6) each retried a transient error, so a
+    persistent 503 cost up to 150 requests and minutes, and ``io.retries`` showed none of the
+    retries below it (docs/remote-runs.md, "Retries"). A user's ``config_kwargs.retries`` is kept.
+    """
+    if protocol not in ("s3", "s3a"):
+        return options
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("retries", {"total_max_attempts": 1})
+    return {**options, "config_kwargs": config}
 
 
 def storage_options_unlocked(protocol: str) -> dict[str, Any]:
