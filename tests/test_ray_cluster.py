@@ -303,3 +303,67 @@ def test_issue22_the_app_sketches_on_the_cluster_given_by_ui(tmp_path: Path, ray
     local = compare_checkpoints(open_run(run).checkpoints)
     assert shown["step"].tolist() == [50, 100, 150, 200]
     assert shown["dist. to newest"].tolist() == [c.distance_to_newest for c in local.checkpoints]
+
+
+def test_issue22_a_driver_killed_mid_merge_into_a_bucket_leaves_an_incomplete_prefix(tmp_path: Path, ray_cluster: str,
+                                                                                    s3_server, s3_bucket) -> None:
+    """`merge --executor ray -o s3://...` with its driver killed (kill -9) while one unit is held mid-shard and
+    another has uploaded its shard: no index, no recipe in the bucket, the prefix reads as an incomplete merge
+    output (and a run holding it lists it unreadable), and the next `merge --force` replaces it with the local
+    merge's bits."""
+    import boto3
+
+    from analysis.remote import RemotePath, reset_stores
+    from analysis.remote.outputs import incomplete_output
+    from conftest import upload_tree
+
+    inputs = [str(p) for p in make_inputs(tmp_path / "in", 3)]
+    assert main(["merge", "--checkpoints", *inputs, "-o", str(tmp_path / "local")]) == 0
+    url = upload_tree(tmp_path / "in", s3_server.endpoint, s3_bucket, "run")
+    remote = [f"{url}/{Path(p).name}" for p in inputs]
+    prefix = f"{url}/merged"
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
+
+    def listed() -> set[str]:
+        found = client.list_objects_v2(Bucket=s3_bucket, Prefix="run/merged/").get("Contents", [])
+        return {o["Key"].rsplit("/", 1)[-1] for o in found}
+
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    options = json.dumps({"s3": {"endpoint_url": s3_server.endpoint, "key": "testing", "secret": "testing"}})
+    env = dict(os.environ, **{HOLD_ENV: str(hold), "PYTHONPATH": str(REPO)})
+    driver = subprocess.Popen([sys.executable, "-m", "analysis", "--storage-options", options, "merge", "--checkpoints",
+                               *remote, "-o", prefix, "--executor", "ray", "--ray-address", ray_cluster],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    worker = None
+    try:
+        worker = int(_wait_for(hold / "held", 60))
+        deadline = time.time() + 60   # the other unit uploads its shard from its worker
+        while time.time() < deadline and not any(n.startswith("model-") for n in listed()):
+            time.sleep(0.05)
+    finally:
+        driver.kill()   # SIGKILL: no cleanup of its own runs
+        driver.wait(timeout=30)
+        if worker is not None:
+            _end(worker)   # before anything else writes there: a held unit must not upload after the next merge
+    left = listed()
+    assert any(n.startswith("model-") for n in left), driver.stderr.read().decode()
+    assert not {"model.safetensors.index.json", "recipe.yaml"} & left
+    reset_stores()
+    note = incomplete_output(RemotePath(prefix))
+    assert note is not None and "no recipe.yaml, which a merge writes last" in note
+    reset_stores()
+    run = open_run(url)
+    assert [u.path for u in run.unreadable] == [RemotePath(prefix)] and len(run.checkpoints) == 3
+    reset_stores()
+    assert main(["merge", "--checkpoints", *remote, "-o", prefix, "--force", "--executor", "ray",
+                 "--ray-address", ray_cluster]) == 0
+    assert {"model.safetensors.index.json", "recipe.yaml"} <= listed()
+    (tmp_path / "down").mkdir()
+    for name in listed():
+        client.download_file(s3_bucket, f"run/merged/{name}", str(tmp_path / "down" / name))
+    assert_bit_identical(tmp_path / "local", tmp_path / "down")
+    index = json.loads((tmp_path / "down" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {n for n in listed() if n.startswith("model-")}
+    reset_stores()
+    assert incomplete_output(RemotePath(prefix)) is None
