@@ -367,3 +367,34 @@ def test_issue22_a_driver_killed_mid_merge_into_a_bucket_leaves_an_incomplete_pr
     assert set(index["weight_map"].values()) == {n for n in listed() if n.startswith("model-")}
     reset_stores()
     assert incomplete_output(RemotePath(prefix)) is None
+
+
+def test_issue22_a_ray_merge_through_503s_is_bit_identical_and_counts_the_workers_retries(
+        tmp_path: Path, ray_cluster: str, s3_server, s3_bucket, capsys: pytest.CaptureFixture) -> None:
+    """S3 -> S3 on Ray with 503 SlowDown injected at the server on input reads and on the workers' shard uploads:
+    the merge completes, equals the local merge bit for bit, and --json's io counts every refused request once,
+    the workers' retries included (they are added to the driver's counters)."""
+    import boto3
+
+    from conftest import upload_tree
+
+    inputs = [str(p) for p in make_inputs(tmp_path / "in", 3)]
+    assert main(["merge", "--checkpoints", *inputs, "-o", str(tmp_path / "local")]) == 0
+    url = upload_tree(tmp_path / "in", s3_server.endpoint, s3_bucket, "in")
+    capsys.readouterr()
+    s3_server.counts.reset()
+    faults = [s3_server.inject("GET", r"/in/step_200\.safetensors$", "503", times=3),
+              s3_server.inject("PUT", r"/merged/model-00001-of-\d+\.safetensors$", "503", times=1),
+              s3_server.inject("PUT", r"/merged/model-00002-of-\d+\.safetensors$", "503", times=1)]
+    assert main(["merge", "--checkpoints", *[f"{url}/{Path(p).name}" for p in inputs], "-o",
+                 f"s3://{s3_bucket}/merged", "--executor", "ray", "--ray-address", ray_cluster, "--json"]) == 0
+    io = json.loads(capsys.readouterr().out)["io"]["s3"]
+    assert [f.hits for f in faults] == [3, 1, 1]
+    assert io["retries"] == 5
+    # the workers' ranged reads are in the driver's count too (the driver alone reads only the headers)
+    assert io["requests"] >= s3_server.counts.ranged_gets - faults[0].hits
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
+    (tmp_path / "down").mkdir()
+    for key in [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="merged/")["Contents"]]:
+        client.download_file(s3_bucket, key, str(tmp_path / "down" / Path(key).name))
+    assert_bit_identical(tmp_path / "local", tmp_path / "down")

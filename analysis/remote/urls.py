@@ -117,6 +117,19 @@ def all_stats() -> dict[str, dict[str, int]]:
         return {protocol: store.stats.snapshot() for protocol, store in _stores.items()}
 
 
+def add_stats(counts: dict[str, dict[str, int]]) -> None:
+    """Add I/O done in another process (a Ray worker's unit) to this process's counters, per protocol.
+
+    Why: ``--json`` reports :func:`all_stats` of the driver; a unit's requests and retries happen on the
+    workers and would otherwise be missing from it (issue 22).
+    """
+    for protocol, done in counts.items():
+        store, _ = store_for(f"{protocol}://")
+        store.stats.add(requests=done.get("requests", 0), read=done.get("bytes_read", 0),
+                        written=done.get("bytes_written", 0), retries=done.get("retries", 0),
+                        listings=done.get("listings", 0))
+
+
 def reset_stores() -> None:
     """Forget the stores (and their counters and listing caches): tests and a new command start clean."""
     with _lock:
