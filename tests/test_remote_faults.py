@@ -213,3 +213,39 @@ def test_issue22_fewer_attempts_by_module_constant_and_botocore_retries_by_stora
     fault = s3_server.inject("GET", r"/run/step_100\.safetensors$", "503", times=None)
     assert main(["analyze", url]) == 2
     assert fault.hits == 2 * 3   # our 2 attempts, each botocore's 3
+
+
+# --- 4. hf:// and gs:// ---------------------------------------------------------------------------------------------
+
+def test_issue22_hf_urls_use_huggingface_hub_and_fail_offline_in_one_line_without_retries(tmp_path) -> None:
+    """fsspec picks huggingface_hub's HfFileSystem for hf://; with HF_HUB_OFFLINE=1 (no request leaves the machine)
+    `analyze hf://...` is exit 2, one line naming the URL and offline mode, after one attempt, not six."""
+    import fsspec
+    from huggingface_hub import HfFileSystem
+
+    assert fsspec.get_filesystem_class("hf") is HfFileSystem
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-c", (
+        "from analysis.remote import store_for; from analysis.cli import main; import sys\n"
+        "store, key = store_for('hf://acme/llama-run')\n"
+        "print(type(store.fs).__name__, key)\n"
+        "sys.exit(main(['analyze', 'hf://acme/llama-run']))")],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout.splitlines()[0] == "HfFileSystem acme/llama-run"
+    err = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("ckpt-select: error: hf://acme/llama-run: list failed: ")
+    assert "offline mode is enabled" in err[0] and "attempts" not in err[0]
+
+
+def test_issue22_gs_urls_without_gcsfs_say_what_to_install(capsys) -> None:
+    """gs:// without gcsfs installed: exit 2, one line naming the URL and the package (nothing is tried)."""
+    try:
+        import gcsfs  # noqa: F401
+        pytest.skip("gcsfs is installed here")
+    except ImportError:
+        pass
+    assert main(["analyze", "gs://bucket/run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("ckpt-select: error: gs://bucket/run: cannot open gs:// URLs")
+    assert "gcsfs" in err

@@ -72,6 +72,8 @@ def is_transient(error: BaseException) -> bool:
     """True for an error worth retrying: throttling, a 5xx, a reset or a timeout; never 403/404 or a bad range."""
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
+    if type(error).__name__ == "OfflineModeIsEnabled":   # HF_HUB_OFFLINE=1: a ConnectionError no retry can mend
+        return False
     if isinstance(error, (ConnectionError, TimeoutError)):
         return True
     text = f"{type(error).__name__} {error}".lower()
