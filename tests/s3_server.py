@@ -26,20 +26,26 @@ class Fault:
     """Answer the next ``times`` requests of ``method`` whose path (``/bucket/key``) matches ``path`` with ``kind``.
 
     ``kind``: ``"503"`` (SlowDown, S3's XML error body) or ``"drop"`` (the connection closed, no response).
-    ``times=None``: every matching request, until cleared. ``hits``: how many requests it answered.
+    ``times=None``: every matching request, until cleared. ``after``: let the first ``after`` matching
+    requests through (a header read, say) before answering. ``hits``: how many requests it answered.
     """
 
     method: str
     path: re.Pattern
     kind: str = "503"
     times: int | None = 1
+    after: int = 0
     hits: int = 0
+    passed: int = 0
 
     def takes(self, method: str, path: str) -> bool:
         """Whether this fault answers the request (and counts it), under the caller's lock."""
         if (self.times is not None and self.hits >= self.times) or self.method not in ("*", method):
             return False
         if not self.path.search(path):
+            return False
+        if self.passed < self.after:
+            self.passed += 1
             return False
         self.hits += 1
         return True
@@ -122,10 +128,12 @@ class S3Server:
         self._thread = threading.Thread(target=self._server.serve_forever, name="moto-s3", daemon=True)
         self._thread.start()
 
-    def inject(self, method: str = "GET", path: str = "", kind: str = "503", times: int | None = 1) -> Fault:
+    def inject(self, method: str = "GET", path: str = "", kind: str = "503", times: int | None = 1,
+               after: int = 0) -> Fault:
         """Answer the next ``times`` requests of ``method`` (``"*"``: any) whose ``/bucket/key`` path matches the
-        regular expression ``path`` with ``kind`` (``"503"`` or ``"drop"``); ``times=None``: until cleared."""
-        fault = Fault(method.upper() if method != "*" else "*", re.compile(path), kind, times)
+        regular expression ``path`` with ``kind`` (``"503"`` or ``"drop"``), once ``after`` of them went through;
+        ``times=None``: until cleared."""
+        fault = Fault(method.upper() if method != "*" else "*", re.compile(path), kind, times, after)
         with self.counts._lock:
             self.faults.append(fault)
         return fault

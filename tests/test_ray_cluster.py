@@ -398,3 +398,22 @@ def test_issue22_a_ray_merge_through_503s_is_bit_identical_and_counts_the_worker
     for key in [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="merged/")["Contents"]]:
         client.download_file(s3_bucket, key, str(tmp_path / "down" / Path(key).name))
     assert_bit_identical(tmp_path / "local", tmp_path / "down")
+
+
+def test_issue22_analyze_on_ray_through_503s_counts_the_workers_retries(tmp_path: Path, ray_cluster: str, s3_server,
+                                                                        s3_bucket, capsys: pytest.CaptureFixture) -> None:
+    """The sketch units read a bucket run on the workers through 503s: --json's io counts each refused request
+    once (workers' retries included) and the similarity equals the fault-free analysis of the same objects."""
+    from conftest import upload_tree
+
+    root = _sketch_run(tmp_path / "run")
+    clean = upload_tree(root, s3_server.endpoint, s3_bucket, "clean")
+    faulty = upload_tree(root, s3_server.endpoint, s3_bucket, "faulty")
+    assert main(["analyze", clean, "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    # one checkpoint's GETs after the driver's header read: the reads of its units on the workers
+    fault = s3_server.inject("GET", r"/faulty/ckpt/step_000100\.safetensors$", "503", times=3, after=1)
+    assert main(["analyze", faulty, "--json", "--executor", "ray", "--ray-address", ray_cluster]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert fault.hits == 3 and doc["io"]["s3"]["retries"] == 3
+    assert json.dumps(doc["similarity"], sort_keys=True) == json.dumps(expected["similarity"], sort_keys=True)

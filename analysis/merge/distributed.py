@@ -34,7 +34,6 @@ from ..checkpoints.base import DTYPE_BYTES
 from ..errors import InvalidArgument
 from ..executors import Executor, Resources
 from ..remote import all_stats, is_url, store_for
-from ..remote.urls import add_stats
 from .average import stream_average
 from .output import INDEX_FILE, OutputPlan, _copy_side_file, write_output
 from .plan import check_same_layout, output_layout
@@ -77,7 +76,6 @@ class UnitResult:
     pid: int
     peak_rss: int                           # bytes, of the worker process so far
     seconds: float
-    io: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()   # per protocol, the unit's I/O counters (retries...)
 
 
 def check_supported(out_format: str, hash_inputs: bool) -> None:
@@ -179,7 +177,6 @@ def write_shards(executor: Executor, tmp: Path, units: list[MergeUnit], plan: Ou
         for name, inputs in result.nonfinite:
             if nonfinite is not None:
                 nonfinite(by_name[name], inputs)
-    _count_remote_io(results)
     for leftover in tmp.glob(".*.part-*"):   # what a unit whose worker died had begun; its retry wrote the shard
         leftover.unlink(missing_ok=True)
     write_index(tmp, plan, metadata)
@@ -211,7 +208,7 @@ def _task_progress(progress: Progress | None) -> Callable[[int, int, int], None]
 
 def merge_unit(unit: MergeUnit) -> UnitResult:
     """Average one group of tensors from every input and write it as one shard (the work unit; pure, retryable)."""
-    began, requests, io_before = time.perf_counter(), _requests(), all_stats()
+    began, requests = time.perf_counter(), _requests()
     with ExitStack() as stack:
         handles = [stack.enter_context(open_checkpoint(path, layout)) for path, layout in unit.inputs]
         wanted = set(unit.names)
@@ -221,7 +218,7 @@ def merge_unit(unit: MergeUnit) -> UnitResult:
         read, reads = _read_bytes(handles, group)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return UnitResult(unit.target, size, read, reads, _requests() - requests, tuple(found), os.getpid(), peak,
-                      time.perf_counter() - began, _io_since(io_before))
+                      time.perf_counter() - began)
 
 
 def _write_shard(unit: MergeUnit, handles: Sequence, group: list[TensorInfo], nonfinite: NonFinite) -> int:
@@ -249,21 +246,6 @@ def _write_shard(unit: MergeUnit, handles: Sequence, group: list[TensorInfo], no
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
     return size
-
-
-def _io_since(before: dict[str, dict[str, int]]) -> tuple[tuple[str, tuple[tuple[str, int], ...]], ...]:
-    """This process's object-storage counters since ``before``, per protocol (a Ray worker runs one unit at a time)."""
-    now = all_stats()
-    return tuple((protocol, tuple((key, value - before.get(protocol, {}).get(key, 0)) for key, value in counts.items()))
-                 for protocol, counts in sorted(now.items()))
-
-
-def _count_remote_io(results: Sequence[UnitResult]) -> None:
-    """Add what units run in other processes (Ray workers) sent, fetched and retried to this process's counters,
-    so ``--json``'s ``io`` covers the whole cluster; an in-process unit's I/O is already counted here."""
-    for result in results:
-        if result.pid != os.getpid():
-            add_stats({protocol: dict(counts) for protocol, counts in result.io})
 
 
 def _requests() -> int:

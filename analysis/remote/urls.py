@@ -120,14 +120,21 @@ def all_stats() -> dict[str, dict[str, int]]:
 def add_stats(counts: dict[str, dict[str, int]]) -> None:
     """Add I/O done in another process (a Ray worker's unit) to this process's counters, per protocol.
 
-    Why: ``--json`` reports :func:`all_stats` of the driver; a unit's requests and retries happen on the
-    workers and would otherwise be missing from it (issue 22).
+    Why: ``--json`` reports :func:`all_stats` of the driver; a Ray unit's requests and retries happen on
+    the workers and would otherwise be missing from it (issue 22).
     """
     for protocol, done in counts.items():
         store, _ = store_for(f"{protocol}://")
         store.stats.add(requests=done.get("requests", 0), read=done.get("bytes_read", 0),
                         written=done.get("bytes_written", 0), retries=done.get("retries", 0),
                         listings=done.get("listings", 0))
+
+
+def stats_since(before: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """The counters' growth since ``before`` (an :func:`all_stats` taken earlier), per protocol."""
+    now = all_stats()
+    return {protocol: {key: value - before.get(protocol, {}).get(key, 0) for key, value in counts.items()}
+            for protocol, counts in now.items()}
 
 
 def reset_stores() -> None:
