@@ -635,9 +635,18 @@ def _set_aside_merge(path: Path, merged: list[Path], unreadable: list[Unreadable
     if prefix is not None and prefix not in checked:
         checked[prefix] = note = incomplete_output(prefix)
         if note:
-            unreadable.append(UnreadableFile(prefix, note.removeprefix(f"{prefix}: "), "checkpoint"))
+            unreadable.append(UnreadableFile(prefix, note.removeprefix(f"{prefix}: "), "checkpoint", None,
+                                             _written_lately(prefix)))
     if prefix is None or not checked[prefix]:
         merged.append(path)
+
+
+def _written_lately(prefix: RemotePath) -> bool:
+    """Whether an object under ``prefix`` is younger than BEING_WRITTEN_SECONDS (from the listing): a merge still
+    uploading, as far as anyone can tell, rather than one killed; ``watch`` looks at it again each time."""
+    now = time.time()
+    return any(now - (prefix / key[len(prefix.key) + 1:]).stat().st_mtime < BEING_WRITTEN_SECONDS
+               for key in prefix.list())
 
 
 def _read_checkpoint_header(path: Path) -> tuple[str, tuple[Path, ...], int, dict[str, str]]:

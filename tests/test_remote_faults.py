@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from analysis.cli import main
+from analysis.follow import RunFollower
 from analysis.remote import RemotePath, reset_stores
 from analysis.run import open_run
 from conftest import REPO, upload_tree
@@ -42,15 +43,16 @@ def quick_retries(monkeypatch):
 
 # --- 1. a killed merge into a bucket, seen by run discovery -------------------------------------------------------
 
-def _kill_while_uploading(s3_server, bucket: str, inputs: list[str], prefix: str) -> int:
-    """Start ``merge`` into ``s3://bucket/prefix`` in another process and kill -9 it once a shard is there; its pid."""
+def _kill_while_uploading(s3_server, bucket: str, inputs: list[str], prefix: str, shards: int = 2) -> int:
+    """Start ``merge`` into ``s3://bucket/prefix`` in another process and kill -9 it once ``shards`` shards are
+    there (of 8); its pid."""
     options = json.dumps({"s3": {"endpoint_url": s3_server.endpoint, "key": "testing", "secret": "testing"}})
     proc = subprocess.Popen([sys.executable, "-m", "analysis", "merge", "--checkpoints", *inputs,
                              "-o", f"s3://{bucket}/{prefix}", "--out-shard-size", "2MB", "--storage-options", options],
                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
-        if any(n.startswith("model-") for n in objects(s3_server, bucket, prefix)):
+        if sum(n.startswith("model-") for n in objects(s3_server, bucket, prefix)) >= shards:
             break
         time.sleep(0.02)
     assert proc.poll() is None, proc.stderr.read().decode()
@@ -76,7 +78,7 @@ def test_issue22_killed_merge_inside_a_remote_run_is_listed_unreadable_not_merge
     url = upload_tree(run, s3_server.endpoint, s3_bucket, "run")
     _kill_while_uploading(s3_server, s3_bucket, big, "run/merged")
     listed = objects(s3_server, s3_bucket, "run/merged")
-    assert "recipe.yaml" not in listed and any(n.startswith("model-") for n in listed)
+    assert "recipe.yaml" not in listed and sum(n.startswith("model-") for n in listed) >= 2
     reset_stores()
     capsys.readouterr()
     assert main(["analyze", url, "--json"]) == 0
@@ -85,13 +87,16 @@ def test_issue22_killed_merge_inside_a_remote_run_is_listed_unreadable_not_merge
     assert doc["merged_outputs"] == []
     assert [u["path"] for u in doc["unreadable"]] == [f"{url}/merged"]   # once, however many shards it left
     assert "an incomplete merge output (no recipe.yaml" in doc["unreadable"][0]["reason"]
-    # the same from open_run, and a plain (no --json) analyze says so
+    assert doc["unreadable"][0]["being_written"]   # its shards are seconds old: it may still be uploading
+    # the same from open_run, from watch's follower (once, though each shard is looked at on its own), and in text
     reset_stores()
     opened = open_run(url)
     assert [u.path for u in opened.unreadable] == [RemotePath(f"{url}/merged")] and not opened.merged_outputs
+    follower = RunFollower(url)
+    assert [u.path for u in follower.refresh().run.unreadable] == [RemotePath(f"{url}/merged")]
     assert main(["analyze", url]) == 0
-    assert f"passed over checkpoint {url}/merged: unreadable: an incomplete merge output" in capsys.readouterr().out
-    # completed by --force: a finished merge again, set aside, nothing unreadable
+    assert f"passed over checkpoint {url}/merged: being written: an incomplete merge output" in capsys.readouterr().out
+    # completed by --force: a finished merge again, set aside, nothing unreadable (watch sees it too)
     reset_stores()
     assert main(["merge", "--checkpoints", *big, "-o", f"{url}/merged", "--force", "--out-shard-size", "2MB"]) == 0
     reset_stores()
@@ -100,12 +105,18 @@ def test_issue22_killed_merge_inside_a_remote_run_is_listed_unreadable_not_merge
     doc = json.loads(capsys.readouterr().out)
     assert doc["unreadable"] == [] and doc["merged_outputs"] == [f"{url}/merged/model.safetensors.index.json"]
     assert [c["step"] for c in doc["checkpoints"]] == [100, 200, 300]
+    update = follower.refresh()
+    assert update.run.unreadable == () and update.run.merged_outputs == (RemotePath(f"{url}/merged/model.safetensors.index.json"),)
 
 
-def test_issue22_incomplete_merge_with_its_index_and_copied_merge_weights(tmp_path, s3_server, s3_bucket) -> None:
-    """A prefix killed after its index (recipe still missing) is unreadable too; a merge's weights copied into
-    a run under another name, beside the run's own files, stay a merged output (no recipe expected there)."""
+def test_issue22_incomplete_merge_with_its_index_and_copied_merge_weights(tmp_path, s3_server, s3_bucket,
+                                                                         monkeypatch) -> None:
+    """A prefix killed after its index (recipe still missing) is unreadable too, "being written" no longer once
+    its objects are older than BEING_WRITTEN_SECONDS; a merge's weights copied into a run under another name,
+    beside the run's own files, stay a merged output (no recipe expected there)."""
     import boto3
+
+    from analysis import run as run_module
 
     run = tmp_path / "run"
     paths = [str(p) for p in write_run(run / "ckpt", (100, 200, 300))]
@@ -115,9 +126,11 @@ def test_issue22_incomplete_merge_with_its_index_and_copied_merge_weights(tmp_pa
     assert main(["merge", "--checkpoints", *paths, "-o", f"{url}/indexed", "--out-shard-size", "400KB"]) == 0
     boto3.client("s3", endpoint_url=s3_server.endpoint).delete_object(Bucket=s3_bucket, Key="run/indexed/recipe.yaml")
     reset_stores()
+    monkeypatch.setattr(run_module, "BEING_WRITTEN_SECONDS", 0.0)   # as if the kill were a minute ago
     opened = open_run(url)
     assert [c.step for c in opened.checkpoints] == [100, 200, 300]
-    assert [(u.path, u.kind) for u in opened.unreadable] == [(RemotePath(f"{url}/indexed"), "checkpoint")]
+    assert [(u.path, u.kind, u.status) for u in opened.unreadable] == [(RemotePath(f"{url}/indexed"), "checkpoint",
+                                                                        "unreadable")]
     assert "no recipe.yaml, which a merge writes last" in opened.unreadable[0].reason
     assert opened.merged_outputs == (RemotePath(f"{url}/merged.safetensors"),)
 
