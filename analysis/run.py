@@ -24,6 +24,7 @@ from .checkpoints import CHECKPOINT_READERS, SKIPPED_NOTE, detect_layout, open_c
 from .errors import AnalysisError, CheckpointReadError, InvalidArgument, NotACheckpoint, RunNotFound, SeveralRuns
 from .paths import is_within, normalized_url, resolve_within
 from .remote import RemotePath, as_path, file_look, is_remote
+from .remote.outputs import incomplete_output, merge_output_prefix
 from .run_groups import RunFiles, RunInfo, choose, group_by_folder, join_resumed, split_by_name, starts_over
 
 if TYPE_CHECKING:
@@ -592,6 +593,7 @@ def _describe_checkpoints(paths: list[Path], notes: list[str],
     merged: list[Path] = []
     unnumbered: list[tuple[Path, str, tuple[Path, ...], int]] = []
     failed: list[tuple[Path, str]] = []
+    checked: dict[RemotePath, str | None] = {}
     for path in paths:
         try:
             layout, files, size, meta = _read_checkpoint_header(path)
@@ -602,7 +604,7 @@ def _describe_checkpoints(paths: list[Path], notes: list[str],
             failed.append((path, _problem(path, e)))
             continue
         if MERGE_MARKER_KEY in meta:
-            merged.append(path)
+            _set_aside_merge(path, merged, unreadable, checked)
             continue
         if SKIPPED_NOTE in meta:   # a part passed over (a DeepSpeed optimizer shard's pickle), never the run (issue 21)
             notes.append(f"{path.name}: {meta[SKIPPED_NOTE]}")
@@ -618,6 +620,33 @@ def _describe_checkpoints(paths: list[Path], notes: list[str],
     refs.sort(key=lambda r: (r.step, r.path.as_posix()))
     unreadable.extend(_unreadable_checkpoints(failed))
     return refs, merged
+
+
+def _set_aside_merge(path: Path, merged: list[Path], unreadable: list[UnreadableFile],
+                     checked: dict[RemotePath, str | None]) -> None:
+    """A merge's output found in the run: never a checkpoint; listed in ``merged`` when complete.
+
+    A merge into a bucket commits by writing its recipe last (no rename there), so a prefix of ours
+    without it is a merge killed or still running (issue 22): that prefix goes to ``unreadable``
+    once, with why, however many shards it holds. ``checked``: each prefix's verdict (one look each).
+    A local merge appears by a rename, complete or not at all: it needs no check.
+    """
+    prefix = merge_output_prefix(path) if isinstance(path, RemotePath) else None
+    if prefix is not None and prefix not in checked:
+        checked[prefix] = note = incomplete_output(prefix)
+        if note:
+            unreadable.append(UnreadableFile(prefix, note.removeprefix(f"{prefix}: "), "checkpoint", None,
+                                             _written_lately(prefix)))
+    if prefix is None or not checked[prefix]:
+        merged.append(path)
+
+
+def _written_lately(prefix: RemotePath) -> bool:
+    """Whether an object under ``prefix`` is younger than BEING_WRITTEN_SECONDS (from the listing): a merge still
+    uploading, as far as anyone can tell, rather than one killed; ``watch`` looks at it again each time."""
+    now = time.time()
+    return any(now - (prefix / key[len(prefix.key) + 1:]).stat().st_mtime < BEING_WRITTEN_SECONDS
+               for key in prefix.list())
 
 
 def _read_checkpoint_header(path: Path) -> tuple[str, tuple[Path, ...], int, dict[str, str]]:

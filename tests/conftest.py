@@ -157,6 +157,7 @@ def s3_bucket(s3_server, request):
     reset_stores()
     s3_server.counts.reset()
     yield name
+    s3_server.clear_faults()   # faults a test injected (issue 22) end with it
     set_storage_options(None)
     reset_stores()
 

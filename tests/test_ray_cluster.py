@@ -303,3 +303,117 @@ def test_issue22_the_app_sketches_on_the_cluster_given_by_ui(tmp_path: Path, ray
     local = compare_checkpoints(open_run(run).checkpoints)
     assert shown["step"].tolist() == [50, 100, 150, 200]
     assert shown["dist. to newest"].tolist() == [c.distance_to_newest for c in local.checkpoints]
+
+
+def test_issue22_a_driver_killed_mid_merge_into_a_bucket_leaves_an_incomplete_prefix(tmp_path: Path, ray_cluster: str,
+                                                                                    s3_server, s3_bucket) -> None:
+    """`merge --executor ray -o s3://...` with its driver killed (kill -9) while one unit is held mid-shard and
+    another has uploaded its shard: no index, no recipe in the bucket, the prefix reads as an incomplete merge
+    output (and a run holding it lists it unreadable), and the next `merge --force` replaces it with the local
+    merge's bits."""
+    import boto3
+
+    from analysis.remote import RemotePath, reset_stores
+    from analysis.remote.outputs import incomplete_output
+    from conftest import upload_tree
+
+    inputs = [str(p) for p in make_inputs(tmp_path / "in", 3)]
+    assert main(["merge", "--checkpoints", *inputs, "-o", str(tmp_path / "local")]) == 0
+    url = upload_tree(tmp_path / "in", s3_server.endpoint, s3_bucket, "run")
+    remote = [f"{url}/{Path(p).name}" for p in inputs]
+    prefix = f"{url}/merged"
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
+
+    def listed() -> set[str]:
+        found = client.list_objects_v2(Bucket=s3_bucket, Prefix="run/merged/").get("Contents", [])
+        return {o["Key"].rsplit("/", 1)[-1] for o in found}
+
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    options = json.dumps({"s3": {"endpoint_url": s3_server.endpoint, "key": "testing", "secret": "testing"}})
+    env = dict(os.environ, **{HOLD_ENV: str(hold), "PYTHONPATH": str(REPO)})
+    driver = subprocess.Popen([sys.executable, "-m", "analysis", "--storage-options", options, "merge", "--checkpoints",
+                               *remote, "-o", prefix, "--executor", "ray", "--ray-address", ray_cluster],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    worker = None
+    try:
+        worker = int(_wait_for(hold / "held", 60))
+        deadline = time.time() + 60   # the other unit uploads its shard from its worker
+        while time.time() < deadline and not any(n.startswith("model-") for n in listed()):
+            time.sleep(0.05)
+    finally:
+        driver.kill()   # SIGKILL: no cleanup of its own runs
+        driver.wait(timeout=30)
+        if worker is not None:
+            _end(worker)   # before anything else writes there: a held unit must not upload after the next merge
+    left = listed()
+    assert any(n.startswith("model-") for n in left), driver.stderr.read().decode()
+    assert not {"model.safetensors.index.json", "recipe.yaml"} & left
+    reset_stores()
+    note = incomplete_output(RemotePath(prefix))
+    assert note is not None and "no recipe.yaml, which a merge writes last" in note
+    reset_stores()
+    run = open_run(url)
+    assert [u.path for u in run.unreadable] == [RemotePath(prefix)] and len(run.checkpoints) == 3
+    reset_stores()
+    assert main(["merge", "--checkpoints", *remote, "-o", prefix, "--force", "--executor", "ray",
+                 "--ray-address", ray_cluster]) == 0
+    assert {"model.safetensors.index.json", "recipe.yaml"} <= listed()
+    (tmp_path / "down").mkdir()
+    for name in listed():
+        client.download_file(s3_bucket, f"run/merged/{name}", str(tmp_path / "down" / name))
+    assert_bit_identical(tmp_path / "local", tmp_path / "down")
+    index = json.loads((tmp_path / "down" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {n for n in listed() if n.startswith("model-")}
+    reset_stores()
+    assert incomplete_output(RemotePath(prefix)) is None
+
+
+def test_issue22_a_ray_merge_through_503s_is_bit_identical_and_counts_the_workers_retries(
+        tmp_path: Path, ray_cluster: str, s3_server, s3_bucket, capsys: pytest.CaptureFixture) -> None:
+    """S3 -> S3 on Ray with 503 SlowDown injected at the server on input reads and on the workers' shard uploads:
+    the merge completes, equals the local merge bit for bit, and --json's io counts every refused request once,
+    the workers' retries included (they are added to the driver's counters)."""
+    import boto3
+
+    from conftest import upload_tree
+
+    inputs = [str(p) for p in make_inputs(tmp_path / "in", 3)]
+    assert main(["merge", "--checkpoints", *inputs, "-o", str(tmp_path / "local")]) == 0
+    url = upload_tree(tmp_path / "in", s3_server.endpoint, s3_bucket, "in")
+    capsys.readouterr()
+    s3_server.counts.reset()
+    faults = [s3_server.inject("GET", r"/in/step_200\.safetensors$", "503", times=3),
+              s3_server.inject("PUT", r"/merged/model-00001-of-\d+\.safetensors$", "503", times=1),
+              s3_server.inject("PUT", r"/merged/model-00002-of-\d+\.safetensors$", "503", times=1)]
+    assert main(["merge", "--checkpoints", *[f"{url}/{Path(p).name}" for p in inputs], "-o",
+                 f"s3://{s3_bucket}/merged", "--executor", "ray", "--ray-address", ray_cluster, "--json"]) == 0
+    io = json.loads(capsys.readouterr().out)["io"]["s3"]
+    assert [f.hits for f in faults] == [3, 1, 1]
+    assert io["retries"] == 5
+    # the workers' ranged reads are in the driver's count too (the driver alone reads only the headers)
+    assert io["requests"] >= s3_server.counts.ranged_gets - faults[0].hits
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
+    (tmp_path / "down").mkdir()
+    for key in [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="merged/")["Contents"]]:
+        client.download_file(s3_bucket, key, str(tmp_path / "down" / Path(key).name))
+    assert_bit_identical(tmp_path / "local", tmp_path / "down")
+
+
+def test_issue22_analyze_on_ray_through_503s_counts_the_workers_retries(tmp_path: Path, ray_cluster: str, s3_server,
+                                                                        s3_bucket, capsys: pytest.CaptureFixture) -> None:
+    """The sketch units read a bucket run on the workers through 503s: --json's io counts each refused request
+    once (workers' retries included) and the similarity equals the fault-free analysis of the same objects."""
+    from conftest import upload_tree
+
+    root = _sketch_run(tmp_path / "run")
+    clean = upload_tree(root, s3_server.endpoint, s3_bucket, "clean")
+    faulty = upload_tree(root, s3_server.endpoint, s3_bucket, "faulty")
+    assert main(["analyze", clean, "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    # one checkpoint's GETs after the driver's header read: the reads of its units on the workers
+    fault = s3_server.inject("GET", r"/faulty/ckpt/step_000100\.safetensors$", "503", times=3, after=1)
+    assert main(["analyze", faulty, "--json", "--executor", "ray", "--ray-address", ray_cluster]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert fault.hits == 3 and doc["io"]["s3"]["retries"] == 3
+    assert json.dumps(doc["similarity"], sort_keys=True) == json.dumps(expected["similarity"], sort_keys=True)

@@ -8,7 +8,9 @@ up to ``Resources.max_retries`` times; an error our code raises (bad input) is n
 
 Storage options (``--storage-options``: an endpoint, a profile) are per process, so each task carries the
 driver's and its worker applies them before the unit runs; credentials are better left to the nodes'
-environment (``AWS_*``, instance roles), which the workers read as the driver does.
+environment (``AWS_*``, instance roles), which the workers read as the driver does. Each task returns,
+beside its result, the object-storage requests, bytes and retries its unit made, which the driver adds to
+its own counters: ``--json``'s ``io`` covers the cluster, not only the driver.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import ray
 from ray.exceptions import RayError, RayTaskError
 
 from ..errors import ExecutorError
-from ..remote.urls import current_storage_options, set_storage_options
+from ..remote.urls import add_stats, all_stats, current_storage_options, set_storage_options, stats_since
 from .base import Resources, TaskProgress, Tally
 
 U = TypeVar("U")
@@ -57,7 +59,8 @@ class RayExecutor:
                 ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
                 for ref in ready:
                     pending.pop(ref)
-                    result = _get(ref, fn, resources)
+                    result, io = _get(ref, fn, resources)
+                    add_stats(io)
                     tally.add(result)
                     yield result
         finally:
@@ -79,13 +82,17 @@ class RayExecutor:
 _APPLIED: dict = {}
 
 
-def run_unit(fn: Callable[[U], R], unit: U, storage_options: dict) -> R:
-    """On a worker: apply the driver's storage options, then run the unit (``fn`` travels by reference)."""
+def run_unit(fn: Callable[[U], R], unit: U, storage_options: dict) -> tuple[R, dict[str, dict[str, int]]]:
+    """On a worker: apply the driver's storage options, then run the unit (``fn`` travels by reference).
+
+    Returns the unit's result and the object-storage I/O it did (a worker runs one task at a time).
+    """
     global _APPLIED
     if storage_options != _APPLIED:
         set_storage_options(storage_options)
         _APPLIED = storage_options
-    return fn(unit)
+    before = all_stats()
+    return fn(unit), stats_since(before)
 
 
 def connect(address: str) -> None:

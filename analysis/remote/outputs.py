@@ -14,6 +14,7 @@ Here, under :mod:`analysis.remote` and free of the merge engine, so that run dis
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 from ..errors import RemoteError
@@ -28,6 +29,22 @@ SHARD_BYTES_KEY = "ckpt_select_shard_bytes"
 MERGE_MARKER_KEY = "ckpt_select_recipe_sha256"
 # The safetensors format caps a header at 100 MB.
 HEADER_LIMIT = 100_000_000
+# The weights a merge writes (analysis.merge.output): one model.safetensors, or model-0000i-of-0000n.safetensors shards.
+_MERGE_WEIGHTS = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+
+
+def merge_output_prefix(path: RemotePath) -> RemotePath | None:
+    """The prefix a merge wrote ``path`` into, judged by names alone; None when ``path`` is not named as a merge names it.
+
+    What discovery asks of a checkpoint whose weights carry :data:`MERGE_MARKER_KEY` before calling
+    :func:`incomplete_output`: a merge output's index or weights (``model.safetensors``,
+    ``model-00001-of-00016.safetensors``) or a folder (an HF folder, the merge copied its
+    ``config.json``) stand for their prefix; a merge's weights copied into a run under another
+    name (``merged.safetensors``, beside the run's own files) are no merge output and never "incomplete".
+    """
+    if path.name == INDEX_FILE or _MERGE_WEIGHTS.match(path.name):
+        return path.parent
+    return path if path.is_dir() else None
 
 
 def incomplete_output(prefix: RemotePath, index_doc: dict | None = None) -> str | None:

@@ -6,9 +6,13 @@ asked, concurrently. Why counted here: the request and byte budgets of issue 22 
 ``analyze`` reads at most 1.05x the bytes of a local one; a header costs at most 2 requests)
 are checked by tests and reported by ``--json`` from these counters, not guessed.
 
-Transient failures (5xx, throttling, connection resets) are retried with exponential backoff
-and jitter and counted; a missing object, a refused one (403) or a short read is a
+Transient failures (5xx, throttling, connection resets) are retried here, with exponential
+backoff and jitter, and counted; a missing object, a refused one (403) or a short read is a
 :class:`~analysis.errors.RemoteError` naming the URL, which the CLI turns into exit code 2.
+This is the one retrying layer for ``s3://`` (:func:`analysis.remote.urls.store_for` turns
+botocore's and s3fs's own retry loops off): measured against a real HTTP server, those two
+multiplied (5 x 5 attempts of a persistent 503 in 37 s, 250 requests and 210 s for a dropped
+connection) and none of it showed in ``--json``. See docs/remote-runs.md, "Retries".
 """
 
 from __future__ import annotations
@@ -23,13 +27,18 @@ from ..errors import RemoteError
 
 T = TypeVar("T")
 
-# Attempts for one call before a transient failure is reported; delays grow 0.2, 0.4, 0.8 ... s (+ jitter).
+# Attempts for one call before a transient failure is reported; delays grow 0.2, 0.4, 0.8 ... s (x 1-2 jitter):
+# 6 attempts wait 6.2-12.4 s in all before a persistent failure is reported. Tests lower them.
 MAX_ATTEMPTS = 6
 BASE_DELAY_S = 0.2
-# Words in an error's text that mark it transient (botocore/aiohttp/fsspec spell them in several ways).
-_TRANSIENT_WORDS = ("slowdown", "throttl", "503", "500", "502", "504", "internalerror", "serviceunavailable",
+# Words in an error's text that mark it transient (botocore/aiohttp/fsspec spell them in several ways;
+# s3fs turns S3's SlowDown into "OSError [Errno 16] Please reduce your request rate.", botocore a dropped
+# connection into "Connection was closed before we received a valid response").
+_TRANSIENT_WORDS = ("slowdown", "slow down", "reduce your request rate", "throttl", "503", "500", "502", "504",
+                    "internalerror", "internal error", "serviceunavailable", "service unavailable",
                     "requesttimeout", "connection reset", "connectionreset", "server disconnected",
-                    "timeout", "temporarily", "broken pipe", "cannot connect")
+                    "connection was closed", "connectionclosed", "incompleteread", "clientpayloaderror",
+                    "responseparsererror", "timeout", "temporarily", "broken pipe", "cannot connect")
 
 
 @dataclass
@@ -63,6 +72,8 @@ def is_transient(error: BaseException) -> bool:
     """True for an error worth retrying: throttling, a 5xx, a reset or a timeout; never 403/404 or a bad range."""
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
+    if type(error).__name__ == "OfflineModeIsEnabled":   # HF_HUB_OFFLINE=1: a ConnectionError no retry can mend
+        return False
     if isinstance(error, (ConnectionError, TimeoutError)):
         return True
     text = f"{type(error).__name__} {error}".lower()
@@ -90,61 +101,67 @@ class Store:
             try:
                 return fn()
             except Exception as e:   # noqa: BLE001 - classified right below, re-raised as ours
-                if not is_transient(e) or attempt == MAX_ATTEMPTS:
-                    raise RemoteError(url, _problem(e, what, attempt)) from e
-                self.stats.add(retries=1)
-                self._sleep(BASE_DELAY_S * 2 ** (attempt - 1) * (1 + random.random()))
+                self._retry_or_raise(url, what, e, attempt, retried=1)
         raise AssertionError("unreachable")
+
+    def _retry_or_raise(self, url: str, what: str, error: BaseException, attempt: int, retried: int) -> None:
+        """After a failed ``attempt``: count ``retried`` requests to send again and wait, or raise the RemoteError.
+
+        Raises:
+            RemoteError: ``error`` is not transient, or it was the last attempt (the message says how many).
+        """
+        if not is_transient(error) or attempt >= MAX_ATTEMPTS:
+            raise RemoteError(url, _problem(error, what, attempt)) from error
+        self.stats.add(retries=retried)
+        self._sleep(BASE_DELAY_S * 2 ** (attempt - 1) * (1 + random.random()))
 
     def read_ranges(self, path: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
         """The bytes of each ``[start, end)`` range of one object, fetched exactly and concurrently.
 
         A range the object cannot fill (truncated since it was listed) is an error, never short data.
         """
-        if not ranges:
-            return []
-        starts, ends = [s for s, _ in ranges], [e for _, e in ranges]
-        blobs = self.call(self.url(path), "read", lambda: self.fs.cat_ranges([path] * len(ranges), starts, ends))
-        for blob, (start, end) in zip(blobs, ranges):
-            if isinstance(blob, BaseException):
-                raise RemoteError(self.url(path), _problem(blob, "read", 1))
-            if len(blob) != end - start:
-                raise RemoteError(self.url(path), f"truncated object: bytes {start}-{end} asked, {len(blob)} returned")
-        self.stats.add(requests=len(ranges), read=sum(e - s for s, e in ranges))
-        return list(blobs)
+        return self.read_spans([(path, start, end) for start, end in ranges])
 
     def read_spans(self, spans: Sequence[tuple[str, int, int]]) -> list[bytes]:
         """The bytes of each ``(path, start, end)`` span, over several objects, in one concurrent batch.
 
         What a merge block needs: the same range of every input, fetched at once (``cat_ranges``
-        runs them concurrently), so a block costs the slowest request, not the sum. A span an
-        object cannot fill is a :class:`RemoteError` naming that object's URL.
+        runs them concurrently), so a block costs the slowest request, not the sum. Only the spans
+        that failed transiently are sent again (each counted as a retry), never the whole batch. A
+        span an object cannot fill is a :class:`RemoteError` naming that object's URL.
         """
-        if not spans:
-            return []
-        paths, starts, ends = [p for p, _, _ in spans], [s for _, s, _ in spans], [e for _, _, e in spans]
-        failed = [paths[0]]
-
-        def fetch() -> list:
-            blobs = self.fs.cat_ranges(paths, starts, ends, on_error="return")
-            for path, blob in zip(paths, blobs):
-                if isinstance(blob, BaseException):   # raised, so that call() retries it when transient
-                    failed[0] = path
-                    raise blob
-            return blobs
-
-        try:
-            blobs = self.call(self.url(paths[0]), "read", fetch)
-        except RemoteError as e:
-            reason = e.reason
-            if "not satisfiable" in reason or "InvalidRange" in reason:   # HTTP 416: the object got shorter
-                reason = f"truncated object: a range past its end was asked ({reason})"
-            raise RemoteError(self.url(failed[0]), reason) from e.__cause__
+        blobs: list = [None] * len(spans)
+        todo = list(range(len(spans)))
+        attempt = 0
+        while todo:
+            attempt += 1
+            failed = self._fetch_spans(spans, todo, blobs)
+            if failed:
+                index, error = failed[0]
+                self._retry_or_raise(self.url(spans[index][0]), "read", error, attempt, retried=len(failed))
+            todo = [index for index, _ in failed]
         for blob, (path, start, end) in zip(blobs, spans):
             if len(blob) != end - start:
                 raise RemoteError(self.url(path), f"truncated object: bytes {start}-{end} asked, {len(blob)} returned")
         self.stats.add(requests=len(spans), read=sum(e - s for _, s, e in spans))
-        return list(blobs)
+        return blobs
+
+    def _fetch_spans(self, spans: Sequence[tuple[str, int, int]], todo: list[int], blobs: list) -> list[tuple[int, BaseException]]:
+        """One concurrent ``cat_ranges`` of the spans numbered ``todo`` into ``blobs``; the (number, error) of each that failed."""
+        if not todo:
+            return []
+        try:
+            got = self.fs.cat_ranges([spans[i][0] for i in todo], [spans[i][1] for i in todo],
+                                     [spans[i][2] for i in todo], on_error="return")
+        except Exception as e:   # noqa: BLE001 - the whole batch failed: every span of it, classified by the caller
+            got = [e] * len(todo)
+        failed = []
+        for index, blob in zip(todo, got):
+            if isinstance(blob, BaseException):
+                failed.append((index, blob))
+            else:
+                blobs[index] = blob
+        return failed
 
     def read_range(self, path: str, start: int, end: int) -> bytes:
         """One exact ``[start, end)`` range."""
@@ -198,5 +215,5 @@ def _problem(error: BaseException, what: str, attempts: int) -> str:
         return f"access denied ({text}); check the credentials in the environment or --storage-options"
     if "not satisfiable" in text or "InvalidRange" in text:   # HTTP 416: the object ended before the range asked
         return f"truncated object: a range past its end ({text})"
-    tail = f" after {attempts} attempts" if attempts > 1 else ""
+    tail = f" after {attempts} attempts ({attempts - 1} retries)" if attempts > 1 else ""
     return f"{what} failed{tail}: {text}"

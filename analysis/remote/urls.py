@@ -81,12 +81,28 @@ def store_for(url: str) -> tuple[Store, str]:
         store = _stores.get(protocol)
         if store is None:
             try:
-                fs = fsspec.filesystem(protocol, **storage_options_unlocked(protocol))
+                fs = fsspec.filesystem(protocol, **one_retry_layer(protocol, storage_options_unlocked(protocol)))
             except (ImportError, ValueError) as e:
                 raise InvalidArgument(f"{url}: cannot open {protocol}:// URLs ({e}); install its fsspec package "
                                       f"(s3fs for s3://, gcsfs for gs://, huggingface_hub for hf://)") from None
+            if protocol in ("s3", "s3a"):
+                fs.retries = 1   # s3fs's own retry loop (5 attempts of SlowDown and read errors): one attempt
             store = _stores[protocol] = Store(fs, protocol)
     return store, store.fs._strip_protocol(url).rstrip("/")
+
+
+def one_retry_layer(protocol: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with botocore's retries off for ``s3://`` unless the user set them: :class:`Store` retries, counted.
+
+    Why: botocore (5 attempts), s3fs (5) and our store (6) each retried a transient error, so a
+    persistent 503 cost up to 150 requests and minutes, and ``io.retries`` showed none of the
+    retries below it (docs/remote-runs.md, "Retries"). A user's ``config_kwargs.retries`` is kept.
+    """
+    if protocol not in ("s3", "s3a"):
+        return options
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("retries", {"total_max_attempts": 1})
+    return {**options, "config_kwargs": config}
 
 
 def storage_options_unlocked(protocol: str) -> dict[str, Any]:
@@ -99,6 +115,26 @@ def all_stats() -> dict[str, dict[str, int]]:
     """Every store's counters by protocol (what ``--json`` reports as ``io``)."""
     with _lock:
         return {protocol: store.stats.snapshot() for protocol, store in _stores.items()}
+
+
+def add_stats(counts: dict[str, dict[str, int]]) -> None:
+    """Add I/O done in another process (a Ray worker's unit) to this process's counters, per protocol.
+
+    Why: ``--json`` reports :func:`all_stats` of the driver; a Ray unit's requests and retries happen on
+    the workers and would otherwise be missing from it (issue 22).
+    """
+    for protocol, done in counts.items():
+        store, _ = store_for(f"{protocol}://")
+        store.stats.add(requests=done.get("requests", 0), read=done.get("bytes_read", 0),
+                        written=done.get("bytes_written", 0), retries=done.get("retries", 0),
+                        listings=done.get("listings", 0))
+
+
+def stats_since(before: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """The counters' growth since ``before`` (an :func:`all_stats` taken earlier), per protocol."""
+    now = all_stats()
+    return {protocol: {key: value - before.get(protocol, {}).get(key, 0) for key, value in counts.items()}
+            for protocol, counts in now.items()}
 
 
 def reset_stores() -> None:
