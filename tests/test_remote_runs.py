@@ -508,3 +508,19 @@ def test_recipes_written_to_a_bucket_and_foreign_objects_kept(tmp_path, s3_serve
     assert main(["recommend", url, "-o", f"{url}/step_000600.safetensors"]) == 2
     assert main(["merge", recipe_url, "-o", str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_storage_options_after_the_command_name_too(tmp_path, s3_server, s3_bucket, capsys) -> None:
+    """issue 22: `--storage-options` works after the command as before it, on every command that takes a URL."""
+    from analysis.remote import reset_stores
+
+    run = write_tiny_run(tmp_path / "run", [50, 100, 150])
+    url = upload_tree(run, s3_server.endpoint, s3_bucket, "opts")
+    options = json.dumps({"s3": {"endpoint_url": s3_server.endpoint, "key": "testing", "secret": "testing"}})
+    for argv in (["analyze", url, "--json"], ["stop", url, "--json"], ["logs", f"{url}/metrics.jsonl", "--json"],
+                 ["recommend", url, "--json"]):
+        set_storage_options(None)
+        reset_stores()
+        assert main([*argv, "--storage-options", options]) == 0, argv
+        doc = json.loads(capsys.readouterr().out)
+        assert options not in json.dumps(doc) and "testing" not in json.dumps(doc)

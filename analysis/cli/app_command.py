@@ -11,7 +11,7 @@ import click
 
 from ..errors import InvalidArgument
 from .group import _OPTIONS, cli
-from .options import PATH_OR_URL
+from .options import PATH_OR_URL, _storage_options
 
 APP_PACKAGE = "ckpt_select_app"  # the repository's app/ folder, as a wheel installs it (see setup.py)
 
@@ -50,6 +50,7 @@ def app_script() -> Path:
               help="Where the app's similarity pass runs: this process, or tasks on a Ray cluster (docs/cluster.md).")
 @click.option("--ray-address", default="auto", show_default=True, metavar="ADDRESS",
               help="--executor ray: the cluster (auto, local, or HOST:PORT).")
+@_storage_options
 def ui(run_path: Path | None, root: Path | None, evaluators: tuple[str, ...], port: int, address: str | None,
        open_browser: bool, allow_prune: bool, executor: str, ray_address: str) -> None:
     """Serve the web app (Streamlit) on RUN.

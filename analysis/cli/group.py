@@ -12,25 +12,34 @@ from .. import __version__
 
 # Global options the entry point needs after the command returns (set by the group's callback).
 _OPTIONS: dict = {"verbose": False, "io_before": {}}
+STORAGE_OPTIONS_HELP = ('Options for object storage URLs (s3://, gs://, hf://...), e.g. \'{"s3": {"endpoint_url": '
+                        '"http://minio:9000"}}\'; credentials otherwise come from the environment (docs/remote-runs.md).')
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ckpt-select")
 @click.option("--verbose", is_flag=True, help="Show library warnings (torch, transformers) and, on an error, its cause.")
-@click.option("--storage-options", metavar="JSON",
-              help='Options for object storage URLs (s3://, gs://, hf://...), e.g. \'{"s3": {"endpoint_url": '
-                   '"http://minio:9000"}}\'; credentials otherwise come from the environment (docs/remote-runs.md).')
+@click.option("--storage-options", metavar="JSON", help=STORAGE_OPTIONS_HELP)
 def cli(verbose: bool, storage_options: str | None = None) -> None:
     """CkptSelect: which checkpoints of a training run to average, why, and the merge."""
     _OPTIONS["verbose"] = verbose
     _OPTIONS["storage_options"] = None
-    if storage_options is not None:   # never echoed: it may hold secrets
-        from ..remote import set_storage_options
-        set_storage_options(storage_options)
-        _OPTIONS["io_before"] = {}
-        _OPTIONS["storage_options"] = storage_options   # `ui` hands them to its server process
+    apply_storage_options(storage_options)
     if not verbose:
         _quiet_libraries()
+
+
+def apply_storage_options(text: str | None) -> None:
+    """Use ``--storage-options`` (given before or after the command name) for every URL of this command.
+
+    Never echoed: it may hold secrets. ``ui`` hands it to its server process in the environment only.
+    """
+    if text is None:
+        return
+    from ..remote import set_storage_options
+    set_storage_options(text)
+    _OPTIONS["io_before"] = {}
+    _OPTIONS["storage_options"] = text
 
 
 def _quiet_libraries() -> None:

@@ -10,7 +10,7 @@ import click
 
 from ..errors import InvalidArgument
 from .group import cli
-from .options import PATH_OR_URL, _executor_options
+from .options import PATH_OR_URL, _executor_options, _storage_options
 from .output import _emit, _progress_bar
 
 if TYPE_CHECKING:
@@ -43,25 +43,21 @@ if TYPE_CHECKING:
               help="safetensors (default: the recipe's, else this), torch (model.pt, a torch.save dict of tensors) "
                    "or lightning (model.ckpt holding {'state_dict': ...}).")
 @click.option("--dry-run", is_flag=True, help="Print what would be read and written, peak memory and time; write nothing.")
-@click.option("--storage-options", "storage_options", metavar="JSON",
-              help='Options for object storage URLs, e.g. \'{"s3": {"endpoint_url": "http://..."}}\' (credentials '
-                   "come from the environment or profiles and are never written to a recipe).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @_executor_options
+@_storage_options
 def merge(paths: tuple[str, ...], checkpoints_given: int, weights: tuple[float, ...],
           output_dtype: str | None, out_dir: str, verify: str, no_verify: bool, hash_inputs: bool, force: bool,
-          out_shard_size: str | None, out_format: str | None, dry_run: bool, storage_options: str | None,
-          as_json: bool, executor: Executor | None = None) -> None:
+          out_shard_size: str | None, out_format: str | None, dry_run: bool, as_json: bool,
+          executor: Executor | None = None) -> None:
     """Average checkpoints (from a recipe, a mergekit linear config, or --checkpoints) into a new folder or prefix.
 
     Any of them may be a URL (s3://, gs://, hf://, ...): inputs are read by exact byte ranges, a
     wildcard in a URL's last part is matched against one listing.
     """
     from ..merge import dry_run as plan_of, merge as merge_into, parse_size
-    from ..remote import all_stats, set_storage_options
+    from ..remote import all_stats
     from ..remote.globs import expand_url_globs
-    if storage_options:
-        set_storage_options(storage_options)
     recipe_path, checkpoint_paths = _split_merge_paths(tuple(expand_url_globs(paths)), checkpoints_given)
     recipe = _merge_inputs(recipe_path, checkpoint_paths, weights, output_dtype)
     recipe = replace(recipe, output_format=out_format) if out_format else recipe
@@ -152,6 +148,7 @@ def _plan_doc(plan: MergePlan) -> dict:
 @click.option("--format", "fmt", type=click.Choice(["mergekit", "ckpt-select"]), default="mergekit", show_default=True)
 @click.option("-o", "--output", type=PATH_OR_URL, help="Write here (a path or a URL) instead of stdout.")
 @click.option("--force", is_flag=True, help="-o may replace an existing file CkptSelect did not write (never a checkpoint).")
+@_storage_options
 def export(recipe_path: str, fmt: str, output: Path | None, force: bool) -> None:
     """Convert a recipe: ours -> mergekit linear config, or a mergekit linear config -> ours (with hashes)."""
     from ..recipe import dump_mergekit, dump_recipe, load_any_recipe, with_hashes

@@ -10,6 +10,7 @@ from typing import Callable
 import click
 
 from ..errors import AnalysisError
+from .group import STORAGE_OPTIONS_HELP, apply_storage_options
 
 
 class _LazyChoice(click.Choice):
@@ -75,3 +76,12 @@ def _naming_a_file_run(command: Callable[..., None]) -> Callable[..., None]:
                 raise AnalysisError(f"{path}: {str(e).removeprefix(f'{path.resolve().parent}: ')}") from e
             raise
     return wrapper
+
+
+def _storage_options(command: Callable[..., None]) -> Callable[..., None]:
+    """``--storage-options JSON`` on the command itself, as well as before it (``ckpt-select --storage-options``)."""
+    @functools.wraps(command)
+    def wrapper(storage_options: str | None = None, **kwargs: object) -> None:
+        apply_storage_options(storage_options)
+        command(**kwargs)
+    return click.option("--storage-options", "storage_options", metavar="JSON", help=STORAGE_OPTIONS_HELP)(wrapper)

@@ -11,7 +11,7 @@ import click
 
 from ..scaling import DEFAULT_GAIN_TARGET, DEFAULT_PLATEAU_GAIN
 from .group import cli
-from .options import PATH_OR_URL, _executor_options, _LazyChoice, _naming_a_file_run
+from .options import PATH_OR_URL, _executor_options, _LazyChoice, _naming_a_file_run, _storage_options
 from .output import _emit, _note_unreadable, _progress_bar
 
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
               help="Per-layer RMS, max |w|, relative update sizes and cosines, flags and spike leads (same read pass).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @_executor_options
+@_storage_options
 def analyze(run_path: Path, similarity: bool, as_json: bool, run_name: str | None = None, layers: bool = False,
             executor: Executor | None = None) -> None:
     """Discover a run's logs and checkpoints and judge every checkpoint."""
@@ -109,6 +110,7 @@ def _cell(value: float | None) -> str:
               help="Seconds between two looks at the run (only what is new is read).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 @click.option("--until-step", type=int, help="Exit once the run has logged or saved this step.")
+@_storage_options
 def watch_cmd(run_path: Path, every: float, as_json: bool, until_step: int | None) -> None:
     """Follow a run while it trains: a line each time the recommendation changes (issue 23).
 
@@ -169,6 +171,7 @@ def watch_cmd(run_path: Path, every: float, as_json: bool, until_step: int | Non
               help="--executor ray: GPUs each candidate evaluation asks the cluster for.")
 @_executor_options
 @_naming_a_file_run
+@_storage_options
 def recommend_cmd(run_path: Path, eval_spec: str | None, eval_higher_is_better: bool, eval_tokens: int,
                   eval_cache: bool, method: str, window: int | None, window_tokens: float | None,
                   window_steps: int | None, schedule: str, cooldown: bool, ema_alpha: float, max_evals: int | None,
@@ -261,6 +264,7 @@ def _print_cooldown(signals: object, evaluator: object, output_dtype: str, as_js
               help="When RUN holds several runs (Lightning version_N, several output folders): the one to read.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @_naming_a_file_run
+@_storage_options
 def stop_cmd(run_path: Path, params: float | None, config_path: Path | None, tokens_per_step: float | None,
              plateau_gain: float, gain_target: float, seed: int, as_json: bool, run_name: str | None = None) -> None:
     """Should I keep training? Fit the loss curve, forecast it, flag a plateau."""
@@ -298,6 +302,7 @@ def stop_cmd(run_path: Path, params: float | None, config_path: Path | None, tok
 @click.option("--run", "run_name", metavar="NAME",
               help="When RUN holds several runs (Lightning version_N, several output folders): the one to read.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@_storage_options
 def logs(paths: tuple[Path, ...], fmt: str | None, as_json: bool, run_name: str | None = None) -> None:
     """Read training logs and summarise every metric."""
     from ..logs import read_log

@@ -10,7 +10,7 @@ import click
 from ..errors import InvalidArgument
 from ..storage import DEFAULT_PRICE_PER_TB_MONTH, DEFAULT_SNAPSHOT_GBPS, OPTIMIZERS, POLICIES
 from .group import cli
-from .options import PATH_OR_URL, _naming_a_file_run
+from .options import PATH_OR_URL, _naming_a_file_run, _storage_options
 from .output import _emit, _note_unreadable
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 @click.option("--run-name", "run_name", metavar="NAME",
               help="When --run holds several runs (Lightning version_N, several output folders): the one to read.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@_storage_options
 def storage(params: float | None, config_path: Path | None, dtype: str | None, optimizer: str, keep: int, policy: str,
             keep_every: int | None, top_k: int | None, budget_tb: float | None, total_steps: int | None,
             full_state_last: int | None, ema: bool, bandwidth_gbps: float, asynchronous: bool, snapshot_gbps: float,
