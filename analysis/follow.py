@@ -19,14 +19,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .discovery import CONFIG_FILE, allowed_root, group_runs, outside, read_config, run_info, walk_run
 from .errors import AnalysisError, RunNotFound
 from .logs.builder import MetricPart
 from .logs.follow import LogFollower
 from .paths import resolve_within
 from .remote import RemotePath, is_remote
-from .run import (CONFIG_FILE, CheckpointRef, Run, UnreadableFile, _allowed, _assemble, _describe_checkpoints, _grouped,
-                  _info, _log_note, _one_run, _outside, _problem, _read_config, _walk, open_run)
+from .run import CheckpointRef, Run, _assemble, _describe_checkpoints, _log_note, _one_run, open_run
 from .run_groups import choose
+from .unreadable import UnreadableFile, problem
 
 if TYPE_CHECKING:
     from .selection import RecommendConfig
@@ -78,7 +79,7 @@ class RunFollower:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def __post_init__(self) -> None:
-        self.root = _allowed(self.root)
+        self.root = allowed_root(self.root)
         self.path = resolve_within(self.path, self.root)
 
     def refresh(self) -> RunUpdate:
@@ -103,11 +104,11 @@ class RunFollower:
         if self.path.is_file():   # a single file: small, read whole (as open_run does)
             return open_run(self.path, self.root)
         notes: list[str] = []
-        config = {} if _outside(self.path, [self.path / CONFIG_FILE], self.root, notes) else _read_config(self.path)
-        ckpt_paths, log_paths, walk_notes = _walk(self.path, config, self.root)
-        groups = _grouped(self.path, ckpt_paths, log_paths)
+        config = {} if outside(self.path, [self.path / CONFIG_FILE], self.root, notes) else read_config(self.path)
+        ckpt_paths, log_paths, walk_notes = walk_run(self.path, config, self.root)
+        groups = group_runs(self.path, ckpt_paths, log_paths)
         if len(groups) > 1:   # several runs: refused as open_run refuses them, never followed as one (issue 21)
-            choose(self.path, [_info(g) for g in groups], None)
+            choose(self.path, [run_info(g) for g in groups], None)
         notes += walk_notes
         unreadable: list[UnreadableFile] = []
         tables, parts = self._read_logs(log_paths, notes, unreadable)
@@ -136,7 +137,7 @@ class RunFollower:
                 table = follower.read()
             except (AnalysisError, OSError) as e:
                 self._logs.pop(path, None)
-                unreadable.append(UnreadableFile(path, _problem(path, e), "log"))
+                unreadable.append(UnreadableFile(path, problem(path, e), "log"))
                 continue
             names = follower.metric_parts()
             notes.append(_log_note(path, table, len(names)))

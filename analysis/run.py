@@ -1,31 +1,30 @@
 """A training run: its logs and checkpoints, discovered without configuration.
 
-``open_run(path)`` walks the run folder once, lets each checkpoint reader claim the
-folders and files of its layout, sniffs the remaining text files for known log formats,
-and returns a :class:`Run` with tidy metrics and checkpoint references sorted by step.
-An optional ``ckpt-select.yaml`` in the run folder overrides what discovery guessed.
+``open_run(path)`` finds the run's files (:mod:`analysis.discovery`: one walk of the folder, each
+checkpoint reader claiming the folders and files of its layout, the remaining text files sniffed for
+known log formats), reads them, and returns a :class:`Run` with tidy metrics and checkpoint references
+sorted by step; a file that cannot be read is listed (:mod:`analysis.unreadable`). An optional
+``ckpt-select.yaml`` in the run folder overrides what discovery guessed.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
-import os
-import re
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
-import yaml
 
 from .checkpoints import CHECKPOINT_READERS, SKIPPED_NOTE, detect_layout, open_checkpoint
+from .discovery import (CHECKPOINT_SUFFIXES, CONFIG_FILE, LOG_SUFFIXES, MAX_DEPTH, SKIP_DIRS, STEP_METADATA_KEYS,
+                        absolute, allowed_root, find_run_folders, fingerprint, fresh, group_runs, name_step, outside,
+                        read_config, run_info, step_of, walk_run, walk_tree)
 from .errors import AnalysisError, CheckpointReadError, InvalidArgument, NotACheckpoint, RunNotFound, SeveralRuns
-from .paths import is_within, normalized_url, resolve_within
-from .remote import RemotePath, as_path, file_look, is_remote
-from .remote.outputs import incomplete_output, merge_output_prefix
-from .run_groups import RunFiles, RunInfo, choose, group_by_folder, join_resumed, split_by_name, starts_over
+from .paths import normalized_url, resolve_within
+from .remote import RemotePath, as_path
+from .run_groups import RunInfo, choose, split_by_name, starts_over
+from .unreadable import (BEING_WRITTEN_SECONDS, SIZE_RECHECK_SECONDS, UnreadableFile, problem, set_aside_merge,
+                         unreadable_checkpoints)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -35,21 +34,13 @@ if TYPE_CHECKING:
 # pandas and the log readers load inside open_run: checkpoint_ref (all a merge needs from
 # this module) must not pay ~0.4 s of imports for them (issue 6).
 
-CONFIG_FILE = "ckpt-select.yaml"
-# Metadata keys that give a checkpoint's step, most trusted first.
-STEP_METADATA_KEYS = ("step", "global_step", "iteration", "iter_num")
 # A merged output written by CkptSelect carries this key; it is never taken for a checkpoint.
 MERGE_MARKER_KEY = "ckpt_select_recipe_sha256"
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
-LOG_SUFFIXES = {".jsonl", ".json", ".csv", ".log", ".txt", ".out", ".tsv", ".stdout"}
-SKIP_DIRS = {"__pycache__", "node_modules", "wandb"}
-MAX_DEPTH = 4
-# A checkpoint that cannot be read and was modified less than this many seconds ago, or whose size
-# changes between two looks SIZE_RECHECK_SECONDS apart, is a save still being written, not a corrupt file.
-BEING_WRITTEN_SECONDS = 60.0
-SIZE_RECHECK_SECONDS = 0.1
-_NUMBER = re.compile(r"(\d+)")
-_STEP_FOLDER = re.compile(r"(?:checkpoint|ckpt|step|iter|global_step|epoch)[-_]?(\d+)", re.IGNORECASE)
+# This module stays the public home of a run's API; the constants and helpers that moved are re-exported.
+__all__ = ["BEING_WRITTEN_SECONDS", "CHECKPOINT_SUFFIXES", "CONFIG_FILE", "LOG_SUFFIXES", "MAX_DEPTH",
+           "MERGE_MARKER_KEY", "SIZE_RECHECK_SECONDS", "SKIP_DIRS", "STEP_METADATA_KEYS", "CheckpointRef", "Run",
+           "RunInfo", "UnreadableFile", "checkpoint_ref", "find_run_folders", "find_runs", "folder_stamp", "open_run",
+           "printable"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,27 +58,6 @@ class CheckpointRef:
     def name(self) -> str:
         """A short display name: the path relative to nothing but its parent."""
         return self.path.name
-
-
-@dataclass(frozen=True, slots=True)
-class UnreadableFile:
-    """A file of the run that could not be read: listed with the reason, left out of everything (issue 19)."""
-
-    path: Path
-    reason: str
-    kind: str = "checkpoint"       # "checkpoint" | "log"
-    step: int | None = None        # a checkpoint's step, when its name gives one
-    being_written: bool = False    # modified in the last BEING_WRITTEN_SECONDS or still growing
-
-    @property
-    def status(self) -> str:
-        """"being written" for a save in progress, else "unreadable"."""
-        return "being written" if self.being_written else "unreadable"
-
-    def describe(self) -> str:
-        """One line for notes and warnings: which file, what it is, why it was passed over."""
-        step = f" (step {self.step})" if self.step is not None else ""
-        return f"{self.kind} {self.path}{step}: {self.status}: {self.reason}"
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -172,18 +142,18 @@ def open_run(path: str | Path, root: str | Path | None = None, run_name: str | N
         SeveralRuns: the folder holds several runs and ``run_name`` names none (issue 21).
         InvalidArgument: ``run_name`` is not a run of the folder.
     """
-    allowed = _allowed(root)
-    root = _fresh(resolve_within(path, allowed))
+    allowed = allowed_root(root)
+    root = fresh(resolve_within(path, allowed))
     if not root.exists():
         raise RunNotFound(root, "no such folder")
     if root.is_file():
         return _run_from_file(root)
     config_notes: list[str] = []
-    config = _read_config(root) if not _outside(root, [root / CONFIG_FILE], allowed, config_notes) else {}
-    ckpt_paths, log_candidates, notes = _walk(root, config, allowed)
+    config = read_config(root) if not outside(root, [root / CONFIG_FILE], allowed, config_notes) else {}
+    ckpt_paths, log_candidates, notes = walk_run(root, config, allowed)
     notes = config_notes + notes
-    groups = _grouped(root, ckpt_paths, log_candidates)
-    chosen = choose(root, [_info(g) for g in groups], run_name) if len(groups) > 1 else None
+    groups = group_runs(root, ckpt_paths, log_candidates)
+    chosen = choose(root, [run_info(g) for g in groups], run_name) if len(groups) > 1 else None
     files = next((g for g in groups if chosen is not None and g.name == chosen.name), groups[0])
     name = str(config.get("name") or (root.name if len(groups) == 1 else f"{root.name}/{files.name}"))
     run = _run_from_files(root, list(files.checkpoints), list(files.logs), name, notes)
@@ -206,72 +176,16 @@ def find_runs(path: str | Path, root: str | Path | None = None) -> list[RunInfo]
     :class:`RunInfo` opens with ``open_run(info.path)`` when its folder is its own, else with
     ``open_run(path, run_name=info.name)``.
     """
-    allowed = _allowed(root)
-    folder = _fresh(resolve_within(path, allowed))
+    allowed = allowed_root(root)
+    folder = fresh(resolve_within(path, allowed))
     if not folder.is_dir():
         return []
-    ckpt_paths, log_candidates, _ = _walk(folder, _read_config(folder), allowed)
+    ckpt_paths, log_candidates, _ = walk_run(folder, read_config(folder), allowed)
     runs: list[RunInfo] = []
-    for group in _grouped(folder, ckpt_paths, log_candidates):
-        info = _info(group)
-        runs.extend(split_by_name(folder, info, [_name_step(p) for p in info.checkpoints], info.checkpoints) or [info])
+    for group in group_runs(folder, ckpt_paths, log_candidates):
+        info = run_info(group)
+        runs.extend(split_by_name(folder, info, [name_step(p) for p in info.checkpoints], info.checkpoints) or [info])
     return runs
-
-
-def _allowed(root: "str | Path | RemotePath | None") -> "Path | RemotePath | None":
-    """``ui --root`` as a resolved folder or a normalised URL prefix (issue 22); None: no limit."""
-    if root is None:
-        return None
-    return normalized_url(root) if is_remote(root) else Path(root).expanduser().resolve()   # type: ignore[arg-type]
-
-
-def _fresh(path: "Path | RemotePath") -> "Path | RemotePath":
-    """``path``; a URL's prefix listed anew first: every later question about the run is answered from
-    that ONE listing (issue 22), and a live run's new objects are seen."""
-    if isinstance(path, RemotePath):
-        path.relist()
-    return path
-
-
-def _tree(root: "Path | RemotePath") -> Iterator[tuple["Path | RemotePath", list[str], list[str]]]:
-    """``os.walk`` of a local folder; for a URL the same walk answered from ONE listing of the prefix (issue 22).
-
-    Both honour the caller pruning ``dirnames`` in place.
-    """
-    if isinstance(root, RemotePath):
-        yield from root.walk()
-        return
-    for dirpath, dirnames, filenames in os.walk(root):
-        yield Path(dirpath), dirnames, filenames
-
-
-def _grouped(root: Path, ckpt_paths: list[Path], log_paths: list[Path]) -> list[RunFiles]:
-    """Rules 1 and 2 of :mod:`analysis.run_groups`: runs by folder convention, resumes joined."""
-    return join_resumed(group_by_folder(root, ckpt_paths, log_paths), _name_step, _first_logged_step)
-
-
-def _name_step(path: Path) -> int:
-    """A checkpoint's step from its name (no file is opened); -1 when the name has none."""
-    step = _step_of(path, {})[0]
-    return -1 if step is None else step
-
-
-def _first_logged_step(path: Path) -> int | None:
-    """The first step a log records, or None when it is not a log CkptSelect reads."""
-    from .logs import read_log, sniff_format
-    try:
-        fmt = sniff_format(path)
-        table = read_log(path, fmt) if fmt is not None else None
-    except (AnalysisError, OSError):
-        return None
-    return table.segments[0][0] if table is not None and table.segments else None
-
-
-def _info(group: RunFiles) -> RunInfo:
-    """A group described from names alone (steps from the checkpoints' names)."""
-    ordered = sorted(group.checkpoints, key=lambda p: (_name_step(p), p.as_posix()))
-    return RunInfo(group.name, group.path, tuple(ordered), tuple(_name_step(p) for p in ordered),
-                   tuple(group.logs), group.reason)
 
 
 def _one_run(root: Path, run: Run, run_name: str | None) -> Run:
@@ -334,7 +248,7 @@ def checkpoint_ref(path: str | Path, step: int | None = None) -> CheckpointRef:
     source = "given"
     if step is None:
         with open_checkpoint(path, layout) as handle:
-            step, source = _step_of(path, handle.metadata())
+            step, source = step_of(path, handle.metadata())
         step = 0 if step is None else step
     return CheckpointRef(step, path, layout, files, sum(f.stat().st_size for f in files), source)
 
@@ -345,165 +259,15 @@ def folder_stamp(path: str | Path) -> str:
     Caches key on it so that a run still being written (new checkpoints, longer logs)
     is re-read, while an unchanged one is not.
     """
-    root = _fresh(_absolute(path))
+    root = fresh(absolute(path))
     if root.is_file():
-        return _fingerprint(root.parent, [root])
+        return fingerprint(root.parent, [root])
     files = []
-    for current, dirnames, filenames in _tree(root):
+    for current, dirnames, filenames in walk_tree(root):
         depth = len(current.relative_to(root).parts)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS and depth < MAX_DEPTH)
         files.extend(current / f for f in filenames)
-    return _fingerprint(root, files)
-
-
-def find_run_folders(root: str | Path, max_depth: int = 3, limit: int = 200) -> list[Path]:
-    """Folders under ``root`` that look like runs: they hold a checkpoint or a log file directly.
-
-    Cheap (names only, nothing is parsed): it feeds the app's run picker.
-    """
-    base = _fresh(_absolute(root))
-    found: list[Path] = []
-    for current, dirnames, filenames in _tree(base):
-        depth = len(current.relative_to(base).parts)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS and depth < max_depth)
-        has_ckpt = any(f.endswith((".safetensors", ".pt", ".pth", ".ckpt", ".bin")) for f in filenames)
-        has_log = any(_log_candidate(Path(f)) and not f.endswith(".json") for f in filenames)
-        if has_ckpt or has_log or any(_STEP_FOLDER.fullmatch(d) for d in dirnames):
-            found.append(current)
-            dirnames[:] = []  # a run's own subfolders are not separate runs
-        if len(found) >= limit:
-            break
-    return found
-
-
-def _absolute(path: "str | Path | RemotePath") -> "Path | RemotePath":
-    """A local path resolved, or a URL normalised."""
-    path = as_path(path)
-    return normalized_url(path) if isinstance(path, RemotePath) else path.expanduser().resolve()
-
-
-def _read_config(root: Path) -> dict:
-    """The run's ``ckpt-select.yaml`` overrides, or {}."""
-    config_path = root / CONFIG_FILE
-    if not config_path.is_file():
-        return {}
-    try:
-        config = yaml.safe_load(config_path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise AnalysisError(f"{config_path}: not valid YAML ({e})") from None
-    if not isinstance(config, dict):
-        raise AnalysisError(f"{config_path}: expected a mapping with keys name, logs, checkpoints, exclude")
-    return config
-
-
-def _walk(root: Path, config: dict, allowed: Path | None = None) -> tuple[list[Path], list[Path], list[str]]:
-    """(checkpoint paths, log candidates, notes) under ``root``, honouring the config globs.
-
-    With ``allowed`` (``ui --root``) an entry resolving outside it is dropped before any reader sniffs it.
-    """
-    excludes = [str(p) for p in config.get("exclude", [])]
-    ckpt_globs = [str(p) for p in config.get("checkpoints", [])]
-    log_globs = [str(p) for p in config.get("logs", [])]
-    ckpts: list[Path] = []
-    logs: list[Path] = []
-    notes: list[str] = []
-    for current, dirnames, filenames in _tree(root):
-        depth = len(current.relative_to(root).parts)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in SKIP_DIRS and depth < MAX_DEPTH)
-        dirnames[:] = [d for d in dirnames if not _outside(root, [current / d], allowed, notes)]
-        filenames = [f for f in filenames if not _outside(root, [current / f], allowed, notes)]
-        if current == root and detect_layout(root) == "dcp":
-            ckpts.append(root)   # a DCP folder opened as the run: its files mean nothing one by one
-        for d in list(dirnames):
-            if detect_layout(current / d) is not None and not _excluded(root, current / d, excludes):
-                ckpts.append(current / d)
-                dirnames.remove(d)
-                # A claimed folder can still hold a log (HF checkpoint-N/trainer_state.json).
-                logs.extend(f for f in sorted((current / d).iterdir())
-                            if f.is_file() and _log_candidate(f) and not log_globs)
-        for f in sorted(filenames):
-            file_path = current / f
-            if _excluded(root, file_path, excludes):
-                continue
-            if ckpt_globs and _matches(root, file_path, ckpt_globs):
-                ckpts.append(file_path)
-            elif log_globs and _matches(root, file_path, log_globs):
-                logs.append(file_path)
-            elif detect_layout(file_path) is not None and not ckpt_globs:
-                ckpts.append(file_path)
-            elif _log_candidate(file_path) and not log_globs:
-                logs.append(file_path)
-    ckpts = [p for p in ckpts if not _outside(root, _checkpoint_reads(p), allowed, notes)]
-    logs = [p for p in _newest_trainer_states(logs) if not _outside(root, [p], allowed, notes)]
-    return ckpts, logs, notes
-
-
-def _newest_trainer_states(logs: list[Path]) -> list[Path]:
-    """``logs`` with, of the ``checkpoint-N/trainer_state.json`` files beside each other, only the newest (issue 21).
-
-    The Trainer writes its whole log history into every checkpoint's trainer_state.json: the newest holds
-    all the others do, and listing twenty copies of one history reads as twenty logs.
-    """
-    newest: dict[Path, tuple[int, Path]] = {}
-    for path in logs:
-        step = _trainer_state_step(path)
-        if step is not None and (path.parent.parent not in newest or step > newest[path.parent.parent][0]):
-            newest[path.parent.parent] = (step, path)
-    kept = {path for _, path in newest.values()}
-    return [p for p in logs if _trainer_state_step(p) is None or p in kept]
-
-
-def _trainer_state_step(path: Path) -> int | None:
-    """N of a ``checkpoint-N/trainer_state.json`` path, else None."""
-    folder = re.fullmatch(r"checkpoint-(\d+)", path.parent.name)
-    return int(folder.group(1)) if path.name == "trainer_state.json" and folder else None
-
-
-def _outside(root: Path, paths: Iterable[Path], allowed: Path | None, notes: list[str]) -> bool:
-    """True, with a note naming the file, when one of ``paths`` resolves outside ``allowed`` (``ui --root``).
-
-    Only existing paths count: a missing one reads nothing. The note does not say where the link
-    points: that is the very thing a confined server must not tell.
-    """
-    if allowed is None:
-        return False
-    for path in paths:
-        if (path.exists() or path.is_symlink()) and not is_within(path, allowed):
-            shown = path.relative_to(root) if path.is_relative_to(root) else path.name
-            notes.append(f"{shown}: left out, it resolves outside the allowed folder {allowed} (ui --root)")
-            return True
-    return False
-
-
-def _checkpoint_reads(path: Path) -> Iterator[Path]:
-    """Every file a checkpoint may read, lazily, in the order they are safe to look at.
-
-    A folder's own entries come first (its index, config, optimizer.pt, tokenizer), so that no index
-    is parsed before it is known to lie inside the root; then the reader's files (the shards an index names).
-    A reader that cannot list them leaves that to :func:`_describe_checkpoints`, which reports it.
-    """
-    yield path
-    if path.is_dir():
-        yield from sorted(path.iterdir())
-    layout = detect_layout(path)
-    try:
-        files = list(CHECKPOINT_READERS[layout].files(path)) if layout else []
-    except AnalysisError:
-        return
-    yield from files
-
-
-def _excluded(root: Path, path: Path, patterns: list[str]) -> bool:
-    return bool(patterns) and _matches(root, path, patterns)
-
-
-def _matches(root: Path, path: Path, patterns: list[str]) -> bool:
-    rel = path.relative_to(root).as_posix()
-    return any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(path.name, p) for p in patterns)
-
-
-def _log_candidate(path: Path) -> bool:
-    return path.suffix.lower() in LOG_SUFFIXES or "events.out.tfevents" in path.name
+    return fingerprint(root, files)
 
 
 def _run_from_file(path: Path) -> Run:
@@ -544,7 +308,7 @@ def _assemble(root: Path, name: str, refs: list[CheckpointRef], merged: list[Pat
     hint = root / "evaluate.py"
     return Run(
         path=root, name=name, checkpoints=tuple(refs), logs=tuple(logs), metrics=metrics,
-        fingerprint=_fingerprint(root, used), merged_outputs=tuple(merged),
+        fingerprint=fingerprint(root, used), merged_outputs=tuple(merged),
         # Never a remote one: an evaluator is code, imported from a local file only.
         evaluator_hint=f"{hint}:evaluate" if isinstance(hint, Path) and hint.is_file() else None, notes=tuple(notes),
         unreadable=tuple(unreadable),
@@ -564,7 +328,7 @@ def _read_logs(paths: list[Path], notes: list[str], unreadable: list[UnreadableF
             fmt = sniff_format(path)
             table = read_log(path, fmt) if fmt is not None else None
         except (AnalysisError, OSError) as e:
-            unreadable.append(UnreadableFile(path, _problem(path, e), "log"))
+            unreadable.append(UnreadableFile(path, problem(path, e), "log"))
             continue
         if table is None:
             continue
@@ -601,14 +365,14 @@ def _describe_checkpoints(paths: list[Path], notes: list[str],
             notes.append(f"{path.name}: passed over, not a checkpoint: it {e.reason}")
             continue
         except (CheckpointReadError, OSError) as e:
-            failed.append((path, _problem(path, e)))
+            failed.append((path, problem(path, e)))
             continue
         if MERGE_MARKER_KEY in meta:
-            _set_aside_merge(path, merged, unreadable, checked)
+            set_aside_merge(path, merged, unreadable, checked)
             continue
         if SKIPPED_NOTE in meta:   # a part passed over (a DeepSpeed optimizer shard's pickle), never the run (issue 21)
             notes.append(f"{path.name}: {meta[SKIPPED_NOTE]}")
-        step, source = _step_of(path, meta)
+        step, source = step_of(path, meta)
         if step is None:
             unnumbered.append((path, layout, files, size))
         else:
@@ -618,35 +382,8 @@ def _describe_checkpoints(paths: list[Path], notes: list[str],
         notes.append(f"{path.name}: no step in its metadata or name; placed after the numbered ones")
         refs.append(CheckpointRef(start + offset, path, layout, files, size, "order"))
     refs.sort(key=lambda r: (r.step, r.path.as_posix()))
-    unreadable.extend(_unreadable_checkpoints(failed))
+    unreadable.extend(unreadable_checkpoints(failed))
     return refs, merged
-
-
-def _set_aside_merge(path: Path, merged: list[Path], unreadable: list[UnreadableFile],
-                     checked: dict[RemotePath, str | None]) -> None:
-    """A merge's output found in the run: never a checkpoint; listed in ``merged`` when complete.
-
-    A merge into a bucket commits by writing its recipe last (no rename there), so a prefix of ours
-    without it is a merge killed or still running (issue 22): that prefix goes to ``unreadable``
-    once, with why, however many shards it holds. ``checked``: each prefix's verdict (one look each).
-    A local merge appears by a rename, complete or not at all: it needs no check.
-    """
-    prefix = merge_output_prefix(path) if isinstance(path, RemotePath) else None
-    if prefix is not None and prefix not in checked:
-        checked[prefix] = note = incomplete_output(prefix)
-        if note:
-            unreadable.append(UnreadableFile(prefix, note.removeprefix(f"{prefix}: "), "checkpoint", None,
-                                             _written_lately(prefix)))
-    if prefix is None or not checked[prefix]:
-        merged.append(path)
-
-
-def _written_lately(prefix: RemotePath) -> bool:
-    """Whether an object under ``prefix`` is younger than BEING_WRITTEN_SECONDS (from the listing): a merge still
-    uploading, as far as anyone can tell, rather than one killed; ``watch`` looks at it again each time."""
-    now = time.time()
-    return any(now - (prefix / key[len(prefix.key) + 1:]).stat().st_mtime < BEING_WRITTEN_SECONDS
-               for key in prefix.list())
 
 
 def _read_checkpoint_header(path: Path) -> tuple[str, tuple[Path, ...], int, dict[str, str]]:
@@ -665,66 +402,6 @@ def _read_checkpoint_header(path: Path) -> tuple[str, tuple[Path, ...], int, dic
         return layout, files, size, handle.metadata()
 
 
-def _problem(path: Path, error: Exception) -> str:
-    """Why a file could not be read, without the path the message already names elsewhere."""
-    reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or str(error)
-    if isinstance(path, Path) and path.is_symlink():
-        reason = f"{reason} (a symlink to {os.readlink(path)})"
-    return reason
-
-
-def _unreadable_checkpoints(failed: list[tuple[Path, str]]) -> list[UnreadableFile]:
-    """The checkpoints that failed to open, each marked "being written" when it is a save in progress.
-
-    A file modified in the last BEING_WRITTEN_SECONDS, or whose size changes between two looks
-    SIZE_RECHECK_SECONDS apart, is still being written (stat only: nothing is read). One pause for all.
-    """
-    if not failed:
-        return []
-    first = [_sizes_and_mtimes(path) for path, _ in failed]
-    now = time.time()
-    recent = [any(now - mtime < BEING_WRITTEN_SECONDS for _, mtime in looks) for looks in first]
-    if not all(recent):
-        time.sleep(SIZE_RECHECK_SECONDS)
-    growing = [not fresh and [size for size, _ in looks] != [size for size, _ in _sizes_and_mtimes(path)]
-               for (path, _), looks, fresh in zip(failed, first, recent)]
-    return [UnreadableFile(path, reason, "checkpoint", _step_of(path, {})[0], fresh or grows)
-            for (path, reason), fresh, grows in zip(failed, recent, growing)]
-
-
-def _sizes_and_mtimes(path: Path) -> list[tuple[int, float]]:
-    """(size, mtime) of a checkpoint file, or of each file directly in a checkpoint folder; [] if none."""
-    try:
-        files = sorted(path.iterdir()) if path.is_dir() else [path]
-    except OSError:
-        return []
-    looks = []
-    for f in files:
-        try:
-            stat = f.stat()
-        except OSError:
-            continue
-        looks.append((stat.st_size, stat.st_mtime))
-    return looks
-
-
-def _step_of(path: Path, meta: dict[str, str]) -> tuple[int | None, str]:
-    """A checkpoint's step from its metadata, else the last number in its name or folder name."""
-    for key in STEP_METADATA_KEYS:
-        value = meta.get(key)
-        if value is not None and str(value).strip().lstrip("-").isdigit():
-            return int(value), "metadata"
-    own = path.stem if path.is_file() else path.name
-    numbers = _NUMBER.findall(own)
-    if numbers:
-        return int(numbers[-1]), "name"
-    # A generic file name (model.safetensors) inside a step folder (checkpoint-1200/).
-    folder = _STEP_FOLDER.fullmatch(path.parent.name)
-    if folder:
-        return int(folder.group(1)), "name"
-    return None, "order"
-
-
 def _merge_metrics(logs: list[LogTable]) -> pd.DataFrame:
     """One tidy frame from all logs; where two logs give the same (step, metric) the first wins."""
     import pandas as pd
@@ -736,25 +413,3 @@ def _merge_metrics(logs: list[LogTable]) -> pd.DataFrame:
     merged = pd.concat(frames, ignore_index=True)
     merged = merged.drop_duplicates(subset=["step", "metric"], keep="first")
     return merged.sort_values(["metric", "step"], kind="stable").reset_index(drop=True)
-
-
-def _fingerprint(root: Path, files: list[Path]) -> str:
-    """A short hash of (path, size, mtime) of every file read: the cache key of the run.
-
-    Names are hashed as the file system's bytes (a name that is not UTF-8 holds lone surrogates in
-    ``str``), and a file that cannot be looked at (a dangling symlink) counts as "missing" (issue 19).
-    An object in a bucket counts by its size and ETag instead of a time (issue 22).
-    """
-    digest = hashlib.sha1()
-    for f in sorted(set(files)):
-        try:
-            if isinstance(f, RemotePath):
-                _, size, version = file_look(f)
-                look = f"|{size}|{version}\n"
-            else:
-                stat = f.stat()
-                look = f"|{stat.st_size}|{stat.st_mtime_ns}\n"
-        except (OSError, AnalysisError):
-            look = "|missing\n"
-        digest.update(os.fsencode(f.relative_to(root) if f.is_relative_to(root) else f) + look.encode())
-    return digest.hexdigest()[:16]

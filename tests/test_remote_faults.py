@@ -116,7 +116,7 @@ def test_issue22_incomplete_merge_with_its_index_and_copied_merge_weights(tmp_pa
     beside the run's own files, stay a merged output (no recipe expected there)."""
     import boto3
 
-    from analysis import run as run_module
+    from analysis import unreadable   # where BEING_WRITTEN_SECONDS is read (moved out of analysis.run)
 
     run = tmp_path / "run"
     paths = [str(p) for p in write_run(run / "ckpt", (100, 200, 300))]
@@ -126,7 +126,7 @@ def test_issue22_incomplete_merge_with_its_index_and_copied_merge_weights(tmp_pa
     assert main(["merge", "--checkpoints", *paths, "-o", f"{url}/indexed", "--out-shard-size", "400KB"]) == 0
     boto3.client("s3", endpoint_url=s3_server.endpoint).delete_object(Bucket=s3_bucket, Key="run/indexed/recipe.yaml")
     reset_stores()
-    monkeypatch.setattr(run_module, "BEING_WRITTEN_SECONDS", 0.0)   # as if the kill were a minute ago
+    monkeypatch.setattr(unreadable, "BEING_WRITTEN_SECONDS", 0.0)   # as if the kill were a minute ago
     opened = open_run(url)
     assert [c.step for c in opened.checkpoints] == [100, 200, 300]
     assert [(u.path, u.kind, u.status) for u in opened.unreadable] == [(RemotePath(f"{url}/indexed"), "checkpoint",
