@@ -84,9 +84,9 @@ def plan_windows(members: Sequence[_Member], window_bytes: int | None = None) ->
     """Consecutive tensors, up to ``window_bytes`` (default :data:`WINDOW_BYTES`) a window; a larger one alone."""
     window_bytes = window_bytes or WINDOW_BYTES
     windows: list[list[_Member]] = []
-    filled = window_bytes
+    filled = 0
     for member in members:
-        if filled + member.info.size_bytes > window_bytes and (not windows or windows[-1]):
+        if not windows or (filled + member.info.size_bytes > window_bytes and windows[-1]):
             windows.append([])
             filled = 0
         windows[-1].append(member)
@@ -157,6 +157,7 @@ class Readahead:
         self._ready: queue.Queue[_Fetched | BaseException] = queue.Queue()
         self._room = threading.Condition()
         self._ahead = 0            # bytes fetched or being fetched and not yet released by the consumer
+        self.peak = 0              # the most bytes that were ever ahead: what the budget bounds
         self._stop = False
         self._current: _Fetched | None = None
         self._position = 0
@@ -219,4 +220,5 @@ class Readahead:
             if self._stop:
                 return False
             self._ahead += size
+            self.peak = max(self.peak, self._ahead)
             return True

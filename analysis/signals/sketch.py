@@ -225,9 +225,9 @@ def plan_sketch_units(index: int, ref: CheckpointRef, buckets: int = DEFAULT_BUC
         infos = [i for i in handle.tensors() if i.is_floating]
         moments = tuple(i.name.removesuffix(".exp_avg") for i in optimizer_state(handle) if i.name.endswith(".exp_avg"))
     groups: list[list[str]] = []
-    filled = group_bytes
-    for info in infos:
-        if filled + info.size_bytes > group_bytes and (not groups or groups[-1]):
+    filled = 0
+    for info in infos:   # an empty first tensor opens a group too (it used to find none: an IndexError)
+        if not groups or (filled + info.size_bytes > group_bytes and groups[-1]):
             groups.append([])
             filled = 0
         groups[-1].append(info.name)
