@@ -144,7 +144,7 @@ def test_bytes_ahead_stay_within_the_budget_and_a_larger_tensor_comes_alone(tmp_
     url = upload_tree(tmp_path / "run", s3_server.endpoint, s3_bucket, "budget")
     with open_checkpoint(f"{url}/step_100.safetensors") as remote, open_checkpoint(path) as local:
         infos = [i for i in remote.tensors() if i.is_floating]
-        members = [readahead._Member(i, locate(remote, i.name)) for i in infos]
+        members = [readahead.Member(i, locate(remote, i.name)) for i in infos]
         windows = readahead.plan_windows(members, 12 << 10)
         peaks = []
         with readahead.Readahead(windows, 48 << 10) as ahead:

@@ -41,7 +41,7 @@ PART_BYTES = 8 << 20
 
 
 @dataclass(frozen=True, slots=True)
-class _Member:
+class Member:
     """One tensor of a window: its header entry and where its bytes sit in a remote object."""
 
     info: "TensorInfo"
@@ -49,10 +49,10 @@ class _Member:
 
 
 @dataclass(frozen=True, slots=True)
-class _Fetched:
+class Fetched:
     """A window's bytes: every fetched part as (store id, object key, first byte, bytes)."""
 
-    members: tuple[_Member, ...]
+    members: tuple[Member, ...]
     size: int
     parts: tuple[tuple[int, str, int, bytes], ...]
 
@@ -68,7 +68,7 @@ def read_in_order(handle: "CheckpointHandle", infos: Sequence["TensorInfo"],
         for info in infos:
             yield info, handle.read(info.name)
         return
-    members = [_Member(info, loc) for info, loc in located if loc is not None]
+    members = [Member(info, loc) for info, loc in located if loc is not None]
     with Readahead(plan_windows(members, min(WINDOW_BYTES, max(budget // 4, 1))), budget) as ahead:
         for info, loc in located:
             yield info, (ahead.tensor(info) if loc is not None else handle.read(info.name))
@@ -80,10 +80,10 @@ def _remote_location(handle: "CheckpointHandle", info: "TensorInfo") -> TensorLo
     return loc if loc is not None and isinstance(loc.path, RemotePath) else None
 
 
-def plan_windows(members: Sequence[_Member], window_bytes: int | None = None) -> list[tuple[_Member, ...]]:
+def plan_windows(members: Sequence[Member], window_bytes: int | None = None) -> list[tuple[Member, ...]]:
     """Consecutive tensors, up to ``window_bytes`` (default :data:`WINDOW_BYTES`) a window; a larger one alone."""
     window_bytes = window_bytes or WINDOW_BYTES
-    windows: list[list[_Member]] = []
+    windows: list[list[Member]] = []
     filled = 0
     for member in members:
         if not windows or (filled + member.info.size_bytes > window_bytes and windows[-1]):
@@ -94,7 +94,7 @@ def plan_windows(members: Sequence[_Member], window_bytes: int | None = None) ->
     return [tuple(w) for w in windows]
 
 
-def coalesce(members: Sequence[_Member]) -> list[tuple[RemotePath, int, int]]:
+def coalesce(members: Sequence[Member]) -> list[tuple[RemotePath, int, int]]:
     """The byte runs of a window: each (object, start, end) covering tensors that follow each other in it."""
     runs: list[tuple[RemotePath, int, int]] = []
     for member in members:
@@ -114,7 +114,7 @@ def _same_object(a: RemotePath, b: RemotePath) -> bool:
     return a.store is b.store and a.key == b.key
 
 
-def fetch_window(members: tuple[_Member, ...]) -> _Fetched:
+def fetch_window(members: tuple[Member, ...]) -> Fetched:
     """A window's bytes: its runs split into parts of at most :data:`PART_BYTES`, one concurrent batch per store."""
     by_store: dict[int, list[tuple[RemotePath, int, int]]] = {}
     for path, start, end in coalesce(members):
@@ -124,10 +124,10 @@ def fetch_window(members: tuple[_Member, ...]) -> _Fetched:
     for spans in by_store.values():
         blobs = spans[0][0].store.read_spans([(p.key, s, e) for p, s, e in spans])
         parts.extend((id(p.store), p.key, s, blob) for (p, s, _), blob in zip(spans, blobs))
-    return _Fetched(members, sum(m.info.size_bytes for m in members), tuple(parts))
+    return Fetched(members, sum(m.info.size_bytes for m in members), tuple(parts))
 
 
-def tensor_from(fetched: _Fetched, member: _Member) -> "torch.Tensor":
+def tensor_from(fetched: Fetched, member: Member) -> "torch.Tensor":
     """One tensor of a fetched window, built as ``SafetensorsHandle.read`` builds a remote one."""
     import torch
 
@@ -152,14 +152,14 @@ class Readahead:
     are raised in the consumer at the tensor that needed them.
     """
 
-    def __init__(self, windows: Sequence[tuple[_Member, ...]], budget: int) -> None:
+    def __init__(self, windows: Sequence[tuple[Member, ...]], budget: int) -> None:
         self._windows, self._budget = list(windows), budget
-        self._ready: queue.Queue[_Fetched | BaseException] = queue.Queue()
+        self._ready: queue.Queue[Fetched | BaseException] = queue.Queue()
         self._room = threading.Condition()
         self._ahead = 0            # bytes fetched or being fetched and not yet released by the consumer
         self.peak = 0              # the most bytes that were ever ahead: what the budget bounds
         self._stop = False
-        self._current: _Fetched | None = None
+        self._current: Fetched | None = None
         self._position = 0
         self._thread = threading.Thread(target=self._run, name="sketch-readahead", daemon=True)
 
