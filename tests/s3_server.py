@@ -13,7 +13,9 @@ from __future__ import annotations
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 # S3's answer to a client over its request rate (the body real S3 sends with HTTP 503).
 SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
@@ -73,11 +75,14 @@ class ServerCounts:
 class _Counting:
     """WSGI middleware counting each request and the body bytes of each GET response, and injecting faults."""
 
-    def __init__(self, app, counts: ServerCounts, faults: list[Fault]) -> None:
-        self.app, self.counts, self.faults = app, counts, faults
+    def __init__(self, app, counts: ServerCounts, faults: list[Fault],
+                 latency: Callable[[], float] = lambda: 0.0) -> None:
+        self.app, self.counts, self.faults, self.latency = app, counts, faults, latency
 
     def __call__(self, environ, start_response):
         method = environ.get("REQUEST_METHOD", "?")
+        if (delay := self.latency()) > 0:   # an object store's first-byte latency; concurrent requests wait together
+            time.sleep(delay)
         with self.counts._lock:
             self.counts.requests[method] = self.counts.requests.get(method, 0) + 1
             if method == "GET" and environ.get("HTTP_RANGE"):
@@ -106,9 +111,14 @@ def _answer(fault: Fault, environ, start_response):
 
 
 class S3Server:
-    """moto's S3 on a free loopback port, counting what it serves; ``start``/``stop`` once per session."""
+    """moto's S3 on a free loopback port, counting what it serves; ``start``/``stop`` once per session.
 
-    def __init__(self) -> None:
+    ``latency_s``: seconds every request waits before it is answered (0: none), a real store's first-byte
+    latency for the benchmarks (``benchmarks/remote_analyze.py``); tests leave it at 0 (they never time).
+    """
+
+    def __init__(self, latency_s: float = 0.0) -> None:
+        self.latency_s = latency_s
         self.counts = ServerCounts()
         self.faults: list[Fault] = []
         self._server = None
@@ -123,7 +133,8 @@ class S3Server:
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
         from werkzeug.serving import make_server
 
-        app = _Counting(DomainDispatcherApplication(create_backend_app), self.counts, self.faults)
+        app = _Counting(DomainDispatcherApplication(create_backend_app), self.counts, self.faults,
+                        lambda: self.latency_s)
         self._server = make_server("127.0.0.1", self.port, app, threaded=True, request_handler=MotoRequestHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="moto-s3", daemon=True)
         self._thread.start()

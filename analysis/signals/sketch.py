@@ -24,6 +24,7 @@ import hashlib
 import os
 import zlib
 import json
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,8 +32,9 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from ..checkpoints import open_checkpoint
+from ..checkpoints import CheckpointHandle, TensorInfo, open_checkpoint
 from ..checkpoints.base import optimizer_state
+from ..checkpoints.readahead import read_in_order
 from ..executors import Executor, driver_threads, intra_op_threads
 from ..run import CheckpointRef
 from .tensor_stats import TensorStats, tensor_stats
@@ -84,20 +86,13 @@ def sketch_checkpoint(ref: CheckpointRef, buckets: int = DEFAULT_BUCKETS, seed: 
     cached = _cache_path(ref, buckets, seed)
     if use_cache and cached.is_file():
         return _load(cached, ref.step, buckets)
-    weights: dict[str, torch.Tensor] = {}
     moments: dict[str, torch.Tensor] = {}
-    stats: dict[str, TensorStats] = {}
-    exact = True
     with open_checkpoint(ref.path, ref.layout) as handle:
         every = handle.tensors()
         infos = [i for i in every if i.is_floating]
-        for index, info in enumerate(infos):
-            tensor = handle.read(info.name)
-            weights[info.name] = sketch_tensor(info.name, tensor, buckets, seed)
-            stats[info.name] = tensor_stats(info.name, tensor)
-            exact &= info.numel <= buckets
-            if progress is not None:
-                progress((index + 1) / len(infos), f"sketching {ref.name}")
+        exact = all(info.numel <= buckets for info in infos)
+        tell = None if progress is None else (lambda done: progress(done / len(infos), f"sketching {ref.name}"))
+        weights, stats = _sketch_weights(handle, infos, buckets, seed, tell)
         for info in optimizer_state(handle):
             if info.name.endswith(".exp_avg"):
                 moments[info.name.removesuffix(".exp_avg")] = sketch_tensor(
@@ -106,6 +101,22 @@ def sketch_checkpoint(ref: CheckpointRef, buckets: int = DEFAULT_BUCKETS, seed: 
     if use_cache:
         _store(cached, result)
     return result
+
+
+def _sketch_weights(handle: CheckpointHandle, infos: list[TensorInfo], buckets: int, seed: int,
+                    done: Callable[[int], None] | None = None,
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, TensorStats]]:
+    """Each tensor's sketch and exact statistics, in order, from ONE read of it; a remote checkpoint's next
+    tensors are fetched ahead while one is sketched (:func:`analysis.checkpoints.readahead.read_in_order`)."""
+    sketches: dict[str, torch.Tensor] = {}
+    stats: dict[str, TensorStats] = {}
+    with closing(read_in_order(handle, infos)) as tensors:   # closed at once if a sketch fails: the thread stops
+        for index, (info, tensor) in enumerate(tensors):
+            sketches[info.name] = sketch_tensor(info.name, tensor, buckets, seed)
+            stats[info.name] = tensor_stats(info.name, tensor)
+            if done is not None:
+                done(index + 1)
+    return sketches, stats
 
 
 def _bytes_by_dtype(infos) -> tuple[tuple[str, int], ...]:
@@ -193,13 +204,12 @@ def sketch_unit(unit: SketchUnit) -> SketchPart:
     sketches: dict[str, torch.Tensor] = {}
     stats: dict[str, TensorStats] = {}
     with intra_op_threads(unit.threads), open_checkpoint(unit.path, unit.layout) as handle:
-        for name in unit.names:
-            if unit.moments:
+        if unit.moments:
+            for name in unit.names:
                 sketches[name] = sketch_tensor(name, handle.read_optimizer(f"{name}.exp_avg"), unit.buckets, unit.seed)
-            else:
-                tensor = handle.read(name)
-                sketches[name] = sketch_tensor(name, tensor, unit.buckets, unit.seed)
-                stats[name] = tensor_stats(name, tensor)
+        else:
+            by_name = {i.name: i for i in handle.tensors()}
+            sketches, stats = _sketch_weights(handle, [by_name[n] for n in unit.names], unit.buckets, unit.seed)
         sizes = {i.name: i.size_bytes for i in (optimizer_state(handle) if unit.moments else handle.tensors())}
         read = sum(sizes.get(f"{n}.exp_avg" if unit.moments else n, 0) for n in unit.names)
     return SketchPart(unit.checkpoint, sketches, stats, read)
@@ -215,9 +225,9 @@ def plan_sketch_units(index: int, ref: CheckpointRef, buckets: int = DEFAULT_BUC
         infos = [i for i in handle.tensors() if i.is_floating]
         moments = tuple(i.name.removesuffix(".exp_avg") for i in optimizer_state(handle) if i.name.endswith(".exp_avg"))
     groups: list[list[str]] = []
-    filled = group_bytes
-    for info in infos:
-        if filled + info.size_bytes > group_bytes and (not groups or groups[-1]):
+    filled = 0
+    for info in infos:   # an empty first tensor opens a group too (it used to find none: an IndexError)
+        if not groups or (filled + info.size_bytes > group_bytes and groups[-1]):
             groups.append([])
             filled = 0
         groups[-1].append(info.name)
