@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 from dataclasses import replace
@@ -34,7 +33,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from analysis import RecommendConfig, assess_run, load_evaluator, open_run, recommend  # noqa: E402
 from analysis.selection import cooldown_report, decay_coefficients, parse_schedule, policy_weights  # noqa: E402
 from analysis.selection.cooldown import stable_phase  # noqa: E402
-from analysis.selection.span import format_tokens, positions  # noqa: E402
+from analysis.selection.span import positions  # noqa: E402
 from analysis.signals.noise import newest_iterate_noise  # noqa: E402
 from selection_quality import EMA_ALPHAS, Scorer  # noqa: E402
 from selection_runs import SCALES, RunSet, make_runs  # noqa: E402

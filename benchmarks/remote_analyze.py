@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import statistics
@@ -58,15 +57,9 @@ def make_run(root: Path, checkpoints: int, tensors: int, elements: int) -> Path:
 def start_server():
     """The tests' moto S3 server on a free loopback port (no latency yet: the upload need not wait)."""
     sys.path.insert(0, str(REPO / "tests"))
-    from s3_server import S3Server
+    from s3_server import start_quiet_server
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        os.environ.setdefault(key, value)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)   # one log line per request otherwise
-    server = S3Server()
-    server.start()
-    return server
+    return start_quiet_server()
 
 
 def upload(run: Path, endpoint: str, bucket: str = "remote-analyze") -> str:

@@ -16,7 +16,6 @@ writes ``benchmarks/results/scale_out.json`` and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import logging
 import json
 import os
 import platform
@@ -34,7 +33,7 @@ import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from analysis.executors import LocalExecutor, Resources  # noqa: E402
+from analysis.executors import Resources  # noqa: E402
 from analysis.merge import merge_checkpoints  # noqa: E402
 from analysis.remote import as_path, set_storage_options  # noqa: E402
 from analysis.run import checkpoint_ref  # noqa: E402
@@ -190,15 +189,9 @@ def main() -> None:
 def start_moto():
     """moto's S3 server on a free loopback port, counting what it serves (the tests' server, tests/s3_server.py)."""
     sys.path.insert(0, str(REPO / "tests"))
-    from s3_server import S3Server
+    from s3_server import start_quiet_server
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        os.environ.setdefault(key, value)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)   # one log line per request otherwise
-    server = S3Server()
-    server.start()
-    return server
+    return start_quiet_server()
 
 
 def upload(folders: list[Path], endpoint: str, bucket: str = "scale-out") -> str:

@@ -164,3 +164,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_quiet_server(**kwargs) -> S3Server:
+    """A started server for the benchmarks: dummy credentials in the environment (where none are set) and
+    werkzeug's one-line-per-request log silenced. ``kwargs`` go to :class:`S3Server`."""
+    import logging
+    import os
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(key, value)
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = S3Server(**kwargs)
+    server.start()
+    return server

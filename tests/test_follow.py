@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import pytest
-import torch
 from safetensors.torch import save, save_file
 
 from analysis.follow import RunFollower, Watcher

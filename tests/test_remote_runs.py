@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -394,7 +393,7 @@ def test_url_roots_confine_by_whole_key_components(s3_bucket) -> None:
     root = f"s3://{s3_bucket}/runs"
     assert str(resolve_within(f"{root}/a/../b", root)) == f"{root}/b"
     assert str(resolve_within("a/run", root)) == f"{root}/a/run"
-    for outside in (f"{root}/../secret", f"s3://{s3_bucket}/runs2/x", f"s3://other-bucket/runs/x",
+    for outside in (f"{root}/../secret", f"s3://{s3_bucket}/runs2/x", "s3://other-bucket/runs/x",
                     "memory://runs/x", "/etc", "../x"):
         with pytest.raises(InvalidArgument, match="outside the allowed"):
             resolve_within(outside, root)

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 import torch
 from analysis.checkpoints.safetensors_file import read_header
 from analysis.errors import RemoteError
-from analysis.remote import RemotePath, Store, all_stats, is_transient, is_url
+from analysis.remote import RemotePath, Store, is_transient, is_url
 from conftest import upload_tree
 
 

@@ -108,7 +108,7 @@ def test_checkpoints_page_table_and_shared_selection(tiny_run: Path, monkeypatch
 
 def test_checkpoints_page_shows_iterate_noise_from_a_real_adam_state(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from ckpt_factories import adam_run, tied_llama_run
+    from ckpt_factories import adam_run
 
     run, sqrt_v_sum, _ = adam_run(tmp_path / "adam", [5, 10, 15])
     at = _page(_open(run, monkeypatch), "checkpoints")
