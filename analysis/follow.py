@@ -25,7 +25,7 @@ from .logs.builder import MetricPart
 from .logs.follow import LogFollower
 from .paths import resolve_within
 from .remote import RemotePath, is_remote
-from .run import CheckpointRef, Run, _assemble, _describe_checkpoints, _log_note, _one_run, open_run
+from .run import CheckpointRef, Run, assemble_run, describe_checkpoints, log_note, single_run, open_run
 from .run_groups import choose
 from .unreadable import UnreadableFile, problem
 
@@ -113,9 +113,9 @@ class RunFollower:
         unreadable: list[UnreadableFile] = []
         tables, parts = self._read_logs(log_paths, notes, unreadable)
         refs, merged = self._describe(ckpt_paths, notes, unreadable)
-        run = _assemble_run(self.path, str(config.get("name") or self.path.name), refs, merged, tables, parts,
+        run = _run_from_parts(self.path, str(config.get("name") or self.path.name), refs, merged, tables, parts,
                             notes, unreadable)
-        return _one_run(self.path, run, None)
+        return single_run(self.path, run, None)
 
     def _read_logs(self, paths: list[Path], notes: list[str], unreadable: list[UnreadableFile]):
         """(tables, per-metric rows of each) of the logs among ``paths``; a new file is sniffed once per change."""
@@ -140,7 +140,7 @@ class RunFollower:
                 unreadable.append(UnreadableFile(path, problem(path, e), "log"))
                 continue
             names = follower.metric_parts()
-            notes.append(_log_note(path, table, len(names)))
+            notes.append(log_note(path, table, len(names)))
             if table.rows:
                 tables.append(table)
                 parts.append(names)
@@ -155,13 +155,13 @@ class RunFollower:
             entry = self._checkpoints.get(path)
             if entry is None or entry.look != look or any(u.being_written for u in entry.unreadable):
                 entry_notes, entry_unreadable = [], []
-                refs, merged = _describe_checkpoints([path], entry_notes, entry_unreadable)
+                refs, merged = describe_checkpoints([path], entry_notes, entry_unreadable)
                 entry = _Checkpoint(look, refs, merged, entry_notes, entry_unreadable)
             known[path] = entry
         self._checkpoints = known
         entries = list(known.values())
         if any(r.step_source == "order" for e in entries for r in e.refs):   # numbered after the others: all again
-            return _describe_checkpoints(paths, notes, unreadable)
+            return describe_checkpoints(paths, notes, unreadable)
         for entry in entries:
             notes.extend(entry.notes)
             unreadable.extend(entry.unreadable)
@@ -274,7 +274,7 @@ def log_rows(run: Run) -> int:
     return sum(t.rows for t in run.logs)
 
 
-def _assemble_run(root: Path, name: str, refs: list[CheckpointRef], merged: list[Path], tables: list,
+def _run_from_parts(root: Path, name: str, refs: list[CheckpointRef], merged: list[Path], tables: list,
                   parts: list[dict[str, MetricPart]], notes: list[str], unreadable: list[UnreadableFile]) -> Run:
     """The :class:`Run`, its metrics merged per metric (as ``open_run`` merges them, without pandas' sort)."""
     if not refs and not tables:
@@ -282,7 +282,7 @@ def _assemble_run(root: Path, name: str, refs: list[CheckpointRef], merged: list
                           + ("; " + "; ".join(u.describe() for u in unreadable) if unreadable else ""))
     merged_parts = _merge_parts(parts)
     from .logs.builder import tidy_frame
-    run = _assemble(root, name, refs, merged, tables, tidy_frame(merged_parts), notes, unreadable)
+    run = assemble_run(root, name, refs, merged, tables, tidy_frame(merged_parts), notes, unreadable)
     run._memo["metrics"] = _metric_frames(merged_parts)   # what Run.metric would split out of the frame
     return run
 

@@ -157,7 +157,7 @@ def open_run(path: str | Path, root: str | Path | None = None, run_name: str | N
     files = next((g for g in groups if chosen is not None and g.name == chosen.name), groups[0])
     name = str(config.get("name") or (root.name if len(groups) == 1 else f"{root.name}/{files.name}"))
     run = _run_from_files(root, list(files.checkpoints), list(files.logs), name, notes)
-    run = _one_run(root, run, run_name if len(groups) == 1 else None)
+    run = single_run(root, run, run_name if len(groups) == 1 else None)
     if not run.checkpoints and not run.logs and run.unreadable:
         raise RunNotFound(root, "nothing here could be read: " + "; ".join(u.describe() for u in run.unreadable))
     if not run.checkpoints and not run.logs:
@@ -188,7 +188,7 @@ def find_runs(path: str | Path, root: str | Path | None = None) -> list[RunInfo]
     return runs
 
 
-def _one_run(root: Path, run: Run, run_name: str | None) -> Run:
+def single_run(root: Path, run: Run, run_name: str | None) -> Run:
     """Rule 3 on a run read: steps that repeat, or a log that starts over, mean several runs (issue 21).
 
     Raises:
@@ -294,11 +294,11 @@ def _run_from_files(root: Path, ckpt_paths: list[Path], log_paths: list[Path], n
     notes = list(notes)
     unreadable: list[UnreadableFile] = []
     logs = _read_logs(log_paths, notes, unreadable)
-    refs, merged = _describe_checkpoints(ckpt_paths, notes, unreadable)
-    return _assemble(root, name, refs, merged, logs, _merge_metrics(logs), notes, unreadable)
+    refs, merged = describe_checkpoints(ckpt_paths, notes, unreadable)
+    return assemble_run(root, name, refs, merged, logs, _merge_metrics(logs), notes, unreadable)
 
 
-def _assemble(root: Path, name: str, refs: list[CheckpointRef], merged: list[Path], logs: list[LogTable],
+def assemble_run(root: Path, name: str, refs: list[CheckpointRef], merged: list[Path], logs: list[LogTable],
               metrics: pd.DataFrame, notes: list[str], unreadable: list[UnreadableFile]) -> Run:
     """The :class:`Run` of what was read, with the fingerprint of every file it read (``open_run`` and the follower)."""
     # Unreadable files count too: the cache must reload once a save in progress is complete.
@@ -332,13 +332,13 @@ def _read_logs(paths: list[Path], notes: list[str], unreadable: list[UnreadableF
             continue
         if table is None:
             continue
-        notes.append(_log_note(path, table, len(table.metric_names())))
+        notes.append(log_note(path, table, len(table.metric_names())))
         if table.rows:
             tables.append(table)
     return tables
 
 
-def _log_note(path: Path, table: LogTable, metric_count: int) -> str:
+def log_note(path: Path, table: LogTable, metric_count: int) -> str:
     """The run's note on one log it read: what it was read as, or that it holds no rows yet (then it is left out)."""
     if table.rows == 0:
         return f"{path.name}: recognised as {table.format} but holds no metric rows"
@@ -346,7 +346,7 @@ def _log_note(path: Path, table: LogTable, metric_count: int) -> str:
             f"{table.skipped_lines} lines skipped, {table.restarts} restarts")
 
 
-def _describe_checkpoints(paths: list[Path], notes: list[str],
+def describe_checkpoints(paths: list[Path], notes: list[str],
                           unreadable: list[UnreadableFile]) -> tuple[list[CheckpointRef], list[Path]]:
     """A :class:`CheckpointRef` per checkpoint (headers only), sorted by step; merges set aside.
 
