@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, Sequence
 
 from ..remote import RemotePath
+from ..remote.path import read_path_spans
 from .location import TensorLocation, locate
 
 if TYPE_CHECKING:
@@ -115,16 +116,10 @@ def _same_object(a: RemotePath, b: RemotePath) -> bool:
 
 
 def fetch_window(members: tuple[Member, ...]) -> Fetched:
-    """A window's bytes: its runs split into parts of at most :data:`PART_BYTES`, one concurrent batch per store."""
-    by_store: dict[int, list[tuple[RemotePath, int, int]]] = {}
-    for path, start, end in coalesce(members):
-        for s in range(start, end, PART_BYTES):
-            by_store.setdefault(id(path.store), []).append((path, s, min(s + PART_BYTES, end)))
-    parts: list[tuple[int, str, int, bytes]] = []
-    for spans in by_store.values():
-        blobs = spans[0][0].store.read_spans([(p.key, s, e) for p, s, e in spans])
-        parts.extend((id(p.store), p.key, s, blob) for (p, s, _), blob in zip(spans, blobs))
-    return Fetched(members, sum(m.info.size_bytes for m in members), tuple(parts))
+    """A window's bytes: its runs, in requests of at most :data:`PART_BYTES`, one concurrent batch per store."""
+    runs = coalesce(members)
+    parts = tuple((id(p.store), p.key, s, blob) for (p, s, _), blob in zip(runs, read_path_spans(runs, PART_BYTES)))
+    return Fetched(members, sum(m.info.size_bytes for m in members), parts)
 
 
 def tensor_from(fetched: Fetched, member: Member) -> "torch.Tensor":

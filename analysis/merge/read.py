@@ -42,6 +42,7 @@ from ..checkpoints.location import TensorLocation, locate
 from ..errors import CheckpointReadError, MergeError
 from ..hashing import StreamDigest
 from ..remote import RemotePath
+from ..remote.path import read_path_spans
 
 if TYPE_CHECKING:
     from ..checkpoints import CheckpointHandle, TensorInfo
@@ -432,16 +433,6 @@ def put_until_stopped(ready: queue.Queue, item: object, stop: threading.Event) -
 
 def _fetch_window(remote: dict[int, TensorLocation], start: int, stop: int) -> dict[int, bytes]:
     """Elements [start, stop) of each remote input's tensor: one batch of requests per store."""
-    by_store: dict[int, list[tuple[int, TensorLocation]]] = {}
-    for index, loc in remote.items():
-        by_store.setdefault(id(loc.path.store), []).append((index, loc))   # type: ignore[union-attr]
-    data: dict[int, bytes] = {}
-    for group in by_store.values():
-        parts = [(index, loc.path.key, s, min(s + REMOTE_PART_BYTES, last))   # type: ignore[union-attr]
-                 for index, loc in group for first, last in [_span(loc, start, stop)]
-                 for s in range(first, last, REMOTE_PART_BYTES)]
-        blobs = group[0][1].path.store.read_spans([(key, s, e) for _, key, s, e in parts])   # type: ignore[union-attr]
-        for index, _ in group:
-            mine = [blob for (i, _, _, _), blob in zip(parts, blobs) if i == index]
-            data[index] = mine[0] if len(mine) == 1 else b"".join(mine)
-    return data
+    inputs = list(remote)
+    spans = [(remote[i].path, *_span(remote[i], start, stop)) for i in inputs]
+    return dict(zip(inputs, read_path_spans(spans, REMOTE_PART_BYTES)))   # type: ignore[arg-type]

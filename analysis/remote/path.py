@@ -18,7 +18,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from ..errors import RemoteError
 from .store import Store
@@ -385,3 +385,19 @@ def _keep_small(identity: tuple[str, int, str | None] | None, data: bytes) -> No
         _small_objects[identity] = data
         while sum(len(v) for v in _small_objects.values()) > SMALL_OBJECTS_BYTES:
             _small_objects.popitem(last=False)
+
+
+def read_path_spans(spans: "Sequence[tuple[RemotePath, int, int]]", part_bytes: int) -> list[bytes]:
+    """The bytes of each ``(object, start, end)`` span, in requests of at most ``part_bytes``, every part of
+    every span of a store in ONE concurrent batch (:meth:`Store.read_spans`), so a set of spans costs about
+    the slowest request, not the sum: what the merge's and the sketch pass's read-ahead both need."""
+    by_store: dict[int, list[tuple[int, RemotePath, int, int]]] = {}
+    for number, (path, start, end) in enumerate(spans):
+        parts = by_store.setdefault(id(path.store), [])
+        parts.extend((number, path, s, min(s + part_bytes, end)) for s in range(start, end, part_bytes))
+    pieces: list[list[bytes]] = [[] for _ in spans]
+    for parts in by_store.values():
+        blobs = parts[0][1].store.read_spans([(path.key, s, e) for _, path, s, e in parts])
+        for (number, _, _, _), blob in zip(parts, blobs):
+            pieces[number].append(blob)
+    return [b"".join(p) for p in pieces]
