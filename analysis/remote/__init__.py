@@ -13,8 +13,6 @@ from .path import RangedFile, RemotePath, RemoteStat
 from .store import IOStats, Store, is_transient
 from .urls import all_stats, is_url, local_part, protocol_of, reset_stores, set_storage_options, store_for
 
-AnyPath = Path | RemotePath
-
 
 def as_path(value: "str | Path | RemotePath") -> "Path | RemotePath":
     """A ``RemotePath`` for a remote URL (or one already), else a local ``Path`` (``file://`` stripped)."""
@@ -45,5 +43,5 @@ def is_remote(value: object) -> bool:
     return isinstance(value, RemotePath) or (isinstance(value, str) and is_url(value))
 
 
-__all__ = ["AnyPath", "IOStats", "RangedFile", "RemotePath", "RemoteStat", "Store", "all_stats", "as_path", "file_look", "is_remote",
+__all__ = ["IOStats", "RangedFile", "RemotePath", "RemoteStat", "Store", "all_stats", "as_path", "file_look", "is_remote",
            "is_transient", "is_url", "local_part", "protocol_of", "reset_stores", "set_storage_options", "store_for"]

@@ -62,12 +62,6 @@ def set_storage_options(options: dict[str, Any] | str | None) -> None:
         _stores.clear()
 
 
-def storage_options(protocol: str) -> dict[str, Any]:
-    """The options set for ``protocol``: its own entry, else the flat options (entries named after protocols left out)."""
-    with _lock:
-        return storage_options_unlocked(protocol)
-
-
 def store_for(url: str) -> tuple[Store, str]:
     """The counted store that serves ``url`` and the URL's path inside it (``bucket/key``).
 
@@ -81,7 +75,7 @@ def store_for(url: str) -> tuple[Store, str]:
         store = _stores.get(protocol)
         if store is None:
             try:
-                fs = fsspec.filesystem(protocol, **one_retry_layer(protocol, storage_options_unlocked(protocol)))
+                fs = fsspec.filesystem(protocol, **one_retry_layer(protocol, _options_for(protocol)))
             except (ImportError, ValueError) as e:
                 raise InvalidArgument(f"{url}: cannot open {protocol}:// URLs ({e}); install its fsspec package "
                                       f"(s3fs for s3://, gcsfs for gs://, huggingface_hub for hf://)") from None
@@ -105,8 +99,9 @@ def one_retry_layer(protocol: str, options: dict[str, Any]) -> dict[str, Any]:
     return {**options, "config_kwargs": config}
 
 
-def storage_options_unlocked(protocol: str) -> dict[str, Any]:
-    """:func:`storage_options` for callers already holding the lock."""
+def _options_for(protocol: str) -> dict[str, Any]:
+    """The options set for ``protocol``: its own entry, else the flat options (entries named after protocols
+    left out). The caller holds the lock."""
     own = _options.get(protocol)
     return dict(own) if isinstance(own, dict) else {k: v for k, v in _options.items() if not isinstance(v, dict)}
 
