@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -249,7 +248,11 @@ def test_issue22_killed_merge_to_s3_leaves_no_index_or_recipe(tmp_path, s3_serve
         save_file({f"w{i}": torch.randn(512, 1024, generator=gen) for i in range(8)}, folder / f"s{step}.safetensors")
         names.append(str(folder / f"s{step}.safetensors"))
     options = json.dumps({"s3": {"endpoint_url": s3_server.endpoint, "key": "testing", "secret": "testing"}})
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # its own temp root: a bucket merge in another test worker on this host would otherwise clean
+    # this killed merge's scratch (as it should) before the check below looks for it
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(scratch_root)}
     proc = subprocess.Popen([sys.executable, "-m", "analysis", "merge", "--checkpoints", *names,
                              "-o", f"s3://{s3_bucket}/killed", "--out-shard-size", "2MB", "--storage-options", options],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -268,8 +271,9 @@ def test_issue22_killed_merge_to_s3_leaves_no_index_or_recipe(tmp_path, s3_serve
     note = incomplete_output(RemotePath(f"s3://{s3_bucket}/killed"))
     assert note is not None and "incomplete merge output" in note and "recipe.yaml" in note
     # its local scratch (one shard at most) goes with the next bucket merge on this host
-    scratch = list(Path(tempfile.gettempdir()).glob(f"ckpt-select-merge-{socket.gethostname()}-{proc.pid}-*"))
-    assert scratch and set(remove_stale_scratch()) >= set(scratch) and not any(p.exists() for p in scratch)
+    scratch = list(scratch_root.glob(f"ckpt-select-merge-{socket.gethostname()}-{proc.pid}-*"))
+    assert len(scratch) == 1 and scratch[0].is_dir()
+    assert remove_stale_scratch(scratch_root) == scratch and not scratch[0].exists()
     # the killed merge's shards carry our marker: --force replaces them, and the result is complete
     assert main(["merge", "--checkpoints", *names, "-o", f"s3://{s3_bucket}/killed", "--force",
                  "--out-shard-size", "2MB"]) == 0
