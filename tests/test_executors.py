@@ -118,9 +118,39 @@ def test_issue22_what_only_the_local_merge_does_is_refused_before_anything_is_wr
     refs = [checkpoint_ref(p, step=i + 1) for i, p in enumerate(_inputs(tmp_path / "in", 2))]
     with pytest.raises(InvalidArgument, match="--out-format torch"):
         merge_checkpoints(refs, [1, 1], tmp_path / "out", out_format="torch", executor=Spread(2))
-    with pytest.raises(InvalidArgument, match="--sha256"):
-        merge_checkpoints(refs, [1, 1], tmp_path / "out", hash_inputs=True, executor=Spread(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_issue22_sha256_on_an_executor_records_what_the_local_read_pass_records(tmp_path: Path) -> None:
+    """`merge --sha256 --executor ...`: hash units (one per file) give each input's `sha256sum` and quick hash,
+    so the recipe beside a cluster merge equals the local merge's; `--verify full` there hashes on the executor
+    and names a changed input."""
+    import hashlib
+
+    import yaml
+
+    from analysis.errors import MergeError
+    from analysis.merge import merge
+    from analysis.recipe import build_recipe, load_recipe
+
+    paths = _inputs(tmp_path / "in")
+    refs = [checkpoint_ref(p, step=i + 1) for i, p in enumerate(paths)]
+    manual = build_recipe("manual", refs, (1 / 6, 2 / 6, 3 / 6), hashes=False)   # as `merge --checkpoints` has it
+    merge_checkpoints(refs, manual.weights, tmp_path / "local", recipe=manual, hash_inputs=True)
+    merge_checkpoints(refs, manual.weights, tmp_path / "spread", recipe=manual, hash_inputs=True, executor=Spread(2))
+    local, spread = (yaml.safe_load((tmp_path / name / "recipe.yaml").read_text()) for name in ("local", "spread"))
+    assert [c["sha256"] for c in spread["checkpoints"]] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    assert spread["checkpoints"] == local["checkpoints"]   # sha256, quick hash and size alike
+    assert _tensors(tmp_path / "local").keys() == _tensors(tmp_path / "spread").keys()
+
+    recipe = load_recipe(tmp_path / "spread" / "recipe.yaml")
+    merge(recipe, tmp_path / "again", verify="full", executor=Spread(2))   # every sha256 matches
+    data = bytearray(paths[1].read_bytes())
+    data[-1] ^= 0xFF                         # the same size, a changed last byte: only a full hash sees it
+    paths[1].write_bytes(bytes(data))
+    with pytest.raises(MergeError, match=r"step_2\.safetensors: sha256 differs"):
+        merge(recipe, tmp_path / "changed", verify="full", executor=Spread(2))
+    assert not (tmp_path / "changed").exists()
 
 
 def test_issue22_sketch_units_give_the_sketches_of_the_local_pass(tmp_path: Path, monkeypatch) -> None:

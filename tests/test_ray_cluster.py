@@ -417,3 +417,32 @@ def test_issue22_analyze_on_ray_through_503s_counts_the_workers_retries(tmp_path
     doc = json.loads(capsys.readouterr().out)
     assert fault.hits == 3 and doc["io"]["s3"]["retries"] == 3
     assert json.dumps(doc["similarity"], sort_keys=True) == json.dumps(expected["similarity"], sort_keys=True)
+
+
+def test_issue22_sha256_on_ray_hashes_bucket_inputs_on_the_workers(tmp_path: Path, ray_cluster: str, s3_server,
+                                                                   s3_bucket, capsys: pytest.CaptureFixture) -> None:
+    """`merge --sha256 --executor ray` from a bucket: one hash unit per input file, on the workers, records each
+    object's `sha256sum`; `merge RECIPE --verify full --executor ray` then checks them there and merges."""
+    import hashlib
+
+    import yaml
+
+    from conftest import upload_tree
+
+    paths = make_inputs(tmp_path / "in", 3)
+    url = upload_tree(tmp_path / "in", s3_server.endpoint, s3_bucket, "in")
+    remote = [f"{url}/{p.name}" for p in paths]
+    ray = ["--executor", "ray", "--ray-address", ray_cluster]
+    assert main(["merge", "--checkpoints", *remote, "--sha256", "-o", str(tmp_path / "out"), *ray]) == 0
+    recipe = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    assert [c["sha256"] for c in recipe["checkpoints"]] == [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+    assert [c["path"] for c in recipe["checkpoints"]] == remote
+    capsys.readouterr()
+    s3_server.counts.reset()
+    assert main(["merge", str(tmp_path / "out" / "recipe.yaml"), "--verify", "full", "-o", str(tmp_path / "again"),
+                 "--json", *ray]) == 0
+    total = sum(p.stat().st_size for p in paths)
+    io = json.loads(capsys.readouterr().out)["io"]["s3"]    # the workers' reads, added to the driver's
+    assert io["bytes_read"] == s3_server.counts.get_bytes               # every worker's read is counted
+    assert 1.95 * total <= io["bytes_read"] <= 2.05 * total   # once by the hash units, once by the merge's units
+    assert_bit_identical(tmp_path / "out", tmp_path / "again")

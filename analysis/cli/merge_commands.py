@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 @click.option("--no-verify", "no_verify", is_flag=True, help="Same as --verify none.")
 @click.option("--sha256", "hash_inputs", is_flag=True,
               help="Record the sha256 of inputs the recipe has none for (--checkpoints, a mergekit config) in the recipe "
-                   "written beside the merge, hashed in the merge's own read pass (~1 GB/s a core); by default their "
-                   "size and quick hash only.")
+                   "written beside the merge, hashed in the merge's own read pass (~1 GB/s a core; with --executor ray, "
+                   "by one task per file on the cluster); by default their size and quick hash only.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder that an earlier merge wrote, or an empty one "
               "(atomically, once the merge is complete); never anything else.")
 @click.option("--out-shard-size", help="Shard the output at this size, e.g. 2GB (default: as the newest input).")

@@ -78,18 +78,15 @@ class UnitResult:
     seconds: float
 
 
-def check_supported(out_format: str, hash_inputs: bool) -> None:
+def check_supported(out_format: str) -> None:
     """Refuse what only the local merge does, before anything is read.
 
     Raises:
-        InvalidArgument: a torch output format (one file, not shards) or ``--sha256`` (hashed in the local read pass).
+        InvalidArgument: a torch output format (one file, which one process writes, not shards).
     """
     if out_format != "safetensors":
         raise InvalidArgument(f"--out-format {out_format} writes one file, which one process writes: use --executor "
                               "local (a cluster merge writes safetensors shards)")
-    if hash_inputs:
-        raise InvalidArgument("--sha256 hashes the inputs in the local merge's read pass: use --executor local, or "
-                              "record it later with `export --format ckpt-select`")
 
 
 def cost(info: TensorInfo, inputs: Sequence[str]) -> int:

@@ -24,7 +24,9 @@ older inputs, a pickle's bytes, which torch reads) is read and hashed in file or
 at the end. So the recipe written beside the merge records the true ``sha256sum`` of every input
 file, never a partial hash under that name, while each tensor byte is read once. The quick hash
 is taken from the same bytes. The ``ckpt_select_recipe_sha256`` marker in the output's header
-hashes the recipe as the merge began: the header is written before the read pass ends.
+hashes the recipe as the merge began: the header is written before the read pass ends. A merge on
+an executor (a Ray cluster) has no single read pass: its inputs are hashed by units of one file
+each, after the shard units (:mod:`analysis.merge.hash_units`), and ``--verify full`` hashes there too.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from ..inputs import normalize_weights
 from .plan import check_same_layout, output_layout
 from .read import ReadHashes
 from . import distributed
+from .hash_units import hash_files, sha256_of
 from .verify import (DISK_MARGIN_BYTES, MergePlan, check_disk, check_target, project, resolve_inputs, verify_inputs,
                      verify_mode)
 
@@ -125,7 +128,8 @@ def merge(recipe: Recipe, out_dir: Path, *, verify: bool | str = "quick", progre
     mode = verify_mode(verify)
     share = 0.5 if mode == "full" else 0.0
     refs = resolve_inputs(recipe)
-    verify_inputs(recipe, _scaled(progress, 0.0, share), mode, refs)
+    verify_inputs(recipe, _scaled(progress, 0.0, share), mode, refs,
+                  sha256_of(executor) if executor is not None else None)
     found = [ref or checkpoint_ref(e.path, e.step) for ref, e in zip(refs, recipe.checkpoints)]
     return merge_checkpoints(found, recipe.weights, out_dir, recipe.output_dtype, recipe,
                              _scaled(progress, share, 1.0), force=force, out_shard_size=out_shard_size,
@@ -179,7 +183,7 @@ def merge_checkpoints(refs: Sequence[CheckpointRef], weights: Sequence[float], o
     out_format = out_format or recipe.output_format
     recipe = replace(recipe, output_format=out_format)   # the recipe beside the merge says which file it holds
     if executor is not None:
-        distributed.check_supported(out_format, hash_inputs)
+        distributed.check_supported(out_format)
     nonfinite = _NonFinite(refs)
     with ExitStack() as stack:
         handles = [stack.enter_context(open_checkpoint(r.path, r.layout)) for r in refs]
@@ -408,14 +412,17 @@ def _write(tmp: Path, handles, weights, layout: list[TensorInfo], plan: OutputPl
     # keeps the newest input's own names so it loads where that checkpoint loaded.
     # A hashing thread only when there is something to hash (--sha256 and inputs the recipe has no sha256 for).
     unhashed = _unhashed_files(recipe, refs) if hash_inputs else []
-    with ReadHashes(unhashed) if unhashed else nullcontext() as hashes:
-        if executor is None:
+    if executor is not None:   # the units write the shards; the index is written once all of them succeeded
+        size = distributed.run_units(executor, tmp, handles, refs, weights, layout, plan, metadata, output_dtype,
+                                     _scaled(progress, 0.0, 0.5) if unhashed else progress, nonfinite, bucket)
+        # no single read pass to hash from: one unit per file, spread over the cluster (hash_units.py)
+        digests = hash_files(executor, unhashed, _scaled(progress, 0.5, 1.0)) if unhashed else None
+        recipe = _with_read_hashes(recipe, refs, digests) if digests else _with_quick_hashes(recipe, refs)
+    else:
+        with ReadHashes(unhashed) if unhashed else nullcontext() as hashes:
             blocks = _stored_blocks(handles, weights, layout, progress, hashes, nonfinite)
             size = write_output(tmp, plan, blocks, metadata, output_dtype, on_file)
-        else:   # the units write the shards; the index is written once all of them succeeded
-            size = distributed.run_units(executor, tmp, handles, refs, weights, layout, plan, metadata, output_dtype,
-                                         progress, nonfinite, bucket)
-        recipe = _with_read_hashes(recipe, refs, hashes.finish()) if hashes else _with_quick_hashes(recipe, refs)
+            recipe = _with_read_hashes(recipe, refs, hashes.finish()) if hashes else _with_quick_hashes(recipe, refs)
     if recipe_text:
         (tmp / RECIPE_FILE).write_text(dump_recipe(recipe))
         (tmp / MERGEKIT_FILE).write_text(dump_mergekit(recipe, newest=handles[-1].tensors()))

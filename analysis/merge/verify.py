@@ -18,8 +18,8 @@ from typing import Callable, Sequence
 from ..checkpoints import CheckpointHandle, TensorInfo, open_checkpoint
 from ..checkpoints.location import locate
 from ..errors import AnalysisError, InvalidArgument, MergeError
-from ..hashing import checkpoint_etag, checkpoint_quick_hash, checkpoint_sha256
-from ..recipe import Recipe
+from ..hashing import checkpoint_etag, checkpoint_quick_hash, checkpoint_sha256, combine_sha256
+from ..recipe import Recipe, RecipeEntry
 from ..remote import RemotePath
 from ..run import MERGE_MARKER_KEY, CheckpointRef, checkpoint_ref
 from ..targets import storage_errors, written_by_ckpt_select
@@ -54,7 +54,8 @@ def resolve_inputs(recipe: Recipe) -> list[CheckpointRef | None]:
 
 
 def verify_inputs(recipe: Recipe, progress: Progress | None = None, mode: str = "full",
-                  refs: Sequence[CheckpointRef | None] | None = None) -> None:
+                  refs: Sequence[CheckpointRef | None] | None = None,
+                  sha256_of: Callable[[Sequence[Path]], dict[Path, str]] | None = None) -> None:
     """Check every input against the recipe: present, same size, same hash.
 
     A remote input recorded with its ETag (issue 22) is checked by size and ETag in ``quick`` mode
@@ -62,7 +63,9 @@ def verify_inputs(recipe: Recipe, progress: Progress | None = None, mode: str = 
     ``quick`` compares the quick hash; a recipe written before quick hashes existed falls
     back to its sha256, so old recipes are checked as thoroughly as before. ``full`` compares the
     sha256, or the quick hash of an entry recorded without one (a merge without ``--sha256``). ``refs``: the
-    inputs as :func:`resolve_inputs` found them (resolved here when not given).
+    inputs as :func:`resolve_inputs` found them (resolved here when not given). ``sha256_of``: hashes
+    a list of files at once (on a cluster, see :func:`analysis.merge.hash_units.sha256_of`); by default
+    each checkpoint is hashed here in turn, with progress.
 
     Raises:
         MergeError: naming each changed or missing input.
@@ -70,12 +73,11 @@ def verify_inputs(recipe: Recipe, progress: Progress | None = None, mode: str = 
     if verify_mode(mode) == "none":
         return
     refs = resolve_inputs(recipe) if refs is None else refs
-    problems = []
-    for index, (entry, ref) in enumerate(zip(recipe.checkpoints, refs)):
+    problems, to_hash = [], []
+    for entry, ref in zip(recipe.checkpoints, refs):
         if ref is None:
             problems.append(f"{entry.path}: missing")
-            continue
-        if entry.size_bytes and ref.size_bytes != entry.size_bytes:
+        elif entry.size_bytes and ref.size_bytes != entry.size_bytes:
             problems.append(f"{entry.path}: {ref.size_bytes} bytes, the recipe says {entry.size_bytes} (the file changed)")
         elif entry.etag and checkpoint_etag(ref.files) != entry.etag:
             problems.append(f"{entry.path}: ETag differs from the recipe (the object was rewritten)")
@@ -84,10 +86,22 @@ def verify_inputs(recipe: Recipe, progress: Progress | None = None, mode: str = 
         elif (mode == "quick" or not entry.sha256) and entry.quick_hash:   # full, no sha256 recorded: quick
             if checkpoint_quick_hash(ref.files) != entry.quick_hash:
                 problems.append(f"{entry.path}: quick hash differs from the recipe (the file changed)")
-        elif entry.sha256 and checkpoint_sha256(ref.files, _part(progress, index, len(recipe.checkpoints))) != entry.sha256:
-            problems.append(f"{entry.path}: sha256 differs from the recipe (the file changed)")
+        elif entry.sha256:
+            to_hash.append((entry, ref))
+    digests = _sha256s(to_hash, progress, sha256_of)
+    problems += [f"{entry.path}: sha256 differs from the recipe (the file changed)"
+                 for (entry, _), digest in zip(to_hash, digests) if digest != entry.sha256]
     if problems:
         raise MergeError("inputs do not match the recipe: " + "; ".join(problems))
+
+
+def _sha256s(entries: list[tuple[RecipeEntry, CheckpointRef]], progress: Progress | None,
+             sha256_of: Callable[[Sequence[Path]], dict[Path, str]] | None) -> list[str]:
+    """Each checkpoint's sha256 (as :func:`analysis.hashing.checkpoint_sha256` combines its files')."""
+    if sha256_of is not None:
+        digests = sha256_of([f for _, ref in entries for f in ref.files]) if entries else {}
+        return [combine_sha256({f: digests[f] for f in ref.files}) for _, ref in entries]
+    return [checkpoint_sha256(ref.files, _part(progress, index, len(entries))) for index, (_, ref) in enumerate(entries)]
 
 
 def _part(progress: Progress | None, index: int, count: int) -> Progress | None:
