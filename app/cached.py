@@ -12,7 +12,7 @@ import streamlit as st
 
 import state
 from analysis.errors import AnalysisError
-from analysis.executors import Executor, make_executor
+from analysis.executors import Executor, Resources, make_executor
 from analysis.evaluate import Evaluator, check_evaluator_allowed, load_evaluator
 from analysis.merge import MergeResult, merge_recipe
 from analysis.recipe import Recipe, dump_mergekit, dump_recipe, recipe_for_selection
@@ -232,11 +232,15 @@ def _evaluator(spec: str, path: str, stamp: str, on_disk: bool = False) -> Evalu
 
     ``hf-lm:VAL.txt`` takes its model and tokenizer from the run, hence the run in the key. ``on_disk``
     keeps its scores in the score store ``recommend --eval-cache`` uses (its own cached object, so
-    turning it off stops writing).
+    turning it off stops writing). With ``ui --executor ray`` its evaluations are tasks on the cluster,
+    each with ``--eval-gpus`` GPUs, as ``recommend --eval --executor ray`` runs them (issue 22).
     """
     loaded = load_evaluator(spec, run=run(path, stamp))
     if on_disk:
         loaded.persist()
+    address = state.cluster_address()
+    if address is not None:
+        loaded.distribute(cluster(address), Resources(num_gpus=state.eval_gpus()))
     return loaded
 
 

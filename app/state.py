@@ -43,6 +43,14 @@ def cluster_address() -> str | None:
     return value.removeprefix("ray@") if value.startswith("ray@") else None
 
 
+def eval_gpus() -> float:
+    """GPUs each evaluation on the cluster asks for (``ui --eval-gpus``; 0 when not given or unreadable)."""
+    try:
+        return max(float(os.environ.get("CKPT_SELECT_EVAL_GPUS") or 0), 0.0)
+    except ValueError:
+        return 0.0
+
+
 _storage_options_applied: list[str] = []
 
 

@@ -202,3 +202,19 @@ def test_issue22_only_the_ray_executor_module_imports_ray() -> None:
             if any(n == "ray" or n.startswith("ray.") for n in names):
                 importers.append(path.relative_to(REPO).as_posix())
     assert sorted(set(importers)) == ["analysis/executors/ray_cluster.py"]
+
+
+def test_issue22_ui_hands_the_cluster_and_eval_gpus_to_the_server_only_with_executor_ray(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``ui`` replaces itself with the server; what it hands over is what the app's executor and evaluator read."""
+    import os
+
+    seen: list[dict] = []
+    monkeypatch.setattr(os, "execve", lambda path, args, env: seen.append(env))
+    monkeypatch.setenv("CKPT_SELECT_EXECUTOR", "ray@inherited:1")   # inherited: must not count
+    monkeypatch.setenv("CKPT_SELECT_EVAL_GPUS", "8")
+    assert main(["ui", str(tmp_path)]) == 0
+    assert main(["ui", str(tmp_path), "--executor", "ray", "--ray-address", "10.0.0.1:6379", "--eval-gpus", "0.5"]) == 0
+    assert "CKPT_SELECT_EXECUTOR" not in seen[0] and "CKPT_SELECT_EVAL_GPUS" not in seen[0]
+    assert seen[1]["CKPT_SELECT_EXECUTOR"] == "ray@10.0.0.1:6379" and seen[1]["CKPT_SELECT_EVAL_GPUS"] == "0.5"
+    assert main(["ui", str(tmp_path), "--eval-gpus", "-1"]) == 2

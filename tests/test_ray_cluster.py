@@ -446,3 +446,45 @@ def test_issue22_sha256_on_ray_hashes_bucket_inputs_on_the_workers(tmp_path: Pat
     assert io["bytes_read"] == s3_server.counts.get_bytes               # every worker's read is counted
     assert 1.95 * total <= io["bytes_read"] <= 2.05 * total   # once by the hash units, once by the merge's units
     assert_bit_identical(tmp_path / "out", tmp_path / "again")
+
+
+def test_issue22_the_app_searches_with_the_evaluator_on_the_cluster(tmp_path: Path, ray_cluster: str,
+                                                                     monkeypatch) -> None:
+    """`ui --executor ray`: the Merge page's evaluator search runs its evaluations as tasks on the cluster (each
+    evaluation records the pid that ran it: none is the server's) and finds what the local search finds."""
+    from streamlit.testing.v1 import AppTest
+
+    from analysis.evaluate import load_evaluator
+    from analysis.selection import RecommendConfig, recommend
+    from analysis.signals import assess_run
+
+    run = write_tiny_run(tmp_path / "run", list(range(50, 650, 50)), spike_steps=(298,))
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    evaluator = tmp_path / "ev.py"   # best: the average whose bias is nearest the tiny run's at step 575
+    evaluator.write_text("import os, uuid\nfrom pathlib import Path\n\n\ndef evaluate(state):\n"
+                         f"    (Path({str(pids)!r}) / f'{{os.getpid()}}-{{uuid.uuid4().hex}}').touch()\n"
+                         "    return abs(float(state['layer.bias'].float().mean()) - 5.75)\n")
+    spec = f"{evaluator}:evaluate"
+    monkeypatch.setenv("CKPT_SELECT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("CKPT_SELECT_CACHE_DIR", str(tmp_path / "cache"))
+    expected = recommend(assess_run(open_run(run)), RecommendConfig(max_evals=9), load_evaluator(spec))
+    local_pids = {p.name.split("-")[0] for p in pids.iterdir()}
+    assert local_pids == {str(os.getpid())}
+    for p in pids.iterdir():
+        p.unlink()
+
+    monkeypatch.setenv("CKPT_SELECT_RUN", str(run))
+    monkeypatch.setenv("CKPT_SELECT_EXECUTOR", f"ray@{ray_cluster}")
+    monkeypatch.setenv("CKPT_SELECT_EVAL_GPUS", "0")
+    monkeypatch.delenv("CKPT_SELECT_ROOT", raising=False)
+    at = AppTest.from_file(str(REPO / "app" / "streamlit_app.py"), default_timeout=120)
+    at.run()
+    at.switch_page("views/merge.py").run()
+    at.text_input(key="eval_spec").set_value(spec).run()
+    at.number_input(key="search_budget").set_value(9).run()
+    at.button(key="search_button").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert f"The recommendation on every page is now this search's: {expected.summary}" in [c.value for c in at.caption]
+    ran_in = {p.name.split("-")[0] for p in pids.iterdir()}
+    assert ran_in and str(os.getpid()) not in ran_in     # every evaluation ran in a Ray worker

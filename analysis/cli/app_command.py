@@ -50,9 +50,11 @@ def app_script() -> Path:
               help="Where the app's similarity pass runs: this process, or tasks on a Ray cluster (docs/cluster.md).")
 @click.option("--ray-address", default="auto", show_default=True, metavar="ADDRESS",
               help="--executor ray: the cluster (auto, local, or HOST:PORT).")
+@click.option("--eval-gpus", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="--executor ray: GPUs each of the Merge page's evaluations asks the cluster for.")
 @_storage_options
 def ui(run_path: Path | None, root: Path | None, evaluators: tuple[str, ...], port: int, address: str | None,
-       open_browser: bool, allow_prune: bool, executor: str, ray_address: str) -> None:
+       open_browser: bool, allow_prune: bool, executor: str, ray_address: str, eval_gpus: float = 0.0) -> None:
     """Serve the web app (Streamlit) on RUN.
 
     Headless unless --open-browser: nothing is asked on the terminal, so it also runs from
@@ -72,8 +74,10 @@ def ui(run_path: Path | None, root: Path | None, evaluators: tuple[str, ...], po
     if _OPTIONS.get("storage_options"):   # in the server's environment only, never on its command line
         env["CKPT_SELECT_STORAGE_OPTIONS"] = _OPTIONS["storage_options"]
     env.pop("CKPT_SELECT_EXECUTOR", None)
+    env.pop("CKPT_SELECT_EVAL_GPUS", None)
     if executor == "ray":   # the server joins the cluster itself; this process only hands it the address
         env["CKPT_SELECT_EXECUTOR"] = f"ray@{ray_address}"
+        env["CKPT_SELECT_EVAL_GPUS"] = f"{eval_gpus:g}"
     env.pop("CKPT_SELECT_ALLOW_PRUNE", None)   # only this flag allows it, never an inherited variable
     if allow_prune:
         env["CKPT_SELECT_ALLOW_PRUNE"] = "1"
