@@ -16,6 +16,7 @@ import csv
 import json
 import math
 import shutil
+import statistics
 import warnings
 from pathlib import Path
 
@@ -177,6 +178,52 @@ def test_issue21_on_a_steeply_falling_loss_the_advice_is_no_worse_than_the_last_
     old = {n: sum(load_file(hf_weights_only / f"checkpoint-{s}" / "model.safetensors")[n] for s in (30, 40, 50, 60)) / 4
            for n in last}
     assert _trainer_eval_loss(hf_weights_only, old, tmp_path) > last_loss
+
+
+def _exact_update_cosines(states: list[dict[str, torch.Tensor]]) -> list[float]:
+    """cos(θ_k − θ_(k−1), θ_(k−1) − θ_(k−2)) over every floating tensor, in float64, for k = 2, 3, ..."""
+    flat = [torch.cat([s[n].double().flatten() for n in sorted(s) if s[n].is_floating_point()]) for s in states]
+    deltas = [b - a for a, b in zip(flat, flat[1:])]
+    return [float(torch.nn.functional.cosine_similarity(new, old, dim=0)) for old, new in zip(deltas, deltas[1:])]
+
+
+def test_issue21_a_run_still_travelling_one_way_gets_the_guard_at_once_its_noise(hf_weights_only: Path) -> None:
+    """Consecutive updates of the constant-LR Trainer run point the same way (cosine > 0, from the sketch pass,
+    as the full weights give it): the falling-loss guard then acts at 1 x the trend noise, and says why."""
+    from analysis.selection.eligibility import choose_window, drift_cosine
+    from analysis.selection.recommendation import RecommendConfig
+
+    signals = assess_run(open_run(hf_weights_only))
+    states = [load_file(c.ref.path / "model.safetensors") for c in signals.checkpoints]
+    exact = _exact_update_cosines(states)
+    sketched = [c.update_cosine for c in signals.checkpoints]
+    assert sketched[:2] == [None, None]
+    assert sketched[2:] == pytest.approx(exact, abs=0.02)
+    eligible = [c for c in signals.checkpoints if c.eligible]
+    assert drift_cosine(eligible) == pytest.approx(statistics.median(exact[-5:]), abs=0.02)
+    assert drift_cosine(eligible) > 0
+    window = choose_window(eligible, RecommendConfig())
+    assert window.drift == pytest.approx(drift_cosine(eligible)) and window.size == 1
+    assert "while the weights still travel one way (median cosine of consecutive updates +" in window.why_stop
+
+
+def test_issue21_a_run_whose_updates_alternate_keeps_the_guard_at_twice_its_noise(sample_run: Path) -> None:
+    """The bundled run (2,880 steps, near its minimum): consecutive updates point apart (median cosine ≤ 0),
+    so without Adam's state the val band's guard keeps its 2 x margin; the cosines match the full weights."""
+    from dataclasses import replace
+
+    from analysis.selection.eligibility import choose_window, drift_cosine
+    from analysis.selection.recommendation import RecommendConfig
+
+    signals = assess_run(open_run(sample_run))
+    newest = signals.checkpoints[-4:]
+    states = [torch.load(c.ref.path, weights_only=True, map_location="cpu") for c in newest]
+    states = [s.get("model", s) for s in states]
+    assert [c.update_cosine for c in newest[2:]] == pytest.approx(_exact_update_cosines(states), abs=0.05)
+    eligible = [c for c in replace(signals, noise=None).checkpoints if c.eligible]
+    assert drift_cosine(eligible) <= 0
+    window = choose_window(eligible, RecommendConfig())
+    assert window.drift is None and (window.why_stop is None or "2 x its noise" in window.why_stop)
 
 
 def test_issue21_analyze_lists_one_log_and_no_library_warnings(hf_weights_only: Path,

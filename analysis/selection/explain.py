@@ -162,6 +162,10 @@ def summarize(method: str, chosen: list[CheckpointSignals], weights: tuple[float
                 f"alone; averaging cancels most of the iterate noise ({window.noise:.4f} nats at the newest LR, "
                 f"from Adam's second moments) while their logged {loss_kind(chosen)}es lie {window.lag_cost:.4f} nats above "
                 f"the newest on (weighted) average.")
+    if window.level is not None and window.descent is not None and window.stop_step is not None:
+        return (f"{head}: their logged {loss_kind(chosen)}es lie within noise of the newest level "
+                f"{window.level:.4f}; step {window.stop_step} and older are left out, as the loss still falls "
+                f"{window.descent:.4f} per checkpoint, a descent that averaging would undo.")
     if window.level is not None:
         return (f"{head}: their logged {loss_kind(chosen)}es lie within noise ({window.sigma:.4f}) of the newest "
                 f"level {window.level:.4f}.")

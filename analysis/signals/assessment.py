@@ -68,6 +68,7 @@ class CheckpointSignals:
     lr_saved: bool = False         # ``lr`` came from its saved optimizer state: the logs hold no LR for it
     tokens: float | None = None    # tokens seen at its step, from the logs' token count (issue 24), if logged
     abnormal: str | None = None    # why a layer's weights are in an abnormal state here (issue 25), if they are
+    update_cosine: float | None = None   # cos(update into it, update before that), from the sketches: > 0 drifts
 
     @property
     def eligible(self) -> bool:
@@ -150,7 +151,8 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
     tracker = LayerTracker()
     distances: list[float | None] = []   # save-to-save |Δθ| from the sketches, for rule 4 of run_groups (issue 21)
     cosines: list[float | None] = []     # ... and cos(θ_i, θ_(i+1))
-    previous = None
+    update_cosines: list[float | None] = []   # cos(θ_i − θ_(i−1), θ_(i−1) − θ_(i−2)): drift or noise (the val band's)
+    previous = before = None
     total = max(len(run.checkpoints), 1)
     for index, (ref, val, lr, (layout, saved_lr), seen) in enumerate(zip(run.checkpoints, vals, lrs, headers, tokens)):
         def step_progress(frac: float, msg: str, index: int = index) -> None:
@@ -163,7 +165,8 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
             distance, cosine = sketch_geometry(previous, sketch)
             distances.append(distance)
             cosines.append(cosine)
-        previous = sketch
+        update_cosines.append(update_cosine(before, previous, sketch) if before is not None else None)
+        before, previous = previous, sketch
         health = health_from_sketch(sketch)
         spike, cleared = _contamination(ref.step, val, contaminating, clean_vals)
         items.append(CheckpointSignals(ref, health, val, spike, _mismatch(reference, layout),
@@ -174,7 +177,8 @@ def assess_run(run: Run, spike_config: SpikeConfig = SpikeConfig(), progress: Pr
         tracker = _tracker([ref for ref in run.checkpoints if ref.step > jumps[-1].before_step])
     layers = _layer_report(run, tracker, contaminating, reference)
     abnormal = layers.abnormal()
-    items = [replace(item, abnormal=abnormal.get(item.ref.step)) for item in items]
+    items = [replace(item, abnormal=abnormal.get(item.ref.step), update_cosine=cos)
+             for item, cos in zip(items, update_cosines)]
     items = _apart_from_newest_run(items, jumps[-1]) if jumps else items
     eligible = [item for item in items if item.eligible]
     noise = newest_iterate_noise([item.ref for item in eligible], progress)
@@ -192,6 +196,24 @@ def sketch_geometry(a: CheckpointSketch, b: CheckpointSketch) -> tuple[float | N
     bb = sum(float(b.weights[n] @ b.weights[n]) for n in shared)
     cosine = dot / math.sqrt(aa * bb) if aa > 0 and bb > 0 else None
     return math.sqrt(max(aa + bb - 2 * dot, 0.0)), cosine
+
+
+def update_cosine(a: CheckpointSketch, b: CheckpointSketch, c: CheckpointSketch) -> float | None:
+    """cos(θ_c − θ_b, θ_b − θ_a) over the tensors all three hold with one shape (a CountSketch keeps inner
+    products); None if they share none or a step did not move.
+
+    Around a minimum the iterates' noise makes consecutive updates point apart (≤ 0: averaging cancels it);
+    a run still travelling makes them point the same way (> 0: averaging lags behind it).
+    """
+    shared = [n for n in c.weights if n in b.weights and n in a.weights
+              and a.weights[n].shape == b.weights[n].shape == c.weights[n].shape]
+    if not shared:
+        return None
+    new = [c.weights[n].double() - b.weights[n].double() for n in shared]
+    old = [b.weights[n].double() - a.weights[n].double() for n in shared]
+    dot = sum(float(x @ y) for x, y in zip(new, old))
+    norms = math.sqrt(sum(float(x @ x) for x in new) * sum(float(y @ y) for y in old))
+    return dot / norms if norms > 0 else None
 
 
 def _apart_from_newest_run(items: list[CheckpointSignals], jump: TrajectoryJump) -> list[CheckpointSignals]:
