@@ -51,6 +51,8 @@ def apply_prune(plan: PrunePlan, trash: Path | None = None, *, keep_trash: bool 
     if isinstance(plan.run_path, RemotePath):   # no rename in a bucket: copy server-side, then delete (issue 22)
         from .remote_apply import apply_remote_prune
         return apply_remote_prune(plan, trash, keep_trash=keep_trash, progress=progress)
+    if trash is not None and is_remote(trash):
+        raise PruneRefused(f"{trash}: the trash of a local run must be a folder on its disk, not a URL")
     base = _trash_base(plan, trash, root)
     todo, skipped = still_as_planned(plan.deleted)
     if not todo:
