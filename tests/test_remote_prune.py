@@ -22,7 +22,8 @@ import pytest
 from analysis import unreadable
 from analysis.cli import main
 from analysis.prune import MANIFEST, TRASH_FOLDER, apply_prune, parse_policy, plan_prune
-from analysis.remote import reset_stores
+from analysis.remote import reset_stores, store_for
+from analysis.remote.urls import all_stats, stats_since
 from analysis.run import open_run
 from ckpt_factories import hf_checkpoint
 from conftest import upload_tree, write_tiny_run
@@ -132,9 +133,11 @@ def test_issue22_yes_deletes_exactly_the_planned_objects_without_downloading_the
     assert [i.path.name for i in plan.deleted] == ["checkpoint-100", "checkpoint-200"]
     tripwire = s3_server.inject("GET", rf"^/{s3_bucket}/runs/hf/checkpoint-", times=None)   # any body read fails
     s3_server.counts.reset()
+    io_before = all_stats()
     result = apply_prune(plan)
     s3_server.clear_faults()
     assert tripwire.hits == 0 and s3_server.counts.ranged_gets == 0
+    assert stats_since(io_before)["s3"]["requests"] == sum(s3_server.counts.requests.values())   # io is honest
     assert s3_server.counts.get_bytes < 20_000 < plan.bytes_freed   # listings only: the copies are server-side
     after = _objects(s3_server, s3_bucket, "runs/hf")
     gone = {k for k in before if k.startswith(("checkpoint-100/", "checkpoint-200/"))}
@@ -144,6 +147,27 @@ def test_issue22_yes_deletes_exactly_the_planned_objects_without_downloading_the
     assert not [k for k in after if TRASH_FOLDER in k]
     reset_stores()
     assert [c.step for c in open_run(url).checkpoints] == [300, 400]
+
+
+def test_issue22_a_large_object_is_copied_server_side_in_parts(s3_server, s3_bucket, monkeypatch) -> None:
+    """Above s3fs's managed-copy threshold (150 MiB there, 1 MiB here) Store.copy sends a multipart copy of
+    COPY_PART_BYTES parts: the copy is byte-identical, no byte is downloaded, every request counted."""
+    import s3fs.core
+
+    from analysis.remote import store
+
+    monkeypatch.setattr(s3fs.core, "MANAGED_COPY_THRESHOLD", 1 << 20)
+    monkeypatch.setattr(store, "COPY_PART_BYTES", 5 << 20)
+    body = os.urandom(11 << 20)
+    _client(s3_server).put_object(Bucket=s3_bucket, Key="run/big.safetensors", Body=body)
+    s3_server.counts.reset()
+    remote, key = store_for(f"s3://{s3_bucket}/run/big.safetensors")
+    before = remote.stats.snapshot()["requests"]
+    remote.copy(key, f"{s3_bucket}/trash/big.safetensors", len(body))
+    assert s3_server.counts.get_bytes == 0 and remote.stats.snapshot()["requests"] - before == 5 == \
+        sum(s3_server.counts.requests.values())   # create, 3 part copies, complete
+    copied = _client(s3_server).get_object(Bucket=s3_bucket, Key="trash/big.safetensors")["Body"].read()
+    assert hashlib.sha256(copied).digest() == hashlib.sha256(body).digest()
 
 
 def test_issue22_keep_trash_then_restore_brings_every_object_back(tmp_path, s3_server, s3_bucket, finished,
