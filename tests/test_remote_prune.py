@@ -251,3 +251,32 @@ def test_issue22_a_request_failing_midway_loses_nothing_and_restore_recovers_all
         assert middle.get(key) == digest or middle.get(f"{trash}/{key}") == digest, key
     assert main(shlex.split(command)[1:]) == 0
     assert _objects(s3_server, s3_bucket, "run") == before
+
+
+def test_issue22_storage_page_prunes_a_run_in_a_bucket(tmp_path, s3_server, s3_bucket, finished, monkeypatch) -> None:
+    """The app's Storage page plans and deletes through the same functions: the bucket loses exactly the plan."""
+    from streamlit.testing.v1 import AppTest
+
+    from analysis.remote import set_storage_options
+    from conftest import REPO
+
+    url = upload_tree(_tiny(tmp_path), s3_server.endpoint, s3_bucket, "runs/tiny")
+    before = _objects(s3_server, s3_bucket, "runs/tiny")
+    set_storage_options(None)   # the app gets them as `ui --storage-options` gives them, in its environment
+    monkeypatch.setenv("CKPT_SELECT_STORAGE_OPTIONS", json.dumps(
+        {"s3": {"endpoint_url": s3_server.endpoint, "key": "testing", "secret": "testing"}}))
+    monkeypatch.setenv("CKPT_SELECT_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("CKPT_SELECT_RUN", url)
+    monkeypatch.delenv("CKPT_SELECT_ROOT", raising=False)
+    at = AppTest.from_file(str(REPO / "app" / "streamlit_app.py"), default_timeout=90)
+    at.run()
+    at.switch_page("views/storage.py").run()
+    assert not at.exception, at.exception
+    at.text_input(key="prune_keep").set_value("newest:3").run()
+    table = at.dataframe[0].value
+    deleted = set(table[table["action"] == "delete"]["checkpoint"])
+    assert len(deleted) == 7 and "named by the recipe" in " ".join(table["why"])   # 12 - 3 newest - 2 in the recipe
+    at.checkbox(key="prune_confirm").check().run()
+    at.button(key="prune_button").click().run()
+    assert not at.exception and "Deleted 7 checkpoints" in at.success[0].value
+    assert _objects(s3_server, s3_bucket, "runs/tiny") == {k: v for k, v in before.items() if k not in deleted}
