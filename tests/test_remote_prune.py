@@ -217,8 +217,12 @@ def test_issue22_a_checkpoint_rewritten_after_the_plan_is_left_in_place(tmp_path
 
 def test_issue22_a_trash_in_another_bucket_is_refused(tmp_path, s3_server, s3_bucket, finished, capsys) -> None:
     """A copy to another bucket (or to disk) is not server-side: one line, exit 2, nothing touched."""
-    url = upload_tree(_tiny(tmp_path), s3_server.endpoint, s3_bucket, "run")
+    local = _tiny(tmp_path)
+    url = upload_tree(local, s3_server.endpoint, s3_bucket, "run")
     before = _objects(s3_server, s3_bucket, "run")
+    assert main(["prune", str(local), "--keep", "newest:1", "--yes", "--trash", f"s3://{s3_bucket}/t"]) == 2
+    assert "the trash of a local run must be a folder on its disk" in capsys.readouterr().err
+    assert len(list((local / "ckpt").iterdir())) == 12
     for trash in ("s3://another-bucket/trash", str(tmp_path / "trash")):
         assert main(["prune", url, "--keep", "newest:1", "--yes", "--trash", trash]) == 2
         err = capsys.readouterr().err.strip()
@@ -280,3 +284,51 @@ def test_issue22_storage_page_prunes_a_run_in_a_bucket(tmp_path, s3_server, s3_b
     at.button(key="prune_button").click().run()
     assert not at.exception and "Deleted 7 checkpoints" in at.success[0].value
     assert _objects(s3_server, s3_bucket, "runs/tiny") == {k: v for k, v in before.items() if k not in deleted}
+
+
+_KILLABLE = """import sys
+from analysis import unreadable
+unreadable.BEING_WRITTEN_SECONDS = 0.0   # as the `finished` fixture: objects uploaded a moment ago count as finished
+from analysis.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_issue22_kill_9_during_a_bucket_prune_loses_no_object(tmp_path, s3_server, s3_bucket) -> None:
+    """kill -9 a real `prune --yes` process at random moments after its manifest: every object of the run stays in
+    place, in the trash or in both, byte-identical, and --restore gives back the run as it was."""
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    from analysis.prune import restore_trash
+    from conftest import REPO
+
+    template = write_tiny_run(tmp_path / "template", list(range(10, 410, 10)))
+    options = json.dumps({"s3": {"endpoint_url": s3_server.endpoint, "key": "testing", "secret": "testing"}})
+    rng, client = random.Random(22), _client(s3_server)
+    for trial in range(4):
+        url = upload_tree(template, s3_server.endpoint, s3_bucket, f"run{trial}")
+        original = _objects(s3_server, s3_bucket, f"run{trial}")
+        proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, "prune", url, "--keep", "newest:2", "--yes",
+                                 *(["--keep-trash"] if trial % 2 else []), "--storage-options", options],
+                                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and not client.list_objects_v2(
+                Bucket=s3_bucket, Prefix=f"run{trial}/{TRASH_FOLDER}/").get("KeyCount"):
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        now = _objects(s3_server, s3_bucket, f"run{trial}")
+        trashes = sorted({k.split("/")[1] for k in now if k.startswith(TRASH_FOLDER + "/")})
+        trashed = {k.split("/", 2)[2]: h for k, h in now.items() if k.startswith(TRASH_FOLDER + "/")}
+        for key, digest in original.items():
+            assert now.get(key) == digest or trashed.get(key) == digest, (trial, key)
+        reset_stores()
+        for trash in trashes:
+            restore_trash(f"{url}/{TRASH_FOLDER}/{trash}")
+        assert _objects(s3_server, s3_bucket, f"run{trial}") == original, trial

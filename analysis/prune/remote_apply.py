@@ -56,7 +56,11 @@ def apply_remote_prune(plan: PrunePlan, trash: Path | str | None = None, *, keep
     restore = f"ckpt-select prune {shlex.quote(run.url)} --restore {shlex.quote(trash_dir.url)}"
     _write_manifest(trash_dir, run, groups, "moving")
     _move_all(todo, groups, trash_dir, run, restore, progress)
-    _write_manifest(trash_dir, run, groups, "moved")
+    try:
+        _write_manifest(trash_dir, run, groups, "moved")
+    except RemoteError as e:
+        raise RemoteError(e.url, f"{e.reason}; every checkpoint moved to the trash, nothing deleted from it; "
+                                 f"restore with: {restore}") from e
     if keep_trash:
         return PruneResult(trash_dir, tuple(todo), tuple(skipped), False, restore)
     _empty(trash_dir, groups, restore)
@@ -159,26 +163,32 @@ def restore_remote_trash(url: str) -> RestoreResult:
     trash = RemotePath(url)
     run, entries = _read_manifest(trash)
     in_trash = trash.store.list_prefix(trash.key)
-    in_run = run.store.list_prefix(run.key)
-    restored, left, done = [], [], []
-    for entry in entries:
-        source, dest = trash / entry["path"], run / entry["path"]
-        if source.key not in in_trash:
-            continue   # never copied (a stop came first), or restored already
-        if dest.key in in_run:
-            if _etag(in_run[dest.key]) != entry.get("etag") or in_run[dest.key].get("size") != entry.get("bytes"):
-                left.append((source, f"{dest.url} exists and differs from it; left in the trash"))
-                continue
-        else:
-            trash.store.copy(source.key, dest.key, int(in_trash[source.key].get("size") or 0))
-            restored.append(dest)
-        done.append(source.key)
+    restored, left, done = _copy_back(trash, run, entries, in_trash)
     _check_restored(run, restored, in_trash, trash)
     if not left:
         trash.store.remove(done)
         trash.store.remove([(trash / MANIFEST).key])
     run.refresh()
     return RestoreResult(trash, tuple(restored), tuple(left))
+
+
+def _copy_back(trash: RemotePath, run: RemotePath, entries: list[dict], in_trash: dict[str, dict]
+               ) -> tuple[list[RemotePath], list[tuple[RemotePath, str]], list[str]]:
+    """(objects copied back, trash copies left with why, trash keys no longer needed) for the manifest's entries."""
+    in_run = run.store.list_prefix(run.key)
+    restored, left, done = [], [], []
+    for entry in entries:
+        source, dest = trash / entry["path"], run / entry["path"]
+        if source.key not in in_trash:
+            continue   # never copied (a stop came first), or restored already
+        if dest.key not in in_run:
+            trash.store.copy(source.key, dest.key, int(in_trash[source.key].get("size") or 0))
+            restored.append(dest)
+        elif (_etag(in_run[dest.key]), in_run[dest.key].get("size")) != (entry.get("etag"), entry.get("bytes")):
+            left.append((source, f"{dest.url} exists and differs from it; left in the trash"))
+            continue
+        done.append(source.key)
+    return restored, left, done
 
 
 def _read_manifest(trash: RemotePath) -> tuple[RemotePath, list[dict]]:
