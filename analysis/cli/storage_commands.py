@@ -94,7 +94,7 @@ def storage(params: float | None, config_path: Path | None, dtype: str | None, o
 
 
 @cli.command("prune")
-@click.argument("run_path", metavar="RUN", type=click.Path(path_type=Path))
+@click.argument("run_path", metavar="RUN", type=PATH_OR_URL)
 @click.option("--keep", "keep", multiple=True, metavar="POLICY",
               help="What to keep, most important first: window[+N] (the recommended averaging window, N more on "
                    "each side), newest:K, every:M (milestone steps), optimizer[:K] (newest with optimizer state); "
@@ -102,12 +102,14 @@ def storage(params: float | None, config_path: Path | None, dtype: str | None, o
 @click.option("--budget", help="Keep at most this many bytes, e.g. 2TB: the --keep terms fill it in their order.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and change nothing (the default).")
 @click.option("--yes", is_flag=True, help="Delete: move to the trash, then empty it once every move succeeded.")
-@click.option("--trash", type=click.Path(path_type=Path),
-              help="Trash folder, on the run's disk (default RUN/.ckpt-select-trash); each prune in a <UTC time> subfolder.")
+@click.option("--trash", type=PATH_OR_URL,
+              help="Trash folder, on the run's disk (default RUN/.ckpt-select-trash; a run in a bucket: a prefix of "
+                   "that bucket); each prune in a <UTC time> subfolder.")
 @click.option("--keep-trash", is_flag=True, help="With --yes: leave the checkpoints in the trash (restorable), free nothing yet.")
-@click.option("--restore", "restore", type=click.Path(path_type=Path), metavar="TRASH_DIR",
+@click.option("--restore", "restore", type=PATH_OR_URL, metavar="TRASH_DIR",
               help="Move the checkpoints of an earlier prune's trash folder back into the run.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@_storage_options
 @_naming_a_file_run
 def prune_cmd(run_path: Path, keep: tuple[str, ...], budget: str | None, dry_run: bool, yes: bool, trash: Path | None,
               keep_trash: bool, restore: Path | None, as_json: bool) -> None:

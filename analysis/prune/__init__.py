@@ -3,7 +3,8 @@
 ``policy`` parses ``--keep window+2,newest:3,every:1000,optimizer`` and ``--budget 2TB``; ``guards``
 holds the rules that protect files whatever the policy says (the newest, one being written, one a
 recipe names, anything not a checkpoint); ``plan`` decides each checkpoint's fate with its reasons;
-``apply`` moves to the trash, deletes once every move succeeded, and restores; ``report`` is the
+``apply`` moves to the trash, deletes once every move succeeded, and restores (``remote_apply`` does it
+for a run in a bucket by server-side copies and deletes; ``results`` holds what both report); ``report`` is the
 document the CLI prints and the Storage page draws. Nothing imports this package but the front ends.
 """
 

@@ -12,48 +12,20 @@ import os
 import shlex
 import shutil
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from ..errors import AnalysisError, InvalidArgument, OutputError
+from ..errors import InvalidArgument, OutputError
 from ..paths import resolve_within
+from ..remote import RemotePath, is_remote
 from ..targets import fsync_folder
-from .guards import TRASH_FOLDER, recently_changed, stamp
-from .plan import PruneItem, PrunePlan
+from .guards import TRASH_FOLDER, still_as_planned
+from .plan import PrunePlan
+from .results import MANIFEST, PruneRefused, PruneResult, RestoreResult, check_prune_allowed
 
-MANIFEST = "ckpt-select-prune.json"
-
-
-class PruneRefused(AnalysisError):
-    """A prune the app may not do (``ui --root`` without ``--allow-prune``), or a trash folder refused."""
-
-
-@dataclass(frozen=True, slots=True)
-class PruneResult:
-    """What a prune did: where the trash is, what moved, what was left and why, whether it was emptied."""
-
-    trash_dir: Path | None
-    moved: tuple[PruneItem, ...]
-    skipped: tuple[tuple[PruneItem, str], ...]
-    emptied: bool                 # the trash was deleted (the bytes are free); else the files wait there
-    restore_command: str | None   # how to move them back, while they are in the trash
-
-    @property
-    def bytes_freed(self) -> int:
-        return sum(i.size_bytes for i in self.moved) if self.emptied else 0
-
-
-def check_prune_allowed(root: Path | None, allow_prune: bool) -> None:
-    """The app confined to ``root`` (``ui --root``) deletes nothing unless started with ``--allow-prune``.
-
-    Raises:
-        PruneRefused: a root is set and pruning was not allowed.
-    """
-    if root is not None and not allow_prune:
-        raise PruneRefused(f"{root}: deleting checkpoints is off in an app confined with --root; start it with "
-                           "`ckpt-select ui --root DIR --allow-prune` to allow it, or run `ckpt-select prune`")
+__all__ = ["MANIFEST", "PruneRefused", "PruneResult", "RestoreResult", "apply_prune", "check_prune_allowed",
+           "restore_trash"]
 
 
 def apply_prune(plan: PrunePlan, trash: Path | None = None, *, keep_trash: bool = False, root: Path | None = None,
@@ -65,7 +37,8 @@ def apply_prune(plan: PrunePlan, trash: Path | None = None, *, keep_trash: bool 
 
     Args:
         plan: from :func:`plan_prune`.
-        trash: the trash folder (default ``RUN/.ckpt-select-trash``); on the run's file system.
+        trash: the trash folder (default ``RUN/.ckpt-select-trash``); on the run's file system (a run in a
+            bucket: a prefix in the same bucket, see :mod:`.remote_apply`).
         keep_trash: leave the moved checkpoints in the trash (restore with the printed command).
         root, allow_prune: the app's ``--root`` and ``--allow-prune`` (None, as on the command line: allowed).
         progress: ``progress(fraction, message)`` after each move.
@@ -75,8 +48,13 @@ def apply_prune(plan: PrunePlan, trash: Path | None = None, *, keep_trash: bool 
         OutputError: a move or the deletion failed (what moved stays in the trash; the message says how to restore).
     """
     check_prune_allowed(root, allow_prune)
+    if isinstance(plan.run_path, RemotePath):   # no rename in a bucket: copy server-side, then delete (issue 22)
+        from .remote_apply import apply_remote_prune
+        return apply_remote_prune(plan, trash, keep_trash=keep_trash, progress=progress)
+    if trash is not None and is_remote(trash):
+        raise PruneRefused(f"{trash}: the trash of a local run must be a folder on its disk, not a URL")
     base = _trash_base(plan, trash, root)
-    todo, skipped = _still_as_planned(plan.deleted)
+    todo, skipped = still_as_planned(plan.deleted)
     if not todo:
         return PruneResult(None, (), tuple(skipped), False, None)
     trash_dir = base / f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
@@ -107,18 +85,6 @@ def _trash_base(plan: PrunePlan, trash: Path | None, root: Path | None) -> Path:
         raise PruneRefused(f"{base}: on another file system than the run {run}; a move there would be a copy, "
                            "which a crash could leave half done. Choose a trash folder on the same disk")
     return base
-
-
-def _still_as_planned(items: tuple[PruneItem, ...]) -> tuple[list[PruneItem], list[tuple[PruneItem, str]]]:
-    """Items unchanged since the plan, and those left in place with the reason."""
-    todo, skipped = [], []
-    for item in items:
-        fresh = recently_changed(item.moves)
-        if fresh or stamp(item.moves) != item.stamp or not all(u.exists() for u in item.moves):
-            skipped.append((item, fresh or "changed since the plan: left in place; plan again"))
-        else:
-            todo.append(item)
-    return todo, skipped
 
 
 def _move_all(moves: list[tuple[Path, Path]], trash_dir: Path, restore: str,
@@ -173,17 +139,7 @@ def _write_manifest(trash_dir: Path, run: Path, moves: list[tuple[Path, Path]], 
 
 
 
-
-@dataclass(frozen=True, slots=True)
-class RestoreResult:
-    """What a restore moved back, and what it left in the trash and why."""
-
-    trash_dir: Path
-    restored: tuple[Path, ...]
-    left: tuple[tuple[Path, str], ...]
-
-
-def restore_trash(trash_dir: Path, *, root: Path | None = None, allow_prune: bool = False) -> RestoreResult:
+def restore_trash(trash_dir: Path | str, *, root: Path | None = None, allow_prune: bool = False) -> RestoreResult:
     """Move every checkpoint of a prune's trash folder back where it was; never over an existing file.
 
     Raises:
@@ -191,6 +147,9 @@ def restore_trash(trash_dir: Path, *, root: Path | None = None, allow_prune: boo
         PruneRefused: under the app's root without allow_prune.
     """
     check_prune_allowed(root, allow_prune)
+    if is_remote(trash_dir):
+        from .remote_apply import restore_remote_trash
+        return restore_remote_trash(str(trash_dir))
     trash_dir = resolve_within(trash_dir, root)
     try:
         doc = json.loads((trash_dir / MANIFEST).read_text())
