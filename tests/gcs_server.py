@@ -172,10 +172,21 @@ class GcsServer:
         self._call("POST", "/storage/v1/b?project=test", json.dumps({"name": name}).encode(), "application/json")
 
     def put_object(self, bucket: str, key: str, data: bytes) -> dict:
-        """One media upload of ``data`` as ``gs://bucket/key``; the object's resource (generation, etag, size)."""
+        """One media upload of ``data`` as ``gs://bucket/key``; the object's resource (generation, etag, size).
+        An empty object (a console "folder" ``name/``) goes as a multipart upload: the emulator's media
+        upload needs a body."""
+        if not data:
+            return self._put_empty(bucket, key)
         query = urllib.parse.urlencode({"uploadType": "media", "name": key})
         return json.loads(self._call("POST", f"/upload/storage/v1/b/{bucket}/o?{query}", data,
                                      "application/octet-stream"))
+
+    def _put_empty(self, bucket: str, key: str) -> dict:
+        boundary = "gcs-test-boundary"
+        body = (f"--{boundary}\r\nContent-Type: application/json\r\n\r\n{json.dumps({'name': key})}\r\n"
+                f"--{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n\r\n--{boundary}--").encode()
+        return json.loads(self._call("POST", f"/upload/storage/v1/b/{bucket}/o?uploadType=multipart", body,
+                                     f"multipart/related; boundary={boundary}"))
 
     def get_object(self, bucket: str, key: str) -> bytes:
         return self._call("GET", f"/download/storage/v1/b/{bucket}/o/{urllib.parse.quote(key, safe='')}?alt=media")
