@@ -340,3 +340,46 @@ def test_issue22_gcs_changed_object_invalidates_caches_and_fails_verify(tmp_path
     assert main(["merge", str(tmp_path / "m1" / "recipe.yaml"), "-o", str(tmp_path / "m2")]) == 2
     err = capsys.readouterr().err
     assert f"{inputs[1]}: ETag differs" in err and not (tmp_path / "m2").exists()
+
+
+def test_issue22_gcs_merge_killed_mid_upload_is_incomplete_then_replaced(tmp_path, gcs_server, gcs_bucket) -> None:
+    """kill -9 while shards go up to gs://: no index, no recipe; incomplete_output says so; --force replaces it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    gen = torch.Generator().manual_seed(0)
+    names = []
+    for step in (1, 2):   # 8 tensors of 2 MiB (fp32): 16 shards of ~2 MB
+        save_file({f"w{i}": torch.randn(512, 1024, generator=gen) for i in range(8)}, tmp_path / f"s{step}.safetensors")
+        names.append(str(tmp_path / f"s{step}.safetensors"))
+    options = json.dumps({"gs": {"endpoint_url": gcs_server.endpoint, "token": "anon", "project": "test"}})
+    scratch_root = tmp_path / "tmp"   # its own temp root: another worker's bucket merge cleans dead scratch
+    scratch_root.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(scratch_root)}
+    proc = subprocess.Popen([sys.executable, "-m", "analysis", "merge", "--checkpoints", *names, "-o",
+                             f"gs://{gcs_bucket}/killed", "--out-shard-size", "2MB", "--storage-options", options],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if any(n.startswith("model-") for n in gcs_server.list_objects(gcs_bucket, "killed")):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    listed = gcs_server.list_objects(gcs_bucket, "killed")
+    assert any(n.startswith("model-") for n in listed)
+    assert "recipe.yaml" not in listed and "model.safetensors.index.json" not in listed
+    reset_stores()
+    note = incomplete_output(RemotePath(f"gs://{gcs_bucket}/killed"))
+    assert note is not None and "incomplete merge output" in note and "recipe.yaml" in note
+    assert main(["merge", "--checkpoints", *names, "-o", f"gs://{gcs_bucket}/killed", "--force",
+                 "--out-shard-size", "2MB"]) == 0
+    reset_stores()
+    assert incomplete_output(RemotePath(f"gs://{gcs_bucket}/killed")) is None
+    assert _creation_order(gcs_server, gcs_bucket, "killed")[-1] == "recipe.yaml"

@@ -103,11 +103,12 @@ def gcs_filesystem(options: dict[str, Any]) -> Any:
 
     Three choices, each measured against a real GCS JSON API server (gcp-storage-emulator, issue 22):
 
-    1. gcsfs retries every HTTP call itself (6 attempts, waits of 1, 2, 4, 8, 16 s), fixed when the class
-       is defined, so no option turns it off; under our store's 6 attempts a persistent 503 cost 36
-       requests and minutes, none counted. Its undecorated ``_request`` is bound on our own instance
-       (``skip_instance_cache``: no other user of gcsfs in the process is touched), so each of our
-       attempts is one request and ``io.retries`` counts every request sent again.
+    1. gcsfs retries every HTTP call itself (6 attempts, waits of 1, 2, 4, 8, 16 s), a count fixed when
+       the class is defined, so no option turns it off: one persistent 503 cost 6 requests and 34 s per
+       call, 36 requests under our store's 6 attempts, none counted. Its undecorated ``_request`` is
+       bound on our own instance (``skip_instance_cache``: no other user of gcsfs in the process is
+       touched), so each of our attempts is one request and ``io.retries`` counts every one sent again
+       (the same fault now: 6 requests, 9 s, ``retries`` 5).
     2. gcsfs's listing cache is off (``use_listings_cache=False``): :class:`~analysis.remote.path.RemotePath`
        keeps the one listing per prefix, and a second cache below it answered ``info`` from stale
        listings after an object was rewritten.
