@@ -10,7 +10,6 @@ requests, ranges and bytes are counted at the server.
 from __future__ import annotations
 
 import json
-import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -142,7 +141,11 @@ def test_issue22_gcs_analyze_and_recommend_equal_the_local_run(tmp_path, gcs_ser
     assert [(c["step"], c["weight"]) for c in local_rec["checkpoints"]] == \
         [(c["step"], c["weight"]) for c in remote_rec["checkpoints"]]
     assert local_rec["summary"] == remote_rec["summary"]
+    # recommend -o a gs:// URL: the recipe is one object (pipe_file), naming the inputs by URL, no credentials
+    assert main(["recommend", url, "-o", f"gs://{gcs_bucket}/recipes/rec.yaml"]) == 0
+    body = gcs_server.get_object(gcs_bucket, "recipes/rec.yaml").decode()
     entries = remote_rec["recipe"]["checkpoints"]
+    assert "ckpt_select_recipe" in body and all(e["path"] in body for e in entries) and "anon" not in body
     assert entries and all(e["path"].startswith(f"{url}/") and e["etag"] and e["bytes"] ==
                            (run / Path(e["path"]).name).stat().st_size for e in entries)
 
