@@ -23,7 +23,7 @@ from .store import Store
 _URL = re.compile(r"^(?P<protocol>[a-zA-Z][a-zA-Z0-9+.-]+)://")
 # Protocols read as local paths (memory-mapped, preadv) rather than through the remote layer.
 LOCAL_PROTOCOLS = frozenset({"file", "local"})
-# Google Cloud Storage's names in fsspec (gcsfs): their file systems are made by gcs_filesystem.
+# Google Cloud Storage's names in fsspec (gcsfs): their file systems are made by _gcs_filesystem.
 GCS_PROTOCOLS = frozenset({"gs", "gcs"})
 
 _options: dict[str, dict[str, Any]] = {}
@@ -91,14 +91,14 @@ def _filesystem(protocol: str, options: dict[str, Any]) -> Any:
     import fsspec
 
     if protocol in GCS_PROTOCOLS:
-        return gcs_filesystem(options)
+        return _gcs_filesystem(options)
     fs = fsspec.filesystem(protocol, **one_retry_layer(protocol, options))
     if protocol in ("s3", "s3a"):
         fs.retries = 1   # s3fs's own retry loop (5 attempts of SlowDown and read errors): one attempt
     return fs
 
 
-def gcs_filesystem(options: dict[str, Any]) -> Any:
+def _gcs_filesystem(options: dict[str, Any]) -> Any:
     """A gcsfs file system for ``gs://`` whose only retrying, counted layer is our :class:`Store`.
 
     Three choices, each measured against a real GCS JSON API server (gcp-storage-emulator, issue 22):
@@ -110,19 +110,18 @@ def gcs_filesystem(options: dict[str, Any]) -> Any:
        touched), so each of our attempts is one request and ``io.retries`` counts every one sent again
        (the same fault now: 6 requests, 9 s, ``retries`` 5).
     2. gcsfs's listing cache is off (``use_listings_cache=False``): :class:`~analysis.remote.path.RemotePath`
-       keeps the one listing per prefix, and a second cache below it answered ``info`` from stale
-       listings after an object was rewritten.
+       keeps the one listing per prefix, and gcsfs's cache below it answered ``info`` from its earlier
+       listing after an object was rewritten (the old size, 1000 bytes, for a 2000-byte object).
     3. With a custom ``endpoint_url`` (or ``STORAGE_EMULATOR_HOST``) the plain JSON API class is used:
        gcsfs's default class asks the Storage Control gRPC API for each bucket's layout (zonal or
        hierarchical), which an emulator or a proxy does not serve; every call then waited 60 s.
     """
     import gcsfs
+    from fsspec.config import apply_config
     from gcsfs.core import GCSFileSystem as JsonApiFileSystem
 
     custom_endpoint = options.get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST")
     cls = JsonApiFileSystem if custom_endpoint else gcsfs.GCSFileSystem
-    from fsspec.config import apply_config
-
     # FSSPEC_GS_<OPTION> environment variables apply as through fsspec.filesystem
     fs = cls(**apply_config(cls, {"use_listings_cache": False, **options, "skip_instance_cache": True}))
     fs._request = types.MethodType(inspect.unwrap(type(fs)._request), fs)   # one attempt per call
