@@ -386,3 +386,20 @@ def test_issue22_gcs_merge_killed_mid_upload_is_incomplete_then_replaced(tmp_pat
     reset_stores()
     assert incomplete_output(RemotePath(f"gs://{gcs_bucket}/killed")) is None
     assert _creation_order(gcs_server, gcs_bucket, "killed")[-1] == "recipe.yaml"
+
+
+def test_issue22_gcs_endpoint_from_storage_emulator_host(tmp_path, gcs_server, gcs_bucket, capsys,
+                                                         monkeypatch) -> None:
+    """STORAGE_EMULATOR_HOST (host:port, as the Google SDKs take it) instead of an endpoint_url option:
+    the same run is read, through gcsfs's JSON API class (no gRPC bucket-layout lookup)."""
+    from analysis.remote import set_storage_options
+
+    run = write_tiny_run(tmp_path / "run", [50, 100])
+    url = upload_tree(gcs_server, run, gcs_bucket, "env")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs_server.endpoint.removeprefix("http://"))
+    set_storage_options({"gs": {"token": "anon", "project": "test"}})
+    reset_stores()
+    assert main(["analyze", url, "--json", "--no-similarity"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [c["step"] for c in doc["checkpoints"]] == [50, 100] and doc["io"]["gs"]["listings"] == 1
+    assert type(RemotePath(url).store.fs).__module__ == "gcsfs.core"

@@ -120,7 +120,7 @@ def _gcs_filesystem(options: dict[str, Any]) -> Any:
     from fsspec.config import apply_config
     from gcsfs.core import GCSFileSystem as JsonApiFileSystem
 
-    custom_endpoint = options.get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST")
+    custom_endpoint = options.get("endpoint_url") or os.environ.get("STORAGE_EMULATOR_HOST", "default") != "default"
     cls = JsonApiFileSystem if custom_endpoint else gcsfs.GCSFileSystem
     # FSSPEC_GS_<OPTION> environment variables apply as through fsspec.filesystem
     fs = cls(**apply_config(cls, {"use_listings_cache": False, **options, "skip_instance_cache": True}))
