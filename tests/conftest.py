@@ -172,6 +172,39 @@ def upload_tree(local: Path, endpoint: str, bucket: str, prefix: str) -> str:
     return f"s3://{bucket}/{prefix}"
 
 
+# --- Google Cloud Storage (issue 22): one gcp-storage-emulator per test session, a fresh bucket per test ------
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """gcp-storage-emulator's GCS JSON API on 127.0.0.1, in memory, started once per session (per xdist
+    worker) and stopped after it; ``gcs_server.counts`` counts requests and GET bytes at the server."""
+    from gcs_server import GcsServer
+
+    server = GcsServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server, request):
+    """A new empty bucket on the session's GCS server, the ``gs`` storage options pointing at it (anonymous),
+    the stores reset and the server's counters zeroed. Yields the bucket name."""
+    import re
+
+    from analysis.remote import reset_stores, set_storage_options
+
+    name = "t-" + re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{os.getpid()}"
+    gcs_server.create_bucket(name)
+    set_storage_options({"gs": {"endpoint_url": gcs_server.endpoint, "token": "anon", "project": "test"}})
+    reset_stores()
+    gcs_server.counts.reset()
+    yield name
+    gcs_server.clear_faults()
+    set_storage_options(None)
+    reset_stores()
+
+
 # --- Ray (issue 22): one local cluster per test session, held by one xdist worker (xdist_group "ray") ---------
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,15 @@ class RemoteStat:
     etag: str | None
 
 
+def object_version(entry: dict) -> str | None:
+    """What changes when an object is rewritten: its ETag (S3's ``ETag``, GCS's ``etag``), else GCS's generation.
+
+    Why the ETag first: S3 has no generation, and GCS's JSON API ETag changes with the generation.
+    """
+    tag = str(entry.get("ETag") or entry.get("etag") or "").strip('"')
+    return tag or (f"generation:{entry['generation']}" if entry.get("generation") else None)
+
+
 class Listing:
     """The objects known below some prefixes of one store, from one listing each."""
 
@@ -284,7 +293,7 @@ class RemotePath:
             raise RemoteError(self.url, "no such object")
         mtime = entry.get("LastModified") or entry.get("mtime") or entry.get("created") or 0
         return RemoteStat(int(entry.get("size") or 0), getattr(mtime, "timestamp", lambda: float(mtime))(),
-                          str(entry.get("ETag") or entry.get("etag") or "").strip('"') or None)
+                          object_version(entry))
 
     # --- bytes -----------------------------------------------------------------------------------
     def open(self, mode: str = "rb", *args: object, **kwargs: object) -> io.IOBase:

@@ -9,8 +9,8 @@ are checked by tests and reported by ``--json`` from these counters, not guessed
 Transient failures (5xx, throttling, connection resets) are retried here, with exponential
 backoff and jitter, and counted; a missing object, a refused one (403) or a short read is a
 :class:`~analysis.errors.RemoteError` naming the URL, which the CLI turns into exit code 2.
-This is the one retrying layer for ``s3://`` (:func:`analysis.remote.urls.store_for` turns
-botocore's and s3fs's own retry loops off): measured against a real HTTP server, those two
+This is the one retrying layer for ``s3://`` and ``gs://`` (:func:`analysis.remote.urls.store_for` turns
+botocore's, s3fs's and gcsfs's own retry loops off): measured against a real HTTP server, those two
 multiplied (5 x 5 attempts of a persistent 503 in 37 s, 250 requests and 210 s for a dropped
 connection) and none of it showed in ``--json``. See docs/remote-runs.md, "Retries".
 """
@@ -41,7 +41,11 @@ _TRANSIENT_WORDS = ("slowdown", "slow down", "reduce your request rate", "thrott
                     "internalerror", "internal error", "serviceunavailable", "service unavailable",
                     "requesttimeout", "connection reset", "connectionreset", "server disconnected",
                     "connection was closed", "connectionclosed", "incompleteread", "clientpayloaderror",
-                    "responseparsererror", "timeout", "temporarily", "broken pipe", "cannot connect")
+                    "responseparsererror", "timeout", "temporarily", "broken pipe", "cannot connect",
+                    # gcsfs: HttpError("Backend Error, 503"), 429 rate limits, 408 request timeouts
+                    "429", "408", "too many requests", "ratelimit", "rate limit", "backend error")
+# Words marking a refusal (S3's 403 AccessDenied; gcsfs's "Forbidden: PATH" for 403 and HttpError 401).
+_REFUSED_WORDS = ("403", "accessdenied", "forbidden", "401", "unauthorized", "invalid credentials")
 
 
 @dataclass
@@ -80,7 +84,7 @@ def is_transient(error: BaseException) -> bool:
     if isinstance(error, (ConnectionError, TimeoutError)):
         return True
     text = f"{type(error).__name__} {error}".lower()
-    if "403" in text or "accessdenied" in text or "404" in text or "nosuchkey" in text or "nosuchbucket" in text:
+    if any(word in text for word in _REFUSED_WORDS) or "404" in text or "nosuchkey" in text or "nosuchbucket" in text:
         return False
     return any(word in text for word in _TRANSIENT_WORDS)
 
@@ -177,7 +181,10 @@ class Store:
         """
         found = self.call(self.url(path), "list", lambda: self.fs.find(path, withdirs=False, detail=True))
         self.stats.add(requests=1, listings=1)
-        return {name: info for name, info in found.items() if info.get("type", "file") == "file"}
+        # a name ending in "/" is a folder placeholder (GCS's console and gsutil make them, as do S3 tools):
+        # gcsfs lists it as a file of 0 bytes, and a file with an empty name would join the run
+        return {name: info for name, info in found.items()
+                if info.get("type", "file") == "file" and not name.endswith("/")}
 
     def info(self, path: str) -> dict:
         """One object's size, ETag and time (a HEAD request)."""
@@ -247,7 +254,7 @@ def _problem(error: BaseException, what: str, attempts: int) -> str:
     if isinstance(error, FileNotFoundError):
         return "no such object or prefix"
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    if isinstance(error, PermissionError) or "403" in text or "AccessDenied" in text:
+    if isinstance(error, PermissionError) or any(word in text.lower() for word in _REFUSED_WORDS):
         return f"access denied ({text}); check the credentials in the environment or --storage-options"
     if "not satisfiable" in text or "InvalidRange" in text:   # HTTP 416: the object ended before the range asked
         return f"truncated object: a range past its end ({text})"
