@@ -25,6 +25,8 @@ from functools import partial
 from http import server
 from pathlib import Path
 
+from s3_server import ServerCounts
+
 # GCS's answer to a client when a backend is unavailable (the JSON error real GCS sends with HTTP 503).
 UNAVAILABLE_BODY = json.dumps({"error": {"code": 503, "message": "Backend Error",
                                          "errors": [{"reason": "backendError", "message": "Backend Error"}]}}).encode()
@@ -56,24 +58,15 @@ class GcsFault:
 
 
 @dataclass
-class GcsCounts:
-    """Requests by HTTP method, ranged GETs and GET response body bytes, as the server saw them."""
+class GcsCounts(ServerCounts):
+    """The S3 server's counts, and "METHOD /path" of every request in order (GCS's paths say which API was used)."""
 
-    requests: dict[str, int] = field(default_factory=dict)
-    get_bytes: int = 0
-    ranged_gets: int = 0
-    paths: list[str] = field(default_factory=list)   # "METHOD /path" of every request, in order
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    paths: list[str] = field(default_factory=list)
 
     def reset(self) -> None:
+        super().reset()
         with self._lock:
-            self.requests.clear()
             self.paths.clear()
-            self.get_bytes = self.ranged_gets = 0
-
-    @property
-    def gets(self) -> int:
-        return self.requests.get("GET", 0)
 
 
 def _counting_handler(counts: GcsCounts, faults: list[GcsFault]):

@@ -27,27 +27,7 @@ from analysis.run import open_run
 from ckpt_factories import dcp_checkpoint, hf_checkpoint
 from conftest import write_tiny_run
 from gcs_server import upload_tree
-
-
-def _relative(run, ref) -> str:
-    return str(ref.path.relative_to(run.path))
-
-
-def _same_run(local, remote) -> None:
-    """Two reads of one run agree on everything discovery finds."""
-    assert [(r.step, _relative(local, r), r.layout, r.size_bytes, r.step_source) for r in local.checkpoints] == \
-        [(r.step, _relative(remote, r), r.layout, r.size_bytes, r.step_source) for r in remote.checkpoints]
-    assert sorted(str(t.path.relative_to(local.path)) for t in local.logs) == \
-        sorted(str(t.path.relative_to(remote.path)) for t in remote.logs)
-    assert local.metrics.equals(remote.metrics)
-    assert local.unreadable == remote.unreadable == ()
-
-
-def _same_tensors(local_ref, remote_ref) -> None:
-    with open_checkpoint(local_ref.path) as a, open_checkpoint(remote_ref.path) as b:
-        assert a.tensors() == b.tensors()
-        for info in a.tensors():
-            assert torch.equal(a.read(info.name), b.read(info.name)), info.name
+from remote_checks import same_run, same_tensors
 
 
 def _run(root: Path, k: int = 3) -> Path:
@@ -84,11 +64,11 @@ def test_issue22_gcs_hf_folders_and_dcp_by_url_equal_the_local_run(tmp_path, gcs
     url = upload_tree(gcs_server, run, gcs_bucket, "runs/hf")
     gcs_server.put_object(gcs_bucket, "runs/hf/checkpoint-100/", b"")   # a console "folder"
     remote, local = open_run(url), open_run(run)
-    _same_run(local, remote)
+    same_run(local, remote)
     assert str(remote.checkpoints[0].path) == f"{url}/checkpoint-100"
     assert [r.layout for r in remote.checkpoints] == ["hf_folder", "hf_folder"]
     for a, b in zip(local.checkpoints, remote.checkpoints):
-        _same_tensors(a, b)
+        same_tensors(a, b)
     saved = dcp_checkpoint(tmp_path / "dcp" / "step-40", step=40)
     dcp = open_run(upload_tree(gcs_server, tmp_path / "dcp", gcs_bucket, "dcp"))
     assert [(r.step, r.layout) for r in dcp.checkpoints] == [(40, "dcp")]

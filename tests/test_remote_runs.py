@@ -24,31 +24,7 @@ from analysis.remote import RemotePath, set_storage_options
 from analysis.run import open_run
 from ckpt_factories import dcp_checkpoint, hf_checkpoint, lightning_ckpt, nanogpt_ckpt
 from conftest import upload_tree, write_tiny_run
-
-
-def _relative(run, ref) -> str:
-    """A checkpoint's path relative to its run, the same text for a local and a remote run."""
-    return str(ref.path.relative_to(run.path))
-
-
-def _same_run(local, remote) -> None:
-    """Two reads of one run agree on everything discovery finds."""
-    assert [(r.step, _relative(local, r), r.layout, r.size_bytes, r.step_source) for r in local.checkpoints] == \
-        [(r.step, _relative(remote, r), r.layout, r.size_bytes, r.step_source) for r in remote.checkpoints]
-    assert [sorted(str(f.relative_to(local.path)) for f in r.files) for r in local.checkpoints] == \
-        [sorted(str(f.relative_to(remote.path)) for f in r.files) for r in remote.checkpoints]
-    assert sorted(str(t.path.relative_to(local.path)) for t in local.logs) == \
-        sorted(str(t.path.relative_to(remote.path)) for t in remote.logs)
-    assert local.metrics.equals(remote.metrics)
-    assert local.unreadable == remote.unreadable == ()
-
-
-def _same_tensors(local_ref, remote_ref) -> None:
-    with open_checkpoint(local_ref.path) as a, open_checkpoint(remote_ref.path) as b:
-        assert a.tensors() == b.tensors()
-        assert a.metadata() == b.metadata()
-        for info in a.tensors():
-            assert torch.equal(a.read(info.name), b.read(info.name)), info.name
+from remote_checks import same_run, same_tensors
 
 
 # --- discovery and readers ------------------------------------------------------------------------------
@@ -64,11 +40,11 @@ def test_hf_trainer_run_by_url_equals_the_local_run(tmp_path, s3_server, s3_buck
     remote = open_run(url)
     assert s3_server.counts.requests.get("GET", 0) >= 1
     local = open_run(run)
-    _same_run(local, remote)
+    same_run(local, remote)
     assert str(remote.path) == url and str(remote.checkpoints[0].path) == f"{url}/checkpoint-100"
     assert [r.layout for r in remote.checkpoints] == ["hf_folder", "hf_folder"]
     for a, b in zip(local.checkpoints, remote.checkpoints):
-        _same_tensors(a, b)
+        same_tensors(a, b)
         with open_checkpoint(a.path) as x, open_checkpoint(b.path) as y:   # optimizer.pt, fetched whole (small)
             assert [i.name for i in x.optimizer_state()] == [i.name for i in y.optimizer_state()]
             first = x.optimizer_state()[0].name
@@ -83,11 +59,11 @@ def test_torch_pt_run_by_url_equals_the_local_run(tmp_path, s3_server, s3_bucket
     nanogpt_ckpt(run / "ckpt_500.pt", seed=1, iter_num=500)
     url = upload_tree(run, s3_server.endpoint, s3_bucket, "pt")
     local, remote = open_run(run), open_run(url)
-    _same_run(local, remote)
+    same_run(local, remote)
     assert [(r.step, r.step_source, r.layout) for r in remote.checkpoints] == \
         [(250, "metadata", "torch_pickle"), (500, "metadata", "torch_pickle")]
     for a, b in zip(local.checkpoints, remote.checkpoints):
-        _same_tensors(a, b)
+        same_tensors(a, b)
 
 
 def test_lightning_versions_by_url_are_the_same_runs(tmp_path, s3_server, s3_bucket) -> None:
@@ -108,9 +84,9 @@ def test_lightning_versions_by_url_are_the_same_runs(tmp_path, s3_server, s3_buc
         [(r.name, str(r.path.relative_to(RemotePath(url))), r.steps) for r in remote]
     assert [r.name for r in remote] == ["version_0", "version_1"]
     a, b = open_run(root, run_name="version_1"), open_run(url, run_name="version_1")
-    _same_run(a, b)
+    same_run(a, b)
     assert [(r.step, r.layout) for r in b.checkpoints] == [(100, "torch_pickle"), (300, "torch_pickle")]
-    _same_tensors(a.checkpoints[0], b.checkpoints[0])
+    same_tensors(a.checkpoints[0], b.checkpoints[0])
 
 
 def test_large_torch_file_is_read_lazily_each_tensor_by_its_own_range(tmp_path, s3_server, s3_bucket,
@@ -166,7 +142,7 @@ def test_logs_by_url_jsonl_csv_trainer_state_and_text(tmp_path, s3_server, s3_bu
                                             for s in range(0, 100)))
     url = upload_tree(run, s3_server.endpoint, s3_bucket, "logs")
     local, remote = open_run(run), open_run(url)
-    _same_run(local, remote)
+    same_run(local, remote)
     assert {t.format for t in remote.logs} == {t.format for t in local.logs} and len(remote.logs) == 3
     assert main(["logs", f"{url}/progress.csv", "--json"]) == 0
 
@@ -194,8 +170,8 @@ def test_memory_urls_take_the_generic_fsspec_path(tmp_path) -> None:
         fs.pipe_file(f"/mem-run/{path.relative_to(run).as_posix()}", path.read_bytes())
     try:
         remote, local = open_run("memory://mem-run"), open_run(run)
-        _same_run(local, remote)
-        _same_tensors(local.checkpoints[-1], remote.checkpoints[-1])
+        same_run(local, remote)
+        same_tensors(local.checkpoints[-1], remote.checkpoints[-1])
     finally:
         fs.rm("/mem-run", recursive=True)
 
@@ -412,9 +388,9 @@ def test_deepspeed_and_megatron_folders_by_url(tmp_path, s3_server, s3_bucket) -
     for name in ("ds", "mg"):
         url = upload_tree(tmp_path / name, s3_server.endpoint, s3_bucket, name)
         local, remote = open_run(tmp_path / name), open_run(url)
-        _same_run(local, remote)
+        same_run(local, remote)
         assert {r.layout for r in remote.checkpoints} == {"deepspeed" if name == "ds" else "megatron"}
-        _same_tensors(local.checkpoints[-1], remote.checkpoints[-1])
+        same_tensors(local.checkpoints[-1], remote.checkpoints[-1])
 
 
 def test_refused_request_403_is_one_line_exit_2(tmp_path, s3_server, s3_bucket, capsys, monkeypatch) -> None:

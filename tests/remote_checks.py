@@ -1,0 +1,33 @@
+"""Checks shared by the object-storage tests (S3 and GCS): a run read by URL equals the same run read from disk."""
+
+from __future__ import annotations
+
+import torch
+
+from analysis.checkpoints import open_checkpoint
+
+
+def relative(run, ref) -> str:
+    """A checkpoint's path relative to its run, the same text for a local and a remote run."""
+    return str(ref.path.relative_to(run.path))
+
+
+def same_run(local, remote) -> None:
+    """Two reads of one run agree on everything discovery finds: steps, layouts, sizes, files, logs, metrics."""
+    assert [(r.step, relative(local, r), r.layout, r.size_bytes, r.step_source) for r in local.checkpoints] == \
+        [(r.step, relative(remote, r), r.layout, r.size_bytes, r.step_source) for r in remote.checkpoints]
+    assert [sorted(str(f.relative_to(local.path)) for f in r.files) for r in local.checkpoints] == \
+        [sorted(str(f.relative_to(remote.path)) for f in r.files) for r in remote.checkpoints]
+    assert sorted(str(t.path.relative_to(local.path)) for t in local.logs) == \
+        sorted(str(t.path.relative_to(remote.path)) for t in remote.logs)
+    assert local.metrics.equals(remote.metrics)
+    assert local.unreadable == remote.unreadable == ()
+
+
+def same_tensors(local_ref, remote_ref) -> None:
+    """Both checkpoints hold the same tensors, metadata and bytes."""
+    with open_checkpoint(local_ref.path) as a, open_checkpoint(remote_ref.path) as b:
+        assert a.tensors() == b.tensors()
+        assert a.metadata() == b.metadata()
+        for info in a.tensors():
+            assert torch.equal(a.read(info.name), b.read(info.name)), info.name
