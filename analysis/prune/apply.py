@@ -22,7 +22,7 @@ from ..remote import RemotePath, is_remote
 from ..targets import fsync_folder
 from .guards import TRASH_FOLDER, still_as_planned
 from .plan import PrunePlan
-from .results import MANIFEST, PruneRefused, PruneResult, RestoreResult, check_prune_allowed
+from .results import MANIFEST, PruneRefused, PruneResult, RestoreResult, check_prune_allowed, check_trash_place
 
 __all__ = ["MANIFEST", "PruneRefused", "PruneResult", "RestoreResult", "apply_prune", "check_prune_allowed",
            "restore_trash"]
@@ -74,12 +74,7 @@ def _trash_base(plan: PrunePlan, trash: Path | None, root: Path | None) -> Path:
     """The trash folder, checked: within the root, in no checkpoint, hidden if in the run, on the run's disk."""
     run = plan.run_path
     base = resolve_within(trash, root) if trash is not None else run / TRASH_FOLDER
-    for item in plan.items:
-        if base == item.path or base.is_relative_to(item.path):
-            raise PruneRefused(f"{base}: the trash cannot lie inside the checkpoint {item.path}")
-    if base.is_relative_to(run) and not any(p.startswith(".") for p in base.relative_to(run).parts):
-        raise PruneRefused(f"{base}: a trash inside the run must be a hidden folder (a name starting with '.'), "
-                           "or the run would find the trashed checkpoints again")
+    check_trash_place(base, plan)
     existing = next(p for p in (base, *base.parents) if p.exists())
     if os.stat(existing).st_dev != os.stat(run).st_dev:
         raise PruneRefused(f"{base}: on another file system than the run {run}; a move there would be a copy, "

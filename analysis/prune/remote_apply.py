@@ -24,7 +24,7 @@ from ..errors import InvalidArgument, RemoteError
 from ..remote import RemotePath, is_url
 from .guards import TRASH_FOLDER, objects_under, still_as_planned
 from .plan import PruneItem, PrunePlan
-from .results import MANIFEST, PruneRefused, PruneResult, RestoreResult
+from .results import MANIFEST, PruneRefused, PruneResult, RestoreResult, check_trash_place
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +83,7 @@ def _trash_base(plan: PrunePlan, trash: Path | str | None) -> RemotePath:
                            f"(e.g. {_bucket(run)}/trash): a copy to another bucket or disk is not server-side")
     else:
         base = RemotePath(str(trash))
-    for item in plan.items:
-        if base == item.path or base.is_relative_to(item.path):
-            raise PruneRefused(f"{base}: the trash cannot lie inside the checkpoint {item.path}")
-    if base.is_relative_to(run) and not any(p.startswith(".") for p in base.relative_to(run).parts):
-        raise PruneRefused(f"{base}: a trash inside the run must be a hidden prefix (a name starting with '.'), "
-                           "or the run would find the trashed checkpoints again")
+    check_trash_place(base, plan, "prefix")
     return base
 
 

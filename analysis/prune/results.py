@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import AnalysisError
-from .plan import PruneItem
+from .plan import PruneItem, PrunePlan
 
 MANIFEST = "ckpt-select-prune.json"
 
@@ -54,3 +54,19 @@ def check_prune_allowed(root: Path | None, allow_prune: bool) -> None:
     if root is not None and not allow_prune:
         raise PruneRefused(f"{root}: deleting checkpoints is off in an app confined with --root; start it with "
                            "`ckpt-select ui --root DIR --allow-prune` to allow it, or run `ckpt-select prune`")
+
+
+def check_trash_place(base: "Path", plan: "PrunePlan", hidden_what: str = "folder") -> None:
+    """A trash never lies in a checkpoint, and inside the run only hidden (or the run would find the trash again).
+
+    Raises:
+        PruneRefused: naming the trash and the problem.
+    """
+    run = plan.run_path
+    for item in plan.items:
+        if base == item.path or base.is_relative_to(item.path):
+            raise PruneRefused(f"{base}: the trash cannot lie inside the checkpoint {item.path}")
+    if base.is_relative_to(run) and not any(p.startswith(".") for p in base.relative_to(run).parts):
+        raise PruneRefused(f"{base}: a trash inside the run must be a hidden {hidden_what} (a name starting with "
+                           "'.'), or the run would find the trashed checkpoints again")
+
