@@ -299,6 +299,20 @@ def test_issue22_kill_9_during_a_bucket_prune_loses_no_object(tmp_path, s3_serve
     """kill -9 a real `prune --yes` process at random moments after its manifest: every object of the run stays in
     place, in the trash or in both, byte-identical, and --restore gives back the run as it was."""
     import random
+
+    template = write_tiny_run(tmp_path / "template", list(range(10, 210, 10)))
+    options = json.dumps({"s3": {"endpoint_url": s3_server.endpoint, "key": "testing", "secret": "testing"}})
+    rng, client = random.Random(22), _client(s3_server)
+    s3_server.latency_s = 0.03   # each of the ~55 copies, checks and deletes waits: the prune outlasts the kill's 0.6 s
+    try:
+        for trial in range(4):
+            _kill_one_prune(trial, template, options, rng, client, s3_server, s3_bucket)
+    finally:
+        s3_server.latency_s = 0.0
+
+
+def _kill_one_prune(trial: int, template: Path, options: str, rng, client, s3_server, s3_bucket: str) -> None:
+    """One trial: upload the run, start the prune, kill it mid-move, check nothing is lost, restore."""
     import signal
     import subprocess
     import sys
@@ -306,29 +320,26 @@ def test_issue22_kill_9_during_a_bucket_prune_loses_no_object(tmp_path, s3_serve
     from analysis.prune import restore_trash
     from conftest import REPO
 
-    template = write_tiny_run(tmp_path / "template", list(range(10, 410, 10)))
-    options = json.dumps({"s3": {"endpoint_url": s3_server.endpoint, "key": "testing", "secret": "testing"}})
-    rng, client = random.Random(22), _client(s3_server)
-    for trial in range(4):
-        url = upload_tree(template, s3_server.endpoint, s3_bucket, f"run{trial}")
-        original = _objects(s3_server, s3_bucket, f"run{trial}")
-        proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, "prune", url, "--keep", "newest:2", "--yes",
-                                 *(["--keep-trash"] if trial % 2 else []), "--storage-options", options],
-                                cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline and not client.list_objects_v2(
-                Bucket=s3_bucket, Prefix=f"run{trial}/{TRASH_FOLDER}/").get("KeyCount"):
-            time.sleep(0.005)
-        time.sleep(rng.uniform(0, 0.6))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-        now = _objects(s3_server, s3_bucket, f"run{trial}")
-        trashes = sorted({k.split("/")[1] for k in now if k.startswith(TRASH_FOLDER + "/")})
-        trashed = {k.split("/", 2)[2]: h for k, h in now.items() if k.startswith(TRASH_FOLDER + "/")}
-        for key, digest in original.items():
-            assert now.get(key) == digest or trashed.get(key) == digest, (trial, key)
-        reset_stores()
-        for trash in trashes:
-            restore_trash(f"{url}/{TRASH_FOLDER}/{trash}")
-        assert _objects(s3_server, s3_bucket, f"run{trial}") == original, trial
+    url = upload_tree(template, s3_server.endpoint, s3_bucket, f"run{trial}")
+    original = _objects(s3_server, s3_bucket, f"run{trial}")
+    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, "prune", url, "--keep", "newest:2", "--yes",
+                             *(["--keep-trash"] if trial % 2 else []), "--storage-options", options],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline and not client.list_objects_v2(
+            Bucket=s3_bucket, Prefix=f"run{trial}/{TRASH_FOLDER}/").get("KeyCount"):
+        time.sleep(0.005)
+    time.sleep(rng.uniform(0, 0.6))
+    assert proc.poll() is None, "the prune ended before the kill"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    now = _objects(s3_server, s3_bucket, f"run{trial}")
+    trashes = sorted({k.split("/")[1] for k in now if k.startswith(TRASH_FOLDER + "/")})
+    trashed = {k.split("/", 2)[2]: h for k, h in now.items() if k.startswith(TRASH_FOLDER + "/")}
+    for key, digest in original.items():
+        assert now.get(key) == digest or trashed.get(key) == digest, (trial, key)
+    reset_stores()
+    for trash in trashes:
+        restore_trash(f"{url}/{TRASH_FOLDER}/{trash}")
+    assert _objects(s3_server, s3_bucket, f"run{trial}") == original, trial
