@@ -16,6 +16,7 @@ import streamlit as st
 from analysis.errors import AnalysisError
 from analysis.paths import is_within, normalized_url, resolve_within
 from analysis.remote import RemotePath, as_path, is_url, set_storage_options
+from analysis.remote.urls import current_storage_options
 
 RUN_KEY = "run_path"
 SELECTION_KEY = "selected_steps"
@@ -51,15 +52,22 @@ def eval_gpus() -> float:
         return 0.0
 
 
-_storage_options_applied: list[str] = []
-
-
 def apply_storage_options() -> None:
-    """``ui --storage-options`` reaches the server process in its environment; applied once (never shown)."""
+    """``ui --storage-options`` reaches the server process in its environment (never shown): applied whenever the
+    process's options differ from it, so the stores (and their caches) are kept across reruns otherwise.
+
+    Compared with the options in force, not with what this function applied before: in a process that
+    also serves other scripts (tests, an embedding), someone else may have reset them since.
+    """
     value = os.environ.get("CKPT_SELECT_STORAGE_OPTIONS")
-    if value and value not in _storage_options_applied:
+    if not value:
+        return
+    try:
+        wanted = json.loads(value)
+    except ValueError:
+        wanted = None   # set_storage_options says what is wrong with it
+    if wanted != current_storage_options():
         set_storage_options(value)
-        _storage_options_applied.append(value)
 
 
 def allow_prune() -> bool:

@@ -52,6 +52,23 @@ def test_app_opens_an_s3_run_by_url(tmp_path, s3_server, s3_bucket, monkeypatch)
     assert s3_server.counts.gets > 0
 
 
+def test_the_app_applies_its_storage_options_again_once_something_reset_them(tmp_path, s3_server, s3_bucket,
+                                                                           monkeypatch) -> None:
+    """issue 22: the options from `ui --storage-options` are compared with those in force on each run of the
+    script, not with what the app applied before: in one process (tests, an embedding) someone else may reset
+    them, and the app then listed the run against AWS itself (a DNS failure) instead of the endpoint given."""
+    from analysis.remote import set_storage_options
+    from analysis.remote.urls import current_storage_options
+
+    url = upload_tree(write_tiny_run(tmp_path / "run", [50, 100]), s3_server.endpoint, s3_bucket, "runs/tiny")
+    options = {"s3": {"endpoint_url": s3_server.endpoint, "key": "testing", "secret": "testing"}}
+    monkeypatch.setenv("CKPT_SELECT_STORAGE_OPTIONS", json.dumps(options))
+    for _ in range(2):
+        set_storage_options(None)   # the process's options, reset by someone else between the two app sessions
+        at = _open(url, monkeypatch)
+        assert at.title[0].value == "tiny" and current_storage_options() == options
+
+
 def test_root_url_prefix_confines_the_app(tmp_path, s3_server, s3_bucket, monkeypatch) -> None:
     """issue 22: with --root s3://bucket/runs a run under it opens, a sibling prefix is refused, and
     the run picker offers the runs under the prefix."""
