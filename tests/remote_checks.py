@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import torch
+from safetensors.torch import save_file
 
 from analysis.checkpoints import open_checkpoint
 
@@ -31,3 +36,18 @@ def same_tensors(local_ref, remote_ref) -> None:
         assert a.metadata() == b.metadata()
         for info in a.tensors():
             assert torch.equal(a.read(info.name), b.read(info.name)), info.name
+
+
+def safetensors_run(root: Path, k: int = 3) -> Path:
+    """K safetensors checkpoints of ~4 MiB (8 tensors of 512 KiB, steps 100, 200, ...) and a train-loss log."""
+    root.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    base = {f"blocks.{i}.weight": torch.randn(256, 512, generator=gen) for i in range(8)}
+    for index in range(k):
+        step = 100 * (index + 1)
+        state = {name: value + 0.01 * step + 0.001 * torch.randn(value.shape, generator=gen)
+                 for name, value in base.items()}
+        save_file(state, str(root / f"step_{step}.safetensors"), metadata={"step": str(step)})
+    rows = [{"step": s, "train_loss": 3.0 * math.exp(-s / 200) + 1.0} for s in range(1, 100 * k + 1)]
+    (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root

@@ -27,22 +27,7 @@ from analysis.run import open_run
 from ckpt_factories import dcp_checkpoint, hf_checkpoint
 from conftest import write_tiny_run
 from gcs_server import upload_tree
-from remote_checks import same_run, same_tensors
-
-
-def _run(root: Path, k: int = 3) -> Path:
-    """K safetensors checkpoints of ~4 MiB (8 tensors of 512 KiB) and a loss log."""
-    root.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(0)
-    base = {f"blocks.{i}.weight": torch.randn(256, 512, generator=gen) for i in range(8)}
-    for index in range(k):
-        step = 100 * (index + 1)
-        state = {name: value + 0.01 * step + 0.001 * torch.randn(value.shape, generator=gen)
-                 for name, value in base.items()}
-        save_file(state, str(root / f"step_{step}.safetensors"), metadata={"step": str(step)})
-    rows = [{"step": s, "train_loss": 3.0 * 2.718 ** (-s / 200) + 1.0} for s in range(1, 100 * k + 1)]
-    (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+from remote_checks import safetensors_run, same_run, same_tensors
 
 
 def _creation_order(gcs_server, bucket: str, prefix: str) -> list[str]:
@@ -54,7 +39,7 @@ def _creation_order(gcs_server, bucket: str, prefix: str) -> list[str]:
 
 # --- reading runs --------------------------------------------------------------------------------------------
 
-def test_issue22_gcs_hf_folders_and_dcp_by_url_equal_the_local_run(tmp_path, gcs_server, gcs_bucket) -> None:
+def test_issue22_gcs_hf_folders_and_dcp_by_url_equal_the_localsafetensors_run(tmp_path, gcs_server, gcs_bucket) -> None:
     """HF checkpoint-N folders (single and sharded safetensors) and a DCP folder read by gs:// URL equal the
     local run; a folder placeholder object (``name/``, as GCS's console makes) is no file of the run."""
     run = tmp_path / "hf"
@@ -94,11 +79,11 @@ def test_issue22_gcs_tensor_read_is_one_exact_ranged_get(tmp_path, gcs_server, g
     assert gcs_server.counts.get_bytes == 300 * 400 * 4
 
 
-def test_issue22_gcs_analyze_and_recommend_equal_the_local_run(tmp_path, gcs_server, gcs_bucket, capsys) -> None:
+def test_issue22_gcs_analyze_and_recommend_equal_the_localsafetensors_run(tmp_path, gcs_server, gcs_bucket, capsys) -> None:
     """`analyze --json` and `recommend --json` on gs://bucket/run: the same steps, checkpoints, similarities
     and recommendation as the local copy; io.gs counts one listing and no retry; the server sent at most
     1.05 x the run's bytes."""
-    run = _run(tmp_path / "run")
+    run = safetensors_run(tmp_path / "run")
     url = upload_tree(gcs_server, run, gcs_bucket, "analyze")
     assert main(["analyze", str(run), "--json"]) == 0
     local_doc = json.loads(capsys.readouterr().out)

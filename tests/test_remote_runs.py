@@ -8,8 +8,6 @@ compared with the same run read from disk, and requests and bytes are counted at
 from __future__ import annotations
 
 import json
-import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +22,7 @@ from analysis.remote import RemotePath, set_storage_options
 from analysis.run import open_run
 from ckpt_factories import dcp_checkpoint, hf_checkpoint, lightning_ckpt, nanogpt_ckpt
 from conftest import upload_tree, write_tiny_run
-from remote_checks import same_run, same_tensors
+from remote_checks import safetensors_run, same_run, same_tensors
 
 
 # --- discovery and readers ------------------------------------------------------------------------------
@@ -178,25 +176,10 @@ def test_memory_urls_take_the_generic_fsspec_path(tmp_path) -> None:
 
 # --- budgets, counted at the server -------------------------------------------------------------------------
 
-def _budget_run(root: Path, k: int) -> Path:
-    """K safetensors checkpoints of ~4 MiB (8 tensors of 512 KiB) and a short log."""
-    root.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(0)
-    base = {f"blocks.{i}.weight": torch.randn(256, 512, generator=gen) for i in range(8)}
-    for index in range(k):
-        step = 100 * (index + 1)
-        state = {name: value + 0.01 * step + 0.001 * torch.randn(value.shape, generator=gen)
-                 for name, value in base.items()}
-        save_file(state, str(root / f"step_{step}.safetensors"), metadata={"step": str(step)})
-    rows = [{"step": s, "train_loss": 3.0 * math.exp(-s / 200) + 1.0} for s in range(1, 100 * k + 1)]
-    (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
-
-
 def test_listing_k_checkpoints_costs_two_requests_per_file_plus_one_listing(tmp_path, s3_server, s3_bucket) -> None:
     """issue 22 budget: headers only (tensors listed, no tensor read): at most 2 requests per file + 1 listing."""
     k = 5
-    run = _budget_run(tmp_path / "run", k)
+    run = safetensors_run(tmp_path / "run", k)
     (run / "metrics.jsonl").unlink()
     url = upload_tree(run, s3_server.endpoint, s3_bucket, "budget")
     s3_server.counts.reset()
@@ -215,7 +198,7 @@ def test_analyze_of_a_remote_run_fetches_at_most_105_percent_of_the_local_bytes(
     """issue 22 budget: `analyze --json` by URL fetches <= 1.05 x the bytes the local analysis reads, and
     both give the same checkpoints, similarities and recommendation."""
     k = 4
-    run = _budget_run(tmp_path / "run", k)
+    run = safetensors_run(tmp_path / "run", k)
     url = upload_tree(run, s3_server.endpoint, s3_bucket, "analyze")
     local_bytes = _count_local_reads(monkeypatch)
     assert main(["analyze", str(run), "--json"]) == 0
