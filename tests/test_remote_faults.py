@@ -28,7 +28,8 @@ from analysis.remote import RemotePath, reset_stores
 from analysis.run import open_run
 from conftest import REPO, upload_tree
 from test_remote_merge import assert_same_model, download, objects, write_run
-from test_remote_runs import _budget_run, _same_analysis
+from remote_checks import safetensors_run
+from test_remote_runs import _same_analysis
 
 
 @pytest.fixture
@@ -140,7 +141,7 @@ def test_issue22_analyze_through_503s_gives_the_same_analysis_and_counts_each_re
                                                                                     quick_retries, capsys) -> None:
     """503 SlowDown on a header, on tensor ranges and on the listing: the analysis equals the fault-free one, and
     io.retries equals the requests the server refused (botocore and s3fs no longer retry uncounted below us)."""
-    run = _budget_run(tmp_path / "run", 3)
+    run = safetensors_run(tmp_path / "run", 3)
     clean = upload_tree(run, s3_server.endpoint, s3_bucket, "clean")
     faulty = upload_tree(run, s3_server.endpoint, s3_bucket, "faulty")
     assert main(["analyze", clean, "--json"]) == 0
@@ -194,7 +195,7 @@ def test_issue22_persistent_503_is_exit_2_naming_the_url_and_the_retries_spent(t
                                                                               quick_retries, capsys) -> None:
     """A 503 that never ends: one line, exit 2, the object's URL and how many attempts; the server saw exactly
     MAX_ATTEMPTS requests for it (before this fix botocore x s3fs sent it 25 times, each layer uncounted)."""
-    run = _budget_run(tmp_path / "run", 2)
+    run = safetensors_run(tmp_path / "run", 2)
     url = upload_tree(run, s3_server.endpoint, s3_bucket, "run")
     fault = s3_server.inject("GET", r"/run/step_200\.safetensors$", "503", times=None)
     started = time.monotonic()
@@ -213,7 +214,7 @@ def test_issue22_fewer_attempts_by_module_constant_and_botocore_retries_by_stora
     """MAX_ATTEMPTS bounds the requests; a user who asks botocore to retry (config_kwargs) gets its retries on top."""
     from analysis.remote import set_storage_options
 
-    run = _budget_run(tmp_path / "run", 1)
+    run = safetensors_run(tmp_path / "run", 1)
     url = upload_tree(run, s3_server.endpoint, s3_bucket, "run")
     monkeypatch.setattr(quick_retries, "MAX_ATTEMPTS", 2)
     fault = s3_server.inject("GET", r"/run/step_100\.safetensors$", "503", times=None)
