@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -144,22 +145,37 @@ def s3_bucket(s3_server, request):
 
     Yields the bucket name; ``s3_server.counts`` holds what the server served during the test.
     """
-    import re
-
     import boto3
 
-    from analysis.remote import reset_stores, set_storage_options
-
-    name = "t-" + re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{os.getpid()}"
+    name = _bucket_name(request)
     client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1")
     client.create_bucket(Bucket=name)
-    set_storage_options({"s3": {"endpoint_url": s3_server.endpoint, "key": "testing", "secret": "testing"}})
+    with _stores_on(s3_server, {"s3": {"endpoint_url": s3_server.endpoint, "key": "testing", "secret": "testing"}}):
+        yield name
+
+
+def _bucket_name(request) -> str:
+    """A bucket name of the test's own (lowercase, ≤ 63 characters), unique per xdist worker."""
+    import re
+
+    return "t-" + re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{os.getpid()}"
+
+
+@contextmanager
+def _stores_on(server, options: dict):
+    """The process's stores pointed at ``server`` with ``options`` and its counters zeroed; afterwards the
+    faults a test injected (issue 22), the options and the stores are undone."""
+    from analysis.remote import reset_stores, set_storage_options
+
+    set_storage_options(options)
     reset_stores()
-    s3_server.counts.reset()
-    yield name
-    s3_server.clear_faults()   # faults a test injected (issue 22) end with it
-    set_storage_options(None)
-    reset_stores()
+    server.counts.reset()
+    try:
+        yield
+    finally:
+        server.clear_faults()
+        set_storage_options(None)
+        reset_stores()
 
 
 def upload_tree(local: Path, endpoint: str, bucket: str, prefix: str) -> str:
@@ -190,19 +206,10 @@ def gcs_server():
 def gcs_bucket(gcs_server, request):
     """A new empty bucket on the session's GCS server, the ``gs`` storage options pointing at it (anonymous),
     the stores reset and the server's counters zeroed. Yields the bucket name."""
-    import re
-
-    from analysis.remote import reset_stores, set_storage_options
-
-    name = "t-" + re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{os.getpid()}"
+    name = _bucket_name(request)
     gcs_server.create_bucket(name)
-    set_storage_options({"gs": {"endpoint_url": gcs_server.endpoint, "token": "anon", "project": "test"}})
-    reset_stores()
-    gcs_server.counts.reset()
-    yield name
-    gcs_server.clear_faults()
-    set_storage_options(None)
-    reset_stores()
+    with _stores_on(gcs_server, {"gs": {"endpoint_url": gcs_server.endpoint, "token": "anon", "project": "test"}}):
+        yield name
 
 
 # --- Ray (issue 22): one local cluster per test session, held by one xdist worker (xdist_group "ray") ---------

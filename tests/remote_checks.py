@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from analysis.checkpoints import open_checkpoint
 
@@ -51,3 +51,35 @@ def safetensors_run(root: Path, k: int = 3) -> Path:
     rows = [{"step": s, "train_loss": 3.0 * math.exp(-s / 200) + 1.0} for s in range(1, 100 * k + 1)]
     (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
+
+
+def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every weights file in ``folder``."""
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+def assert_same_model(a: Path, b: Path, same_files: bool = True) -> None:
+    """Every tensor equal, bit for bit (torch.equal), under the same names (and in the same files)."""
+    if same_files:
+        assert sorted(p.name for p in a.glob("*.safetensors")) == sorted(p.name for p in b.glob("*.safetensors"))
+    ta, tb = tensors_of(a), tensors_of(b)
+    assert ta.keys() == tb.keys() and ta
+    for key in ta:
+        assert torch.equal(ta[key], tb[key]), key
+
+
+def same_recommendation(main, capsys, local: str, remote: str) -> dict:
+    """``recommend --json`` of the run on disk and by URL agree on checkpoints, weights, method and summary;
+    the remote document."""
+    assert main(["recommend", local, "--json"]) == 0
+    local_rec = json.loads(capsys.readouterr().out)
+    assert main(["recommend", remote, "--json"]) == 0
+    remote_rec = json.loads(capsys.readouterr().out)
+    assert [(c["step"], c["weight"]) for c in local_rec["checkpoints"]] == \
+        [(c["step"], c["weight"]) for c in remote_rec["checkpoints"]]
+    assert local_rec["method"] == remote_rec["method"] and local_rec["summary"] == remote_rec["summary"]
+    return remote_rec
+

@@ -27,8 +27,8 @@ from analysis.follow import RunFollower
 from analysis.remote import RemotePath, reset_stores
 from analysis.run import open_run
 from conftest import REPO, upload_tree
-from test_remote_merge import assert_same_model, download, objects, write_run
-from remote_checks import safetensors_run
+from remote_checks import assert_same_model, safetensors_run
+from test_remote_merge import download, objects, write_run
 from test_remote_runs import _same_analysis
 
 

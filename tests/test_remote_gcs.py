@@ -27,7 +27,7 @@ from analysis.run import open_run
 from ckpt_factories import dcp_checkpoint, hf_checkpoint
 from conftest import write_tiny_run
 from gcs_server import upload_tree
-from remote_checks import safetensors_run, same_run, same_tensors
+from remote_checks import assert_same_model, safetensors_run, same_recommendation, same_run, same_tensors
 
 
 def _creation_order(gcs_server, bucket: str, prefix: str) -> list[str]:
@@ -99,13 +99,7 @@ def test_issue22_gcs_analyze_and_recommend_equal_the_localsafetensors_run(tmp_pa
     assert [c["step"] for c in remote_doc["checkpoints"]] == [100, 200, 300]
     assert json.dumps(local_doc.get("similarity"), sort_keys=True) == \
         json.dumps(remote_doc.get("similarity"), sort_keys=True)
-    assert main(["recommend", str(run), "--json"]) == 0
-    local_rec = json.loads(capsys.readouterr().out)
-    assert main(["recommend", url, "--json"]) == 0
-    remote_rec = json.loads(capsys.readouterr().out)
-    assert [(c["step"], c["weight"]) for c in local_rec["checkpoints"]] == \
-        [(c["step"], c["weight"]) for c in remote_rec["checkpoints"]]
-    assert local_rec["summary"] == remote_rec["summary"]
+    remote_rec = same_recommendation(main, capsys, str(run), url)
     # recommend -o a gs:// URL: the recipe is one object (pipe_file), naming the inputs by URL, no credentials
     assert main(["recommend", url, "-o", f"gs://{gcs_bucket}/recipes/rec.yaml"]) == 0
     body = gcs_server.get_object(gcs_bucket, "recipes/rec.yaml").decode()
@@ -131,25 +125,11 @@ def _merge_inputs(folder: Path) -> list[Path]:
     return paths
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(path))
-    return out
-
-
 def _download(gcs_server, bucket: str, prefix: str, into: Path) -> Path:
     into.mkdir(parents=True)
     for name in gcs_server.list_objects(bucket, prefix):
         (into / name).write_bytes(gcs_server.get_object(bucket, f"{prefix}/{name}"))
     return into
-
-
-def _assert_same_bits(a: Path, b: Path) -> None:
-    ta, tb = _tensors(a), _tensors(b)
-    assert ta.keys() == tb.keys() and ta
-    for key in ta:
-        assert torch.equal(ta[key], tb[key]), key
 
 
 def test_issue22_gcs_merge_to_local_and_to_gs_bit_identical_recipe_last(tmp_path, gcs_server, gcs_bucket,
@@ -161,7 +141,7 @@ def test_issue22_gcs_merge_to_local_and_to_gs_bit_identical_recipe_last(tmp_path
     url = upload_tree(gcs_server, tmp_path / "run", gcs_bucket, "run")
     assert main(["merge", "--checkpoints", *map(str, paths), "-o", str(tmp_path / "local")]) == 0
     assert main(["merge", "--checkpoints", f"{url}/step_*.safetensors", "-o", str(tmp_path / "from_gs")]) == 0
-    _assert_same_bits(tmp_path / "local", tmp_path / "from_gs")
+    assert_same_model(tmp_path / "local", tmp_path / "from_gs", same_files=False)
     recipe = yaml.safe_load((tmp_path / "from_gs" / "recipe.yaml").read_text())
     assert [c["path"] for c in recipe["checkpoints"]] == [f"{url}/step_{s}.safetensors" for s in (100, 200, 300)]
     listed = gcs_server.list_objects(gcs_bucket, "run")
@@ -173,7 +153,8 @@ def test_issue22_gcs_merge_to_local_and_to_gs_bit_identical_recipe_last(tmp_path
                      *shard]) == 0
         uploaded = _creation_order(gcs_server, gcs_bucket, target)
         assert uploaded[-1] == "recipe.yaml"
-        _assert_same_bits(tmp_path / "local", _download(gcs_server, gcs_bucket, target, tmp_path / f"back-{target}"))
+        assert_same_model(tmp_path / "local", _download(gcs_server, gcs_bucket, target, tmp_path / f"back-{target}"),
+                          same_files=False)
         reset_stores()
         assert incomplete_output(RemotePath(f"gs://{gcs_bucket}/{target}")) is None
     shards = sorted(n for n in gcs_server.list_objects(gcs_bucket, "sharded") if n.startswith("model-"))
@@ -183,7 +164,7 @@ def test_issue22_gcs_merge_to_local_and_to_gs_bit_identical_recipe_last(tmp_path
     capsys.readouterr()
     # the output's recipe, read from its gs:// URL, merges again to the same bits (--verify quick: size + ETag)
     assert main(["merge", f"gs://{gcs_bucket}/sharded/recipe.yaml", "-o", str(tmp_path / "again")]) == 0
-    _assert_same_bits(tmp_path / "local", tmp_path / "again")
+    assert_same_model(tmp_path / "local", tmp_path / "again", same_files=False)
 
 
 def test_issue22_gcs_failed_merge_removes_its_objects_and_killed_output_is_incomplete(tmp_path, gcs_server,

@@ -22,13 +22,14 @@ import boto3
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from analysis.cli import main
 from analysis.merge.bucket import remove_stale_scratch
 from analysis.remote import RemotePath, reset_stores
 from analysis.remote.outputs import incomplete_output
 from conftest import REPO, upload_tree
+from remote_checks import assert_same_model, tensors_of
 
 # Tensors a few blocks long (a block is 128 Ki elements) plus odd sizes and an integer buffer.
 SHAPES = {"embed.weight": (300, 1000), "layer.0.weight": (512, 700), "layer.0.bias": (700,), "norm.weight": (17,)}
@@ -64,24 +65,6 @@ def download(s3_server, bucket: str, prefix: str, into: Path) -> Path:
     for name in objects(s3_server, bucket, prefix):
         client(s3_server).download_file(bucket, f"{prefix}/{name}", str(into / name))
     return into
-
-
-def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every weights file in ``folder``."""
-    out: dict[str, torch.Tensor] = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(path))
-    return out
-
-
-def assert_same_model(a: Path, b: Path, same_files: bool = True) -> None:
-    """Every tensor equal, bit for bit (torch.equal), under the same names (and in the same files)."""
-    if same_files:
-        assert sorted(p.name for p in a.glob("*.safetensors")) == sorted(p.name for p in b.glob("*.safetensors"))
-    ta, tb = tensors_of(a), tensors_of(b)
-    assert ta.keys() == tb.keys() and ta
-    for key in ta:
-        assert torch.equal(ta[key], tb[key]), key
 
 
 def test_issue22_s3_inputs_merge_to_local_bit_identical(tmp_path, s3_server, s3_bucket, capsys) -> None:

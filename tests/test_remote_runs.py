@@ -22,7 +22,7 @@ from analysis.remote import RemotePath, set_storage_options
 from analysis.run import open_run
 from ckpt_factories import dcp_checkpoint, hf_checkpoint, lightning_ckpt, nanogpt_ckpt
 from conftest import upload_tree, write_tiny_run
-from remote_checks import safetensors_run, same_run, same_tensors
+from remote_checks import safetensors_run, same_recommendation, same_run, same_tensors
 
 
 # --- discovery and readers ------------------------------------------------------------------------------
@@ -215,13 +215,7 @@ def test_analyze_of_a_remote_run_fetches_at_most_105_percent_of_the_local_bytes(
     assert io["bytes_read"] <= served and io["requests"] >= k and io["retries"] == 0 and io["listings"] == 1
     assert "io" not in local_doc
     _same_analysis(local_doc, remote_doc)
-    assert main(["recommend", str(run), "--json"]) == 0
-    local_rec = json.loads(capsys.readouterr().out)
-    assert main(["recommend", url, "--json"]) == 0
-    remote_rec = json.loads(capsys.readouterr().out)
-    assert [(c["step"], c["weight"]) for c in local_rec["checkpoints"]] == \
-        [(c["step"], c["weight"]) for c in remote_rec["checkpoints"]]
-    assert local_rec["method"] == remote_rec["method"] and local_rec["summary"] == remote_rec["summary"]
+    remote_rec = same_recommendation(main, capsys, str(run), url)
     assert remote_rec["recipe"]["checkpoints"][0]["path"].startswith(url)   # the recipe records URLs
 
 
