@@ -18,6 +18,7 @@ from .health import CheckpointHealth, health_from_sketch
 from .layer_report import LayerReport, build_layer_report, norm_placement
 from .layers import LayerTracker
 from .noise import IterateNoise, newest_iterate_noise
+from .similarity import update_cosine
 from .sketch import CheckpointSketch, sketch_checkpoint
 from .spikes import LossSpike, SpikeConfig, detect_spikes, sparse_config
 from .validation import ValScore, checkpoint_aligned_val, logged_val_scores, train_interval_scores
@@ -196,24 +197,6 @@ def sketch_geometry(a: CheckpointSketch, b: CheckpointSketch) -> tuple[float | N
     bb = sum(float(b.weights[n] @ b.weights[n]) for n in shared)
     cosine = dot / math.sqrt(aa * bb) if aa > 0 and bb > 0 else None
     return math.sqrt(max(aa + bb - 2 * dot, 0.0)), cosine
-
-
-def update_cosine(a: CheckpointSketch, b: CheckpointSketch, c: CheckpointSketch) -> float | None:
-    """cos(θ_c − θ_b, θ_b − θ_a) over the tensors all three hold with one shape (a CountSketch keeps inner
-    products); None if they share none or a step did not move.
-
-    Around a minimum the iterates' noise makes consecutive updates point apart (≤ 0: averaging cancels it);
-    a run still travelling makes them point the same way (> 0: averaging lags behind it).
-    """
-    shared = [n for n in c.weights if n in b.weights and n in a.weights
-              and a.weights[n].shape == b.weights[n].shape == c.weights[n].shape]
-    if not shared:
-        return None
-    new = [c.weights[n].double() - b.weights[n].double() for n in shared]
-    old = [b.weights[n].double() - a.weights[n].double() for n in shared]
-    dot = sum(float(x @ y) for x, y in zip(new, old))
-    norms = math.sqrt(sum(float(x @ x) for x in new) * sum(float(y @ y) for y in old))
-    return dot / norms if norms > 0 else None
 
 
 def _apart_from_newest_run(items: list[CheckpointSignals], jump: TrajectoryJump) -> list[CheckpointSignals]:

@@ -99,6 +99,21 @@ def similarity_from_sketches(sketches: Sequence[CheckpointSketch]) -> Similarity
     )
 
 
+def update_cosine(a: CheckpointSketch, b: CheckpointSketch, c: CheckpointSketch) -> float | None:
+    """cos(θ_c − θ_b, θ_b − θ_a) over the tensors all three share (a CountSketch keeps inner products), as
+    :func:`similarity_from_sketches` takes each row's ``update_cosine``; None if they share none or a step
+    did not move. The sketch pass takes it three checkpoints at a time (the val band's drift, issue 21).
+
+    Around a minimum the iterates' noise makes consecutive updates point apart (≤ 0: averaging cancels it);
+    a run still travelling makes them point the same way (> 0: averaging lags behind it).
+    """
+    names = _shared_names([a, b, c])
+    if not names:
+        return None
+    va, vb, vc = (_concat(s.weights, names) for s in (a, b, c))
+    return _cos(vc - vb, vb - va)
+
+
 def _shared_names(sketches: Sequence[CheckpointSketch]) -> list[str]:
     """Tensors present in every checkpoint with the same sketch length (reshaped ones are left out:
     the mismatch is reported by the health check, and similarity uses what can be compared)."""
