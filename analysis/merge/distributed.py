@@ -169,7 +169,7 @@ def write_shards(executor: Executor, tmp: Path, units: list[MergeUnit], plan: Ou
     by_name = {info.name: info for info in layout}
     memory = max((_unit_memory(u, by_name) for u in units), default=0)
     results = []
-    for result in executor.map(merge_unit, units, Resources(memory=memory), _task_progress(progress)):
+    for result in executor.map(merge_unit, units, Resources(memory=memory), task_progress(progress)):
         results.append(result)
         for name, inputs in result.nonfinite:
             if nonfinite is not None:
@@ -196,11 +196,13 @@ def _unit_memory(unit: MergeUnit, by_name: dict[str, TensorInfo]) -> int:
     return 3 * BUFFER_BUDGET_BYTES + largest + (150 << 20)
 
 
-def _task_progress(progress: Progress | None) -> Callable[[int, int, int], None] | None:
-    """Tasks done/total and bytes read, as the engine's ``progress(fraction, message)``."""
+def task_progress(progress: Progress | None,
+                  counted: str = "tasks {done}/{total}") -> Callable[[int, int, int], None] | None:
+    """Units done/total and bytes read, as the engine's ``progress(fraction, message)``; ``counted`` words the count."""
     if progress is None:
         return None
-    return lambda done, total, read: progress(done / max(total, 1), f"tasks {done}/{total}, {read / 1e9:.2f} GB read")
+    return lambda done, total, read: progress(done / max(total, 1),
+                                              f"{counted.format(done=done, total=total)}, {read / 1e9:.2f} GB read")
 
 
 def merge_unit(unit: MergeUnit) -> UnitResult:

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 from ..executors import Executor, Resources
 from ..hashing import StreamDigest
 from ..remote import as_path
+from .distributed import task_progress
 
 Progress = Callable[[float, str], None]
 # A unit holds one 8 MiB read chunk; Ray's reservation adds the interpreter's ~150 MB (measured for merge units).
@@ -62,7 +63,8 @@ def hash_files(executor: Executor, files: Sequence[Path], progress: Progress | N
     by_name = {str(f): f for f in files}
     units = [HashUnit(name) for name in sorted(by_name, key=lambda n: -by_name[n].stat().st_size)]
     digests = {}
-    for result in executor.map(hash_unit, units, Resources(memory=_UNIT_MEMORY), _task_progress(progress)):
+    counted = task_progress(progress, "sha256: {done}/{total} files")
+    for result in executor.map(hash_unit, units, Resources(memory=_UNIT_MEMORY), counted):
         digests[by_name[result.path]] = (result.sha256, (result.size_bytes, list(result.samples)))
     return digests
 
@@ -70,11 +72,3 @@ def hash_files(executor: Executor, files: Sequence[Path], progress: Progress | N
 def sha256_of(executor: Executor) -> Callable[[Sequence[Path]], dict[Path, str]]:
     """A ``files -> {file: sha256}`` function that hashes on ``executor`` (what ``--verify full`` uses there)."""
     return lambda files: {f: digest for f, (digest, _) in hash_files(executor, files).items()}
-
-
-def _task_progress(progress: Progress | None) -> Callable[[int, int, int], None] | None:
-    """Files hashed / total and bytes read, as the engine's ``progress(fraction, message)``."""
-    if progress is None:
-        return None
-    return lambda done, total, read: progress(done / max(total, 1),
-                                              f"sha256: {done}/{total} files, {read / 1e9:.2f} GB read")
