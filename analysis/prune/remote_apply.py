@@ -22,6 +22,7 @@ from typing import Callable
 
 from ..errors import InvalidArgument, RemoteError
 from ..remote import RemotePath, is_url
+from ..remote.path import object_version
 from .guards import TRASH_FOLDER, objects_under, still_as_planned
 from .plan import PruneItem, PrunePlan
 from .results import MANIFEST, PruneRefused, PruneResult, RestoreResult, check_trash_place
@@ -179,7 +180,7 @@ def _copy_back(trash: RemotePath, run: RemotePath, entries: list[dict], in_trash
         if dest.key not in in_run:
             trash.store.copy(source.key, dest.key, int(in_trash[source.key].get("size") or 0))
             restored.append(dest)
-        elif (_etag(in_run[dest.key]), in_run[dest.key].get("size")) != (entry.get("etag"), entry.get("bytes")):
+        elif (object_version(in_run[dest.key]), in_run[dest.key].get("size")) != (entry.get("etag"), entry.get("bytes")):
             left.append((source, f"{dest.url} exists and differs from it; left in the trash"))
             continue
         done.append(source.key)
@@ -211,7 +212,3 @@ def _check_restored(run: RemotePath, restored: list[RemotePath], in_trash: dict[
         if (now.get(dest.key) or {}).get("size") != want:
             raise RemoteError(dest.url, f"copied back from {trash.url} but not found with {want} bytes; the trash "
                                         "was left whole: restore again")
-
-
-def _etag(info: dict) -> str | None:
-    return str(info.get("ETag") or info.get("etag") or "").strip('"') or None
