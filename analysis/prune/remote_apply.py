@@ -180,7 +180,8 @@ def _copy_back(trash: RemotePath, run: RemotePath, entries: list[dict], in_trash
         if dest.key not in in_run:
             trash.store.copy(source.key, dest.key, int(in_trash[source.key].get("size") or 0))
             restored.append(dest)
-        elif (object_version(in_run[dest.key]), in_run[dest.key].get("size")) != (entry.get("etag"), entry.get("bytes")):
+        elif (object_version(in_run[dest.key]), in_run[dest.key].get("size")) != \
+                (entry.get("etag"), entry.get("bytes")):
             left.append((source, f"{dest.url} exists and differs from it; left in the trash"))
             continue
         done.append(source.key)
