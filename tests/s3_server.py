@@ -27,7 +27,8 @@ SLOWDOWN_BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown
 class Fault:
     """Answer the next ``times`` requests of ``method`` whose path (``/bucket/key``) matches ``path`` with ``kind``.
 
-    ``kind``: ``"503"`` (SlowDown, S3's XML error body) or ``"drop"`` (the connection closed, no response).
+    ``kind``: ``"503"`` (SlowDown, S3's XML error body), ``"500"`` (a bare Internal Server Error, as a failing
+    server or proxy sends it, no S3 XML) or ``"drop"`` (the connection closed, no response).
     ``times=None``: every matching request, until cleared. ``after``: let the first ``after`` matching
     requests through (a header read, say) before answering. ``hits``: how many requests it answered.
     """
@@ -99,12 +100,17 @@ class _Counting:
 
 
 def _answer(fault: Fault, environ, start_response):
-    """The injected answer: S3's 503 SlowDown, or the connection closed before any response byte."""
+    """The injected answer: S3's 503 SlowDown, a bare 500, or the connection closed before any response byte."""
     if fault.kind == "drop":
         sock = environ["werkzeug.socket"]
         sock.shutdown(socket.SHUT_RDWR)
         # werkzeug takes a ConnectionError from the app as a dropped connection and sends nothing more
         raise ConnectionResetError("fault injection: connection dropped")
+    if fault.kind == "500":
+        body = b"<!doctype html><title>500 Internal Server Error</title><h1>Internal Server Error</h1>"
+        start_response("500 INTERNAL SERVER ERROR", [("Content-Type", "text/html"), ("Content-Length", str(len(body)))])
+        yield body
+        return
     start_response("503 Slow Down", [("Content-Type", "application/xml"), ("Content-Length", str(len(SLOWDOWN_BODY))),
                                       ("x-amz-request-id", "FAULT")])
     yield SLOWDOWN_BODY
@@ -142,8 +148,8 @@ class S3Server:
     def inject(self, method: str = "GET", path: str = "", kind: str = "503", times: int | None = 1,
                after: int = 0) -> Fault:
         """Answer the next ``times`` requests of ``method`` (``"*"``: any) whose ``/bucket/key`` path matches the
-        regular expression ``path`` with ``kind`` (``"503"`` or ``"drop"``), once ``after`` of them went through;
-        ``times=None``: until cleared."""
+        regular expression ``path`` with ``kind`` (``"503"``, ``"500"`` or ``"drop"``), once ``after`` of them went
+        through; ``times=None``: until cleared."""
         fault = Fault(method.upper() if method != "*" else "*", re.compile(path), kind, times, after)
         with self.counts._lock:
             self.faults.append(fault)

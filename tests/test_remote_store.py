@@ -89,6 +89,20 @@ def test_transient_errors_are_retried_and_counted() -> None:
     assert not is_transient(FileNotFoundError("b/k"))
 
 
+def test_a_bare_500_from_the_server_is_retried_and_counted(tmp_path, s3_server, s3_bucket) -> None:
+    """issue 22: an HTTP 500 without S3's XML (s3fs: "[Errno 121] Internal Server Error") is transient like
+    S3's InternalError: one retry, counted, then the exact bytes; before, it ended the read at once."""
+    from analysis.remote import all_stats, store_for
+
+    (tmp_path / "obj.bin").write_bytes(bytes(range(256)) * 40)
+    url = upload_tree(tmp_path, s3_server.endpoint, s3_bucket, "run") + "/obj.bin"
+    store, key = store_for(url)
+    s3_server.inject("GET", r"/run/obj\.bin$", kind="500")
+    s3_server.counts.reset()
+    assert store.read_range(key, 100, 600) == (bytes(range(256)) * 40)[100:600]
+    assert s3_server.counts.gets == 2 and all_stats()["s3"]["retries"] == 1
+
+
 def test_open_checkpoint_by_url_reads_exact_tensors(tmp_path, s3_server, s3_bucket) -> None:
     """open_checkpoint takes a URL; each tensor is its own exact range (issue 22)."""
     from analysis.checkpoints import open_checkpoint
