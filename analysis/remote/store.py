@@ -38,7 +38,7 @@ COPY_PART_BYTES = 1 << 30
 # s3fs turns S3's SlowDown into "OSError [Errno 16] Please reduce your request rate.", botocore a dropped
 # connection into "Connection was closed before we received a valid response").
 _TRANSIENT_WORDS = ("slowdown", "slow down", "reduce your request rate", "throttl", "503", "500", "502", "504",
-                    # a bare HTTP 500/502/504 (a proxy, an overloaded server): s3fs's "[Errno 121] Internal Server Error"
+                    # a bare HTTP 500/502/504 (a proxy, an overloaded server): "[Errno 121] Internal Server Error"
                     "internalerror", "internal error", "internal server error", "bad gateway", "gateway timeout",
                     "serviceunavailable", "service unavailable",
                     "requesttimeout", "connection reset", "connectionreset", "server disconnected",
